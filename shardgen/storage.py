@@ -1,0 +1,164 @@
+"""Storage: a local directory or an s3:// prefix behind one small interface.
+
+Names are relative to the root ("manifest.json", "00000-000.tar"). Writes are atomic: a reader
+sees a whole object or none (local: write a temporary name, then rename; S3: a PUT is atomic).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+
+
+class StorageError(Exception):
+    """An object that cannot be read or written. The message names it and says what to do."""
+
+
+class Storage:
+    url: str
+
+    def __str__(self) -> str:
+        return self.url
+
+    def where(self, name: str) -> str:
+        return f"{self.url.rstrip('/')}/{name}"
+
+    # --- reading
+    def exists(self, name: str) -> bool: raise NotImplementedError
+    def size(self, name: str) -> int: raise NotImplementedError
+    def read(self, name: str) -> bytes: raise NotImplementedError
+    def read_range(self, name: str, offset: int, length: int) -> bytes: raise NotImplementedError
+    def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
+
+    # --- writing
+    def put_bytes(self, name: str, data: bytes) -> None: raise NotImplementedError
+    def put_file(self, name: str, local_path: str) -> None:
+        """Publish a finished local file under `name`, atomically; the local file is consumed."""
+        raise NotImplementedError
+    def delete(self, name: str) -> None: raise NotImplementedError
+
+    def staging_dir(self) -> str:
+        """A local directory for files being built before put_file (same filesystem when local)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.url = self.root
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def exists(self, name):
+        return os.path.exists(self._path(name))
+
+    def size(self, name):
+        try:
+            return os.path.getsize(self._path(name))
+        except FileNotFoundError:
+            raise StorageError(f"{self.where(name)}: no such file") from None
+
+    def read(self, name):
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StorageError(f"{self.where(name)}: no such file") from None
+        except OSError as e:
+            raise StorageError(f"{self.where(name)}: cannot read ({e.strerror})") from None
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(name)
+                if fd is None:
+                    try:
+                        fd = os.open(self._path(name), os.O_RDONLY)
+                    except FileNotFoundError:
+                        raise StorageError(f"{self.where(name)}: no such file (deleted after the manifest "
+                                           f"was written? regenerate the shards)") from None
+                    self._fds[name] = fd
+        return fd
+
+    def read_range(self, name, offset, length):
+        data = os.pread(self._fd(name), length, offset)  # thread-safe: no shared file position
+        if len(data) != length:
+            raise StorageError(f"{self.where(name)}: short read at bytes {offset}-{offset + length - 1} "
+                               f"(got {len(data)} of {length}; truncated shard? run `python -m shardgen verify`)")
+        return data
+
+    def list(self, prefix=""):
+        out = []
+        for dirpath, _, files in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            for f in files:
+                name = f if rel == "." else os.path.join(rel, f)
+                if name.startswith(prefix):
+                    out.append(name)
+        return sorted(out)
+
+    def put_bytes(self, name, data):
+        path = self._path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}.", suffix=".tmp", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    def put_file(self, name, local_path):
+        path = self._path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.replace(local_path, path)
+        except OSError:  # another filesystem: copy beside the target, then rename
+            tmp = path + f".{os.getpid()}.tmp"
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+            os.unlink(local_path)
+
+    def delete(self, name):
+        _unlink(self._path(name))
+
+    def staging_dir(self):
+        os.makedirs(self.root, exist_ok=True)
+        return self.root
+
+    def close(self):
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def open_storage(url: str) -> Storage:
+    """`s3://bucket/prefix` -> S3Storage; anything else is a local directory."""
+    url = str(url)
+    if is_s3(url):
+        from shardgen.s3 import S3Storage  # boto3 is imported only when S3 is used
+        return S3Storage(url)
+    return LocalStorage(url)
