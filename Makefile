@@ -11,7 +11,10 @@ CORPUS_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393b
 CORPUS_DIR := data/shakespeare
 INPUT ?= $(CORPUS_DIR)
 TOKENIZER ?= data/tokenizer
-OUTPUT ?= data/shards/shakespeare
+OUTPUT ?= data/shards/$(notdir $(INPUT))
+# Held-out shards for validation loss (only for the embedded corpus unless you set them).
+VAL_INPUT ?= $(if $(filter $(CORPUS_DIR),$(INPUT)),$(CORPUS_DIR)-val,)
+VAL_OUTPUT ?= $(OUTPUT)-val
 SEQ_LEN ?= 256
 WORKERS ?= 2
 SHARDGEN_ARGS ?=
@@ -52,6 +55,8 @@ tokenizer: $(TOKENIZER)/tokenizer.json
 shards: setup $(TOKENIZER)/tokenizer.json
 	$(PY) -m shardgen $(INPUT) --output $(OUTPUT) --tokenizer $(TOKENIZER) \
 		--seq-len $(SEQ_LEN) --workers $(WORKERS) $(SHARDGEN_ARGS)
+	$(if $(VAL_INPUT),$(PY) -m shardgen $(VAL_INPUT) --output $(VAL_OUTPUT) --tokenizer $(TOKENIZER) \
+		--seq-len $(SEQ_LEN) --workers $(WORKERS) $(SHARDGEN_ARGS))
 
 train: setup
 	@if [ "$(CONFIG)" = "configs/demo.toml" ] && [ ! -f $(OUTPUT)/manifest.json ]; then $(MAKE) shards; fi
