@@ -1,0 +1,142 @@
+"""`python -m trainer.data plan|stats`: the data order and its cost, from the same code the trainer runs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from shardgen.format import FormatError, read_manifest
+from shardgen.progress import human
+from shardgen.storage import StorageError, open_storage
+from trainer.data.fetch import BlockCache, BlockIndex
+from trainer.data.loader import plan_for
+from trainer.data.plan import Plan, PlanError
+
+
+def _nonneg(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s} is negative")
+    return v
+
+
+def _pos(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s} is not a positive integer")
+    return v
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, help_ in (("plan", "print each step's sequences for one rank, one JSON line per step"),
+                        ("stats", "steps per epoch, dropped tail, bytes fetched and loader memory")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--shards", required=True, help="dataset directory or s3://bucket/prefix")
+        p.add_argument("--global-batch", type=_pos, required=True, help="sequences per optimizer step (G)")
+        p.add_argument("--layout", type=_pos, default=None, help="number of streams C (C | G; default G)")
+        p.add_argument("--world-size", type=_pos, default=1)
+        p.add_argument("--rank", type=_nonneg, default=0)
+        p.add_argument("--seed", type=_nonneg, required=(name == "plan"), default=0)
+    p = sub.choices["plan"]
+    p.add_argument("--start-step", type=_nonneg, default=0)
+    p.add_argument("--steps", type=_nonneg, default=1)
+    p = sub.choices["stats"]
+    p.add_argument("--prefetch-steps", type=_nonneg, default=4)
+    p.add_argument("--sample-steps", type=_pos, default=256,
+                   help="steps whose block fetches are simulated (from step 0)")
+    return ap.parse_args(argv)
+
+
+def cmd_plan(args, plan: Plan) -> None:
+    plan.rank_streams(args.world_size, args.rank)
+    out = sys.stdout
+    for step in range(args.start_step, args.start_step + args.steps):
+        rows = plan.step_rows(step, args.world_size, args.rank)
+        shard, seq = plan.sequences(rows.blocks, rows.rows)
+        out.write(json.dumps({"step": step, "rank": args.rank, "epoch": rows.epoch,
+                              "sequences": [[a, b] for a, b in zip(shard.tolist(), seq.tolist())]},
+                             separators=(",", ":")) + "\n")
+
+
+def simulate_fetches(plan: Plan, index: BlockIndex, *, world_size: int, rank: int, prefetch_steps: int,
+                     steps: int) -> dict:
+    """Run the loader's block bookkeeping over `steps` steps without reading: what would be fetched
+    and how many blocks would be alive at once."""
+    fetched = []
+    cache = BlockCache(index, lambda b, out: fetched.append(b), threads=1)
+    try:
+        submitted = 0
+        for step in range(steps):
+            while submitted <= step + prefetch_steps:
+                cache.acquire(plan.step_rows(submitted, world_size, rank).blocks, submitted)
+                submitted += 1
+            cache.release_through(step)
+    finally:
+        cache.close()
+    compressed = sum(index.refs[b][2].length for b in fetched)
+    return {"blocks": len(fetched), "compressed_bytes": compressed, "peak_live_blocks": cache.slab.peak}
+
+
+def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
+    plan.rank_streams(args.world_size, args.rank)
+    steps = min(args.sample_steps, plan.steps_per_epoch)
+    sim = simulate_fetches(plan, index, world_size=args.world_size, rank=args.rank,
+                           prefetch_steps=args.prefetch_steps, steps=steps)
+    local = plan.global_batch // args.world_size
+    slot_bytes = index.max_rows * index.row_bytes
+    batch_bytes = local * manifest.seq_len * (8 + manifest.np_dtype.itemsize)  # int64 tensor + gather buffer
+    bound_blocks = min(plan.num_blocks, local * (args.prefetch_steps + 1))
+    block_bytes_total = sum(blk.length for _, _, blk in index.refs)
+    st = {
+        "sequences": plan.num_sequences, "blocks": plan.num_blocks, "global_batch": plan.global_batch,
+        "layout": plan.layout, "world_size": args.world_size, "steps_per_epoch": plan.steps_per_epoch,
+        "dropped_per_epoch": plan.dropped_per_epoch,
+        "tokens_per_step_per_rank": local * manifest.seq_len,
+        "sampled_steps": steps,
+        "compressed_bytes_per_step_per_rank": sim["compressed_bytes"] / steps,
+        "dataset_compressed_bytes_per_step_per_rank": block_bytes_total / (plan.steps_per_epoch * args.world_size),
+        "prefetch_steps": args.prefetch_steps,
+        "peak_live_blocks": sim["peak_live_blocks"],
+        "block_bytes": slot_bytes,
+        "memory_bytes": sim["peak_live_blocks"] * slot_bytes + (args.prefetch_steps + 1) * batch_bytes,
+        "memory_bound_bytes": bound_blocks * slot_bytes + (args.prefetch_steps + 1) * batch_bytes,
+    }
+    print(f"{args.shards}: {st['sequences']} sequences of {manifest.seq_len} tokens in {st['blocks']} blocks")
+    print(f"global batch {plan.global_batch}, layout {plan.layout}, world size {args.world_size}: "
+          f"{plan.steps_per_epoch} steps per epoch, {plan.dropped_per_epoch} sequences dropped per epoch "
+          f"({100 * plan.dropped_per_epoch / plan.num_sequences:.3g}%)")
+    print(f"fetched per step per rank: {human(st['compressed_bytes_per_step_per_rank'])}B compressed "
+          f"(simulated over the first {steps} steps; whole-dataset average "
+          f"{human(st['dataset_compressed_bytes_per_step_per_rank'])}B)")
+    print(f"loader memory with prefetch {args.prefetch_steps}: {human(st['memory_bytes'])}B "
+          f"({st['peak_live_blocks']} live blocks of {human(slot_bytes)}B + {args.prefetch_steps + 1} "
+          f"batches of {human(batch_bytes)}B); bound {human(st['memory_bound_bytes'])}B")
+    print(json.dumps(st))
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        storage = open_storage(args.shards)
+        try:
+            manifest = read_manifest(storage)
+            plan = plan_for(manifest, seed=args.seed, global_batch=args.global_batch, layout=args.layout,
+                            name=str(storage))
+            if args.command == "plan":
+                cmd_plan(args, plan)
+            else:
+                cmd_stats(args, plan, manifest, BlockIndex(manifest))
+        finally:
+            storage.close()
+    except (PlanError, FormatError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `| head` closed the pipe: not an error
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

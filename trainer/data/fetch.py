@@ -1,0 +1,154 @@
+"""The fetch: block bytes from a Storage, decoded, held while a planned step still needs them.
+
+One read per block (`read_range` of its tar member data: a pread locally, a ranged GET on S3),
+decoded with the format's `decode_block` (length, CRC32 and zstd checked) in a small thread pool;
+zstd releases the GIL, so decoding runs in parallel with the training step. Decoded rows go into
+slots of fixed-size arrays so that a whole batch is gathered with one fancy index per slab chunk.
+
+Memory is bounded by what is planned, not by the dataset: a block lives from the step that first
+needs it (at most `prefetch_steps` ahead) until the last planned step that needs it has been
+assembled; its slot is then reused. Slots are handed out lowest first, so the memory touched is the
+peak number of blocks alive at once.
+"""
+from __future__ import annotations
+
+import heapq
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+from shardgen.format import Block, Manifest, decode_block
+from shardgen.storage import Storage, StorageError
+
+SLOTS_PER_CHUNK = 32
+
+
+class BlockIndex:
+    """Global block id (manifest order) -> (shard index, block index in shard, Block)."""
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        self.refs: list[tuple[int, int, Block]] = [
+            (i, j, blk) for i, shard in enumerate(manifest.shards) for j, blk in enumerate(shard.blocks)]
+        self.max_rows = max((blk.rows for _, _, blk in self.refs), default=1)
+        self.row_bytes = manifest.seq_len * manifest.np_dtype.itemsize
+
+    def where(self, storage: Storage, block_id: int) -> str:
+        i, j, blk = self.refs[block_id]
+        name = self.manifest.shards[i].name
+        return (f"{storage.where(name)}: shard {name} (index {i}) block {j} "
+                f"(bytes {blk.offset}-{blk.offset + blk.length - 1})")
+
+
+class Slab:
+    """Fixed-shape slots [max_rows, seq_len] in chunks that are allocated on first use."""
+
+    def __init__(self, max_rows: int, seq_len: int, dtype: np.dtype):
+        self.shape, self.dtype = (SLOTS_PER_CHUNK, max_rows, seq_len), dtype
+        self.chunks: list[np.ndarray] = []
+        self._free: list[int] = []  # a heap: lowest slot first
+        self._next = 0
+        self.peak = 0
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.shape[1] * self.shape[2] * self.dtype.itemsize
+
+    def take(self) -> int:
+        if self._free:
+            slot = heapq.heappop(self._free)
+        else:
+            slot, self._next = self._next, self._next + 1
+            if slot // SLOTS_PER_CHUNK >= len(self.chunks):
+                self.chunks.append(np.empty(self.shape, self.dtype))
+        self.peak = max(self.peak, self._next - len(self._free))
+        return slot
+
+    def give(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+    def view(self, slot: int) -> np.ndarray:
+        return self.chunks[slot // SLOTS_PER_CHUNK][slot % SLOTS_PER_CHUNK]
+
+    def gather(self, slots: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = row rows[i] of slot slots[i]; one fancy index per chunk involved."""
+        chunk, idx = np.divmod(slots, SLOTS_PER_CHUNK)
+        if len(self.chunks) == 1:
+            out[:] = self.chunks[0][idx, rows]
+            return
+        for c in np.unique(chunk):
+            sel = chunk == c
+            out[sel] = self.chunks[c][idx[sel], rows[sel]]
+
+
+class BlockReader:
+    """Reads one block (one `read_range`) and decodes it into a slot. Runs in the pool threads."""
+
+    def __init__(self, storage: Storage, index: BlockIndex):
+        self.storage, self.index = storage, index
+        self.blocks_read = 0
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, block_id: int, out: np.ndarray) -> None:
+        i, _, blk = self.index.refs[block_id]
+        where = self.index.where(self.storage, block_id)
+        try:
+            data = self.storage.read_range(self.index.manifest.shards[i].name, blk.offset, blk.length)
+        except StorageError as e:
+            raise StorageError(f"{where}: {e}") from None
+        with self._lock:
+            self.blocks_read += 1
+            self.bytes_read += len(data)
+        out[:blk.rows] = decode_block(data, blk, self.index.manifest, where)
+
+
+class BlockCache:
+    """Which blocks are alive, in which slot, until which step. Driven by one thread (the loader's
+    consumer); only `fill(block_id, slot_view)` runs in the pool."""
+
+    def __init__(self, index: BlockIndex, fill: Callable[[int, np.ndarray], None], *, threads: int):
+        m = index.manifest
+        self.slab = Slab(index.max_rows, m.seq_len, m.np_dtype)
+        self._fill = fill
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="block-fetch")
+        self._live: dict[int, tuple[int, Future, int]] = {}  # block -> (slot, future, last step)
+        self._expiring: dict[int, list[int]] = {}  # step -> blocks whose last step it was when set
+
+    def acquire(self, blocks: np.ndarray, step: int) -> tuple[np.ndarray, list[Future]]:
+        """Slots of `blocks` (fetching those not alive) and the futures that fill them; keeps each
+        block alive through `step`."""
+        slots = np.empty(len(blocks), dtype=np.int64)
+        futures: dict[int, Future] = {}
+        for i, b in enumerate(blocks.tolist()):
+            got = self._live.get(b)
+            if got is None:
+                slot = self.slab.take()
+                fut = self._pool.submit(self._fill, b, self.slab.view(slot))
+            else:
+                slot, fut, _ = got
+            self._live[b] = (slot, fut, step)
+            slots[i] = slot
+            futures[b] = fut
+        self._expiring.setdefault(step, []).extend(futures)
+        return slots, list(futures.values())
+
+    def release_through(self, step: int) -> None:
+        """Free the blocks that no step after `step` (among those acquired so far) needs."""
+        for s in [s for s in self._expiring if s <= step]:
+            for b in self._expiring.pop(s):
+                got = self._live.get(b)
+                if got is not None and got[2] <= step:
+                    del self._live[b]
+                    self.slab.give(got[0])
+
+    @property
+    def live_blocks(self) -> int:
+        return len(self._live)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._live.clear()
+        self._expiring.clear()
