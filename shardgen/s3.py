@@ -1,0 +1,479 @@
+"""S3Storage: the Storage interface on an S3-compatible bucket (AWS S3, R2, MinIO, Ceph, SeaweedFS, GCS).
+
+Configuration is the standard AWS one, so an existing setup just works: credentials from
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN), AWS_PROFILE or ~/.aws/{config,credentials};
+the endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or `endpoint_url` in the profile; the
+retry mode and attempts from AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (default: standard, 5). Ours:
+
+    SHARDGEN_S3_ADDRESSING      auto (default) | path | virtual. auto = path-style for a custom endpoint
+                                (MinIO, SeaweedFS, Ceph... rarely have wildcard DNS), the AWS default otherwise
+    SHARDGEN_S3_CONNECT_TIMEOUT seconds, default 5
+    SHARDGEN_S3_READ_TIMEOUT    seconds, default 30
+    SHARDGEN_S3_RETRY_BUDGET    seconds, default 120: total time one read or write may spend retrying
+                                transient failures (5xx, throttling, connection errors, cut-off bodies)
+    SHARDGEN_S3_MAX_POOL        HTTP connections per process, default 32 (loader prefetch + upload threads)
+    SHARDGEN_S3_PART_MB         multipart part size in MiB, default 16 (files this big or larger go multipart)
+
+Integrity: uploads send a SHA-256 per request (ChecksumAlgorithm=SHA256), which the server checks on
+receipt; afterwards the object's size and the server's SHA-256 (full, or composite `-N` for multipart,
+recomputed here from the local parts) are compared with the local file. A server that reports no
+checksum gets the object re-read and hashed instead. Credentials never appear in messages: every
+message is passed through a redactor that knows the resolved key id, secret and session token.
+"""
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from shardgen.storage import Storage, StorageError
+
+DEFAULT_REGION = "us-east-1"
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                   "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                   "OperationAborted"}
+_AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "ExpiredToken",
+               "TokenRefreshRequired", "AllAccessDisabled", "InvalidSecurity", "403", "Forbidden"}
+_MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+_HASH_CHUNK = 1 << 20
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if v <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return v
+
+
+@dataclass
+class S3Settings:
+    addressing: str = "auto"
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    retry_budget_s: float = 120.0
+    max_pool_connections: int = 32
+    part_bytes: int = 16 << 20
+
+    @classmethod
+    def from_env(cls) -> "S3Settings":
+        addressing = os.environ.get("SHARDGEN_S3_ADDRESSING", "auto") or "auto"
+        if addressing not in ("auto", "path", "virtual"):
+            raise ValueError(f"SHARDGEN_S3_ADDRESSING={addressing!r}: use auto, path or virtual")
+        part_mb = _env_float("SHARDGEN_S3_PART_MB", 16)
+        if part_mb < 5:
+            raise ValueError(f"SHARDGEN_S3_PART_MB={part_mb:g}: S3 multipart parts are at least 5 MiB")
+        return cls(addressing=addressing,
+                   connect_timeout=_env_float("SHARDGEN_S3_CONNECT_TIMEOUT", 5.0),
+                   read_timeout=_env_float("SHARDGEN_S3_READ_TIMEOUT", 30.0),
+                   retry_budget_s=_env_float("SHARDGEN_S3_RETRY_BUDGET", 120.0),
+                   max_pool_connections=int(_env_float("SHARDGEN_S3_MAX_POOL", 32)),
+                   part_bytes=int(part_mb * (1 << 20)))
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
+    u = urlparse(str(url))
+    if "@" in u.netloc or ":" in u.netloc:  # never echo what may be a secret
+        shown = f"s3://***@{u.netloc.rsplit('@', 1)[-1]}{u.path}"
+        raise ValueError(f"{shown}: put credentials in AWS_* variables or a profile, not in the URL")
+    if u.scheme != "s3" or not u.netloc:
+        raise ValueError(f"{url!r} is not an s3://bucket/prefix URL")
+    return u.netloc, u.path.lstrip("/")
+
+
+class _Transient(Exception):
+    """A failure worth retrying (cut-off body, throttling, 5xx, connection)."""
+
+
+class _ObjectTooShort(Exception):
+    def __init__(self, size: int):
+        self.size = size
+
+
+class S3Storage(Storage):
+    def __init__(self, url: str, settings: S3Settings | None = None):
+        self.bucket, prefix = parse_s3_url(url)
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.settings = settings or S3Settings.from_env()
+        self._lock = threading.Lock()
+        self._client_obj = None
+        self._client_pid = None
+        self._secrets: list[str] = []
+        self._credential_source = "unknown"
+        self._staging: str | None = None
+        self._staging_pid = None
+        self._bucket_checked = False
+
+    # --- the client, created lazily and again after a fork (a forked socket pool is shared and unsafe)
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for k in ("_lock", "_client_obj", "_client_pid", "_secrets", "_staging", "_staging_pid"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._client_obj = self._client_pid = self._staging = self._staging_pid = None
+        self._secrets = []
+
+    def _client(self):
+        if self._client_obj is None or self._client_pid != os.getpid():
+            with self._lock:
+                if self._client_obj is None or self._client_pid != os.getpid():
+                    self._client_obj = self._make_client()
+                    self._client_pid = os.getpid()
+        return self._client_obj
+
+    def _make_client(self):
+        import boto3
+        import botocore.session
+        from botocore.config import Config
+
+        core = botocore.session.get_session()
+        session = boto3.session.Session(botocore_session=core)
+        scoped = core.get_scoped_config()
+        s = self.settings
+        retries = {"mode": os.environ.get("AWS_RETRY_MODE") or scoped.get("retry_mode") or "standard",
+                   "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or scoped.get("max_attempts") or 5)}
+
+        def build(addressing):
+            cfg = Config(connect_timeout=s.connect_timeout, read_timeout=s.read_timeout, retries=retries,
+                         max_pool_connections=s.max_pool_connections,
+                         s3={"addressing_style": addressing} if addressing else None)
+            return session.client("s3", region_name=session.region_name or DEFAULT_REGION, config=cfg)
+
+        client = build(None if s.addressing in ("auto",) else s.addressing)
+        if s.addressing == "auto" and not _is_aws_endpoint(client.meta.endpoint_url):
+            client = build("path")
+        creds = session.get_credentials()
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            self._secrets = [x for x in (frozen.secret_key, frozen.token, frozen.access_key) if x]
+            self._credential_source = getattr(creds, "method", "unknown")
+        return client
+
+    @property
+    def endpoint(self) -> str:
+        return self._client().meta.endpoint_url
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _error(self, message: str) -> StorageError:
+        return StorageError(self.redact(message))
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    # --- retries and error messages
+    def _retrying(self, what: str, fn, missing_ok: bool = False):
+        """fn() with retries on transient failures, within the total budget; clear errors otherwise."""
+        budget = self.settings.retry_budget_s
+        start = time.monotonic()
+        delay, attempt = 0.2, 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except Exception as e:  # classified below; nothing is swallowed
+                if missing_ok and _is_missing_key(e):
+                    return None
+                if not _is_transient(e):
+                    raise self._explain(e, what) from None
+                elapsed = time.monotonic() - start
+                if elapsed + delay > budget:
+                    raise self._error(
+                        f"{what}: gave up after {attempt} attempts in {elapsed:.1f} s (retry budget "
+                        f"SHARDGEN_S3_RETRY_BUDGET={budget:g} s); last error: {self._describe(e)}") from None
+                time.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+
+    def _describe(self, e: Exception) -> str:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        if isinstance(e, BotoConnectionError):
+            return (f"cannot reach the S3 endpoint {self.endpoint} ({type(e).__name__}): is the server up? "
+                    f"set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) to your store's URL")
+        code, status = _error_code(e)
+        if code:
+            return f"{code} (HTTP {status}) from {self.endpoint}"
+        return f"{type(e).__name__}: {e}"
+
+    def _explain(self, e: Exception, what: str) -> StorageError:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+        if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+            return self._error(f"{what}: no usable AWS credentials ({type(e).__name__}): set AWS_ACCESS_KEY_ID "
+                               f"and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE / ~/.aws/credentials")
+        if isinstance(e, _ObjectTooShort):
+            return self._error(f"{what}: short read: the object has only {e.size} bytes (truncated or replaced "
+                               f"shard? run `python -m shardgen verify`)")
+        code, status = _error_code(e)
+        if code == "NoSuchBucket":
+            return self._error(f"{what}: bucket '{self.bucket}' does not exist at {self.endpoint}: create it or "
+                               f"fix the URL (and AWS_ENDPOINT_URL if the bucket is on another store)")
+        if code in _AUTH_CODES or status == 403:
+            return self._error(
+                f"{what}: access denied by {self.endpoint} ({code}): the credentials (from "
+                f"{self._credential_source}) are wrong or lack permission; check AWS_ACCESS_KEY_ID / "
+                f"AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE, and AWS_ENDPOINT_URL")
+        if code in _MISSING_KEY_CODES or status == 404:
+            self._check_bucket(what)
+            return self._error(f"{what}: no such object (deleted after the manifest was written? "
+                               f"regenerate the shards or fix the URL)")
+        if code == "InvalidRange":
+            return self._error(f"{what}: short read: the range starts beyond the end of the object "
+                               f"(truncated or replaced shard? run `python -m shardgen verify`)")
+        if isinstance(e, ValueError):  # our own validation (bad range, bad settings)
+            return self._error(f"{what}: {e}")
+        return self._error(f"{what}: {self._describe(e)}")
+
+    def _check_bucket(self, what: str) -> None:
+        """A HEAD 404 cannot tell a missing bucket from a missing key: ask once, name the bucket."""
+        if self._bucket_checked:
+            return
+        try:
+            self._client().head_bucket(Bucket=self.bucket)
+            self._bucket_checked = True
+        except Exception as e:
+            code, status = _error_code(e)
+            if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
+                raise self._error(f"{what}: bucket '{self.bucket}' does not exist at {self.endpoint}: create it "
+                                  f"or fix the URL (and AWS_ENDPOINT_URL if the bucket is on another store)") from None
+
+    # --- reading
+    def exists(self, name):
+        def head():
+            return self._client().head_object(Bucket=self.bucket, Key=self._key(name))
+        found = self._retrying(self.where(name), head, missing_ok=True)
+        if found is None:
+            self._check_bucket(self.where(name))
+        return found is not None
+
+    def size(self, name):
+        r = self._retrying(self.where(name), lambda: self._client().head_object(Bucket=self.bucket,
+                                                                                 Key=self._key(name)))
+        return int(r["ContentLength"])
+
+    def read(self, name):
+        def get():
+            r = self._client().get_object(Bucket=self.bucket, Key=self._key(name))
+            return _read_body(r, int(r["ContentLength"]))
+        return self._retrying(self.where(name), get)
+
+    def read_range(self, name, offset, length):
+        if offset < 0 or length < 0:
+            raise self._error(f"{self.where(name)}: invalid range offset={offset} length={length}")
+        if length == 0:
+            return b""
+        last = offset + length - 1
+
+        def get():
+            r = self._client().get_object(Bucket=self.bucket, Key=self._key(name), Range=f"bytes={offset}-{last}")
+            total = _total_from_content_range(r.get("ContentRange"))
+            if total is not None and total < offset + length:
+                raise _ObjectTooShort(total)
+            return _read_body(r, length)
+        return self._retrying(f"{self.where(name)} bytes {offset}-{last}", get)
+
+    def list(self, prefix=""):
+        root = f"{self.prefix}/" if self.prefix else ""
+
+        def list_all():
+            out = []
+            pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                              Prefix=root + prefix)
+            for page in pages:
+                out.extend(o["Key"][len(root):] for o in page.get("Contents", []))
+            return sorted(out)
+        return self._retrying(self.where(prefix + "*"), list_all)
+
+    # --- writing
+    def put_bytes(self, name, data):
+        data = bytes(data)
+        digest = hashlib.sha256(data).digest()
+
+        def put():
+            self._client().put_object(Bucket=self.bucket, Key=self._key(name), Body=data,
+                                      ChecksumSHA256=base64.b64encode(digest).decode(),
+                                      Metadata={"sha256": digest.hex()})
+        self._retrying(self.where(name), put)
+        self._verify(name, len(data), digest.hex(), [digest])
+
+    def put_file(self, name, local_path):
+        from boto3.s3.transfer import TransferConfig
+        from s3transfer.manager import TransferManager
+        from s3transfer.utils import ChunksizeAdjuster
+
+        size = os.path.getsize(local_path)
+        part = ChunksizeAdjuster().adjust_chunksize(self.settings.part_bytes, size)
+        full_hex, part_digests = _sha256_file(local_path, part)
+        config = TransferConfig(multipart_threshold=self.settings.part_bytes, multipart_chunksize=part,
+                                max_concurrency=max(1, min(8, self.settings.max_pool_connections)),
+                                use_threads=True)
+        extra = {"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": full_hex}}
+
+        def upload():
+            with TransferManager(self._client(), config) as tm:
+                tm.upload(local_path, self.bucket, self._key(name), extra_args=extra).result()
+        self._retrying(self.where(name), upload)
+        self._verify(name, size, full_hex, part_digests)
+        os.unlink(local_path)
+
+    def _verify(self, name: str, size: int, full_hex: str, part_digests: list[bytes]) -> None:
+        """The stored object has our size and SHA-256 (the server's checksum, else a re-read)."""
+        where = self.where(name)
+        head = self._retrying(where, lambda: self._client().head_object(
+            Bucket=self.bucket, Key=self._key(name), ChecksumMode="ENABLED"))
+        if int(head["ContentLength"]) != size:
+            raise self._error(f"{where}: upload verification failed: the store holds {head['ContentLength']} "
+                              f"bytes, the local file has {size}; rerun to upload it again")
+        stored = head.get("ChecksumSHA256")
+        if stored:
+            want = _expected_checksum(stored, full_hex, part_digests)
+            if stored != want:
+                raise self._error(f"{where}: upload verification failed: the store's SHA-256 {stored} differs "
+                                  f"from the local file's {want}; rerun to upload it again")
+            return
+        got = hashlib.sha256(self.read(name)).hexdigest()  # the server keeps no checksum: hash what it serves
+        if got != full_hex:
+            raise self._error(f"{where}: upload verification failed: the stored bytes hash to {got}, the local "
+                              f"file to {full_hex}; rerun to upload it again")
+
+    def stored_sha256(self, name: str) -> str | None:
+        """The SHA-256 (hex) recorded when `name` was uploaded and verified here, or None if absent.
+
+        Lets a rerun skip objects that are already complete: a PUT is atomic, so an object with this
+        metadata holds exactly the bytes that were hashed."""
+        head = self._retrying(self.where(name), lambda: self._client().head_object(
+            Bucket=self.bucket, Key=self._key(name)), missing_ok=True)
+        return None if head is None else head.get("Metadata", {}).get("sha256")
+
+    def delete(self, name):
+        self._retrying(self.where(name), lambda: self._client().delete_object(Bucket=self.bucket,
+                                                                              Key=self._key(name)))
+
+    def staging_dir(self):
+        if self._staging is None or self._staging_pid != os.getpid():
+            base = os.environ.get("SHARDGEN_STAGING_DIR") or None
+            if base:
+                os.makedirs(base, exist_ok=True)
+            self._staging = tempfile.mkdtemp(prefix="shardgen-staging-", dir=base)
+            self._staging_pid = os.getpid()
+            # Removed on close(), and at exit / garbage collection if close() is never reached.
+            weakref.finalize(self, shutil.rmtree, self._staging, True)
+        return self._staging
+
+    def close(self):
+        if self._staging is not None and self._staging_pid == os.getpid():
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+
+# --- helpers (no state)
+def _is_aws_endpoint(url: str | None) -> bool:
+    host = urlparse(url or "").hostname or ""
+    return host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn")
+
+
+def _error_code(e: Exception) -> tuple[str | None, int | None]:
+    resp = getattr(e, "response", None)
+    if not isinstance(resp, dict):
+        return None, None
+    return resp.get("Error", {}).get("Code"), resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _is_missing_key(e: Exception) -> bool:
+    code, status = _error_code(e)
+    return code in _MISSING_KEY_CODES or (status == 404 and code != "NoSuchBucket")
+
+
+def _is_transient(e: Exception) -> bool:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+    if isinstance(e, (_Transient, BotoConnectionError, IncompleteReadError, ResponseStreamingError, Urllib3Error,
+                      ConnectionError, TimeoutError)):
+        return True
+    code, status = _error_code(e)
+    return code in _THROTTLE_CODES or (status is not None and status >= 500)
+
+
+def _read_body(response, want: int) -> bytes:
+    data = response["Body"].read()
+    if len(data) != want:  # a body cut short: the connection dropped mid-transfer
+        raise _Transient(f"got {len(data)} of {want} bytes")
+    return data
+
+
+def _total_from_content_range(value: str | None) -> int | None:
+    # "bytes 100-199/20971520"
+    if not value or "/" not in value:
+        return None
+    total = value.rsplit("/", 1)[1]
+    return int(total) if total.isdigit() else None
+
+
+def _sha256_file(path: str, part_bytes: int) -> tuple[str, list[bytes]]:
+    """Full-file SHA-256 (hex) and the SHA-256 of each multipart part, in one pass."""
+    full, parts = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        while True:
+            part, left = hashlib.sha256(), part_bytes
+            while left:
+                chunk = f.read(min(_HASH_CHUNK, left))
+                if not chunk:
+                    break
+                full.update(chunk)
+                part.update(chunk)
+                left -= len(chunk)
+            if left == part_bytes:
+                break
+            parts.append(part.digest())
+            if left:
+                break
+    return full.hexdigest(), parts
+
+
+def _expected_checksum(stored: str, full_hex: str, part_digests: list[bytes]) -> str:
+    """The checksum the server should report: full-object base64, or composite `<b64 of sha(parts)>-N`."""
+    if "-" in stored:
+        return base64.b64encode(hashlib.sha256(b"".join(part_digests)).digest()).decode() + f"-{len(part_digests)}"
+    return base64.b64encode(bytes.fromhex(full_hex)).decode()
+
+
+def expand_s3_inputs(url: str) -> list[str]:
+    """`s3://bucket/dir/*.jsonl.zst` or `s3://bucket/dir/` -> sorted object URLs.
+
+    A pattern (`*`, `?`, `[`) is matched against whole keys (fnmatch; `*` crosses `/`). Without one,
+    the URL names an object, or else a prefix whose objects are all taken. Empty is an error."""
+    bucket, key = parse_s3_url(url)
+    first = min([i for i in (key.find("*"), key.find("?"), key.find("[")) if i >= 0], default=-1)
+    storage = S3Storage(f"s3://{bucket}")
+    if first >= 0:
+        keys = [k for k in storage.list(key[:first]) if fnmatch.fnmatchcase(k, key)]
+    elif key and not key.endswith("/") and storage.exists(key):
+        keys = [key]
+    else:
+        keys = storage.list(key.rstrip("/") + "/" if key else "")
+    keys = [k for k in keys if not k.endswith("/")]
+    if not keys:
+        raise StorageError(f"{url}: no objects match (check the bucket, the prefix and the pattern)")
+    return [f"s3://{bucket}/{k}" for k in keys]

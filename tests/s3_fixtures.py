@@ -1,0 +1,65 @@
+"""One local SeaweedFS S3 server for the whole test session (started on free ports, always stopped).
+
+Tests ask for `s3_env` (the server, with AWS_* variables pointing at it and the user's own AWS
+configuration hidden) or `s3_url` (a fresh empty bucket, as `s3://bucket/prefix`). If the server
+cannot start, every S3 test fails with the tail of its log: nothing is skipped.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+
+import pytest
+
+from shardgen.s3server import S3Server, S3ServerError
+
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
+            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(str(tmp_path_factory.mktemp("s3server")))
+    try:
+        server.start()
+    except S3ServerError as e:
+        pytest.fail(f"the local S3 server (SeaweedFS) did not start: {e}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def s3_client_env(server: S3Server, isolated_dir: str) -> dict[str, str]:
+    """os.environ for a client of `server` only: the user's ~/.aws and AWS_* settings are hidden."""
+    env = {k: v for k, v in os.environ.items() if k not in AWS_VARS and not k.startswith("SHARDGEN_S3_")}
+    env.update(server.env())
+    env["AWS_CONFIG_FILE"] = os.path.join(isolated_dir, "no-aws-config")
+    env["AWS_SHARED_CREDENTIALS_FILE"] = os.path.join(isolated_dir, "no-aws-credentials")
+    env["SHARDGEN_S3_RETRY_BUDGET"] = "30"
+    return env
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    if s3_server.pid() is None:  # a fault test that failed mid-way may have left it stopped
+        s3_server.start()
+    env = s3_client_env(s3_server, str(tmp_path))
+    for k in list(os.environ):
+        if k not in env:
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture
+def s3_url(s3_env, request) -> str:
+    """A new, empty bucket for this test, as s3://<bucket>/data."""
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    bucket = f"t{next(_bucket_numbers)}-{stem}"
+    s3_env.create_bucket(bucket)
+    return f"s3://{bucket}/data"
