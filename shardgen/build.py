@@ -1,0 +1,208 @@
+"""The build: plan fixed tasks, skip the finished ones, run the rest on N worker processes, merge.
+
+Determinism: the plan depends only on the inputs and --task-bytes; each task's bytes only on the task
+and the settings; the manifest lists shards in task order. So the worker count, the node count and
+interruptions change nothing in the output.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import tokenizers
+import zstandard
+
+from shardgen.format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, TOKENIZER_NAME, rows_per_block
+from shardgen.inputs import list_inputs, plan_hash, plan_tasks
+from shardgen.merge import SETTINGS_NAME, BuildError, merge, read_record, read_settings, remove_temp_files
+from shardgen.progress import Progress, human
+from shardgen.storage import Storage, open_storage
+from shardgen.tasks import TASKS_DIR, TaskSettings, canonical_json, init_worker, run_task
+from shardgen.tokenizer import load_tokenizer
+
+SHARD_RE = re.compile(r"^\d{5,}-\d{3,}\.tar$")
+
+
+@dataclass
+class BuildOptions:
+    inputs: list[str]
+    output: str
+    tokenizer: str
+    seq_len: int = 2048
+    workers: int = 1
+    text_key: str = "text"
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    shard_bytes: int = 1 << 30
+    task_bytes: int = 8 << 20
+    zstd_level: int = 3
+    add_bos: bool = False
+    eos_token: str | None = None
+    bos_token: str | None = None
+    skip_bad: bool = False
+    overwrite: bool = False
+    node_rank: int = 0
+    num_nodes: int = 1
+    progress: bool = True
+    log: object = field(default=None, repr=False)  # where notes and the summary go (stderr)
+
+
+@dataclass
+class BuildResult:
+    tasks: int
+    skipped: int  # finished in an earlier run
+    ran: list[int]  # task indices run now
+    records: list[dict]
+    manifest: object  # Manifest, or None on a node of a multi-node build
+
+
+def _settings(opts: BuildOptions, tok, tasks, files) -> dict:
+    settings = {
+        "seq_len": opts.seq_len, "dtype": tok.dtype, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+        "block_bytes": opts.block_bytes, "block_rows": rows_per_block(opts.seq_len, tok.dtype, opts.block_bytes),
+        "shard_bytes": opts.shard_bytes, "task_bytes": opts.task_bytes, "zstd_level": opts.zstd_level,
+        "text_key": opts.text_key, "inputs": list(opts.inputs), "num_tasks": len(tasks),
+        "plan_sha256": plan_hash(tasks), "tokenizers_version": tokenizers.__version__,
+        "zstd_version": ".".join(map(str, zstandard.ZSTD_VERSION)),
+    }
+    core = {"settings": settings, "tokenizer": tok.manifest_entry()}
+    fp = hashlib.sha256(canonical_json(core)).hexdigest()
+    return {"fingerprint": fp, **core, "input_files": len(files)}
+
+
+def _differences(old: dict, new: dict) -> str:
+    diffs = []
+    for part in ("settings", "tokenizer"):
+        a, b = old.get(part, {}), new[part]
+        diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs)[:600] or "fingerprint differs"
+
+
+def clear_output(storage: Storage) -> None:
+    """Delete what shardgen wrote (manifest first, so the directory stops being a dataset at once)."""
+    storage.delete(MANIFEST_NAME)
+    for name in storage.list(TASKS_DIR + "/"):
+        storage.delete(name)
+    for name in storage.list():
+        if SHARD_RE.match(name):
+            storage.delete(name)
+    storage.delete(TOKENIZER_NAME)
+    remove_temp_files(storage)
+
+
+def prepare_output(storage: Storage, doc: dict, opts: BuildOptions) -> None:
+    old = read_settings(storage)
+    if old is not None and old["fingerprint"] == doc["fingerprint"]:
+        return
+    if old is not None or storage.exists(MANIFEST_NAME):
+        why = (f"was built with other settings ({_differences(old, doc)})" if old is not None else
+               "holds a dataset without shardgen task records")
+        if not opts.overwrite:
+            raise BuildError(f"{storage} {why}. Rerun with the same arguments to resume, choose another "
+                             f"--output, or pass --overwrite to delete it and start again")
+        if opts.num_nodes > 1:
+            raise BuildError(f"{storage} {why}. --overwrite is refused with --num-nodes > 1 (one node would "
+                             f"delete another's work): empty the output first, then start all nodes")
+        clear_output(storage)
+    storage.put_bytes(SETTINGS_NAME, canonical_json(doc))
+
+
+def run_build(opts: BuildOptions) -> BuildResult:
+    log = opts.log or sys.stderr
+    if not 0 <= opts.node_rank < opts.num_nodes:
+        raise BuildError(f"--node-rank {opts.node_rank} is not in [0, --num-nodes {opts.num_nodes})")
+    tok = load_tokenizer(opts.tokenizer, opts.eos_token, opts.bos_token, opts.add_bos)
+    files, ignored = list_inputs(opts.inputs)
+    if ignored:
+        print(f"shardgen: ignored {len(ignored)} file(s) that are hidden or not inputs: "
+              f"{', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}", file=log)
+    tasks = plan_tasks(files, opts.task_bytes)
+    doc = _settings(opts, tok, tasks, files)
+    storage = open_storage(opts.output)
+    prepare_output(storage, doc, opts)
+    tok_bytes = tok.json_text.encode()
+    if not storage.exists(TOKENIZER_NAME) or storage.read(TOKENIZER_NAME) != tok_bytes:
+        storage.put_bytes(TOKENIZER_NAME, tok_bytes)
+
+    mine = [t for t in tasks if t.index % opts.num_nodes == opts.node_rank]
+    records = {t.index: r for t in mine if (r := read_record(storage, t.index, doc["fingerprint"]))}
+    todo = [t for t in mine if t.index not in records]
+    remove_temp_files(storage, owned=lambda t: t % opts.num_nodes == opts.node_rank)
+    s = doc["settings"]
+    ts = TaskSettings(output=opts.output, tokenizer_json=tok.json_text, seq_len=opts.seq_len, dtype=tok.dtype,
+                      eos_id=tok.eos_id, bos_id=tok.bos_id, block_rows=s["block_rows"],
+                      shard_bytes=opts.shard_bytes, zstd_level=opts.zstd_level, text_key=opts.text_key,
+                      skip_bad=opts.skip_bad, fingerprint=doc["fingerprint"])
+    node = f" node {opts.node_rank}/{opts.num_nodes}:" if opts.num_nodes > 1 else ""
+    print(f"shardgen:{node} {len(files)} input files, {len(tasks)} tasks ({len(mine)} on this node, "
+          f"{len(mine) - len(todo)} already done), {opts.workers} workers", file=log)
+    start = time.perf_counter()
+    records.update(_run_pool(todo, ts, opts, log))
+    elapsed = time.perf_counter() - start
+    manifest = merge(storage) if opts.num_nodes == 1 else None
+    _summary(log, [records[t.index] for t in mine], manifest, elapsed, opts, storage)
+    storage.close()
+    return BuildResult(tasks=len(tasks), skipped=len(mine) - len(todo), ran=[t.index for t in todo],
+                       records=[records[t.index] for t in mine], manifest=manifest)
+
+
+def _run_pool(todo, ts: TaskSettings, opts: BuildOptions, log) -> dict:
+    if not todo:
+        return {}
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["shardgen.tasks", "shardgen.tokenizer"])
+    progress_queue = ctx.Queue()
+    bar = Progress(sum(t.nbytes for t in todo), "shardgen", unit="B", stream=log, enabled=opts.progress)
+    docs = tokens = 0
+    done: dict[int, dict] = {}
+    with ctx.Pool(max(1, min(opts.workers, len(todo))), initializer=init_worker,
+                  initargs=(ts, progress_queue)) as pool:
+        pending = {t.index: pool.apply_async(run_task, (t,)) for t in todo}
+        while pending:
+            try:
+                nbytes, d, n = progress_queue.get(timeout=0.1)
+                docs, tokens = docs + d, tokens + n
+                el = max(time.perf_counter() - bar.start, 1e-9)
+                bar.update(nbytes, f"{human(docs)} docs | {human(tokens)} tokens {human(tokens / el)} tok/s")
+            except queue_mod.Empty:
+                pass
+            for i in [i for i, r in pending.items() if r.ready()]:
+                done[i] = pending.pop(i).get()  # re-raises a worker's error here
+    bar.close()
+    return done
+
+
+def _summary(log, records, manifest, elapsed, opts, storage) -> None:
+    st = {k: sum(r["stats"][k] for r in records) for k in
+          ("documents", "empty_documents", "bad_records", "bad_files", "dropped_tokens", "input_bytes")}
+    shards = [x for r in records for x in r["shards"]]
+    tokens = sum(x["tokens"] for x in shards)
+    nbytes = sum(x["bytes"] for x in shards)
+    rate = f", {human(st['input_bytes'] / elapsed)}B/s" if elapsed > 0.5 else ""
+    print(f"shardgen: {len(shards)} shards, {human(sum(x['sequences'] for x in shards))} sequences of "
+          f"{opts.seq_len}, {human(tokens)} tokens, {human(st['documents'])} documents; skipped "
+          f"{st['empty_documents']} empty, {st['bad_records']} bad records, {st['bad_files']} bad files; "
+          f"dropped {st['dropped_tokens']} tail tokens; {human(nbytes)}B written; {elapsed:.1f} s{rate}", file=log)
+    if manifest is not None:
+        print(f"shardgen: wrote {storage.where(MANIFEST_NAME)}", file=log)
+    else:
+        print(f"shardgen: node {opts.node_rank} done; when every node is done run "
+              f"`python -m shardgen merge {opts.output}`", file=log)
+
+
+def node_from_env(env=os.environ) -> tuple[int, int]:
+    """(node rank, node count) from SLURM or torchrun-style variables; (0, 1) when none are set."""
+    for rank_key, size_keys in (("SLURM_PROCID", ("SLURM_NTASKS",)), ("NODE_RANK", ("NNODES", "NUM_NODES")),
+                                ("GROUP_RANK", ("GROUP_WORLD_SIZE",))):
+        if rank_key in env:
+            size = next((env[k] for k in size_keys if k in env), None)
+            if size is None:
+                raise BuildError(f"{rank_key} is set but none of {', '.join(size_keys)}: pass --num-nodes")
+            return int(env[rank_key]), int(size)
+    return 0, 1

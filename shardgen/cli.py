@@ -1,0 +1,168 @@
+"""Command line: `python -m shardgen INPUT... --output OUT --tokenizer TOK` builds (the default command);
+`verify`, `inspect`, `merge` and `train-tokenizer` are subcommands."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from shardgen.format import DEFAULT_BLOCK_BYTES, FormatError
+from shardgen.inputs import InputError
+from shardgen.merge import BuildError
+from shardgen.storage import StorageError, open_storage
+from shardgen.tokenizer import TokenizerError
+
+SUBCOMMANDS = ("build", "verify", "inspect", "merge", "train-tokenizer")
+ERRORS = (InputError, TokenizerError, BuildError, FormatError, StorageError)
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def size(text: str) -> int:
+    """'256k', '64M', '1G', '1048576' -> bytes (binary units)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in UNITS and t[-1:] else ""
+    try:
+        value = float(t[:-1] if unit else t) * UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 262144, 256k, 64M, 1G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least 1 byte")
+    return int(value)
+
+
+def positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return v
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m shardgen [build]",
+        description="Tokenize text, pack it into fixed-length sequences and write zstd-compressed tar shards "
+                    "plus manifest.json. Inputs: .txt (one document per file), .jsonl, .jsonl.gz, .jsonl.zst, "
+                    ".parquet; files, directories or globs; local or s3://.",
+        epilog="other commands: `verify OUT` (checksums and structure), `inspect OUT` (summary), "
+               "`merge OUT` (manifest after a multi-node build), `train-tokenizer INPUT... --output DIR "
+               "--vocab-size N`; each has --help. Rerunning the same command resumes an interrupted build.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files, directories or globs")
+    p.add_argument("-o", "--output", required=True, help="output directory or s3://bucket/prefix")
+    p.add_argument("-t", "--tokenizer", required=True,
+                   help="tokenizer.json, a directory holding one, or a hub name (needs the hub to be reachable)")
+    p.add_argument("--seq-len", type=positive, default=2048, help="tokens per packed sequence")
+    p.add_argument("--workers", type=positive, default=default_workers(), help="worker processes (one core each)")
+    p.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
+    p.add_argument("--add-bos", action="store_true", help="put the BOS token before every document")
+    p.add_argument("--eos-token", help="separator after every document (default: the tokenizer's EOS, "
+                                       "<|endoftext|> or </s>)")
+    p.add_argument("--bos-token", help="BOS token for --add-bos (default: the tokenizer's BOS or <s>)")
+    p.add_argument("--block-bytes", type=size, default=DEFAULT_BLOCK_BYTES,
+                   help="raw bytes per block (the loader's read unit); rounded down to whole sequences")
+    p.add_argument("--shard-bytes", type=size, default=1 << 30, help="start a new shard after this many bytes")
+    p.add_argument("--task-bytes", type=size, default=8 << 20,
+                   help="input bytes per task (the unit of parallelism and of resume; each task drops its own "
+                        "tail of < seq-len tokens)")
+    p.add_argument("--zstd-level", type=int, default=3, help="zstd compression level")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count bad records and damaged files instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="delete an output built with other settings")
+    p.add_argument("--node-rank", type=int, help="this node's rank (default: SLURM_PROCID, NODE_RANK or GROUP_RANK)")
+    p.add_argument("--num-nodes", type=positive, help="node count (default: SLURM_NTASKS, NNODES/NUM_NODES or "
+                                                      "GROUP_WORLD_SIZE; 1)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def cmd_build(argv: list[str]) -> int:
+    from shardgen.build import BuildOptions, node_from_env, run_build
+    a = build_parser().parse_args(argv)
+    rank, nodes = node_from_env()
+    if a.node_rank is not None or a.num_nodes is not None:
+        rank, nodes = a.node_rank or 0, a.num_nodes or 1
+    run_build(BuildOptions(inputs=a.inputs, output=a.output, tokenizer=a.tokenizer, seq_len=a.seq_len,
+                           workers=a.workers, text_key=a.text_key, block_bytes=a.block_bytes,
+                           shard_bytes=a.shard_bytes, task_bytes=a.task_bytes, zstd_level=a.zstd_level,
+                           add_bos=a.add_bos, eos_token=a.eos_token, bos_token=a.bos_token, skip_bad=a.skip_bad,
+                           overwrite=a.overwrite, node_rank=rank, num_nodes=nodes, progress=not a.quiet))
+    return 0
+
+
+def cmd_verify(argv: list[str]) -> int:
+    from shardgen.verify import verify
+    p = argparse.ArgumentParser(prog="python -m shardgen verify",
+                                description="Check every block checksum, shard sha256 and the tar structure "
+                                            "against the manifest; exit 1 naming the first bad shard/block.")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    m = verify(open_storage(a.output), progress=not a.quiet)
+    t = m.totals()
+    print(f"OK: {a.output}: {t['shards']} shards, {t['blocks']} blocks, {t['sequences']} sequences verified")
+    return 0
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    from shardgen.verify import format_summary, summary
+    p = argparse.ArgumentParser(prog="python -m shardgen inspect", description="Summarize a dataset.")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    a = p.parse_args(argv)
+    s = summary(open_storage(a.output))
+    print(json.dumps(s, sort_keys=True) if a.json else format_summary(s))
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    from shardgen.merge import merge
+    p = argparse.ArgumentParser(prog="python -m shardgen merge",
+                                description="Write OUT/manifest.json from the task records of a multi-node "
+                                            "build (fails naming any missing tasks).")
+    p.add_argument("output", metavar="OUT")
+    a = p.parse_args(argv)
+    m = merge(open_storage(a.output))
+    t = m.totals()
+    print(f"wrote {a.output}/manifest.json: {t['shards']} shards, {t['sequences']} sequences, {t['tokens']} tokens")
+    return 0
+
+
+def cmd_train_tokenizer(argv: list[str]) -> int:
+    from shardgen.tokenizer import train_tokenizer
+    p = argparse.ArgumentParser(prog="python -m shardgen train-tokenizer",
+                                description="Train a byte-level BPE tokenizer (<|endoftext|> = id 0) and write "
+                                            "DIR/tokenizer.json and DIR/tokenizer_config.json.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--vocab-size", type=positive, default=32000)
+    p.add_argument("--min-frequency", type=positive, default=2)
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--max-bytes", type=size, help="train on at most this much text (the first documents)")
+    p.add_argument("--skip-bad", action="store_true")
+    a = p.parse_args(argv)
+    path = train_tokenizer(a.inputs, a.output, a.vocab_size, a.min_frequency, a.text_key, a.max_bytes, a.skip_bad)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "verify": cmd_verify, "inspect": cmd_inspect, "merge": cmd_merge,
+            "train-tokenizer": cmd_train_tokenizer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "build"
+    try:
+        return COMMANDS[command](argv)
+    except ERRORS as e:
+        print(f"shardgen {command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"shardgen {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

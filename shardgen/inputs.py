@@ -1,0 +1,221 @@
+"""Input listing and the fixed task plan.
+
+INPUT arguments (files, directories, globs; local paths or s3:// URLs) become a sorted list of
+input files, listed through the Storage interface. The files are cut into *pieces* (a whole file,
+a newline-aligned byte range of a large uncompressed .jsonl, or a run of parquet row groups) and
+consecutive pieces are grouped into *tasks* of about `task_bytes` input bytes. The plan depends
+only on the inputs and `task_bytes`, never on the number of workers or nodes: that is what makes
+the output byte-identical whatever the parallelism.
+"""
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from shardgen.storage import Storage, StorageError, is_s3, open_storage
+
+KINDS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".txt", ".parquet")  # longest suffix first
+SPLITTABLE = ".jsonl"  # only uncompressed jsonl can be cut at byte offsets
+READ_BUFFER = 4 << 20
+
+
+class InputError(Exception):
+    """Unreadable or malformed input. The message names the file (and line) and the flag that skips it."""
+
+
+def kind_of(name: str) -> str | None:
+    return next((k for k in KINDS if name.endswith(k)), None)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    url: str
+    size: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one input file: bytes [start, end) for .jsonl, row groups [start, end) for parquet
+    (end -1: all of them), the whole file otherwise. `nbytes` is its input size, for progress."""
+    url: str
+    kind: str
+    start: int
+    end: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Task:
+    index: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+    def to_json(self) -> list:
+        return [asdict(p) for p in self.pieces]
+
+
+def split_url(url: str) -> tuple[Storage, str]:
+    """The storage holding `url`'s parent directory, and the file's name in it."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    if not is_s3(url):
+        parent, name = os.path.split(url)
+    return open_storage(parent or "."), name
+
+
+class StorageFile(io.RawIOBase):
+    """A seekable read-only file over Storage.read_range (pread locally, ranged GETs on S3)."""
+
+    def __init__(self, storage: Storage, name: str, size: int):
+        self.storage, self.name, self.size, self.pos = storage, name, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.size - self.pos))
+        if n == 0:
+            return 0
+        data = self.storage.read_range(self.name, self.pos, n)
+        b[:n] = data
+        self.pos += n
+        return n
+
+
+def open_input(url: str) -> tuple[io.BufferedReader, int]:
+    """A buffered, seekable reader of `url` and its size; InputError if it cannot be opened."""
+    storage, name = split_url(url)
+    try:
+        size = storage.size(name)
+        raw = StorageFile(storage, name, size)
+        if size:
+            storage.read_range(name, 0, 1)  # fail here, with the file's name, if it is unreadable
+    except (StorageError, OSError) as e:
+        raise InputError(f"{url}: cannot read ({getattr(e, 'strerror', None) or e}); fix its permissions or "
+                         f"remove it from the inputs") from None
+    return io.BufferedReader(raw, READ_BUFFER), size
+
+
+def _has_magic(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
+
+
+def _list_one(spec: str) -> list[str]:
+    """URLs of the input files named by one INPUT argument (a file, a directory or a glob)."""
+    if _has_magic(spec):
+        if is_s3(spec):
+            head = spec[:min(spec.index(c) for c in "*?[" if c in spec)]
+            root, _, prefix = head.rpartition("/")
+            names = open_storage(root).list(prefix)
+            return [f"{root}/{n}" for n in names if fnmatch.fnmatchcase(f"{root}/{n}", spec)]
+        return sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    if is_s3(spec):
+        storage, name = split_url(spec)
+        if not spec.endswith("/") and storage.exists(name):
+            return [spec]
+        root = open_storage(spec)
+        return [f"{spec.rstrip('/')}/{n}" for n in root.list()]
+    if os.path.isdir(spec):
+        return [os.path.join(spec, n) for n in open_storage(spec).list()]
+    if os.path.exists(spec):
+        return [spec]
+    raise InputError(f"{spec}: no such file or directory (inputs are files, directories or globs of "
+                     f"{', '.join(KINDS)})")
+
+
+def _hidden(url: str, spec: str) -> bool:
+    rel = url[len(spec):] if url.startswith(spec) else os.path.basename(url)
+    return any(part.startswith(".") for part in rel.replace("\\", "/").split("/") if part)
+
+
+def list_inputs(specs: list[str]) -> tuple[list[InputFile], list[str]]:
+    """Input files in argument order (each directory or glob sorted by name), and the ignored names.
+
+    A file named explicitly with an unknown suffix is an error; inside a directory or glob it is
+    ignored (and reported), as are hidden files. A file named twice is read once.
+    """
+    files, ignored, seen = [], [], set()
+    for spec in specs:
+        urls = _list_one(spec)
+        explicit = urls == [spec] and not _has_magic(spec)
+        if not urls:
+            raise InputError(f"{spec}: matches no files")
+        for url in urls:
+            kind = kind_of(url)
+            if kind is None or (not explicit and _hidden(url, spec)):
+                if explicit:
+                    raise InputError(f"{url}: unknown input type; inputs end in {', '.join(KINDS)}")
+                ignored.append(url)
+                continue
+            if url in seen:
+                continue
+            seen.add(url)
+            storage, name = split_url(url)
+            files.append(InputFile(url=url, size=storage.size(name), kind=kind))
+    if not files:
+        raise InputError(f"{' '.join(specs)}: no input files ({', '.join(KINDS)}) found")
+    return files, ignored
+
+
+def _parquet_groups(f: InputFile, task_bytes: int) -> list[Piece]:
+    import pyarrow.parquet as pq
+    try:
+        reader, _ = open_input(f.url)
+        meta = pq.ParquetFile(reader).metadata
+    except Exception:  # noqa: BLE001 - a damaged file is reported, with its name, when its task reads it
+        return [Piece(f.url, f.kind, 0, -1, f.size)]
+    pieces, start, acc = [], 0, 0
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        acc += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+        if acc >= task_bytes or g == meta.num_row_groups - 1:
+            pieces.append(Piece(f.url, f.kind, start, g + 1, acc))
+            start, acc = g + 1, 0
+    return pieces or [Piece(f.url, f.kind, 0, 0, f.size)]
+
+
+def pieces_of(f: InputFile, task_bytes: int) -> list[Piece]:
+    if f.kind == SPLITTABLE and f.size > task_bytes:
+        return [Piece(f.url, f.kind, s, min(s + task_bytes, f.size), min(task_bytes, f.size - s))
+                for s in range(0, f.size, task_bytes)]
+    if f.kind == ".parquet":
+        return _parquet_groups(f, task_bytes)
+    return [Piece(f.url, f.kind, 0, f.size, f.size)]
+
+
+def plan_tasks(files: list[InputFile], task_bytes: int) -> list[Task]:
+    """Consecutive pieces grouped into tasks of at most `task_bytes` (a bigger piece is a task alone)."""
+    tasks, group, acc = [], [], 0
+    for f in files:
+        for p in pieces_of(f, task_bytes):
+            if group and acc + p.nbytes > task_bytes:
+                tasks.append(Task(len(tasks), tuple(group)))
+                group, acc = [], 0
+            group.append(p)
+            acc += p.nbytes
+    if group:
+        tasks.append(Task(len(tasks), tuple(group)))
+    return tasks
+
+
+def plan_hash(tasks: list[Task]) -> str:
+    data = json.dumps([t.to_json() for t in tasks], sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,221 @@
+"""Documents out of one input piece, in file order, with bad input reported or counted.
+
+Every format yields plain `str` documents. Empty and whitespace-only documents are skipped and
+counted. A bad record (invalid JSON, missing or non-string text field, invalid UTF-8, null) is an
+InputError naming file and line, or with `skip_bad` a counted skip. A damaged file (corrupt or
+truncated gzip/zstd, unreadable parquet) stops that file: an error, or with `skip_bad` a counted
+skip of the rest of the file.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import zlib
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import zstandard
+
+from shardgen.inputs import InputError, Piece, open_input
+
+SKIP_RECORD = "pass --skip-bad to skip bad records"
+SKIP_FILE = "pass --skip-bad to skip the rest of a damaged file"
+
+
+@dataclass
+class Counts:
+    """Input-side counts of one task (summed into manifest.stats)."""
+    documents: int = 0  # documents packed
+    empty_documents: int = 0  # empty or whitespace-only, skipped
+    bad_records: int = 0  # skipped with --skip-bad
+    bad_files: int = 0  # damaged files whose rest was skipped with --skip-bad
+    input_bytes: int = 0
+    dropped_tokens: int = 0  # the task's tail, shorter than one sequence
+
+    def add(self, other: "Counts") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class _ZstdStream(io.RawIOBase):
+    """Decompresses concatenated zstd frames; a stream that ends inside a frame is an error
+    (zstandard's stream_reader returns a silent short read for a truncated file)."""
+
+    def __init__(self, f):
+        self.f, self.dctx = f, zstandard.ZstdDecompressor()
+        self.obj, self.in_frame, self.buf = self.dctx.decompressobj(), False, b""
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while not self.buf:
+            chunk = self.f.read(1 << 20)
+            if not chunk:
+                if self.in_frame:
+                    raise zstandard.ZstdError("truncated: the stream ends inside a zstd frame")
+                return 0
+            out = []
+            while chunk:
+                self.in_frame = True
+                out.append(self.obj.decompress(chunk))
+                chunk = b""
+                if self.obj.eof:
+                    chunk, self.obj, self.in_frame = self.obj.unused_data, self.dctx.decompressobj(), False
+            self.buf = b"".join(out)
+        n = min(len(b), len(self.buf))
+        b[:n], self.buf = self.buf[:n], self.buf[n:]
+        return n
+
+
+DAMAGE = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+
+
+class DocumentReader:
+    """Iterate the documents of `piece`; `counts` and `bytes_done` advance as it goes."""
+
+    def __init__(self, piece: Piece, text_key: str = "text", skip_bad: bool = False):
+        self.piece, self.key, self.skip_bad = piece, text_key, skip_bad
+        self.counts = Counts()
+        self.bytes_done = 0
+
+    def __iter__(self) -> Iterator[str]:
+        p = self.piece
+        if p.kind == ".txt":
+            gen = self._txt()
+        elif p.kind == ".parquet":
+            gen = self._parquet()
+        else:
+            gen = self._jsonl()
+        for text in gen:
+            if not text or text.isspace():
+                self.counts.empty_documents += 1
+                continue
+            self.counts.documents += 1
+            yield text
+        self.bytes_done = p.nbytes
+        self.counts.input_bytes += p.nbytes
+
+    # --- bad input
+    def _bad_record(self, where: str, what: str) -> None:
+        if not self.skip_bad:
+            raise InputError(f"{where}: {what}; fix the input or {SKIP_RECORD}")
+        self.counts.bad_records += 1
+
+    def _bad_file(self, where: str, what: str) -> None:
+        if not self.skip_bad:
+            raise InputError(f"{where}: {what}; re-create the file or {SKIP_FILE}")
+        self.counts.bad_files += 1
+
+    # --- formats
+    def _txt(self) -> Iterator[str]:
+        reader, _ = open_input(self.piece.url)
+        with reader:
+            data = reader.read()
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            self._bad_record(f"{self.piece.url}:{line}", f"invalid UTF-8 at byte {e.start} "
+                                                          f"({data[e.start:e.start + 4]!r})")
+
+    def _lines(self, reader) -> Iterator[tuple[int | None, bytes]]:
+        """(line number or None where unknown, line) of the piece. A byte-range piece owns the lines
+        that start inside [start, end); its line numbers are found only when an error needs one."""
+        p = self.piece
+        if p.kind != ".jsonl":
+            raw = reader
+            stream = gzip.GzipFile(fileobj=reader) if p.kind == ".jsonl.gz" else \
+                io.BufferedReader(_ZstdStream(reader), 1 << 20)
+            for n, line in enumerate(stream, 1):
+                self.bytes_done = raw.tell()
+                yield n, line
+            return
+        pos, n = p.start, 1 if p.start == 0 else None
+        if p.start > 0:
+            reader.seek(p.start - 1)
+            pos += len(reader.readline()) - 1  # the line running into the range belongs to the previous piece
+        while pos < p.end:
+            line = reader.readline()
+            if not line:
+                return
+            yield (n if n is not None else -pos), line
+            pos += len(line)
+            self.bytes_done = pos - p.start
+            if n is not None:
+                n += 1
+
+    def _where(self, n: int) -> str:
+        if n >= 0:
+            return f"{self.piece.url}:{n}"
+        reader, _ = open_input(self.piece.url)  # only on error: count lines up to the byte offset
+        with reader:
+            line = reader.read(-n).count(b"\n") + 1
+        return f"{self.piece.url}:{line}"
+
+    def _jsonl(self) -> Iterator[str]:
+        key, n = self.key, 0
+        reader, _ = open_input(self.piece.url)
+        with reader:
+            try:
+                for n, line in self._lines(reader):
+                    if not line.strip():
+                        continue  # blank line: no record
+                    try:
+                        rec = json.loads(line)
+                    except UnicodeDecodeError as e:
+                        self._bad_record(self._where(n), f"invalid UTF-8 ({e.reason} at byte {e.start} of the line)")
+                        continue
+                    except json.JSONDecodeError as e:
+                        self._bad_record(self._where(n), f"invalid JSON ({e.msg} at column {e.colno})")
+                        continue
+                    text = rec.get(key) if isinstance(rec, dict) else None
+                    if isinstance(text, str):
+                        yield text
+                    elif not isinstance(rec, dict):
+                        self._bad_record(self._where(n), f"a JSON {type(rec).__name__}, not an object")
+                    elif key not in rec:
+                        self._bad_record(self._where(n), f"no field {key!r} (fields: {', '.join(list(rec)[:8])}; "
+                                                         f"--text-key names the text field)")
+                    else:
+                        self._bad_record(self._where(n), f"field {key!r} is {type(text).__name__}, not a string")
+            except DAMAGE as e:
+                after = f" after line {n}" if n and n > 0 else ""
+                self._bad_file(self.piece.url, f"damaged {self.piece.kind} stream{after} ({e})")
+
+    def _parquet(self) -> Iterator[str]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        p, key = self.piece, self.key
+        try:
+            reader, _ = open_input(p.url)
+            pf = pq.ParquetFile(reader)
+            schema = pf.schema_arrow
+        except (pa.ArrowException, OSError) as e:
+            self._bad_file(p.url, f"not a readable parquet file ({e})")
+            return
+        if key not in schema.names:
+            raise InputError(f"{p.url}: no column {key!r} (columns: {', '.join(schema.names[:8])}); "
+                             f"--text-key names the text column")
+        typ = schema.field(key).type
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)):
+            raise InputError(f"{p.url}: column {key!r} is {typ}, not a string column; --text-key names the "
+                             f"text column")
+        end = pf.metadata.num_row_groups if p.end < 0 else p.end
+        with reader:
+            for g in range(p.start, end):
+                try:
+                    values = pf.read_row_group(g, columns=[key]).column(0).to_pylist()
+                except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+                    self._bad_file(p.url, f"row group {g} does not read ({e})")
+                    return
+                for r, text in enumerate(values):
+                    if text is None:
+                        self._bad_record(f"{p.url}: row group {g} row {r}", f"{key!r} is null")
+                    else:
+                        yield text
+                self.bytes_done = reader.raw.tell()

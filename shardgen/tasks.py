@@ -1,0 +1,207 @@
+"""One task, start to finish, inside a worker process: read its pieces, tokenize in batches, pack
+into seq_len rows, write shards, publish them, and write the task's completion record last.
+
+A task's bytes depend only on the task and the settings, so any worker (or node) can run it, and a
+rerun of an unfinished task rewrites the same bytes. Shards are built under `_tmp/` and published
+atomically (Storage.put_file); the record `_tasks/<task>.json` is written after every shard of the
+task is published, so a record means the task is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+from shardgen.format import DTYPES, ShardInfo, ShardWriter
+from shardgen.inputs import Task
+from shardgen.readers import Counts, DocumentReader
+from shardgen.storage import Storage, open_storage
+
+TASKS_DIR = "_tasks"
+TMP_DIR = "_tmp"
+BATCH_CHARS = 1 << 20  # text per encode_batch call: large enough to amortize the call, small in memory
+BATCH_DOCS = 4096
+
+
+def record_name(task: int) -> str:
+    return f"{TASKS_DIR}/{task:05d}.json"
+
+
+def shard_name(task: int, k: int) -> str:
+    return f"{task:05d}-{k:03d}.tar"
+
+
+def canonical_json(obj) -> bytes:
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What a worker needs to turn a task into bytes (everything here shapes the bytes)."""
+    output: str
+    tokenizer_json: str
+    seq_len: int
+    dtype: str
+    eos_id: int
+    bos_id: int | None
+    block_rows: int
+    shard_bytes: int
+    zstd_level: int
+    text_key: str
+    skip_bad: bool
+    fingerprint: str
+
+
+class Packer:
+    """Concatenated token stream -> blocks of `block_rows` rows of `seq_len` tokens, in order."""
+
+    def __init__(self, seq_len: int, block_rows: int, sink):
+        self.seq_len, self.block_tokens, self.sink = seq_len, seq_len * block_rows, sink
+        self.pending: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.n += len(tokens)
+        if self.n >= self.block_tokens:
+            buf = np.concatenate(self.pending)
+            full = len(buf) // self.block_tokens * self.block_tokens
+            for i in range(0, full, self.block_tokens):
+                self.sink(buf[i:i + self.block_tokens].reshape(-1, self.seq_len))
+            self.pending = [buf[full:].copy()]
+            self.n = len(self.pending[0])
+
+    def finish(self) -> int:
+        """Write the last, shorter block; return the dropped tail (< seq_len tokens)."""
+        buf = np.concatenate(self.pending) if self.pending else np.zeros(0, np.uint32)
+        rows = len(buf) // self.seq_len
+        if rows:
+            self.sink(buf[:rows * self.seq_len].reshape(rows, self.seq_len))
+        self.pending, self.n = [], 0
+        return len(buf) - rows * self.seq_len
+
+
+class TaskShards:
+    """The shards of one task: `<task>-000.tar`, `<task>-001.tar`, ... each closed once it reaches
+    `shard_bytes`, built in the staging directory and published atomically."""
+
+    def __init__(self, storage: Storage, task: int, s: TaskSettings):
+        self.storage, self.task, self.s = storage, task, s
+        self.tmp_dir = os.path.join(storage.staging_dir(), TMP_DIR)
+        self.infos: list[ShardInfo] = []
+        self.writer: ShardWriter | None = None
+        self.file = self.tmp_path = None
+
+    def add_block(self, rows: np.ndarray) -> None:
+        if self.writer is None:
+            name = shard_name(self.task, len(self.infos))
+            os.makedirs(self.tmp_dir, exist_ok=True)
+            self.tmp_path = os.path.join(self.tmp_dir, name + ".tmp")
+            self.file = open(self.tmp_path, "wb")
+            self.writer = ShardWriter(self.file, name, self.s.seq_len, self.s.dtype, self.s.zstd_level)
+        self.writer.add_block(rows, self.s.eos_id)
+        _test_stall_hook(self.task, self.file)
+        last = self.writer.blocks[-1]
+        if last.offset + last.length >= self.s.shard_bytes:
+            self._publish()
+
+    def _publish(self) -> None:
+        info = self.writer.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.storage.put_file(info.name, self.tmp_path)
+        self.infos.append(info)
+        self.writer = self.file = self.tmp_path = None
+
+    def close(self) -> list[ShardInfo]:
+        if self.writer is not None:
+            self._publish()
+        return self.infos
+
+
+def _test_stall_hook(task: int, f) -> None:
+    """For the crash tests only: SHARDGEN_TEST_STALL_TASK=t makes the worker of task t stop after its
+    first block (a half-written shard on disk), touch SHARDGEN_TEST_STALL_MARKER and wait to be killed."""
+    if os.environ.get("SHARDGEN_TEST_STALL_TASK") != str(task):
+        return
+    f.flush()
+    open(os.environ["SHARDGEN_TEST_STALL_MARKER"], "w").close()
+    time.sleep(3600)
+
+
+class Worker:
+    """Per-process state: the tokenizer is built once per worker, not once per task."""
+
+    def __init__(self, s: TaskSettings, progress_queue=None):
+        from shardgen.tokenizer import make_encoder
+        self.s, self.queue = s, progress_queue
+        self.tok = make_encoder(s.tokenizer_json)
+        self.dtype = DTYPES[s.dtype]
+        self.storage = open_storage(s.output)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Documents -> one array: [bos] tokens eos, for each document in order."""
+        encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+        ids = [e.ids for e in encs]
+        head = () if self.s.bos_id is None else (self.s.bos_id,)
+        tail = (self.s.eos_id,)
+        n = sum(map(len, ids)) + len(ids) * (len(head) + 1)
+        return np.fromiter(chain.from_iterable(chain.from_iterable((head, x, tail) for x in ids)),
+                           self.dtype, count=n)
+
+    def report(self, nbytes: int, docs: int, tokens: int) -> None:
+        if self.queue is not None and (nbytes or docs or tokens):
+            self.queue.put((nbytes, docs, tokens))
+
+    def run(self, task: Task) -> dict:
+        s = self.s
+        shards = TaskShards(self.storage, task.index, s)
+        packer = Packer(s.seq_len, s.block_rows, shards.add_block)
+        counts, batch, chars, reported = Counts(), [], 0, 0
+
+        def flush():
+            nonlocal batch, chars
+            if batch:
+                tokens = self.encode(batch)
+                packer.add(tokens)
+                self.report(0, len(batch), len(tokens))
+                batch, chars = [], 0
+
+        for piece in task.pieces:
+            reader, reported = DocumentReader(piece, s.text_key, s.skip_bad), 0
+            for text in reader:
+                batch.append(text)
+                chars += len(text)
+                if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+                    flush()
+                    self.report(reader.bytes_done - reported, 0, 0)
+                    reported = reader.bytes_done
+            self.report(reader.bytes_done - reported, 0, 0)
+            counts.add(reader.counts)
+        flush()
+        counts.dropped_tokens = packer.finish()
+        infos = shards.close()
+        record = {"task": task.index, "fingerprint": s.fingerprint, "pieces": task.to_json(),
+                  "shards": [i.to_json() for i in infos], "stats": counts.to_json()}
+        self.storage.put_bytes(record_name(task.index), canonical_json(record))
+        return record
+
+
+_worker: Worker | None = None
+
+
+def init_worker(s: TaskSettings, progress_queue) -> None:
+    # One worker = one core: no Rayon thread pool inside encode_batch (N workers use N cores).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    global _worker
+    _worker = Worker(s, progress_queue)
+
+
+def run_task(task: Task) -> dict:
+    return _worker.run(task)

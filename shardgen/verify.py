@@ -1,0 +1,105 @@
+"""`verify` (every checksum and the tar structure, against the manifest) and `inspect` (a summary)."""
+from __future__ import annotations
+
+import hashlib
+import tarfile
+
+import numpy as np
+
+from shardgen.format import (TOKENIZER_NAME, FormatError, Manifest, ShardInfo, block_member_name, decode_block,
+                             read_manifest)
+from shardgen.inputs import StorageFile
+from shardgen.progress import Progress, human
+from shardgen.storage import Storage
+
+CHUNK = 8 << 20
+
+
+def _check_tar(storage: Storage, shard: ShardInfo) -> None:
+    """Members must be exactly the manifest's blocks, in order, at the recorded data offsets."""
+    stem = shard.name[:-4] if shard.name.endswith(".tar") else shard.name
+    try:
+        with tarfile.open(fileobj=StorageFile(storage, shard.name, shard.bytes), mode="r:") as tar:
+            members = tar.getmembers()
+    except tarfile.TarError as e:
+        raise FormatError(f"{storage.where(shard.name)}: not a readable tar ({e})") from None
+    if len(members) != len(shard.blocks):
+        raise FormatError(f"{storage.where(shard.name)}: {len(members)} tar members, the manifest lists "
+                          f"{len(shard.blocks)} blocks")
+    for i, (m, b) in enumerate(zip(members, shard.blocks)):
+        if m.name != block_member_name(stem, i) or m.offset_data != b.offset or m.size != b.length:
+            raise FormatError(f"{storage.where(shard.name)} block {i}: tar member {m.name!r} at {m.offset_data} "
+                              f"({m.size} bytes) is not where the manifest puts it ({b.offset}, {b.length} bytes)")
+
+
+def verify_shard(storage: Storage, m: Manifest, shard: ShardInfo, progress: Progress) -> None:
+    where = storage.where(shard.name)
+    if not storage.exists(shard.name):
+        raise FormatError(f"{where}: missing (the manifest lists it); regenerate the dataset")
+    size = storage.size(shard.name)
+    if size != shard.bytes:
+        first = next((i for i, b in enumerate(shard.blocks) if b.offset + b.length > size), None)
+        hint = f"; block {first} onward is cut off" if first is not None else ""
+        raise FormatError(f"{where}: {size} bytes, the manifest says {shard.bytes} (truncated or replaced "
+                          f"shard{hint}); regenerate it")
+    tokens = documents = 0
+    for i, b in enumerate(shard.blocks):
+        rows = decode_block(storage.read_range(shard.name, b.offset, b.length), b, m, f"{where} block {i}")
+        tokens += rows.size
+        documents += int(np.count_nonzero(rows == m.eos_id))
+        progress.update(b.length)
+    if tokens != shard.tokens or documents != shard.documents:
+        raise FormatError(f"{where}: blocks hold {tokens} tokens and {documents} separators, the manifest "
+                          f"says {shard.tokens} and {shard.documents}")
+    sha = hashlib.sha256()
+    for off in range(0, size, CHUNK):
+        sha.update(storage.read_range(shard.name, off, min(CHUNK, size - off)))
+    if sha.hexdigest() != shard.sha256:
+        raise FormatError(f"{where}: sha256 mismatch outside the block data (tar headers or padding changed); "
+                          f"regenerate it")
+    _check_tar(storage, shard)
+
+
+def verify(storage: Storage, progress: bool = True, log=None) -> Manifest:
+    """Raise FormatError naming the first bad shard or block; return the manifest when all is well."""
+    m = read_manifest(storage)
+    want = m.tokenizer.get("sha256")
+    if want and (not storage.exists(TOKENIZER_NAME) or
+                 hashlib.sha256(storage.read(TOKENIZER_NAME)).hexdigest() != want):
+        raise FormatError(f"{storage.where(TOKENIZER_NAME)}: missing or not the tokenizer of the manifest "
+                          f"(sha256 {want})")
+    bar = Progress(sum(b.length for s in m.shards for b in s.blocks), "verify", unit="B", stream=log, enabled=progress)
+    for shard in m.shards:
+        verify_shard(storage, m, shard, bar)
+    bar.close()
+    return m
+
+
+def summary(storage: Storage) -> dict:
+    m = read_manifest(storage)
+    t = m.totals()
+    raw = t["tokens"] * m.np_dtype.itemsize
+    return {"dataset": str(storage), "format_version": m.format_version, "seq_len": m.seq_len, "dtype": m.dtype,
+            **t, "raw_bytes": raw, "compression_ratio": round(raw / t["bytes"], 3) if t["bytes"] else None,
+            "eos_id": m.eos_id, "bos_id": m.bos_id, "tokenizer": m.tokenizer, "stats": m.stats,
+            "settings": m.settings, "manifest_sha256": m.content_hash()}
+
+
+def format_summary(s: dict) -> str:
+    tok, st = s["tokenizer"], s["stats"]
+    lines = [
+        f"dataset      {s['dataset']}",
+        f"shards       {s['shards']} ({s['blocks']} blocks)",
+        f"sequences    {s['sequences']:,} x {s['seq_len']} tokens ({s['dtype']})",
+        f"tokens       {s['tokens']:,}",
+        f"documents    {s['documents']:,} separators in the shards ({st.get('documents', 0):,} documents read;"
+        f" skipped {st.get('empty_documents', 0)} empty, {st.get('bad_records', 0)} bad records, "
+        f"{st.get('bad_files', 0)} bad files; {st.get('dropped_tokens', 0):,} tail tokens dropped)",
+        f"bytes        {s['bytes']:,} on disk, {s['raw_bytes']:,} raw: compression ratio {s['compression_ratio']}",
+        f"input        {st.get('input_files', '?')} files, {human(st.get('input_bytes', 0))}B, "
+        f"{st.get('tasks', '?')} tasks",
+        f"tokenizer    {tok.get('source')} (vocab {tok.get('vocab_size')}, eos {tok.get('eos_token')!r}="
+        f"{s['eos_id']}, bos {tok.get('bos_token')!r}={s['bos_id']}, sha256 {str(tok.get('sha256'))[:12]})",
+        f"manifest     sha256 {s['manifest_sha256']}",
+    ]
+    return "\n".join(lines)
