@@ -1,0 +1,279 @@
+"""TokenLoader end to end: shards written with the format's ShardWriter, read back through Storage."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from shardgen.format import FormatError, Manifest, ShardWriter, read_manifest
+from shardgen.storage import LocalStorage, Storage, StorageError
+from trainer.data import DataStateError, PlanError, TokenLoader, cu_seqlens
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EOS, BOS = 1, 2
+
+
+def write_dataset(root, shard_blocks, seq_len=16, seed=0, eos_every=5, bos=None):
+    """Shards of random tokens (EOS about every `eos_every` tokens); returns {(shard, seq): row}."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    shards, rows_of = [], {}
+    for i, blocks in enumerate(shard_blocks):
+        name = f"{i:05d}.tar"
+        with open(os.path.join(root, name), "wb") as f:
+            w = ShardWriter(f, name, seq_len, "uint16")
+            for n in blocks:
+                rows = rng.integers(3, 1000, size=(n, seq_len)).astype(np.uint16)
+                rows[rng.random(rows.shape) < 1 / eos_every] = EOS
+                if bos is not None:
+                    rows[rng.random(rows.shape) < 1 / eos_every] = bos
+                for j, r in enumerate(rows):
+                    rows_of[(i, w.sequences + j)] = r  # w.sequences: rows of this shard written so far
+                w.add_block(rows, EOS)
+            shards.append(w.close())
+    m = Manifest(seq_len=seq_len, dtype="uint16", eos_id=EOS, bos_id=bos,
+                 tokenizer={"source": "test", "sha256": "0", "vocab_size": 1000}, shards=shards)
+    LocalStorage(root).put_bytes("manifest.json", m.to_bytes())
+    return rows_of
+
+
+class CountingStorage(Storage):
+    """A real LocalStorage, with every read_range recorded."""
+
+    def __init__(self, root):
+        self.inner = LocalStorage(root)
+        self.url = self.inner.url
+        self.reads = []
+
+    def exists(self, name):
+        return self.inner.exists(name)
+
+    def read(self, name):
+        return self.inner.read(name)
+
+    def read_range(self, name, offset, length):
+        self.reads.append((name, offset))
+        return self.inner.read_range(name, offset, length)
+
+    def close(self):
+        self.inner.close()
+
+
+BLOCKS = [[5, 5, 3], [4, 4, 4, 2], [7], [6, 6]]  # 46 sequences, uneven shards and blocks
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    root = str(tmp_path / "ds")
+    return root, write_dataset(root, BLOCKS)
+
+
+def take(loader, start, n):
+    it = loader.iter_batches(start)
+    try:
+        return [next(it) for _ in range(n)]
+    finally:
+        it.close()
+
+
+def test_batches_hold_the_tokens_the_plan_names(dataset):
+    root, rows_of = dataset
+    with TokenLoader(root, seed=3, global_batch=8, layout=4, world_size=2, rank=1) as ld:
+        assert (ld.layout, ld.local_batch, ld.steps_per_epoch) == (4, 4, 46 // 4 // 2)
+        batches = take(ld, 0, 2 * ld.steps_per_epoch + 1)  # crosses two epoch boundaries
+        assert not [t for t in threading.enumerate() if t.name.startswith(("block-fetch", "batch-assemble"))]
+    for s, b in enumerate(batches):
+        assert (b.step, b.epoch) == (s, s // ld.steps_per_epoch)
+        assert b.input_ids.dtype == torch.int64 and b.input_ids.shape == (4, 16) and b.cu_seqlens is None
+        expect = np.stack([rows_of[seq] for seq in b.sequences]).astype(np.int64)
+        assert np.array_equal(b.input_ids.numpy(), expect)
+        plan = ld.plan.step_rows(s, 2, 1)
+        assert b.sequences == list(zip(*(a.tolist() for a in ld.plan.sequences(plan.blocks, plan.rows))))
+
+
+@pytest.mark.parametrize("start", [0, 5, 123])
+def test_ranks_together_give_the_single_rank_batch_and_resume_is_exact(dataset, start):
+    root, _ = dataset
+    with TokenLoader(root, seed=9, global_batch=8, prefetch_steps=2) as one:
+        whole = take(one, 0, start + 4)[start:]
+        state = one.state_dict(start)
+    for world in (2, 4, 8):  # elastic: any world size that divides the layout (8)
+        parts = []
+        for rank in range(world):
+            with TokenLoader(root, seed=9, global_batch=8, layout=state["layout"], world_size=world,
+                             rank=rank, prefetch_steps=1) as ld:
+                parts.append(take(ld, ld.check_state(state), 4))
+        for i, b in enumerate(whole):
+            assert all(p[i].step == b.step for p in parts)
+            assert torch.equal(torch.cat([p[i].input_ids for p in parts]), b.input_ids)
+            assert sum((p[i].sequences for p in parts), []) == b.sequences
+
+
+def test_cli_plan_prints_the_loader_order(dataset):
+    root, _ = dataset
+    out = subprocess.run([sys.executable, "-m", "trainer.data", "plan", "--shards", root, "--seed", "9",
+                          "--global-batch", "8", "--layout", "4", "--world-size", "2", "--rank", "1",
+                          "--start-step", "3", "--steps", "4"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lines = [json.loads(x) for x in out.splitlines()]
+    with TokenLoader(root, seed=9, global_batch=8, layout=4, world_size=2, rank=1) as ld:
+        batches = take(ld, 3, 4)
+    assert [x["step"] for x in lines] == [3, 4, 5, 6] and {x["rank"] for x in lines} == {1}
+    assert [x["epoch"] for x in lines] == [b.epoch for b in batches]
+    assert [[tuple(p) for p in x["sequences"]] for x in lines] == [b.sequences for b in batches]
+
+
+def test_cli_rejects_bad_arguments_clearly(dataset):
+    root, _ = dataset
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "trainer.data", *args], cwd=ROOT, capture_output=True,
+                              text=True)
+    r = cli("plan", "--shards", root, "--seed", "0", "--global-batch", "8", "--world-size", "3")
+    assert r.returncode == 2 and "world size 3 does not divide the layout 8; use 1, 2, 4 or 8 ranks" in r.stderr
+    r = cli("plan", "--shards", root, "--seed", "0", "--global-batch", "0")
+    assert r.returncode == 2 and "argument --global-batch: 0 is not a positive integer" in r.stderr
+    r = cli("stats", "--shards", root + "-missing", "--global-batch", "8")
+    assert r.returncode == 2 and "manifest.json not found" in r.stderr
+    r = cli("stats", "--shards", root, "--global-batch", "8", "--prefetch-steps", "2")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout.splitlines()[-1])
+    assert (st["steps_per_epoch"], st["dropped_per_epoch"]) == (5, 6)
+    assert st["compressed_bytes_per_step_per_rank"] > 0 and st["peak_live_blocks"] <= 13
+
+
+def test_each_rank_reads_only_blocks_holding_its_rows(dataset):
+    root, _ = dataset
+    ref = read_manifest(LocalStorage(root))
+    block_of = {(s.name, b.offset): n for n, (s, b) in
+                enumerate((s, b) for s in ref.shards for b in s.blocks)}
+    for rank in range(2):
+        st = CountingStorage(root)
+        with TokenLoader(st, seed=4, global_batch=8, layout=4, world_size=2, rank=rank, prefetch_steps=2) as ld:
+            take(ld, 0, 3)
+            wanted = set()
+            for s in range(0, 3 + 2):  # the steps taken and the 2 prefetched after the last one
+                wanted |= set(ld.plan.step_rows(s, 2, rank).blocks.tolist())
+        read = [block_of[r] for r in st.reads]
+        assert set(read) == wanted
+        # A block is read again only when two of the rank's streams share it (a stream boundary
+        # falls inside it) and their uses are further apart than the prefetch window: at most
+        # once per stream per epoch, the price of memory bounded by the window.
+        assert len(read) - len(set(read)) <= len(ld.plan.rank_streams(2, rank))
+
+
+def test_first_batch_at_step_zero_and_deep_in_training_cost_the_same(tmp_path):
+    # uniform blocks of 4 rows, G = C = 8, N = 128: S = 16 divides 10**6, so step 10**6 is at t = 0
+    root = str(tmp_path / "uniform")
+    write_dataset(root, [[4] * 8] * 4)
+    costs = []
+    for step in (0, 10**6):
+        st = CountingStorage(root)
+        with TokenLoader(st, seed=1, global_batch=8, prefetch_steps=2) as ld:
+            b = take(ld, step, 1)[0]
+            assert b.step == step and b.epoch == step // 16
+            costs.append((len(st.reads), ld.plan.hashed))
+    assert costs[0] == costs[1] == (8, 32 + 8 * 4)
+
+
+def corrupt_target(root, shard=1, block=2):
+    m = read_manifest(LocalStorage(root))
+    return os.path.join(root, m.shards[shard].name), m.shards[shard].blocks[block], m.shards[shard].name
+
+
+def run_epoch(root):
+    with TokenLoader(root, seed=0, global_batch=4, prefetch_steps=1) as ld:
+        take(ld, 0, ld.steps_per_epoch)
+
+
+def test_a_corrupt_byte_is_an_error_naming_shard_and_block(dataset):
+    root, _ = dataset
+    path, blk, name = corrupt_target(root)
+    with open(path, "r+b") as f:
+        f.seek(blk.offset + blk.length // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(FormatError, match=rf"shard {name} \(index 1\) block 2 .*CRC32 mismatch"):
+        run_epoch(root)
+
+
+def test_a_truncated_shard_is_an_error_naming_shard_and_block(dataset):
+    root, _ = dataset
+    path, blk, name = corrupt_target(root, shard=1, block=3)  # the last block of shard 1
+    os.truncate(path, blk.offset + 10)
+    with pytest.raises(StorageError, match=rf"shard {name} \(index 1\) block 3 .*short read"):
+        run_epoch(root)
+
+
+def test_a_missing_manifest_gives_the_format_message(dataset):
+    root, _ = dataset
+    os.unlink(os.path.join(root, "manifest.json"))
+    with pytest.raises(FormatError) as want:
+        read_manifest(LocalStorage(root))
+    with pytest.raises(FormatError) as got:
+        TokenLoader(root, seed=0, global_batch=4)
+    assert str(got.value) == str(want.value) and "manifest.json not found" in str(got.value)
+
+
+def test_cu_seqlens_on_a_hand_made_example():
+    tokens = np.array([[5, 1, 7, 7, 1, 2, 9, 9],  # EOS at 1 and 4, BOS at 5 (right after an EOS)
+                       [2, 8, 8, 8, 8, 8, 8, 1],  # BOS at the row start, EOS at the row end
+                       [8, 8, 8, 2, 8, 8, 8, 8]])  # BOS in the middle
+    assert cu_seqlens(tokens, eos_id=1, bos_id=2).tolist() == [0, 2, 5, 8, 16, 19, 24]
+    assert cu_seqlens(tokens, eos_id=1, bos_id=None).tolist() == [0, 2, 5, 8, 16, 24]
+    assert cu_seqlens(tokens, eos_id=1, bos_id=None).dtype == np.int32
+
+
+def test_varlen_batches_carry_document_boundaries(tmp_path):
+    root = str(tmp_path / "bos")
+    write_dataset(root, BLOCKS, bos=BOS)
+    with TokenLoader(root, seed=2, global_batch=8, varlen=True) as ld:
+        for b in take(ld, 0, 3):
+            cu = b.cu_seqlens
+            assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == b.input_ids.numel()
+            assert torch.all(cu[1:] > cu[:-1])
+            flat = b.input_ids.flatten()
+            starts = set(cu[:-1].tolist())
+            assert set(range(0, flat.numel(), 16)) <= starts  # every row starts a document
+            assert {i + 1 for i in torch.nonzero(flat == EOS).flatten().tolist()} <= set(cu.tolist())
+            # no boundary without a reason
+            reasons = set(range(0, flat.numel() + 1, 16)) | {i + 1 for i in torch.nonzero(flat == EOS).flatten().tolist()}
+            reasons |= set(torch.nonzero(flat == BOS).flatten().tolist())
+            assert set(cu.tolist()) == reasons
+
+
+def test_state_dict_and_its_refusals(dataset, tmp_path):
+    root, _ = dataset
+    with TokenLoader(root, seed=5, global_batch=8, layout=4) as ld:
+        state = ld.state_dict(13)
+        assert json.loads(json.dumps(state)) == state
+        assert set(state) == {"format_version", "manifest_hash", "seed", "global_batch", "layout", "epoch", "step"}
+        assert (state["step"], state["epoch"]) == (13, 13 // ld.steps_per_epoch)
+        assert ld.check_state(state) == 13
+    other = str(tmp_path / "other")
+    write_dataset(other, BLOCKS, seed=1)  # same shape, different tokens: a different manifest
+    cases = [
+        (dict(shards=other, global_batch=8, layout=4), r"dataset changed \(manifest hash"),
+        (dict(shards=root, global_batch=16, layout=4), r"global batch changed \(8 -> 16 sequences\): keep global_batch=8"),
+        (dict(shards=root, global_batch=8, layout=8), r"layout changed \(4 -> 8\): construct the loader with layout"),
+    ]
+    for kw, msg in cases:
+        with TokenLoader(kw.pop("shards"), seed=5, **kw) as ld:
+            with pytest.raises(DataStateError, match=msg):
+                ld.check_state(state)
+    with TokenLoader(root, seed=6, global_batch=8, layout=4) as ld:
+        with pytest.raises(DataStateError, match=r"seed changed \(5 -> 6\)"):
+            ld.check_state(state)
+        with pytest.raises(DataStateError, match=r"lacks \['manifest_hash'\]"):
+            ld.check_state({k: v for k, v in state.items() if k != "manifest_hash"})
+    # elastic: world sizes dividing the layout accept the state, others are refused at construction
+    for world in (1, 2, 4):
+        with TokenLoader(root, seed=5, global_batch=8, layout=4, world_size=world, rank=world - 1) as ld:
+            assert ld.check_state(state) == 13
+    with pytest.raises(PlanError, match=r"world size 8 does not divide the layout 4; use 1, 2 or 4 ranks"):
+        TokenLoader(root, seed=5, global_batch=8, layout=4, world_size=8)
