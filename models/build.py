@@ -1,0 +1,114 @@
+"""Build an FLA causal LM from a model JSON (the format of configs/*.json and of HF config.json).
+
+Three ways to get weights:
+  * `build_model(config, device)`: the model's own random init, on `device`.
+  * meta first (`build_model(config, "meta")`, then shard, then `materialize(model, device)`): for FSDP,
+    so that no rank ever holds a full copy; FLA's init is DTensor-aware, so it runs on the shards.
+  * `load_pretrained(path, device)`: an HF directory (our export or any FLA model dir).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _import_fla():
+    """Import fla (registers its configs/models with transformers) and our SDPA attention for the transformer."""
+    import fla  # noqa: F401  (registers AutoConfig / AutoModelForCausalLM entries)
+    from models import sdpa_attention
+    sdpa_attention.install()
+
+
+def read_model_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model config {path} not found (model.config names a JSON like configs/gla_340M.json)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model config {path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or "model_type" not in d:
+        raise ValueError(f"model config {path}: no \"model_type\" key (e.g. \"gla\", \"transformer\", \"mamba2\")")
+    return d
+
+
+def load_config(path_or_dict, vocab_size: int | None = None):
+    """A transformers config object for an FLA model from a JSON file (or dict)."""
+    _import_fla()
+    from transformers import AutoConfig
+    d = dict(read_model_json(path_or_dict) if isinstance(path_or_dict, str) else path_or_dict)
+    where = path_or_dict if isinstance(path_or_dict, str) else "model config"
+    model_type = d.pop("model_type")
+    d.pop("transformers_version", None)
+    try:
+        config = AutoConfig.for_model(model_type, **d)
+    except ValueError as e:
+        raise ValueError(f"{where}: model_type {model_type!r} is not an FLA/transformers model ({e})") from None
+    if vocab_size is not None and config.vocab_size < vocab_size:
+        raise ValueError(f"{where}: vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+                         f"set vocab_size >= {vocab_size} in the model JSON")
+    return config
+
+
+def adapt_to_device(config, device: torch.device) -> None:
+    """Switch off fused kernels that cannot run on `device`. Changes the in-memory config only, with one log line."""
+    if device.type == "cpu" and getattr(config, "fuse_cross_entropy", False):
+        config.fuse_cross_entropy = False
+        log.info("CPU: fuse_cross_entropy switched off (FLA's fused cross entropy needs a GPU); "
+                 "the model file is unchanged")
+
+
+def build_model(config, device: str | torch.device = "cpu", seed: int = 0):
+    """A freshly initialized model. On "meta", only shapes: call `materialize` after sharding."""
+    _import_fla()
+    from transformers import AutoModelForCausalLM
+    device = torch.device(device)
+    if device.type == "meta":
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def materialize(model, device: torch.device, seed: int = 0) -> None:
+    """Allocate a meta model (plain or FSDP-sharded) on `device` and run the model's own init on it."""
+    torch.manual_seed(seed)
+    model.to_empty(device=device)
+    for module in model.modules():
+        # to_empty gave new storage: forget "already initialized" marks so the model's init runs everywhere.
+        if hasattr(module, "_is_hf_initialized"):
+            module._is_hf_initialized = False
+    model.initialize_weights()  # FLA's _init_weights; it calls reset_parameters() for norms and rotary buffers
+    for module in model.modules():
+        if type(module).__name__ == "RotaryEmbedding" and hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # non-persistent buffer, not a parameter: be explicit
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def load_pretrained(path: str, device: str | torch.device = "cpu"):
+    """An HF model directory (config.json + weights) -> model on `device`, in fp32."""
+    _import_fla()
+    from transformers import AutoModelForCausalLM
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model.init_from={path}: no config.json there; give an HF model directory "
+                                f"(e.g. one written by `python -m trainer.export`)")
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device)
+
+
+def count_parameters(model, exclude_embeddings: bool = False) -> int:
+    """Unique parameters (tied weights once). With exclude_embeddings, the input embedding table is left out."""
+    seen, total = set(), 0
+    emb = model.get_input_embeddings().weight if exclude_embeddings else None
+    for p in model.parameters():
+        if id(p) in seen or p is emb:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

@@ -1,0 +1,101 @@
+"""Shared by the trainer/model/export tests: tiny shards (with a real tokenizer), tiny model JSONs, env."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+VOCAB = 320
+
+
+def tokenizer_json(path: str, vocab_size: int = VOCAB) -> int:
+    """A byte-level BPE trained on a few lines; returns its vocab size (<= vocab_size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["to be or not to be that is the question", "whether tis nobler in the mind to suffer"] * 50
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(path)
+    return tok.get_vocab_size()
+
+
+def make_shards(root: str, *, sequences: int = 64, seq_len: int = 32, seed: int = 0, rows_per_block: int = 4,
+                shards: int = 2, vocab: int = VOCAB) -> str:
+    """A learnable dataset: each document follows t[i+1] = (5 * t[i] + 1) mod V, ended by EOS (id 0)."""
+    from shardgen.format import MANIFEST_NAME, Manifest, ShardWriter
+    from shardgen.storage import LocalStorage
+    os.makedirs(root, exist_ok=True)
+    tok_path = os.path.join(root, "tokenizer.json")
+    vocab_size = tokenizer_json(tok_path, vocab)
+    rng = np.random.default_rng(seed)
+    stream = []
+    while len(stream) < sequences * seq_len:
+        t = int(rng.integers(1, vocab_size))
+        for _ in range(int(rng.integers(8, 40))):
+            stream.append(t)
+            t = (5 * t + 1) % vocab_size or 1
+        stream.append(0)
+    data = np.array(stream[:sequences * seq_len], dtype=np.uint16).reshape(sequences, seq_len)
+    infos, per_shard = [], sequences // shards
+    for s in range(shards):
+        name = f"{s:05d}.tar"
+        with open(os.path.join(root, name), "wb") as f:
+            w = ShardWriter(f, name, seq_len, "uint16")
+            part = data[s * per_shard:(s + 1) * per_shard]
+            for b in range(0, len(part), rows_per_block):
+                w.add_block(part[b:b + rows_per_block], eos_id=0)
+            infos.append(w.close())
+    import hashlib
+    m = Manifest(seq_len=seq_len, dtype="uint16", eos_id=0, bos_id=None,
+                 tokenizer={"source": tok_path, "sha256": hashlib.sha256(open(tok_path, "rb").read()).hexdigest(),
+                            "vocab_size": vocab_size}, shards=infos)
+    LocalStorage(root).put_bytes(MANIFEST_NAME, m.to_bytes())
+    return root
+
+
+def tiny_model_json(path: str, model_type: str = "gla", **extra) -> str:
+    base = {"model_type": model_type, "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 1,
+            "vocab_size": VOCAB, "fuse_cross_entropy": True, "tie_word_embeddings": False}
+    if model_type == "gla":
+        base.update(expand_k=0.5, expand_v=1, attn_mode="chunk")
+    base.update(extra)
+    with open(path, "w") as f:
+        json.dump(base, f)
+    return path
+
+
+def env(tmp: str) -> dict:
+    e = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
+             TRITON_CACHE_DIR=os.path.join(tmp, "triton-cache"), TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"))
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def write_toml(path: str, sections: dict) -> str:
+    lines = []
+    for sec, table in sections.items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def run_trainer(tmp: str, config: str, *overrides: str, nproc: int = 1, timeout: int = 600, check: bool = True):
+    if nproc == 1:
+        cmd = [PY, "-m", "trainer", config, *overrides]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "trainer",
+               config, *overrides]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(tmp), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"trainer failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p

@@ -1,0 +1,41 @@
+"""`python -m trainer CONFIG [section.key=value ...]` (or under torchrun for several processes)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.config import ConfigError, load
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Train an FLA language model from shardgen shards. Resumes from the latest checkpoint "
+                    "in run.out_dir automatically. Several processes: torchrun --nproc-per-node N -m trainer ...",
+        epilog="examples:\n  python -m trainer configs/demo.toml\n"
+               "  python -m trainer configs/gla_340M.toml train.max_steps=1000 optim.lr=1e-3 run.out_dir=runs/x\n"
+               "  torchrun --standalone --nproc-per-node 2 -m trainer configs/demo.toml parallel.mode=fsdp",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="run config TOML (configs/*.toml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.global_batch=16")
+    args = p.parse_args(argv)
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    # Heavy imports only after the config is known to be good.
+    from shardgen.format import FormatError
+    from shardgen.storage import StorageError
+    from trainer.checkpoint import CheckpointError
+    from trainer.loop import TrainingDiverged, train
+    try:
+        train(cfg, args.config)
+    except (FileNotFoundError, ValueError, FormatError, StorageError, CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)  # DataStateError and config problems are ValueErrors
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Checkpoints: torch.distributed.checkpoint (DCP) for model + optimizer, JSON for the rest; atomic; keep-last-k.
+
+Layout of one checkpoint, OUT/ckpt/step-000100/:
+    .metadata, __<rank>_0.distcp   DCP: model and optimizer, sharded by whoever saved; DCP reshards on load,
+                                   so a checkpoint loads into single / DDP / FSDP on any number of ranks
+    rng/rank-00000.pt              each rank's RNG states (torch, cuda, python, numpy)
+    train_state.json               step, loader state, skipped steps, and the size + CRC32 of every file above
+
+Written under step-000100.tmp; after a barrier rank 0 writes train_state.json and renames the directory,
+so a directory without `.tmp` is complete. A checkpoint that fails its checks or does not load is
+reported by name and the previous one is used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from trainer.parallel import Dist, barrier
+
+log = logging.getLogger(__name__)
+STATE_NAME = "train_state.json"
+NAME_RE = re.compile(r"^step-(\d{6,})$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is incomplete, damaged or does not fit the model. Names the directory."""
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{step:06d}")
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoint directories (no .tmp suffix), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(root) if (m := NAME_RE.match(n))]
+    return [os.path.join(root, n) for _, n in sorted(found)]
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _data_files(path: str) -> list[str]:
+    out = []
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), path)
+            if rel != STATE_NAME:
+                out.append(rel)
+    return sorted(out)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, root: str, keep: int, d: Dist, verify: bool = True):
+        self.root, self.keep, self.d, self.verify = root, keep, d, verify
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, model, optimizer, train_state: dict) -> str:
+        """Save after `step` optimizer steps. Collective: every rank calls it."""
+        final = step_dir(self.root, step)
+        tmp = final + ".tmp"
+        if self.d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        barrier(self.d)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{self.d.rank:05d}.pt"))
+        # Each rank checksums the files it wrote; rank 0 collects them into train_state.json.
+        mine = {f: self._describe(tmp, f) for f in _data_files(tmp) if self._owner(f) == self.d.rank}
+        barrier(self.d)
+        everyone = [mine]
+        if self.d.distributed:
+            everyone = [None] * self.d.world_size
+            dist.all_gather_object(everyone, mine)
+        if self.d.is_main:
+            files = {}
+            for part in everyone:
+                files.update(part)
+            missing = set(_data_files(tmp)) - set(files)
+            for f in missing:  # written by nobody we know of (e.g. .metadata): checksum here
+                files[f] = self._describe(tmp, f)
+            state = dict(train_state, step=step, world_size=self.d.world_size, files=files)
+            with open(os.path.join(tmp, STATE_NAME), "w") as f:
+                json.dump(state, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.exists(final):  # a rerun that redid this step: replace
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        barrier(self.d)
+        return final
+
+    def _owner(self, rel: str) -> int:
+        m = re.match(r"^__(\d+)_\d+\.distcp$", rel) or re.match(r"^rng/rank-(\d+)\.pt$", rel)
+        return int(m.group(1)) if m else 0
+
+    @staticmethod
+    def _describe(root: str, rel: str) -> dict:
+        p = os.path.join(root, rel)
+        return {"size": os.path.getsize(p), "crc32": _crc32(p)}
+
+    def _prune(self) -> None:
+        for path in list_checkpoints(self.root)[:-self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        for n in os.listdir(self.root):  # leftovers of runs killed while saving
+            if n.endswith(".tmp") and os.path.isdir(os.path.join(self.root, n)):
+                shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load_latest(self, model, optimizer) -> dict | None:
+        """Load the newest checkpoint that is complete and intact; None if there is none at all.
+
+        A damaged one is reported and skipped. If checkpoints exist but none loads, raise."""
+        candidates = list_checkpoints(self.root)
+        errors = []
+        for path in reversed(candidates):
+            try:
+                return self.load(path, model, optimizer)
+            except CheckpointError as e:
+                errors.append(str(e))
+                log.error("%s; trying the previous checkpoint", e)
+        if candidates:
+            raise CheckpointError("no usable checkpoint in " + self.root + ":\n  " + "\n  ".join(errors) +
+                                  "\nremove the damaged directories or start a new run.out_dir")
+        return None
+
+    def load(self, path: str, model, optimizer=None) -> dict:
+        state = self.check(path)
+        if optimizer is not None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            to_load = {"model": model_sd, "optim": optim_sd}
+        else:
+            to_load = {"model": get_model_state_dict(model)}
+        ok, err = 1, ""
+        try:
+            dcp.load(to_load, checkpoint_id=path)
+        except Exception as e:  # DCP raises its own wrapper types; report them with the path
+            ok, err = 0, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if not _all_ok(ok, self.d):
+            raise CheckpointError(f"checkpoint {path} does not load ({err or 'failed on another rank'})")
+        if optimizer is not None:
+            set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
+        else:
+            set_model_state_dict(model, to_load["model"], options=StateDictOptions(strict=True))
+        rng = os.path.join(path, "rng", f"rank-{self.d.rank:05d}.pt")
+        if os.path.exists(rng):
+            _set_rng_state(torch.load(rng, weights_only=False))
+        else:
+            log.info("%s: no RNG state for rank %d (saved by %d ranks); keeping this rank's seed",
+                     path, self.d.rank, state.get("world_size", -1))
+        state["path"] = path
+        return state
+
+    def check(self, path: str) -> dict:
+        """Completeness and checksums, split across ranks; raises CheckpointError naming the problem."""
+        problem = ""
+        try:
+            with open(os.path.join(path, STATE_NAME)) as f:
+                state = json.load(f)
+            files = state["files"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            state, files, problem = {}, {}, f"{STATE_NAME} missing or unreadable ({e})"
+        names = sorted(files)
+        for i, rel in enumerate(names):
+            if problem:
+                break
+            if i % self.d.world_size != self.d.rank and not rel.startswith(".metadata"):
+                continue
+            p = os.path.join(path, rel)
+            if not os.path.exists(p):
+                problem = f"file {rel} is missing"
+            elif os.path.getsize(p) != files[rel]["size"]:
+                problem = f"file {rel} has {os.path.getsize(p)} bytes, expected {files[rel]['size']} (truncated?)"
+            elif self.verify and _crc32(p) != files[rel]["crc32"]:
+                problem = f"file {rel} fails its CRC32 check (corrupt)"
+        if not _all_ok(0 if problem else 1, self.d):
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem or 'a check failed on another rank'}")
+        return state
+
+
+def _all_ok(ok: int, d: Dist) -> bool:
+    if not d.distributed:
+        return bool(ok)
+    t = torch.tensor([ok], dtype=torch.int64, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

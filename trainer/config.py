@@ -1,0 +1,233 @@
+"""The run configuration: typed dataclasses loaded from TOML, with `section.key=value` overrides.
+
+An unknown key or a value of the wrong type is a ConfigError naming the key and where it came from
+(the TOML file or the command line). Every key has a default, so a TOML file lists only what it changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A bad run configuration. The message names the key and the file (or the command line)."""
+
+
+@dataclass
+class ModelConfig:
+    config: str = "configs/demo_gla.json"  # model JSON (FLA config fields + model_type)
+    init_from: str | None = None  # HF model dir to start from (weights only; optimizer and data start fresh)
+    init_device: str = "auto"  # auto: meta for fsdp (init after sharding), else the training device
+    seed: int = 0  # random init seed (same on every rank)
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards/shakespeare"  # local dir or s3://bucket/prefix
+    val_shards: str | None = None
+    seed: int = 0
+    global_batch: int = 8  # sequences per optimizer step, over all ranks
+    layout: int | None = None  # loader streams; fixed at the first launch (None: the loader's default)
+    varlen: bool = False  # document boundaries -> cu_seqlens for FLA kernels
+    prefetch_steps: int = 4
+    val_sequences: int = 64  # the first M sequences of the validation set, in manifest order
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    micro_batch: int | None = None  # sequences per forward/backward per rank (None: the whole local batch)
+    eval_every: int = 0  # 0: no validation during the run
+    max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
+    activation_checkpointing: bool = False
+    compile: bool = False
+    autocast: str = "auto"  # auto: bf16 on GPU for ddp/none, off on CPU; "bf16" | "off"
+    deterministic: bool = False  # torch.use_deterministic_algorithms (CPU tests are deterministic anyway)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 10
+    schedule: str = "cosine"  # cosine | wsd | linear
+    decay_steps: int | None = None  # wsd: length of the final decay (None: 10% of max_steps)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0: only at the end
+    keep: int = 3  # keep the last k complete checkpoints
+    at_end: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "none"  # none | ddp | fsdp
+    fsdp_reshard_after_forward: bool = True
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/demo"
+    tensorboard: bool = True
+    progress: bool = True
+    peak_tflops: float | None = None  # accelerator peak for MFU; None: looked up from the device name
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {("optim", "schedule"): ("cosine", "wsd", "linear"), ("parallel", "mode"): ("none", "ddp", "fsdp"),
+           ("train", "autocast"): ("auto", "bf16", "off"), ("model", "init_device"): ("auto", "cpu", "meta", "cuda")}
+
+
+def _coerce(value, tp, key: str, where: str):
+    """Check/convert one value to the annotated type `tp`. Strings from the command line are parsed."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ConfigError(f"{where}: {key} = {value!r} is not a valid {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is not type(None):
+                return _coerce(value, a, key, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is tuple:
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = json.loads(text if text.startswith("[") else f"[{text}]")
+            except json.JSONDecodeError:
+                raise bad from None
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, key, where) for v, a in zip(value, args))
+    raise bad
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _set(cfg: Config, key: str, value, where: str) -> None:
+    section, _, name = key.partition(".")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections or not name:
+        raise ConfigError(f"{where}: unknown key {key!r}; keys are section.name with section one of "
+                          f"{sorted(sections)}")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        raise ConfigError(f"{where}: unknown key {key!r}; [{section}] has {sorted(hints)}")
+    v = _coerce(value, hints[name], key, where)
+    choices = CHOICES.get((section, name))
+    if choices and v not in choices:
+        raise ConfigError(f"{where}: {key} = {v!r} must be one of {list(choices)}")
+    setattr(obj, name, v)
+
+
+def load(path: str | None, overrides: list[str] = ()) -> Config:
+    """Config from a TOML file (may be None: defaults) plus `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: unknown top-level key {section!r}; put keys in a [section]")
+            for name, value in table.items():
+                _set(cfg, f"{section}.{name}", value, path)
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"command line: {item!r} is not key=value (e.g. train.max_steps=100)")
+        _set(cfg, key.strip(), value.strip(), "command line")
+    validate(cfg, path or "defaults")
+    return cfg
+
+
+def validate(cfg: Config, where: str) -> None:
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"{where}: {key} {msg}")
+    need(cfg.data.global_batch > 0, "data.global_batch", "must be > 0")
+    need(cfg.train.max_steps > 0, "train.max_steps", "must be > 0")
+    need(cfg.train.micro_batch is None or cfg.train.micro_batch > 0, "train.micro_batch", "must be > 0")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be between 0 and optim.lr")
+    need(cfg.optim.warmup >= 0, "optim.warmup", "must be >= 0")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    need(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "must be two numbers in [0, 1)")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (written to out_dir/config.toml)."""
+    lines = []
+    for section, table in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for k, v in table.items():
+            if v is None:
+                lines.append(f"# {k} = (none)")
+            else:
+                lines.append(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}")
+        lines.append("")
+    return "\n".join(lines)

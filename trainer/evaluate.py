@@ -1,0 +1,66 @@
+"""Validation loss on a fixed set: the first M sequences of the validation dataset, in manifest order.
+
+Rank r of R takes an equal slice of M // R sequences (the remainder is left out, so every rank runs
+the same number of forward passes, which FSDP requires); token losses and counts are summed over ranks.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from shardgen.format import decode_block, read_manifest
+from shardgen.storage import open_storage
+from trainer.parallel import Dist, all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+
+def load_val_rows(url: str, count: int, d: Dist) -> torch.Tensor:
+    """This rank's slice of the first `count` sequences of the dataset at `url`: int64 [rows, seq_len]."""
+    storage = open_storage(url)
+    try:
+        manifest = read_manifest(storage)
+        total = manifest.totals()["sequences"]
+        if count > total:
+            log.warning("data.val_sequences=%d but %s holds %d sequences: using %d", count, url, total, total)
+            count = total
+        per_rank = count // d.world_size
+        if per_rank == 0:
+            raise ValueError(f"data.val_sequences={count} is fewer than the {d.world_size} ranks: raise it")
+        lo, hi = d.rank * per_rank, (d.rank + 1) * per_rank
+        rows, seen = [], 0
+        for s in manifest.shards:
+            for i, b in enumerate(s.blocks):
+                if seen + b.rows > lo and seen < hi:
+                    where = f"{storage.where(s.name)} block {i}"
+                    block = decode_block(storage.read_range(s.name, b.offset, b.length), b, manifest, where)
+                    rows.append(block[max(0, lo - seen):hi - seen])
+                seen += b.rows
+                if seen >= hi:
+                    break
+            if seen >= hi:
+                break
+        return torch.from_numpy(np.concatenate(rows).astype(np.int64))
+    finally:
+        storage.close()
+
+
+@torch.no_grad()
+def validation_loss(model, rows: torch.Tensor, micro_batch: int, d: Dist, autocast) -> float:
+    """Mean next-token loss over all ranks' rows (each row predicts its own tokens 1..L-1)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = tokens = 0.0
+    for i in range(0, rows.shape[0], micro_batch):
+        x = rows[i:i + micro_batch].to(d.device)
+        with autocast():
+            logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
+                                                 reduction="sum")
+        loss_sum += loss.item()
+        tokens += x[:, 1:].numel()
+    model.train(was_training)
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], d)
+    return loss_sum / tokens

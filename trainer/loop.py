@@ -1,0 +1,284 @@
+"""The training loop: read it top to bottom.
+
+setup (processes, data, model, optimizer, checkpoint) -> resume -> for each step: micro-batches
+(forward, backward, gradients synced on the last one) -> clip -> skip if NaN/inf else optimizer step
+-> metrics -> validation -> checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+
+from trainer import parallel, schedule
+from trainer.checkpoint import Checkpointer
+from trainer.config import Config, to_toml
+from trainer.metrics import MetricsLog, memory_gib
+
+log = logging.getLogger("trainer")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient norm."""
+
+
+def micro_batches(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, size: int):
+    """Split the rank's batch into micro-batches of `size` rows; varlen ones become [1, rows*L] + their cu_seqlens."""
+    rows, seq_len = input_ids.shape
+    for a in range(0, rows, size):
+        b = min(rows, a + size)
+        x = input_ids[a:b]
+        if cu_seqlens is None:
+            yield x, None
+        else:
+            lo, hi = a * seq_len, b * seq_len
+            cu = cu_seqlens[(cu_seqlens >= lo) & (cu_seqlens <= hi)] - lo  # row starts are boundaries
+            yield x.reshape(1, -1), cu.to(torch.int32)
+
+
+def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: float, lr: float,
+               d: parallel.Dist, autocast) -> tuple[float, float, bool]:
+    """One optimizer step over the rank's batch. Returns (loss, grad_norm, applied). Not applied if NaN/inf."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    parts = list(micro_batches(batch_ids, cu_seqlens, micro_batch))
+    loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
+    for i, (x, cu) in enumerate(parts):
+        x = x.to(d.device, non_blocking=True)
+        kwargs = {} if cu is None else {"cu_seqlens": cu.to(d.device)}
+        with parallel.gradient_sync(model, enabled=i == len(parts) - 1), autocast():
+            loss = model(input_ids=x, labels=x, **kwargs).loss / len(parts)
+        loss.backward()
+        loss_sum += loss.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    loss_value, = parallel.all_reduce_mean([loss_sum.item()], d)
+    norm_value = float(grad_norm.item())
+    applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value, applied
+
+
+def setup_logging(d: parallel.Dist) -> None:
+    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {d.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def train(cfg: Config, config_path: str | None = None) -> dict:
+    # ---- processes and device. FLA's kernels on CPU need the Triton interpreter, set before fla is imported.
+    if not torch.cuda.is_available():
+        from models import cpu_triton
+        cpu_triton.enable()
+    d = parallel.init()
+    setup_logging(d)
+    try:
+        return _train(cfg, d, config_path)
+    finally:
+        parallel.shutdown()
+
+
+def _train(cfg: Config, d: parallel.Dist, config_path: str | None) -> dict:
+    from models import build
+    from models.flops import flops_per_token, peak_flops, six_n
+    from shardgen.storage import open_storage
+    from trainer.data import TokenLoader
+
+    torch.manual_seed(cfg.model.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    out = cfg.run.out_dir
+    if d.is_main:
+        os.makedirs(out, exist_ok=True)
+    parallel.barrier(d)
+
+    # ---- data
+    shards = cfg.data.shards
+    if "://" not in shards and not os.path.isdir(shards):
+        raise FileNotFoundError(f"data.shards={shards}: no such directory (make one with `make shards` or "
+                                f"`python -m shardgen INPUT --output {shards} --tokenizer ...`)")
+    loader = TokenLoader(shards, seed=cfg.data.seed, global_batch=cfg.data.global_batch, layout=cfg.data.layout,
+                         world_size=d.world_size, rank=d.rank, prefetch_steps=cfg.data.prefetch_steps,
+                         varlen=cfg.data.varlen)
+    manifest = loader.manifest
+    seq_len = manifest.seq_len
+    micro = cfg.train.micro_batch or loader.local_batch
+    if loader.local_batch % micro:
+        raise ValueError(f"train.micro_batch={micro} must divide the local batch {loader.local_batch} "
+                         f"(data.global_batch={cfg.data.global_batch} / {d.world_size} ranks)")
+
+    # ---- model
+    if cfg.model.init_from:
+        model = build.load_pretrained(cfg.model.init_from, "cpu")
+        model_config = model.config
+    else:
+        model_config = build.load_config(cfg.model.config, vocab_size=manifest.tokenizer.get("vocab_size"))
+    if d.is_main:  # before adapt_to_device: the run dir keeps the user's model config, unedited
+        _write_run_files(cfg, out, model_config, manifest, open_storage, shards)
+    build.adapt_to_device(model_config, d.device)
+    if not cfg.model.init_from:
+        init_device = cfg.model.init_device
+        if init_device == "auto":
+            init_device = "meta" if cfg.parallel.mode == "fsdp" else d.device.type
+        model = build.build_model(model_config, d.device if init_device == "cuda" else init_device,
+                                  seed=cfg.model.seed)
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        for block in parallel.blocks(model):
+            block.compile()
+    meta = any(p.is_meta for p in model.parameters())
+    if not meta:
+        model.to(d.device)
+    model = parallel.wrap(model, cfg.parallel.mode, d, cfg.parallel.fsdp_reshard_after_forward)
+    if meta:
+        build.materialize(model, d.device, seed=cfg.model.seed)
+    model.train()
+    raw = parallel.unwrap(model)
+    use_bf16 = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto" and d.device.type == "cuda"
+                                                 and cfg.parallel.mode != "fsdp")
+    autocast = ((lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if use_bf16
+                else contextlib.nullcontext)
+
+    from trainer.optim import build_optimizer
+    optimizer = build_optimizer(model, cfg.optim, d.device)
+    lr_at = schedule.from_config(cfg.optim, cfg.train.max_steps)
+
+    # ---- resume
+    ckpt = Checkpointer(os.path.join(out, "ckpt"), cfg.checkpoint.keep, d)
+    state = ckpt.load_latest(model, optimizer)
+    start_step, skipped = 0, 0
+    if state is not None:
+        start_step = loader.check_state(state["loader"])
+        skipped = int(state.get("skipped_steps", 0))
+        log.info("resumed from %s at step %d (saved by %d ranks, now %d)", state["path"], start_step, state.get("world_size", -1), d.world_size)
+
+    val_rows = None
+    if cfg.data.val_shards and cfg.train.eval_every > 0:
+        from trainer.evaluate import load_val_rows
+        val_rows = load_val_rows(cfg.data.val_shards, cfg.data.val_sequences, d)
+
+    n_params = build.count_parameters(raw)
+    flops = flops_per_token(raw, seq_len)
+    peak = cfg.run.peak_tflops * 1e12 if cfg.run.peak_tflops else peak_flops(d.device)
+    tokens_per_step = cfg.data.global_batch * seq_len
+    log.info("model %s: %.2fM parameters; %.3g FLOPs/token trained (6N = %.3g); %s on %d x %s; global batch "
+             "%d x %d tokens, micro-batch %d, %d accumulation step(s)", model_config.model_type, n_params / 1e6,
+             flops["train"], six_n(raw), cfg.parallel.mode, d.world_size, d.device.type, cfg.data.global_batch,
+             seq_len, micro, loader.local_batch // micro)
+
+    # ---- the loop
+    metrics = MetricsLog(out, d.is_main, start_step, tensorboard=cfg.run.tensorboard)
+    from shardgen.progress import Progress
+    bar = Progress(cfg.train.max_steps - start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress)
+    step, bad_in_a_row, last_saved = start_step, 0, None
+    val_loss = best_val = None
+    step_times, tps_list = [], []
+    t_run = time.perf_counter()
+    batches = loader.iter_batches(start_step=start_step)
+    try:
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t_data = time.perf_counter() - t0
+            assert batch.step == step, (batch.step, step)
+            lr = lr_at(step)
+            loss, grad_norm, applied = train_step(model, optimizer, batch.input_ids, batch.cu_seqlens, micro,
+                                                  cfg.optim.clip, lr, d, autocast)
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            dt = time.perf_counter() - t0
+            if applied:
+                bad_in_a_row = 0
+            else:
+                skipped += 1
+                bad_in_a_row += 1
+                log.warning("step %d: loss %s, grad norm %s: step skipped (no update), %d in a row",
+                            step, loss, grad_norm, bad_in_a_row)
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{bad_in_a_row} steps in a row with a NaN/inf loss or gradient norm (last: step {step}); "
+                        f"stopping. The last checkpoint ({_latest_name(ckpt)}) is intact: resume from it with a "
+                        f"lower optim.lr or a tighter optim.clip (train.max_bad_steps={cfg.train.max_bad_steps})")
+            step += 1
+            tps = tokens_per_step / dt
+            step_times.append(dt)
+            tps_list.append(tps)
+            record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": step * tokens_per_step, "tokens_per_s": tps,
+                      "mfu": flops["train"] * tps / (peak * d.world_size) if peak else None,
+                      "data_wait_share": t_data / dt, "memory_gib": memory_gib(d.device),
+                      "skipped_steps": skipped, "epoch": batch.epoch}
+            if val_rows is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
+                from trainer.evaluate import validation_loss
+                val_loss = validation_loss(model, val_rows, micro, d, autocast)
+                best_val = val_loss if best_val is None else min(best_val, val_loss)
+                record["val_loss"] = val_loss
+            metrics.log(record)
+            bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
+                       (f" val {val_loss:.4f}" if val_loss is not None else ""))
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                last_saved = _save(ckpt, step, model, optimizer, loader, skipped)
+        if cfg.checkpoint.at_end and step > start_step and (last_saved is None or not last_saved.endswith(f"{step:06d}")):
+            last_saved = _save(ckpt, step, model, optimizer, loader, skipped)
+    finally:
+        batches.close()
+        loader.close()
+        bar.close()
+        metrics.close()
+
+    elapsed = time.perf_counter() - t_run
+    steady = tps_list[1:] or tps_list  # the first step pays for kernel compilation
+    summary = {"steps": step, "steps_this_run": step - start_step, "tokens": step * tokens_per_step,
+               "time_s": elapsed, "mean_tokens_per_s": sum(steady) / len(steady) if steady else None,
+               "mfu": (flops["train"] * sum(steady) / len(steady) / (peak * d.world_size)) if peak and steady else None,
+               "final_loss": loss if step > start_step else None, "final_val_loss": val_loss,
+               "best_val_loss": best_val, "skipped_steps": skipped,
+               "checkpoint": last_saved or _latest_name(ckpt), "parameters": n_params,
+               "flops_per_token": flops["train"], "six_n": six_n(raw)}
+    if d.is_main:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        log.info("done: %s", ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+    return summary
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _latest_name(ckpt: Checkpointer) -> str | None:
+    from trainer.checkpoint import list_checkpoints
+    found = list_checkpoints(ckpt.root)
+    return found[-1] if found else None
+
+
+def _save(ckpt, step, model, optimizer, loader, skipped) -> str:
+    t = time.perf_counter()
+    path = ckpt.save(step, model, optimizer, {"loader": loader.state_dict(step), "skipped_steps": skipped})
+    log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t)
+    return path
+
+
+def _write_run_files(cfg: Config, out: str, model_config, manifest, open_storage, shards: str) -> None:
+    """The resolved config, the model config, the tokenizer and its special ids: enough to export from out_dir."""
+    with open(os.path.join(out, "config.toml"), "w") as f:
+        f.write(to_toml(cfg))
+    model_config.to_json_file(os.path.join(out, "model.json"))
+    with open(os.path.join(out, "data.json"), "w") as f:
+        json.dump({"shards": shards, "seq_len": manifest.seq_len, "eos_id": manifest.eos_id,
+                   "bos_id": manifest.bos_id, "tokenizer": manifest.tokenizer}, f, indent=1)
+    storage = open_storage(shards)
+    try:
+        if storage.exists("tokenizer.json"):
+            with open(os.path.join(out, "tokenizer.json"), "wb") as f:
+                f.write(storage.read("tokenizer.json"))
+    finally:
+        storage.close()

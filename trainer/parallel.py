@@ -1,0 +1,139 @@
+"""Processes, devices and model wrapping: single process, DDP, or FSDP2 (one unit per block + the root).
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them we run as one process and never create a
+process group. NCCL on GPUs, gloo on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> Dist:
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 1:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return Dist(device=device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=device if cuda else None)
+    return Dist(rank=rank, world_size=world, local_rank=local, device=device, distributed=True)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.distributed:
+        dist.barrier()
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks of an FLA/HF causal LM (model.model.layers, model.backbone.layers, ...)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) > 0:
+            return module
+    raise ValueError(f"{type(model).__name__}: no `layers` ModuleList found to shard/checkpoint per block")
+
+
+def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard or replicate `model` (already on d.device, or on meta for fsdp)."""
+    if mode == "none":
+        if d.world_size > 1:
+            raise ValueError(f"parallel.mode=none with {d.world_size} processes: use parallel.mode=ddp or fsdp")
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        if not d.distributed:
+            return model  # one process: DDP would only add overhead
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        if not d.distributed:  # FSDP2 needs a process group; a one-process group keeps the same code path
+            _single_process_group(d)
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if d.device.type == "cuda" else MixedPrecisionPolicy())
+        for block in blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        return model
+    raise ValueError(f"parallel.mode={mode!r}: use none, ddp or fsdp")
+
+
+def _single_process_group(d: Dist) -> None:
+    if dist.is_initialized():
+        return
+    import socket
+    with socket.socket() as s:  # a free local port for the one-member group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    d.distributed = True
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_reduce_mean(values: list[float], d: Dist) -> list[float]:
+    if not d.distributed or d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return (t / d.world_size).tolist()
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    if not d.distributed or d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
