@@ -70,13 +70,16 @@ def simulate_fetches(plan: Plan, index: BlockIndex, *, world_size: int, rank: in
         submitted = 0
         for step in range(steps):
             while submitted <= step + prefetch_steps:
-                cache.acquire(plan.step_rows(submitted, world_size, rank).blocks, submitted)
+                _, fills = cache.acquire(plan.step_rows(submitted, world_size, rank).blocks, submitted)
+                for f in fills:
+                    f.result()
                 submitted += 1
             cache.release_through(step)
     finally:
         cache.close()
     compressed = sum(index.refs[b][2].length for b in fetched)
-    return {"blocks": len(fetched), "compressed_bytes": compressed, "peak_live_blocks": cache.slab.peak}
+    return {"steps": submitted, "blocks": len(fetched), "compressed_bytes": compressed,
+            "peak_live_blocks": cache.slab.peak}
 
 
 def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
@@ -94,8 +97,8 @@ def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
         "layout": plan.layout, "world_size": args.world_size, "steps_per_epoch": plan.steps_per_epoch,
         "dropped_per_epoch": plan.dropped_per_epoch,
         "tokens_per_step_per_rank": local * manifest.seq_len,
-        "sampled_steps": steps,
-        "compressed_bytes_per_step_per_rank": sim["compressed_bytes"] / steps,
+        "sampled_steps": sim["steps"],
+        "compressed_bytes_per_step_per_rank": sim["compressed_bytes"] / sim["steps"],
         "dataset_compressed_bytes_per_step_per_rank": block_bytes_total / (plan.steps_per_epoch * args.world_size),
         "prefetch_steps": args.prefetch_steps,
         "peak_live_blocks": sim["peak_live_blocks"],
@@ -108,7 +111,7 @@ def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
           f"{plan.steps_per_epoch} steps per epoch, {plan.dropped_per_epoch} sequences dropped per epoch "
           f"({100 * plan.dropped_per_epoch / plan.num_sequences:.3g}%)")
     print(f"fetched per step per rank: {human(st['compressed_bytes_per_step_per_rank'])}B compressed "
-          f"(simulated over the first {steps} steps; whole-dataset average "
+          f"(simulated over the first {sim['steps']} steps; whole-dataset average "
           f"{human(st['dataset_compressed_bytes_per_step_per_rank'])}B)")
     print(f"loader memory with prefetch {args.prefetch_steps}: {human(st['memory_bytes'])}B "
           f"({st['peak_live_blocks']} live blocks of {human(slot_bytes)}B + {args.prefetch_steps + 1} "
