@@ -99,7 +99,10 @@ def prepare_output(storage: Storage, doc: dict, opts: BuildOptions) -> None:
     old = read_settings(storage)
     if old is not None and old["fingerprint"] == doc["fingerprint"]:
         return
-    if old is not None or storage.exists(MANIFEST_NAME):
+    finished = [n for n in storage.list(TASKS_DIR + "/") if n != SETTINGS_NAME]
+    if old is not None and not finished and not storage.exists(MANIFEST_NAME):
+        pass  # an earlier run with other settings finished nothing (e.g. it stopped on bad input): replace it
+    elif old is not None or storage.exists(MANIFEST_NAME):
         why = (f"was built with other settings ({_differences(old, doc)})" if old is not None else
                "holds a dataset without shardgen task records")
         if not opts.overwrite:

@@ -79,8 +79,10 @@ def summary(storage: Storage) -> dict:
     m = read_manifest(storage)
     t = m.totals()
     raw = t["tokens"] * m.np_dtype.itemsize
+    packed = sum(b.length for s in m.shards for b in s.blocks)  # zstd bytes, without tar headers and padding
     return {"dataset": str(storage), "format_version": m.format_version, "seq_len": m.seq_len, "dtype": m.dtype,
-            **t, "raw_bytes": raw, "compression_ratio": round(raw / t["bytes"], 3) if t["bytes"] else None,
+            **t, "raw_bytes": raw, "block_bytes": packed,
+            "compression_ratio": round(raw / packed, 3) if packed else None,
             "eos_id": m.eos_id, "bos_id": m.bos_id, "tokenizer": m.tokenizer, "stats": m.stats,
             "settings": m.settings, "manifest_sha256": m.content_hash()}
 
@@ -95,7 +97,8 @@ def format_summary(s: dict) -> str:
         f"documents    {s['documents']:,} separators in the shards ({st.get('documents', 0):,} documents read;"
         f" skipped {st.get('empty_documents', 0)} empty, {st.get('bad_records', 0)} bad records, "
         f"{st.get('bad_files', 0)} bad files; {st.get('dropped_tokens', 0):,} tail tokens dropped)",
-        f"bytes        {s['bytes']:,} on disk, {s['raw_bytes']:,} raw: compression ratio {s['compression_ratio']}",
+        f"bytes        {s['bytes']:,} in shards, {s['block_bytes']:,} of zstd blocks from {s['raw_bytes']:,} raw: "
+        f"compression ratio {s['compression_ratio']}",
         f"input        {st.get('input_files', '?')} files, {human(st.get('input_bytes', 0))}B, "
         f"{st.get('tasks', '?')} tasks",
         f"tokenizer    {tok.get('source')} (vocab {tok.get('vocab_size')}, eos {tok.get('eos_token')!r}="

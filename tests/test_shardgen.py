@@ -1,0 +1,186 @@
+"""shardgen build: round trip for every input format, byte-identical output whatever the workers
+or nodes, crash and rerun, settings fingerprint."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from shardgen.build import BuildOptions, node_from_env, run_build
+from shardgen.format import FormatError, read_manifest
+from shardgen.merge import BuildError, merge
+from shardgen.storage import LocalStorage
+from shardgen_testlib import (ROOT_DIR, UNICODE_DOCS, check_round_trip, encoder, expected_stream, make_docs,
+                              read_dataset, task_records, tiny_tokenizer, tree_bytes, write_jsonl, write_parquet,
+                              write_txt)
+
+__all__ = ["tiny_tokenizer"]
+SEQ = 16
+
+
+def opts(inputs, out, tok, **kw):
+    base = dict(seq_len=SEQ, block_bytes=128, task_bytes=1500, workers=1, progress=False, log=io.StringIO())
+    base.update(kw)
+    return BuildOptions(inputs=list(inputs), output=str(out), tokenizer=tok, **base)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Every input format, in a directory whose sorted file order is the document order."""
+    d = tmp_path_factory.mktemp("corpus")
+    docs = make_docs(60) + UNICODE_DOCS
+    parts = [docs[0:10], docs[10:30], docs[30:40], docs[40:50], docs[50:]]
+    write_txt(str(d / "a_txt"), parts[0])
+    write_jsonl(str(d / "b.jsonl"), parts[1])
+    write_jsonl(str(d / "c.jsonl.gz"), parts[2])
+    write_jsonl(str(d / "d.jsonl.zst"), parts[3])
+    write_parquet(str(d / "e.parquet"), parts[4], row_group_size=4)
+    return d, docs
+
+
+def test_round_trip_every_format(tmp_path, corpus, tiny_tokenizer):
+    d, docs = corpus
+    res = run_build(opts([str(d)], tmp_path / "out", tiny_tokenizer))
+    assert res.tasks > 3  # the plan cut the corpus into several tasks (jsonl byte ranges, row groups)
+    assert any(p["kind"] == ".jsonl" and p["start"] > 0 for r in task_records(str(tmp_path / "out"))
+               for p in r["pieces"])
+    check_round_trip(str(tmp_path / "out"), expected_stream(tiny_tokenizer, docs))
+    m, _ = read_dataset(str(tmp_path / "out"))
+    assert m.stats["documents"] == len(docs) and m.stats["input_files"] == 14
+    assert m.dtype == "uint16" and m.eos_id == 0 and m.tokenizer["eos_token"] == "<|endoftext|>"
+
+
+def test_unicode_documents_decode_back_exactly(tmp_path, tiny_tokenizer):
+    docs = UNICODE_DOCS + ["x" * 3000]  # the last is far longer than a sequence and a block
+    write_jsonl(str(tmp_path / "u.jsonl"), docs)
+    run_build(opts([str(tmp_path / "u.jsonl")], tmp_path / "out", tiny_tokenizer, task_bytes=1 << 20))
+    _, streams = read_dataset(str(tmp_path / "out"))
+    stream = [t for s in streams.values() for t in s]
+    pieces = np.split(np.array(stream), np.flatnonzero(np.array(stream) == 0) + 1)
+    tok = encoder(tiny_tokenizer)
+    decoded = [tok.decode(p[:-1].tolist(), skip_special_tokens=False) for p in pieces if len(p) and p[-1] == 0]
+    assert decoded == docs[:len(decoded)] and len(decoded) >= len(docs) - 1
+    assert stream.count(0) == len(decoded)  # "<|endoftext|>" inside a document is text, not a separator
+
+
+def test_same_bytes_for_1_and_2_workers_and_no_paths(tmp_path, corpus, tiny_tokenizer):
+    d, _ = corpus
+    run_build(opts([str(d)], tmp_path / "w1", tiny_tokenizer, workers=1))
+    run_build(opts([str(d)], tmp_path / "w2", tiny_tokenizer, workers=2))
+    a, b = tree_bytes(str(tmp_path / "w1")), tree_bytes(str(tmp_path / "w2"))
+    assert sorted(a) == sorted(b) and a == b
+    assert str(tmp_path).encode() not in a["manifest.json"]  # no output path in the manifest
+    assert b"workers" not in a["manifest.json"]
+
+
+def test_two_nodes_then_merge_equals_one_node(tmp_path, corpus, tiny_tokenizer):
+    d, _ = corpus
+    run_build(opts([str(d)], tmp_path / "one", tiny_tokenizer))
+    out = tmp_path / "two"
+    r0 = run_build(opts([str(d)], out, tiny_tokenizer, node_rank=0, num_nodes=2))
+    assert r0.manifest is None and not (out / "manifest.json").exists()
+    assert all(t % 2 == 0 for t in r0.ran)
+    with pytest.raises(BuildError, match=r"tasks 1, 3.*node t % n"):
+        merge(LocalStorage(str(out)))
+    r1 = run_build(opts([str(d)], out, tiny_tokenizer, node_rank=1, num_nodes=2, workers=2))
+    assert all(t % 2 == 1 for t in r1.ran)
+    merge(LocalStorage(str(out)))
+    assert tree_bytes(str(out)) == tree_bytes(str(tmp_path / "one"))
+
+
+def test_node_rank_from_environment():
+    assert node_from_env({}) == (0, 1)
+    assert node_from_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == (3, 4)
+    assert node_from_env({"GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2"}) == (1, 2)
+    assert node_from_env({"NODE_RANK": "2", "NNODES": "5"}) == (2, 5)
+    with pytest.raises(BuildError, match="--num-nodes"):
+        node_from_env({"NODE_RANK": "2"})
+
+
+def test_shard_size_limit_rolls_shards(tmp_path, corpus, tiny_tokenizer):
+    d, docs = corpus
+    run_build(opts([str(d)], tmp_path / "out", tiny_tokenizer, task_bytes=1 << 20, shard_bytes=2000))
+    m, _ = read_dataset(str(tmp_path / "out"))
+    names = [s.name for s in m.shards]
+    assert names[:3] == ["00000-000.tar", "00000-001.tar", "00000-002.tar"] and len(names) > 3
+    check_round_trip(str(tmp_path / "out"), expected_stream(tiny_tokenizer, docs))
+
+
+def test_add_bos_and_explicit_eos(tmp_path, tiny_tokenizer):
+    docs = make_docs(12, seed=3)
+    write_jsonl(str(tmp_path / "x.jsonl"), docs)
+    tok = encoder(tiny_tokenizer)
+    bos = tok.token_to_id("Ġthe")  # any token will do as a BOS for this test
+    run_build(opts([str(tmp_path / "x.jsonl")], tmp_path / "out", tiny_tokenizer, add_bos=True,
+                   bos_token="Ġthe", eos_token="<|endoftext|>"))
+    check_round_trip(str(tmp_path / "out"), expected_stream(tiny_tokenizer, docs, eos=0, bos=bos))
+    assert read_dataset(str(tmp_path / "out"))[0].bos_id == bos
+
+
+def test_uint32_when_the_vocab_needs_it(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {f"w{i}": i for i in range(70000)}
+    vocab["</s>"] = 70000
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    write_jsonl(str(tmp_path / "x.jsonl"), [f"w{i} w69999 w{i * 7}" for i in range(40)])
+    run_build(opts([str(tmp_path / "x.jsonl")], tmp_path / "out", str(tmp_path / "tokenizer.json")))
+    m, streams = read_dataset(str(tmp_path / "out"))
+    assert m.dtype == "uint32" and m.eos_id == 70000
+    stream = [t for s in streams.values() for t in s]
+    want = [t for i in range(40) for t in (i, 69999, i * 7, 70000)]
+    assert stream == want[:len(stream)] and len(want) - len(stream) < SEQ
+
+
+def test_other_settings_are_refused_unless_overwrite(tmp_path, corpus, tiny_tokenizer):
+    d, _ = corpus
+    out = tmp_path / "out"
+    run_build(opts([str(d)], out, tiny_tokenizer))
+    with pytest.raises(BuildError, match=r"seq_len: 16 -> 32.*--overwrite"):
+        run_build(opts([str(d)], out, tiny_tokenizer, seq_len=32))
+    assert read_manifest(LocalStorage(str(out))).seq_len == 16  # untouched
+    run_build(opts([str(d)], out, tiny_tokenizer, seq_len=32, overwrite=True))
+    assert read_manifest(LocalStorage(str(out))).seq_len == 32
+    again = run_build(opts([str(d)], out, tiny_tokenizer, seq_len=32))  # same settings: nothing to redo
+    assert again.ran == [] and again.skipped == again.tasks
+
+
+def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, corpus, tiny_tokenizer):
+    d, _ = corpus
+    run_build(opts([str(d)], tmp_path / "ref", tiny_tokenizer))
+    out = tmp_path / "out"
+    marker = tmp_path / "stalled"
+    args = [sys.executable, "-m", "shardgen", str(d), "--output", str(out), "--tokenizer", tiny_tokenizer,
+            "--seq-len", str(SEQ), "--block-bytes", "128", "--task-bytes", "1500", "--workers", "2", "-q"]
+    env = dict(os.environ, SHARDGEN_TEST_STALL_TASK="2", SHARDGEN_TEST_STALL_MARKER=str(marker))
+    proc = subprocess.Popen(args, env=env, cwd=ROOT_DIR, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the stalled worker never reported"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run: main process and workers
+        proc.wait()
+        proc.stderr.close()
+    assert not (out / "manifest.json").exists()
+    assert [f for f in os.listdir(out / "_tmp") if f.startswith("00002-")]  # a half-written shard
+    with pytest.raises(FormatError, match="not a shardgen dataset"):
+        read_manifest(LocalStorage(str(out)))
+    finished = {r["task"]: os.stat(out / "_tasks" / f"{r['task']:05d}.json") for r in task_records(str(out))}
+    assert 2 not in finished
+
+    res = run_build(opts([str(d)], out, tiny_tokenizer, workers=2))
+    assert res.skipped == len(finished) and not set(res.ran) & set(finished) and 2 in res.ran
+    for t, st in finished.items():  # finished records were not rewritten
+        now = os.stat(out / "_tasks" / f"{t:05d}.json")
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert not (out / "_tmp").exists()
+    assert tree_bytes(str(out)) == tree_bytes(str(tmp_path / "ref"))

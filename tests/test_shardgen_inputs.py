@@ -1,0 +1,164 @@
+"""shardgen inputs: listing, and every kind of bad input (clear error naming file and line, or a
+counted skip with --skip-bad)."""
+import gzip
+import io
+import os
+
+import pytest
+import zstandard
+
+from shardgen.build import BuildOptions, run_build
+from shardgen.cli import main
+from shardgen.inputs import InputError, list_inputs
+from shardgen.tokenizer import TokenizerError, load_tokenizer
+from shardgen_testlib import (check_round_trip, expected_stream, jsonl_bytes, make_docs, read_dataset,
+                              tiny_tokenizer, write_jsonl, write_parquet)
+
+__all__ = ["tiny_tokenizer"]
+GOOD = make_docs(6, seed=5)
+
+
+def build(tmp_path, inputs, tok, **kw):
+    base = dict(seq_len=16, block_bytes=128, workers=1, progress=False, log=io.StringIO())
+    base.update(kw)
+    return run_build(BuildOptions(inputs=[str(i) for i in inputs], output=str(tmp_path / "out"), tokenizer=tok,
+                                  **base))
+
+
+def write(path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+BAD_LINES = [  # (line bytes, what the error must say)
+    (b'{"text": "ok", broken\n', r"invalid JSON"),
+    (b'{"body": "no text field"}\n', r"no field 'text'.*--text-key"),
+    (b'{"text": 42}\n', r"field 'text' is int, not a string"),
+    (b'{"text": null}\n', r"field 'text' is NoneType"),
+    (b'["a", "list"]\n', r"a JSON list, not an object"),
+    (b'{"text": "bad \xff\xfe utf8"}\n', r"invalid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_LINES)
+def test_bad_jsonl_record_names_file_line_and_flag(tmp_path, tiny_tokenizer, line, message):
+    path = write(str(tmp_path / "bad.jsonl"), jsonl_bytes(GOOD[:2]) + b"\n" + line + jsonl_bytes(GOOD[2:]))
+    with pytest.raises(InputError, match=rf"bad\.jsonl:4: {message}.*--skip-bad"):
+        build(tmp_path, [path], tiny_tokenizer)
+
+
+def test_bad_line_number_in_a_split_jsonl(tmp_path, tiny_tokenizer):
+    docs = make_docs(80, seed=6)
+    data = jsonl_bytes(docs[:70]) + b"{oops\n" + jsonl_bytes(docs[70:])
+    path = write(str(tmp_path / "big.jsonl"), data)
+    with pytest.raises(InputError, match=r"big\.jsonl:71: invalid JSON"):
+        build(tmp_path, [path], tiny_tokenizer, task_bytes=1024)  # line 71 lies in a later byte range
+
+
+def test_skip_bad_counts_every_kind_and_keeps_the_good(tmp_path, tiny_tokenizer):
+    d = tmp_path / "in"
+    d.mkdir()
+    lines = b"".join(line for line, _ in BAD_LINES)
+    write(str(d / "a.jsonl"), jsonl_bytes(GOOD[:3]) + lines + jsonl_bytes(["", "  \n\t ", GOOD[3]]))
+    write(str(d / "b.txt"), b"caf\xe9 latin-1, not UTF-8")
+    write(str(d / "c.txt"), b"   \n")
+    full = gzip.compress(jsonl_bytes(GOOD[4:]), mtime=0)
+    write(str(d / "d.jsonl.gz"), full[:len(full) // 2])  # truncated gzip
+    write(str(d / "e.jsonl.zst"), zstandard.ZstdCompressor().compress(jsonl_bytes(GOOD))[:-9])  # truncated zstd
+    write(str(d / "f.parquet"), b"PAR1 this is not a parquet file PAR1")
+    write(str(d / "g.jsonl.gz"), b"not gzip at all")
+    res = build(tmp_path, [d], tiny_tokenizer, skip_bad=True, task_bytes=1 << 20)
+    m, _ = read_dataset(str(tmp_path / "out"))
+    assert m.stats["bad_records"] == len(BAD_LINES) + 1  # + the latin-1 .txt
+    assert m.stats["bad_files"] == 4
+    assert m.stats["empty_documents"] == 3
+    assert m.stats["documents"] >= 4 and res.tasks == 1
+
+
+@pytest.mark.parametrize("name,data,message", [
+    ("t.jsonl.gz", lambda: gzip.compress(jsonl_bytes(GOOD), mtime=0)[:-20], r"damaged \.jsonl\.gz stream"),
+    ("t.jsonl.gz", lambda: b"\x1f\x8b garbage", r"damaged \.jsonl\.gz stream"),
+    ("t.jsonl.zst", lambda: zstandard.ZstdCompressor().compress(jsonl_bytes(GOOD))[:-9], r"truncated"),
+    ("t.jsonl.zst", lambda: b"not zstd", r"damaged \.jsonl\.zst stream"),
+    ("t.parquet", lambda: b"PAR1 junk PAR1", r"not a readable parquet file"),
+    ("t.txt", lambda: b"line one\nline two \xc3\x28", r"t\.txt:2: invalid UTF-8"),
+])
+def test_damaged_files_are_named(tmp_path, tiny_tokenizer, name, data, message):
+    path = write(str(tmp_path / name), data())
+    with pytest.raises(InputError, match=rf"{message}.*--skip-bad"):
+        build(tmp_path, [path], tiny_tokenizer)
+
+
+def test_parquet_column_checks(tmp_path, tiny_tokenizer):
+    p = write_parquet(str(tmp_path / "p.parquet"), GOOD, key="body")
+    with pytest.raises(InputError, match=r"p\.parquet: no column 'text' \(columns: body, n\).*--text-key"):
+        build(tmp_path, [p], tiny_tokenizer)
+    build(tmp_path, [p], tiny_tokenizer, text_key="body")
+    check_round_trip(str(tmp_path / "out"), expected_stream(tiny_tokenizer, GOOD))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": [1, 2]}), str(tmp_path / "q.parquet"))
+    with pytest.raises(InputError, match=r"q\.parquet: column 'text' is int64, not a string column"):
+        build(tmp_path, [tmp_path / "q.parquet"], tiny_tokenizer, overwrite=True)
+
+
+def test_text_key_for_jsonl(tmp_path, tiny_tokenizer):
+    p = write_jsonl(str(tmp_path / "k.jsonl"), GOOD, key="content")
+    build(tmp_path, [p], tiny_tokenizer, text_key="content")
+    check_round_trip(str(tmp_path / "out"), expected_stream(tiny_tokenizer, GOOD))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(tmp_path, tiny_tokenizer):
+    p = write_jsonl(str(tmp_path / "locked.jsonl"), GOOD)
+    os.chmod(p, 0)
+    with pytest.raises(InputError, match=r"locked\.jsonl: cannot read"):
+        build(tmp_path, [p], tiny_tokenizer)
+
+
+def test_listing_missing_globs_and_ignored(tmp_path):
+    with pytest.raises(InputError, match=r"nope: no such file or directory"):
+        list_inputs([str(tmp_path / "nope")])
+    write(str(tmp_path / "b.jsonl"), b"")
+    write(str(tmp_path / "a.txt"), b"x")
+    write(str(tmp_path / "notes.md"), b"x")
+    write(str(tmp_path / ".hidden.txt"), b"x")
+    os.mkdir(tmp_path / "sub")
+    write(str(tmp_path / "sub" / "c.jsonl.zst"), b"")
+    files, ignored = list_inputs([str(tmp_path)])
+    assert [os.path.relpath(f.url, tmp_path) for f in files] == ["a.txt", "b.jsonl", "sub/c.jsonl.zst"]
+    assert sorted(os.path.basename(i) for i in ignored) == [".hidden.txt", "notes.md"]
+    files, _ = list_inputs([str(tmp_path / "*.txt"), str(tmp_path / "a.txt"), str(tmp_path / "**" / "*.zst")])
+    assert [os.path.basename(f.url) for f in files] == ["a.txt", "c.jsonl.zst"]  # a.txt once
+    with pytest.raises(InputError, match=r"notes\.md: unknown input type"):
+        list_inputs([str(tmp_path / "notes.md")])
+    with pytest.raises(InputError, match=r"matches no files"):
+        list_inputs([str(tmp_path / "*.parquet")])
+
+
+def test_cli_reports_errors_with_exit_status(tmp_path, tiny_tokenizer, capsys):
+    rc = main([str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"), "--tokenizer", tiny_tokenizer])
+    assert rc == 1 and "missing.jsonl: no such file or directory" in capsys.readouterr().err
+
+
+def test_tokenizer_choices(tmp_path, tiny_tokenizer):
+    info = load_tokenizer(tiny_tokenizer)
+    assert (info.eos_token, info.eos_id, info.bos_id, info.dtype) == ("<|endoftext|>", 0, None, "uint16")
+    assert load_tokenizer(os.path.join(tiny_tokenizer, "tokenizer.json")).sha256 == info.sha256
+    with pytest.raises(TokenizerError, match=r"--eos-token '<nope>' is not in the vocabulary"):
+        load_tokenizer(tiny_tokenizer, eos_token="<nope>")
+    with pytest.raises(TokenizerError, match=r"no BOS token found.*--bos-token"):
+        load_tokenizer(tiny_tokenizer, add_bos=True)
+    with pytest.raises(TokenizerError, match=r"has no tokenizer.json.*train-tokenizer"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(TokenizerError, match=r"no such tokenizer.json"):
+        load_tokenizer(str(tmp_path / "x" / "y" / "z"))
+
+
+def test_hub_name_fails_clearly_without_the_hub(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TokenizerError, match=r"some-org/some-tokenizer: .*hub could not provide it"):
+        load_tokenizer("some-org/some-tokenizer")

@@ -1,0 +1,128 @@
+"""shardgen verify / inspect / merge commands, plain readers (tar, webdataset), and the trained
+tokenizer as transformers loads it."""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from shardgen.build import BuildOptions, run_build
+from shardgen.cli import main
+from shardgen.format import FormatError
+from shardgen.storage import LocalStorage
+from shardgen.verify import verify
+from shardgen_testlib import make_docs, read_dataset, tiny_tokenizer, write_jsonl
+
+__all__ = ["tiny_tokenizer"]
+SEQ = 16
+
+
+@pytest.fixture
+def dataset(tmp_path, tiny_tokenizer):
+    write_jsonl(str(tmp_path / "x.jsonl"), make_docs(40, seed=9))
+    out = tmp_path / "out"
+    run_build(BuildOptions(inputs=[str(tmp_path / "x.jsonl")], output=str(out), tokenizer=tiny_tokenizer,
+                           seq_len=SEQ, block_bytes=256, task_bytes=2000, workers=1, progress=False,
+                           log=io.StringIO()))
+    return out
+
+
+def test_verify_passes_a_good_dataset(dataset, capsys):
+    assert main(["verify", str(dataset), "-q"]) == 0
+    assert "OK:" in capsys.readouterr().out
+
+
+def test_verify_names_the_block_with_a_flipped_byte(dataset, capsys):
+    m, _ = read_dataset(str(dataset))
+    shard = m.shards[1]
+    b = shard.blocks[2]
+    path = dataset / shard.name
+    data = bytearray(path.read_bytes())
+    data[b.offset + b.length // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=rf"{shard.name} block 2: CRC32 mismatch"):
+        verify(LocalStorage(str(dataset)), progress=False)
+    assert main(["verify", str(dataset), "-q"]) == 1
+    assert f"{shard.name} block 2: CRC32 mismatch" in capsys.readouterr().err
+
+
+def test_verify_catches_a_flipped_header_byte(dataset):
+    m, _ = read_dataset(str(dataset))
+    path = dataset / m.shards[0].name
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01  # inside the first tar header, outside any block's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=rf"{m.shards[0].name}: sha256 mismatch"):
+        verify(LocalStorage(str(dataset)), progress=False)
+
+
+def test_verify_names_a_truncated_shard(dataset, capsys):
+    m, _ = read_dataset(str(dataset))
+    shard = m.shards[-1]
+    path = dataset / shard.name
+    path.write_bytes(path.read_bytes()[:shard.blocks[1].offset + 10])
+    assert main(["verify", str(dataset), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"{shard.name}: {shard.blocks[1].offset + 10} bytes, the manifest says {shard.bytes}" in err
+    assert "block 1 onward is cut off" in err
+
+
+def test_readers_refuse_a_directory_without_manifest(tmp_path, capsys):
+    for cmd in ("verify", "inspect"):
+        assert main([cmd, str(tmp_path)]) == 1
+        assert "manifest.json not found" in capsys.readouterr().err
+
+
+def test_inspect_summary(dataset, capsys):
+    assert main(["inspect", str(dataset), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    m, streams = read_dataset(str(dataset))
+    assert s["tokens"] == sum(len(v) for v in streams.values()) == s["sequences"] * SEQ
+    assert s["shards"] == len(m.shards) and s["compression_ratio"] > 1
+    assert s["tokenizer"]["eos_token"] == "<|endoftext|>" and s["stats"]["documents"] == 40
+    assert main(["inspect", str(dataset)]) == 0
+    assert "compression ratio" in capsys.readouterr().out
+
+
+def test_merge_command_rewrites_the_same_manifest(dataset, capsys):
+    before = (dataset / "manifest.json").read_bytes()
+    os.unlink(dataset / "manifest.json")
+    assert main(["merge", str(dataset)]) == 0
+    assert (dataset / "manifest.json").read_bytes() == before
+    os.unlink(dataset / "_tasks" / "00001.json")
+    assert main(["merge", str(dataset)]) == 1
+    assert "tasks 1." in capsys.readouterr().err
+
+
+def test_plain_tar_and_webdataset_read_a_shard(dataset):
+    import webdataset
+    import zstandard
+    m, streams = read_dataset(str(dataset))
+    shard = m.shards[0]
+    url = str(dataset / shard.name)
+    with tarfile.open(url) as tar:
+        assert tar.getnames() == [f"{shard.name[:-4]}/{i:06d}.tokens.zst" for i in range(len(shard.blocks))]
+    # The README's lines:
+    rows = []
+    for sample in webdataset.WebDataset(url, shardshuffle=False):
+        rows.append(np.frombuffer(zstandard.decompress(sample["tokens.zst"]), "<u2").reshape(-1, m.seq_len))
+    assert np.concatenate(rows).reshape(-1).tolist() == streams[shard.name]
+
+
+def test_trained_tokenizer_loads_in_transformers(tiny_tokenizer):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+    text = "thou art 日本 👩‍👩‍👧"
+    assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_train_tokenizer_command(tmp_path):
+    write_jsonl(str(tmp_path / "t.jsonl"), make_docs(30, seed=2))
+    assert main(["train-tokenizer", str(tmp_path / "t.jsonl"), "--output", str(tmp_path / "tok"),
+                 "--vocab-size", "300"]) == 0
+    vocab = json.load(open(tmp_path / "tok" / "tokenizer.json"))["model"]["vocab"]
+    assert len(vocab) <= 300 and vocab["<|endoftext|>"] == 0
