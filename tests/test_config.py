@@ -1,0 +1,80 @@
+"""trainer.config: TOML + typed overrides; unknown keys and bad values name the key and the file."""
+import pytest
+
+from trainer.config import ConfigError, load, to_toml
+
+
+def write(tmp_path, text, name="run.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_toml_and_typed_overrides(tmp_path):
+    path = write(tmp_path, '[data]\nglobal_batch = 16\nshards = "x"\n[optim]\nlr = 1e-3\nbetas = [0.9, 0.99]\n')
+    cfg = load(path, ["train.max_steps=7", "data.varlen=true", "optim.betas=0.8,0.9", "data.layout=none",
+                      "train.micro_batch=4", "optim.min_lr=0", "parallel.mode=fsdp"])
+    assert cfg.data.global_batch == 16 and cfg.data.shards == "x"
+    assert cfg.optim.lr == 1e-3 and cfg.optim.min_lr == 0.0
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.data.varlen is True and cfg.data.layout is None and cfg.train.micro_batch == 4
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.parallel.mode == "fsdp"
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = write(tmp_path, "[train]\nmax_stepz = 3\n")
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert "train.max_stepz" in str(e.value) and path in str(e.value)
+
+
+def test_unknown_section_and_override(tmp_path):
+    path = write(tmp_path, "[trainer]\nmax_steps = 3\n")
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps.*section"):
+        load(path)
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'optim.learning_rate'"):
+        load(None, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load(None, ["train.max_steps"])
+
+
+@pytest.mark.parametrize("text,key", [("[train]\nmax_steps = \"ten\"\n", "train.max_steps"),
+                                      ("[train]\nmax_steps = 1.5\n", "train.max_steps"),
+                                      ("[data]\nvarlen = 1\n", "data.varlen"),
+                                      ("[optim]\nbetas = [0.9]\n", "optim.betas"),
+                                      ("[optim]\nschedule = \"step\"\n", "optim.schedule"),
+                                      ("[parallel]\nmode = \"tp\"\n", "parallel.mode"),
+                                      ("[optim]\nmin_lr = 1.0\n", "optim.min_lr")])
+def test_bad_values_name_key_and_file(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert key in str(e.value) and path in str(e.value)
+
+
+def test_bad_override_value_names_key():
+    with pytest.raises(ConfigError, match=r"command line: train.max_steps = 'x'"):
+        load(None, ["train.max_steps=x"])
+
+
+def test_missing_and_invalid_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load(str(tmp_path / "nope.toml"))
+    path = write(tmp_path, "[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(path)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load(None, ["optim.betas=0.85,0.9", "data.val_shards=v", "train.max_steps=12", "optim.lr=2e-4"])
+    again = load(write(tmp_path, to_toml(cfg), "resolved.toml"))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_shipped_run_configs_load():
+    import glob
+    paths = sorted(glob.glob("configs/*.toml"))
+    assert "configs/demo.toml" in paths and "configs/gla_340M.toml" in paths
+    for p in paths:
+        cfg = load(p)
+        assert cfg.model.config.endswith(".json")

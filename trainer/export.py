@@ -1,0 +1,104 @@
+"""`python -m trainer.export CKPT OUT`: a checkpoint -> an HF model directory (config.json + safetensors + tokenizer).
+
+CKPT is a run's out_dir (meaning its latest complete checkpoint) or one checkpoint directory
+(OUT_DIR/ckpt/step-000100). The result loads with
+
+    import fla, transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(OUT)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(OUT)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+log = logging.getLogger("trainer.export")
+
+
+def resolve(ckpt: str) -> tuple[str, str]:
+    """(run out_dir, checkpoint dir) for a run dir or a checkpoint dir."""
+    from trainer.checkpoint import STATE_NAME, list_checkpoints
+    ckpt = os.path.abspath(ckpt)
+    if os.path.isfile(os.path.join(ckpt, STATE_NAME)):
+        return os.path.dirname(os.path.dirname(ckpt)), ckpt
+    if os.path.isfile(os.path.join(ckpt, "model.json")):
+        found = list_checkpoints(os.path.join(ckpt, "ckpt"))
+        if not found:
+            raise FileNotFoundError(f"{ckpt}: a run directory without any complete checkpoint in {ckpt}/ckpt")
+        return ckpt, found[-1]
+    raise FileNotFoundError(f"{ckpt}: neither a run directory (with model.json) nor a checkpoint directory "
+                            f"(with {STATE_NAME})")
+
+
+def load_checkpoint_model(ckpt: str):
+    """The model of a checkpoint, on CPU in fp32, with the run's (unedited) model config."""
+    from models import build
+    from trainer.checkpoint import Checkpointer, CheckpointError
+    from trainer.parallel import Dist
+    run_dir, path = resolve(ckpt)
+    with open(os.path.join(run_dir, "model.json")) as f:
+        config = build.load_config(json.load(f))
+    model = build.build_model(config, "cpu")
+    try:
+        Checkpointer(os.path.dirname(path), keep=1, d=Dist()).load(path, model)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; export an earlier checkpoint (a directory under {os.path.dirname(path)})") from None
+    return model, run_dir, path
+
+
+def export(ckpt: str, out: str, dtype: str = "float32") -> str:
+    model, run_dir, path = load_checkpoint_model(ckpt)
+    with open(os.path.join(run_dir, "data.json")) as f:
+        data = json.load(f)
+    model.config.eos_token_id = data["eos_id"]
+    model.config.bos_token_id = data["bos_id"]
+    model.config.pad_token_id = data["eos_id"] if model.config.pad_token_id is None else model.config.pad_token_id
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    _write_tokenizer(run_dir, out, data)
+    log.info("exported %s -> %s", path, out)
+    return out
+
+
+def _write_tokenizer(run_dir: str, out: str, data: dict) -> None:
+    tok_file = os.path.join(run_dir, "tokenizer.json")
+    if not os.path.isfile(tok_file):
+        log.warning("%s: no tokenizer.json (the shards had none): exporting the model only", run_dir)
+        return
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    raw = Tokenizer.from_file(tok_file)
+    eos = raw.id_to_token(data["eos_id"])
+    bos = raw.id_to_token(data["bos_id"]) if data.get("bos_id") is not None else None
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, bos_token=bos, pad_token=eos,
+                                  model_max_length=data.get("seq_len", 2048))
+    tok.save_pretrained(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.export",
+                                description="Write an HF model directory from a trainer checkpoint.")
+    p.add_argument("ckpt", help="a run's out_dir (its latest checkpoint) or a checkpoint dir (OUT/ckpt/step-N)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from trainer.checkpoint import CheckpointError
+    try:
+        export(args.ckpt, args.out, args.dtype)
+    except (FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
