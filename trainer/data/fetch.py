@@ -107,42 +107,40 @@ class BlockReader:
 
 class BlockCache:
     """Which blocks are alive, in which slot, until which step. Driven by one thread (the loader's
-    consumer); only `fill(block_id, slot_view)` runs in the pool."""
+    consumer); only `fill(block_id, slot_view)` runs in the pool. Per-block state lives in arrays
+    indexed by block id (a few bytes per block), so a step costs numpy calls, not a loop over rows."""
 
     def __init__(self, index: BlockIndex, fill: Callable[[int, np.ndarray], None], *, threads: int):
         m = index.manifest
         self.slab = Slab(index.max_rows, m.seq_len, m.np_dtype)
         self._fill = fill
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="block-fetch")
-        self._live: dict[int, tuple[int, Future, int]] = {}  # block -> (slot, future, last step)
-        self._expiring: dict[int, list[int]] = {}  # step -> blocks whose last step it was when set
+        self._slot = np.full(len(index.refs), -1, dtype=np.int64)  # -1: not alive
+        self._last_step = np.full(len(index.refs), -1, dtype=np.int64)  # last acquiring step
+        self._live = np.empty(0, dtype=np.int64)  # ids of the blocks alive
 
     def acquire(self, blocks: np.ndarray, step: int) -> tuple[np.ndarray, list[Future]]:
-        """Slots of `blocks` (fetching those not alive) and the futures that fill them; keeps each
-        block alive through `step`."""
-        slots = np.empty(len(blocks), dtype=np.int64)
-        futures: dict[int, Future] = {}
-        for i, b in enumerate(blocks.tolist()):
-            got = self._live.get(b)
-            if got is None:
-                slot = self.slab.take()
-                fut = self._pool.submit(self._fill, b, self.slab.view(slot))
-            else:
-                slot, fut, _ = got
-            self._live[b] = (slot, fut, step)
-            slots[i] = slot
-            futures[b] = fut
-        self._expiring.setdefault(step, []).extend(futures)
-        return slots, list(futures.values())
+        """Slots of `blocks` for `step` (steps come in increasing order) and the futures of the fills
+        started for blocks that were not alive. Earlier steps' futures cover the other blocks."""
+        new = np.unique(blocks[self._slot[blocks] < 0])
+        futures = []
+        for b in new.tolist():
+            slot = self.slab.take()
+            self._slot[b] = slot
+            futures.append(self._pool.submit(self._fill, b, self.slab.view(slot)))
+        if len(new):
+            self._live = np.concatenate([self._live, new])
+        self._last_step[blocks] = step
+        return self._slot[blocks], futures
 
     def release_through(self, step: int) -> None:
         """Free the blocks that no step after `step` (among those acquired so far) needs."""
-        for s in [s for s in self._expiring if s <= step]:
-            for b in self._expiring.pop(s):
-                got = self._live.get(b)
-                if got is not None and got[2] <= step:
-                    del self._live[b]
-                    self.slab.give(got[0])
+        done = self._last_step[self._live] <= step
+        if done.any():
+            for b in self._live[done].tolist():
+                self.slab.give(int(self._slot[b]))
+                self._slot[b] = -1
+            self._live = self._live[~done]
 
     @property
     def live_blocks(self) -> int:
@@ -150,5 +148,5 @@ class BlockCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._live.clear()
-        self._expiring.clear()
+        self._slot[:] = -1
+        self._live = self._live[:0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shardgen.format import Manifest, read_manifest
-from shardgen.storage import Storage, open_storage
+from shardgen.storage import LocalStorage, Storage, open_storage
 from trainer.data.fetch import BlockCache, BlockIndex, BlockReader
 from trainer.data.plan import Plan, PlanError, StepRows
 
@@ -25,6 +25,7 @@ log = logging.getLogger("trainer.data")
 # Version of the data order and of this state dict: bump it when the plan's arithmetic changes,
 # so a checkpoint is never resumed into a different order without saying so.
 STATE_VERSION = 1
+LOCAL_FETCH_THREADS, REMOTE_FETCH_THREADS = 4, 16
 STATE_KEYS = ("format_version", "manifest_hash", "seed", "global_batch", "layout", "epoch", "step")
 
 
@@ -60,9 +61,11 @@ def cu_seqlens(tokens: np.ndarray, eos_id: int, bos_id: int | None) -> np.ndarra
 class TokenLoader:
     def __init__(self, shards: str | os.PathLike | Storage, *, seed: int, global_batch: int,
                  layout: int | None = None, world_size: int = 1, rank: int = 0, prefetch_steps: int = 4,
-                 varlen: bool = False, fetch_threads: int = 8):
+                 varlen: bool = False, fetch_threads: int | None = None):
         self._owns_storage = not isinstance(shards, Storage)
         self.storage = open_storage(os.fspath(shards)) if self._owns_storage else shards
+        if fetch_threads is None:  # local reads are CPU-bound (decode); remote ones wait on latency
+            fetch_threads = LOCAL_FETCH_THREADS if isinstance(self.storage, LocalStorage) else REMOTE_FETCH_THREADS
         try:
             self.manifest = read_manifest(self.storage)
             self.manifest_hash = self.manifest.content_hash()
@@ -199,8 +202,10 @@ class _Pipeline:
                   sequences: list[tuple[int, int]]) -> Batch:
         import torch  # here, so the plan CLI does not pay for importing torch
 
+        # Wait for the blocks first needed at this step; the others were waited for by earlier
+        # steps (one assembler thread, steps in order). Re-raises a read or decode error as is.
         for f in fetches:
-            f.result()  # re-raises a read or decode error, naming the shard and block
+            f.result()
         m = self.loader.manifest
         tokens = np.empty((len(slots), m.seq_len), dtype=m.np_dtype)
         self.cache.slab.gather(slots, rows.rows, tokens)

@@ -73,7 +73,7 @@ class Plan:
     """The order of a dataset's sequences for one (seed, global batch, layout)."""
 
     def __init__(self, block_rows: Sequence[Sequence[int]], *, seed: int, global_batch: int,
-                 layout: int | None = None, name: str = "dataset", row_perm_cache: int = 16384):
+                 layout: int | None = None, name: str = "dataset", row_table_entries: int = 1 << 20):
         if not 0 <= int(seed) <= _U64:
             raise PlanError(f"seed {seed} is out of range: use an integer in [0, 2**64)")
         if int(global_batch) < 1:
@@ -106,9 +106,10 @@ class Plan:
                             f"{self.global_batch} with layout {self.layout}: use a smaller global batch "
                             f"or more data")
         self.dropped_per_epoch = self.num_sequences - self.steps_per_epoch * self.global_batch
-        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._row_perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._row_perm_cache = row_perm_cache
+        self.max_block_rows = int(self.block_rows.max())
+        # Row permutations are cached per epoch in a table of this many blocks (about 4 MiB).
+        self.row_table_blocks = max(1, row_table_entries // self.max_block_rows)
+        self._epochs: OrderedDict[int, _EpochOrder] = OrderedDict()
         self.hashed = 0  # keys hashed so far: a count of the work done, for the O(1)-resume tests
 
     # --- ranks
@@ -126,57 +127,26 @@ class Plan:
         return range(rank * per, (rank + 1) * per)
 
     # --- the epoch order
-    def epoch_blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(block permutation, row offset of each permuted block in the epoch order); O(B), cached."""
+    def epoch(self, epoch: int) -> "_EpochOrder":
+        """The epoch's block order (O(B) once, then cached with the next epoch's)."""
         got = self._epochs.get(epoch)
         if got is None:
-            keys = hash_keys((self.seed, _TAG_BLOCKS, epoch), np.arange(self.num_blocks, dtype=np.uint64))
-            self.hashed += self.num_blocks
-            perm = np.argsort(keys, kind="stable")
-            starts = np.zeros(self.num_blocks + 1, dtype=np.int64)
-            np.cumsum(self.block_rows[perm], out=starts[1:])
-            got = self._epochs[epoch] = (perm, starts)
+            got = self._epochs[epoch] = _EpochOrder(self, epoch)
             while len(self._epochs) > 2:  # the current epoch and the next (prefetch crosses over)
                 self._epochs.popitem(last=False)
         else:
             self._epochs.move_to_end(epoch)
         return got
 
-    def row_permutations(self, epoch: int, blocks: np.ndarray) -> list[np.ndarray]:
-        """For each block, its rows in the epoch's order: argsort of hashed (seed, e, b, row), stable."""
-        missing = sorted({int(b) for b in blocks if (epoch, int(b)) not in self._row_perms})
-        if missing:
-            miss = np.asarray(missing, dtype=np.int64)
-            counts = self.block_rows[miss]
-            owner = np.repeat(miss, counts)
-            row = np.arange(owner.size, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-            keys = splitmix64(hash_keys((self.seed, _TAG_ROWS, epoch), owner) ^ row.astype(np.uint64))
-            self.hashed += owner.size
-            order = np.lexsort((keys, owner))  # by block, then key; stable, so ties keep row order
-            sorted_rows = row[order]
-            for b, lo, n in zip(missing, np.cumsum(counts) - counts, counts):
-                self._row_perms[(epoch, b)] = sorted_rows[lo:lo + n]
-        out = []
-        for b in blocks:
-            key = (epoch, int(b))
-            self._row_perms.move_to_end(key)
-            out.append(self._row_perms[key])
-        while len(self._row_perms) > max(self._row_perm_cache, len(out)):
-            self._row_perms.popitem(last=False)
-        return out
-
     def locate(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Epoch positions -> (global block id, row inside that block)."""
-        perm, starts = self.epoch_blocks(epoch)
-        slot = np.searchsorted(starts, positions, side="right") - 1
-        blocks = perm[slot]
-        offsets = positions - starts[slot]
-        unique, inverse = np.unique(blocks, return_inverse=True)
-        perms = self.row_permutations(epoch, unique)
-        base = np.zeros(len(perms), dtype=np.int64)
-        np.cumsum(self.block_rows[unique][:-1], out=base[1:])
-        rows = np.concatenate(perms)[base[inverse] + offsets]  # one gather, no per-row Python loop
-        return blocks, rows.astype(np.int64, copy=False)
+        order = self.epoch(epoch)
+        blocks, rows = [], []
+        for lo in range(0, max(1, len(positions)), self.row_table_blocks):  # chunks fit the table
+            b, r = order.locate(positions[lo:lo + self.row_table_blocks])
+            blocks.append(b)
+            rows.append(r)
+        return np.concatenate(blocks), np.concatenate(rows)
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """All N sequences of an epoch in order, as (block, row). O(N): for tests and tools."""
@@ -201,3 +171,48 @@ class Plan:
     def sequences(self, blocks: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard index, sequence index inside the shard) of block rows."""
         return self.block_shard[blocks], self.block_first_sequence[blocks] + rows
+
+
+class _EpochOrder:
+    """One epoch: the block permutation, each permuted block's first position, and a table of the
+    row permutations computed so far (block -> table row), so a step is located without a Python
+    loop over its rows or blocks. The table is cleared when full: it only saves recomputation."""
+
+    def __init__(self, plan: Plan, epoch: int):
+        self.plan, self.epoch = plan, epoch
+        keys = hash_keys((plan.seed, _TAG_BLOCKS, epoch), np.arange(plan.num_blocks, dtype=np.uint64))
+        plan.hashed += plan.num_blocks
+        self.perm = np.argsort(keys, kind="stable")
+        self.starts = np.zeros(plan.num_blocks + 1, dtype=np.int64)
+        np.cumsum(plan.block_rows[self.perm], out=self.starts[1:])
+        self.table_row = np.full(plan.num_blocks, -1, dtype=np.int64)
+        self.table = np.empty((plan.row_table_blocks, plan.max_block_rows), dtype=np.int64)
+        self.used = 0
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        slot = np.searchsorted(self.starts, positions, side="right") - 1
+        blocks = self.perm[slot]
+        offsets = positions - self.starts[slot]
+        missing = np.unique(blocks[self.table_row[blocks] < 0])
+        if len(missing):
+            if self.used + len(missing) > len(self.table):
+                self.table_row[:] = -1
+                self.used = 0
+                missing = np.unique(blocks)
+            self._add_row_permutations(missing)
+        return blocks, self.table[self.table_row[blocks], offsets]
+
+    def _add_row_permutations(self, blocks: np.ndarray) -> None:
+        """Rows of each block in the epoch's order: argsort of hashed (seed, e, b, row), stable."""
+        plan = self.plan
+        counts = plan.block_rows[blocks]
+        first = np.cumsum(counts) - counts
+        owner = np.repeat(blocks, counts)
+        row = np.arange(owner.size, dtype=np.int64) - np.repeat(first, counts)
+        keys = splitmix64(hash_keys((plan.seed, _TAG_ROWS, self.epoch), owner) ^ row.astype(np.uint64))
+        plan.hashed += owner.size
+        order = np.lexsort((keys, owner))  # by block (ascending, as `blocks`), then key; stable
+        table_rows = self.used + np.arange(len(blocks), dtype=np.int64)
+        self.table[np.repeat(table_rows, counts), row] = row[order]
+        self.table_row[blocks] = table_rows
+        self.used += len(blocks)
