@@ -202,11 +202,6 @@ def _train(cfg: Config, d: parallel.Dist, config_path: str | None) -> dict:
                 bad_in_a_row += 1
                 log.warning("step %d: loss %s, grad norm %s: step skipped (no update), %d in a row",
                             step, loss, grad_norm, bad_in_a_row)
-                if bad_in_a_row >= cfg.train.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{bad_in_a_row} steps in a row with a NaN/inf loss or gradient norm (last: step {step}); "
-                        f"stopping. The last checkpoint ({_latest_name(ckpt)}) is intact: resume from it with a "
-                        f"lower optim.lr or a tighter optim.clip (train.max_bad_steps={cfg.train.max_bad_steps})")
             step += 1
             tps = tokens_per_step / dt
             step_times.append(dt)
@@ -222,6 +217,11 @@ def _train(cfg: Config, d: parallel.Dist, config_path: str | None) -> dict:
                 best_val = val_loss if best_val is None else min(best_val, val_loss)
                 record["val_loss"] = val_loss
             metrics.log(record)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{bad_in_a_row} steps in a row with a NaN/inf loss or gradient norm (last: step {step - 1}); "
+                    f"stopping. The last checkpoint ({_latest_name(ckpt)}) is intact: resume from it with a "
+                    f"lower optim.lr or a tighter optim.clip (train.max_bad_steps={cfg.train.max_bad_steps})")
             bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
                        (f" val {val_loss:.4f}" if val_loss is not None else ""))
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:

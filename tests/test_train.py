@@ -1,0 +1,159 @@
+"""The training loop end to end on CPU (tiny GLA under the Triton interpreter, subprocesses like a user runs it)."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.train_support import PY, ROOT, env, make_shards, run_trainer, tiny_model_json, write_toml
+from trainer.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    return {"shards": make_shards(str(root / "shards"), sequences=96, seq_len=32),
+            "val": make_shards(str(root / "val"), sequences=16, seq_len=32, seed=1),
+            "model": tiny_model_json(str(root / "gla.json")), "root": str(root)}
+
+
+def config(tmp_path, ds, name="run.toml", **sections):
+    base = {"model": {"config": ds["model"]},
+            "data": {"shards": ds["shards"], "global_batch": 4, "seed": 3},
+            "train": {"max_steps": 8, "micro_batch": 2},
+            "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup": 2},
+            "checkpoint": {"every": 2, "keep": 2},
+            "run": {"out_dir": str(tmp_path / "out"), "progress": False}}
+    for sec, table in sections.items():
+        base.setdefault(sec, {}).update(table)
+    return write_toml(str(tmp_path / name), base)
+
+
+def losses(out_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(out_dir)]
+
+
+def final_weights(out_dir):
+    from trainer.export import load_checkpoint_model
+    model, _, path = load_checkpoint_model(out_dir)
+    return model.state_dict(), path
+
+
+def test_loss_goes_down_and_run_dir_is_complete(tmp_path, data):
+    cfg = config(tmp_path, data, train={"max_steps": 14, "eval_every": 7},
+                 data={"val_shards": data["val"], "val_sequences": 8}, checkpoint={"every": 0})
+    run_trainer(str(tmp_path), cfg)
+    out = str(tmp_path / "out")
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(14))
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first - 0.3, (first, last)
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "data_wait_share", "memory_gib",
+                "skipped_steps"):
+        assert key in records[0]
+    assert records[-1]["tokens"] == 14 * 4 * 32
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["steps"] == 14 and summary["best_val_loss"] == min(vals)
+    assert summary["checkpoint"].endswith("step-000014")  # saved at the end
+    for f in ("config.toml", "model.json", "tokenizer.json", "data.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert os.listdir(os.path.join(out, "tb"))
+
+
+def test_sigkill_resume_is_bitwise_exact(tmp_path, data):
+    """A run killed with SIGKILL mid-way and rerun gives the same per-step losses and final weights, bit for bit."""
+    full = config(tmp_path, data, "full.toml", run={"out_dir": str(tmp_path / "full")})
+    run_trainer(str(tmp_path), full)
+
+    killed = config(tmp_path, data, "killed.toml", run={"out_dir": str(tmp_path / "killed")})
+    proc = subprocess.Popen([PY, "-m", "trainer", killed], cwd=ROOT, env=env(str(tmp_path)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum(1 for _ in open(metrics)) >= 5:  # steps 0-4 done, checkpoint at 4 written
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(losses(str(tmp_path / "killed"))) < 8
+
+    p = run_trainer(str(tmp_path), killed)
+    assert "resumed from" in p.stderr
+    assert losses(str(tmp_path / "killed")) == losses(str(tmp_path / "full"))  # exact float equality
+    a, pa = final_weights(str(tmp_path / "full"))
+    b, pb = final_weights(str(tmp_path / "killed"))
+    assert os.path.basename(pa) == os.path.basename(pb) == "step-000008"
+    for k in a:
+        assert a[k].equal(b[k]), k
+
+
+def test_corrupt_checkpoint_is_named_and_previous_is_used(tmp_path, data):
+    cfg = config(tmp_path, data, train={"max_steps": 4})
+    run_trainer(str(tmp_path), cfg)
+    out = str(tmp_path / "out")
+    before = losses(out)
+    shard = os.path.join(out, "ckpt", "step-000004", "__0_0.distcp")
+    with open(shard, "r+b") as f:  # flip bytes in the middle of the tensor data
+        f.seek(os.path.getsize(shard) // 2)
+        f.write(b"\xff" * 16)
+    p = run_trainer(str(tmp_path), cfg, "train.max_steps=6")
+    assert "step-000004 is damaged" in p.stderr and "CRC32" in p.stderr
+    assert "resumed from" in p.stderr and "step-000002 at step 2" in p.stderr
+    after = losses(out)
+    assert after[:4] == before  # steps 2 and 3 were redone from the good checkpoint, identically
+    assert [s for s, _ in after] == list(range(6))
+
+
+def test_incomplete_checkpoints_are_ignored_and_all_bad_is_an_error(tmp_path, data):
+    cfg = config(tmp_path, data, train={"max_steps": 2})
+    run_trainer(str(tmp_path), cfg)
+    ckpt = tmp_path / "out" / "ckpt"
+    os.makedirs(ckpt / "step-000004.tmp")  # a save that was killed: never a candidate
+    os.remove(ckpt / "step-000002" / "train_state.json")
+    p = run_trainer(str(tmp_path), cfg, "train.max_steps=3", check=False)
+    assert p.returncode == 1
+    assert "no usable checkpoint" in p.stderr and "step-000002" in p.stderr and "train_state.json" in p.stderr
+
+
+def test_missing_shards_dir_is_a_clear_error(tmp_path, data):
+    cfg = config(tmp_path, data, data={"shards": str(tmp_path / "nope")})
+    p = run_trainer(str(tmp_path), cfg, check=False)
+    assert p.returncode == 1
+    assert f"data.shards={tmp_path / 'nope'}: no such directory" in p.stderr and "make shards" in p.stderr
+
+
+def test_bad_config_key_names_key_and_file(tmp_path, data):
+    cfg = config(tmp_path, data, train={"max_step": 3})
+    p = subprocess.run([PY, "-m", "trainer", cfg], cwd=ROOT, env=env(str(tmp_path)), capture_output=True, text=True)
+    assert p.returncode == 2 and "train.max_step" in p.stderr and cfg in p.stderr
+    p = subprocess.run([PY, "-m", "trainer", config(tmp_path, data), "optim.lr=fast"], cwd=ROOT,
+                       env=env(str(tmp_path)), capture_output=True, text=True)
+    assert p.returncode == 2 and "optim.lr" in p.stderr and "command line" in p.stderr
+
+
+def test_diverging_run_stops_and_keeps_last_checkpoint(tmp_path, data):
+    cfg = config(tmp_path, data, train={"max_steps": 4})
+    run_trainer(str(tmp_path), cfg)
+    # An absurd learning rate from step 4 on: the weights overflow, losses become NaN/inf.
+    p = run_trainer(str(tmp_path), cfg, "train.max_steps=20", "optim.lr=1e38", "optim.min_lr=1e38",
+                    "optim.warmup=0", "optim.clip=0", "train.max_bad_steps=3", "checkpoint.every=100",
+                    check=False)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "3 steps in a row with a NaN/inf" in p.stderr and "step-000004" in p.stderr
+    records = read_metrics(str(tmp_path / "out"))
+    assert records[-1]["skipped_steps"] == 3
+    assert os.path.isdir(tmp_path / "out" / "ckpt" / "step-000004")
+    assert sorted(os.listdir(tmp_path / "out" / "ckpt")) == ["step-000002", "step-000004"]
+
+
+def test_varlen_training_runs(tmp_path, data):
+    cfg = config(tmp_path, data, data={"varlen": True}, train={"max_steps": 3}, checkpoint={"every": 0})
+    run_trainer(str(tmp_path), cfg)
+    records = read_metrics(str(tmp_path / "out"))
+    assert len(records) == 3 and all(r["loss"] == r["loss"] for r in records)
