@@ -97,6 +97,10 @@ class TokenLoader:
         return self.plan.steps_per_epoch
 
     @property
+    def dropped_per_epoch(self) -> int:
+        return self.plan.dropped_per_epoch
+
+    @property
     def local_batch(self) -> int:
         return self.global_batch // self.world_size
 
@@ -111,7 +115,8 @@ class TokenLoader:
                 yield pipe.next()
         finally:
             pipe.close()
-            self._pipelines.remove(pipe)
+            if pipe in self._pipelines:
+                self._pipelines.remove(pipe)
 
     # --- resumable state
     def state_dict(self, next_step: int) -> dict:
@@ -183,6 +188,8 @@ class _Pipeline:
         self.closed = False
 
     def next(self) -> Batch:
+        if self.closed:
+            raise RuntimeError("this TokenLoader was closed; make a new one (or call iter_batches again)")
         while len(self.window) <= self.loader.prefetch_steps:
             self._submit()
         step, fut = self.window.popleft()

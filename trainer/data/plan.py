@@ -107,7 +107,7 @@ class Plan:
                             f"or more data")
         self.dropped_per_epoch = self.num_sequences - self.steps_per_epoch * self.global_batch
         self.max_block_rows = int(self.block_rows.max())
-        # Row permutations are cached per epoch in a table of this many blocks (about 4 MiB).
+        # Row permutations are cached per epoch in a table of this many blocks (4 MiB of int32).
         self.row_table_blocks = max(1, row_table_entries // self.max_block_rows)
         self._epochs: OrderedDict[int, _EpochOrder] = OrderedDict()
         self.hashed = 0  # keys hashed so far: a count of the work done, for the O(1)-resume tests
@@ -186,7 +186,7 @@ class _EpochOrder:
         self.starts = np.zeros(plan.num_blocks + 1, dtype=np.int64)
         np.cumsum(plan.block_rows[self.perm], out=self.starts[1:])
         self.table_row = np.full(plan.num_blocks, -1, dtype=np.int64)
-        self.table = np.empty((plan.row_table_blocks, plan.max_block_rows), dtype=np.int64)
+        self.table = np.empty((plan.row_table_blocks, plan.max_block_rows), dtype=np.int32)
         self.used = 0
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +200,7 @@ class _EpochOrder:
                 self.used = 0
                 missing = np.unique(blocks)
             self._add_row_permutations(missing)
-        return blocks, self.table[self.table_row[blocks], offsets]
+        return blocks, self.table[self.table_row[blocks], offsets].astype(np.int64)
 
     def _add_row_permutations(self, blocks: np.ndarray) -> None:
         """Rows of each block in the epoch's order: argsort of hashed (seed, e, b, row), stable."""
