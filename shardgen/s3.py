@@ -111,7 +111,7 @@ class S3Storage(Storage):
         self.prefix = prefix.strip("/")
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self.settings = settings or S3Settings.from_env()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the client's creation and the counters
         self._client_obj = None
         self._client_pid = None
         self._secrets: list[str] = []
@@ -119,6 +119,9 @@ class S3Storage(Storage):
         self._staging: str | None = None
         self._staging_pid = None
         self._bucket_checked = False
+        # Counters for benchmarks and tests: HTTP requests sent (botocore's own retries included),
+        # retries made by the budgeted loop here, and payload bytes read.
+        self.stats = {"http_requests": 0, "retries": 0, "bytes_read": 0}
 
     # --- the client, created lazily and again after a fork (a forked socket pool is shared and unsafe)
     def __getstate__(self):
@@ -162,12 +165,20 @@ class S3Storage(Storage):
         client = build(None if s.addressing in ("auto",) else s.addressing)
         if s.addressing == "auto" and not _is_aws_endpoint(client.meta.endpoint_url):
             client = build("path")
+        client.meta.events.register("before-send.s3", self._count_request)
         creds = session.get_credentials()
         if creds is not None:
             frozen = creds.get_frozen_credentials()
             self._secrets = [x for x in (frozen.secret_key, frozen.token, frozen.access_key) if x]
             self._credential_source = getattr(creds, "method", "unknown")
         return client
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[key] += n
+
+    def _count_request(self, **_) -> None:
+        self._count("http_requests")
 
     @property
     def endpoint(self) -> str:
@@ -204,6 +215,7 @@ class S3Storage(Storage):
                     raise self._error(
                         f"{what}: gave up after {attempt} attempts in {elapsed:.1f} s (retry budget "
                         f"SHARDGEN_S3_RETRY_BUDGET={budget:g} s); last error: {self._describe(e)}") from None
+                self._count("retries")
                 time.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
 
@@ -276,7 +288,9 @@ class S3Storage(Storage):
         def get():
             r = self._client().get_object(Bucket=self.bucket, Key=self._key(name))
             return _read_body(r, int(r["ContentLength"]))
-        return self._retrying(self.where(name), get)
+        data = self._retrying(self.where(name), get)
+        self._count("bytes_read", len(data))
+        return data
 
     def read_range(self, name, offset, length):
         if offset < 0 or length < 0:
@@ -291,7 +305,9 @@ class S3Storage(Storage):
             if total is not None and total < offset + length:
                 raise _ObjectTooShort(total)
             return _read_body(r, length)
-        return self._retrying(f"{self.where(name)} bytes {offset}-{last}", get)
+        data = self._retrying(f"{self.where(name)} bytes {offset}-{last}", get)
+        self._count("bytes_read", length)
+        return data
 
     def list(self, prefix=""):
         root = f"{self.prefix}/" if self.prefix else ""

@@ -65,6 +65,8 @@ def free_ports(n: int) -> list[int]:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket() as s:
+        # SO_REUSEADDR: only a listener makes the port busy, not connections in TIME_WAIT after a crash
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
@@ -103,11 +105,7 @@ class S3Server:
                                           retries={"mode": "standard", "max_attempts": 2}))
 
     def create_bucket(self, name: str) -> None:
-        c = self.client()
-        try:
-            c.create_bucket(Bucket=name)
-        except c.exceptions.BucketAlreadyOwnedByYou:
-            pass
+        _create_bucket(self.client(), name)
 
     # --- files under dir
     def _path(self, *parts: str) -> str:
@@ -207,10 +205,7 @@ class S3Server:
                 raise S3ServerError(f"weed exited with status {self._exit_code()} while starting; "
                                     f"log {self._path('weed.log')} ends with:\n{self.log_tail()}")
             try:
-                try:
-                    c.create_bucket(Bucket=DEFAULT_BUCKET)
-                except c.exceptions.BucketAlreadyOwnedByYou:
-                    pass
+                _create_bucket(c, DEFAULT_BUCKET)
                 c.put_object(Bucket=DEFAULT_BUCKET, Key=".ready", Body=b"ok")
                 c.delete_object(Bucket=DEFAULT_BUCKET, Key=".ready")
                 return
@@ -277,6 +272,14 @@ class LocalS3:
 
     def __exit__(self, *exc) -> None:
         self.server.stop()
+
+
+def _create_bucket(client, name: str) -> None:
+    # After a restart SeaweedFS answers BucketAlreadyExists (not ...OwnedByYou) for its own buckets.
+    try:
+        client.create_bucket(Bucket=name)
+    except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+        pass
 
 
 def _unlink(path: str) -> None:
