@@ -355,3 +355,15 @@ def test_blocks_live_only_while_a_planned_step_needs_them(dataset):
             assert cache.slab.peak <= len(set().union(*(plan.step_rows(t, 2, 0).blocks.tolist()
                                                         for t in range(0, submitted))))
         cache.close()
+
+
+def test_bad_start_step_and_use_after_close(dataset):
+    root, _ = dataset
+    ld = TokenLoader(root, seed=0, global_batch=8)
+    with pytest.raises(PlanError, match=r"start step -1 is negative"):
+        ld.iter_batches(-1)
+    it = ld.iter_batches(0)
+    next(it)
+    ld.close()
+    with pytest.raises(RuntimeError, match=r"TokenLoader was closed"):
+        next(it)

@@ -8,7 +8,11 @@ slots of fixed-size arrays so that a whole batch is gathered with one fancy inde
 Memory is bounded by what is planned, not by the dataset: a block lives from the step that first
 needs it (at most `prefetch_steps` ahead) until the last planned step that needs it has been
 assembled; its slot is then reused. Slots are handed out lowest first, so the memory touched is the
-peak number of blocks alive at once.
+peak number of blocks alive at once: about one block per local stream, twice that for the few steps
+around an epoch boundary, never more than local_batch x (prefetch_steps + 1) blocks.
+
+The one re-read: a block that a stream boundary cuts in two is used by two streams at steps far
+apart, so it is fetched twice (at most once per stream per epoch), rather than held for an epoch.
 """
 from __future__ import annotations
 

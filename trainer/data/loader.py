@@ -106,8 +106,11 @@ class TokenLoader:
 
     def iter_batches(self, start_step: int = 0):
         """Batches from `start_step` on, over epochs without end; close the generator to stop."""
-        if start_step < 0:
+        if int(start_step) < 0:
             raise PlanError(f"start step {start_step} is negative")
+        return self._batches(int(start_step))
+
+    def _batches(self, start_step: int):
         pipe = _Pipeline(self, start_step)
         self._pipelines.append(pipe)
         try:
