@@ -122,7 +122,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
     tok = load_tokenizer(opts.tokenizer, opts.eos_token, opts.bos_token, opts.add_bos)
     files, ignored = list_inputs(opts.inputs)
     if ignored:
-        print(f"shardgen: ignored {len(ignored)} file(s) that are hidden or not inputs: "
+        print(f"shardgen: ignored {len(ignored)} file(s) without an input suffix: "
               f"{', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}", file=log)
     tasks = plan_tasks(files, opts.task_bytes)
     doc = _settings(opts, tok, tasks, files)

@@ -150,7 +150,7 @@ def list_inputs(specs: list[str]) -> tuple[list[InputFile], list[str]]:
     """Input files in argument order (each directory or glob sorted by name), and the ignored names.
 
     A file named explicitly with an unknown suffix is an error; inside a directory or glob it is
-    ignored (and reported), as are hidden files. A file named twice is read once.
+    ignored (and reported); hidden files there are ignored silently. A file named twice is read once.
     """
     files, ignored, seen = [], [], set()
     for spec in specs:
@@ -160,7 +160,9 @@ def list_inputs(specs: list[str]) -> tuple[list[InputFile], list[str]]:
             raise InputError(f"{spec}: matches no files")
         for url in urls:
             kind = kind_of(url)
-            if kind is None or (not explicit and _hidden(url, spec)):
+            if not explicit and _hidden(url, spec):
+                continue  # .stamp files, .git, editor droppings
+            if kind is None:
                 if explicit:
                     raise InputError(f"{url}: unknown input type; inputs end in {', '.join(KINDS)}")
                 ignored.append(url)

@@ -1,0 +1,197 @@
+"""shardgen throughput against its limit and against the original trainer's preprocessing.
+
+    pip install -r requirements-bench.txt      # `datasets`, for the baseline
+    python bench/shardgen_bench.py [--size-mb 64] [--seq-len 2048]
+
+On one corpus (the Shakespeare texts cut into ~2-4 KB documents, repeated to --size-mb of jsonl) and
+one tokenizer (data/tokenizer, else one trained here), measures:
+  raw        Tokenizer.encode_batch (and encode_batch_fast) on one core, texts already in memory:
+             the limit for one worker
+  shardgen   `python -m shardgen` end to end (read, tokenize, pack, compress, write, merge) with
+             1 and 2 workers
+  datasets   the original trainer's way (flame / fla legacy preprocess.py): load_dataset("json"),
+             then map(batched=True, num_proc=N) with tokenize + EOS + chain + chunk into seq_len
+Prints a table and one JSON line. Token rates count document tokens (separators excluded).
+"""
+import os
+
+# One core per process everywhere (set before tokenizers is imported): the raw rate is per core,
+# and every worker of shardgen or of datasets.map is a single-threaded process.
+os.environ["RAYON_NUM_THREADS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from shardgen.tasks import BATCH_CHARS, BATCH_DOCS  # noqa: E402
+
+
+def make_corpus(src: str, out_dir: str, size_mb: int, file_mb: int = 16) -> list[str]:
+    """Plays cut at blank lines into documents of >= 2000 characters, repeated to size_mb of jsonl."""
+    docs = []
+    for name in sorted(os.listdir(src)):
+        if name.endswith(".txt"):
+            text, cur = open(os.path.join(src, name), encoding="utf-8", errors="replace").read(), []
+            for para in text.split("\n\n"):
+                cur.append(para)
+                if sum(map(len, cur)) >= 2000:
+                    docs.append("\n\n".join(cur))
+                    cur = []
+            if cur:
+                docs.append("\n\n".join(cur))
+    lines = [json.dumps({"text": d}) + "\n" for d in docs]
+    os.makedirs(out_dir, exist_ok=True)
+    target, written, paths, f, i = size_mb << 20, 0, [], None, 0
+    while written < target:
+        if f is None or f.tell() >= file_mb << 20:
+            if f:
+                f.close()
+            paths.append(os.path.join(out_dir, f"part-{len(paths):05d}.jsonl"))
+            f = open(paths[-1], "w", encoding="utf-8")
+        line = lines[i % len(lines)]
+        f.write(line)
+        written += len(line.encode())
+        i += 1
+    f.close()
+    return paths
+
+
+def load_texts(paths):
+    return [json.loads(line)["text"] for p in paths for line in open(p, encoding="utf-8")]
+
+
+def batches(texts):
+    batch, chars = [], 0
+    for t in texts:  # the same batching as shardgen's workers
+        batch.append(t)
+        chars += len(t)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def raw_rate(tok_json: str, texts, fast: bool) -> tuple[float, int]:
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(tok_json)
+    tok.encode_special_tokens = True
+    encode = tok.encode_batch_fast if fast else tok.encode_batch
+    n, el = 0, 0.0
+    for b in batches(texts):
+        t0 = time.perf_counter()
+        encs = encode(b, add_special_tokens=False)
+        el += time.perf_counter() - t0
+        n += sum(len(e) for e in encs)
+    return n / el, n
+
+
+def run_shardgen(corpus_dir, tok_dir, out, workers, seq_len) -> dict:
+    cmd = [sys.executable, "-m", "shardgen", corpus_dir, "--output", out, "--tokenizer", tok_dir,
+           "--seq-len", str(seq_len), "--workers", str(workers), "-q", "--overwrite"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    doc_tokens = m["totals"]["tokens"] + m["stats"]["dropped_tokens"] - m["stats"]["documents"]
+    return {"wall_s": wall, "tokens": doc_tokens, "tokens_per_s": doc_tokens / wall, "bytes": m["totals"]["bytes"]}
+
+
+def run_datasets(paths, tok_dir, cache, num_proc, seq_len) -> dict:
+    """The fla legacy training/preprocess.py recipe, with the EOS shardgen adds after each document."""
+    from itertools import chain
+
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+    datasets.disable_progress_bars()
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(tok_dir, "tokenizer.json"))
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+
+    def tokenize(examples):
+        input_ids = [ids + [eos] for ids in tok(examples["text"], add_special_tokens=False)["input_ids"]]
+        input_ids = list(chain(*input_ids))
+        total = len(input_ids) // seq_len * seq_len
+        return {"input_ids": [input_ids[i:i + seq_len] for i in range(0, total, seq_len)]}
+
+    t0 = time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=paths, split="train", cache_dir=cache)
+    t1 = time.perf_counter()
+    out = ds.map(tokenize, batched=True, num_proc=num_proc if num_proc > 1 else None, remove_columns=["text"],
+                 desc=None)
+    t2 = time.perf_counter()
+    rows = len(out)
+    return {"wall_s": t2 - t0, "load_s": t1 - t0, "map_s": t2 - t1, "sequences": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--corpus", default=os.path.join(ROOT, "data", "shakespeare"))
+    ap.add_argument("--tokenizer", default=os.path.join(ROOT, "data", "tokenizer"))
+    ap.add_argument("--workdir", help="keep the corpus and outputs here (default: a temporary directory)")
+    ap.add_argument("--skip-datasets", action="store_true", help="only raw and shardgen")
+    a = ap.parse_args()
+    if not a.skip_datasets:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            sys.exit("the baseline needs `datasets`: pip install -r requirements-bench.txt (or pass --skip-datasets)")
+    work = a.workdir or tempfile.mkdtemp(prefix="shardgen-bench-")
+    try:
+        if not os.path.isfile(os.path.join(a.tokenizer, "tokenizer.json")):
+            from shardgen.tokenizer import train_tokenizer
+            a.tokenizer = os.path.join(work, "tokenizer")
+            train_tokenizer([a.corpus], a.tokenizer, 32000)
+        corpus_dir = os.path.join(work, "corpus")
+        paths = make_corpus(a.corpus, corpus_dir, a.size_mb)
+        texts = load_texts(paths)
+        tok_json = open(os.path.join(a.tokenizer, "tokenizer.json"), encoding="utf-8").read()
+        res = {"size_mb": a.size_mb, "seq_len": a.seq_len, "documents": len(texts), "cpus": os.cpu_count()}
+        res["raw_encode_batch"], res["tokens"] = raw_rate(tok_json, texts, fast=False)
+        res["raw_encode_batch_fast"], _ = raw_rate(tok_json, texts, fast=True)
+        del texts
+        for w in (1, 2):
+            res[f"shardgen_{w}"] = run_shardgen(corpus_dir, a.tokenizer, os.path.join(work, f"out{w}"), w, a.seq_len)
+        if not a.skip_datasets:
+            for n in (1, 2):
+                r = run_datasets(paths, a.tokenizer, os.path.join(work, f"hfcache{n}"), n, a.seq_len)
+                r["tokens_per_s"] = res["tokens"] / r["wall_s"]
+                res[f"datasets_{n}"] = r
+        report(res)
+    finally:
+        if not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(r: dict) -> None:
+    raw, fast = r["raw_encode_batch"], r["raw_encode_batch_fast"]
+    print(f"\ncorpus: {r['size_mb']} MB jsonl, {r['documents']} documents, {r['tokens']:,} tokens; "
+          f"seq_len {r['seq_len']}; {r['cpus']} CPUs")
+    print(f"{'what':34} {'wall s':>8} {'tokens/s':>12} {'per worker vs raw':>18}")
+    print(f"{'raw encode_batch, 1 core':34} {r['tokens'] / raw:8.2f} {raw:12,.0f} {'':>18}")
+    print(f"{'raw encode_batch_fast, 1 core':34} {r['tokens'] / fast:8.2f} {fast:12,.0f} {'':>18}")
+    for key, label, n in (("shardgen_1", "shardgen, 1 worker", 1), ("shardgen_2", "shardgen, 2 workers", 2),
+                          ("datasets_1", "datasets map, num_proc=1", 1), ("datasets_2", "datasets map, num_proc=2", 2)):
+        if key in r:
+            x = r[key]
+            print(f"{label:34} {x['wall_s']:8.2f} {x['tokens_per_s']:12,.0f} {x['tokens_per_s'] / n / raw:17.0%}")
+    s1, s2 = r["shardgen_1"]["tokens_per_s"], r["shardgen_2"]["tokens_per_s"]
+    summary = {"shardgen_1_vs_raw": s1 / raw, "shardgen_1_vs_raw_fast": s1 / fast, "scaling_1_to_2": s2 / s1}
+    if "datasets_1" in r:
+        summary["vs_datasets_1"] = s1 / r["datasets_1"]["tokens_per_s"]
+        summary["vs_datasets_2"] = s2 / r["datasets_2"]["tokens_per_s"]
+    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    print(json.dumps({"bench": "shardgen", **r, **summary}, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
