@@ -229,6 +229,10 @@ def test_cu_seqlens_on_a_hand_made_example():
     assert cu_seqlens(tokens, eos_id=1, bos_id=2).tolist() == [0, 2, 5, 8, 16, 19, 24]
     assert cu_seqlens(tokens, eos_id=1, bos_id=None).tolist() == [0, 2, 5, 8, 16, 24]
     assert cu_seqlens(tokens, eos_id=1, bos_id=None).dtype == np.int32
+    # one token as both BOS and EOS: documents are "T ... T"; cut only between two T
+    same = np.array([[1, 5, 6, 1, 1, 7, 1, 1],
+                     [8, 9, 1, 1, 5, 5, 5, 5]])
+    assert cu_seqlens(same, eos_id=1, bos_id=1).tolist() == [0, 4, 7, 8, 11, 16]
 
 
 def test_varlen_batches_carry_document_boundaries(tmp_path):

@@ -52,9 +52,15 @@ def cu_seqlens(tokens: np.ndarray, eos_id: int, bos_id: int | None) -> np.ndarra
     """Document boundaries over tokens.ravel(): every row start, after every EOS, before every BOS."""
     rows, seq_len = tokens.shape
     flat = tokens.ravel()
-    cuts = [np.arange(rows + 1, dtype=np.int64) * seq_len, np.flatnonzero(flat == eos_id) + 1]
-    if bos_id is not None:
-        cuts.append(np.flatnonzero(flat == bos_id))
+    cuts = [np.arange(rows + 1, dtype=np.int64) * seq_len]
+    if bos_id is not None and bos_id == eos_id:
+        # One token both ends and starts documents ("T a b T T c d T"): cut only between two of
+        # them, or every separator would become a one-token document.
+        cuts.append(np.flatnonzero((flat[:-1] == eos_id) & (flat[1:] == eos_id)) + 1)
+    else:
+        cuts.append(np.flatnonzero(flat == eos_id) + 1)
+        if bos_id is not None:
+            cuts.append(np.flatnonzero(flat == bos_id))
     return np.unique(np.concatenate(cuts)).astype(np.int32)
 
 
