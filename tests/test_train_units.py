@@ -1,0 +1,100 @@
+"""Small pieces of the loop: schedules, weight-decay groups, micro-batch splitting, NaN step skipping."""
+import math
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"triton-cache-{os.getuid()}"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from models import cpu_triton  # noqa: E402
+
+cpu_triton.enable()
+
+from trainer.config import OptimConfig  # noqa: E402
+from trainer.loop import micro_batches, train_step  # noqa: E402
+from trainer.optim import build_optimizer, param_groups  # noqa: E402
+from trainer.parallel import Dist  # noqa: E402
+from trainer.schedule import lr_at  # noqa: E402
+
+
+def test_cosine_schedule():
+    kw = dict(lr=1.0, min_lr=0.1, warmup=10, max_steps=110, schedule="cosine")
+    assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)  # half way: the mean of lr and min_lr
+    assert lr_at(110, **kw) == pytest.approx(0.1) and lr_at(500, **kw) == pytest.approx(0.1)
+    values = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_wsd_and_linear_schedules():
+    kw = dict(lr=1.0, min_lr=0.0, warmup=10, max_steps=100)
+    assert lr_at(50, schedule="wsd", decay_steps=20, **kw) == 1.0 and lr_at(79, schedule="wsd", decay_steps=20, **kw) == 1.0
+    assert lr_at(90, schedule="wsd", decay_steps=20, **kw) == pytest.approx(0.5)
+    assert lr_at(100, schedule="wsd", decay_steps=20, **kw) == pytest.approx(0.0)
+    assert lr_at(55, schedule="linear", **kw) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="cosine, wsd or linear"):
+        lr_at(50, schedule="step", **kw)
+
+
+def tiny_gla(**extra):
+    from models import build
+    cfg = {"model_type": "gla", "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 1, "vocab_size": 64,
+           "fuse_cross_entropy": False, "expand_k": 0.5, "tie_word_embeddings": False}
+    cfg.update(extra)
+    return build.build_model(build.load_config(cfg), "cpu", seed=0)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    model = tiny_gla()
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "model.embeddings.weight" in kept and "lm_head.weight" in decayed
+    assert all("norm" not in n and not n.endswith(".bias") for n in decayed)
+    assert any("norm" in n for n in kept) and any(n.endswith(".bias") for n in kept)
+    assert len(decayed) + len(kept) == len(list(model.parameters()))
+    tied = tiny_gla(tie_word_embeddings=True)  # a head tied to the embedding is the embedding: no decay
+    assert not any(p is tied.lm_head.weight for p in param_groups(tied, 0.1)[0]["params"])
+
+
+def test_micro_batches_split_rows_and_documents():
+    ids = torch.arange(4 * 8).reshape(4, 8)
+    cu = torch.tensor([0, 3, 8, 12, 16, 24, 27, 32], dtype=torch.int32)
+    plain = list(micro_batches(ids, None, 2))
+    assert len(plain) == 2 and plain[1][0].equal(ids[2:])
+    parts = list(micro_batches(ids, cu, 2))
+    assert parts[0][0].shape == (1, 16) and parts[0][1].tolist() == [0, 3, 8, 12, 16]
+    assert parts[1][0].equal(ids[2:].reshape(1, -1)) and parts[1][1].tolist() == [0, 8, 11, 16]
+
+
+def test_nan_step_is_skipped_without_touching_weights_or_optimizer():
+    import contextlib
+    model = tiny_gla()
+    opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
+    d = Dist()
+    good = torch.randint(1, 63, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, norm, applied = train_step(model, opt, good, None, 2, 1.0, 1e-2, d, contextlib.nullcontext)
+    assert applied and math.isfinite(loss) and math.isfinite(norm)
+    with torch.no_grad():
+        model.model.embeddings.weight[63] = float("inf")  # any batch holding token 63 now gives a NaN loss
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in opt.state}
+    bad = good.clone()
+    bad[0, 3] = 63
+    loss, norm, applied = train_step(model, opt, bad, None, 1, 1.0, 1e-2, d, contextlib.nullcontext)
+    assert not applied and not (math.isfinite(loss) and math.isfinite(norm))
+    for n, p in model.named_parameters():
+        assert p.equal(params[n]) or (n == "model.embeddings.weight"), n
+    assert torch.equal(model.model.embeddings.weight[:63], params["model.embeddings.weight"][:63])
+    assert all(p.grad is None for p in model.parameters())
+    for p in opt.state:  # Adam moments and step counts unchanged
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[id(p)][k]), k
+    steps = {float(opt.state[p]["step"]) for p in opt.state}
+    assert steps == {1.0}  # the skipped step did not advance Adam's step count
