@@ -15,7 +15,10 @@ launch, C | G). Notation as in DESIGN.md:
 
 Any step is located directly (a per-epoch prefix sum + searchsorted): resuming at step 10**6 costs
 what step 0 costs. Permutations come from argsort of splitmix64 hashes in numpy uint64 arithmetic,
-not from numpy's Generator, whose streams are not promised to stay the same across versions.
+not from numpy's Generator, whose streams are not promised to stay the same across versions:
+H(p1, ..., pn) = m(...m(m(0 ^ p1) ^ p2)... ^ pn) with m the splitmix64 finalizer; block b of epoch e
+sorts by H(seed, TAG_BLOCKS, e, b), row r of block b by H(seed, TAG_ROWS, e, b, r); ties (never
+seen in practice) keep the lower index first.
 """
 from __future__ import annotations
 
