@@ -23,15 +23,12 @@ message is passed through a redactor that knows the resolved key id, secret and 
 from __future__ import annotations
 
 import base64
-import fnmatch
 import hashlib
 import os
 import random
-import shutil
 import tempfile
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -116,69 +113,43 @@ class S3Storage(Storage):
         self._client_pid = None
         self._secrets: list[str] = []
         self._credential_source = "unknown"
-        self._staging: str | None = None
-        self._staging_pid = None
         self._bucket_checked = False
         # Counters for benchmarks and tests: HTTP requests sent (botocore's own retries included),
         # retries made by the budgeted loop here, and payload bytes read.
-        self.stats = {"http_requests": 0, "retries": 0, "bytes_read": 0}
+        self.stats = {"retries": 0, "bytes_read": 0, "uploads_skipped": 0}
+        self._requests = [0]
 
     # --- the client, created lazily and again after a fork (a forked socket pool is shared and unsafe)
     def __getstate__(self):
         state = self.__dict__.copy()
-        for k in ("_lock", "_client_obj", "_client_pid", "_secrets", "_staging", "_staging_pid"):
+        for k in ("_lock", "_client_obj", "_client_pid", "_secrets"):
             state.pop(k, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
-        self._client_obj = self._client_pid = self._staging = self._staging_pid = None
+        self._client_obj = self._client_pid = None
         self._secrets = []
 
     def _client(self):
         if self._client_obj is None or self._client_pid != os.getpid():
             with self._lock:
                 if self._client_obj is None or self._client_pid != os.getpid():
-                    self._client_obj = self._make_client()
+                    shared = _shared_client(self.settings)
+                    self._client_obj, self._secrets, self._credential_source, self._requests = shared
                     self._client_pid = os.getpid()
         return self._client_obj
-
-    def _make_client(self):
-        import boto3
-        import botocore.session
-        from botocore.config import Config
-
-        core = botocore.session.get_session()
-        session = boto3.session.Session(botocore_session=core)
-        scoped = core.get_scoped_config()
-        s = self.settings
-        retries = {"mode": os.environ.get("AWS_RETRY_MODE") or scoped.get("retry_mode") or "standard",
-                   "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or scoped.get("max_attempts") or 5)}
-
-        def build(addressing):
-            cfg = Config(connect_timeout=s.connect_timeout, read_timeout=s.read_timeout, retries=retries,
-                         max_pool_connections=s.max_pool_connections,
-                         s3={"addressing_style": addressing} if addressing else None)
-            return session.client("s3", region_name=session.region_name or DEFAULT_REGION, config=cfg)
-
-        client = build(None if s.addressing in ("auto",) else s.addressing)
-        if s.addressing == "auto" and not _is_aws_endpoint(client.meta.endpoint_url):
-            client = build("path")
-        client.meta.events.register("before-send.s3", self._count_request)
-        creds = session.get_credentials()
-        if creds is not None:
-            frozen = creds.get_frozen_credentials()
-            self._secrets = [x for x in (frozen.secret_key, frozen.token, frozen.access_key) if x]
-            self._credential_source = getattr(creds, "method", "unknown")
-        return client
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.stats[key] += n
 
-    def _count_request(self, **_) -> None:
-        self._count("http_requests")
+    @property
+    def http_requests(self) -> int:
+        """HTTP requests sent by this process's client for these settings (shared by storages)."""
+        self._client()
+        return self._requests[0]
 
     @property
     def endpoint(self) -> str:
@@ -345,6 +316,11 @@ class S3Storage(Storage):
                                 max_concurrency=max(1, min(8, self.settings.max_pool_connections)),
                                 use_threads=True)
         extra = {"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": full_hex}}
+        if self._already_stored(name, size, full_hex, part_digests):
+            # A rerun after a kill rebuilds the same bytes: what is stored and verified stays.
+            self._count("uploads_skipped")
+            os.unlink(local_path)
+            return
 
         def upload():
             with TransferManager(self._client(), config) as tm:
@@ -373,6 +349,18 @@ class S3Storage(Storage):
             raise self._error(f"{where}: upload verification failed: the stored bytes hash to {got}, the local "
                               f"file to {full_hex}; rerun to upload it again")
 
+    def _already_stored(self, name: str, size: int, full_hex: str, part_digests: list[bytes]) -> bool:
+        """`name` exists with our size and SHA-256: the one we recorded at upload, and the server's
+        own checksum where it keeps one."""
+        head = self._retrying(self.where(name), lambda: self._client().head_object(
+            Bucket=self.bucket, Key=self._key(name), ChecksumMode="ENABLED"), missing_ok=True)
+        if head is None or int(head["ContentLength"]) != size:
+            return False
+        if head.get("Metadata", {}).get("sha256") != full_hex:
+            return False
+        stored = head.get("ChecksumSHA256")
+        return not stored or stored == _expected_checksum(stored, full_hex, part_digests)
+
     def stored_sha256(self, name: str) -> str | None:
         """The SHA-256 (hex) recorded when `name` was uploaded and verified here, or None if absent.
 
@@ -387,20 +375,74 @@ class S3Storage(Storage):
                                                                               Key=self._key(name)))
 
     def staging_dir(self):
-        if self._staging is None or self._staging_pid != os.getpid():
-            base = os.environ.get("SHARDGEN_STAGING_DIR") or None
-            if base:
-                os.makedirs(base, exist_ok=True)
-            self._staging = tempfile.mkdtemp(prefix="shardgen-staging-", dir=base)
-            self._staging_pid = os.getpid()
-            # Removed on close(), and at exit / garbage collection if close() is never reached.
-            weakref.finalize(self, shutil.rmtree, self._staging, True)
-        return self._staging
+        """One local directory per output URL, shared by all processes of a run and by a rerun (so a
+        rerun finds, and replaces, the half-written shards a killed run left). $SHARDGEN_STAGING_DIR,
+        else the system temp dir. close() removes it once empty."""
+        path = self._staging_path()
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def _staging_path(self) -> str:
+        base = os.environ.get("SHARDGEN_STAGING_DIR") or tempfile.gettempdir()
+        return os.path.join(base, "shardgen-staging-" + hashlib.sha256(self.url.encode()).hexdigest()[:16])
 
     def close(self):
-        if self._staging is not None and self._staging_pid == os.getpid():
-            shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
+        for dirpath, _, _ in sorted(os.walk(self._staging_path()), reverse=True):  # deepest first; only empty folders go
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+
+
+# --- clients: one per process and configuration, shared by every S3Storage (creating one costs
+# ~50 ms, and shardgen opens a storage per input file)
+_CLIENTS: dict[tuple, tuple] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _shared_client(settings: S3Settings):
+    """(client, secrets to redact, credential source, [HTTP requests sent]) for this process, these
+    settings and the current AWS_* environment (a changed environment gets a new client)."""
+    env = hashlib.sha256(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))).encode())
+    key = (os.getpid(), repr(settings), env.hexdigest())
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            _CLIENTS[key] = _make_client(settings)
+        return _CLIENTS[key]
+
+
+def _make_client(s: S3Settings):
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+
+    core = botocore.session.get_session()
+    session = boto3.session.Session(botocore_session=core)
+    scoped = core.get_scoped_config()
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE") or scoped.get("retry_mode") or "standard",
+               "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or scoped.get("max_attempts") or 5)}
+
+    def build(addressing):
+        cfg = Config(connect_timeout=s.connect_timeout, read_timeout=s.read_timeout, retries=retries,
+                     max_pool_connections=s.max_pool_connections,
+                     s3={"addressing_style": addressing} if addressing else None)
+        return session.client("s3", region_name=session.region_name or DEFAULT_REGION, config=cfg)
+
+    client = build(None if s.addressing == "auto" else s.addressing)
+    if s.addressing == "auto" and not _is_aws_endpoint(client.meta.endpoint_url):
+        client = build("path")
+    requests = [0]
+
+    def count(**_):
+        requests[0] += 1  # under the GIL; an approximate count is all a benchmark needs
+    client.meta.events.register("before-send.s3", count)
+    secrets, source = [], "unknown"
+    creds = session.get_credentials()
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        secrets = [x for x in (frozen.secret_key, frozen.token, frozen.access_key) if x]
+        source = getattr(creds, "method", "unknown")
+    return client, secrets, source, requests
 
 
 # --- helpers (no state)
@@ -473,23 +515,3 @@ def _expected_checksum(stored: str, full_hex: str, part_digests: list[bytes]) ->
     if "-" in stored:
         return base64.b64encode(hashlib.sha256(b"".join(part_digests)).digest()).decode() + f"-{len(part_digests)}"
     return base64.b64encode(bytes.fromhex(full_hex)).decode()
-
-
-def expand_s3_inputs(url: str) -> list[str]:
-    """`s3://bucket/dir/*.jsonl.zst` or `s3://bucket/dir/` -> sorted object URLs.
-
-    A pattern (`*`, `?`, `[`) is matched against whole keys (fnmatch; `*` crosses `/`). Without one,
-    the URL names an object, or else a prefix whose objects are all taken. Empty is an error."""
-    bucket, key = parse_s3_url(url)
-    first = min([i for i in (key.find("*"), key.find("?"), key.find("[")) if i >= 0], default=-1)
-    storage = S3Storage(f"s3://{bucket}")
-    if first >= 0:
-        keys = [k for k in storage.list(key[:first]) if fnmatch.fnmatchcase(k, key)]
-    elif key and not key.endswith("/") and storage.exists(key):
-        keys = [key]
-    else:
-        keys = storage.list(key.rstrip("/") + "/" if key else "")
-    keys = [k for k in keys if not k.endswith("/")]
-    if not keys:
-        raise StorageError(f"{url}: no objects match (check the bucket, the prefix and the pattern)")
-    return [f"s3://{bucket}/{k}" for k in keys]

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from shardgen.s3 import S3Settings, S3Storage, expand_s3_inputs, parse_s3_url
+from shardgen.s3 import S3Settings, S3Storage, parse_s3_url
 from shardgen.storage import LocalStorage, StorageError, open_storage
 
 
@@ -108,12 +108,19 @@ def test_multipart_upload_is_verified_against_the_servers_checksum(s3_url, tmp_p
     assert st.stored_sha256("never-uploaded") is None
 
 
-def test_staging_dir_is_removed_on_close(s3_url):
+def test_staging_dir_is_per_output_and_removed_once_empty(s3_url):
     st = S3Storage(s3_url)
     d = st.staging_dir()
-    open(os.path.join(d, "partial"), "wb").close()
+    assert S3Storage(s3_url + "/").staging_dir() == d != S3Storage(s3_url + "x").staging_dir()
+    os.makedirs(os.path.join(d, "_tmp"))
+    with open(os.path.join(d, "_tmp", "00003-000.tar.tmp"), "wb"):
+        pass
+    st.close()
+    assert os.path.exists(os.path.join(d, "_tmp", "00003-000.tar.tmp"))  # a rerun replaces it
+    os.unlink(os.path.join(d, "_tmp", "00003-000.tar.tmp"))
     st.close()
     assert not os.path.exists(d)
+    S3Storage(s3_url + "x").close()
 
 
 def test_wrong_secret_gives_a_credentials_error_without_the_secret(s3_url, monkeypatch, capfd):
@@ -197,17 +204,3 @@ def test_pickle_carries_no_credentials(s3_url):
     blob = pickle.dumps(st)
     assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in blob
     assert pickle.loads(blob).read("x") == b"1"
-
-
-def test_expand_inputs(s3_url):
-    st = S3Storage(s3_url)
-    for name in ["in/a.jsonl", "in/b.jsonl.zst", "in/sub/c.jsonl", "other.txt"]:
-        st.put_bytes(name, b"{}\n")
-    base = s3_url
-    assert expand_s3_inputs(f"{base}/in/*.jsonl") == [f"{base}/in/a.jsonl", f"{base}/in/sub/c.jsonl"]
-    assert expand_s3_inputs(f"{base}/in/") == [f"{base}/in/a.jsonl", f"{base}/in/b.jsonl.zst",
-                                               f"{base}/in/sub/c.jsonl"]
-    assert expand_s3_inputs(f"{base}/in") == expand_s3_inputs(f"{base}/in/")
-    assert expand_s3_inputs(f"{base}/other.txt") == [f"{base}/other.txt"]
-    with pytest.raises(StorageError, match="no objects match"):
-        expand_s3_inputs(f"{base}/in/*.parquet")
