@@ -1,0 +1,235 @@
+"""Training throughput: our loop (`python -m trainer`'s train()) vs transformers.Trainer, same model and batch.
+
+    PYTHONUNBUFFERED=1 python bench/train_bench.py [--model configs/gla_340M.json] [--seq-len 2048]
+        [--batch 16] [--steps 30] [--warmup 5] [--shards DIR] [--cases ours,hf] [--peak-tflops 989]
+
+The HF case is the original flame trainer's path: transformers.Trainer with bf16=True and
+optim="adamw_torch_fused" (fp32 master weights, bf16 autocast). Ours runs the real training loop
+(trainer.loop.train) with parallel.mode=none, bf16 autocast, fused AdamW, clip 1.0, micro-batch =
+batch (no accumulation), checkpoints and validation off. Both use the same cosine schedule, the same
+weight init seed, and the same shards (synthetic Zipf tokens are written once under --dir if --shards
+is not given).
+
+Each case runs in its own subprocess (clean CUDA memory and peak statistics). The first `--warmup`
+steps (kernel compilation and autotuning: minutes on a cold machine) are excluded. Printed per case,
+one JSON line: median step time, tokens/s, MFU against the device's dense bf16 peak computed two ways
+(6N FLOPs/token and the real per-layer count of models/flops.py), data-wait share (ours: time blocked
+on the loader / step time; HF: time between one step's end and the next step's start, which includes
+its DataLoader), peak CUDA memory.
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_synthetic_shards(root: str, sequences: int, seq_len: int, vocab: int) -> str:
+    import numpy as np
+
+    from shardgen.format import MANIFEST_NAME, Manifest, ShardWriter, rows_per_block
+    from shardgen.storage import LocalStorage
+    if os.path.exists(os.path.join(root, MANIFEST_NAME)):
+        return root
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tokens = (rng.zipf(1.2, size=sequences * seq_len) % vocab).astype(np.uint16)
+    tokens[rng.random(tokens.size) < 1 / 600] = 0  # an EOS about every 600 tokens
+    data = tokens.reshape(sequences, seq_len)
+    rows = rows_per_block(seq_len, "uint16")
+    with open(os.path.join(root, "00000.tar"), "wb") as f:
+        w = ShardWriter(f, "00000.tar", seq_len, "uint16")
+        for i in range(0, sequences, rows):
+            w.add_block(data[i:i + rows], eos_id=0)
+        info = w.close()
+    m = Manifest(seq_len=seq_len, dtype="uint16", eos_id=0, bos_id=None,
+                 tokenizer={"source": "synthetic", "sha256": "", "vocab_size": vocab}, shards=[info])
+    LocalStorage(root).put_bytes(MANIFEST_NAME, m.to_bytes())
+    return root
+
+
+def flops_info(model_json: str, seq_len: int) -> dict:
+    from models import build
+    from models.flops import flops_per_token, six_n
+    model = build.build_model(build.load_config(model_json), "meta")
+    return {"params": build.count_parameters(model), "six_n": six_n(model),
+            "real": flops_per_token(model, seq_len)["train"]}
+
+
+def summarize(case: str, args, step_times: list[float], wait: list[float], peak_mem: float, device: str) -> dict:
+    from models.flops import PEAK_BF16_TFLOPS
+    f = flops_info(args.model, args.seq_len)
+    times = step_times[args.warmup:]
+    med = statistics.median(times)
+    tps = args.batch * args.seq_len / med
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
+    mfu = (lambda per_tok: per_tok * tps / (peak * 1e12)) if peak else (lambda per_tok: None)
+    return {"case": case, "model": os.path.basename(args.model), "params": f["params"], "device": device,
+            "seq_len": args.seq_len, "batch": args.batch, "timed_steps": len(times),
+            "median_step_s": med, "min_step_s": min(times), "max_step_s": max(times), "tokens_per_s": tps,
+            "mfu_6n": mfu(f["six_n"]), "mfu_real_flops": mfu(f["real"]), "flops_per_token_6n": f["six_n"],
+            "flops_per_token_real": f["real"], "data_wait_share": statistics.median(wait[args.warmup:]) if wait else None,
+            "peak_mem_gib": peak_mem}
+
+
+def run_ours(args) -> dict:
+    import torch
+
+    from trainer.config import load
+    from trainer.loop import train
+    from trainer.metrics import read_metrics
+    out = os.path.join(args.dir, "ours")
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    total = args.warmup + args.steps
+    cfg = load(None, [f"model.config={args.model}", f"data.shards={args.shards}", f"data.global_batch={args.batch}",
+                      f"train.max_steps={total}", f"train.micro_batch={args.batch}", "train.eval_every=0",
+                      "optim.lr=3e-4", "optim.min_lr=3e-5", f"optim.warmup={args.warmup}", "optim.clip=1.0",
+                      "checkpoint.at_end=false", "checkpoint.every=0", "parallel.mode=none",
+                      f"run.out_dir={out}", "run.tensorboard=false", "run.progress=true",
+                      f"train.compile={'true' if args.compile else 'false'}"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train(cfg)
+    records = read_metrics(out)
+    times = [args.batch * args.seq_len / r["tokens_per_s"] for r in records]
+    wait = [r["data_wait_share"] for r in records]
+    return summarize("ours", args, times, wait, max(r["memory_gib"] for r in records), device_name())
+
+
+def run_hf(args) -> dict:
+    import numpy as np
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from models import build
+    from shardgen.format import decode_block, read_manifest
+    from shardgen.storage import LocalStorage
+
+    storage = LocalStorage(args.shards)
+    manifest = read_manifest(storage)
+    rows = []
+    for s in manifest.shards:
+        for i, b in enumerate(s.blocks):
+            rows.append(decode_block(storage.read_range(s.name, b.offset, b.length), b, manifest, f"{s.name}#{i}"))
+    data = torch.from_numpy(np.concatenate(rows).astype(np.int64))
+
+    class Sequences(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data[i]
+
+    def collate(items):
+        x = torch.stack(items)
+        return {"input_ids": x, "labels": x}
+
+    config = build.load_config(args.model)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    build.adapt_to_device(config, torch.device(dev))
+    model = build.build_model(config, "cpu", seed=0).to(dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.gaps, self._t, self._end = [], [], 0.0, None
+
+        def on_step_begin(self, a, state, control, **kw):
+            sync()
+            self._t = time.perf_counter()
+            if self._end is not None:
+                self.gaps.append(self._t - self._end)
+
+        def on_step_end(self, a, state, control, **kw):
+            sync()
+            self._end = time.perf_counter()
+            self.times.append(self._end - self._t)
+            log(f"hf step {len(self.times)}: {self.times[-1]:.3f}s")
+
+    timer = Timer()
+    targs = TrainingArguments(output_dir=os.path.join(args.dir, "hf"), per_device_train_batch_size=args.batch,
+                              max_steps=args.warmup + args.steps, bf16=dev == "cuda", use_cpu=dev == "cpu",
+                              optim="adamw_torch_fused",
+                              learning_rate=3e-4, lr_scheduler_type="cosine", warmup_steps=args.warmup,
+                              weight_decay=0.1, max_grad_norm=1.0, logging_steps=10, save_strategy="no",
+                              report_to=[], dataloader_num_workers=2, remove_unused_columns=False,
+                              torch_compile=args.compile, seed=0)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    Trainer(model=model, args=targs, train_dataset=Sequences(), data_collator=collate, callbacks=[timer]).train()
+    gaps = [0.0] + timer.gaps
+    wait = [g / (g + t) for g, t in zip(gaps, timer.times)]
+    from trainer.metrics import memory_gib
+    return summarize("hf_trainer", args, timer.times, wait, memory_gib(torch.device(dev)), device_name())
+
+
+def device_name() -> str:
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (one GPU, no accumulation)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation)")
+    p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
+    p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
+    p.add_argument("--cases", default="ours,hf")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile in both cases")
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
+    args = p.parse_args()
+    faulthandler.dump_traceback_later(600, repeat=True)  # a stuck cold compile shows where it is
+    if args.shards is None:
+        seqs = (args.warmup + args.steps + 2) * args.batch * 2
+        args.shards = write_synthetic_shards(os.path.join(args.dir, f"shards-{args.seq_len}"), seqs, args.seq_len, 32000)
+    if args.case:
+        import torch
+        if not torch.cuda.is_available():  # CPU smoke runs: FLA kernels under the Triton interpreter
+            from models import cpu_triton
+            cpu_triton.enable()
+        result = {"ours": run_ours, "hf": run_hf}[args.case](args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    results = []
+    for case in args.cases.split(","):
+        log(f"case {case}: {args.warmup} warmup + {args.steps} timed steps, batch {args.batch} x {args.seq_len}")
+        cmd = [sys.executable, __file__, "--case", case, "--model", args.model, "--seq-len", str(args.seq_len),
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--shards", args.shards, "--dir", args.dir] + (["--peak-tflops", str(args.peak_tflops)]
+                                                               if args.peak_tflops else []) + (
+            ["--compile"] if args.compile else [])
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                results.append(json.loads(line[7:]))
+                print(line[7:].strip(), flush=True)
+            else:
+                sys.stderr.write(line)
+        if proc.wait() != 0:
+            log(f"case {case} failed with exit code {proc.returncode}")
+    if len(results) == 2:
+        a, b = results
+        log(f"{a['case']} / {b['case']} tokens/s: {a['tokens_per_s'] / b['tokens_per_s']:.3f}")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
