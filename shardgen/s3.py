@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import random
 import tempfile
@@ -34,6 +35,7 @@ from urllib.parse import urlparse
 
 from shardgen.storage import Storage, StorageError
 
+log = logging.getLogger("shardgen.s3")
 DEFAULT_REGION = "us-east-1"
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                    "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
@@ -187,6 +189,8 @@ class S3Storage(Storage):
                         f"{what}: gave up after {attempt} attempts in {elapsed:.1f} s (retry budget "
                         f"SHARDGEN_S3_RETRY_BUDGET={budget:g} s); last error: {self._describe(e)}") from None
                 self._count("retries")
+                if attempt == 1:  # once per operation: visible, not a flood
+                    log.warning("%s", self.redact(f"{what}: {self._describe(e)}; retrying for up to {budget:g} s"))
                 time.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 
 import pytest
 
@@ -63,3 +64,15 @@ def s3_url(s3_env, request) -> str:
     bucket = f"t{next(_bucket_numbers)}-{stem}"
     s3_env.create_bucket(bucket)
     return f"s3://{bucket}/data"
+
+
+def upload_dir(local_root: str, url: str) -> None:
+    """Copy a local dataset directory to `url` through S3Storage, the manifest last (as shardgen does)."""
+    from shardgen.s3 import S3Storage
+    st = S3Storage(url)
+    names = sorted(os.listdir(local_root))
+    for name in [n for n in names if n != "manifest.json"] + [n for n in names if n == "manifest.json"]:
+        staged = os.path.join(st.staging_dir(), name)
+        shutil.copyfile(os.path.join(local_root, name), staged)
+        st.put_file(name, staged)
+    st.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import pytest
 from shardgen.format import FormatError, Manifest, ShardWriter
 from shardgen.s3 import S3Storage
 from shardgen.storage import StorageError
-from tests.s3_fixtures import s3_client_env
+from tests.s3_fixtures import s3_client_env, upload_dir
 from trainer.data import TokenLoader
 
 SEQ_LEN, ROWS_PER_BLOCK, GLOBAL_BATCH = 16, 4, 8
@@ -40,23 +39,11 @@ def write_dataset(root, shards: int = 3, blocks: int = 6, seed: int = 0) -> None
         f.write(m.to_bytes())
 
 
-def upload(local_root, url: str) -> S3Storage:
-    st = S3Storage(url)
-    for name in sorted(os.listdir(local_root)):
-        if name != "manifest.json":
-            staged = os.path.join(st.staging_dir(), name)
-            shutil.copyfile(os.path.join(local_root, name), staged)
-            st.put_file(name, staged)
-    with open(os.path.join(local_root, "manifest.json"), "rb") as f:
-        st.put_bytes("manifest.json", f.read())  # last, as shardgen does
-    return st
-
-
 @pytest.fixture
 def datasets(s3_url, tmp_path):
     local = str(tmp_path / "shards")
     write_dataset(local)
-    upload(local, s3_url).close()
+    upload_dir(local, s3_url)
     return local, s3_url
 
 
