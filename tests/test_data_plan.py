@@ -164,3 +164,17 @@ def test_errors_name_the_problem_and_the_fix():
     assert (p.steps_per_epoch, p.dropped_per_epoch) == (1, 3)
     with pytest.raises(PlanError, match=r"rank 2 is not in \[0, 2\)"):
         p.rank_streams(2, 2)
+
+
+@PROPS
+@given(plans(), st.integers(1, 40))
+def test_a_tiny_row_table_changes_nothing(p, entries):
+    """The row-permutation table is only a cache: cleared often and filled in chunks, same order."""
+    rows, seed, g, c = p
+    big = Plan(rows, seed=seed, global_batch=g, layout=c)
+    small = Plan(rows, seed=seed, global_batch=g, layout=c, row_table_entries=entries)
+    for e in (0, 1):
+        assert all(np.array_equal(x, y) for x, y in zip(big.epoch_order(e), small.epoch_order(e)))
+    for s in range(0, 3 * big.steps_per_epoch, max(1, big.steps_per_epoch // 3)):
+        x, y = big.step_rows(s), small.step_rows(s)
+        assert np.array_equal(x.blocks, y.blocks) and np.array_equal(x.rows, y.rows)
