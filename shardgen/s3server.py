@@ -33,6 +33,11 @@ READY_TIMEOUT_S = 90.0  # cold start is ~1.3 s on a quiet machine; CI on 2 busy 
 PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
               "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc")
 
+# What a client of a local server must not inherit from the user's own AWS setup.
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
+            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+
 
 class S3ServerError(RuntimeError):
     """The local server did not start or stop; the message carries the tail of its log."""

@@ -13,11 +13,8 @@ import shutil
 
 import pytest
 
-from shardgen.s3server import S3Server, S3ServerError
+from shardgen.s3server import AWS_VARS, S3Server, S3ServerError
 
-AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
-            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 _bucket_numbers = itertools.count()
 
 

@@ -1,0 +1,72 @@
+"""The local server module: `up`/`env`/`down` as `make s3-up`/`make s3-down` run them, LocalS3 stopping
+the server also when the body fails, and start failures that say why."""
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from shardgen import s3server
+from shardgen.s3server import LocalS3, S3Server, S3ServerError, free_ports
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "shardgen.s3server", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env=env)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_up_env_down(tmp_path):
+    d = str(tmp_path / "s3")
+    port = free_ports(1)[0]
+    up = cli("up", "--dir", d, "--port", str(port), "--bucket", "demo")
+    try:
+        assert up.returncode == 0, up.stderr
+        assert f"http://127.0.0.1:{port}" in up.stdout
+        server = S3Server(d)
+        assert server.pid() is not None and server.ports["s3.port"] == port
+        assert server.secret_key not in up.stdout + up.stderr  # `up` never prints the secret; `env` does
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in cli("env", "--dir", d).stdout.splitlines())
+        assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
+        probe = [sys.executable, "-c", "from shardgen.s3 import S3Storage; s = S3Storage('s3://demo/x'); "
+                 "s.put_bytes('a', b'hello'); print(s.read('a').decode())"]
+        env = {k: v for k, v in os.environ.items() if k not in s3server.AWS_VARS}
+        got = subprocess.run(probe, cwd=ROOT, env={**env, **exports}, capture_output=True, text=True, timeout=60)
+        assert got.stdout.strip() == "hello", got.stderr
+    finally:
+        down = cli("down", "--dir", d)
+    assert down.returncode == 0 and "stopped pid" in down.stdout
+    assert not listening(port) and S3Server(d).pid() is None
+    assert not [p for p in server.ports.values() if glob.glob(f"/tmp/seaweedfs-*-grpc-{p}.sock")]
+    assert "no server running" in cli("down", "--dir", d).stdout
+
+
+def test_local_s3_stops_the_server_when_the_body_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="the test failed"):
+        with LocalS3(str(tmp_path / "s3")) as server:
+            port = server.ports["s3.port"]
+            assert listening(port)
+            raise RuntimeError("the test failed")
+    assert not listening(port) and server.pid() is None
+
+
+def test_start_failures_say_why(tmp_path, monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(S3ServerError, match=f"ports in use: s3.port={port}"):
+            S3Server(str(tmp_path / "a"), port=port).start()
+    monkeypatch.setattr(s3server, "find_weed", lambda: "/bin/false")
+    with pytest.raises(S3ServerError, match=r"weed exited with status 1 while starting; log .*weed.log"):
+        S3Server(str(tmp_path / "b")).start()
