@@ -199,10 +199,13 @@ class S3Storage(Storage):
         if isinstance(e, BotoConnectionError):
             return (f"cannot reach the S3 endpoint {self.endpoint} ({type(e).__name__}): is the server up? "
                     f"set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) to your store's URL")
+        from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+        if isinstance(e, (_Transient, IncompleteReadError, ResponseStreamingError)):
+            return f"short read from {self.endpoint}: the response body was cut off ({e})"
         code, status = _error_code(e)
         if code:
             return f"{code} (HTTP {status}) from {self.endpoint}"
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__} from {self.endpoint}: {e}"
 
     def _explain(self, e: Exception, what: str) -> StorageError:
         from botocore.exceptions import NoCredentialsError, PartialCredentialsError
