@@ -8,9 +8,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shardgen.format import FormatError, Manifest, ShardWriter, read_manifest
 from shardgen.storage import LocalStorage, Storage, StorageError
+from tests.test_data_plan import plans
 from trainer.data import DataStateError, PlanError, TokenLoader, cu_seqlens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -371,3 +374,41 @@ def test_bad_start_step_and_use_after_close(dataset):
     ld.close()
     with pytest.raises(RuntimeError, match=r"TokenLoader was closed"):
         next(it)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(plans(), st.data())
+def test_the_block_cache_fetches_only_the_ranks_blocks_and_keeps_what_steps_need(p, data):
+    """Over random manifests, layouts, ranks and prefetch depths (the cache's fill only records)."""
+    from shardgen.format import Block, ShardInfo
+    from trainer.data.fetch import BlockCache, BlockIndex
+    from trainer.data.plan import Plan, divisors
+
+    rows, seed, g, c = p
+    world = data.draw(st.sampled_from(divisors(c)))
+    rank = data.draw(st.integers(0, world - 1))
+    depth = data.draw(st.integers(0, 4))
+    shards = [ShardInfo(name=f"{i:05d}.tar", sequences=sum(r), tokens=0, documents=0, bytes=0, sha256="",
+                        blocks=[Block(offset=0, length=1, rows=n, crc32=0) for n in r]) for i, r in enumerate(rows)]
+    m = Manifest(seq_len=4, dtype="uint16", eos_id=0, bos_id=None, tokenizer={}, shards=shards)
+    plan = Plan(rows, seed=seed, global_batch=g, layout=c)
+    fills = []
+    cache = BlockCache(BlockIndex(m), lambda b, out: fills.append(b), threads=1)
+    try:
+        submitted = 0
+        for s in range(2 * plan.steps_per_epoch + 1):
+            while submitted <= s + depth:
+                step_rows = plan.step_rows(submitted, world, rank)
+                before = len(fills)
+                slots, futures = cache.acquire(step_rows.blocks, submitted)
+                for f in futures:
+                    f.result()
+                # new reads are blocks of this step, each once; every block of the step is alive
+                assert set(fills[before:]) <= set(step_rows.blocks.tolist())
+                assert len(fills[before:]) == len(set(fills[before:]))
+                assert np.array_equal(slots, cache._slot[step_rows.blocks]) and (slots >= 0).all()
+                submitted += 1
+            cache.release_through(s)
+        assert cache.slab.peak <= min(plan.num_blocks, plan.global_batch // world * (depth + 1))
+    finally:
+        cache.close()
