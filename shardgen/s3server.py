@@ -136,8 +136,8 @@ class S3Server:
         if os.path.exists(path):
             with open(path) as f:
                 ports = json.load(f)
-            if self.port is None or ports.get("s3.port") == self.port:
-                return ports
+            if self.port is None or ports.get("s3.port") == self.port or self.pid() is not None:
+                return ports  # (a running server keeps its ports: start() will say it is running)
         others = free_ports(len(PORT_FLAGS))
         ports = dict(zip(PORT_FLAGS, others))
         if self.port is not None:
@@ -306,6 +306,14 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--dir", default=".s3")
     a = ap.parse_args(argv)
+    try:
+        return _run(a)
+    except S3ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(a) -> int:
     if a.cmd == "up":
         server = S3Server(a.dir, a.port or None)
         server.start()
@@ -314,10 +322,12 @@ def main(argv=None) -> int:
         print(f"S3 server up at {server.endpoint} (pid {server.pid()}, state in {server.dir}), "
               f"bucket s3://{a.bucket}\nfor clients: eval \"$(python -m shardgen.s3server env --dir {a.dir})\"\n"
               f"stop it:     python -m shardgen.s3server down --dir {a.dir}")
+    elif not os.path.exists(os.path.join(a.dir, "s3.json")):
+        if a.cmd == "env":
+            raise S3ServerError(f"no server state in {a.dir}: start one with `python -m shardgen.s3server up "
+                                f"--dir {a.dir}`")
+        print(f"no server state in {a.dir}")
     elif a.cmd == "down":
-        if not os.path.exists(os.path.join(a.dir, "s3.json")):
-            print(f"no server state in {a.dir}")
-            return 0
         server = S3Server(a.dir)
         was = server.pid()
         server.stop()

@@ -36,6 +36,8 @@ def test_up_env_down(tmp_path):
         server = S3Server(d)
         assert server.pid() is not None and server.ports["s3.port"] == port
         assert server.secret_key not in up.stdout + up.stderr  # `up` never prints the secret; `env` does
+        again = cli("up", "--dir", d, "--port", str(port))
+        assert again.returncode == 1 and "already running" in again.stderr and "Traceback" not in again.stderr
         exports = dict(line.removeprefix("export ").split("=", 1) for line in cli("env", "--dir", d).stdout.splitlines())
         assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
         probe = [sys.executable, "-c", "from shardgen.s3 import S3Storage; s = S3Storage('s3://demo/x'); "

@@ -55,7 +55,7 @@ def test_training_from_s3_matches_local_through_a_server_crash(tmp_path, data, s
             time.sleep(0.05)
         s3_env.stop(kill=True)  # mid-run: prefetch 0, so the next steps' blocks are read while it is down
         assert proc.poll() is None
-        time.sleep(1.0)
+        time.sleep(2.5)  # a few steps' worth: with 4 rows per block, about one new block is read per step
         s3_env.start()
         out, err = proc.communicate(timeout=300)
     finally:
