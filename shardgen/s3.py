@@ -135,6 +135,9 @@ class S3Storage(Storage):
         self._secrets = []
 
     def _client(self):
+        if self._client_pid is not None and self._client_pid != os.getpid():
+            # First use in a forked child: the parent's lock may have been held at fork time.
+            self._lock, self._client_obj, self._client_pid = threading.Lock(), None, None
         if self._client_obj is None or self._client_pid != os.getpid():
             with self._lock:
                 if self._client_obj is None or self._client_pid != os.getpid():
@@ -405,6 +408,15 @@ class S3Storage(Storage):
 # ~50 ms, and shardgen opens a storage per input file)
 _CLIENTS: dict[tuple, tuple] = {}
 _CLIENTS_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _CLIENTS_LOCK
+    _CLIENTS_LOCK = threading.Lock()  # a thread of the parent may have held it at fork time
+    _CLIENTS.clear()  # the parent's clients share its sockets: never use them here
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _shared_client(settings: S3Settings):

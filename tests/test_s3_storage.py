@@ -204,3 +204,19 @@ def test_pickle_carries_no_credentials(s3_url):
     blob = pickle.dumps(st)
     assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in blob
     assert pickle.loads(blob).read("x") == b"1"
+
+
+def test_a_forked_child_gets_its_own_client(s3_url):
+    st = S3Storage(s3_url)
+    st.put_bytes("x", b"parent")
+    parent_client = st._client()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reads through the same storage object, on its own connections
+        ok = st._client() is not parent_client and st.read("x") == b"parent"
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.waitpid(pid, 0)
+    assert got == b"1" and st.read("x") == b"parent"
