@@ -13,12 +13,16 @@ retry mode and attempts from AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (default: standar
                                 transient failures (5xx, throttling, connection errors, cut-off bodies)
     SHARDGEN_S3_MAX_POOL        HTTP connections per process, default 32 (loader prefetch + upload threads)
     SHARDGEN_S3_PART_MB         multipart part size in MiB, default 16 (files this big or larger go multipart)
+    SHARDGEN_STAGING_DIR        where shards are built before upload, default the system temp dir
+                                (one folder per output URL, shared by a run's processes and its rerun)
 
 Integrity: uploads send a SHA-256 per request (ChecksumAlgorithm=SHA256), which the server checks on
 receipt; afterwards the object's size and the server's SHA-256 (full, or composite `-N` for multipart,
 recomputed here from the local parts) are compared with the local file. A server that reports no
-checksum gets the object re-read and hashed instead. Credentials never appear in messages: every
-message is passed through a redactor that knows the resolved key id, secret and session token.
+checksum gets the object re-read and hashed instead. An object already stored with the same size and
+SHA-256 is not uploaded again (a rerun after a kill rebuilds identical shards). Credentials never
+appear in messages: every message passes a redactor that knows the resolved key id, secret and token.
+Errors and retries are reported per object: `s3://bucket/key bytes a-b: <what happened>: <what to do>`.
 """
 from __future__ import annotations
 
