@@ -6,7 +6,8 @@
 On one corpus (the Shakespeare texts cut into ~2-4 KB documents, repeated to --size-mb of jsonl) and
 one tokenizer (data/tokenizer, else one trained here), measures:
   raw        Tokenizer.encode_batch (and encode_batch_fast) on one core, texts already in memory:
-             the limit for one worker
+             the limit for one worker; and encode_batch_fast in N independent processes at once:
+             what N cores of this machine can tokenize (the limit for N workers)
   shardgen   `python -m shardgen` end to end (read, tokenize, pack, compress, write, merge) with
              1 and 2 workers
   datasets   the original trainer's way (flame / fla legacy preprocess.py): load_dataset("json"),
@@ -85,6 +86,8 @@ def raw_rate(tok_json: str, texts, fast: bool) -> tuple[float, int]:
     tok = Tokenizer.from_str(tok_json)
     tok.encode_special_tokens = True
     encode = tok.encode_batch_fast if fast else tok.encode_batch
+    for b in list(batches(texts))[:2]:
+        encode(b, add_special_tokens=False)  # warm up (CPU clocks, allocator), untimed
     n, el = 0, 0.0
     for b in batches(texts):
         t0 = time.perf_counter()
@@ -92,6 +95,23 @@ def raw_rate(tok_json: str, texts, fast: bool) -> tuple[float, int]:
         el += time.perf_counter() - t0
         n += sum(len(e) for e in encs)
     return n / el, n
+
+
+def _raw_worker(args):
+    tok_json, paths, barrier = args
+    texts = load_texts(paths)
+    barrier.wait()  # all processes encode at the same time: the machine's real N-core limit
+    return raw_rate(tok_json, texts, fast=True)[::-1]
+
+
+def raw_parallel(tok_json: str, paths, n: int) -> float:
+    """Aggregate encode_batch_fast tokens/s of n independent single-threaded processes at once."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Manager().Barrier(n)
+    with ctx.Pool(n) as pool:
+        runs = pool.map(_raw_worker, [(tok_json, paths, barrier)] * n)
+    return sum(tokens for tokens, _ in runs) / max(tokens / rate for tokens, rate in runs)
 
 
 def run_shardgen(corpus_dir, tok_dir, out, workers, seq_len) -> dict:
@@ -138,6 +158,8 @@ def main():
     ap.add_argument("--corpus", default=os.path.join(ROOT, "data", "shakespeare"))
     ap.add_argument("--tokenizer", default=os.path.join(ROOT, "data", "tokenizer"))
     ap.add_argument("--workdir", help="keep the corpus and outputs here (default: a temporary directory)")
+    ap.add_argument("--workers", default="1,2", help="shardgen (and datasets num_proc) worker counts to run")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the best is kept")
     ap.add_argument("--skip-datasets", action="store_true", help="only raw and shardgen")
     a = ap.parse_args()
     if not a.skip_datasets:
@@ -155,17 +177,28 @@ def main():
         paths = make_corpus(a.corpus, corpus_dir, a.size_mb)
         texts = load_texts(paths)
         tok_json = open(os.path.join(a.tokenizer, "tokenizer.json"), encoding="utf-8").read()
-        res = {"size_mb": a.size_mb, "seq_len": a.seq_len, "documents": len(texts), "cpus": os.cpu_count()}
-        res["raw_encode_batch"], res["tokens"] = raw_rate(tok_json, texts, fast=False)
-        res["raw_encode_batch_fast"], _ = raw_rate(tok_json, texts, fast=True)
+        workers = [int(w) for w in a.workers.split(",")]
+        res = {"size_mb": a.size_mb, "seq_len": a.seq_len, "documents": len(texts), "cpus": os.cpu_count(),
+               "workers": workers, "repeat": a.repeat}
+        best = lambda runs, key: max(runs, key=lambda r: r[key])  # noqa: E731
+        res["raw_encode_batch"], res["tokens"] = max(raw_rate(tok_json, texts, False) for _ in range(a.repeat))
+        res["raw_encode_batch_fast"], _ = max(raw_rate(tok_json, texts, True) for _ in range(a.repeat))
         del texts
-        for w in (1, 2):
-            res[f"shardgen_{w}"] = run_shardgen(corpus_dir, a.tokenizer, os.path.join(work, f"out{w}"), w, a.seq_len)
+        for w in workers:
+            if w > 1:
+                res[f"raw_fast_x{w}"] = max(raw_parallel(tok_json, paths, w) for _ in range(a.repeat))
+        for w in workers:
+            out = os.path.join(work, f"out{w}")
+            res[f"shardgen_{w}"] = best([run_shardgen(corpus_dir, a.tokenizer, out, w, a.seq_len)
+                                         for _ in range(a.repeat)], "tokens_per_s")
         if not a.skip_datasets:
-            for n in (1, 2):
-                r = run_datasets(paths, a.tokenizer, os.path.join(work, f"hfcache{n}"), n, a.seq_len)
-                r["tokens_per_s"] = res["tokens"] / r["wall_s"]
-                res[f"datasets_{n}"] = r
+            for n in workers:
+                runs = []
+                for i in range(a.repeat):
+                    r = run_datasets(paths, a.tokenizer, os.path.join(work, f"hfcache{n}-{i}"), n, a.seq_len)
+                    r["tokens_per_s"] = res["tokens"] / r["wall_s"]
+                    runs.append(r)
+                res[f"datasets_{n}"] = best(runs, "tokens_per_s")
         report(res)
     finally:
         if not a.workdir:
@@ -179,16 +212,25 @@ def report(r: dict) -> None:
     print(f"{'what':34} {'wall s':>8} {'tokens/s':>12} {'per worker vs raw':>18}")
     print(f"{'raw encode_batch, 1 core':34} {r['tokens'] / raw:8.2f} {raw:12,.0f} {'':>18}")
     print(f"{'raw encode_batch_fast, 1 core':34} {r['tokens'] / fast:8.2f} {fast:12,.0f} {'':>18}")
-    for key, label, n in (("shardgen_1", "shardgen, 1 worker", 1), ("shardgen_2", "shardgen, 2 workers", 2),
-                          ("datasets_1", "datasets map, num_proc=1", 1), ("datasets_2", "datasets map, num_proc=2", 2)):
+    for n in r["workers"]:
+        if f"raw_fast_x{n}" in r:
+            x = r[f"raw_fast_x{n}"]
+            print(f"{f'raw encode_batch_fast, {n} procs':34} {r['tokens'] / x:8.2f} {x:12,.0f} {x / n / raw:17.0%}")
+    rows = [(f"shardgen_{n}", f"shardgen, {n} workers", n) for n in r["workers"]]
+    rows += [(f"datasets_{n}", f"datasets map, num_proc={n}", n) for n in r["workers"]]
+    for key, label, n in rows:
         if key in r:
             x = r[key]
             print(f"{label:34} {x['wall_s']:8.2f} {x['tokens_per_s']:12,.0f} {x['tokens_per_s'] / n / raw:17.0%}")
-    s1, s2 = r["shardgen_1"]["tokens_per_s"], r["shardgen_2"]["tokens_per_s"]
-    summary = {"shardgen_1_vs_raw": s1 / raw, "shardgen_1_vs_raw_fast": s1 / fast, "scaling_1_to_2": s2 / s1}
-    if "datasets_1" in r:
-        summary["vs_datasets_1"] = s1 / r["datasets_1"]["tokens_per_s"]
-        summary["vs_datasets_2"] = s2 / r["datasets_2"]["tokens_per_s"]
+    s1 = r["shardgen_1"]["tokens_per_s"] if "shardgen_1" in r else None
+    summary = {"shardgen_1_vs_raw": s1 / raw, "shardgen_1_vs_raw_fast": s1 / fast} if s1 else {}
+    for n in r["workers"]:
+        if s1 and n > 1:
+            summary[f"scaling_1_to_{n}"] = r[f"shardgen_{n}"]["tokens_per_s"] / s1
+            summary[f"raw_fast_scaling_1_to_{n}"] = r[f"raw_fast_x{n}"] / fast
+            summary[f"shardgen_{n}_vs_raw_fast_x{n}"] = r[f"shardgen_{n}"]["tokens_per_s"] / r[f"raw_fast_x{n}"]
+        if f"datasets_{n}" in r:
+            summary[f"vs_datasets_{n}"] = r[f"shardgen_{n}"]["tokens_per_s"] / r[f"datasets_{n}"]["tokens_per_s"]
     print("  ".join(f"{k} {v:.2f}" for k, v in summary.items()))
     print(json.dumps({"bench": "shardgen", **r, **summary}, sort_keys=True))
 
