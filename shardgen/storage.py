@@ -110,6 +110,7 @@ class LocalStorage(Storage):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}.", suffix=".tmp", dir=os.path.dirname(path))
         try:
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600; a dataset is read by other users and processes too
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -75,6 +75,7 @@ def test_same_bytes_for_1_and_2_workers_and_no_paths(tmp_path, corpus, tiny_toke
     assert sorted(a) == sorted(b) and a == b
     assert str(tmp_path).encode() not in a["manifest.json"]  # no output path in the manifest
     assert b"workers" not in a["manifest.json"]
+    assert os.stat(tmp_path / "w1" / "manifest.json").st_mode & 0o777 == 0o644  # readable by other users
 
 
 def test_two_nodes_then_merge_equals_one_node(tmp_path, corpus, tiny_tokenizer):
