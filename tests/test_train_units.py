@@ -98,3 +98,21 @@ def test_nan_step_is_skipped_without_touching_weights_or_optimizer():
             assert torch.equal(v, state[id(p)][k]), k
     steps = {float(opt.state[p]["step"]) for p in opt.state}
     assert steps == {1.0}  # the skipped step did not advance Adam's step count
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    import contextlib
+    x = torch.randint(1, 63, (2, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_gla(num_hidden_layers=2)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
+        loss, norm, applied = train_step(model, opt, x, None, 2, 1.0, 1e-2, Dist(), contextlib.nullcontext)
+        results.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
+    (l0, n0, p0), (l1, n1, p1) = results
+    assert l0 == pytest.approx(l1, abs=1e-6) and n0 == pytest.approx(n1, rel=1e-5)
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
