@@ -7,9 +7,7 @@ interruptions change nothing in the output.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
-import queue as queue_mod
 import re
 import sys
 import time
@@ -23,8 +21,9 @@ from shardgen.inputs import list_inputs, plan_hash, plan_tasks
 from shardgen.merge import SETTINGS_NAME, BuildError, merge, read_record, read_settings, remove_temp_files
 from shardgen.progress import Progress, human
 from shardgen.storage import Storage, open_storage
-from shardgen.tasks import TASKS_DIR, TaskSettings, canonical_json, init_worker, run_task
+from shardgen.tasks import TASKS_DIR, TaskSettings, canonical_json
 from shardgen.tokenizer import load_tokenizer
+from shardgen.workers import run_tasks
 
 SHARD_RE = re.compile(r"^\d{5,}-\d{3,}\.tar$")
 
@@ -157,26 +156,16 @@ def run_build(opts: BuildOptions) -> BuildResult:
 def _run_pool(todo, ts: TaskSettings, opts: BuildOptions, log) -> dict:
     if not todo:
         return {}
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["shardgen.tasks", "shardgen.tokenizer"])
-    progress_queue = ctx.Queue()
     bar = Progress(sum(t.nbytes for t in todo), "shardgen", unit="B", stream=log, enabled=opts.progress)
-    docs = tokens = 0
-    done: dict[int, dict] = {}
-    with ctx.Pool(max(1, min(opts.workers, len(todo))), initializer=init_worker,
-                  initargs=(ts, progress_queue)) as pool:
-        pending = {t.index: pool.apply_async(run_task, (t,)) for t in todo}
-        while pending:
-            try:
-                nbytes, d, n = progress_queue.get(timeout=0.1)
-                docs, tokens = docs + d, tokens + n
-                el = max(time.perf_counter() - bar.start, 1e-9)
-                bar.update(nbytes, f"{human(docs)} docs | {human(tokens)} tokens {human(tokens / el)} tok/s")
-            except queue_mod.Empty:
-                pass
-            for i in [i for i, r in pending.items() if r.ready()]:
-                done[i] = pending.pop(i).get()  # re-raises a worker's error here
+    seen = {"docs": 0, "tokens": 0}
+
+    def on_progress(nbytes, docs, tokens):
+        seen["docs"] += docs
+        seen["tokens"] += tokens
+        rate = seen["tokens"] / max(time.perf_counter() - bar.start, 1e-9)
+        bar.update(nbytes, f"{human(seen['docs'])} docs | {human(seen['tokens'])} tokens {human(rate)} tok/s")
+
+    done = run_tasks(todo, ts, opts.workers, on_progress)
     bar.close()
     return done
 

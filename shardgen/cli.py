@@ -12,9 +12,9 @@ from shardgen.inputs import InputError
 from shardgen.merge import BuildError
 from shardgen.storage import StorageError, open_storage
 from shardgen.tokenizer import TokenizerError
+from shardgen.workers import WorkerError
 
-SUBCOMMANDS = ("build", "verify", "inspect", "merge", "train-tokenizer")
-ERRORS = (InputError, TokenizerError, BuildError, FormatError, StorageError)
+ERRORS = (InputError, TokenizerError, BuildError, FormatError, StorageError, WorkerError)
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 

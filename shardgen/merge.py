@@ -84,12 +84,25 @@ def merge(storage: Storage) -> Manifest:
 
 
 def remove_temp_files(storage: Storage, owned=None) -> int:
-    """Delete stale half-written shards in the staging area: of the tasks that `owned` accepts, or
-    all of them and the staging folder itself (only when no other node can be writing: at merge)."""
+    """Delete what a killed run left half-written: shards in the staging area and the temporary files
+    of atomic writes (`_tasks/.00012.json.*.tmp`), for the tasks that `owned` accepts, or all of them
+    and the staging folder itself (only when no other node can be writing: at merge)."""
+    n = 0
+    for name in storage.list(TASKS_DIR + "/"):  # a local directory lists these; an object store has none
+        base = name.rsplit("/", 1)[-1]
+        head = base[1:].split(".", 1)[0]
+        if base.startswith(".") and base.endswith(".tmp") and (
+                owned is None or head.isdigit() and owned(int(head))):
+            storage.delete(name)
+            n += 1
+    if owned is None:
+        for name in storage.list("."):
+            if name.endswith(".tmp") and name.startswith((f".{MANIFEST_NAME}.", f".{TOKENIZER_NAME}.")):
+                storage.delete(name)
+                n += 1
     tmp = os.path.join(storage.staging_dir(), TMP_DIR)
     if not os.path.isdir(tmp):
-        return 0
-    n = 0
+        return n
     for name in os.listdir(tmp):
         head = name.split("-", 1)[0]
         if head.isdigit() and (owned is None or owned(int(head))):

@@ -126,11 +126,15 @@ class TaskShards:
 
 def _test_stall_hook(task: int, f) -> None:
     """For the crash tests only: SHARDGEN_TEST_STALL_TASK=t makes the worker of task t stop after its
-    first block (a half-written shard on disk), touch SHARDGEN_TEST_STALL_MARKER and wait to be killed."""
+    first block (a half-written shard on disk), write its pid to SHARDGEN_TEST_STALL_MARKER and wait
+    to be killed."""
     if os.environ.get("SHARDGEN_TEST_STALL_TASK") != str(task):
         return
     f.flush()
-    open(os.environ["SHARDGEN_TEST_STALL_MARKER"], "w").close()
+    marker = os.environ["SHARDGEN_TEST_STALL_MARKER"]
+    with open(marker + ".tmp", "w") as m:
+        m.write(str(os.getpid()))
+    os.replace(marker + ".tmp", marker)
     time.sleep(3600)
 
 
@@ -156,7 +160,7 @@ class Worker:
 
     def report(self, nbytes: int, docs: int, tokens: int) -> None:
         if self.queue is not None and (nbytes or docs or tokens):
-            self.queue.put((nbytes, docs, tokens))
+            self.queue.put(("progress", nbytes, docs, tokens))
 
     def run(self, task: Task) -> dict:
         s = self.s
@@ -190,18 +194,3 @@ class Worker:
                   "shards": [i.to_json() for i in infos], "stats": counts.to_json()}
         self.storage.put_bytes(record_name(task.index), canonical_json(record))
         return record
-
-
-_worker: Worker | None = None
-
-
-def init_worker(s: TaskSettings, progress_queue) -> None:
-    # One worker = one core: no Rayon thread pool inside encode_batch (N workers use N cores).
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    global _worker
-    _worker = Worker(s, progress_queue)
-
-
-def run_task(task: Task) -> dict:
-    return _worker.run(task)

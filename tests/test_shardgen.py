@@ -185,3 +185,45 @@ def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, corpus, tin
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     assert not (out / "_tmp").exists()
     assert tree_bytes(str(out)) == tree_bytes(str(tmp_path / "ref"))
+
+
+def test_a_killed_worker_is_an_error_naming_its_task_not_a_hang(tmp_path, corpus, tiny_tokenizer):
+    d, _ = corpus
+    out, marker = tmp_path / "out", tmp_path / "stalled"
+    args = [sys.executable, "-m", "shardgen", str(d), "--output", str(out), "--tokenizer", tiny_tokenizer,
+            "--seq-len", str(SEQ), "--block-bytes", "128", "--task-bytes", "1500", "--workers", "2", "-q"]
+    env = dict(os.environ, SHARDGEN_TEST_STALL_TASK="1", SHARDGEN_TEST_STALL_MARKER=str(marker))
+    proc = subprocess.Popen(args, env=env, cwd=ROOT_DIR, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        pid = int(marker.read_text())
+        os.kill(pid, signal.SIGKILL)  # one worker only, as the OOM killer would
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1
+    assert f"worker process {pid} was killed by SIGKILL (out of memory?) while running task 1" in err.decode()
+    res = run_build(opts([str(d)], out, tiny_tokenizer, workers=2))
+    assert 1 in res.ran and not (out / "_tmp").exists()
+    check_round_trip(str(out), expected_stream(tiny_tokenizer, corpus[1]))
+
+
+def test_stale_temp_files_are_removed_on_rerun(tmp_path, corpus, tiny_tokenizer):
+    d, _ = corpus
+    out = tmp_path / "out"
+    run_build(opts([str(d)], out, tiny_tokenizer))
+    before = tree_bytes(str(out))
+    os.unlink(out / "_tasks" / "00003.json")  # task 3 "was killed" while writing its record and a shard
+    (out / "_tasks" / ".00003.json.x1y2.tmp").write_bytes(b'{"task": 3, "half')
+    (out / "_tmp").mkdir()
+    (out / "_tmp" / "00003-000.tar.tmp").write_bytes(b"half a shard")
+    (out / ".manifest.json.z9.tmp").write_bytes(b"{")
+    res = run_build(opts([str(d)], out, tiny_tokenizer))
+    assert res.ran == [3]
+    assert tree_bytes(str(out)) == before
