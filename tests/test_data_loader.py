@@ -171,6 +171,25 @@ def test_each_rank_reads_only_blocks_holding_its_rows(dataset):
         assert len(read) - len(set(read)) <= len(ld.plan.rank_streams(2, rank))
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_an_epoch_reads_each_block_once_apart_from_stream_boundaries(dataset, prefetch):
+    # Property 9: over one epoch, every block is fetched once, plus at most one re-read per stream
+    # boundary (a block cut by a boundary serves two streams at steps far apart). prefetch 0 once
+    # re-read every shared block at every step: the blocks were freed before the next step claimed them.
+    root, _ = dataset
+    st = CountingStorage(root)
+    with TokenLoader(st, seed=3, global_batch=8, layout=4, prefetch_steps=prefetch) as ld:
+        S = ld.steps_per_epoch
+        it = ld.iter_batches(0)
+        for _ in range(S):
+            next(it)
+        epoch0 = set().union(*(ld.plan.step_rows(s).blocks.tolist() for s in range(S)))
+        nxt = set().union(*(ld.plan.step_rows(S + s).blocks.tolist() for s in range(prefetch + 1)))
+    # reads of epoch 0's blocks, plus the next epoch's first steps that the window planned ahead
+    assert len(st.reads) <= len(epoch0) + (ld.layout - 1) + len(nxt)
+    assert max(st.reads.count(r) for r in set(st.reads)) <= 2 + (1 if nxt else 0)
+
+
 def test_first_batch_at_step_zero_and_deep_in_training_cost_the_same(tmp_path):
     # uniform blocks of 4 rows, G = C = 8, N = 128: S = 16 divides 10**6, so step 10**6 is at t = 0
     root = str(tmp_path / "uniform")

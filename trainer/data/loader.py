@@ -194,6 +194,7 @@ class _Pipeline:
         self._assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-assemble")
         self.window: deque[tuple[int, Future]] = deque()
         self.next_step = int(start_step)
+        self._finished: int | None = None  # a consumed step whose blocks are not yet released
         self.closed = False
 
     def next(self) -> Batch:
@@ -203,13 +204,23 @@ class _Pipeline:
             self._submit()
         step, fut = self.window.popleft()
         batch = fut.result()
-        self.cache.release_through(step)
+        # Free this step's blocks only once the next step has claimed the ones it shares with it;
+        # with no later step planned yet (prefetch_steps=0) that waits for the next _submit.
+        self._finished = step
+        if self.window:
+            self._release_finished()
         return batch
+
+    def _release_finished(self) -> None:
+        if self._finished is not None:
+            self.cache.release_through(self._finished)
+            self._finished = None
 
     def _submit(self) -> None:
         step, self.next_step = self.next_step, self.next_step + 1
         rows = self.plan.step_rows(step, self.loader.world_size, self.loader.rank)
         slots, fetches = self.cache.acquire(rows.blocks, step)
+        self._release_finished()
         shard, seq = self.plan.sequences(rows.blocks, rows.rows)
         sequences = list(zip(shard.tolist(), seq.tolist()))
         self.window.append((step, self._assembler.submit(self._assemble, rows, slots, fetches, sequences)))
