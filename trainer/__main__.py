@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.loop import TrainingDiverged, train
     try:
-        train(cfg, args.config)
+        train(cfg)
     except (FileNotFoundError, ValueError, FormatError, StorageError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)  # DataStateError and config problems are ValueErrors
         return 1

@@ -72,7 +72,7 @@ def setup_logging(d: parallel.Dist) -> None:
                         format=f"%(asctime)s [rank {d.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def train(cfg: Config, config_path: str | None = None) -> dict:
+def train(cfg: Config) -> dict:
     # ---- processes and device. FLA's kernels on CPU need the Triton interpreter, set before fla is imported.
     if not torch.cuda.is_available():
         from models import cpu_triton
@@ -80,12 +80,12 @@ def train(cfg: Config, config_path: str | None = None) -> dict:
     d = parallel.init()
     setup_logging(d)
     try:
-        return _train(cfg, d, config_path)
+        return _train(cfg, d)
     finally:
         parallel.shutdown()
 
 
-def _train(cfg: Config, d: parallel.Dist, config_path: str | None) -> dict:
+def _train(cfg: Config, d: parallel.Dist) -> dict:
     from models import build
     from models.flops import flops_per_token, peak_flops, six_n
     from shardgen.storage import open_storage
@@ -154,11 +154,13 @@ def _train(cfg: Config, d: parallel.Dist, config_path: str | None) -> dict:
     # ---- resume
     ckpt = Checkpointer(os.path.join(out, "ckpt"), cfg.checkpoint.keep, d)
     state = ckpt.load_latest(model, optimizer)
-    start_step, skipped = 0, 0
+    start_step, skipped, best_val = 0, 0, None
     if state is not None:
         start_step = loader.check_state(state["loader"])
         skipped = int(state.get("skipped_steps", 0))
-        log.info("resumed from %s at step %d (saved by %d ranks, now %d)", state["path"], start_step, state.get("world_size", -1), d.world_size)
+        best_val = state.get("best_val_loss")
+        log.info("resumed from %s at step %d (saved by %d ranks, now %d)", state["path"], start_step,
+                 state.get("world_size", -1), d.world_size)
 
     val_rows = None
     if cfg.data.val_shards and cfg.train.eval_every > 0:
@@ -179,7 +181,7 @@ def _train(cfg: Config, d: parallel.Dist, config_path: str | None) -> dict:
     from shardgen.progress import Progress
     bar = Progress(cfg.train.max_steps - start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress)
     step, bad_in_a_row, last_saved = start_step, 0, None
-    val_loss = best_val = None
+    val_loss = None
     step_times, tps_list = [], []
     t_run = time.perf_counter()
     batches = loader.iter_batches(start_step=start_step)
@@ -225,9 +227,9 @@ def _train(cfg: Config, d: parallel.Dist, config_path: str | None) -> dict:
             bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
                        (f" val {val_loss:.4f}" if val_loss is not None else ""))
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_saved = _save(ckpt, step, model, optimizer, loader, skipped)
+                last_saved = _save(ckpt, step, model, optimizer, loader, skipped, best_val)
         if cfg.checkpoint.at_end and step > start_step and (last_saved is None or not last_saved.endswith(f"{step:06d}")):
-            last_saved = _save(ckpt, step, model, optimizer, loader, skipped)
+            last_saved = _save(ckpt, step, model, optimizer, loader, skipped, best_val)
     finally:
         batches.close()
         loader.close()
@@ -260,9 +262,10 @@ def _latest_name(ckpt: Checkpointer) -> str | None:
     return found[-1] if found else None
 
 
-def _save(ckpt, step, model, optimizer, loader, skipped) -> str:
+def _save(ckpt, step, model, optimizer, loader, skipped, best_val) -> str:
     t = time.perf_counter()
-    path = ckpt.save(step, model, optimizer, {"loader": loader.state_dict(step), "skipped_steps": skipped})
+    path = ckpt.save(step, model, optimizer, {"loader": loader.state_dict(step), "skipped_steps": skipped,
+                                              "best_val_loss": best_val})
     log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t)
     return path
 
