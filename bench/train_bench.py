@@ -98,7 +98,7 @@ def run_ours(args) -> dict:
                       f"train.max_steps={total}", f"train.micro_batch={args.batch}", "train.eval_every=0",
                       "optim.lr=3e-4", "optim.min_lr=3e-5", f"optim.warmup={args.warmup}", "optim.clip=1.0",
                       "checkpoint.at_end=false", "checkpoint.every=0", "parallel.mode=none",
-                      f"run.out_dir={out}", "run.tensorboard=false", "run.progress=true",
+                      f"run.out_dir={out}", "run.tensorboard=false", "run.progress=true", "run.progress_every=0",
                       f"train.compile={'true' if args.compile else 'false'}"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -176,3 +176,18 @@ def test_bad_model_config_errors(tmp_path):
         build.load_config(str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="vocab_size 32000 is smaller"):
         build.load_config("configs/demo_gla.json", vocab_size=50000)
+
+
+def test_gla_varlen_equals_separate_documents():
+    """What data.varlen feeds the model: packed documents + cu_seqlens act like separate sequences."""
+    config = build.load_config({"model_type": "gla", "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 1,
+                                "expand_k": 0.5, "vocab_size": VOCAB, "fuse_cross_entropy": False})
+    model = build.build_model(config, "cpu", seed=0).eval()
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(1, VOCAB, (n,), generator=g) for n in (20, 7, 37)]
+    cu = torch.tensor([0, 20, 27, 64], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat(docs)[None], cu_seqlens=cu).logits[0]
+        for doc, a in zip(docs, cu[:-1].tolist()):
+            torch.testing.assert_close(packed[a:a + len(doc)], model(input_ids=doc[None]).logits[0],
+                                       atol=1e-4, rtol=1e-4)

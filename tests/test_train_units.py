@@ -116,3 +116,23 @@ def test_activation_checkpointing_gives_the_same_step():
     assert l0 == pytest.approx(l1, abs=1e-6) and n0 == pytest.approx(n1, rel=1e-5)
     for a, b in zip(p0, p1):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_validation_rows_are_the_first_m_sequences_split_across_ranks(tmp_path):
+    import numpy as np
+
+    from shardgen.format import decode_block, read_manifest
+    from shardgen.storage import LocalStorage
+    from tests.train_support import make_shards
+    from trainer.evaluate import load_val_rows
+    root = make_shards(str(tmp_path / "val"), sequences=24, seq_len=16, rows_per_block=5, shards=2)
+    st = LocalStorage(root)
+    m = read_manifest(st)
+    everything = np.concatenate([decode_block(st.read_range(s.name, b.offset, b.length), b, m, s.name)
+                                 for s in m.shards for b in s.blocks])
+    one = load_val_rows(root, 14, Dist())
+    assert one.equal(torch.from_numpy(everything[:14].astype(np.int64)))
+    halves = [load_val_rows(root, 14, Dist(rank=r, world_size=2)) for r in (0, 1)]
+    assert torch.cat(halves).equal(one)
+    thirds = [load_val_rows(root, 14, Dist(rank=r, world_size=3)) for r in range(3)]
+    assert torch.cat(thirds).equal(one[:12])  # 14 // 3 = 4 each: equal forward passes on every rank

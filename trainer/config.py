@@ -80,6 +80,7 @@ class RunConfig:
     out_dir: str = "runs/demo"
     tensorboard: bool = True
     progress: bool = True
+    progress_every: float = 10.0  # seconds between progress lines when stderr is not a terminal
     peak_tflops: float | None = None  # accelerator peak for MFU; None: looked up from the device name
 
 

@@ -179,7 +179,8 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     # ---- the loop
     metrics = MetricsLog(out, d.is_main, start_step, tensorboard=cfg.run.tensorboard)
     from shardgen.progress import Progress
-    bar = Progress(cfg.train.max_steps - start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress)
+    bar = Progress(cfg.train.max_steps - start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress,
+                   log_every=cfg.run.progress_every)
     step, bad_in_a_row, last_saved = start_step, 0, None
     val_loss = None
     step_times, tps_list = [], []
