@@ -65,9 +65,11 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 
 def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = True) -> nn.Module:
     """Shard or replicate `model` (already on d.device, or on meta for fsdp)."""
+    if mode == "none" and d.world_size > 1:
+        import logging
+        logging.getLogger("trainer").info("parallel.mode=none under %d processes: using ddp", d.world_size)
+        mode = "ddp"
     if mode == "none":
-        if d.world_size > 1:
-            raise ValueError(f"parallel.mode=none with {d.world_size} processes: use parallel.mode=ddp or fsdp")
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
