@@ -18,14 +18,15 @@ STEPS = 8
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-data")
     return {"shards": make_shards(str(root / "shards"), sequences=96, seq_len=32),
+            "val": make_shards(str(root / "val"), sequences=8, seq_len=32, seed=9),
             "model": tiny_model_json(str(root / "gla.json"))}
 
 
 def config(tmp_path, ds, mode, out):
     return write_toml(str(tmp_path / f"{out}.toml"), {
         "model": {"config": ds["model"]},
-        "data": {"shards": ds["shards"], "global_batch": 4, "seed": 5},
-        "train": {"max_steps": STEPS, "micro_batch": 2},
+        "data": {"shards": ds["shards"], "global_batch": 4, "seed": 5, "val_shards": ds["val"], "val_sequences": 4},
+        "train": {"max_steps": STEPS, "micro_batch": 2, "eval_every": 4},
         "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup": 2},
         "checkpoint": {"every": 2, "keep": 3},
         "parallel": {"mode": mode},
@@ -53,8 +54,10 @@ def kill_after(tmp_path, cfg, out_dir, lines: int):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_killed_two_process_run_resumes_on_one_and_on_two(tmp_path, data, mode):
     run_trainer(str(tmp_path), config(tmp_path, data, mode, "full"), nproc=2)
-    full = [r["loss"] for r in read_metrics(str(tmp_path / "full"))]
-    assert len(full) == STEPS
+    full_records = read_metrics(str(tmp_path / "full"))
+    full = [r["loss"] for r in full_records]
+    full_val = [r["val_loss"] for r in full_records if "val_loss" in r]
+    assert len(full) == STEPS and len(full_val) == 2
 
     cfg = config(tmp_path, data, mode, "killed")
     kill_after(tmp_path, cfg, str(tmp_path / "killed"), lines=5)
@@ -71,3 +74,5 @@ def test_killed_two_process_run_resumes_on_one_and_on_two(tmp_path, data, mode):
         assert [r["step"] for r in records] == list(range(STEPS)), out
         for r, ref in zip(records, full):
             assert abs(r["loss"] - ref) < 1e-5, (out, r["step"], r["loss"], ref)
+        val = [r["val_loss"] for r in records if "val_loss" in r]  # validation is reduced across ranks
+        assert len(val) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(val, full_val)), (out, val, full_val)
