@@ -218,4 +218,5 @@ class DocumentReader:
                         self._bad_record(f"{p.url}: row group {g} row {r}", f"{key!r} is null")
                     else:
                         yield text
-                self.bytes_done = reader.raw.tell()
+                rg = pf.metadata.row_group(g)  # progress in the same unit as the plan: compressed bytes
+                self.bytes_done += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))

@@ -101,6 +101,9 @@ def test_parquet_column_checks(tmp_path, tiny_tokenizer):
     pq.write_table(pa.table({"text": [1, 2]}), str(tmp_path / "q.parquet"))
     with pytest.raises(InputError, match=r"q\.parquet: column 'text' is int64, not a string column"):
         build(tmp_path, [tmp_path / "q.parquet"], tiny_tokenizer, overwrite=True)
+    write_parquet(str(tmp_path / "n.parquet"), ["good one", None, "good two"], row_group_size=2)
+    with pytest.raises(InputError, match=r"n\.parquet: row group 0 row 1: 'text' is null.*--skip-bad"):
+        build(tmp_path, [tmp_path / "n.parquet"], tiny_tokenizer, overwrite=True)
 
 
 def test_text_key_for_jsonl(tmp_path, tiny_tokenizer):
