@@ -142,7 +142,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
                       skip_bad=opts.skip_bad, fingerprint=doc["fingerprint"])
     node = f" node {opts.node_rank}/{opts.num_nodes}:" if opts.num_nodes > 1 else ""
     print(f"shardgen:{node} {len(files)} input files, {len(tasks)} tasks ({len(mine)} on this node, "
-          f"{len(mine) - len(todo)} already done), {opts.workers} workers", file=log)
+          f"{len(mine) - len(todo)} already done), {min(opts.workers, max(1, len(todo)))} workers", file=log)
     start = time.perf_counter()
     records.update(_run_pool(todo, ts, opts, log))
     elapsed = time.perf_counter() - start
