@@ -70,7 +70,9 @@ def simulate_fetches(plan: Plan, index: BlockIndex, *, world_size: int, rank: in
         submitted = 0
         for step in range(steps):
             while submitted <= step + prefetch_steps:
-                _, fills = cache.acquire(plan.step_rows(submitted, world_size, rank).blocks, submitted)
+                rows = plan.step_rows(submitted, world_size, rank)
+                keep = plan.block_last_use(rows.epoch, rows.blocks, world_size, rank)
+                _, fills = cache.acquire(rows.blocks, submitted, keep)
                 for f in fills:
                     f.result()
                 submitted += 1
@@ -90,7 +92,8 @@ def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
     local = plan.global_batch // args.world_size
     slot_bytes = index.max_rows * index.row_bytes
     batch_bytes = local * manifest.seq_len * (8 + manifest.np_dtype.itemsize)  # int64 tensor + gather buffer
-    bound_blocks = min(plan.num_blocks, local * (args.prefetch_steps + 1))
+    # the window's blocks, plus one kept per stream boundary of this rank until its last use
+    bound_blocks = min(plan.num_blocks, local * (args.prefetch_steps + 1) + len(plan.rank_streams(args.world_size, args.rank)))
     block_bytes_total = sum(blk.length for _, _, blk in index.refs)
     st = {
         "sequences": plan.num_sequences, "blocks": plan.num_blocks, "global_batch": plan.global_batch,

@@ -9,10 +9,12 @@ Memory is bounded by what is planned, not by the dataset: a block lives from the
 needs it (at most `prefetch_steps` ahead) until the last planned step that needs it has been
 assembled; its slot is then reused. Slots are handed out lowest first, so the memory touched is the
 peak number of blocks alive at once: about one block per local stream, twice that for the few steps
-around an epoch boundary, never more than local_batch x (prefetch_steps + 1) blocks.
+around an epoch boundary, never more than local_batch x (prefetch_steps + 1) blocks plus one per
+local stream (the blocks kept for a later stream, below).
 
-The one re-read: a block that a stream boundary cuts in two is used by two streams at steps far
-apart, so it is fetched twice (at most once per stream per epoch), rather than held for an epoch.
+A block that a stream boundary cuts in two serves the end of one stream and the start of the next,
+at steps far apart: the loader keeps it alive until its last use in the epoch (`Plan.block_last_use`),
+so each block is fetched once per epoch, for at most one extra block per stream boundary of memory.
 """
 from __future__ import annotations
 
@@ -123,9 +125,12 @@ class BlockCache:
         self._last_step = np.full(len(index.refs), -1, dtype=np.int64)  # last acquiring step
         self._live = np.empty(0, dtype=np.int64)  # ids of the blocks alive
 
-    def acquire(self, blocks: np.ndarray, step: int) -> tuple[np.ndarray, list[Future]]:
+    def acquire(self, blocks: np.ndarray, step: int, keep_until: np.ndarray | None = None
+                ) -> tuple[np.ndarray, list[Future]]:
         """Slots of `blocks` for `step` (steps come in increasing order) and the futures of the fills
-        started for blocks that were not alive. Earlier steps' futures cover the other blocks."""
+        started for blocks that were not alive. Earlier steps' futures cover the other blocks.
+        `keep_until` (per block): keep the block alive until that step even if no step planned so
+        far needs it (the plan's last use of a block cut by a stream boundary)."""
         new = np.unique(blocks[self._slot[blocks] < 0])
         futures = []
         for b in new.tolist():
@@ -134,7 +139,7 @@ class BlockCache:
             futures.append(self._pool.submit(self._fill, b, self.slab.view(slot)))
         if len(new):
             self._live = np.concatenate([self._live, new])
-        self._last_step[blocks] = step
+        self._last_step[blocks] = step if keep_until is None else np.maximum(step, keep_until)
         return self._slot[blocks], futures
 
     def release_through(self, step: int) -> None:

@@ -219,7 +219,8 @@ class _Pipeline:
     def _submit(self) -> None:
         step, self.next_step = self.next_step, self.next_step + 1
         rows = self.plan.step_rows(step, self.loader.world_size, self.loader.rank)
-        slots, fetches = self.cache.acquire(rows.blocks, step)
+        keep = self.plan.block_last_use(rows.epoch, rows.blocks, self.loader.world_size, self.loader.rank)
+        slots, fetches = self.cache.acquire(rows.blocks, step, keep)
         self._release_finished()
         shard, seq = self.plan.sequences(rows.blocks, rows.rows)
         sequences = list(zip(shard.tolist(), seq.tolist()))

@@ -151,6 +151,22 @@ class Plan:
             rows.append(r)
         return np.concatenate(blocks), np.concatenate(rows)
 
+    def block_last_use(self, epoch: int, blocks: np.ndarray, world_size: int = 1, rank: int = 0) -> np.ndarray:
+        """For each block (of `epoch`, used by this rank), the last step of the epoch at which this rank
+        needs one of its rows. A block cut by a stream boundary serves the end of one stream and the
+        start of the next: its last use is near the epoch's end, so a reader that keeps it until then
+        fetches every block once per epoch (property 9) at the cost of one block per stream boundary."""
+        order = self.epoch(epoch)
+        streams = self.rank_streams(world_size, rank)
+        L, k, S = self.stream_length, self.items_per_stream, self.steps_per_epoch
+        blocks = np.asarray(blocks, dtype=np.int64)
+        first = order.starts[order.inverse[blocks]]
+        lo = np.maximum(first, streams.start * L)
+        hi = np.minimum(first + self.block_rows[blocks] - 1, streams.stop * L - 1)
+        t = (hi - (hi // L) * L) // k  # the step of the block's last row in the last stream it reaches
+        t = np.where(lo // L < hi // L, np.maximum(t, (L - 1) // k), t)  # earlier streams: used to their end
+        return epoch * S + np.minimum(t, S - 1)
+
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """All N sequences of an epoch in order, as (block, row). O(N): for tests and tools."""
         return self.locate(epoch, np.arange(self.num_sequences, dtype=np.int64))
@@ -191,6 +207,15 @@ class _EpochOrder:
         self.table_row = np.full(plan.num_blocks, -1, dtype=np.int64)
         self.table = np.empty((plan.row_table_blocks, plan.max_block_rows), dtype=np.int32)
         self.used = 0
+        self._inverse: np.ndarray | None = None
+
+    @property
+    def inverse(self) -> np.ndarray:
+        """Slot of each block in this epoch's permutation (O(B) once, only if asked for)."""
+        if self._inverse is None:
+            self._inverse = np.empty_like(self.perm)
+            self._inverse[self.perm] = np.arange(len(self.perm))
+        return self._inverse
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         slot = np.searchsorted(self.starts, positions, side="right") - 1
