@@ -79,10 +79,12 @@ def train(cfg: Config) -> dict:
         cpu_triton.enable()
     d = parallel.init()
     setup_logging(d)
-    try:
-        return _train(cfg, d)
-    finally:
-        parallel.shutdown()
+    summary = _train(cfg, d)
+    # Leave together, then tear down: a rank destroying its process group while another still talks to it
+    # can abort. After an error we skip both (a collective with a failed rank would hang) and just exit.
+    parallel.barrier(d)
+    parallel.shutdown()
+    return summary
 
 
 def _train(cfg: Config, d: parallel.Dist) -> dict:
