@@ -43,7 +43,8 @@ def final_weights(out_dir):
 
 def test_loss_goes_down_and_run_dir_is_complete(tmp_path, data):
     cfg = config(tmp_path, data, train={"max_steps": 14, "eval_every": 7},
-                 data={"val_shards": data["val"], "val_sequences": 8}, checkpoint={"every": 0})
+                 data={"val_shards": data["val"], "val_sequences": 8}, checkpoint={"every": 0},
+                 run={"peak_tflops": 0.001})  # a made-up peak, so that MFU is computed on a CPU
     run_trainer(str(tmp_path), cfg)
     out = str(tmp_path / "out")
     records = read_metrics(out)
@@ -54,6 +55,9 @@ def test_loss_goes_down_and_run_dir_is_complete(tmp_path, data):
                 "skipped_steps"):
         assert key in records[0]
     assert records[-1]["tokens"] == 14 * 4 * 32
+    summary_flops = json.load(open(os.path.join(str(tmp_path / "out"), "summary.json")))["flops_per_token"]
+    for r in records:
+        assert r["mfu"] == pytest.approx(summary_flops * r["tokens_per_s"] / 1e9, rel=1e-9)
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(vals) == 2 and vals[1] < vals[0]
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -157,3 +161,10 @@ def test_varlen_training_runs(tmp_path, data):
     run_trainer(str(tmp_path), cfg)
     records = read_metrics(str(tmp_path / "out"))
     assert len(records) == 3 and all(r["loss"] == r["loss"] for r in records)
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path, data):
+    cfg = config(tmp_path, data, train={"max_steps": 2})
+    run_trainer(str(tmp_path), cfg)
+    p = run_trainer(str(tmp_path), cfg, "train.max_steps=4", "data.global_batch=8", check=False)
+    assert p.returncode == 1 and "global batch changed (4 -> 8" in p.stderr
