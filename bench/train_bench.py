@@ -197,7 +197,7 @@ def main() -> int:
     args = p.parse_args()
     faulthandler.dump_traceback_later(600, repeat=True)  # a stuck cold compile shows where it is
     if args.shards is None:
-        seqs = (args.warmup + args.steps + 2) * args.batch * 2
+        seqs = (args.warmup + args.steps + 2) * args.batch * 4  # enough blocks for one stream per row of the batch
         args.shards = write_synthetic_shards(os.path.join(args.dir, f"shards-{args.seq_len}"), seqs, args.seq_len, 32000)
     if args.case:
         import torch
