@@ -51,7 +51,7 @@ def main() -> int:
     args = p.parse_args()
     from bench.train_bench import write_synthetic_shards
     shards = args.shards or write_synthetic_shards(os.path.join(args.dir, f"shards-{args.seq_len}"),
-                                                   args.batch * (args.steps + 2) * 2, args.seq_len, 32000)
+                                                   args.batch * (args.steps + 2) * 8, args.seq_len, 32000)
     base = [f"model.config={args.model}", f"data.shards={shards}", "data.val_shards=none",
             f"data.global_batch={args.batch}", f"train.max_steps={args.steps}",
             f"train.micro_batch={args.batch // args.nproc}", "train.eval_every=0", f"checkpoint.every={args.every}",
