@@ -219,8 +219,8 @@ def main() -> None:
     print(f"first batch at step 0: {first0['first_batch_s'] * 1e3:.1f} ms, {first0['blocks_read']} blocks read; "
           f"at step {first_deep['start_step']}: {first_deep['first_batch_s'] * 1e3:.1f} ms, "
           f"{first_deep['blocks_read']} blocks read")
-    print(f"loader: {loader['blocks_read']} block reads for one epoch of {n_blocks} blocks (re-reads at "
-          f"stream boundaries, and the next epoch's first {args.prefetch_steps} steps prefetched)")
+    print(f"loader: {loader['blocks_read']} block reads for one epoch of {n_blocks} blocks (each once, "
+          f"plus the blocks of the next epoch's first {args.prefetch_steps} steps, prefetched)")
     print(f"loader: peak {loader['peak_live_blocks']} live blocks x {loader['slot_bytes'] / mib:.2f} MiB + "
           f"{args.prefetch_steps + 1} batches = {bound / mib:.0f} MiB expected")
     summary = {
