@@ -168,3 +168,16 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, data):
     run_trainer(str(tmp_path), cfg)
     p = run_trainer(str(tmp_path), cfg, "train.max_steps=4", "data.global_batch=8", check=False)
     assert p.returncode == 1 and "global batch changed (4 -> 8" in p.stderr
+
+
+def test_resume_keeps_the_first_launchs_layout_and_s3_out_dir_is_refused(tmp_path, data):
+    # The layout is fixed at the first launch: a resume that does not repeat data.layout takes the
+    # checkpoint's (instead of the default = global batch, which the loader would refuse).
+    cfg = config(tmp_path, data, train={"max_steps": 2}, data={"layout": 2}, checkpoint={"every": 0})
+    run_trainer(str(tmp_path), cfg)
+    p = run_trainer(str(tmp_path), cfg, "train.max_steps=3", "data.layout=none")
+    assert "resumed from" in p.stderr and [s for s, _ in losses(str(tmp_path / "out"))] == [0, 1, 2]
+    p = run_trainer(str(tmp_path), cfg, "train.max_steps=4", "data.layout=4", check=False)
+    assert p.returncode == 1 and "layout changed (2 -> 4" in p.stderr
+    p = run_trainer(str(tmp_path), cfg, "run.out_dir=s3://bucket/run", check=False)
+    assert p.returncode == 1 and "run.out_dir=s3://bucket/run: checkpoints to object storage are not supported" in p.stderr

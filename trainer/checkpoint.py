@@ -143,6 +143,17 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
 
     # ------------------------------------------------------------------ load
+    def latest_loader_state(self) -> dict | None:
+        """The loader state of the newest checkpoint with a readable train_state.json (no checksums:
+        the run's data settings, such as its layout, are the same in all its checkpoints)."""
+        for path in reversed(list_checkpoints(self.root)):
+            try:
+                with open(os.path.join(path, STATE_NAME)) as f:
+                    return json.load(f)["loader"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return None
+
     def load_latest(self, model, optimizer) -> dict | None:
         """Load the newest checkpoint that is complete and intact; None if there is none at all.
 

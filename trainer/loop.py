@@ -97,6 +97,9 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     out = cfg.run.out_dir
+    if "://" in out:
+        raise ValueError(f"run.out_dir={out}: checkpoints to object storage are not supported yet; use a local "
+                         f"or shared-filesystem directory (data.shards and data.val_shards may be s3://)")
     if d.is_main:
         os.makedirs(out, exist_ok=True)
     parallel.barrier(d)
@@ -106,9 +109,17 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     if "://" not in shards and not os.path.isdir(shards):
         raise FileNotFoundError(f"data.shards={shards}: no such directory (make one with `make shards` or "
                                 f"`python -m shardgen INPUT --output {shards} --tokenizer ...`)")
-    loader = TokenLoader(shards, seed=cfg.data.seed, global_batch=cfg.data.global_batch, layout=cfg.data.layout,
-                         world_size=d.world_size, rank=d.rank, prefetch_steps=cfg.data.prefetch_steps,
-                         varlen=cfg.data.varlen)
+    def make_loader(layout):
+        return TokenLoader(shards, seed=cfg.data.seed, global_batch=cfg.data.global_batch, layout=layout,
+                           world_size=d.world_size, rank=d.rank, prefetch_steps=cfg.data.prefetch_steps,
+                           varlen=cfg.data.varlen)
+
+    # The layout is fixed at the first launch: a resumed run without data.layout takes the checkpoint's.
+    ckpt = Checkpointer(os.path.join(out, "ckpt"), cfg.checkpoint.keep, d)
+    layout = cfg.data.layout
+    if layout is None:
+        layout = (ckpt.latest_loader_state() or {}).get("layout")
+    loader = make_loader(layout)
     manifest = loader.manifest
     seq_len = manifest.seq_len
     micro = cfg.train.micro_batch or loader.local_batch
@@ -154,7 +165,6 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     lr_at = schedule.from_config(cfg.optim, cfg.train.max_steps)
 
     # ---- resume
-    ckpt = Checkpointer(os.path.join(out, "ckpt"), cfg.checkpoint.keep, d)
     state = ckpt.load_latest(model, optimizer)
     start_step, skipped, best_val = 0, 0, None
     if state is not None:
