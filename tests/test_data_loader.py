@@ -289,7 +289,7 @@ def test_state_dict_and_its_refusals(dataset, tmp_path):
     cases = [
         (dict(shards=other, global_batch=8, layout=4), r"dataset changed \(manifest hash"),
         (dict(shards=root, global_batch=16, layout=4), r"global batch changed \(8 -> 16 sequences\): keep global_batch=8"),
-        (dict(shards=root, global_batch=8, layout=8), r"layout changed \(4 -> 8\): construct the loader with layout"),
+        (dict(shards=root, global_batch=8, layout=8), r"layout changed \(4 -> 8\): the layout is fixed at a run.s first launch; use layout 4"),
     ]
     for kw, msg in cases:
         with TokenLoader(kw.pop("shards"), seed=5, **kw) as ld:

@@ -156,8 +156,9 @@ class TokenLoader:
                            f"sequences): keep global_batch={state['global_batch']} (change the micro-batch "
                            f"or gradient accumulation instead)")
         if int(state["layout"]) != self.layout:
-            changed.append(f"layout changed ({state['layout']} -> {self.layout}): construct the "
-                           f"loader with layout=state['layout'] ({state['layout']})")
+            changed.append(f"layout changed ({state['layout']} -> {self.layout}): the layout is fixed at a "
+                           f"run's first launch; use layout {state['layout']} (trainer: data.layout="
+                           f"{state['layout']}, or leave data.layout unset to take the checkpoint's)")
         if changed:
             raise DataStateError("cannot resume this data state: " + "; ".join(changed)
                                  + ". Or start a new run (a fresh data order).")
