@@ -69,6 +69,7 @@ test: $(VENV)/.stamp
 bench: setup
 	$(PY) bench/shardgen_bench.py
 	$(PY) bench/loader_bench.py
+	$(PY) bench/s3_bench.py
 
 s3-up: $(VENV)/.stamp
 	$(PY) -m shardgen.s3server up --dir .s3
