@@ -130,3 +130,16 @@ def tree_bytes(out: str) -> dict[str, bytes]:
             p = os.path.join(dirpath, n)
             files[os.path.relpath(p, out)] = open(p, "rb").read()
     return files
+
+
+SEQ = 16
+
+
+def build_options(inputs, out, tok, **kw):
+    """BuildOptions for the tests' tiny datasets: short sequences, tiny blocks and tasks, one worker."""
+    import io
+
+    from shardgen.build import BuildOptions
+    base = dict(seq_len=SEQ, block_bytes=128, task_bytes=1500, workers=1, progress=False, log=io.StringIO())
+    base.update(kw)
+    return BuildOptions(inputs=list(inputs), output=str(out), tokenizer=tok, **base)

@@ -2,7 +2,6 @@
 killed rerun that does not upload again what is stored and verified, no credentials in its output."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -11,22 +10,17 @@ import time
 
 import pytest
 
-from shardgen.build import BuildOptions, run_build
+from shardgen.build import run_build
 from shardgen.s3 import S3Storage
 from shardgen.tasks import record_name
-from shardgen_testlib import (ROOT_DIR, UNICODE_DOCS, make_docs, tiny_tokenizer, tree_bytes, write_jsonl,
+from shardgen_testlib import (SEQ, build_options,
+                              ROOT_DIR, UNICODE_DOCS, make_docs, tiny_tokenizer, tree_bytes, write_jsonl,
                               write_parquet, write_txt)
 from tests.s3_fixtures import s3_client_env
 from trainer.data import TokenLoader
 
 __all__ = ["tiny_tokenizer"]
-SEQ = 16
-
-
-def opts(inputs, out, tok, **kw):
-    base = dict(seq_len=SEQ, block_bytes=128, task_bytes=1500, workers=1, progress=False, log=io.StringIO())
-    base.update(kw)
-    return BuildOptions(inputs=list(inputs), output=str(out), tokenizer=tok, **base)
+opts = build_options
 
 
 @pytest.fixture(scope="module")

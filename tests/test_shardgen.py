@@ -1,6 +1,5 @@
 """shardgen build: round trip for every input format, byte-identical output whatever the workers
 or nodes, crash and rerun, settings fingerprint."""
-import io
 import os
 import signal
 import subprocess
@@ -10,22 +9,17 @@ import time
 import numpy as np
 import pytest
 
-from shardgen.build import BuildOptions, node_from_env, run_build
+from shardgen.build import node_from_env, run_build
 from shardgen.format import FormatError, read_manifest
 from shardgen.merge import BuildError, merge
 from shardgen.storage import LocalStorage
-from shardgen_testlib import (ROOT_DIR, UNICODE_DOCS, check_round_trip, encoder, expected_stream, make_docs,
+from shardgen_testlib import (SEQ, build_options,
+                              ROOT_DIR, UNICODE_DOCS, check_round_trip, encoder, expected_stream, make_docs,
                               read_dataset, task_records, tiny_tokenizer, tree_bytes, write_jsonl, write_parquet,
                               write_txt)
 
 __all__ = ["tiny_tokenizer"]
-SEQ = 16
-
-
-def opts(inputs, out, tok, **kw):
-    base = dict(seq_len=SEQ, block_bytes=128, task_bytes=1500, workers=1, progress=False, log=io.StringIO())
-    base.update(kw)
-    return BuildOptions(inputs=list(inputs), output=str(out), tokenizer=tok, **base)
+opts = build_options
 
 
 @pytest.fixture(scope="module")
