@@ -43,7 +43,7 @@ def memory() -> dict:
     return out
 
 
-def write_shards(root: str, tokens: int, seq_len: int, blocks_per_shard: int) -> None:
+def write_shards(root: str, tokens: int, seq_len: int, blocks_per_shard: int, block_bytes: int | None = None) -> None:
     import numpy as np
 
     from shardgen.format import Manifest, ShardWriter, rows_per_block
@@ -53,7 +53,7 @@ def write_shards(root: str, tokens: int, seq_len: int, blocks_per_shard: int) ->
     rng = np.random.default_rng(0)
     pool = (rng.zipf(1.2, size=1 << 23) % VOCAB).astype(np.uint16)
     pool[rng.random(pool.size) < 1 / 600] = EOS
-    rows = rows_per_block(seq_len, "uint16")
+    rows = rows_per_block(seq_len, "uint16", *([block_bytes] if block_bytes else []))
     n_blocks = max(1, tokens // (rows * seq_len))
     os.makedirs(root, exist_ok=True)
     shards, bar = [], Progress(n_blocks, "writing shards", unit="blocks")

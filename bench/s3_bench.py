@@ -111,6 +111,8 @@ def main() -> int:
     ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--prefetch-steps", type=int, default=4)
     ap.add_argument("--steps", type=int, default=0, help="loader steps per backend (0: one epoch)")
+    ap.add_argument("--block-bytes", type=int, default=None,
+                    help="raw bytes per block of the loader dataset (default: the format's 256 KiB)")
     ap.add_argument("--shardgen-mb", type=int, default=32, help="jsonl input size for the shardgen runs (0: skip)")
     ap.add_argument("--workers", type=int, default=2, help="shardgen worker processes")
     ap.add_argument("--corpus", default=os.path.join(ROOT, "data", "shakespeare"))
@@ -124,11 +126,12 @@ def main() -> int:
 
     work = args.workdir or tempfile.mkdtemp(prefix="s3bench-")
     os.makedirs(work, exist_ok=True)
-    res = {"tokens_target": args.tokens, "seq_len": args.seq_len, "global_batch": args.global_batch}
+    res = {"tokens_target": args.tokens, "seq_len": args.seq_len, "global_batch": args.global_batch,
+           "block_bytes": args.block_bytes}
     try:
         local = os.path.join(work, "shards")
         if not os.path.exists(os.path.join(local, "manifest.json")):
-            write_shards(local, args.tokens, args.seq_len, blocks_per_shard=256)
+            write_shards(local, args.tokens, args.seq_len, blocks_per_shard=256, block_bytes=args.block_bytes)
         shutil.rmtree(os.path.join(work, "s3"), ignore_errors=True)  # a fresh server: nothing already uploaded
         with LocalS3(os.path.join(work, "s3")) as server:
             for k in AWS_VARS:  # only this server, whatever the user's AWS setup says
