@@ -212,6 +212,7 @@ def validate(cfg: Config, where: str) -> None:
     need(cfg.data.global_batch > 0, "data.global_batch", "must be > 0")
     need(cfg.train.max_steps > 0, "train.max_steps", "must be > 0")
     need(cfg.train.micro_batch is None or cfg.train.micro_batch > 0, "train.micro_batch", "must be > 0")
+    need(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1 (0 would stop after the first step)")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be between 0 and optim.lr")
     need(cfg.optim.warmup >= 0, "optim.warmup", "must be >= 0")
