@@ -72,10 +72,17 @@ def split_url(url: str) -> tuple[Storage, str]:
 
 
 class StorageFile(io.RawIOBase):
-    """A seekable read-only file over Storage.read_range (pread locally, ranged GETs on S3)."""
+    """A seekable read-only file over Storage.read_range (pread locally, ranged GETs on S3).
+    With `close_storage`, closing the file closes the storage too (it was opened for this file alone)."""
 
-    def __init__(self, storage: Storage, name: str, size: int):
+    def __init__(self, storage: Storage, name: str, size: int, close_storage: bool = False):
         self.storage, self.name, self.size, self.pos = storage, name, size, 0
+        self.close_storage = close_storage
+
+    def close(self):
+        if not self.closed and self.close_storage:
+            self.storage.close()  # LocalStorage keeps an open descriptor per file it has read
+        super().close()
 
     def readable(self):
         return True
@@ -105,10 +112,11 @@ def open_input(url: str) -> tuple[io.BufferedReader, int]:
     storage, name = split_url(url)
     try:
         size = storage.size(name)
-        raw = StorageFile(storage, name, size)
+        raw = StorageFile(storage, name, size, close_storage=True)
         if size:
             storage.read_range(name, 0, 1)  # fail here, with the file's name, if it is unreadable
     except (StorageError, OSError) as e:
+        storage.close()
         raise InputError(f"{url}: cannot read ({getattr(e, 'strerror', None) or e}); fix its permissions or "
                          f"remove it from the inputs") from None
     return io.BufferedReader(raw, READ_BUFFER), size
@@ -180,8 +188,8 @@ def list_inputs(specs: list[str]) -> tuple[list[InputFile], list[str]]:
 def _parquet_groups(f: InputFile, task_bytes: int) -> list[Piece]:
     import pyarrow.parquet as pq
     try:
-        reader, _ = open_input(f.url)
-        meta = pq.ParquetFile(reader).metadata
+        with open_input(f.url)[0] as reader:
+            meta = pq.ParquetFile(reader).metadata
     except Exception:  # noqa: BLE001 - a damaged file is reported, with its name, when its task reads it
         return [Piece(f.url, f.kind, 0, -1, f.size)]
     pieces, start, acc = [], 0, 0

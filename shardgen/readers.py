@@ -188,11 +188,15 @@ class DocumentReader:
                 self._bad_file(self.piece.url, f"damaged {self.piece.kind} stream{after} ({e})")
 
     def _parquet(self) -> Iterator[str]:
+        reader, _ = open_input(self.piece.url)
+        with reader:  # closed on every path, the early returns and errors included
+            yield from self._parquet_rows(reader)
+
+    def _parquet_rows(self, reader) -> Iterator[str]:
         import pyarrow as pa
         import pyarrow.parquet as pq
         p, key = self.piece, self.key
         try:
-            reader, _ = open_input(p.url)
             pf = pq.ParquetFile(reader)
             schema = pf.schema_arrow
         except (pa.ArrowException, OSError) as e:
@@ -206,17 +210,16 @@ class DocumentReader:
             raise InputError(f"{p.url}: column {key!r} is {typ}, not a string column; --text-key names the "
                              f"text column")
         end = pf.metadata.num_row_groups if p.end < 0 else p.end
-        with reader:
-            for g in range(p.start, end):
-                try:
-                    values = pf.read_row_group(g, columns=[key]).column(0).to_pylist()
-                except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
-                    self._bad_file(p.url, f"row group {g} does not read ({e})")
-                    return
-                for r, text in enumerate(values):
-                    if text is None:
-                        self._bad_record(f"{p.url}: row group {g} row {r}", f"{key!r} is null")
-                    else:
-                        yield text
-                rg = pf.metadata.row_group(g)  # progress in the same unit as the plan: compressed bytes
-                self.bytes_done += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+        for g in range(p.start, end):
+            try:
+                values = pf.read_row_group(g, columns=[key]).column(0).to_pylist()
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+                self._bad_file(p.url, f"row group {g} does not read ({e})")
+                return
+            for r, text in enumerate(values):
+                if text is None:
+                    self._bad_record(f"{p.url}: row group {g} row {r}", f"{key!r} is null")
+                else:
+                    yield text
+            rg = pf.metadata.row_group(g)  # progress in the same unit as the plan: compressed bytes
+            self.bytes_done += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))

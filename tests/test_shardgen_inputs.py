@@ -165,3 +165,26 @@ def test_hub_name_fails_clearly_without_the_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(TokenizerError, match=r"some-org/some-tokenizer: .*hub could not provide it"):
         load_tokenizer("some-org/some-tokenizer")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+def test_reading_inputs_leaves_no_file_open(tmp_path):
+    # A worker reads every file of its tasks: one descriptor kept per file ran it out of descriptors
+    # ("Too many open files") on inputs of a few thousand files.
+    from shardgen.inputs import pieces_of
+    from shardgen.readers import DocumentReader
+    write_jsonl(str(tmp_path / "a.jsonl"), GOOD)
+    write_jsonl(str(tmp_path / "b.jsonl.zst"), GOOD)
+    write(str(tmp_path / "c.txt"), b"one document")
+    write_parquet(str(tmp_path / "d.parquet"), GOOD)
+    write_parquet(str(tmp_path / "e.parquet"), GOOD, key="body")  # refused: no 'text' column
+    write(str(tmp_path / "f.parquet"), b"PAR1 junk PAR1")
+    files, _ = list_inputs([str(tmp_path)])
+    before = len(os.listdir("/proc/self/fd"))
+    for f in files:
+        for piece in pieces_of(f, 100):
+            try:
+                list(DocumentReader(piece, skip_bad=True))
+            except InputError:
+                pass
+    assert len(os.listdir("/proc/self/fd")) == before
