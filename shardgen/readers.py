@@ -13,11 +13,11 @@ import io
 import json
 import zlib
 from dataclasses import dataclass, fields
-from typing import Iterator
+from typing import Callable, Iterator
 
 import zstandard
 
-from shardgen.inputs import InputError, Piece, open_input
+from shardgen.inputs import READ_BUFFER, InputError, Piece, open_input
 
 SKIP_RECORD = "pass --skip-bad to skip bad records"
 SKIP_FILE = "pass --skip-bad to skip the rest of a damaged file"
@@ -101,9 +101,10 @@ class DocumentReader:
         self.counts.input_bytes += p.nbytes
 
     # --- bad input
-    def _bad_record(self, where: str, what: str) -> None:
+    def _bad_record(self, where: str | Callable[[], str], what: str) -> None:
+        """`where` may be a function: it runs only for the error (finding a line number can read the file)."""
         if not self.skip_bad:
-            raise InputError(f"{where}: {what}; fix the input or {SKIP_RECORD}")
+            raise InputError(f"{where() if callable(where) else where}: {what}; fix the input or {SKIP_RECORD}")
         self.counts.bad_records += 1
 
     def _bad_file(self, where: str, what: str) -> None:
@@ -153,12 +154,16 @@ class DocumentReader:
         if n >= 0:
             return f"{self.piece.url}:{n}"
         reader, _ = open_input(self.piece.url)  # only on error: count lines up to the byte offset
+        line, left = 1, -n
         with reader:
-            line = reader.read(-n).count(b"\n") + 1
+            while left > 0 and (chunk := reader.read(min(left, READ_BUFFER))):
+                line += chunk.count(b"\n")
+                left -= len(chunk)
         return f"{self.piece.url}:{line}"
 
     def _jsonl(self) -> Iterator[str]:
         key, n = self.key, 0
+        where = lambda: self._where(n)  # noqa: E731 - the line of the current record, found only for an error
         reader, _ = open_input(self.piece.url)
         with reader:
             try:
@@ -168,21 +173,21 @@ class DocumentReader:
                     try:
                         rec = json.loads(line)
                     except UnicodeDecodeError as e:
-                        self._bad_record(self._where(n), f"invalid UTF-8 ({e.reason} at byte {e.start} of the line)")
+                        self._bad_record(where, f"invalid UTF-8 ({e.reason} at byte {e.start} of the line)")
                         continue
                     except json.JSONDecodeError as e:
-                        self._bad_record(self._where(n), f"invalid JSON ({e.msg} at column {e.colno})")
+                        self._bad_record(where, f"invalid JSON ({e.msg} at column {e.colno})")
                         continue
                     text = rec.get(key) if isinstance(rec, dict) else None
                     if isinstance(text, str):
                         yield text
                     elif not isinstance(rec, dict):
-                        self._bad_record(self._where(n), f"a JSON {type(rec).__name__}, not an object")
+                        self._bad_record(where, f"a JSON {type(rec).__name__}, not an object")
                     elif key not in rec:
-                        self._bad_record(self._where(n), f"no field {key!r} (fields: {', '.join(list(rec)[:8])}; "
-                                                         f"--text-key names the text field)")
+                        self._bad_record(where, f"no field {key!r} (fields: {', '.join(list(rec)[:8])}; "
+                                                f"--text-key names the text field)")
                     else:
-                        self._bad_record(self._where(n), f"field {key!r} is {type(text).__name__}, not a string")
+                        self._bad_record(where, f"field {key!r} is {type(text).__name__}, not a string")
             except DAMAGE as e:
                 after = f" after line {n}" if n and n > 0 else ""
                 self._bad_file(self.piece.url, f"damaged {self.piece.kind} stream{after} ({e})")

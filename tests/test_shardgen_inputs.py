@@ -188,3 +188,24 @@ def test_reading_inputs_leaves_no_file_open(tmp_path):
             except InputError:
                 pass
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_skip_bad_does_not_reread_the_file_for_line_numbers(tmp_path, monkeypatch):
+    # In a byte range after the first, a line number means counting lines from the file's start: only
+    # an error needs one. With --skip-bad each bad record reread the file up to it (quadratic).
+    import shardgen.readers as readers
+    from shardgen.inputs import Piece
+    docs = make_docs(40, seed=7)
+    data = jsonl_bytes(docs[:20]) + b"{oops\n" * 5 + jsonl_bytes(docs[20:])
+    path = write(str(tmp_path / "big.jsonl"), data)
+    start = len(jsonl_bytes(docs[:10]))
+    piece = Piece(path, ".jsonl", start, len(data), len(data) - start)
+    opened = []
+    real_open = readers.open_input
+    monkeypatch.setattr(readers, "open_input", lambda url: opened.append(url) or real_open(url))
+    reader = readers.DocumentReader(piece, skip_bad=True)
+    assert list(reader) == docs[10:] and reader.counts.bad_records == 5
+    assert len(opened) == 1
+    monkeypatch.setattr(readers, "READ_BUFFER", 7)  # the line count reads the file in pieces
+    with pytest.raises(InputError, match=r"big\.jsonl:21: invalid JSON"):
+        list(readers.DocumentReader(piece))
