@@ -188,13 +188,15 @@ def _summary(log, records, manifest, elapsed, opts, storage) -> None:
               f"`python -m shardgen merge {opts.output}`", file=log)
 
 
-def node_from_env(env=os.environ) -> tuple[int, int]:
-    """(node rank, node count) from SLURM or torchrun-style variables; (0, 1) when none are set."""
+def node_from_env(env=os.environ, node_rank: int | None = None, num_nodes: int | None = None) -> tuple[int, int]:
+    """(node rank, node count): each from its flag when given, else from SLURM or torchrun-style
+    variables; (0, 1) when none are set."""
     for rank_key, size_keys in (("SLURM_PROCID", ("SLURM_NTASKS",)), ("NODE_RANK", ("NNODES", "NUM_NODES")),
                                 ("GROUP_RANK", ("GROUP_WORLD_SIZE",))):
         if rank_key in env:
             size = next((env[k] for k in size_keys if k in env), None)
-            if size is None:
+            if size is None and num_nodes is None:
                 raise BuildError(f"{rank_key} is set but none of {', '.join(size_keys)}: pass --num-nodes")
-            return int(env[rank_key]), int(size)
-    return 0, 1
+            return (int(env[rank_key]) if node_rank is None else node_rank,
+                    int(size) if num_nodes is None else num_nodes)
+    return 0 if node_rank is None else node_rank, 1 if num_nodes is None else num_nodes

@@ -83,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_build(argv: list[str]) -> int:
     from shardgen.build import BuildOptions, node_from_env, run_build
     a = build_parser().parse_args(argv)
-    rank, nodes = node_from_env()
-    if a.node_rank is not None or a.num_nodes is not None:
-        rank, nodes = a.node_rank or 0, a.num_nodes or 1
+    rank, nodes = node_from_env(os.environ, a.node_rank, a.num_nodes)
     run_build(BuildOptions(inputs=a.inputs, output=a.output, tokenizer=a.tokenizer, seq_len=a.seq_len,
                            workers=a.workers, text_key=a.text_key, block_bytes=a.block_bytes,
                            shard_bytes=a.shard_bytes, task_bytes=a.task_bytes, zstd_level=a.zstd_level,

@@ -96,6 +96,27 @@ def test_node_rank_from_environment():
         node_from_env({"NODE_RANK": "2"})
 
 
+def test_node_flags_override_the_environment_one_by_one(monkeypatch, tmp_path):
+    # Each flag replaces only its own variable: `--num-nodes 4` under SLURM keeps SLURM_PROCID (it
+    # made every node rank 0), and the `pass --num-nodes` advice works.
+    import shardgen.build
+    from shardgen.cli import main
+    seen = []
+    monkeypatch.setattr(shardgen.build, "run_build", lambda opts: seen.append((opts.node_rank, opts.num_nodes)))
+    for key in ("SLURM_PROCID", "SLURM_NTASKS", "NODE_RANK", "NNODES", "NUM_NODES", "GROUP_RANK",
+                "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    args = ["in.jsonl", "--output", str(tmp_path / "o"), "--tokenizer", "tok"]
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    assert main(args + ["--num-nodes", "4"]) == 0 and main(args + ["--node-rank", "1"]) == 0
+    monkeypatch.delenv("SLURM_NTASKS")
+    assert main(args + ["--num-nodes", "4"]) == 0
+    monkeypatch.delenv("SLURM_PROCID")
+    assert main(args + ["--num-nodes", "4"]) == 0 and main(args) == 0
+    assert seen == [(2, 4), (1, 3), (2, 4), (0, 4), (0, 1)]
+
+
 def test_shard_size_limit_rolls_shards(tmp_path, corpus, tiny_tokenizer):
     d, docs = corpus
     run_build(opts([str(d)], tmp_path / "out", tiny_tokenizer, task_bytes=1 << 20, shard_bytes=2000))
