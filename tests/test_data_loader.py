@@ -142,6 +142,8 @@ def test_cli_rejects_bad_arguments_clearly(dataset):
     assert r.returncode == 2 and "argument --global-batch: 0 is not a positive integer" in r.stderr
     r = cli("stats", "--shards", root + "-missing", "--global-batch", "8")
     assert r.returncode == 2 and "manifest.json not found" in r.stderr
+    r = cli("stats", "--shards", "s3://", "--global-batch", "8")  # settings of the storage, not a traceback
+    assert r.returncode == 2 and r.stderr.startswith("error: 's3://' is not an s3://bucket/prefix URL"), r.stderr
     r = cli("stats", "--shards", root, "--global-batch", "8", "--prefetch-steps", "2")
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout.splitlines()[-1])
