@@ -38,11 +38,12 @@ def _worker_main(wid: int, s: TaskSettings, tasks, results) -> None:
         try:
             record = worker.run(task)
         except Exception as e:  # noqa: BLE001 - every failure goes back to the parent
+            tb = "".join(traceback.format_exception(e))
             try:
-                pickle.dumps(e)
+                pickle.loads(pickle.dumps(e))  # some exceptions pickle but do not unpickle
             except Exception:  # noqa: BLE001
-                e = WorkerError(f"task {task.index}: {''.join(traceback.format_exception(e))}")
-            results.put(("error", wid, task.index, e))
+                e = WorkerError(f"task {task.index}: {tb}")
+            results.put(("error", wid, task.index, e, tb))
             return
         results.put(("done", wid, task.index, record))
 
@@ -90,8 +91,9 @@ def run_tasks(todo, s: TaskSettings, workers: int, on_progress) -> dict[int, dic
             elif kind == "done":
                 running.pop(msg[1], None)
                 done[msg[2]] = msg[3]
-            else:
-                raise msg[3]
+            else:  # the pickled exception lost its traceback and task: they go with it as the cause
+                _, wid, task, error, tb = msg
+                raise error from WorkerError(f"task {task} failed in worker process {procs[wid].pid}:\n{tb}")
     finally:
         for p in procs:
             if p.is_alive():

@@ -242,3 +242,14 @@ def test_stale_temp_files_are_removed_on_rerun(tmp_path, corpus, tiny_tokenizer)
     res = run_build(opts([str(d)], out, tiny_tokenizer))
     assert res.ran == [3]
     assert tree_bytes(str(out)) == before
+
+
+def test_an_unexpected_worker_error_keeps_its_task_and_traceback(tmp_path, corpus, tiny_tokenizer):
+    d, _ = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_tmp").write_bytes(b"")  # a file where the staging folder goes: os.makedirs fails in the worker
+    with pytest.raises(FileExistsError) as e:
+        run_build(build_options([str(d)], out, tiny_tokenizer))
+    assert "task 0 failed in worker process" in str(e.value.__cause__)
+    assert "makedirs" in str(e.value.__cause__)  # the worker's traceback
