@@ -211,7 +211,8 @@ class S3Storage(Storage):
             return f"short read from {self.endpoint}: the response body was cut off ({e})"
         code, status = _error_code(e)
         if code:
-            return f"{code} (HTTP {status}) from {self.endpoint}"
+            said = e.response.get("Error", {}).get("Message")  # the server's reason, e.g. "Your key is too long."
+            return f"{code} (HTTP {status}) from {self.endpoint}" + (f": {said}" if said else "")
         return f"{type(e).__name__} from {self.endpoint}: {e}"
 
     def _explain(self, e: Exception, what: str) -> StorageError:

@@ -69,6 +69,14 @@ def test_missing_object_errors_name_it(storage):
     assert storage.exists("nope/manifest.json") is False
 
 
+def test_an_error_we_do_not_classify_carries_the_servers_reason(s3_url):
+    st = S3Storage(s3_url)
+    name = "k" * 2000  # S3 keys are at most 1024 bytes
+    with pytest.raises(StorageError) as e:
+        st.put_bytes(name, b"1")
+    assert st.where(name) in str(e.value) and "KeyTooLong" in str(e.value) and "too long" in str(e.value)
+
+
 def test_list_and_delete(storage):
     for name in ["b/2.tar", "a/1.tar", "a/0.tar", "manifest.json"]:
         storage.put_bytes(name, name.encode())
