@@ -136,3 +136,18 @@ def test_validation_rows_are_the_first_m_sequences_split_across_ranks(tmp_path):
     assert torch.cat(halves).equal(one)
     thirds = [load_val_rows(root, 14, Dist(rank=r, world_size=3)) for r in range(3)]
     assert torch.cat(thirds).equal(one[:12])  # 14 // 3 = 4 each: equal forward passes on every rank
+
+
+def test_prune_keeps_the_checkpoint_just_saved_when_a_newer_one_is_damaged(tmp_path):
+    # A run that fell back from a damaged step-000003 to step-000001 saves step-000002: with keep=1 that
+    # new checkpoint is the one to keep (the damaged one stays until the redone step 3 replaces it).
+    from trainer.checkpoint import Checkpointer, list_checkpoints
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1, d=Dist())
+    ckpt.save(1, model, opt, {})
+    os.makedirs(tmp_path / "ckpt" / "step-000003")  # damaged: no train_state.json
+    ckpt.save(2, model, opt, {})
+    assert [os.path.basename(p) for p in list_checkpoints(ckpt.root)] == ["step-000002", "step-000003"]
+    assert ckpt.load_latest(model, opt)["step"] == 2
+

@@ -122,7 +122,7 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            self._prune()
+            self._prune(final)
         barrier(self.d)
         return final
 
@@ -135,8 +135,11 @@ class Checkpointer:
         p = os.path.join(root, rel)
         return {"size": os.path.getsize(p), "crc32": _crc32(p)}
 
-    def _prune(self) -> None:
-        for path in list_checkpoints(self.root)[:-self.keep]:
+    def _prune(self, saved: str) -> None:
+        # Count only checkpoints up to the one just saved: a newer one is from before a fallback (it did
+        # not load) and must not push the new one out; the redone step replaces it.
+        found = list_checkpoints(self.root)
+        for path in found[:found.index(saved) + 1][:-self.keep]:
             shutil.rmtree(path, ignore_errors=True)
         for n in os.listdir(self.root):  # leftovers of runs killed while saving
             if n.endswith(".tmp") and os.path.isdir(os.path.join(self.root, n)):
