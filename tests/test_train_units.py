@@ -151,3 +151,36 @@ def test_prune_keeps_the_checkpoint_just_saved_when_a_newer_one_is_damaged(tmp_p
     assert [os.path.basename(p) for p in list_checkpoints(ckpt.root)] == ["step-000002", "step-000003"]
     assert ckpt.load_latest(model, opt)["step"] == 2
 
+
+def test_metrics_history_survives_a_failure_while_dropping_redone_steps(tmp_path, monkeypatch):
+    import builtins
+
+    from trainer import metrics
+    lines = "".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in range(6))
+    (tmp_path / "metrics.jsonl").write_text(lines)
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def writelines(self, _):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(metrics, "open", lambda p, mode="r": Full(real_open(p, mode)) if "w" in mode
+                        else real_open(p, mode), raising=False)
+    with pytest.raises(OSError, match="No space"):
+        metrics.MetricsLog(str(tmp_path), True, start_step=3, tensorboard=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == lines  # the resume failed, the history is intact
+    monkeypatch.undo()
+    log = metrics.MetricsLog(str(tmp_path), True, start_step=3, tensorboard=False)
+    log.log({"step": 3, "loss": 0.5})
+    log.close()
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [0, 1, 2, 3]
+

@@ -36,14 +36,23 @@ class MetricsLog:
         if not enabled:
             return
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and _step_of(line) < start_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            self._drop_from(start_step)
         self.file = open(self.path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step)
+
+    def _drop_from(self, start_step: int) -> None:
+        """Drop the lines of steps >= start_step. Written beside and renamed: a kill mid-way keeps the history."""
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if line.strip() and _step_of(line) < start_step]
+        if kept == lines:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
