@@ -184,3 +184,12 @@ def test_metrics_history_survives_a_failure_while_dropping_redone_steps(tmp_path
     log.close()
     assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [0, 1, 2, 3]
 
+
+def test_too_few_validation_sequences_for_the_ranks_names_the_fix(tmp_path):
+    from tests.train_support import make_shards
+    from trainer.evaluate import load_val_rows
+    root = make_shards(str(tmp_path / "val"), sequences=2, seq_len=16, rows_per_block=1, shards=1)
+    with pytest.raises(ValueError, match=r"val_sequences=1 \(.* holds 2\) is fewer than the 3 ranks: raise it"):
+        load_val_rows(root, 1, Dist(rank=0, world_size=3))
+    with pytest.raises(ValueError, match=r"holds 2\) is fewer than the 3 ranks: use a larger validation set"):
+        load_val_rows(root, 64, Dist(rank=0, world_size=3))  # raising data.val_sequences cannot help

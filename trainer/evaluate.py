@@ -28,7 +28,9 @@ def load_val_rows(url: str, count: int, d: Dist) -> torch.Tensor:
             count = total
         per_rank = count // d.world_size
         if per_rank == 0:
-            raise ValueError(f"data.val_sequences={count} is fewer than the {d.world_size} ranks: raise it")
+            fix = "raise it" if count < total else "use a larger validation set"
+            raise ValueError(f"data.val_sequences={count} ({url} holds {total}) is fewer than the {d.world_size} "
+                             f"ranks: {fix}")
         lo, hi = d.rank * per_rank, (d.rank + 1) * per_rank
         rows, seen = [], 0
         for s in manifest.shards:
