@@ -42,17 +42,24 @@ def verify_shard(storage: Storage, m: Manifest, shard: ShardInfo, progress: Prog
         hint = f"; block {first} onward is cut off" if first is not None else ""
         raise FormatError(f"{where}: {size} bytes, the manifest says {shard.bytes} (truncated or replaced "
                           f"shard{hint}); regenerate it")
-    tokens = documents = 0
+    # One pass over the file: each read is a block with the tar header(s) before it, hashed in file order.
+    tokens = documents = pos = 0
+    sha = hashlib.sha256()
     for i, b in enumerate(shard.blocks):
-        rows = decode_block(storage.read_range(shard.name, b.offset, b.length), b, m, f"{where} block {i}")
+        if b.offset < pos:
+            raise FormatError(f"{where} block {i}: the manifest puts it at {b.offset}, inside the block before "
+                              f"(ends at {pos}); regenerate the dataset")
+        data = storage.read_range(shard.name, pos, b.offset + b.length - pos)
+        sha.update(data)
+        rows = decode_block(data[b.offset - pos:], b, m, f"{where} block {i}")
+        pos = b.offset + b.length
         tokens += rows.size
         documents += int(np.count_nonzero(rows == m.eos_id))
         progress.update(b.length)
     if tokens != shard.tokens or documents != shard.documents:
         raise FormatError(f"{where}: blocks hold {tokens} tokens and {documents} separators, the manifest "
                           f"says {shard.tokens} and {shard.documents}")
-    sha = hashlib.sha256()
-    for off in range(0, size, CHUNK):
+    for off in range(pos, size, CHUNK):  # the end-of-archive blocks
         sha.update(storage.read_range(shard.name, off, min(CHUNK, size - off)))
     if sha.hexdigest() != shard.sha256:
         raise FormatError(f"{where}: sha256 mismatch outside the block data (tar headers or padding changed); "

@@ -48,6 +48,30 @@ def test_verify_names_the_block_with_a_flipped_byte(dataset, capsys):
     assert f"{shard.name} block 2: CRC32 mismatch" in capsys.readouterr().err
 
 
+def test_verify_reads_each_shard_byte_once(dataset, monkeypatch):
+    import shardgen.verify
+
+    class Counting(LocalStorage):
+        bytes_read = 0
+
+        def read_range(self, name, offset, length):
+            Counting.bytes_read += length
+            return super().read_range(name, offset, length)
+
+    monkeypatch.setattr(shardgen.verify, "_check_tar", lambda storage, shard: None)  # reads headers only
+    m = verify(Counting(str(dataset)), progress=False)
+    assert Counting.bytes_read == m.totals()["bytes"]  # checksums and sha256 from one read (it was the blocks twice)
+
+
+def test_verify_names_overlapping_blocks_in_the_manifest(dataset):
+    path = dataset / "manifest.json"
+    d = json.loads(path.read_bytes())
+    d["shards"][0]["blocks"][1][0] = d["shards"][0]["blocks"][0][0]
+    path.write_text(json.dumps(d))
+    with pytest.raises(FormatError, match=r"block 1: the manifest puts it at \d+, inside the block before"):
+        verify(LocalStorage(str(dataset)), progress=False)
+
+
 def test_verify_catches_a_flipped_header_byte(dataset):
     m, _ = read_dataset(str(dataset))
     path = dataset / m.shards[0].name
