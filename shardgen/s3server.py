@@ -138,13 +138,10 @@ class S3Server:
                 ports = json.load(f)
             if self.port is None or ports.get("s3.port") == self.port or self.pid() is not None:
                 return ports  # (a running server keeps its ports: start() will say it is running)
-        others = free_ports(len(PORT_FLAGS))
-        ports = dict(zip(PORT_FLAGS, others))
-        if self.port is not None:
-            if self.port in others:
-                others = free_ports(len(PORT_FLAGS) + 1)
-            ports = dict(zip(PORT_FLAGS[1:], [p for p in others if p != self.port]))
-            ports["s3.port"] = self.port
+        fresh = free_ports(len(PORT_FLAGS))
+        if self.port is not None:  # s3.port (PORT_FLAGS[0]); 10 distinct free ports leave 9 for the others
+            fresh = [self.port] + [p for p in fresh if p != self.port]
+        ports = dict(zip(PORT_FLAGS, fresh))
         with open(path, "w") as f:
             json.dump(ports, f)
         return ports
