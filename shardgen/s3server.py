@@ -141,10 +141,21 @@ class S3Server:
         fresh = free_ports(len(PORT_FLAGS))
         if self.port is not None:  # s3.port (PORT_FLAGS[0]); 10 distinct free ports leave 9 for the others
             fresh = [self.port] + [p for p in fresh if p != self.port]
-        ports = dict(zip(PORT_FLAGS, fresh))
-        with open(path, "w") as f:
+        return self._save_ports(dict(zip(PORT_FLAGS, fresh)))
+
+    def _save_ports(self, ports: dict[str, int]) -> dict[str, int]:
+        with open(self._path("ports.json"), "w") as f:
             json.dump(ports, f)
+        self.ports = ports
         return ports
+
+    def _replace_taken_internal_ports(self) -> None:
+        """Clients know only the S3 port; a weed-internal port that another program took since the
+        last start (they are ephemeral ports) gets a new free one instead of failing the start."""
+        taken = [k for k, p in self.ports.items() if k != "s3.port" and not _port_is_free(p)]
+        if taken:
+            fresh = [p for p in free_ports(len(taken) + len(self.ports)) if p not in self.ports.values()]
+            self._save_ports({**self.ports, **dict(zip(taken, fresh))})
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -169,6 +180,7 @@ class S3Server:
         if self.pid() is not None:
             raise S3ServerError(f"a server for {self.dir} is already running (pid {self.pid()}): "
                                 f"`python -m shardgen.s3server down --dir {self.dir}` first")
+        self._replace_taken_internal_ports()
         busy = [f"{k}={p}" for k, p in self.ports.items() if not _port_is_free(p)]
         if busy:
             raise S3ServerError(f"ports in use: {', '.join(busy)}; choose another --port "

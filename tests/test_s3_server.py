@@ -72,3 +72,18 @@ def test_start_failures_say_why(tmp_path, monkeypatch):
     monkeypatch.setattr(s3server, "find_weed", lambda: "/bin/false")
     with pytest.raises(S3ServerError, match=r"weed exited with status 1 while starting; log .*weed.log"):
         S3Server(str(tmp_path / "b")).start()
+
+
+def test_an_internal_port_taken_since_the_last_start_is_replaced(tmp_path):
+    # Clients know the S3 port only; weed's other ports are ephemeral ones recorded in ports.json at the
+    # first `up`, and any program may hold one by the next `up`: that must not stop the server starting.
+    server = S3Server(str(tmp_path / "s3"))
+    s3_port, master = server.ports["s3.port"], server.ports["master.port"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", master))
+        busy.listen()
+        with LocalS3(server.dir) as started:
+            assert started.ports["s3.port"] == s3_port and started.ports["master.port"] != master
+            assert len(set(started.ports.values())) == len(started.ports)
+            started.create_bucket("after-a-taken-port")
+    assert S3Server(server.dir).ports == started.ports  # recorded for `env` and `down`
