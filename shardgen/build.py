@@ -18,7 +18,7 @@ import zstandard
 
 from shardgen.format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, TOKENIZER_NAME, rows_per_block
 from shardgen.inputs import list_inputs, plan_hash, plan_tasks
-from shardgen.merge import SETTINGS_NAME, BuildError, merge, read_record, read_settings, remove_temp_files
+from shardgen.merge import SETTINGS_NAME, BuildError, merge, read_records, read_settings, remove_temp_files
 from shardgen.progress import Progress, human
 from shardgen.storage import Storage, open_storage
 from shardgen.tasks import TASKS_DIR, TaskSettings, canonical_json
@@ -132,7 +132,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
         storage.put_bytes(TOKENIZER_NAME, tok_bytes)
 
     mine = [t for t in tasks if t.index % opts.num_nodes == opts.node_rank]
-    records = {t.index: r for t in mine if (r := read_record(storage, t.index, doc["fingerprint"]))}
+    records = read_records(storage, [t.index for t in mine], doc["fingerprint"])
     todo = [t for t in mine if t.index not in records]
     remove_temp_files(storage, owned=lambda t: t % opts.num_nodes == opts.node_rank)
     s = doc["settings"]
@@ -146,7 +146,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
     start = time.perf_counter()
     records.update(_run_pool(todo, ts, opts, log))
     elapsed = time.perf_counter() - start
-    manifest = merge(storage) if opts.num_nodes == 1 else None
+    manifest = merge(storage, records) if opts.num_nodes == 1 else None
     _summary(log, [records[t.index] for t in mine], manifest, elapsed, opts, storage)
     storage.close()
     return BuildResult(tasks=len(tasks), skipped=len(mine) - len(todo), ran=[t.index for t in todo],

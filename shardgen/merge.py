@@ -24,16 +24,21 @@ def read_settings(storage: Storage) -> dict | None:
     return json.loads(storage.read(SETTINGS_NAME))
 
 
-def read_record(storage: Storage, task: int, fingerprint: str) -> dict | None:
-    """The completion record of `task`, or None if it is absent or from other settings."""
-    name = record_name(task)
-    if not storage.exists(name):
-        return None
-    try:
-        rec = json.loads(storage.read(name))
-    except ValueError:
-        return None  # cannot happen with atomic writes; treat as not done
-    return rec if rec.get("fingerprint") == fingerprint and rec.get("task") == task else None
+def read_records(storage: Storage, tasks, fingerprint: str) -> dict[int, dict]:
+    """{task: completion record} for those of `tasks` whose record is present and of these settings.
+    One listing of the records, then one read per record (not an existence check per task)."""
+    present = set(storage.list(TASKS_DIR + "/"))
+    records = {}
+    for task in tasks:
+        if record_name(task) not in present:
+            continue
+        try:
+            rec = json.loads(storage.read(record_name(task)))
+        except ValueError:
+            continue  # cannot happen with atomic writes; treat as not done
+        if rec.get("fingerprint") == fingerprint and rec.get("task") == task:
+            records[task] = rec
+    return records
 
 
 def _ranges(ids: list[int]) -> str:
@@ -47,19 +52,21 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(out)
 
 
-def build_manifest(storage: Storage, doc: dict) -> Manifest:
+def build_manifest(storage: Storage, doc: dict, known: dict[int, dict] | None = None) -> Manifest:
+    """The manifest from every task's record: those in `known` (read or written by this process
+    already, for these settings), the rest read from storage."""
     s, fp = doc["settings"], doc["fingerprint"]
-    records, missing = [], []
-    for t in range(s["num_tasks"]):
-        rec = read_record(storage, t, fp)
-        (missing.append(t) if rec is None else records.append(rec))
+    known = known or {}
+    rest = [t for t in range(s["num_tasks"]) if t not in known]
+    found = {**(read_records(storage, rest, fp) if rest else {}), **known}
+    missing = [t for t in range(s["num_tasks"]) if t not in found]
     if missing:
         raise BuildError(f"{storage}: {len(missing)} of {s['num_tasks']} tasks have no completion record "
                          f"in {TASKS_DIR}/: tasks {_ranges(missing)}. With --num-nodes n, task t belongs to "
                          f"node t % n: rerun the nodes that own them with the same arguments, then merge again")
     stats = Counts()
     shards: list[ShardInfo] = []
-    for rec in records:
+    for rec in (found[t] for t in range(s["num_tasks"])):
         stats.add(Counts(**rec["stats"]))
         shards.extend(ShardInfo.from_json(x) for x in rec["shards"])
     return Manifest(seq_len=s["seq_len"], dtype=s["dtype"], eos_id=s["eos_id"], bos_id=s["bos_id"],
@@ -67,13 +74,14 @@ def build_manifest(storage: Storage, doc: dict) -> Manifest:
                     stats={**stats.to_json(), "input_files": doc["input_files"], "tasks": s["num_tasks"]})
 
 
-def merge(storage: Storage) -> Manifest:
-    """Check every task record and the tokenizer, then write manifest.json (last, atomically)."""
+def merge(storage: Storage, known: dict[int, dict] | None = None) -> Manifest:
+    """Check every task record and the tokenizer, then write manifest.json (last, atomically).
+    `known`: records this process holds already (see build_manifest)."""
     doc = read_settings(storage)
     if doc is None:
         raise BuildError(f"{storage}: no {SETTINGS_NAME}: nothing was built here (run shardgen with "
                          f"--output {storage} first)")
-    manifest = build_manifest(storage, doc)
+    manifest = build_manifest(storage, doc, known)
     want = doc["tokenizer"]["sha256"]
     if not storage.exists(TOKENIZER_NAME) or hashlib.sha256(storage.read(TOKENIZER_NAME)).hexdigest() != want:
         raise BuildError(f"{storage.where(TOKENIZER_NAME)} is missing or is not the tokenizer the shards were "

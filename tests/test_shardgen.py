@@ -166,6 +166,29 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path, corpus, tiny_toke
     assert again.ran == [] and again.skipped == again.tasks
 
 
+def test_task_records_are_read_once_per_build(tmp_path, corpus, tiny_tokenizer, monkeypatch):
+    # A record costs a request on S3: the build knows what it wrote, so its merge reads none again,
+    # and a rerun reads each once, after one listing (not an existence check per task).
+    d, _ = corpus
+    calls = []
+
+    def counted(method):
+        real = getattr(LocalStorage, method)
+        return lambda self, name: calls.append((method, name)) or real(self, name)
+
+    for method in ("exists", "read"):
+        monkeypatch.setattr(LocalStorage, method, counted(method))
+
+    def record_calls():
+        return sorted((m, n) for m, n in calls if n.startswith("_tasks/0"))
+
+    first = run_build(opts([str(d)], tmp_path / "out", tiny_tokenizer))
+    assert first.tasks > 1 and record_calls() == []
+    calls.clear()
+    run_build(opts([str(d)], tmp_path / "out", tiny_tokenizer))
+    assert record_calls() == [("read", f"_tasks/{t:05d}.json") for t in range(first.tasks)]
+
+
 def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, corpus, tiny_tokenizer):
     d, _ = corpus
     run_build(opts([str(d)], tmp_path / "ref", tiny_tokenizer))
