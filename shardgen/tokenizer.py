@@ -117,7 +117,13 @@ def load_tokenizer(spec: str, eos_token: str | None = None, bos_token: str | Non
     config = {}
     if config_path:
         with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+            try:
+                config = json.load(f)
+            except ValueError as e:
+                raise TokenizerError(f"{config_path}: not valid JSON ({e}); fix or remove it (it names the "
+                                     f"EOS and BOS tokens; --eos-token and --bos-token can instead)") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{config_path}: not a JSON object; fix or remove it")
     eos, eos_id = _pick(tok, eos_token, _token_name(config.get("eos_token")), EOS_CANDIDATES, "EOS",
                         "--eos-token", path)
     bos, bos_id = (None, None)

@@ -159,6 +159,18 @@ def test_tokenizer_choices(tmp_path, tiny_tokenizer):
         load_tokenizer(str(tmp_path / "x" / "y" / "z"))
 
 
+def test_a_broken_tokenizer_config_is_named(tmp_path, tiny_tokenizer):
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(open(os.path.join(tiny_tokenizer, "tokenizer.json"), "rb").read())
+    (d / "tokenizer_config.json").write_text('{"eos_token": ')
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: not valid JSON.*fix or remove it"):
+        load_tokenizer(str(d))
+    (d / "tokenizer_config.json").write_text('["eos"]')
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: not a JSON object"):
+        load_tokenizer(str(d))
+
+
 def test_hub_name_fails_clearly_without_the_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants
