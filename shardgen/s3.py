@@ -50,6 +50,10 @@ _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 _HASH_CHUNK = 1 << 20
 
 
+class S3ConfigError(StorageError, ValueError):
+    """A bad s3:// URL or SHARDGEN_S3_* setting: a StorageError, so the CLIs print it as an error line."""
+
+
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -57,9 +61,9 @@ def _env_float(name: str, default: float) -> float:
     try:
         v = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
+        raise S3ConfigError(f"{name}={raw!r} is not a number") from None
     if v <= 0:
-        raise ValueError(f"{name}={raw!r} must be positive")
+        raise S3ConfigError(f"{name}={raw!r} must be positive")
     return v
 
 
@@ -76,10 +80,10 @@ class S3Settings:
     def from_env(cls) -> "S3Settings":
         addressing = os.environ.get("SHARDGEN_S3_ADDRESSING", "auto") or "auto"
         if addressing not in ("auto", "path", "virtual"):
-            raise ValueError(f"SHARDGEN_S3_ADDRESSING={addressing!r}: use auto, path or virtual")
+            raise S3ConfigError(f"SHARDGEN_S3_ADDRESSING={addressing!r}: use auto, path or virtual")
         part_mb = _env_float("SHARDGEN_S3_PART_MB", 16)
         if part_mb < 5:
-            raise ValueError(f"SHARDGEN_S3_PART_MB={part_mb:g}: S3 multipart parts are at least 5 MiB")
+            raise S3ConfigError(f"SHARDGEN_S3_PART_MB={part_mb:g}: S3 multipart parts are at least 5 MiB")
         return cls(addressing=addressing,
                    connect_timeout=_env_float("SHARDGEN_S3_CONNECT_TIMEOUT", 5.0),
                    read_timeout=_env_float("SHARDGEN_S3_READ_TIMEOUT", 30.0),
@@ -93,9 +97,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     u = urlparse(str(url))
     if "@" in u.netloc or ":" in u.netloc:  # never echo what may be a secret
         shown = f"s3://***@{u.netloc.rsplit('@', 1)[-1]}{u.path}"
-        raise ValueError(f"{shown}: put credentials in AWS_* variables or a profile, not in the URL")
+        raise S3ConfigError(f"{shown}: put credentials in AWS_* variables or a profile, not in the URL")
     if u.scheme != "s3" or not u.netloc:
-        raise ValueError(f"{url!r} is not an s3://bucket/prefix URL")
+        raise S3ConfigError(f"{url!r} is not an s3://bucket/prefix URL")
     return u.netloc, u.path.lstrip("/")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -194,6 +196,13 @@ def test_addressing_and_settings_from_env(s3_env, monkeypatch):
     monkeypatch.setenv("SHARDGEN_S3_READ_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="SHARDGEN_S3_READ_TIMEOUT"):
         S3Storage("s3://bucket/x")
+    # a StorageError too, so the CLIs print one error line (they were tracebacks)
+    with pytest.raises(StorageError, match="SHARDGEN_S3_READ_TIMEOUT"):
+        S3Storage("s3://bucket/x")
+    r = subprocess.run([sys.executable, "-m", "shardgen", "verify", "s3://"], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 1 and "shardgen verify: error: 's3://' is not an s3://bucket/prefix URL" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_urls():

@@ -10,7 +10,7 @@ from shardgen.progress import human
 from shardgen.storage import StorageError, open_storage
 from trainer.data.fetch import BlockCache, BlockIndex
 from trainer.data.loader import plan_for
-from trainer.data.plan import Plan
+from trainer.data.plan import Plan, PlanError
 
 
 def _nonneg(s: str) -> int:
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                 cmd_stats(args, plan, manifest, BlockIndex(manifest))
         finally:
             storage.close()
-    except (ValueError, FormatError, StorageError) as e:  # ValueError: PlanError, a bad s3:// URL or SHARDGEN_S3_*
+    except (PlanError, FormatError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `| head` closed the pipe: not an error
