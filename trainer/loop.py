@@ -90,7 +90,6 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, d: parallel.Dist) -> dict:
     from models import build
     from models.flops import flops_per_token, peak_flops, six_n
-    from shardgen.storage import open_storage
     from trainer.data import TokenLoader
 
     torch.manual_seed(cfg.model.seed)
@@ -134,7 +133,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     else:
         model_config = build.load_config(cfg.model.config, vocab_size=manifest.tokenizer.get("vocab_size"))
     if d.is_main:  # before adapt_to_device: the run dir keeps the user's model config, unedited
-        _write_run_files(cfg, out, model_config, manifest, open_storage, shards)
+        _write_run_files(cfg, out, model_config, loader)
     build.adapt_to_device(model_config, d.device)
     if not cfg.model.init_from:
         init_device = cfg.model.init_device
@@ -195,7 +194,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
                    log_every=cfg.run.progress_every)
     step, bad_in_a_row, last_saved = start_step, 0, None
     val_loss = None
-    step_times, tps_list = [], []
+    tps_list = []
     t_run = time.perf_counter()
     batches = loader.iter_batches(start_step=start_step)
     try:
@@ -219,7 +218,6 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
                             step, loss, grad_norm, bad_in_a_row)
             step += 1
             tps = tokens_per_step / dt
-            step_times.append(dt)
             tps_list.append(tps)
             record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens": step * tokens_per_step, "tokens_per_s": tps,
@@ -283,18 +281,15 @@ def _save(ckpt, step, model, optimizer, loader, skipped, best_val) -> str:
     return path
 
 
-def _write_run_files(cfg: Config, out: str, model_config, manifest, open_storage, shards: str) -> None:
+def _write_run_files(cfg: Config, out: str, model_config, loader) -> None:
     """The resolved config, the model config, the tokenizer and its special ids: enough to export from out_dir."""
     with open(os.path.join(out, "config.toml"), "w") as f:
         f.write(to_toml(cfg))
     model_config.to_json_file(os.path.join(out, "model.json"))
+    manifest, storage = loader.manifest, loader.storage  # the loader's open storage: no second connection
     with open(os.path.join(out, "data.json"), "w") as f:
-        json.dump({"shards": shards, "seq_len": manifest.seq_len, "eos_id": manifest.eos_id,
+        json.dump({"shards": cfg.data.shards, "seq_len": manifest.seq_len, "eos_id": manifest.eos_id,
                    "bos_id": manifest.bos_id, "tokenizer": manifest.tokenizer}, f, indent=1)
-    storage = open_storage(shards)
-    try:
-        if storage.exists("tokenizer.json"):
-            with open(os.path.join(out, "tokenizer.json"), "wb") as f:
-                f.write(storage.read("tokenizer.json"))
-    finally:
-        storage.close()
+    if storage.exists("tokenizer.json"):
+        with open(os.path.join(out, "tokenizer.json"), "wb") as f:
+            f.write(storage.read("tokenizer.json"))
