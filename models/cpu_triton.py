@@ -17,12 +17,6 @@ CHECKED_TRITON = ("3.9.",)
 _enabled = False
 
 
-def needed() -> bool:
-    """True when there is no CUDA device: FLA kernels then need the interpreter."""
-    import torch
-    return not torch.cuda.is_available()
-
-
 def enable() -> None:
     """Switch Triton to its interpreter and patch it for FLA. Idempotent."""
     global _enabled
