@@ -91,7 +91,7 @@ def six_n(model: nn.Module) -> float:
     return 6.0 * count_parameters(model)
 
 
-# Dense bf16 peak of accelerators (vendor spec sheets), for MFU. Anything else: set metrics.peak_tflops.
+# Dense bf16 peak of accelerators (vendor spec sheets), for MFU. Anything else: set run.peak_tflops.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "B200": 2250.0}
 
 
