@@ -193,6 +193,16 @@ def test_an_epoch_reads_each_block_once_apart_from_stream_boundaries(dataset, pr
     assert len(st.reads[:len(epoch0)]) == len(set(st.reads[:len(epoch0)]))
 
 
+def test_the_dropped_tail_is_logged_where_it_is(dataset, caplog):
+    # N = 46, C = 4 streams of L = 11, k = 2 per step: S = 5 steps use 10 of each stream, and 46 - 44
+    # sequences come after the last stream; the log once said "the last 6 sequences"
+    root, _ = dataset
+    with caplog.at_level("INFO", logger="trainer.data"):
+        TokenLoader(root, seed=0, global_batch=8, layout=4).close()
+    assert ("5 steps per epoch; 6 sequences of each epoch's order are dropped (2 after the last stream, "
+            "1 at the end of each of the 4 streams)") in caplog.text
+
+
 def test_first_batch_at_step_zero_and_deep_in_training_cost_the_same(tmp_path):
     # uniform blocks of 4 rows, G = C = 8, N = 128: S = 16 divides 10**6, so step 10**6 is at t = 0
     root = str(tmp_path / "uniform")

@@ -90,9 +90,11 @@ class TokenLoader:
         self.index = BlockIndex(self.manifest)
         self._pipelines: list[_Pipeline] = []
         p = self.plan
-        log.info("%s: %d sequences in %d blocks; global batch %d, layout %d: %d steps per epoch, "
-                 "the last %d sequences of each epoch's order are dropped", self.storage, p.num_sequences,
-                 p.num_blocks, p.global_batch, p.layout, p.steps_per_epoch, p.dropped_per_epoch)
+        log.info("%s: %d sequences in %d blocks; global batch %d, layout %d: %d steps per epoch; %d sequences "
+                 "of each epoch's order are dropped (%d after the last stream, %d at the end of each of the %d "
+                 "streams)", self.storage, p.num_sequences, p.num_blocks, p.global_batch, p.layout,
+                 p.steps_per_epoch, p.dropped_per_epoch, p.num_sequences - p.layout * p.stream_length,
+                 p.stream_length - p.steps_per_epoch * p.items_per_stream, p.layout)
 
     @property
     def layout(self) -> int:
