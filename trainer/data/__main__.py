@@ -81,19 +81,19 @@ def simulate_fetches(plan: Plan, index: BlockIndex, *, world_size: int, rank: in
         cache.close()
     compressed = sum(index.refs[b][2].length for b in fetched)
     return {"steps": submitted, "blocks": len(fetched), "compressed_bytes": compressed,
-            "peak_live_blocks": cache.slab.peak}
+            "peak_live_blocks": cache.slab.peak, "slot_bytes": cache.slab.slot_bytes}
 
 
 def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
-    plan.rank_streams(args.world_size, args.rank)
+    streams = plan.rank_streams(args.world_size, args.rank)
     steps = min(args.sample_steps, plan.steps_per_epoch)
     sim = simulate_fetches(plan, index, world_size=args.world_size, rank=args.rank,
                            prefetch_steps=args.prefetch_steps, steps=steps)
     local = plan.global_batch // args.world_size
-    slot_bytes = index.max_rows * index.row_bytes
+    slot_bytes = sim["slot_bytes"]
     batch_bytes = local * manifest.seq_len * (8 + manifest.np_dtype.itemsize)  # int64 tensor + gather buffer
     # the window's blocks, plus one kept per stream boundary of this rank until its last use
-    bound_blocks = min(plan.num_blocks, local * (args.prefetch_steps + 1) + len(plan.rank_streams(args.world_size, args.rank)))
+    bound_blocks = min(plan.num_blocks, local * (args.prefetch_steps + 1) + len(streams))
     block_bytes_total = sum(blk.length for _, _, blk in index.refs)
     st = {
         "sequences": plan.num_sequences, "blocks": plan.num_blocks, "global_batch": plan.global_batch,

@@ -39,7 +39,6 @@ class BlockIndex:
         self.refs: list[tuple[int, int, Block]] = [
             (i, j, blk) for i, shard in enumerate(manifest.shards) for j, blk in enumerate(shard.blocks)]
         self.max_rows = max((blk.rows for _, _, blk in self.refs), default=1)
-        self.row_bytes = manifest.seq_len * manifest.np_dtype.itemsize
 
     def where(self, storage: Storage, block_id: int) -> str:
         i, j, blk = self.refs[block_id]
@@ -150,10 +149,6 @@ class BlockCache:
                 self.slab.give(int(self._slot[b]))
                 self._slot[b] = -1
             self._live = self._live[~done]
-
-    @property
-    def live_blocks(self) -> int:
-        return len(self._live)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
