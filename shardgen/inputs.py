@@ -126,6 +126,22 @@ def _has_magic(spec: str) -> bool:
     return any(c in spec for c in "*?[")
 
 
+def _glob_match(url: str, spec: str) -> bool:
+    """glob.glob's rules (recursive=True) on a '/'-separated URL, so a glob picks the same files on S3
+    as on disk: * ? [...] within one path segment, ** any number of segments, and a wildcard matches
+    no hidden name (one starting with '.')."""
+    def match(names: list[str], pats: list[str]) -> bool:
+        if not pats:
+            return not names
+        if pats[0] == "**":
+            return any(match(names[i:], pats[1:]) for i in range(len(names) + 1)
+                       if not any(n.startswith(".") for n in names[:i]))
+        if not names or names[0].startswith(".") and _has_magic(pats[0]) and not pats[0].startswith("."):
+            return False
+        return fnmatch.fnmatchcase(names[0], pats[0]) and match(names[1:], pats[1:])
+    return match(url.split("/"), spec.split("/"))
+
+
 def _list_one(spec: str) -> list[str]:
     """URLs of the input files named by one INPUT argument (a file, a directory or a glob)."""
     if _has_magic(spec):
@@ -133,7 +149,7 @@ def _list_one(spec: str) -> list[str]:
             head = spec[:min(spec.index(c) for c in "*?[" if c in spec)]
             root, _, prefix = head.rpartition("/")
             names = open_storage(root).list(prefix)
-            return [f"{root}/{n}" for n in names if fnmatch.fnmatchcase(f"{root}/{n}", spec)]
+            return [f"{root}/{n}" for n in names if _glob_match(f"{root}/{n}", spec)]
         return sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
     if is_s3(spec):
         storage, name = split_url(spec)

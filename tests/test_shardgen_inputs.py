@@ -1,5 +1,6 @@
 """shardgen inputs: listing, and every kind of bad input (clear error naming file and line, or a
 counted skip with --skip-bad)."""
+import glob
 import gzip
 import io
 import os
@@ -221,3 +222,28 @@ def test_skip_bad_does_not_reread_the_file_for_line_numbers(tmp_path, monkeypatc
     monkeypatch.setattr(readers, "READ_BUFFER", 7)  # the line count reads the file in pieces
     with pytest.raises(InputError, match=r"big\.jsonl:21: invalid JSON"):
         list(readers.DocumentReader(piece))
+
+
+def test_an_s3_glob_picks_the_files_a_local_glob_picks(tmp_path, monkeypatch):
+    # fnmatch lets * cross '/': s3://b/data/*.jsonl took data/old/*.jsonl too, and hidden files.
+    import shardgen.inputs
+    names = ["a.jsonl", "b.txt", "old/c.jsonl", "old/deep/d.jsonl", ".hidden.jsonl", ".git/e.jsonl",
+             "sub.jsonl/f.jsonl"]
+    for n in names:
+        os.makedirs(os.path.dirname(tmp_path / n), exist_ok=True)
+        write(str(tmp_path / n), b"{}\n")
+
+    class Bucket:  # the listing an object store gives for the same tree
+        def __init__(self, url):
+            self.prefix = url[len("s3://b"):].strip("/")
+
+        def list(self, prefix=""):
+            full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+            return sorted(n[len(self.prefix):].lstrip("/") for n in names if n.startswith(full))
+
+    monkeypatch.setattr(shardgen.inputs, "open_storage", Bucket)
+    for pattern in ("*.jsonl", "*", "**/*.jsonl", "old/**", "o*/*.jsonl", "**/d.jsonl", "?.txt"):
+        local = sorted(os.path.relpath(p, tmp_path) for p in glob.glob(str(tmp_path / pattern), recursive=True)
+                       if os.path.isfile(p))
+        s3 = sorted(u[len("s3://b/"):] for u in shardgen.inputs._list_one(f"s3://b/{pattern}"))
+        assert s3 == local, pattern
