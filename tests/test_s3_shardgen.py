@@ -61,7 +61,7 @@ def test_inputs_from_s3_prefix_and_glob(tmp_path, corpus, tiny_tokenizer, s3_url
             path = os.path.join(dirpath, n)
             st.put_bytes("corpus/" + os.path.relpath(path, corpus), open(path, "rb").read())
     run_build(opts([corpus], tmp_path / "from-local", tiny_tokenizer))
-    for spec in (f"{s3_url}/corpus", f"{s3_url}/corpus/*"):
+    for spec in (f"{s3_url}/corpus", f"{s3_url}/corpus/**"):  # ** as on disk: corpus/a_txt/ too
         out = tmp_path / ("from-s3-" + str(len(spec)))
         run_build(opts([spec], out, tiny_tokenizer))
         a, b = tree_bytes(str(tmp_path / "from-local")), tree_bytes(str(out))
