@@ -126,11 +126,7 @@ def gradient_sync(model: nn.Module, enabled: bool):
 
 
 def all_reduce_mean(values: list[float], d: Dist) -> list[float]:
-    if not d.distributed or d.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return (t / d.world_size).tolist()
+    return [v / d.world_size for v in all_reduce_sum(values, d)]
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
