@@ -75,6 +75,15 @@ class _ZstdStream(io.RawIOBase):
 DAMAGE = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 
 
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first unpaired surrogate in `text`, or None when it is valid Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 class DocumentReader:
     """Iterate the documents of `piece`; `counts` and `bytes_done` advance as it goes."""
 
@@ -179,7 +188,11 @@ class DocumentReader:
                         self._bad_record(where, f"invalid JSON ({e.msg} at column {e.colno})")
                         continue
                     text = rec.get(key) if isinstance(rec, dict) else None
-                    if isinstance(text, str):
+                    if isinstance(text, str) and (bad := _lone_surrogate(text)) is not None:
+                        # JSON's \ud800 escapes decode to text that no tokenizer can take (a TypeError)
+                        self._bad_record(where, f"field {key!r} holds a lone surrogate (U+{ord(text[bad]):04X} at "
+                                                f"character {bad}): not valid Unicode")
+                    elif isinstance(text, str):
                         yield text
                     elif not isinstance(rec, dict):
                         self._bad_record(where, f"a JSON {type(rec).__name__}, not an object")

@@ -39,6 +39,7 @@ BAD_LINES = [  # (line bytes, what the error must say)
     (b'{"text": null}\n', r"field 'text' is NoneType"),
     (b'["a", "list"]\n', r"a JSON list, not an object"),
     (b'{"text": "bad \xff\xfe utf8"}\n', r"invalid UTF-8"),
+    (b'{"text": "half an emoji \\ud83d here"}\n', r"field 'text' holds a lone surrogate \(U\+D83D at character 14\)"),
 ]
 
 
