@@ -6,30 +6,30 @@ import tarfile
 
 import numpy as np
 
-from shardgen.format import (TOKENIZER_NAME, FormatError, Manifest, ShardInfo, block_member_name, decode_block,
-                             read_manifest)
-from shardgen.inputs import StorageFile
+from shardgen.format import (TOKENIZER_NAME, Block, FormatError, Manifest, ShardInfo, block_member_name,
+                             decode_block, read_manifest)
 from shardgen.progress import Progress, human
 from shardgen.storage import Storage
 
 CHUNK = 8 << 20
 
 
-def _check_tar(storage: Storage, shard: ShardInfo) -> None:
-    """Members must be exactly the manifest's blocks, in order, at the recorded data offsets."""
-    stem = shard.name[:-4] if shard.name.endswith(".tar") else shard.name
+def _member_problem(where: str, i: int, head: bytes, prev: Block | None, b: Block, stem: str) -> str | None:
+    """What is wrong with the bytes before block i's data, if anything: they must be the previous
+    block's padding, then one ustar header naming this block with its length (so a plain tar reader
+    finds exactly the manifest's blocks, in order, at the recorded offsets)."""
+    want = (-prev.length % tarfile.BLOCKSIZE if prev else 0) + tarfile.BLOCKSIZE
+    if len(head) != want:
+        return (f"{where} block {i}: {len(head)} bytes between the block before and this one's data, a tar "
+                f"member header takes {want}")
     try:
-        with tarfile.open(fileobj=StorageFile(storage, shard.name, shard.bytes), mode="r:") as tar:
-            members = tar.getmembers()
-    except tarfile.TarError as e:
-        raise FormatError(f"{storage.where(shard.name)}: not a readable tar ({e})") from None
-    if len(members) != len(shard.blocks):
-        raise FormatError(f"{storage.where(shard.name)}: {len(members)} tar members, the manifest lists "
-                          f"{len(shard.blocks)} blocks")
-    for i, (m, b) in enumerate(zip(members, shard.blocks)):
-        if m.name != block_member_name(stem, i) or m.offset_data != b.offset or m.size != b.length:
-            raise FormatError(f"{storage.where(shard.name)} block {i}: tar member {m.name!r} at {m.offset_data} "
-                              f"({m.size} bytes) is not where the manifest puts it ({b.offset}, {b.length} bytes)")
+        m = tarfile.TarInfo.frombuf(head[-tarfile.BLOCKSIZE:], tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as e:
+        return f"{where} block {i}: no valid tar header before its data ({e})"
+    if m.name != block_member_name(stem, i) or m.size != b.length:
+        return (f"{where} block {i}: tar member {m.name!r} ({m.size} bytes) is not where the manifest puts it "
+                f"({b.offset}, {b.length} bytes)")
+    return None
 
 
 def verify_shard(storage: Storage, m: Manifest, shard: ShardInfo, progress: Progress) -> None:
@@ -42,29 +42,36 @@ def verify_shard(storage: Storage, m: Manifest, shard: ShardInfo, progress: Prog
         hint = f"; block {first} onward is cut off" if first is not None else ""
         raise FormatError(f"{where}: {size} bytes, the manifest says {shard.bytes} (truncated or replaced "
                           f"shard{hint}); regenerate it")
-    # One pass over the file: each read is a block with the tar header(s) before it, hashed in file order.
+    # One pass over the file: each read is a block with the tar header before it, hashed in file order.
+    # A tar structure problem is reported after the sha256 (a changed byte is named as such first).
+    stem = shard.name[:-4] if shard.name.endswith(".tar") else shard.name
     tokens = documents = pos = 0
-    sha = hashlib.sha256()
+    sha, problem, prev = hashlib.sha256(), None, None
     for i, b in enumerate(shard.blocks):
         if b.offset < pos:
             raise FormatError(f"{where} block {i}: the manifest puts it at {b.offset}, inside the block before "
                               f"(ends at {pos}); regenerate the dataset")
         data = storage.read_range(shard.name, pos, b.offset + b.length - pos)
         sha.update(data)
+        problem = problem or _member_problem(where, i, data[:b.offset - pos], prev, b, stem)
         rows = decode_block(data[b.offset - pos:], b, m, f"{where} block {i}")
-        pos = b.offset + b.length
+        pos, prev = b.offset + b.length, b
         tokens += rows.size
         documents += int(np.count_nonzero(rows == m.eos_id))
         progress.update(b.length)
     if tokens != shard.tokens or documents != shard.documents:
         raise FormatError(f"{where}: blocks hold {tokens} tokens and {documents} separators, the manifest "
                           f"says {shard.tokens} and {shard.documents}")
-    for off in range(pos, size, CHUNK):  # the end-of-archive blocks
-        sha.update(storage.read_range(shard.name, off, min(CHUNK, size - off)))
+    for off in range(pos, size, CHUNK):  # padding and the end-of-archive: zeros only
+        chunk = storage.read_range(shard.name, off, min(CHUNK, size - off))
+        sha.update(chunk)
+        if chunk.count(0) != len(chunk):
+            problem = problem or f"{where}: more tar members after the manifest's {len(shard.blocks)} blocks"
     if sha.hexdigest() != shard.sha256:
         raise FormatError(f"{where}: sha256 mismatch outside the block data (tar headers or padding changed); "
                           f"regenerate it")
-    _check_tar(storage, shard)
+    if problem:
+        raise FormatError(problem)
 
 
 def verify(storage: Storage, progress: bool = True, log=None) -> Manifest:

@@ -58,9 +58,43 @@ def test_verify_reads_each_shard_byte_once(dataset, monkeypatch):
             Counting.bytes_read += length
             return super().read_range(name, offset, length)
 
-    monkeypatch.setattr(shardgen.verify, "_check_tar", lambda storage, shard: None)  # reads headers only
     m = verify(Counting(str(dataset)), progress=False)
-    assert Counting.bytes_read == m.totals()["bytes"]  # checksums and sha256 from one read (it was the blocks twice)
+    # checksums, sha256 and tar headers from one read (it was the blocks twice, then every header again)
+    assert Counting.bytes_read == m.totals()["bytes"]
+
+
+def _rewrite(dataset, shard_index, offset, data: bytes):
+    """Put `data` at `offset` of a shard and make the manifest's sha256 agree: only the structure is wrong."""
+    import hashlib
+    mpath = dataset / "manifest.json"
+    d = json.loads(mpath.read_bytes())
+    shard = d["shards"][shard_index]
+    path = dataset / shard["name"]
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+    shard["sha256"] = hashlib.sha256(raw).hexdigest()
+    mpath.write_text(json.dumps(d))
+    return shard
+
+
+def test_verify_names_a_tar_member_that_is_not_the_manifest_block(dataset):
+    m, _ = read_dataset(str(dataset))
+    b = m.shards[0].blocks[1]
+    info = tarfile.TarInfo("00000-000/000009.tokens.zst")  # the same name length: only the name differs
+    info.size = b.length
+    _rewrite(dataset, 0, b.offset - 512, info.tobuf(tarfile.USTAR_FORMAT))
+    with pytest.raises(FormatError, match=r"00000-000\.tar block 1: tar member '00000-000/000009.tokens.zst'"):
+        verify(LocalStorage(str(dataset)), progress=False)
+
+
+def test_verify_names_a_tar_member_after_the_last_block(dataset):
+    m, _ = read_dataset(str(dataset))
+    last = m.shards[0].blocks[-1]
+    extra = tarfile.TarInfo("stowaway")
+    _rewrite(dataset, 0, last.offset + last.length + (-last.length % 512), extra.tobuf(tarfile.USTAR_FORMAT))
+    with pytest.raises(FormatError, match=r"00000-000\.tar: more tar members after the manifest's \d+ blocks"):
+        verify(LocalStorage(str(dataset)), progress=False)
 
 
 def test_verify_names_overlapping_blocks_in_the_manifest(dataset):
