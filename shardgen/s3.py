@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import random
+import stat
 import tempfile
 import threading
 import time
@@ -399,6 +400,11 @@ class S3Storage(Storage):
         else the system temp dir. close() removes it once empty."""
         path = self._staging_path()
         os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)  # its name is predictable: in a shared /tmp another user may have made it first
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise self._error(f"{path}: the staging folder for {self.url} is a link or another user's folder, "
+                              f"so shards built there could be changed before upload: remove it, or set "
+                              f"SHARDGEN_STAGING_DIR to a folder of your own")
         return path
 
     def _staging_path(self) -> str:

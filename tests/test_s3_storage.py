@@ -133,6 +133,17 @@ def test_staging_dir_is_per_output_and_removed_once_empty(s3_url):
     S3Storage(s3_url + "x").close()
 
 
+def test_a_staging_dir_that_is_a_link_is_refused(s3_url, tmp_path, monkeypatch):
+    # The name is predictable, so in a shared /tmp another user can make it first (a link to their
+    # folder, or their own folder) and change the shards between build and upload.
+    monkeypatch.setenv("SHARDGEN_STAGING_DIR", str(tmp_path))
+    st = S3Storage(s3_url)
+    os.makedirs(tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", st._staging_path())
+    with pytest.raises(StorageError, match="is a link or another user's folder.*SHARDGEN_STAGING_DIR"):
+        st.staging_dir()
+
+
 def test_wrong_secret_gives_a_credentials_error_without_the_secret(s3_url, monkeypatch, capfd):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrongsecret-6f1d2c9a8b7e")
     st = S3Storage(s3_url)
