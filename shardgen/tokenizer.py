@@ -173,7 +173,7 @@ def train_tokenizer(inputs: list[str], output_dir: str, vocab_size: int, min_fre
             for piece in pieces_of(f, max(f.size, 1)):
                 for text in DocumentReader(piece, text_key, skip_bad):
                     yield text
-                    total += len(text)
+                    total += len(text.encode())  # bytes, as --max-bytes says (characters undercount non-ASCII)
                     if max_bytes is not None and total >= max_bytes:
                         return
 

@@ -161,6 +161,16 @@ def test_tokenizer_choices(tmp_path, tiny_tokenizer):
         load_tokenizer(str(tmp_path / "x" / "y" / "z"))
 
 
+def test_train_tokenizer_max_bytes_counts_bytes(tmp_path, monkeypatch):
+    import shardgen.tokenizer
+    docs = ["日本語のテキスト" * 10] * 10  # 80 characters, 240 UTF-8 bytes each
+    write_jsonl(str(tmp_path / "cjk.jsonl"), docs)
+    seen = []
+    monkeypatch.setattr(shardgen.tokenizer, "train_bpe", lambda texts, *a, **k: seen.extend(texts))
+    shardgen.tokenizer.train_tokenizer([str(tmp_path / "cjk.jsonl")], str(tmp_path / "tok"), 300, max_bytes=480)
+    assert len(seen) == 2  # 2 x 240 bytes; counting characters took 6
+
+
 def test_a_broken_tokenizer_config_is_named(tmp_path, tiny_tokenizer):
     d = tmp_path / "tok"
     d.mkdir()
