@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import secrets
 import shutil
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from shardgen.s3server import AWS_VARS, S3Server, S3ServerError
 
 _bucket_numbers = itertools.count()
+_SESSION = secrets.token_hex(3)
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +56,17 @@ def s3_env(s3_server, monkeypatch, tmp_path):
     return s3_server
 
 
+def bucket_name(test_name: str) -> str:
+    """Unique to this test session too: an s3:// URL names a local staging folder (S3Storage.staging_dir),
+    so the same test in two sessions on one machine (CI jobs, xdist workers) must not share a URL."""
+    stem = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")[:40].strip("-")
+    return f"t{next(_bucket_numbers)}-{_SESSION}-{stem}"
+
+
 @pytest.fixture
 def s3_url(s3_env, request) -> str:
     """A new, empty bucket for this test, as s3://<bucket>/data."""
-    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    bucket = f"t{next(_bucket_numbers)}-{stem}"
+    bucket = bucket_name(request.node.name)
     s3_env.create_bucket(bucket)
     return f"s3://{bucket}/data"
 

@@ -13,6 +13,8 @@ import pytest
 from shardgen.s3 import S3Settings, S3Storage, parse_s3_url
 from shardgen.storage import LocalStorage, StorageError, open_storage
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(params=["local", "s3"])
 def storage(request, tmp_path):
@@ -133,6 +135,16 @@ def test_staging_dir_is_per_output_and_removed_once_empty(s3_url):
     S3Storage(s3_url + "x").close()
 
 
+def test_bucket_names_differ_between_test_sessions():
+    # Two sessions on one machine once used the same URLs, so the same staging folders in /tmp: one
+    # session's shardgen rerun deleted the other's half-built shards.
+    from tests.s3_fixtures import bucket_name
+    other = subprocess.run([sys.executable, "-c", "from tests.s3_fixtures import bucket_name; print(bucket_name('x'))"],
+                           capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    mine = bucket_name("x")
+    assert other.split("-", 1)[1] != mine.split("-", 1)[1] and len(mine) <= 63
+
+
 def test_a_staging_dir_that_is_a_link_is_refused(s3_url, tmp_path, monkeypatch):
     # The name is predictable, so in a shared /tmp another user can make it first (a link to their
     # folder, or their own folder) and change the shards between build and upload.
@@ -211,7 +223,7 @@ def test_addressing_and_settings_from_env(s3_env, monkeypatch):
     with pytest.raises(StorageError, match="SHARDGEN_S3_READ_TIMEOUT"):
         S3Storage("s3://bucket/x")
     r = subprocess.run([sys.executable, "-m", "shardgen", "verify", "s3://"], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       cwd=ROOT)
     assert r.returncode == 1 and "shardgen verify: error: 's3://' is not an s3://bucket/prefix URL" in r.stderr
     assert "Traceback" not in r.stderr
 
