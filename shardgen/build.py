@@ -100,7 +100,10 @@ def prepare_output(storage: Storage, doc: dict, opts: BuildOptions) -> None:
         return
     finished = [n for n in storage.list(TASKS_DIR + "/") if n != SETTINGS_NAME]
     if old is not None and not finished and not storage.exists(MANIFEST_NAME):
-        pass  # an earlier run with other settings finished nothing (e.g. it stopped on bad input): replace it
+        # An earlier run with other settings finished nothing (e.g. it stopped on bad input): replace it,
+        # and its shards (published before their task's record) with it, when no other node can be writing.
+        if opts.num_nodes == 1:
+            clear_output(storage)
     elif old is not None or storage.exists(MANIFEST_NAME):
         why = (f"was built with other settings ({_differences(old, doc)})" if old is not None else
                "holds a dataset without shardgen task records")

@@ -166,6 +166,23 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path, corpus, tiny_toke
     assert again.ran == [] and again.skipped == again.tasks
 
 
+def test_shards_of_a_replaced_run_that_finished_nothing_are_removed(tmp_path, corpus, tiny_tokenizer):
+    # A run stopped before any task record may have published shards; a run with other settings that
+    # replaces it must not leave them beside its own (a plain `*.tar` reader would read them).
+    d, _ = corpus
+    out = tmp_path / "out"
+    run_build(opts([str(d)], out, tiny_tokenizer, seq_len=32))
+    for name in os.listdir(out / "_tasks"):
+        if name != "settings.json":
+            os.unlink(out / "_tasks" / name)
+    os.unlink(out / "manifest.json")
+    stale = {n for n in os.listdir(out) if n.endswith(".tar")}
+    run_build(opts([str(d)], out, tiny_tokenizer, task_bytes=1 << 20))  # other settings, one bigger task
+    m = read_manifest(LocalStorage(str(out)))
+    assert {n for n in os.listdir(out) if n.endswith(".tar")} == {s.name for s in m.shards}
+    assert stale - {s.name for s in m.shards}
+
+
 def test_task_records_are_read_once_per_build(tmp_path, corpus, tiny_tokenizer, monkeypatch):
     # A record costs a request on S3: the build knows what it wrote, so its merge reads none again,
     # and a rerun reads each once, after one listing (not an existence check per task).
