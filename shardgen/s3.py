@@ -381,15 +381,6 @@ class S3Storage(Storage):
         stored = head.get("ChecksumSHA256")
         return not stored or stored == _expected_checksum(stored, full_hex, part_digests)
 
-    def stored_sha256(self, name: str) -> str | None:
-        """The SHA-256 (hex) recorded when `name` was uploaded and verified here, or None if absent.
-
-        Lets a rerun skip objects that are already complete: a PUT is atomic, so an object with this
-        metadata holds exactly the bytes that were hashed."""
-        head = self._retrying(self.where(name), lambda: self._client().head_object(
-            Bucket=self.bucket, Key=self._key(name)), missing_ok=True)
-        return None if head is None else head.get("Metadata", {}).get("sha256")
-
     def delete(self, name):
         self._retrying(self.where(name), lambda: self._client().delete_object(Bucket=self.bucket,
                                                                               Key=self._key(name)))
