@@ -193,3 +193,20 @@ def test_too_few_validation_sequences_for_the_ranks_names_the_fix(tmp_path):
         load_val_rows(root, 1, Dist(rank=0, world_size=3))
     with pytest.raises(ValueError, match=r"holds 2\) is fewer than the 3 ranks: use a larger validation set"):
         load_val_rows(root, 64, Dist(rank=0, world_size=3))  # raising data.val_sequences cannot help
+
+
+def test_a_checkpoint_that_does_not_load_is_named_with_its_cause_and_the_previous_is_used(tmp_path, caplog):
+    # DCP raises CheckpointException, a BaseException (not an Exception), wrapping each rank's real error.
+    from trainer.checkpoint import CheckpointError, Checkpointer
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=3, d=Dist())
+    ckpt.save(1, model, opt, {})
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4))  # keys "0.weight", "0.bias": not this model's
+    ckpt.save(2, other, torch.optim.AdamW(other.parameters()), {})
+    with caplog.at_level("ERROR", logger="trainer.checkpoint"):
+        assert ckpt.load_latest(model, opt)["step"] == 1
+    assert any("step-000002 does not load" in r.message and "Missing key" in r.message for r in caplog.records)
+    with pytest.raises(CheckpointError, match=r"step-000002 does not load \(RuntimeError: Missing key"):
+        ckpt.load(str(tmp_path / "ckpt" / "step-000002"), model, opt)
+

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
@@ -184,8 +185,8 @@ class Checkpointer:
         ok, err = 1, ""
         try:
             dcp.load(to_load, checkpoint_id=path)
-        except Exception as e:  # DCP raises its own wrapper types; report them with the path
-            ok, err = 0, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        except (Exception, CheckpointException) as e:  # DCP's wrapper is a BaseException: catch it by name
+            ok, err = 0, _first_cause(e)
         if not _all_ok(ok, self.d):
             raise CheckpointError(f"checkpoint {path} does not load ({err or 'failed on another rank'})")
         if optimizer is not None:
@@ -226,6 +227,15 @@ class Checkpointer:
         if not _all_ok(0 if problem else 1, self.d):
             raise CheckpointError(f"checkpoint {path} is damaged: {problem or 'a check failed on another rank'}")
         return state
+
+
+def _first_cause(e: BaseException) -> str:
+    """`Type: first line` of the real error; a CheckpointException wraps each failed rank's exception."""
+    failures = getattr(e, "failures", None) if isinstance(e, CheckpointException) else None
+    if failures:
+        e = next(iter(failures.values()))[0]
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _all_ok(ok: int, d: Dist) -> bool:
