@@ -56,6 +56,9 @@ def test_bad_values_name_key_and_file(tmp_path, text, key):
 def test_bad_override_value_names_key():
     with pytest.raises(ConfigError, match=r"command line: train.max_steps = 'x'"):
         load(None, ["train.max_steps=x"])
+    # A value that is well-typed but out of range: the override is the culprit, not the file.
+    with pytest.raises(ConfigError, match=r"defaults with the command-line overrides: optim.min_lr must be"):
+        load(None, ["optim.min_lr=1"])
 
 
 def test_missing_and_invalid_toml(tmp_path):

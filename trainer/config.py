@@ -201,7 +201,7 @@ def load(path: str | None, overrides: list[str] = ()) -> Config:
         if not eq:
             raise ConfigError(f"command line: {item!r} is not key=value (e.g. train.max_steps=100)")
         _set(cfg, key.strip(), value.strip(), "command line")
-    validate(cfg, path or "defaults")
+    validate(cfg, (path or "defaults") + (" with the command-line overrides" if overrides else ""))
     return cfg
 
 
