@@ -326,8 +326,13 @@ def _run(a) -> int:
     if a.cmd == "up":
         server = S3Server(a.dir, a.port or None)
         server.start()
+        try:
+            server.create_bucket(a.bucket)
+        except Exception as e:  # a bad name: leave nothing running behind a traceback
+            server.stop()
+            raise S3ServerError(f"bucket {a.bucket!r} could not be created ({type(e).__name__}: {e}); the "
+                                f"server was stopped: choose another --bucket") from None
         server.proc = None  # detached on purpose: `down` stops it through the pid file
-        server.create_bucket(a.bucket)
         print(f"S3 server up at {server.endpoint} (pid {server.pid()}, state in {server.dir}), "
               f"bucket s3://{a.bucket}\nfor clients: eval \"$(python -m shardgen.s3server env --dir {a.dir})\"\n"
               f"stop it:     python -m shardgen.s3server down --dir {a.dir}")

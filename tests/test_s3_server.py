@@ -87,3 +87,12 @@ def test_an_internal_port_taken_since_the_last_start_is_replaced(tmp_path):
             assert len(set(started.ports.values())) == len(started.ports)
             started.create_bucket("after-a-taken-port")
     assert S3Server(server.dir).ports == started.ports  # recorded for `env` and `down`
+
+
+def test_up_with_a_bad_bucket_name_says_so_and_leaves_nothing_running(tmp_path):
+    d = str(tmp_path / "s3")
+    up = cli("up", "--dir", d, "--port", "0", "--bucket", "Bad_Bucket!")
+    running = S3Server(d).pid()
+    cli("down", "--dir", d)  # before the checks: a failing one must not leave a server behind
+    assert up.returncode == 1 and "bucket 'Bad_Bucket!' could not be created" in up.stderr, up.stderr
+    assert "Traceback" not in up.stderr and running is None
