@@ -247,6 +247,15 @@ def test_a_truncated_shard_is_an_error_naming_shard_and_block(dataset):
         run_epoch(root)
 
 
+def test_an_os_error_reading_a_shard_names_shard_and_block(dataset):
+    root, _ = dataset
+    path, _, name = corrupt_target(root, shard=1, block=0)
+    os.unlink(path)
+    os.mkdir(path)  # pread on a folder: EISDIR, an OSError as a failing disk's EIO would be
+    with pytest.raises(StorageError, match=rf"shard {name} \(index 1\) block \d .*cannot read \(Is a directory\)"):
+        run_epoch(root)
+
+
 def test_a_missing_manifest_gives_the_format_message(dataset):
     root, _ = dataset
     os.unlink(os.path.join(root, "manifest.json"))

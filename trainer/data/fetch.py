@@ -104,6 +104,8 @@ class BlockReader:
             data = self.storage.read_range(self.index.manifest.shards[i].name, blk.offset, blk.length)
         except StorageError as e:
             raise StorageError(f"{where}: {e}") from None
+        except OSError as e:  # a local read that fails below the Storage layer (EIO, a folder in its place)
+            raise StorageError(f"{where}: cannot read ({e.strerror or e})") from e
         with self._lock:
             self.blocks_read += 1
             self.bytes_read += len(data)
