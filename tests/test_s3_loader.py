@@ -12,37 +12,20 @@ import time
 import numpy as np
 import pytest
 
-from shardgen.format import FormatError, Manifest, ShardWriter
+from shardgen.format import FormatError
 from shardgen.s3 import S3Storage
 from shardgen.storage import StorageError
 from tests.s3_fixtures import s3_client_env, upload_dir
+from tests.test_data_loader import write_dataset
 from trainer.data import TokenLoader
 
-SEQ_LEN, ROWS_PER_BLOCK, GLOBAL_BATCH = 16, 4, 8
-
-
-def write_dataset(root, shards: int = 3, blocks: int = 6, seed: int = 0) -> None:
-    """A small dataset written with the format's own ShardWriter (random tokens, EOS = 0)."""
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    infos = []
-    for s in range(shards):
-        name = f"{s:05d}.tar"
-        with open(os.path.join(root, name), "wb") as f:
-            w = ShardWriter(f, name, SEQ_LEN, "uint16")
-            for _ in range(blocks):
-                w.add_block(rng.integers(0, 1000, size=(ROWS_PER_BLOCK, SEQ_LEN), dtype=np.uint16), eos_id=0)
-            infos.append(w.close())
-    m = Manifest(seq_len=SEQ_LEN, dtype="uint16", eos_id=0, bos_id=None,
-                 tokenizer={"source": "synthetic", "sha256": "", "vocab_size": 1000}, shards=infos)
-    with open(os.path.join(root, "manifest.json"), "wb") as f:
-        f.write(m.to_bytes())
+GLOBAL_BATCH = 8
 
 
 @pytest.fixture
 def datasets(s3_url, tmp_path):
     local = str(tmp_path / "shards")
-    write_dataset(local)
+    write_dataset(local, [[4] * 6] * 3)  # 3 shards of 6 blocks of 4 sequences
     upload_dir(local, s3_url)
     return local, s3_url
 
