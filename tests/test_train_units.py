@@ -210,3 +210,26 @@ def test_a_checkpoint_that_does_not_load_is_named_with_its_cause_and_the_previou
     with pytest.raises(CheckpointError, match=r"step-000002 does not load \(RuntimeError: Missing key"):
         ckpt.load(str(tmp_path / "ckpt" / "step-000002"), model, opt)
 
+
+def test_fsdp_keeps_flas_no_weight_decay_marks():
+    # FLA marks some parameters (e.g. Mamba's 2-D A_log) _no_weight_decay; fully_shard makes new parameters.
+    import torch.distributed as dist
+
+    from trainer import parallel
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+            self.A_log = torch.nn.Parameter(torch.zeros(4, 4))
+            self.A_log._no_weight_decay = True
+
+    d = Dist()
+    try:
+        model = parallel.wrap(Tiny(), "fsdp", d)
+        decay, no_decay = param_groups(model, 0.1)
+        assert any(p is model.A_log for p in no_decay["params"])
+        assert not any(p is model.A_log for p in decay["params"]) and len(decay["params"]) == 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

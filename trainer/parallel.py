@@ -84,9 +84,15 @@ def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = Tru
         mesh = init_device_mesh(d.device.type, (d.world_size,))
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if d.device.type == "cuda" else MixedPrecisionPolicy())
+        # fully_shard replaces each parameter by a new DTensor one, dropping attributes such as FLA's
+        # _no_weight_decay (read by trainer.optim): carry that mark over by name.
+        no_decay = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
         for block in blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        for n, p in model.named_parameters():
+            if n in no_decay:
+                p._no_weight_decay = True
         return model
     raise ValueError(f"parallel.mode={mode!r}: use none, ddp or fsdp")
 
