@@ -192,7 +192,8 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     from shardgen.progress import Progress
     bar = Progress(cfg.train.max_steps - start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress,
                    log_every=cfg.run.progress_every)
-    step, bad_in_a_row, last_saved = start_step, 0, None
+    step, bad_in_a_row = start_step, 0
+    last_ckpt = state["path"] if state else None  # the newest good one: a newer directory may be damaged
     val_loss = None
     tps_list = []
     t_run = time.perf_counter()
@@ -233,14 +234,14 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
             if bad_in_a_row >= cfg.train.max_bad_steps:
                 raise TrainingDiverged(
                     f"{bad_in_a_row} steps in a row with a NaN/inf loss or gradient norm (last: step {step - 1}); "
-                    f"stopping. The last checkpoint ({_latest_name(ckpt)}) is intact: resume from it with a "
+                    f"stopping. The last checkpoint ({last_ckpt}) is intact: resume from it with a "
                     f"lower optim.lr or a tighter optim.clip (train.max_bad_steps={cfg.train.max_bad_steps})")
             bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
                        (f" val {val_loss:.4f}" if val_loss is not None else ""))
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_saved = _save(ckpt, step, model, optimizer, loader, skipped, best_val)
-        if cfg.checkpoint.at_end and step > start_step and (last_saved is None or not last_saved.endswith(f"{step:06d}")):
-            last_saved = _save(ckpt, step, model, optimizer, loader, skipped, best_val)
+                last_ckpt = _save(ckpt, step, model, optimizer, loader, skipped, best_val)
+        if cfg.checkpoint.at_end and step > start_step and (last_ckpt is None or not last_ckpt.endswith(f"{step:06d}")):
+            last_ckpt = _save(ckpt, step, model, optimizer, loader, skipped, best_val)
     finally:
         batches.close()
         loader.close()
@@ -254,7 +255,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
                "mfu": (flops["train"] * sum(steady) / len(steady) / (peak * d.world_size)) if peak and steady else None,
                "final_loss": loss if step > start_step else None, "final_val_loss": val_loss,
                "best_val_loss": best_val, "skipped_steps": skipped,
-               "checkpoint": last_saved or _latest_name(ckpt), "parameters": n_params,
+               "checkpoint": last_ckpt, "parameters": n_params,
                "flops_per_token": flops["train"], "six_n": six_n(raw)}
     if d.is_main:
         with open(os.path.join(out, "summary.json"), "w") as f:
@@ -265,12 +266,6 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
 
 def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _latest_name(ckpt: Checkpointer) -> str | None:
-    from trainer.checkpoint import list_checkpoints
-    found = list_checkpoints(ckpt.root)
-    return found[-1] if found else None
 
 
 def _save(ckpt, step, model, optimizer, loader, skipped, best_val) -> str:
