@@ -17,6 +17,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class ModelConfigError(ValueError):
+    """A model JSON that cannot be built. Names the file and the key."""
+
+
 def _import_fla():
     """Import fla (registers its configs/models with transformers) and our SDPA attention for the transformer."""
     import fla  # noqa: F401  (registers AutoConfig / AutoModelForCausalLM entries)
@@ -31,9 +35,9 @@ def read_model_json(path: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"model config {path} not found (model.config names a JSON like configs/gla_340M.json)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"model config {path}: not valid JSON ({e})") from None
+        raise ModelConfigError(f"model config {path}: not valid JSON ({e})") from None
     if not isinstance(d, dict) or "model_type" not in d:
-        raise ValueError(f"model config {path}: no \"model_type\" key (e.g. \"gla\", \"transformer\", \"mamba2\")")
+        raise ModelConfigError(f"model config {path}: no \"model_type\" key (e.g. \"gla\", \"transformer\", \"mamba2\")")
     return d
 
 
@@ -48,9 +52,9 @@ def load_config(path_or_dict, vocab_size: int | None = None):
     try:
         config = AutoConfig.for_model(model_type, **d)
     except ValueError as e:
-        raise ValueError(f"{where}: model_type {model_type!r} is not an FLA/transformers model ({e})") from None
+        raise ModelConfigError(f"{where}: model_type {model_type!r} is not an FLA/transformers model ({e})") from None
     if vocab_size is not None and config.vocab_size < vocab_size:
-        raise ValueError(f"{where}: vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+        raise ModelConfigError(f"{where}: vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}; "
                          f"set vocab_size >= {vocab_size} in the model JSON")
     return config
 

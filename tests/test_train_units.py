@@ -233,3 +233,22 @@ def test_fsdp_keeps_flas_no_weight_decay_marks():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_cli_prints_user_errors_as_one_line_and_keeps_a_bugs_traceback(tmp_path, monkeypatch, capsys):
+    import trainer.loop
+    from trainer.__main__ import main
+    from trainer.config import ConfigError
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("")
+
+    def fail(exc):
+        def train(_cfg):
+            raise exc
+        return train
+    monkeypatch.setattr(trainer.loop, "train", fail(ConfigError("train.micro_batch=3 must divide 4")))
+    assert main([str(cfg)]) == 1 and "error: train.micro_batch=3" in capsys.readouterr().err
+    # A ValueError from inside torch or the model is a bug, not a config problem: not reduced to one line.
+    monkeypatch.setattr(trainer.loop, "train", fail(ValueError("Expected input batch_size (4) to match")))
+    with pytest.raises(ValueError, match="batch_size"):
+        main([str(cfg)])

@@ -25,14 +25,19 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     # Heavy imports only after the config is known to be good.
+    from models.build import ModelConfigError
     from shardgen.format import FormatError
     from shardgen.storage import StorageError
     from trainer.checkpoint import CheckpointError
+    from trainer.data import DataStateError, PlanError
     from trainer.loop import TrainingDiverged, train
+    # The errors a user can cause and fix, as one line; anything else (a bug) keeps its traceback.
+    expected = (FileNotFoundError, ConfigError, ModelConfigError, DataStateError, PlanError, FormatError,
+                StorageError, CheckpointError, TrainingDiverged)
     try:
         train(cfg)
-    except (FileNotFoundError, ValueError, FormatError, StorageError, CheckpointError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)  # DataStateError and config problems are ValueErrors
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 

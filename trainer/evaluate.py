@@ -12,6 +12,7 @@ import torch
 
 from shardgen.format import decode_block, read_manifest
 from shardgen.storage import open_storage
+from trainer.config import ConfigError
 from trainer.parallel import Dist, all_reduce_sum
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def load_val_rows(url: str, count: int, d: Dist) -> torch.Tensor:
         per_rank = count // d.world_size
         if per_rank == 0:
             fix = "raise it" if count < total else "use a larger validation set"
-            raise ValueError(f"data.val_sequences={count} ({url} holds {total}) is fewer than the {d.world_size} "
+            raise ConfigError(f"data.val_sequences={count} ({url} holds {total}) is fewer than the {d.world_size} "
                              f"ranks: {fix}")
         lo, hi = d.rank * per_rank, (d.rank + 1) * per_rank
         rows, seen = [], 0

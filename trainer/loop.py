@@ -17,7 +17,7 @@ import torch
 
 from trainer import parallel, schedule
 from trainer.checkpoint import Checkpointer
-from trainer.config import Config, to_toml
+from trainer.config import Config, ConfigError, to_toml
 from trainer.metrics import MetricsLog, memory_gib
 
 log = logging.getLogger("trainer")
@@ -97,7 +97,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
         torch.use_deterministic_algorithms(True)
     out = cfg.run.out_dir
     if "://" in out:
-        raise ValueError(f"run.out_dir={out}: checkpoints to object storage are not supported yet; use a local "
+        raise ConfigError(f"run.out_dir={out}: checkpoints to object storage are not supported yet; use a local "
                          f"or shared-filesystem directory (data.shards and data.val_shards may be s3://)")
     if d.is_main:
         os.makedirs(out, exist_ok=True)
@@ -123,7 +123,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     seq_len = manifest.seq_len
     micro = cfg.train.micro_batch or loader.local_batch
     if loader.local_batch % micro:
-        raise ValueError(f"train.micro_batch={micro} must divide the local batch {loader.local_batch} "
+        raise ConfigError(f"train.micro_batch={micro} must divide the local batch {loader.local_batch} "
                          f"(data.global_batch={cfg.data.global_batch} / {d.world_size} ranks)")
 
     # ---- model

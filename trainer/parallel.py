@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.config import ConfigError
+
 
 @dataclass
 class Dist:
@@ -60,7 +62,8 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) > 0:
             return module
-    raise ValueError(f"{type(model).__name__}: no `layers` ModuleList found to shard/checkpoint per block")
+    raise ConfigError(f"{type(model).__name__}: no `layers` ModuleList found to shard/compile per block "
+                      f"(parallel.mode=fsdp and train.compile need one)")
 
 
 def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = True) -> nn.Module:
