@@ -45,7 +45,8 @@ def test_unknown_section_and_override(tmp_path):
                                       ("[optim]\nschedule = \"step\"\n", "optim.schedule"),
                                       ("[parallel]\nmode = \"tp\"\n", "parallel.mode"),
                                       ("[optim]\nmin_lr = 1.0\n", "optim.min_lr"),
-                                      ("[train]\nmax_bad_steps = 0\n", "train.max_bad_steps")])
+                                      ("[train]\nmax_bad_steps = 0\n", "train.max_bad_steps"),
+                                      ("[optim]\ndecay_steps = -5\n", "optim.decay_steps")])
 def test_bad_values_name_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:

@@ -216,6 +216,7 @@ def validate(cfg: Config, where: str) -> None:
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be between 0 and optim.lr")
     need(cfg.optim.warmup >= 0, "optim.warmup", "must be >= 0")
+    need(cfg.optim.decay_steps is None or cfg.optim.decay_steps >= 0, "optim.decay_steps", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     need(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "must be two numbers in [0, 1)")
