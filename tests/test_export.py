@@ -75,6 +75,12 @@ def test_export_of_one_checkpoint_dir_and_bad_paths(tmp_path, trained):
     assert p.returncode == 0, p.stderr
     p = export(tmp_path, str(tmp_path / "nothing"), str(tmp_path / "x"))
     assert p.returncode == 1 and "neither a run directory" in p.stderr
+    bad = tmp_path / "bad-run"  # a run dir whose model.json names no known model: one error line naming it
+    os.makedirs(bad / "ckpt" / "step-000001")
+    (bad / "model.json").write_text('{"model_type": "nope"}')
+    p = export(tmp_path, str(bad), str(tmp_path / "y"))
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"error: {bad / 'model.json'}: model_type 'nope'" in p.stderr
 
 
 def test_init_from_exported_model(tmp_path, trained):

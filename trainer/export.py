@@ -41,8 +41,7 @@ def load_checkpoint_model(ckpt: str):
     from trainer.checkpoint import Checkpointer, CheckpointError
     from trainer.parallel import Dist
     run_dir, path = resolve(ckpt)
-    with open(os.path.join(run_dir, "model.json")) as f:
-        config = build.load_config(json.load(f))
+    config = build.load_config(os.path.join(run_dir, "model.json"))  # errors name the file
     model = build.build_model(config, "cpu")
     try:
         Checkpointer(os.path.dirname(path), keep=1, d=Dist()).load(path, model)
@@ -90,10 +89,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from models.build import ModelConfigError
     from trainer.checkpoint import CheckpointError
     try:
         export(args.ckpt, args.out, args.dtype)
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError, ModelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(args.out)
