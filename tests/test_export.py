@@ -71,8 +71,13 @@ def test_export_round_trip_and_generation(tmp_path, trained):
 
 def test_export_of_one_checkpoint_dir_and_bad_paths(tmp_path, trained):
     ckpt = os.path.join(trained["out"], "ckpt", "step-000003")
+    os.makedirs(tmp_path / "hf3")
+    (tmp_path / "hf3" / "stale.bin").write_bytes(b"from an older export")
     p = export(tmp_path, ckpt, str(tmp_path / "hf3"))
     assert p.returncode == 0, p.stderr
+    # the new export replaced the old directory whole, and left nothing beside it
+    assert not (tmp_path / "hf3" / "stale.bin").exists() and (tmp_path / "hf3" / "config.json").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n]
     p = export(tmp_path, str(tmp_path / "nothing"), str(tmp_path / "x"))
     assert p.returncode == 1 and "neither a run directory" in p.stderr
     bad = tmp_path / "bad-run"  # a run dir whose model.json names no known model: one error line naming it

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 
 import torch
@@ -59,9 +60,22 @@ def export(ckpt: str, out: str, dtype: str = "float32") -> str:
     model.config.pad_token_id = data["eos_id"] if model.config.pad_token_id is None else model.config.pad_token_id
     if dtype != "float32":
         model.to(getattr(torch, dtype))
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    _write_tokenizer(run_dir, out, data)
+    # Built beside OUT and renamed into place: a killed export leaves no half-written OUT, and
+    # re-exporting into an old OUT leaves none of its files behind.
+    out = out.rstrip("/") or out
+    tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _write_tokenizer(run_dir, tmp, data)
+        if os.path.exists(out):
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     log.info("exported %s -> %s", path, out)
     return out
 
