@@ -142,25 +142,25 @@ def _glob_match(url: str, spec: str) -> bool:
     return match(url.split("/"), spec.split("/"))
 
 
-def _list_one(spec: str) -> list[str]:
-    """URLs of the input files named by one INPUT argument (a file, a directory or a glob)."""
+def _list_one(spec: str) -> list[tuple[str, int | None]]:
+    """(URL, size if the listing gave it) of the input files named by one INPUT argument (a file, a
+    directory or a glob). On S3 the sizes come with the listing: no request per file."""
     if _has_magic(spec):
         if is_s3(spec):
             head = spec[:min(spec.index(c) for c in "*?[" if c in spec)]
             root, _, prefix = head.rpartition("/")
-            names = open_storage(root).list(prefix)
-            return [f"{root}/{n}" for n in names if _glob_match(f"{root}/{n}", spec)]
-        return sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            listed = open_storage(root).list_sizes(prefix)
+            return [(f"{root}/{n}", size) for n, size in listed if _glob_match(f"{root}/{n}", spec)]
+        return [(p, None) for p in sorted(glob.glob(spec, recursive=True)) if os.path.isfile(p)]
     if is_s3(spec):
         storage, name = split_url(spec)
         if not spec.endswith("/") and storage.exists(name):
-            return [spec]
-        root = open_storage(spec)
-        return [f"{spec.rstrip('/')}/{n}" for n in root.list()]
+            return [(spec, None)]
+        return [(f"{spec.rstrip('/')}/{n}", size) for n, size in open_storage(spec).list_sizes()]
     if os.path.isdir(spec):
-        return [os.path.join(spec, n) for n in open_storage(spec).list()]
+        return [(os.path.join(spec, n), None) for n in open_storage(spec).list()]
     if os.path.exists(spec):
-        return [spec]
+        return [(spec, None)]
     raise InputError(f"{spec}: no such file or directory (inputs are files, directories or globs of "
                      f"{', '.join(KINDS)})")
 
@@ -178,11 +178,11 @@ def list_inputs(specs: list[str]) -> tuple[list[InputFile], list[str]]:
     """
     files, ignored, seen = [], [], set()
     for spec in specs:
-        urls = _list_one(spec)
-        explicit = urls == [spec] and not _has_magic(spec)
-        if not urls:
+        listed = _list_one(spec)
+        explicit = [u for u, _ in listed] == [spec] and not _has_magic(spec)
+        if not listed:
             raise InputError(f"{spec}: matches no files")
-        for url in urls:
+        for url, size in listed:
             kind = kind_of(url)
             if not explicit and _hidden(url, spec):
                 continue  # .stamp files, .git, editor droppings
@@ -194,8 +194,10 @@ def list_inputs(specs: list[str]) -> tuple[list[InputFile], list[str]]:
             if url in seen:
                 continue
             seen.add(url)
-            storage, name = split_url(url)
-            files.append(InputFile(url=url, size=storage.size(name), kind=kind))
+            if size is None:
+                storage, name = split_url(url)
+                size = storage.size(name)
+            files.append(InputFile(url=url, size=size, kind=kind))
     if not files:
         raise InputError(f"{' '.join(specs)}: no input files ({', '.join(KINDS)}) found")
     return files, ignored

@@ -301,6 +301,9 @@ class S3Storage(Storage):
         return data
 
     def list(self, prefix=""):
+        return [name for name, _ in self.list_sizes(prefix)]
+
+    def list_sizes(self, prefix=""):
         root = f"{self.prefix}/" if self.prefix else ""
 
         def list_all():
@@ -308,7 +311,7 @@ class S3Storage(Storage):
             pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                               Prefix=root + prefix)
             for page in pages:
-                out.extend(o["Key"][len(root):] for o in page.get("Contents", []))
+                out.extend((o["Key"][len(root):], int(o["Size"])) for o in page.get("Contents", []))
             return sorted(out)
         return self._retrying(self.where(prefix + "*"), list_all)
 

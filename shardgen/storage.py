@@ -31,6 +31,11 @@ class Storage:
     def read_range(self, name: str, offset: int, length: int) -> bytes: raise NotImplementedError
     def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
 
+    def list_sizes(self, prefix: str = "") -> list[tuple[str, int]]:
+        """(name, size) of every object under `prefix`, sorted; stores whose listing carries sizes
+        override it, so listing N inputs is not N more requests."""
+        return [(n, self.size(n)) for n in self.list(prefix)]
+
     # --- writing
     def put_bytes(self, name: str, data: bytes) -> None: raise NotImplementedError
     def put_file(self, name: str, local_path: str) -> None:

@@ -87,6 +87,9 @@ def test_list_and_delete(storage):
     assert storage.list() == ["a/0.tar", "a/1.tar", "b/2.tar", "manifest.json"]
     assert storage.list("a/") == ["a/0.tar", "a/1.tar"]
     assert storage.list("zzz") == []
+    # sizes with the listing (on S3 from list_objects_v2 itself), equal to asking each object
+    assert storage.list_sizes("a/") == [("a/0.tar", 7), ("a/1.tar", 7)] == [(n, storage.size(n)) for n in
+                                                                          storage.list("a/")]
     storage.delete("a/0.tar")
     storage.delete("a/0.tar")  # deleting what is gone is not an error
     assert storage.list("a/") == ["a/1.tar"] and not storage.exists("a/0.tar")

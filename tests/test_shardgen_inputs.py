@@ -248,13 +248,13 @@ def test_an_s3_glob_picks_the_files_a_local_glob_picks(tmp_path, monkeypatch):
         def __init__(self, url):
             self.prefix = url[len("s3://b"):].strip("/")
 
-        def list(self, prefix=""):
+        def list_sizes(self, prefix=""):
             full = f"{self.prefix}/{prefix}" if self.prefix else prefix
-            return sorted(n[len(self.prefix):].lstrip("/") for n in names if n.startswith(full))
+            return sorted((n[len(self.prefix):].lstrip("/"), 3) for n in names if n.startswith(full))
 
     monkeypatch.setattr(shardgen.inputs, "open_storage", Bucket)
     for pattern in ("*.jsonl", "*", "**/*.jsonl", "old/**", "o*/*.jsonl", "**/d.jsonl", "?.txt"):
         local = sorted(os.path.relpath(p, tmp_path) for p in glob.glob(str(tmp_path / pattern), recursive=True)
                        if os.path.isfile(p))
-        s3 = sorted(u[len("s3://b/"):] for u in shardgen.inputs._list_one(f"s3://b/{pattern}"))
+        s3 = sorted(u[len("s3://b/"):] for u, _ in shardgen.inputs._list_one(f"s3://b/{pattern}"))
         assert s3 == local, pattern
