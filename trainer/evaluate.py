@@ -10,9 +10,10 @@ import logging
 import numpy as np
 import torch
 
-from shardgen.format import decode_block, read_manifest
+from shardgen.format import read_manifest
 from shardgen.storage import open_storage
 from trainer.config import ConfigError
+from trainer.data.fetch import BlockIndex, BlockReader
 from trainer.parallel import Dist, all_reduce_sum
 
 log = logging.getLogger(__name__)
@@ -33,18 +34,18 @@ def load_val_rows(url: str, count: int, d: Dist) -> torch.Tensor:
             raise ConfigError(f"data.val_sequences={count} ({url} holds {total}) is fewer than the {d.world_size} "
                              f"ranks: {fix}")
         lo, hi = d.rank * per_rank, (d.rank + 1) * per_rank
+        # the blocks holding sequences [lo, hi) in manifest order, read as the loader reads them
+        index = BlockIndex(manifest)
+        read = BlockReader(storage, index)
         rows, seen = [], 0
-        for s in manifest.shards:
-            for i, b in enumerate(s.blocks):
-                if seen + b.rows > lo and seen < hi:
-                    where = f"{storage.where(s.name)} block {i}"
-                    block = decode_block(storage.read_range(s.name, b.offset, b.length), b, manifest, where)
-                    rows.append(block[max(0, lo - seen):hi - seen])
-                seen += b.rows
-                if seen >= hi:
-                    break
+        for block_id, (_, _, b) in enumerate(index.refs):
             if seen >= hi:
                 break
+            if seen + b.rows > lo:
+                block = np.empty((b.rows, manifest.seq_len), dtype=manifest.np_dtype)
+                read(block_id, block)
+                rows.append(block[max(0, lo - seen):hi - seen])
+            seen += b.rows
         return torch.from_numpy(np.concatenate(rows).astype(np.int64))
     finally:
         storage.close()
