@@ -206,26 +206,35 @@ def test_task_records_are_read_once_per_build(tmp_path, corpus, tiny_tokenizer, 
     assert record_calls() == [("read", f"_tasks/{t:05d}.json") for t in range(first.tasks)]
 
 
-def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, corpus, tiny_tokenizer):
-    d, _ = corpus
-    run_build(opts([str(d)], tmp_path / "ref", tiny_tokenizer))
-    out = tmp_path / "out"
-    marker = tmp_path / "stalled"
-    args = [sys.executable, "-m", "shardgen", str(d), "--output", str(out), "--tokenizer", tiny_tokenizer,
+def start_stalled_build(d, out, tok, marker, task: int) -> subprocess.Popen:
+    """`python -m shardgen` with 2 workers in its own process group; the worker that runs `task` writes
+    its pid to `marker` and stalls (a test-only hook). Returns once the marker exists."""
+    args = [sys.executable, "-m", "shardgen", str(d), "--output", str(out), "--tokenizer", tok,
             "--seq-len", str(SEQ), "--block-bytes", "128", "--task-bytes", "1500", "--workers", "2", "-q"]
-    env = dict(os.environ, SHARDGEN_TEST_STALL_TASK="2", SHARDGEN_TEST_STALL_MARKER=str(marker))
+    env = dict(os.environ, SHARDGEN_TEST_STALL_TASK=str(task), SHARDGEN_TEST_STALL_MARKER=str(marker))
     proc = subprocess.Popen(args, env=env, cwd=ROOT_DIR, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
     try:
-        deadline = time.monotonic() + 120
         while not marker.exists():
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the stalled worker never reported"
             time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole run: main process and workers
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        proc.stderr.close()
+        raise
+    return proc
+
+
+def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, corpus, tiny_tokenizer):
+    d, _ = corpus
+    run_build(opts([str(d)], tmp_path / "ref", tiny_tokenizer))
+    out = tmp_path / "out"
+    proc = start_stalled_build(d, out, tiny_tokenizer, tmp_path / "stalled", task=2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: main process and workers
+    proc.wait()
+    proc.stderr.close()
     assert not (out / "manifest.json").exists()
     assert [f for f in os.listdir(out / "_tmp") if f.startswith("00002-")]  # a half-written shard
     with pytest.raises(FormatError, match="not a shardgen dataset"):
@@ -245,16 +254,8 @@ def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, corpus, tin
 def test_a_killed_worker_is_an_error_naming_its_task_not_a_hang(tmp_path, corpus, tiny_tokenizer):
     d, _ = corpus
     out, marker = tmp_path / "out", tmp_path / "stalled"
-    args = [sys.executable, "-m", "shardgen", str(d), "--output", str(out), "--tokenizer", tiny_tokenizer,
-            "--seq-len", str(SEQ), "--block-bytes", "128", "--task-bytes", "1500", "--workers", "2", "-q"]
-    env = dict(os.environ, SHARDGEN_TEST_STALL_TASK="1", SHARDGEN_TEST_STALL_MARKER=str(marker))
-    proc = subprocess.Popen(args, env=env, cwd=ROOT_DIR, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_stalled_build(d, out, tiny_tokenizer, marker, task=1)
     try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         pid = int(marker.read_text())
         os.kill(pid, signal.SIGKILL)  # one worker only, as the OOM killer would
         _, err = proc.communicate(timeout=60)
