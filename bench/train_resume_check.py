@@ -6,7 +6,7 @@
 For each mode: (1) an uninterrupted `torchrun --nproc-per-node N -m trainer` run of --steps steps with a
 checkpoint every --every steps; (2) the same run SIGKILLed (the whole process group) once --kill-after
 steps are logged; (3) that run resumed on N processes and, from a copy, on 1 process. Prints one JSON
-line per resumed run with the largest per-step loss difference to the uninterrupted run. (On GPUs bf16
+line with the uninterrupted run's throughput (median over its steps after --skip), then one JSON line per resumed run with the largest per-step loss difference to the uninterrupted run. (On GPUs bf16
 autocast and atomics make runs differ slightly even without a kill; the CPU tests check exactness.)
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -36,6 +35,19 @@ def losses(out: str) -> list[float]:
     return [r["loss"] for r in read_metrics(out)]
 
 
+def throughput(out: str, skip: int) -> dict:
+    """Median per-step numbers of a run's metrics.jsonl, its first `skip` steps (compilation) left out."""
+    import statistics
+
+    from trainer.metrics import read_metrics
+    records = read_metrics(out)[skip:]
+    med = (lambda key: statistics.median(r[key] for r in records) if records and records[0].get(key) is not None
+           else None)
+    return {"timed_steps": len(records), "tokens_per_s": med("tokens_per_s"), "mfu": med("mfu"),
+            "data_wait_share": med("data_wait_share"),
+            "peak_mem_gib": max(r["memory_gib"] for r in records) if records else None}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["ddp", "fsdp"], required=True)
@@ -46,10 +58,12 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--kill-after", type=int, default=7)
+    p.add_argument("--skip", type=int, default=3, help="first steps left out of the throughput line")
     p.add_argument("--shards", default=None)
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "resume"))
     args = p.parse_args()
     from bench.train_bench import write_synthetic_shards
+    from tests.train_support import kill_tree
     shards = args.shards or write_synthetic_shards(os.path.join(args.dir, f"shards-{args.seq_len}"),
                                                    args.batch * (args.steps + 2) * 8, args.seq_len, 32000)
     base = [f"model.config={args.model}", f"data.shards={shards}", "data.val_shards=none",
@@ -65,18 +79,20 @@ def main() -> int:
     subprocess.run(trainer_cmd(args.nproc, base + [f"run.out_dir={runs['full']}"]), cwd=ROOT, env=env, check=True)
 
     print(f"[{time.strftime('%X')}] run to kill after {args.kill_after} steps", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(trainer_cmd(args.nproc, base + [f"run.out_dir={runs['killed']}"]), cwd=ROOT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(trainer_cmd(args.nproc, base + [f"run.out_dir={runs['killed']}"]), cwd=ROOT, env=env)
     metrics = os.path.join(runs["killed"], "metrics.jsonl")
     while proc.poll() is None:
         if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= args.kill_after:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             break
         time.sleep(0.1)
     proc.wait()
     shutil.copytree(runs["killed"], runs["killed-1proc"])
 
     full = losses(runs["full"])
+    print(json.dumps({"mode": args.mode, "nproc": args.nproc, "run": "uninterrupted", "global_batch": args.batch,
+                      "seq_len": args.seq_len, "model": os.path.basename(args.model),
+                      **throughput(runs["full"], args.skip)}), flush=True)
     for name, nproc in (("killed", args.nproc), ("killed-1proc", 1)):
         over = base + [f"run.out_dir={runs[name]}"]
         # Same global batch on 1 process: the local batch doubles, the micro-batches keep their size.

@@ -2,13 +2,12 @@
 two, and its per-step losses match the uninterrupted two-process run within 1e-5."""
 import os
 import shutil
-import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.train_support import PY, ROOT, env, make_shards, run_trainer, tiny_model_json, write_toml
+from tests.train_support import PY, ROOT, env, kill_tree, make_shards, run_trainer, tiny_model_json, write_toml
 from trainer.metrics import read_metrics
 
 STEPS = 8
@@ -34,10 +33,10 @@ def config(tmp_path, ds, mode, out):
 
 
 def kill_after(tmp_path, cfg, out_dir, lines: int):
-    """Start a 2-process run and SIGKILL the whole process group once `lines` steps are logged."""
+    """Start a 2-process run and SIGKILL torchrun and both workers once `lines` steps are logged."""
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer", cfg]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(str(tmp_path)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL)
     metrics = os.path.join(out_dir, "metrics.jsonl")
     deadline = time.time() + 300
     try:
@@ -47,7 +46,7 @@ def kill_after(tmp_path, cfg, out_dir, lines: int):
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
 
 

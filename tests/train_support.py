@@ -3,14 +3,53 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 VOCAB = 320
+
+
+def kill_tree(pid: int, timeout: float = 30.0) -> None:
+    """SIGKILL a process and all its descendants at once, as a lost machine would, and wait until they
+    are gone. torchrun starts its workers in process sessions of their own, so killing torchrun's
+    process group leaves the workers running (and writing to the run directory)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + timeout
+    for p in tree:
+        while time.time() < deadline:
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break  # dead, waiting for its parent to reap it
+            except OSError:
+                break
+            time.sleep(0.02)
+        else:
+            raise RuntimeError(f"process {p} still running {timeout}s after SIGKILL")
 
 
 def tokenizer_json(path: str, vocab_size: int = VOCAB) -> int:

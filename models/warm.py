@@ -1,0 +1,121 @@
+"""Compile FLA's Triton kernels for one model and shape in parallel, before a run needs them.
+
+    python -m models.warm --model configs/gla_340M.json --seq-len 2048 --batch 16 [--procs 16]
+
+On a cold machine the first step of GLA 340M spends 9+ minutes in Triton: each autotuned kernel
+compiles every candidate config, one after the other, in one process. This tool splits that work:
+N processes each run one training step (forward + backward, bf16 autocast) of a shallow copy of the
+model (the same layer, so the same kernels and autotune keys) with each autotuner restricted to its
+own 1/N of the candidate configs. The compiled binaries land in Triton's cache (TRITON_CACHE_DIR,
+default ~/.triton/cache), so the real run afterwards only times the candidates (tens of seconds) and
+does not compile them. Timings taken here are not kept: the subsets are cached under keys of their
+own, and the real run autotunes over the full config lists on a quiet GPU.
+
+Run it once per machine (or per shared cache directory) and shape: the per-rank micro-batch and the
+sequence length of the run. Processes are spread over the visible GPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARD_ENV = "FLAME_WARM_SHARD"  # "i/n": this process compiles configs i, i+n, i+2n, ...
+
+
+def config_share(configs: list, index: int, count: int) -> list:
+    """The autotune candidates process `index` of `count` compiles. Every config goes to exactly one
+    process; a process whose share is empty (fewer configs than processes) takes one config anyway,
+    so that the kernel still runs and the step goes on to the next kernels."""
+    if not configs:
+        return configs
+    share = configs[index::count]
+    return share or [configs[index % len(configs)]]
+
+
+def _restrict_autotuners(index: int, count: int) -> None:
+    import triton.runtime.autotuner as autotuner
+    original = autotuner.Autotuner.prune_configs
+
+    def prune_configs(self, kwargs):
+        return config_share(list(original(self, kwargs)), index, count)
+
+    autotuner.Autotuner.prune_configs = prune_configs
+
+
+def child(args, index: int, count: int) -> int:
+    import torch
+    _restrict_autotuners(index, count)
+    sys.path.insert(0, ROOT)
+    from models import build
+    config = build.load_config(args.model)
+    config.num_hidden_layers = min(config.num_hidden_layers, args.layers)
+    device = torch.device("cuda", index % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    build.adapt_to_device(config, device)
+    model = build.build_model(config, device, seed=0)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
+    for _ in range(args.steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model JSON (as in model.config)")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--batch", type=int, required=True, help="sequences per forward pass (train.micro_batch)")
+    p.add_argument("--procs", type=int, default=None, help="parallel processes (default: CPU cores, at most 32)")
+    p.add_argument("--layers", type=int, default=1, help="layers kept in the shallow copy (default 1)")
+    p.add_argument("--steps", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        index, count = (int(x) for x in args.child.split("/"))
+        return child(args, index, count)
+
+    import torch
+    if not torch.cuda.is_available():
+        print("models.warm: no CUDA device. On a CPU, FLA's kernels run under the Triton interpreter and are "
+              "not compiled, so there is nothing to warm.", file=sys.stderr)
+        return 2
+    if not os.path.exists(args.model):
+        print(f"models.warm: model JSON {args.model!r} not found (give --model a file such as "
+              f"configs/gla_340M.json)", file=sys.stderr)
+        return 2
+    count = args.procs or min(os.cpu_count() or 1, 32)
+    cache = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
+    print(f"models.warm: {count} processes on {torch.cuda.device_count()} GPU(s), {args.model} at batch "
+          f"{args.batch} x {args.seq_len}; Triton cache {cache}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    procs = []
+    for i in range(count):
+        cmd = [sys.executable, "-m", "models.warm", "--model", args.model, "--seq-len", str(args.seq_len),
+               "--batch", str(args.batch), "--layers", str(args.layers), "--steps", str(args.steps),
+               "--child", f"{i}/{count}"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    failed = 0
+    for i, proc in enumerate(procs):
+        _, err = proc.communicate()
+        done = i + 1
+        if proc.returncode != 0:
+            failed += 1
+            print(f"models.warm: process {i}/{count} failed (exit {proc.returncode}):\n{err[-3000:]}",
+                  file=sys.stderr, flush=True)
+        print(f"models.warm: {done}/{count} processes done, {time.perf_counter() - t0:.0f}s", file=sys.stderr,
+              flush=True)
+    print(f"models.warm: done in {time.perf_counter() - t0:.0f}s, {failed} of {count} processes failed",
+          file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
