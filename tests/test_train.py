@@ -158,6 +158,29 @@ def test_diverging_run_stops_and_keeps_last_checkpoint(tmp_path, data):
     assert sorted(os.listdir(tmp_path / "out" / "ckpt")) == ["step-000002", "step-000004", "step-000010"]
 
 
+def test_second_run_in_a_busy_out_dir_is_refused(tmp_path, data):
+    import fcntl
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # as a running trainer holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on nodeA\n")
+        held.flush()
+        p = run_trainer(str(tmp_path), config(tmp_path, data, train={"max_steps": 1}), check=False)
+    assert p.returncode == 1
+    assert f"run.out_dir={out}: another run is writing to it (pid 4242 on nodeA)" in p.stderr
+    assert not os.path.exists(out / "metrics.jsonl") and not os.path.exists(out / "ckpt")
+    # Released (as when the holder dies, even by SIGKILL): the same directory trains.
+    run_trainer(str(tmp_path), config(tmp_path, data, train={"max_steps": 1}))
+    assert len(read_metrics(str(out))) == 1
+
+
+def test_compile_on_cpu_is_switched_off_with_one_line(tmp_path, data):
+    p = run_trainer(str(tmp_path), config(tmp_path, data, train={"max_steps": 1, "compile": True}))
+    assert p.stderr.count("train.compile switched off on cpu") == 1
+    assert len(read_metrics(str(tmp_path / "out"))) == 1
+
+
 def test_varlen_training_runs(tmp_path, data):
     cfg = config(tmp_path, data, data={"varlen": True}, train={"max_steps": 3}, checkpoint={"every": 0})
     run_trainer(str(tmp_path), cfg)

@@ -7,10 +7,12 @@ setup (processes, data, model, optimizer, checkpoint) -> resume -> for each step
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
+import socket
 import time
 
 import torch
@@ -79,12 +81,42 @@ def train(cfg: Config) -> dict:
         cpu_triton.enable()
     d = parallel.init()
     setup_logging(d)
-    summary = _train(cfg, d)
+    with run_dir_lock(cfg.run.out_dir, d):
+        summary = _train(cfg, d)
     # Leave together, then tear down: a rank destroying its process group while another still talks to it
     # can abort. After an error we skip both (a collective with a failed rank would hang) and just exit.
     parallel.barrier(d)
     parallel.shutdown()
     return summary
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: str, d: parallel.Dist):
+    """One run at a time per run.out_dir. Two runs in one directory (a second launch while the first still
+    runs, or workers left behind by a killed torchrun) would interleave metrics and overwrite each other's
+    checkpoints. Rank 0 holds an flock on OUT/.lock for the run; the kernel drops it when the process dies,
+    so a killed run never leaves a stale lock behind."""
+    if not d.is_main or "://" in out:  # s3:// out_dir is refused in _train
+        yield
+        return
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"run.out_dir={out}: another run is writing to it ({holder}); wait for it to end or "
+                          f"stop it, or give this run another run.out_dir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
 
 
 def _train(cfg: Config, d: parallel.Dist) -> dict:
@@ -143,7 +175,15 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
                                   seed=cfg.model.seed)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train.compile:
+    if cfg.train.compile and d.device.type != "cuda":
+        log.info("train.compile switched off on %s: FLA's kernels run under the Triton interpreter there, "
+                 "which torch.compile cannot trace", d.device.type)
+    elif cfg.train.compile:
+        # FLA layers read their integer `layer_idx` in forward, and dynamo takes integer module attributes
+        # as constants: each block would be compiled anew, and past 8 blocks (its recompile limit) the rest
+        # would silently run uncompiled. As dynamic ints, one compiled block serves every layer.
+        import torch._dynamo as dynamo
+        dynamo.config.allow_unspec_int_on_nn_module = True
         for block in parallel.blocks(model):
             block.compile()
     meta = any(p.is_meta for p in model.parameters())
