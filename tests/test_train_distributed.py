@@ -75,3 +75,22 @@ def test_killed_two_process_run_resumes_on_one_and_on_two(tmp_path, data, mode):
             assert abs(r["loss"] - ref) < 1e-5, (out, r["step"], r["loss"], ref)
         val = [r["val_loss"] for r in records if "val_loss" in r]  # validation is reduced across ranks
         assert len(val) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(val, full_val)), (out, val, full_val)
+
+
+def test_a_save_failing_on_one_rank_stops_every_rank_and_keeps_the_previous_checkpoint(tmp_path, data):
+    cfg = config(tmp_path, data, "ddp", "out")
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tests/fault_trainer.py", cfg]
+    # Rank 1 cannot write its part of checkpoint 4 (disk full). Before, rank 0 waited for it at a barrier
+    # forever; now both ranks learn of it and stop with the same error.
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(env(str(tmp_path)), FAULT_RANK="1", FAULT_STEP="4"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    out = tmp_path / "out"
+    assert p.stderr.count(f"saving checkpoint {out}/ckpt/step-000004 failed (rank 1: OSError: [Errno 28] "
+                          f"No space left on device") == 2, p.stderr[-4000:]
+    assert sorted(os.listdir(out / "ckpt")) == ["step-000002"]  # no partial step-000004.tmp left
+    assert [r["step"] for r in read_metrics(str(out))] == [0, 1, 2, 3]
+    # Space freed: the same command resumes from step 2 and finishes.
+    resumed = run_trainer(str(tmp_path), cfg, nproc=2)
+    assert "resumed from" in resumed.stderr and "step-000002" in resumed.stderr
+    assert [r["step"] for r in read_metrics(str(out))] == list(range(STEPS))

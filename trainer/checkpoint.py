@@ -6,7 +6,7 @@ Layout of one checkpoint, OUT/ckpt/step-000100/:
     rng/rank-00000.pt              each rank's RNG states (torch, cuda, python, numpy)
     train_state.json               step, loader state, skipped steps, and the size + CRC32 of every file above
 
-Written under step-000100.tmp; after a barrier rank 0 writes train_state.json and renames the directory,
+Written under step-000100.tmp; once every rank has written, rank 0 writes train_state.json and renames the directory,
 so a directory without `.tmp` is complete. A checkpoint that fails its checks or does not load is
 reported by name and the previous one is used.
 """
@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from trainer.parallel import Dist, barrier
+from trainer.parallel import Dist
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state.json"
@@ -85,47 +86,98 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: str, keep: int, d: Dist, verify: bool = True):
-        self.root, self.keep, self.d, self.verify = root, keep, d, verify
+    def __init__(self, root: str, keep: int, d: Dist, verify: bool = True, threads: int = 4):
+        # threads: DCP writer threads per rank (each writes its own file) and CRC threads.
+        self.root, self.keep, self.d, self.verify, self.threads = root, keep, d, verify, threads
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, train_state: dict) -> str:
-        """Save after `step` optimizer steps. Collective: every rank calls it."""
+        """Save after `step` optimizer steps. Collective: every rank calls it.
+
+        A failure on any rank (disk full, I/O error) raises CheckpointError on every rank, naming the
+        rank and the error: no rank is left waiting for the others. The previous checkpoint is untouched."""
         final = step_dir(self.root, step)
         tmp = final + ".tmp"
+        err = None
         if self.d.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        barrier(self.d)
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+            except OSError as e:
+                err = f"{type(e).__name__}: {e}"
+        self._agree(err, tmp)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{self.d.rank:05d}.pt"))
+        try:  # collective: DCP gathers every rank's write result and raises the same error on all ranks
+            dcp.save({"model": model_sd, "optim": optim_sd},
+                     storage_writer=dcp.FileSystemWriter(tmp, thread_count=self.threads))
+        except (Exception, CheckpointException) as e:  # DCP's wrapper is a BaseException: catch it by name
+            self._cleanup(tmp)
+            raise CheckpointError(f"saving checkpoint {final} failed ({_first_cause(e)}); the previous "
+                                  f"checkpoint is intact. Free space or fix {self.root}, then rerun to "
+                                  f"resume") from None
         # Each rank checksums the files it wrote; rank 0 collects them into train_state.json.
-        mine = {f: self._describe(tmp, f) for f in _data_files(tmp) if self._owner(f) == self.d.rank}
-        barrier(self.d)
-        everyone = [mine]
+        mine, err = {}, None
+        try:
+            torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{self.d.rank:05d}.pt"))
+            mine = self._describe_all(tmp, [f for f in _data_files(tmp) if self._owner(f) == self.d.rank])
+        except OSError as e:
+            err = f"{type(e).__name__}: {e}"
+        everyone = [(mine, err)]
         if self.d.distributed:
             everyone = [None] * self.d.world_size
-            dist.all_gather_object(everyone, mine)
+            dist.all_gather_object(everyone, (mine, err))
+        self._raise_if_failed([e for _, e in everyone], tmp)
+        err = None
         if self.d.is_main:
-            files = {}
-            for part in everyone:
-                files.update(part)
-            missing = set(_data_files(tmp)) - set(files)
-            for f in missing:  # written by nobody we know of (e.g. .metadata): checksum here
-                files[f] = self._describe(tmp, f)
-            state = dict(train_state, step=step, world_size=self.d.world_size, files=files)
-            with open(os.path.join(tmp, STATE_NAME), "w") as f:
-                json.dump(state, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            if os.path.exists(final):  # a rerun that redid this step: replace
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            try:
+                files = {}
+                for part, _ in everyone:
+                    files.update(part)
+                missing = sorted(set(_data_files(tmp)) - set(files))
+                files.update(self._describe_all(tmp, missing))  # written by nobody we know of (.metadata)
+                state = dict(train_state, step=step, world_size=self.d.world_size, files=files)
+                with open(os.path.join(tmp, STATE_NAME), "w") as f:
+                    json.dump(state, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if os.path.exists(final):  # a rerun that redid this step: replace
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.root)
+            except OSError as e:
+                err = f"{type(e).__name__}: {e}"
+        self._agree(err, tmp)
+        if self.d.is_main:
             self._prune(final)
-        barrier(self.d)
         return final
+
+    def _agree(self, err: str | None, tmp: str) -> None:
+        """A collective check: every rank learns whether any rank failed (and acts as a barrier)."""
+        errors = [err]
+        if self.d.distributed:
+            errors = [None] * self.d.world_size
+            dist.all_gather_object(errors, err)
+        self._raise_if_failed(errors, tmp)
+
+    def _raise_if_failed(self, errors: list, tmp: str) -> None:
+        failed = [(rank, e) for rank, e in enumerate(errors) if e]
+        if failed:
+            self._cleanup(tmp)
+            where = "; ".join(f"rank {rank}: {e}" for rank, e in failed)
+            raise CheckpointError(f"saving checkpoint {tmp.removesuffix('.tmp')} failed ({where}); the "
+                                  f"previous checkpoint is intact. Free space or fix {self.root}, then rerun "
+                                  f"to resume")
+
+    def _cleanup(self, tmp: str) -> None:
+        if self.d.is_main:  # a failed save's partial files only take space: never loaded (.tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _describe_all(self, root: str, rels: list[str]) -> dict:
+        """Size and CRC32 of files, in threads (zlib releases the GIL on large buffers)."""
+        if len(rels) <= 1 or self.threads <= 1:
+            return {rel: self._describe(root, rel) for rel in rels}
+        with ThreadPoolExecutor(min(self.threads, len(rels))) as pool:
+            return dict(zip(rels, pool.map(lambda rel: self._describe(root, rel), rels)))
 
     def _owner(self, rel: str) -> int:
         m = re.match(r"^__(\d+)_\d+\.distcp$", rel) or re.match(r"^rng/rank-(\d+)\.pt$", rel)
