@@ -182,10 +182,12 @@ def test_compile_on_cpu_is_switched_off_with_one_line(tmp_path, data):
 
 
 def test_varlen_training_runs(tmp_path, data):
-    cfg = config(tmp_path, data, data={"varlen": True}, train={"max_steps": 3}, checkpoint={"every": 0})
+    cfg = config(tmp_path, data, data={"varlen": True, "val_shards": data["val"], "val_sequences": 4},
+                 train={"max_steps": 3, "eval_every": 3}, checkpoint={"every": 0})
     run_trainer(str(tmp_path), cfg)
     records = read_metrics(str(tmp_path / "out"))
     assert len(records) == 3 and all(r["loss"] == r["loss"] for r in records)
+    assert 0 < records[-1]["val_loss"] < 100  # validated with document masking too
 
 
 def test_resume_with_another_global_batch_is_refused(tmp_path, data):

@@ -67,10 +67,41 @@ def test_micro_batches_split_rows_and_documents():
     ids = torch.arange(4 * 8).reshape(4, 8)
     cu = torch.tensor([0, 3, 8, 12, 16, 24, 27, 32], dtype=torch.int32)
     plain = list(micro_batches(ids, None, 2))
-    assert len(plain) == 2 and plain[1][0].equal(ids[2:])
+    assert len(plain) == 2 and plain[1][0].equal(ids[2:]) and plain[1][1].equal(ids[2:])
     parts = list(micro_batches(ids, cu, 2))
-    assert parts[0][0].shape == (1, 16) and parts[0][1].tolist() == [0, 3, 8, 12, 16]
-    assert parts[1][0].equal(ids[2:].reshape(1, -1)) and parts[1][1].tolist() == [0, 8, 11, 16]
+    assert parts[0][0].shape == (1, 16) and parts[0][2].tolist() == [0, 3, 8, 12, 16]
+    assert parts[1][0].equal(ids[2:].reshape(1, -1)) and parts[1][2].tolist() == [0, 8, 11, 16]
+    # Varlen labels: a row's last token does not predict the next row's first (unrelated text): the
+    # model shifts labels left, so each row's first label is ignored; L-1 targets per row remain.
+    labels = parts[1][1].view(2, 8)
+    assert labels[:, 0].tolist() == [-100, -100] and labels[:, 1:].equal(ids[2:, 1:])
+
+
+def test_varlen_validation_sees_each_document_alone():
+    import numpy as np
+
+    from trainer.data.loader import cu_seqlens
+    from trainer.evaluate import validation_loss
+    model = tiny_gla()
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(1, 64, (3, 16), generator=g)
+    rows[0, 5] = rows[1, 9] = rows[1, 12] = rows[2, 15] = 0  # EOS (id 0) ends documents mid-row
+    bounds = lambda t: cu_seqlens(t, eos_id=0, bos_id=None)  # noqa: E731
+    import contextlib
+    got = validation_loss(model, rows, 2, Dist(), contextlib.nullcontext, bounds)
+    # Reference: run every document as its own sequence, then score each row's tokens 1..L-1.
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            cuts = cu_seqlens(row.numpy()[None], 0, None)
+            logits = torch.cat([model(input_ids=row[a:b][None]).logits[0] for a, b in zip(cuts[:-1], cuts[1:])])
+            total += torch.nn.functional.cross_entropy(logits[:-1], row[1:], reduction="sum").item()
+            count += len(row) - 1
+    assert got == pytest.approx(total / count, rel=1e-5)
+    plain = validation_loss(model, rows, 2, Dist(), contextlib.nullcontext)
+    assert abs(plain - got) > 1e-4  # without boundaries later documents see earlier ones: another number
+    assert np.isfinite(got)
 
 
 def test_nan_step_is_skipped_without_touching_weights_or_optimizer():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -29,18 +30,28 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient norm."""
 
 
+IGNORE_INDEX = -100  # the label HF/FLA losses skip
+
+
 def micro_batches(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, size: int):
-    """Split the rank's batch into micro-batches of `size` rows; varlen ones become [1, rows*L] + their cu_seqlens."""
+    """Split the rank's batch into micro-batches of `size` rows: (input_ids, labels, cu_seqlens).
+
+    Varlen micro-batches become one [1, rows*L] sequence with their cu_seqlens. The rows of a batch
+    come from unrelated places in the corpus, so the last token of a row must not be trained to
+    predict the first token of the next: each row's first label is IGNORE_INDEX (the model shifts
+    labels left by one), which keeps L-1 targets per row, as in the non-varlen batch."""
     rows, seq_len = input_ids.shape
     for a in range(0, rows, size):
         b = min(rows, a + size)
         x = input_ids[a:b]
         if cu_seqlens is None:
-            yield x, None
+            yield x, x, None
         else:
             lo, hi = a * seq_len, b * seq_len
             cu = cu_seqlens[(cu_seqlens >= lo) & (cu_seqlens <= hi)] - lo  # row starts are boundaries
-            yield x.reshape(1, -1), cu.to(torch.int32)
+            labels = x.clone()
+            labels[:, 0] = IGNORE_INDEX
+            yield x.reshape(1, -1), labels.reshape(1, -1), cu.to(torch.int32)
 
 
 def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: float, lr: float,
@@ -50,11 +61,11 @@ def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: 
         group["lr"] = lr
     parts = list(micro_batches(batch_ids, cu_seqlens, micro_batch))
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
-    for i, (x, cu) in enumerate(parts):
-        x = x.to(d.device, non_blocking=True)
+    for i, (x, labels, cu) in enumerate(parts):
+        x, labels = x.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
         kwargs = {} if cu is None else {"cu_seqlens": cu.to(d.device)}
         with parallel.gradient_sync(model, enabled=i == len(parts) - 1), autocast():
-            loss = model(input_ids=x, labels=x, **kwargs).loss / len(parts)
+            loss = model(input_ids=x, labels=labels, **kwargs).loss / len(parts)
         loss.backward()
         loss_sum += loss.detach().float()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
@@ -123,6 +134,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     from models import build
     from models.flops import flops_per_token, peak_flops, six_n
     from trainer.data import TokenLoader
+    from trainer.data.loader import cu_seqlens as document_bounds
 
     torch.manual_seed(cfg.model.seed)
     if cfg.train.deterministic:
@@ -167,6 +179,9 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     if d.is_main:  # before adapt_to_device: the run dir keeps the user's model config, unedited
         _write_run_files(cfg, out, model_config, loader)
     build.adapt_to_device(model_config, d.device)
+    if d.device.type == "cpu":  # model.cpu_kernels: FLA's GLA ops as plain PyTorch, or the Triton interpreter
+        from models import cpu_torch
+        cpu_torch.select(model_config, cfg.model.cpu_kernels)
     if not cfg.model.init_from:
         init_device = cfg.model.init_device
         if init_device == "auto":
@@ -217,6 +232,9 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     if cfg.data.val_shards and cfg.train.eval_every > 0:
         from trainer.evaluate import load_val_rows
         val_rows = load_val_rows(cfg.data.val_shards, cfg.data.val_sequences, d)
+    # varlen: validation masks documents as training does (the same tokenizer, so the same EOS/BOS ids)
+    val_boundaries = (functools.partial(document_bounds, eos_id=manifest.eos_id, bos_id=manifest.bos_id)
+                      if cfg.data.varlen else None)
 
     n_params = build.count_parameters(raw)
     flops = flops_per_token(raw, seq_len)
@@ -267,7 +285,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
                       "skipped_steps": skipped, "epoch": batch.epoch}
             if val_rows is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
                 from trainer.evaluate import validation_loss
-                val_loss = validation_loss(model, val_rows, micro, d, autocast)
+                val_loss = validation_loss(model, val_rows, micro, d, autocast, val_boundaries)
                 best_val = val_loss if best_val is None else min(best_val, val_loss)
                 record["val_loss"] = val_loss
             metrics.log(record)
