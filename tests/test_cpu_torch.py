@@ -18,6 +18,7 @@ cpu_triton.enable()
 
 from models import build, cpu_torch  # noqa: E402
 from tests.train_support import VOCAB  # noqa: E402
+from trainer import config as run_config  # noqa: E402
 
 RTOL = 1e-4  # max |ours - FLA| over max |FLA|, per tensor
 
@@ -259,3 +260,19 @@ def test_select_falls_back_for_uncovered_models(caplog):
     finally:
         cpu_torch.uninstall()
 
+
+def test_cpu_kernels_config_key(tmp_path):
+    assert run_config.load(None).model.cpu_kernels == "torch"
+    assert run_config.load(None, ["model.cpu_kernels=triton"]).model.cpu_kernels == "triton"
+    with pytest.raises(run_config.ConfigError, match=r"command line: model.cpu_kernels = 'interpreter' must be one of"):
+        run_config.load(None, ["model.cpu_kernels=interpreter"])
+    p = tmp_path / "run.toml"
+    p.write_text('[model]\ncpu_kernels = "gpu"\n')
+    with pytest.raises(run_config.ConfigError, match=f"{p}: model.cpu_kernels = 'gpu' must be one of"):
+        run_config.load(str(p))
+    p.write_text('[model]\ncpu_kernel = "torch"\n')
+    with pytest.raises(run_config.ConfigError, match="unknown key 'model.cpu_kernel'"):
+        run_config.load(str(p))
+    p.write_text('[model]\ncpu_kernels = 1\n')
+    with pytest.raises(run_config.ConfigError, match="model.cpu_kernels"):
+        run_config.load(str(p))

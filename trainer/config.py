@@ -23,6 +23,9 @@ class ModelConfig:
     init_from: str | None = None  # HF model dir to start from (weights only; optimizer and data start fresh)
     init_device: str = "auto"  # auto: meta for fsdp (init after sharding), else the training device
     seed: int = 0  # random init seed (same on every rank)
+    # CPU only: "torch" runs GLA's FLA ops as plain PyTorch (models/cpu_torch.py; other models fall back to the
+    # interpreter with a log line), "triton" runs FLA's Triton kernels under the Triton interpreter (slow)
+    cpu_kernels: str = "torch"
 
 
 @dataclass
@@ -99,7 +102,8 @@ class Config:
 
 
 CHOICES = {("optim", "schedule"): ("cosine", "wsd", "linear"), ("parallel", "mode"): ("none", "ddp", "fsdp"),
-           ("train", "autocast"): ("auto", "bf16", "off"), ("model", "init_device"): ("auto", "cpu", "meta", "cuda")}
+           ("train", "autocast"): ("auto", "bf16", "off"), ("model", "init_device"): ("auto", "cpu", "meta", "cuda"),
+           ("model", "cpu_kernels"): ("torch", "triton")}
 
 
 def _coerce(value, tp, key: str, where: str):
