@@ -17,8 +17,9 @@ from models import cpu_triton  # noqa: E402
 cpu_triton.enable()
 
 from models import build, cpu_torch  # noqa: E402
-from tests.train_support import VOCAB  # noqa: E402
+from tests.train_support import VOCAB, make_shards, run_trainer, tiny_model_json, write_toml  # noqa: E402
 from trainer import config as run_config  # noqa: E402
+from trainer.metrics import read_metrics  # noqa: E402
 
 RTOL = 1e-4  # max |ours - FLA| over max |FLA|, per tensor
 
@@ -276,3 +277,32 @@ def test_cpu_kernels_config_key(tmp_path):
     p.write_text('[model]\ncpu_kernels = 1\n')
     with pytest.raises(run_config.ConfigError, match="model.cpu_kernels"):
         run_config.load(str(p))
+
+
+def test_trainer_uses_the_torch_ops_by_default_and_matches_the_interpreter(tmp_path):
+    """The switch end to end: one log line each way, the same per-step losses both ways (sequences of 96 tokens:
+    GLA's chunk path), and a model the PyTorch ops do not cover falls back to the interpreter and trains."""
+    shards = make_shards(str(tmp_path / "shards"), sequences=16, seq_len=96)
+
+    def run(name, model_json, steps, **model):
+        cfg = write_toml(str(tmp_path / f"{name}.toml"), {
+            "model": {"config": model_json, **model}, "data": {"shards": shards, "global_batch": 2},
+            "train": {"max_steps": steps}, "optim": {"lr": 1e-2, "warmup": 1},
+            "checkpoint": {"every": 0, "at_end": False},
+            "run": {"out_dir": str(tmp_path / name), "progress": False, "tensorboard": False}})
+        p = run_trainer(str(tmp_path), cfg)
+        return p.stderr, [r["loss"] for r in read_metrics(str(tmp_path / name))]
+
+    gla = tiny_model_json(str(tmp_path / "gla.json"))
+    err, fast = run("torch", gla, 3)
+    assert err.count("CPU kernels: ") == 1 and err.count("CPU kernels: torch") == 1
+    err, interpreted = run("triton", gla, 3, cpu_kernels="triton")
+    assert err.count("CPU kernels: ") == 1 and err.count("CPU kernels: triton") == 1
+    assert len(fast) == len(interpreted) == 3
+    for a, b in zip(fast, interpreted):
+        assert abs(a - b) <= 1e-4 * abs(b), (fast, interpreted)
+
+    err, losses = run("transformer", tiny_model_json(str(tmp_path / "tf.json"), "transformer"), 1)
+    assert err.count("CPU kernels: ") == 1
+    assert "CPU kernels: triton" in err and "model_type 'transformer'" in err and "falls back to the interpreter" in err
+    assert len(losses) == 1 and losses[0] == losses[0]

@@ -1,4 +1,9 @@
-"""The training loop end to end on CPU (tiny GLA under the Triton interpreter, subprocesses like a user runs it)."""
+"""The training loop end to end on CPU (a tiny GLA, subprocesses like a user runs it).
+
+Most tests here check the trainer's machinery and run with the default CPU kernels (model.cpu_kernels=torch,
+models/cpu_torch.py). The ones about FLA's real kernels in the loop set INTERPRETER: the run that must learn,
+the SIGKILL-and-resume (steps slow enough to be killed mid-run) and varlen (FLA's varlen kernels fed the
+trainer's cu_seqlens)."""
 import json
 import os
 import signal
@@ -17,6 +22,9 @@ def data(tmp_path_factory):
     return {"shards": make_shards(str(root / "shards"), sequences=96, seq_len=32),
             "val": make_shards(str(root / "val"), sequences=16, seq_len=32, seed=1),
             "model": tiny_model_json(str(root / "gla.json")), "root": str(root)}
+
+
+INTERPRETER = {"cpu_kernels": "triton"}  # [model] keys: FLA's Triton kernels under the Triton interpreter
 
 
 def config(tmp_path, ds, name="run.toml", **sections):
@@ -42,7 +50,8 @@ def final_weights(out_dir):
 
 
 def test_loss_goes_down_and_run_dir_is_complete(tmp_path, data):
-    cfg = config(tmp_path, data, train={"max_steps": 14, "eval_every": 7},
+    # FLA's own kernels (interpreted) learn in the loop; tests/test_cpu_torch.py checks the PyTorch ops against them
+    cfg = config(tmp_path, data, model=INTERPRETER, train={"max_steps": 14, "eval_every": 7},
                  data={"val_shards": data["val"], "val_sequences": 8}, checkpoint={"every": 0},
                  run={"peak_tflops": 0.001})  # a made-up peak, so that MFU is computed on a CPU
     run_trainer(str(tmp_path), cfg)
@@ -69,11 +78,13 @@ def test_loss_goes_down_and_run_dir_is_complete(tmp_path, data):
 
 
 def test_sigkill_resume_is_bitwise_exact(tmp_path, data):
-    """A run killed with SIGKILL mid-way and rerun gives the same per-step losses and final weights, bit for bit."""
-    full = config(tmp_path, data, "full.toml", run={"out_dir": str(tmp_path / "full")})
+    """A run killed with SIGKILL mid-way and rerun gives the same per-step losses and final weights, bit for bit.
+    Under the interpreter: its steps are slow enough to kill the run between step 5 and step 8 every time (the
+    PyTorch ops' bitwise resume is checked by test_corrupt_checkpoint_is_named_and_previous_is_used)."""
+    full = config(tmp_path, data, "full.toml", model=INTERPRETER, run={"out_dir": str(tmp_path / "full")})
     run_trainer(str(tmp_path), full)
 
-    killed = config(tmp_path, data, "killed.toml", run={"out_dir": str(tmp_path / "killed")})
+    killed = config(tmp_path, data, "killed.toml", model=INTERPRETER, run={"out_dir": str(tmp_path / "killed")})
     proc = subprocess.Popen([PY, "-m", "trainer", killed], cwd=ROOT, env=env(str(tmp_path)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -110,7 +121,7 @@ def test_corrupt_checkpoint_is_named_and_previous_is_used(tmp_path, data):
     assert "step-000004 is damaged" in p.stderr and "CRC32" in p.stderr
     assert "resumed from" in p.stderr and "step-000002 at step 2" in p.stderr
     after = losses(out)
-    assert after[:4] == before  # steps 2 and 3 were redone from the good checkpoint, identically
+    assert after[:4] == before  # steps 2 and 3 were redone from the good checkpoint, identically (PyTorch ops)
     assert [s for s, _ in after] == list(range(6))
 
 
@@ -182,7 +193,8 @@ def test_compile_on_cpu_is_switched_off_with_one_line(tmp_path, data):
 
 
 def test_varlen_training_runs(tmp_path, data):
-    cfg = config(tmp_path, data, data={"varlen": True, "val_shards": data["val"], "val_sequences": 4},
+    cfg = config(tmp_path, data, model=INTERPRETER,
+                 data={"varlen": True, "val_shards": data["val"], "val_sequences": 4},
                  train={"max_steps": 3, "eval_every": 3}, checkpoint={"every": 0})
     run_trainer(str(tmp_path), cfg)
     records = read_metrics(str(tmp_path / "out"))

@@ -21,9 +21,11 @@ def data(tmp_path_factory):
             "model": tiny_model_json(str(root / "gla.json"))}
 
 
-def config(tmp_path, ds, mode, out):
+def config(tmp_path, ds, mode, out, cpu_kernels="triton"):
+    # triton (FLA's Triton kernels under the interpreter) by default: steps slow enough for kill_after to stop
+    # the run mid-way; tests that kill nothing can take the PyTorch ops (model.cpu_kernels=torch)
     return write_toml(str(tmp_path / f"{out}.toml"), {
-        "model": {"config": ds["model"]},
+        "model": {"config": ds["model"], "cpu_kernels": cpu_kernels},
         "data": {"shards": ds["shards"], "global_batch": 4, "seed": 5, "val_shards": ds["val"], "val_sequences": 4},
         "train": {"max_steps": STEPS, "micro_batch": 2, "eval_every": 4},
         "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup": 2},
@@ -78,7 +80,7 @@ def test_killed_two_process_run_resumes_on_one_and_on_two(tmp_path, data, mode):
 
 
 def test_a_save_failing_on_one_rank_stops_every_rank_and_keeps_the_previous_checkpoint(tmp_path, data):
-    cfg = config(tmp_path, data, "ddp", "out")
+    cfg = config(tmp_path, data, "ddp", "out", cpu_kernels="torch")
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tests/fault_trainer.py", cfg]
     # Rank 1 cannot write its part of checkpoint 4 (disk full). Before, rank 0 waited for it at a barrier
     # forever; now both ranks learn of it and stop with the same error.
