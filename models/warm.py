@@ -36,19 +36,39 @@ def config_share(configs: list, index: int, count: int) -> list:
     return share or [configs[index % len(configs)]]
 
 
-def _restrict_autotuners(index: int, count: int) -> None:
+def restrict_autotuners(index: int, count: int):
+    """Make every Triton autotuner in this process try only its share of configs. A kernel whose share
+    cannot run on this device (too much shared memory, say: the real autotuner skips such configs, but a
+    share may hold only those) is tuned over all its configs instead, here. Returns a function that
+    undoes the patch."""
     import triton.runtime.autotuner as autotuner
-    original = autotuner.Autotuner.prune_configs
+    cls = autotuner.Autotuner
+    original_prune, original_run = cls.prune_configs, cls.run
 
     def prune_configs(self, kwargs):
-        return config_share(list(original(self, kwargs)), index, count)
+        configs = list(original_prune(self, kwargs))
+        return configs if getattr(self, "_warm_all", False) else config_share(configs, index, count)
 
-    autotuner.Autotuner.prune_configs = prune_configs
+    def run(self, *args, **kwargs):
+        try:
+            return original_run(self, *args, **kwargs)
+        except Exception:
+            if getattr(self, "_warm_all", False):
+                raise
+            self._warm_all = True
+            self.cache.clear()  # a share of one config is cached before it runs
+            return original_run(self, *args, **kwargs)
+
+    cls.prune_configs, cls.run = prune_configs, run
+
+    def restore():
+        cls.prune_configs, cls.run = original_prune, original_run
+    return restore
 
 
 def child(args, index: int, count: int) -> int:
     import torch
-    _restrict_autotuners(index, count)
+    restrict_autotuners(index, count)
     sys.path.insert(0, ROOT)
     from models import build
     config = build.load_config(args.model)

@@ -21,3 +21,50 @@ def test_every_config_compiled_once_and_no_process_idle(n_configs, count):
 def test_no_gpu_is_a_clear_refusal(capsys):
     assert main(["--model", "configs/gla_340M.json", "--seq-len", "64", "--batch", "1"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_share_that_cannot_run_falls_back_to_all_configs():
+    """With the real Triton autotuner (under the interpreter): process 2 of 4 owns only BLOCK=64, which
+    'does not fit' (its pre-hook raises OutOfResources, as compiling it would on a GPU). The kernel still
+    runs, tuned over all configs, and the patch comes off again."""
+    import os
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from models import cpu_triton
+    cpu_triton.enable()
+    import torch
+    import triton
+    import triton.language as tl
+    import triton.runtime.autotuner as autotuner
+    from triton.runtime.errors import OutOfResources
+
+    from models.warm import restrict_autotuners
+
+    def too_big(nargs):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    configs = [triton.Config({"BLOCK": b}, pre_hook=too_big if b == 64 else None) for b in (16, 32, 64, 128)]
+
+    def time_once(kernel_call, quantiles):  # no GPU timer here: run once, equal timings
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    @triton.autotune(configs=configs, key=["n"], do_bench=time_once)
+    @triton.jit
+    def add_one(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) + 1, mask=i < n)
+
+    before, cpu_prune = autotuner.Autotuner.run, autotuner.Autotuner.prune_configs
+    autotuner.Autotuner.prune_configs = lambda self, kwargs: self.configs  # not cpu_triton's first-only
+    restore = restrict_autotuners(2, 4)
+    try:
+        assert [c.kwargs["BLOCK"] for c in add_one.prune_configs({})] == [64]
+        x, y = torch.zeros(100), torch.zeros(100)
+        add_one[lambda m: (triton.cdiv(100, m["BLOCK"]),)](x, y, 100)
+        assert y.eq(1).all()
+        assert add_one.best_config.kwargs["BLOCK"] != 64
+        assert len(add_one.prune_configs({})) == 4  # this kernel is now tuned over all its configs
+    finally:
+        restore()
+        assert autotuner.Autotuner.run is before
+        autotuner.Autotuner.prune_configs = cpu_prune
