@@ -223,6 +223,15 @@ def test_tiny_gla_varlen_and_eval_match_the_interpreter(torch_ops):
     assert_close(logits, ref_logits, "eval logits")
 
 
+def test_generation_with_the_recurrent_cache_matches_the_interpreter(torch_ops):
+    """Decoding: the cached recurrent state goes back in as initial_state, one token at a time."""
+    model = tiny_gla().eval()
+    x = torch.randint(1, VOCAB, (1, 70), generator=torch.Generator().manual_seed(9))
+    ours = model.generate(x, max_new_tokens=6, do_sample=False)
+    cpu_torch.uninstall()
+    assert torch.equal(ours, model.generate(x, max_new_tokens=6, do_sample=False))
+
+
 def test_install_uninstall_and_originals():
     import fla.layers.gla as gla_layer
     import fla.ops.gla as gla_ops
