@@ -192,7 +192,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.compile and d.device.type != "cuda":
         log.info("train.compile switched off on %s: it is a GPU option (torch.compile cannot trace FLA's "
-                 "kernels under the Triton interpreter, and the CPU ops gain nothing from it)", d.device.type)
+                 "kernels under the Triton interpreter; with the PyTorch CPU ops it is untested)", d.device.type)
     elif cfg.train.compile:
         # FLA layers read their integer `layer_idx` in forward, and dynamo takes integer module attributes
         # as constants: each block would be compiled anew, and past 8 blocks (its recompile limit) the rest
