@@ -70,6 +70,9 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0: only at the end
     keep: int = 3  # keep the last k complete checkpoints
     at_end: bool = True
+    # where checkpoints go: None = <run.out_dir>/ckpt; a directory, or s3://bucket/prefix (object storage:
+    # no shared filesystem needed on several nodes)
+    dir: str | None = None
 
 
 @dataclass
@@ -223,6 +226,14 @@ def validate(cfg: Config, where: str) -> None:
     need(cfg.optim.decay_steps is None or cfg.optim.decay_steps >= 0, "optim.decay_steps", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    ckpt_dir = cfg.checkpoint.dir
+    if ckpt_dir and "://" in ckpt_dir:
+        need(ckpt_dir.startswith("s3://"), "checkpoint.dir", f"= {ckpt_dir!r}: use a directory or s3://bucket/prefix")
+        from shardgen.s3 import S3ConfigError, parse_s3_url
+        try:
+            parse_s3_url(ckpt_dir)
+        except S3ConfigError as e:
+            raise ConfigError(f"{where}: checkpoint.dir {e}") from None
     need(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "must be two numbers in [0, 1)")
 
 

@@ -1,7 +1,9 @@
 """`python -m trainer.export CKPT OUT`: a checkpoint -> an HF model directory (config.json + safetensors + tokenizer).
 
-CKPT is a run's out_dir (meaning its latest complete checkpoint) or one checkpoint directory
-(OUT_DIR/ckpt/step-000100). The result loads with
+CKPT is a run's out_dir (meaning its latest complete checkpoint, in OUT_DIR/ckpt or wherever the run's
+config.toml puts checkpoint.dir, s3:// included), one checkpoint directory (OUT_DIR/ckpt/step-000100), or, for
+a run with a checkpoint.dir, that directory or one checkpoint in it (s3://bucket/ckpt/step-000100: the run
+files come from s3://bucket/ckpt/run/, written there at launch). The result loads with
 
     import fla, transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(OUT)
@@ -22,18 +24,65 @@ log = logging.getLogger("trainer.export")
 
 
 def resolve(ckpt: str) -> tuple[str, str]:
-    """(run out_dir, checkpoint dir) for a run dir or a checkpoint dir."""
-    from trainer.checkpoint import STATE_NAME, list_checkpoints
+    """(run out_dir, checkpoint dir) for a run dir or a checkpoint dir. For a checkpoint in object storage the
+    "run dir" is a local temporary copy of CHECKPOINT_DIR/run/."""
+    from shardgen.storage import is_s3
+    from trainer.checkpoint import NAME_RE, STATE_NAME, list_checkpoints
+    if is_s3(ckpt):
+        ckpt = ckpt.rstrip("/")
+        parent, _, base = ckpt.rpartition("/")
+        if NAME_RE.match(base):
+            return _fetch_run_files(parent, ckpt), ckpt
+        found = list_checkpoints(ckpt)
+        if not found:
+            raise FileNotFoundError(f"{ckpt}: no complete checkpoint (step-NNNNNN/ with {STATE_NAME}) there")
+        return _fetch_run_files(ckpt, found[-1]), found[-1]
     ckpt = os.path.abspath(ckpt)
     if os.path.isfile(os.path.join(ckpt, STATE_NAME)):
-        return os.path.dirname(os.path.dirname(ckpt)), ckpt
+        run_dir = os.path.dirname(os.path.dirname(ckpt))
+        beside = os.path.join(os.path.dirname(ckpt), "run")  # a checkpoint.dir of its own: the copy there
+        if not os.path.isfile(os.path.join(run_dir, "model.json")) and os.path.isfile(os.path.join(beside, "model.json")):
+            run_dir = beside
+        return run_dir, ckpt
     if os.path.isfile(os.path.join(ckpt, "model.json")):
-        found = list_checkpoints(os.path.join(ckpt, "ckpt"))
+        root = _checkpoint_dir(ckpt)
+        found = list_checkpoints(root)
         if not found:
-            raise FileNotFoundError(f"{ckpt}: a run directory without any complete checkpoint in {ckpt}/ckpt")
+            raise FileNotFoundError(f"{ckpt}: a run directory without any complete checkpoint in {root}")
         return ckpt, found[-1]
     raise FileNotFoundError(f"{ckpt}: neither a run directory (with model.json) nor a checkpoint directory "
                             f"(with {STATE_NAME})")
+
+
+def _checkpoint_dir(run_dir: str) -> str:
+    """The run's checkpoint.dir from its config.toml (written by the trainer), else RUN_DIR/ckpt."""
+    import tomllib
+    try:
+        with open(os.path.join(run_dir, "config.toml"), "rb") as f:
+            configured = tomllib.load(f).get("checkpoint", {}).get("dir")
+    except (OSError, tomllib.TOMLDecodeError):
+        configured = None
+    return configured or os.path.join(run_dir, "ckpt")
+
+
+def _fetch_run_files(root: str, path: str) -> str:
+    """ROOT/run/* (model.json, data.json, tokenizer.json, config.toml) into a local temporary directory."""
+    import atexit
+    import tempfile
+
+    from shardgen.storage import open_storage
+    from trainer.loop import RUN_FILES
+    storage = open_storage(root)
+    if not storage.exists("run/model.json"):
+        raise FileNotFoundError(f"{path}: no {root}/run/model.json beside it (the trainer writes the run files "
+                                f"there at launch): export from the run directory instead")
+    local = tempfile.mkdtemp(prefix="export-run-")
+    atexit.register(shutil.rmtree, local, True)
+    for name in RUN_FILES:
+        if storage.exists(f"run/{name}"):
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(storage.read(f"run/{name}"))
+    return local
 
 
 def load_checkpoint_model(ckpt: str):
@@ -98,16 +147,18 @@ def _write_tokenizer(run_dir: str, out: str, data: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.export",
                                 description="Write an HF model directory from a trainer checkpoint.")
-    p.add_argument("ckpt", help="a run's out_dir (its latest checkpoint) or a checkpoint dir (OUT/ckpt/step-N)")
+    p.add_argument("ckpt", help="a run's out_dir (its latest checkpoint), a checkpoint dir (OUT/ckpt/step-N), or a "
+                                "checkpoint.dir or one checkpoint in it (s3://bucket/ckpt[/step-N])")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from models.build import ModelConfigError
+    from shardgen.storage import StorageError
     from trainer.checkpoint import CheckpointError
     try:
         export(args.ckpt, args.out, args.dtype)
-    except (FileNotFoundError, CheckpointError, ModelConfigError) as e:
+    except (FileNotFoundError, CheckpointError, ModelConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(args.out)

@@ -141,8 +141,10 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
         torch.use_deterministic_algorithms(True)
     out = cfg.run.out_dir
     if "://" in out:
-        raise ConfigError(f"run.out_dir={out}: checkpoints to object storage are not supported yet; use a local "
-                         f"or shared-filesystem directory (data.shards and data.val_shards may be s3://)")
+        raise ConfigError(f"run.out_dir={out}: checkpoints to object storage are not supported through "
+                         f"run.out_dir, which must be a local directory (rank 0 writes metrics, TensorBoard logs and "
+                         f"the config there); keep it local and set checkpoint.dir=s3://bucket/prefix to put the "
+                         f"checkpoints in object storage (data.shards and data.val_shards may be s3:// too)")
     if d.is_main:
         os.makedirs(out, exist_ok=True)
     parallel.barrier(d)
@@ -158,7 +160,9 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
                            varlen=cfg.data.varlen)
 
     # The layout is fixed at the first launch: a resumed run without data.layout takes the checkpoint's.
-    ckpt = Checkpointer(os.path.join(out, "ckpt"), cfg.checkpoint.keep, d)
+    ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(out, "ckpt"), cfg.checkpoint.keep, d)
+    if cfg.checkpoint.dir:
+        log.info("checkpoints in %s", ckpt.root)
     layout = cfg.data.layout
     if layout is None:
         layout = (ckpt.latest_loader_state() or {}).get("layout")
@@ -178,6 +182,8 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
         model_config = build.load_config(cfg.model.config, vocab_size=manifest.tokenizer.get("vocab_size"))
     if d.is_main:  # before adapt_to_device: the run dir keeps the user's model config, unedited
         _write_run_files(cfg, out, model_config, loader)
+        if cfg.checkpoint.dir:  # a copy beside the checkpoints, so that one exports without the run dir
+            _copy_run_files(out, cfg.checkpoint.dir)
     build.adapt_to_device(model_config, d.device)
     if d.device.type == "cpu":  # model.cpu_kernels: FLA's GLA ops as plain PyTorch, or the Triton interpreter
         from models import cpu_torch
@@ -346,3 +352,18 @@ def _write_run_files(cfg: Config, out: str, model_config, loader) -> None:
     if storage.exists("tokenizer.json"):
         with open(os.path.join(out, "tokenizer.json"), "wb") as f:
             f.write(storage.read("tokenizer.json"))
+
+
+RUN_FILES = ("config.toml", "model.json", "data.json", "tokenizer.json")
+
+
+def _copy_run_files(out: str, ckpt_dir: str) -> None:
+    """The run files into CHECKPOINT_DIR/run/, so that `python -m trainer.export CHECKPOINT_DIR/step-N` works
+    without the run dir (which lives on rank 0's machine)."""
+    from shardgen.storage import open_storage
+    storage = open_storage(ckpt_dir)
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                storage.put_bytes(f"run/{name}", f.read())

@@ -1,0 +1,243 @@
+"""torch.distributed.checkpoint (DCP) over the project's Storage (shardgen/storage.py), for checkpoints in S3.
+
+DCP's FileSystemWriter / FileSystemReader take every file operation from a `FileSystemBase`; this one maps
+them onto a Storage rooted at the checkpoint directory (`s3://bucket/prefix`):
+
+    create_stream(path, "wb")  a local temporary file (a real file: DCP calls tell() and fsync(fileno()));
+                               on close it gets a CRC32 and is uploaded with Storage.put_file (S3Storage: a
+                               verified SHA-256 multipart upload), then removed. Names ending in ".tmp" (DCP's
+                               `.metadata.tmp`) stay staged until rename() uploads them under the final name:
+                               no copy and delete in the store.
+    create_stream(path, "rb")  a seekable buffered stream over ranged GETs (Storage.read_range), 8 MiB at a time
+    rename                     the upload of a staged ".tmp" file (else read + put + delete)
+    mkdir                      nothing (object stores have no directories)
+
+Every upload made and every upload that failed is recorded (`written`, `errors`): DCP's writer threads other
+than the first drop their exceptions, so the Checkpointer asks `errors` after dcp.save instead of trusting it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import threading
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
+
+from shardgen.storage import Storage, is_s3
+
+READ_BUFFER = 8 << 20  # bytes per ranged GET for small reads (DCP reads item by item, mostly in file order)
+MAX_GET = 64 << 20  # the largest single ranged GET for one large read
+
+
+class StorageFileSystem(FileSystemBase):
+    """DCP file operations on `storage`; paths are `<storage.url>/<name>` strings."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.root = storage.url.rstrip("/")
+        self.written: dict[str, dict] = {}  # name -> {"size", "crc32"} of each finished upload
+        self.errors: list[str] = []  # "name: error" of each failed upload
+        self.sizes: dict[str, int] = {}  # known object sizes (from a listing), to skip a HEAD per read
+        self._staged: dict[str, str] = {}  # ".tmp" name -> local file, uploaded by rename()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._writing = 0  # streams open for writing (being filled or uploaded)
+        self._aborted = False
+
+    def name(self, path) -> str:
+        path = str(path)
+        if not path.startswith(self.root + "/"):
+            raise ValueError(f"{path} is not under {self.root}")
+        return path[len(self.root) + 1:]
+
+    def _stage_file(self, name: str) -> str:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}.", suffix=".part",
+                                   dir=self.storage.staging_dir())
+        os.close(fd)
+        return tmp
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        name = self.name(path)
+        if "r" in mode and "+" not in mode:
+            size = self.sizes.get(name)
+            if size is None:
+                size = self.storage.size(name)
+            with io.BufferedReader(_RangeReader(self.storage, name, size), buffer_size=READ_BUFFER) as f:
+                yield f
+            return
+        if "w" not in mode:
+            raise ValueError(f"{path}: mode {mode!r} is not supported on {self.root} (write whole objects)")
+        with self._lock:
+            if self._aborted:
+                raise OSError(f"{self.root}/{name}: not written: this save failed already")
+            self._writing += 1
+        local = None
+        try:
+            local = self._stage_file(name)
+            with open(local, mode) as f:
+                yield f
+            if name.endswith(".tmp"):
+                with self._lock:
+                    self._staged[name] = local
+                return
+            with self._lock:
+                if self._aborted:
+                    raise OSError(f"{self.root}/{name}: not uploaded: this save failed already")
+            self._upload(name, local)
+        except BaseException as e:
+            if local is not None:
+                _unlink(local)
+            with self._lock:
+                self.errors.append(f"{name}: {type(e).__name__}: {e}")
+            raise
+        finally:
+            with self._lock:
+                self._writing -= 1
+                self._idle.notify_all()
+
+    def abort(self, timeout: float = 600.0) -> None:
+        """After a failed save: start no more uploads and wait for those under way. When DCP's main writer
+        thread fails it returns without joining its other writer threads, which would go on uploading files
+        after the failed save's objects were deleted."""
+        with self._lock:
+            self._aborted = True
+            self._idle.wait_for(lambda: self._writing == 0, timeout)
+        self.discard_staged()
+
+    def _upload(self, name: str, local: str) -> None:
+        info = {"size": os.path.getsize(local), "crc32": _crc32(local)}
+        self.storage.put_file(name, local)  # consumes the local file
+        with self._lock:
+            self.written[name] = info
+
+    def concat_path(self, path, suffix: str) -> str:
+        return f"{str(path).rstrip('/')}/{suffix}"
+
+    def init_path(self, path) -> str:
+        return str(path).rstrip("/")
+
+    def rename(self, path, new_path) -> None:
+        src, dst = self.name(path), self.name(new_path)
+        with self._lock:
+            local = self._staged.pop(src, None)
+        try:
+            if local is None:  # not staged here: copy through this process, then delete
+                local = self._stage_file(dst)
+                with open(local, "wb") as f:
+                    f.write(self.storage.read(src))
+                self._upload(dst, local)
+                self.storage.delete(src)
+            else:
+                self._upload(dst, local)
+        except BaseException as e:
+            if local is not None:
+                _unlink(local)
+            with self._lock:
+                self.errors.append(f"{dst}: {type(e).__name__}: {e}")
+            raise
+
+    def mkdir(self, path) -> None:
+        pass
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return not isinstance(checkpoint_id, Path) and is_s3(str(checkpoint_id))
+
+    def exists(self, path) -> bool:
+        name = self.name(path)
+        with self._lock:
+            if name in self._staged:
+                return True
+        return self.storage.exists(name)
+
+    def rm_file(self, path) -> None:
+        self.storage.delete(self.name(path))
+
+    def ls(self, path) -> list[str]:
+        prefix = self.name(path).rstrip("/") + "/"
+        return [self.concat_path(self.root, n) for n in self.storage.list(prefix)]
+
+    def discard_staged(self) -> None:
+        with self._lock:
+            staged, self._staged = list(self._staged.values()), {}
+        for local in staged:
+            _unlink(local)
+
+
+class StorageWriter(FileSystemWriter):
+    """FileSystemWriter whose files go to a Storage (see StorageFileSystem)."""
+
+    def __init__(self, path: str, fs: StorageFileSystem, thread_count: int = 1):
+        super().__init__(path, single_file_per_rank=True, sync_files=False, thread_count=thread_count,
+                         overwrite=True)
+        self.fs = fs
+        self.path = fs.init_path(path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return StorageFileSystem.validate_checkpoint_id(checkpoint_id)
+
+
+class StorageReader(FileSystemReader):
+    """FileSystemReader whose files come from a Storage (see StorageFileSystem)."""
+
+    def __init__(self, path: str, fs: StorageFileSystem):
+        super().__init__(path)
+        self.fs = fs
+        self.path = fs.init_path(path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return StorageFileSystem.validate_checkpoint_id(checkpoint_id)
+
+
+class _RangeReader(io.RawIOBase):
+    """A seekable, read-only raw stream over an object of known size, one ranged GET per readinto."""
+
+    def __init__(self, storage: Storage, name: str, size: int):
+        self.storage, self.name_, self.size, self.pos = storage, name, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"{self.storage.where(self.name_)}: seek to a negative position")
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.size - self.pos, MAX_GET)
+        if n <= 0:
+            return 0
+        data = self.storage.read_range(self.name_, self.pos, n)
+        memoryview(b).cast("B")[:n] = data
+        self.pos += n
+        return n
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
