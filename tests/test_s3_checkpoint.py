@@ -80,7 +80,10 @@ def test_save_load_and_prune_in_object_storage(s3_url):
     assert ckpt.latest_loader_state() == {"layout": 4}
 
 
-def test_a_failed_upload_raises_and_leaves_no_checkpoint(s3_url, monkeypatch):
+@pytest.mark.parametrize("failing_file", [0, -1])
+def test_a_failed_upload_raises_and_leaves_no_checkpoint(s3_url, monkeypatch, failing_file):
+    # DCP's writer threads: the last file is usually the main thread's (DCP raises), the first one another
+    # thread's (DCP drops the error: the Checkpointer finds it in its file system's record)
     from shardgen.s3 import S3Storage
     from shardgen.storage import StorageError
     from trainer.checkpoint import CheckpointError, Checkpointer, list_checkpoints
@@ -89,11 +92,11 @@ def test_a_failed_upload_raises_and_leaves_no_checkpoint(s3_url, monkeypatch):
     ckpt = Checkpointer(root, keep=3, d=Dist(), threads=4)
     ckpt.save(1, model, opt, {})
     files = sorted(n for n in _objects(root) if n.endswith(".distcp"))
-    assert len(files) > 1, files  # several writer threads: the failing file is one a worker thread writes
+    assert len(files) > 1, files  # several writer threads
     real = S3Storage.put_file
 
     def failing(self, name, local_path):
-        if name.endswith(files[-1].split("/")[-1]):
+        if name.endswith(files[failing_file].split("/")[-1]):
             raise StorageError(f"{self.where(name)}: injected upload failure")
         return real(self, name, local_path)
     monkeypatch.setattr(S3Storage, "put_file", failing)
