@@ -52,6 +52,26 @@ def test_ranged_reader_returns_the_bytes_and_fetches_each_block_about_once(tmp_p
     assert f.read() == data[-10:]
 
 
+def test_staged_files_of_a_killed_process_are_removed(s3_url):
+    import subprocess
+    import sys
+
+    from shardgen.s3 import S3Storage
+    from trainer.checkpoint import Checkpointer
+    from trainer.dcp_storage import staging_folder
+    root = s3_url + "/ckpt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale, mine = staging_folder(S3Storage(root), int(dead)), staging_folder(S3Storage(root))
+    for folder in (stale, mine):
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, ".__0_0.distcp.x.part"), "wb").close()
+    Checkpointer(root, keep=1, d=Dist())
+    assert not os.path.exists(stale) and os.path.exists(mine)
+    import shutil
+    shutil.rmtree(mine)
+
+
 def test_save_load_and_prune_in_object_storage(s3_url):
     from shardgen.s3 import S3Storage
     from trainer.checkpoint import Checkpointer, list_checkpoints

@@ -330,6 +330,12 @@ class ObjectStoreCheckpointer(Checkpointer):
     def __init__(self, root: str, keep: int, d: Dist, verify: bool = True, threads: int = 4):
         super().__init__(root.rstrip("/"), keep, d, verify, threads)
         self.storage = open_storage(self.root)
+        from trainer.dcp_storage import remove_stale_staging
+        try:  # staged uploads of processes killed mid-save (only those of processes that no longer run)
+            if remove_stale_staging(self.storage):
+                log.info("removed the staged files of earlier processes killed while saving to %s", self.root)
+        except OSError as e:
+            log.warning("could not clean the staging folder for %s (%s)", self.root, e)
 
     def _prefix(self, path: str) -> str:
         """'step-000100/' for s3://bucket/prefix/step-000100."""

@@ -17,6 +17,10 @@ them onto a Storage rooted at the checkpoint directory (`s3://bucket/prefix`):
     rename                     the upload of a staged ".tmp" file (else read + put + delete)
     mkdir                      nothing (object stores have no directories)
 
+Staged files live in Storage.staging_dir()/ckpt-<pid> (SHARDGEN_STAGING_DIR, else the system temp dir): a rank needs
+local space for its share of a checkpoint while it uploads. A process killed mid-save leaves its folder; the next
+Checkpointer on that machine removes the folders of processes that no longer run (remove_stale_staging).
+
 Every upload made and every upload that failed is recorded (`written`, `errors`): DCP's writer threads other
 than the first drop their exceptions, so the Checkpointer asks `errors` after dcp.save instead of trusting it.
 """
@@ -61,8 +65,9 @@ class StorageFileSystem(FileSystemBase):
         return path[len(self.root) + 1:]
 
     def _stage_file(self, name: str) -> str:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}.", suffix=".part",
-                                   dir=self.storage.staging_dir())
+        folder = staging_folder(self.storage)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}.", suffix=".part", dir=folder)
         os.close(fd)
         return tmp
 
@@ -169,10 +174,46 @@ class StorageFileSystem(FileSystemBase):
         return [self.concat_path(self.root, n) for n in self.storage.list(prefix)]
 
     def discard_staged(self) -> None:
+        """Drop staged files never renamed, and this process's staging folder once empty."""
         with self._lock:
             staged, self._staged = list(self._staged.values()), {}
         for local in staged:
             _unlink(local)
+        try:
+            os.rmdir(staging_folder(self.storage))
+        except OSError:  # not there, or another thread of this process is staging a file in it
+            pass
+
+
+def staging_folder(storage: Storage, pid: int | None = None) -> str:
+    """This process's folder for files on their way up: Storage.staging_dir()/ckpt-<pid> (one per process, so
+    that the staged files of a process killed mid-save are known to be stale: see remove_stale_staging)."""
+    return os.path.join(storage.staging_dir(), f"ckpt-{pid or os.getpid()}")
+
+
+def remove_stale_staging(storage: Storage) -> list[str]:
+    """Remove the staging folders of processes of this machine that no longer run (killed while saving: their
+    staged files would otherwise stay, up to a rank's share of a checkpoint each). Returns what was removed."""
+    import re
+    import shutil
+    base, removed = storage.staging_dir(), []
+    for entry in os.listdir(base):
+        m = re.fullmatch(r"ckpt-(\d+)", entry)
+        if not m or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class StorageWriter(FileSystemWriter):
