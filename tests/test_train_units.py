@@ -283,3 +283,39 @@ def test_cli_prints_user_errors_as_one_line_and_keeps_a_bugs_traceback(tmp_path,
     monkeypatch.setattr(trainer.loop, "train", fail(ValueError("Expected input batch_size (4) to match")))
     with pytest.raises(ValueError, match="batch_size"):
         main([str(cfg)])
+
+
+@pytest.mark.parametrize("victim", ["__0_0.distcp", "__0_1.distcp", "__0_2.distcp", "__0_3.distcp"])
+def test_a_write_failing_in_any_dcp_writer_thread_fails_the_save(tmp_path, monkeypatch, victim):
+    """DCP drops the errors of its extra writer threads; the save must fail anyway, keep the last good
+    checkpoint (keep=1 would otherwise prune it) and leave nothing that looks complete."""
+    import contextlib
+    import errno
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from trainer.checkpoint import CheckpointError, Checkpointer, list_checkpoints
+    model = tiny_gla()
+    opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
+    x = torch.randint(1, 63, (2, 16), generator=torch.Generator().manual_seed(0))
+    train_step(model, opt, x, None, 2, 1.0, 1e-2, Dist(), contextlib.nullcontext)  # AdamW states exist
+    root = tmp_path / "ckpt"
+    ck = Checkpointer(str(root), keep=1, d=Dist(), threads=4)
+    ck.save(1, model, opt, {"loader": {}})
+    assert victim in os.listdir(root / "step-000001")  # 4 threads: 4 data files
+
+    original = FileSystem.create_stream
+
+    def create_stream(self, path, mode):
+        if str(path).endswith(f"step-000002.tmp/{victim}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return original(self, path, mode)
+
+    monkeypatch.setattr(FileSystem, "create_stream", create_stream)
+    with pytest.raises(CheckpointError, match="step-000002 failed") as failed:
+        ck.save(2, model, opt, {"loader": {}})
+    assert victim in str(failed.value) and "No space left on device" in str(failed.value)
+    monkeypatch.undo()
+    assert [os.path.basename(p) for p in list_checkpoints(str(root))] == ["step-000001"]
+    assert sorted(os.listdir(root)) == ["step-000001"]
+    assert ck.load_latest(model, opt)["step"] == 1

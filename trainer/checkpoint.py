@@ -31,6 +31,7 @@ does not load is reported and the previous checkpoint used, as locally.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -38,6 +39,8 @@ import os
 import random
 import re
 import shutil
+import threading
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
@@ -55,6 +59,32 @@ from trainer.parallel import Dist
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state.json"
 NAME_RE = re.compile(r"^step-(\d{6,})$")
+
+
+# A single-process run saves without a process group on purpose: DCP's warning about it is noise.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                        category=UserWarning)
+
+
+class _RecordingFileSystem(FileSystem):
+    """DCP's local file system, keeping every write error. With thread_count > 1, DCP (torch 2.13) drops
+    the exceptions of its extra writer threads: the save returns, its metadata lacks the failed files,
+    and only loading would find out. The Checkpointer reads `errors` after dcp.save instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        try:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+        except BaseException as e:
+            with self._lock:
+                self.errors.append(f"{os.path.basename(str(path))}: {type(e).__name__}: {e}")
+            raise
 
 
 class CheckpointError(Exception):
@@ -139,19 +169,21 @@ class Checkpointer:
                 err = f"{type(e).__name__}: {e}"
         self._agree(err, tmp)
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        writer = dcp.FileSystemWriter(tmp, thread_count=self.threads)
+        writer.fs = fs = _RecordingFileSystem()
         try:  # collective: DCP gathers every rank's write result and raises the same error on all ranks
-            dcp.save({"model": model_sd, "optim": optim_sd},
-                     storage_writer=dcp.FileSystemWriter(tmp, thread_count=self.threads))
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
         except (Exception, CheckpointException) as e:  # DCP's wrapper is a BaseException: catch it by name
             self._cleanup(tmp)
             raise CheckpointError(f"saving checkpoint {final} failed ({_first_cause(e)}); the previous "
                                   f"checkpoint is intact. Free space or fix {self.root}, then rerun to "
                                   f"resume") from None
         # Each rank checksums the files it wrote; rank 0 collects them into train_state.json.
-        mine, err = {}, None
+        mine, err = {}, "; ".join(fs.errors) or None  # writes that failed in DCP's other writer threads
         try:
-            torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{self.d.rank:05d}.pt"))
-            mine = self._describe_all(tmp, [f for f in _data_files(tmp) if self._owner(f) == self.d.rank])
+            if err is None:
+                torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{self.d.rank:05d}.pt"))
+                mine = self._describe_all(tmp, [f for f in _data_files(tmp) if self._owner(f) == self.d.rank])
         except OSError as e:
             err = f"{type(e).__name__}: {e}"
         everyone = [(mine, err)]
