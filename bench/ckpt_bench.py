@@ -21,6 +21,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def model_with_adamw_state(model_json: str):
+    """A model built from its JSON on CPU and an AdamW whose states exist (one step on zero grads)."""
+    import torch
+
+    from models import build
+    config = build.load_config(model_json)
+    build.adapt_to_device(config, torch.device("cpu"))
+    model = build.build_model(config, "cpu", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    return model, opt
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
@@ -28,18 +43,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "ckpt"))
     args = p.parse_args()
-    import torch
-
-    from models import build
     from trainer.checkpoint import Checkpointer
     from trainer.parallel import Dist
-    config = build.load_config(args.model)
-    build.adapt_to_device(config, torch.device("cpu"))
-    model = build.build_model(config, "cpu", seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for q in model.parameters():
-        q.grad = torch.zeros_like(q)
-    opt.step()  # creates the AdamW states (exp_avg, exp_avg_sq)
+    model, opt = model_with_adamw_state(args.model)
     d = Dist()
     for threads in (int(t) for t in args.threads.split(",")):
         root = os.path.join(args.dir, f"t{threads}")

@@ -28,19 +28,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=4)
     args = p.parse_args()
-    import torch
-
-    from models import build
+    from bench.ckpt_bench import model_with_adamw_state
     from shardgen.s3server import S3Server
     from trainer.checkpoint import Checkpointer
     from trainer.parallel import Dist
-    config = build.load_config(args.model)
-    build.adapt_to_device(config, torch.device("cpu"))
-    model = build.build_model(config, "cpu", seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for q in model.parameters():
-        q.grad = torch.zeros_like(q)
-    opt.step()
+    model, opt = model_with_adamw_state(args.model)
     work = tempfile.mkdtemp(prefix="ckpt-s3-bench-")
     server = S3Server(os.path.join(work, "s3"))
     server.start()

@@ -129,12 +129,10 @@ def test_a_failed_upload_raises_and_leaves_no_checkpoint(s3_url, monkeypatch, fa
 
 
 # ---------------------------------------------------------------- the trainer end to end (subprocesses)
-import shutil  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-from tests.train_support import (PY, ROOT, env, kill_tree, make_shards, run_trainer, tiny_model_json,  # noqa: E402
+from tests.train_support import (PY, ROOT, env, kill_after_steps, make_shards, run_trainer, tiny_model_json,  # noqa: E402
                                  write_toml)
 from trainer.metrics import read_metrics  # noqa: E402
 
@@ -247,19 +245,8 @@ def test_sigkill_with_checkpoints_in_s3_resumes_bitwise(tmp_path, data, s3_url):
     run_trainer(str(tmp_path), full)
     root = s3_url + "/ckpt"
     killed = config(tmp_path, data, "killed", ckpt_dir=root, steps=steps, cpu_kernels="triton")
-    proc = subprocess.Popen([PY, "-m", "trainer", killed], cwd=ROOT, env=env(str(tmp_path)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and sum(1 for _ in open(metrics)) >= 5:  # steps 0-4 done: checkpoint 4 is saved
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        kill_tree(proc.pid)
-        proc.wait()
+    # steps 0-4 done: checkpoint 4 is saved
+    kill_after_steps([PY, "-m", "trainer", killed], str(tmp_path), str(tmp_path / "killed"), 5)
     assert len(losses(str(tmp_path / "killed"))) < steps
     p = run_trainer(str(tmp_path), killed)
     assert f"resumed from {root}/step-0000" in p.stderr

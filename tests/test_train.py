@@ -6,13 +6,11 @@ the SIGKILL-and-resume (steps slow enough to be killed mid-run) and varlen (FLA'
 trainer's cu_seqlens)."""
 import json
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 
-from tests.train_support import PY, ROOT, env, make_shards, run_trainer, tiny_model_json, write_toml
+from tests.train_support import PY, ROOT, env, kill_after_steps, make_shards, run_trainer, tiny_model_json, write_toml
 from trainer.metrics import read_metrics
 
 
@@ -85,17 +83,8 @@ def test_sigkill_resume_is_bitwise_exact(tmp_path, data):
     run_trainer(str(tmp_path), full)
 
     killed = config(tmp_path, data, "killed.toml", model=INTERPRETER, run={"out_dir": str(tmp_path / "killed")})
-    proc = subprocess.Popen([PY, "-m", "trainer", killed], cwd=ROOT, env=env(str(tmp_path)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and sum(1 for _ in open(metrics)) >= 5:  # steps 0-4 done, checkpoint at 4 written
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # steps 0-4 done, checkpoint at 4 written
+    kill_after_steps([PY, "-m", "trainer", killed], str(tmp_path), str(tmp_path / "killed"), 5)
     assert len(losses(str(tmp_path / "killed"))) < 8
 
     p = run_trainer(str(tmp_path), killed)

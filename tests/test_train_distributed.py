@@ -3,11 +3,10 @@ two, and its per-step losses match the uninterrupted two-process run within 1e-5
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 
-from tests.train_support import PY, ROOT, env, kill_tree, make_shards, run_trainer, tiny_model_json, write_toml
+from tests.train_support import PY, ROOT, env, kill_after_steps, make_shards, run_trainer, tiny_model_json, write_toml
 from trainer.metrics import read_metrics
 
 STEPS = 8
@@ -37,19 +36,7 @@ def config(tmp_path, ds, mode, out, cpu_kernels="triton"):
 def kill_after(tmp_path, cfg, out_dir, lines: int):
     """Start a 2-process run and SIGKILL torchrun and both workers once `lines` steps are logged."""
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer", cfg]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(str(tmp_path)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= lines:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        kill_tree(proc.pid)
-        proc.wait()
+    kill_after_steps(cmd, str(tmp_path), out_dir, lines)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

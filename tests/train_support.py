@@ -52,6 +52,23 @@ def kill_tree(pid: int, timeout: float = 30.0) -> None:
             raise RuntimeError(f"process {p} still running {timeout}s after SIGKILL")
 
 
+def kill_after_steps(cmd: list[str], tmp: str, out_dir: str, steps: int, timeout: float = 300.0) -> None:
+    """Start a training command and SIGKILL it (and any workers: kill_tree) once `steps` steps are logged
+    in OUT/metrics.jsonl. Fails if the run ends on its own first."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= steps:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+
+
 def tokenizer_json(path: str, vocab_size: int = VOCAB) -> int:
     """A byte-level BPE trained on a few lines; returns its vocab size (<= vocab_size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

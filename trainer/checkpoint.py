@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from shardgen.storage import StorageError, is_s3, open_storage
+from trainer.dcp_storage import file_crc32
 from trainer.parallel import Dist
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,6 @@ def list_checkpoints(root: str) -> list[str]:
         return []
     found = [(int(m.group(1)), n) for n in os.listdir(root) if (m := NAME_RE.match(n))]
     return [os.path.join(root, n) for _, n in sorted(found)]
-
-
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _data_files(path: str) -> list[str]:
@@ -186,11 +179,7 @@ class Checkpointer:
                 mine = self._describe_all(tmp, [f for f in _data_files(tmp) if self._owner(f) == self.d.rank])
         except OSError as e:
             err = f"{type(e).__name__}: {e}"
-        everyone = [(mine, err)]
-        if self.d.distributed:
-            everyone = [None] * self.d.world_size
-            dist.all_gather_object(everyone, (mine, err))
-        self._raise_if_failed([e for _, e in everyone], tmp)
+        everyone = self._gather(mine, err, tmp)
         err = None
         if self.d.is_main:
             try:
@@ -214,6 +203,15 @@ class Checkpointer:
         if self.d.is_main:
             self._prune(final)
         return final
+
+    def _gather(self, mine: dict, err: str | None, where: str) -> list[tuple[dict, str | None]]:
+        """Every rank's (files it wrote, error); raises on every rank if any rank failed."""
+        everyone = [(mine, err)]
+        if self.d.distributed:
+            everyone = [None] * self.d.world_size
+            dist.all_gather_object(everyone, (mine, err))
+        self._raise_if_failed([e for _, e in everyone], where)
+        return everyone
 
     def _agree(self, err: str | None, tmp: str) -> None:
         """A collective check: every rank learns whether any rank failed (and acts as a barrier)."""
@@ -250,7 +248,7 @@ class Checkpointer:
     @staticmethod
     def _describe(root: str, rel: str) -> dict:
         p = os.path.join(root, rel)
-        return {"size": os.path.getsize(p), "crc32": _crc32(p)}
+        return {"size": os.path.getsize(p), "crc32": file_crc32(p)}
 
     def _prune(self, saved: str) -> None:
         # Count only checkpoints up to the one just saved: a newer one is from before a fallback (it did
@@ -348,7 +346,7 @@ class Checkpointer:
                 problem = f"file {rel} is missing"
             elif os.path.getsize(p) != files[rel]["size"]:
                 problem = f"file {rel} has {os.path.getsize(p)} bytes, expected {files[rel]['size']} (truncated?)"
-            elif self.verify and _crc32(p) != files[rel]["crc32"]:
+            elif self.verify and file_crc32(p) != files[rel]["crc32"]:
                 problem = f"file {rel} fails its CRC32 check (corrupt)"
         if not _all_ok(0 if problem else 1, self.d):
             raise CheckpointError(f"checkpoint {path} is damaged: {problem or 'a check failed on another rank'}")
@@ -414,11 +412,7 @@ class ObjectStoreCheckpointer(Checkpointer):
                 mine[rel] = {"size": len(rng), "crc32": zlib.crc32(rng)}
             except (StorageError, OSError) as e:
                 err = f"{type(e).__name__}: {e}"
-        everyone = [(mine, err)]
-        if self.d.distributed:
-            everyone = [None] * self.d.world_size
-            dist.all_gather_object(everyone, (mine, err))
-        self._raise_if_failed([e for _, e in everyone], final)
+        everyone = self._gather(mine, err, final)
         err = None
         if self.d.is_main:
             try:
