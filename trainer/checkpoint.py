@@ -179,13 +179,10 @@ class Checkpointer:
                 mine = self._describe_all(tmp, [f for f in _data_files(tmp) if self._owner(f) == self.d.rank])
         except OSError as e:
             err = f"{type(e).__name__}: {e}"
-        everyone = self._gather(mine, err, tmp)
+        files = self._gather(mine, err, tmp)
         err = None
         if self.d.is_main:
             try:
-                files = {}
-                for part, _ in everyone:
-                    files.update(part)
                 missing = sorted(set(_data_files(tmp)) - set(files))
                 files.update(self._describe_all(tmp, missing))  # written by nobody we know of (.metadata)
                 state = dict(train_state, step=step, world_size=self.d.world_size, files=files)
@@ -204,14 +201,17 @@ class Checkpointer:
             self._prune(final)
         return final
 
-    def _gather(self, mine: dict, err: str | None, where: str) -> list[tuple[dict, str | None]]:
-        """Every rank's (files it wrote, error); raises on every rank if any rank failed."""
+    def _gather(self, mine: dict, err: str | None, where: str) -> dict:
+        """The files every rank wrote (name -> size and CRC32), merged; raises on every rank if any failed."""
         everyone = [(mine, err)]
         if self.d.distributed:
             everyone = [None] * self.d.world_size
             dist.all_gather_object(everyone, (mine, err))
         self._raise_if_failed([e for _, e in everyone], where)
-        return everyone
+        files = {}
+        for part, _ in everyone:
+            files.update(part)
+        return files
 
     def _agree(self, err: str | None, tmp: str) -> None:
         """A collective check: every rank learns whether any rank failed (and acts as a barrier)."""
@@ -412,13 +412,10 @@ class ObjectStoreCheckpointer(Checkpointer):
                 mine[rel] = {"size": len(rng), "crc32": zlib.crc32(rng)}
             except (StorageError, OSError) as e:
                 err = f"{type(e).__name__}: {e}"
-        everyone = self._gather(mine, err, final)
+        files = self._gather(mine, err, final)
         err = None
         if self.d.is_main:
             try:
-                files = {}
-                for part, _ in everyone:
-                    files.update(part)
                 listed = {n[len(prefix):]: size for n, size in self.storage.list_sizes(prefix)}
                 for rel in sorted(files):
                     if listed.get(rel) != files[rel]["size"]:
