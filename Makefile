@@ -72,10 +72,10 @@ bench: setup
 	$(PY) bench/s3_bench.py
 
 s3-up: $(VENV)/.stamp
-	$(PY) -m shardgen.s3server up --dir .s3
+	$(PY) -m shards.s3server up --dir .s3
 
 s3-down:
-	$(PY) -m shardgen.s3server down --dir .s3
+	$(PY) -m shards.s3server down --dir .s3
 
 clean-data:
 	rm -rf data

@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=4)
     args = p.parse_args()
     from bench.ckpt_bench import model_with_adamw_state
-    from shardgen.s3server import S3Server
+    from shards.s3server import S3Server
     from trainer.checkpoint import Checkpointer
     from trainer.parallel import Dist
     model, opt = model_with_adamw_state(args.model)

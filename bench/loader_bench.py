@@ -46,9 +46,9 @@ def memory() -> dict:
 def write_shards(root: str, tokens: int, seq_len: int, blocks_per_shard: int, block_bytes: int | None = None) -> None:
     import numpy as np
 
-    from shardgen.format import Manifest, ShardWriter, rows_per_block
-    from shardgen.progress import Progress
-    from shardgen.storage import LocalStorage
+    from shards.format import Manifest, ShardWriter, rows_per_block
+    from shards.progress import Progress
+    from shards.storage import LocalStorage
 
     rng = np.random.default_rng(0)
     pool = (rng.zipf(1.2, size=1 << 23) % VOCAB).astype(np.uint16)
@@ -77,8 +77,8 @@ def write_shards(root: str, tokens: int, seq_len: int, blocks_per_shard: int, bl
 def case_raw(args) -> dict:
     import zstandard
 
-    from shardgen.format import read_manifest
-    from shardgen.storage import LocalStorage
+    from shards.format import read_manifest
+    from shards.storage import LocalStorage
 
     st = LocalStorage(args.dir)
     m = read_manifest(st)
@@ -98,8 +98,8 @@ def case_webdataset(args) -> dict:
     import webdataset
     import zstandard
 
-    from shardgen.format import read_manifest
-    from shardgen.storage import LocalStorage
+    from shards.format import read_manifest
+    from shards.storage import LocalStorage
 
     m = read_manifest(LocalStorage(args.dir))
     urls = [os.path.join(args.dir, s.name) for s in m.shards]

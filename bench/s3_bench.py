@@ -38,7 +38,7 @@ BUCKET = "bench"
 
 
 def upload_dataset(local: str, url: str) -> dict:
-    from shardgen.s3 import S3Storage
+    from shards.s3 import S3Storage
     st = S3Storage(url)
     names = sorted(n for n in os.listdir(local) if n != "manifest.json")
     total, t0 = 0, time.perf_counter()
@@ -65,7 +65,7 @@ def used_bytes(manifest, sequences) -> float:
 
 
 def run_loader(shards: str, args) -> dict:
-    from shardgen.s3 import S3Storage
+    from shards.s3 import S3Storage
     from trainer.data import TokenLoader
 
     t0 = time.perf_counter()
@@ -122,7 +122,7 @@ def main() -> int:
 
     import torch  # noqa: F401  (imported here, not inside the first timed batch)
 
-    from shardgen.s3server import AWS_VARS, LocalS3
+    from shards.s3server import AWS_VARS, LocalS3
 
     work = args.workdir or tempfile.mkdtemp(prefix="s3bench-")
     os.makedirs(work, exist_ok=True)
@@ -161,7 +161,7 @@ def main() -> int:
 
 
 def upload_dataset_files(paths: list[str], url: str) -> None:
-    from shardgen.s3 import S3Storage
+    from shards.s3 import S3Storage
     st = S3Storage(url)
     for p in paths:
         with open(p, "rb") as f:

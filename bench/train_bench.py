@@ -39,8 +39,8 @@ def log(msg: str) -> None:
 def write_synthetic_shards(root: str, sequences: int, seq_len: int, vocab: int) -> str:
     import numpy as np
 
-    from shardgen.format import MANIFEST_NAME, Manifest, ShardWriter, rows_per_block
-    from shardgen.storage import LocalStorage
+    from shards.format import MANIFEST_NAME, Manifest, ShardWriter, rows_per_block
+    from shards.storage import LocalStorage
     if os.path.exists(os.path.join(root, MANIFEST_NAME)):
         return root
     os.makedirs(root, exist_ok=True)
@@ -115,8 +115,8 @@ def run_hf(args) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from models import build
-    from shardgen.format import decode_block, read_manifest
-    from shardgen.storage import LocalStorage
+    from shards.format import decode_block, read_manifest
+    from shards.storage import LocalStorage
 
     storage = LocalStorage(args.shards)
     manifest = read_manifest(storage)

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import tokenizers
 import zstandard
 
-from shardgen.format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, TOKENIZER_NAME, rows_per_block
+from shards.format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, TOKENIZER_NAME, rows_per_block
 from shardgen.inputs import list_inputs, plan_hash, plan_tasks
 from shardgen.merge import SETTINGS_NAME, BuildError, merge, read_records, read_settings, remove_temp_files
-from shardgen.progress import Progress, human
-from shardgen.storage import Storage, open_storage
+from shards.progress import Progress, human
+from shards.storage import Storage
+from shards.backends import open_storage
 from shardgen.tasks import TASKS_DIR, TaskSettings, canonical_json
 from shardgen.tokenizer import load_tokenizer
 from shardgen.workers import run_tasks

@@ -7,10 +7,11 @@ import json
 import os
 import sys
 
-from shardgen.format import DEFAULT_BLOCK_BYTES, FormatError
+from shards.format import DEFAULT_BLOCK_BYTES, FormatError
 from shardgen.inputs import InputError
 from shardgen.merge import BuildError
-from shardgen.storage import StorageError, open_storage
+from shards.storage import StorageError
+from shards.backends import open_storage
 from shardgen.tokenizer import TokenizerError
 from shardgen.workers import WorkerError
 

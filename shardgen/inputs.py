@@ -17,7 +17,8 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from shardgen.storage import Storage, StorageError, is_s3, open_storage
+from shards.storage import Storage, StorageError, is_s3
+from shards.backends import open_storage
 
 KINDS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".txt", ".parquet")  # longest suffix first
 SPLITTABLE = ".jsonl"  # only uncompressed jsonl can be cut at byte offsets

@@ -6,9 +6,9 @@ import hashlib
 import json
 import os
 
-from shardgen.format import MANIFEST_NAME, TOKENIZER_NAME, Manifest, ShardInfo
+from shards.format import MANIFEST_NAME, TOKENIZER_NAME, Manifest, ShardInfo
 from shardgen.readers import Counts
-from shardgen.storage import Storage
+from shards.storage import Storage
 from shardgen.tasks import TASKS_DIR, TMP_DIR, record_name
 
 SETTINGS_NAME = f"{TASKS_DIR}/settings.json"

@@ -16,10 +16,11 @@ from itertools import chain
 
 import numpy as np
 
-from shardgen.format import DTYPES, ShardInfo, ShardWriter
+from shards.format import DTYPES, ShardInfo, ShardWriter
 from shardgen.inputs import Task
 from shardgen.readers import Counts, DocumentReader
-from shardgen.storage import Storage, open_storage
+from shards.storage import Storage
+from shards.backends import open_storage
 
 TASKS_DIR = "_tasks"
 TMP_DIR = "_tmp"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from shardgen.format import TOKENIZER_NAME, dtype_for_vocab
+from shards.format import TOKENIZER_NAME, dtype_for_vocab
 
 CONFIG_NAME = "tokenizer_config.json"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")

@@ -6,10 +6,10 @@ import tarfile
 
 import numpy as np
 
-from shardgen.format import (TOKENIZER_NAME, Block, FormatError, Manifest, ShardInfo, block_member_name,
+from shards.format import (TOKENIZER_NAME, Block, FormatError, Manifest, ShardInfo, block_member_name,
                              decode_block, read_manifest)
-from shardgen.progress import Progress, human
-from shardgen.storage import Storage
+from shards.progress import Progress, human
+from shards.storage import Storage
 
 CHUNK = 8 << 20
 

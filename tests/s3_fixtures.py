@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from shardgen.s3server import AWS_VARS, S3Server, S3ServerError
+from shards.s3server import AWS_VARS, S3Server, S3ServerError
 
 _bucket_numbers = itertools.count()
 _SESSION = secrets.token_hex(3)
@@ -73,7 +73,7 @@ def s3_url(s3_env, request) -> str:
 
 def upload_dir(local_root: str, url: str) -> None:
     """Copy a local dataset directory to `url` through S3Storage, the manifest last (as shardgen does)."""
-    from shardgen.s3 import S3Storage
+    from shards.s3 import S3Storage
     st = S3Storage(url)
     names = sorted(os.listdir(local_root))
     for name in [n for n in names if n != "manifest.json"] + [n for n in names if n == "manifest.json"]:

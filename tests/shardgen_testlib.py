@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from shardgen.format import decode_block, read_manifest
-from shardgen.storage import LocalStorage
+from shards.format import decode_block, read_manifest
+from shards.storage import LocalStorage
 from shardgen.tokenizer import train_bpe
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,7 @@ def _tiny():
 
 
 def _objects(url: str) -> list[str]:
-    from shardgen.s3 import S3Storage
+    from shards.s3 import S3Storage
     return S3Storage(url).list()
 
 
@@ -31,7 +31,7 @@ def test_ranged_reader_returns_the_bytes_and_fetches_each_block_about_once(tmp_p
     import io
     import random
 
-    from shardgen.storage import LocalStorage
+    from shards.storage import LocalStorage
     from trainer import dcp_storage
     monkeypatch.setattr(dcp_storage, "BLOCK", 4096)
     monkeypatch.setattr(dcp_storage, "MAX_GET", 3 * 4096)
@@ -56,7 +56,7 @@ def test_staged_files_of_a_killed_process_are_removed(s3_url):
     import subprocess
     import sys
 
-    from shardgen.s3 import S3Storage
+    from shards.s3 import S3Storage
     from trainer.checkpoint import Checkpointer
     from trainer.dcp_storage import staging_folder
     root = s3_url + "/ckpt"
@@ -73,7 +73,7 @@ def test_staged_files_of_a_killed_process_are_removed(s3_url):
 
 
 def test_save_load_and_prune_in_object_storage(s3_url):
-    from shardgen.s3 import S3Storage
+    from shards.s3 import S3Storage
     from trainer.checkpoint import Checkpointer, list_checkpoints
     root = s3_url + "/ckpt"
     model, opt = _tiny()
@@ -104,8 +104,8 @@ def test_save_load_and_prune_in_object_storage(s3_url):
 def test_a_failed_upload_raises_and_leaves_no_checkpoint(s3_url, monkeypatch, failing_file):
     # DCP's writer threads: the last file is usually the main thread's (DCP raises), the first one another
     # thread's (DCP drops the error: the Checkpointer finds it in its file system's record)
-    from shardgen.s3 import S3Storage
-    from shardgen.storage import StorageError
+    from shards.s3 import S3Storage
+    from shards.storage import StorageError
     from trainer.checkpoint import CheckpointError, Checkpointer, list_checkpoints
     root = s3_url + "/ckpt"
     model, opt = _tiny()
@@ -177,7 +177,7 @@ def reference(data):
 
 
 def test_damaged_checkpoint_in_s3_is_named_and_the_previous_is_used_then_export(tmp_path, data, reference, s3_url):
-    from shardgen.s3 import S3Storage
+    from shards.s3 import S3Storage
     from trainer.checkpoint import list_checkpoints
     from trainer.export import load_checkpoint_model
     root = s3_url + "/ckpt"

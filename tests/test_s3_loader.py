@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from shardgen.format import FormatError
-from shardgen.s3 import S3Storage
-from shardgen.storage import StorageError
+from shards.format import FormatError
+from shards.s3 import S3Storage
+from shards.storage import StorageError
 from tests.s3_fixtures import s3_client_env, upload_dir
 from tests.test_data_loader import write_dataset
 from trainer.data import TokenLoader

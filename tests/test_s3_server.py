@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from shardgen import s3server
-from shardgen.s3server import LocalS3, S3Server, S3ServerError, free_ports
+from shards import s3server
+from shards.s3server import LocalS3, S3Server, S3ServerError, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "shardgen.s3server", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "shards.s3server", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=180, env=env)
 
 
@@ -40,7 +40,7 @@ def test_up_env_down(tmp_path):
         assert again.returncode == 1 and "already running" in again.stderr and "Traceback" not in again.stderr
         exports = dict(line.removeprefix("export ").split("=", 1) for line in cli("env", "--dir", d).stdout.splitlines())
         assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
-        probe = [sys.executable, "-c", "from shardgen.s3 import S3Storage; s = S3Storage('s3://demo/x'); "
+        probe = [sys.executable, "-c", "from shards.s3 import S3Storage; s = S3Storage('s3://demo/x'); "
                  "s.put_bytes('a', b'hello'); print(s.read('a').decode())"]
         env = {k: v for k, v in os.environ.items() if k not in s3server.AWS_VARS}
         got = subprocess.run(probe, cwd=ROOT, env={**env, **exports}, capture_output=True, text=True, timeout=60)

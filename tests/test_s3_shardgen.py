@@ -11,7 +11,7 @@ import time
 import pytest
 
 from shardgen.build import run_build
-from shardgen.s3 import S3Storage
+from shards.s3 import S3Storage
 from shardgen.tasks import record_name
 from shardgen_testlib import (SEQ, build_options,
                               ROOT_DIR, UNICODE_DOCS, make_docs, tiny_tokenizer, tree_bytes, write_jsonl,

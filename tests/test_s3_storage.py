@@ -10,8 +10,10 @@ import sys
 
 import pytest
 
-from shardgen.s3 import S3Settings, S3Storage, parse_s3_url
-from shardgen.storage import LocalStorage, StorageError, open_storage
+from shards.s3 import S3Settings, S3Storage
+from shards.storage import parse_s3_url
+from shards.storage import LocalStorage, StorageError
+from shards.backends import open_storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,7 +192,7 @@ def test_missing_bucket_is_named(s3_env):
 
 
 def test_unreachable_endpoint_names_it_and_the_variable(s3_env, monkeypatch):
-    from shardgen.s3server import free_ports
+    from shards.s3server import free_ports
     port = free_ports(1)[0]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("SHARDGEN_S3_RETRY_BUDGET", "1")

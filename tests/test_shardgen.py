@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from shardgen.build import node_from_env, run_build
-from shardgen.format import FormatError, read_manifest
+from shards.format import FormatError, read_manifest
 from shardgen.merge import BuildError, merge
-from shardgen.storage import LocalStorage
+from shards.storage import LocalStorage
 from shardgen_testlib import (SEQ, build_options,
                               ROOT_DIR, UNICODE_DOCS, check_round_trip, encoder, expected_stream, make_docs,
                               read_dataset, task_records, tiny_tokenizer, tree_bytes, write_jsonl, write_parquet,

@@ -10,8 +10,8 @@ import pytest
 
 from shardgen.build import BuildOptions, run_build
 from shardgen.cli import main
-from shardgen.format import FormatError
-from shardgen.storage import LocalStorage
+from shards.format import FormatError
+from shards.storage import LocalStorage
 from shardgen.verify import verify
 from shardgen_testlib import make_docs, read_dataset, tiny_tokenizer, write_jsonl
 

@@ -152,8 +152,8 @@ def test_activation_checkpointing_gives_the_same_step():
 def test_validation_rows_are_the_first_m_sequences_split_across_ranks(tmp_path):
     import numpy as np
 
-    from shardgen.format import decode_block, read_manifest
-    from shardgen.storage import LocalStorage
+    from shards.format import decode_block, read_manifest
+    from shards.storage import LocalStorage
     from tests.train_support import make_shards
     from trainer.evaluate import load_val_rows
     root = make_shards(str(tmp_path / "val"), sequences=24, seq_len=16, rows_per_block=5, shards=2)

@@ -85,8 +85,8 @@ def tokenizer_json(path: str, vocab_size: int = VOCAB) -> int:
 def make_shards(root: str, *, sequences: int = 64, seq_len: int = 32, seed: int = 0, rows_per_block: int = 4,
                 shards: int = 2, vocab: int = VOCAB) -> str:
     """A learnable dataset: each document follows t[i+1] = (5 * t[i] + 1) mod V, ended by EOS (id 0)."""
-    from shardgen.format import MANIFEST_NAME, Manifest, ShardWriter
-    from shardgen.storage import LocalStorage
+    from shards.format import MANIFEST_NAME, Manifest, ShardWriter
+    from shards.storage import LocalStorage
     os.makedirs(root, exist_ok=True)
     tok_path = os.path.join(root, "tokenizer.json")
     vocab_size = tokenizer_json(tok_path, vocab)

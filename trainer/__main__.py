@@ -26,8 +26,8 @@ def main(argv=None) -> int:
         return 2
     # Heavy imports only after the config is known to be good.
     from models.build import ModelConfigError
-    from shardgen.format import FormatError
-    from shardgen.storage import StorageError
+    from shards.format import FormatError
+    from shards.storage import StorageError
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataStateError, PlanError
     from trainer.loop import TrainingDiverged, train

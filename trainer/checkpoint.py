@@ -53,8 +53,9 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from shardgen.storage import StorageError, is_s3, open_storage
-from trainer.dcp_storage import file_crc32
+from shards.storage import StorageError, is_s3
+from shards.backends import open_storage
+from shards.storage import file_crc32
 from trainer.parallel import Dist
 
 log = logging.getLogger(__name__)

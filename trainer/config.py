@@ -229,7 +229,7 @@ def validate(cfg: Config, where: str) -> None:
     ckpt_dir = cfg.checkpoint.dir
     if ckpt_dir and "://" in ckpt_dir:
         need(ckpt_dir.startswith("s3://"), "checkpoint.dir", f"= {ckpt_dir!r}: use a directory or s3://bucket/prefix")
-        from shardgen.s3 import S3ConfigError, parse_s3_url
+        from shards.storage import S3ConfigError, parse_s3_url
         try:
             parse_s3_url(ckpt_dir)
         except S3ConfigError as e:

@@ -1,4 +1,4 @@
-"""torch.distributed.checkpoint (DCP) over the project's Storage (shardgen/storage.py), for checkpoints in S3.
+"""torch.distributed.checkpoint (DCP) over the project's Storage (shards/storage.py), for checkpoints in S3.
 
 DCP's FileSystemWriter / FileSystemReader take every file operation from a `FileSystemBase`; this one maps
 them onto a Storage rooted at the checkpoint directory (`s3://bucket/prefix`):
@@ -30,13 +30,12 @@ import io
 import os
 import tempfile
 import threading
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
 
-from shardgen.storage import Storage, is_s3
+from shards.storage import Storage, file_crc32, is_s3, unlink_quiet
 
 BLOCK = 1 << 20  # bytes per ranged GET for small reads, aligned
 BLOCKS_KEPT = 8  # per open stream
@@ -102,7 +101,7 @@ class StorageFileSystem(FileSystemBase):
             self._upload(name, local)
         except BaseException as e:
             if local is not None:
-                _unlink(local)
+                unlink_quiet(local)
             with self._lock:
                 self.errors.append(f"{name}: {type(e).__name__}: {e}")
             raise
@@ -147,7 +146,7 @@ class StorageFileSystem(FileSystemBase):
                 self._upload(dst, local)
         except BaseException as e:
             if local is not None:
-                _unlink(local)
+                unlink_quiet(local)
             with self._lock:
                 self.errors.append(f"{dst}: {type(e).__name__}: {e}")
             raise
@@ -178,7 +177,7 @@ class StorageFileSystem(FileSystemBase):
         with self._lock:
             staged, self._staged = list(self._staged.values()), {}
         for local in staged:
-            _unlink(local)
+            unlink_quiet(local)
         try:
             os.rmdir(staging_folder(self.storage))
         except OSError:  # not there, or another thread of this process is staging a file in it
@@ -296,17 +295,3 @@ class _RangeReader(io.RawIOBase):
         return n
 
 
-def file_crc32(path: str) -> int:
-    """CRC32 of a file, read 8 MiB at a time (zlib releases the GIL on large buffers)."""
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

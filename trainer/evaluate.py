@@ -10,8 +10,8 @@ import logging
 import numpy as np
 import torch
 
-from shardgen.format import read_manifest
-from shardgen.storage import open_storage
+from shards.format import read_manifest
+from shards.backends import open_storage
 from trainer.config import ConfigError
 from trainer.data.fetch import BlockIndex, BlockReader
 from trainer.parallel import Dist, all_reduce_sum

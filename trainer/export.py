@@ -26,7 +26,7 @@ log = logging.getLogger("trainer.export")
 def resolve(ckpt: str) -> tuple[str, str]:
     """(run out_dir, checkpoint dir) for a run dir or a checkpoint dir. For a checkpoint in object storage the
     "run dir" is a local temporary copy of CHECKPOINT_DIR/run/."""
-    from shardgen.storage import is_s3
+    from shards.storage import is_s3
     from trainer.checkpoint import NAME_RE, STATE_NAME, list_checkpoints
     if is_s3(ckpt):
         ckpt = ckpt.rstrip("/")
@@ -70,7 +70,7 @@ def _fetch_run_files(root: str, path: str) -> str:
     import atexit
     import tempfile
 
-    from shardgen.storage import open_storage
+    from shards.backends import open_storage
     from trainer.loop import RUN_FILES
     storage = open_storage(root)
     if not storage.exists("run/model.json"):
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from models.build import ModelConfigError
-    from shardgen.storage import StorageError
+    from shards.storage import StorageError
     from trainer.checkpoint import CheckpointError
     try:
         export(args.ckpt, args.out, args.dtype)

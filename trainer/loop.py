@@ -253,7 +253,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
 
     # ---- the loop
     metrics = MetricsLog(out, d.is_main, start_step, tensorboard=cfg.run.tensorboard)
-    from shardgen.progress import Progress
+    from shards.progress import Progress
     bar = Progress(cfg.train.max_steps - start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress,
                    log_every=cfg.run.progress_every)
     step, bad_in_a_row = start_step, 0
@@ -360,7 +360,7 @@ RUN_FILES = ("config.toml", "model.json", "data.json", "tokenizer.json")
 def _copy_run_files(out: str, ckpt_dir: str) -> None:
     """The run files into CHECKPOINT_DIR/run/, so that `python -m trainer.export CHECKPOINT_DIR/step-N` works
     without the run dir (which lives on rank 0's machine)."""
-    from shardgen.storage import open_storage
+    from shards.backends import open_storage
     storage = open_storage(ckpt_dir)
     for name in RUN_FILES:
         path = os.path.join(out, name)

@@ -5,9 +5,10 @@ import argparse
 import json
 import sys
 
-from shardgen.format import FormatError, read_manifest
-from shardgen.progress import human
-from shardgen.storage import StorageError, open_storage
+from shards.format import FormatError, read_manifest
+from shards.progress import human
+from shards.storage import StorageError
+from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex
 from trainer.data.loader import plan_for
 from trainer.data.plan import Plan, PlanError

@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from shardgen.format import Block, Manifest, decode_block
-from shardgen.storage import Storage, StorageError
+from shards.format import Block, Manifest, decode_block
+from shards.storage import Storage, StorageError
 
 SLOTS_PER_CHUNK = 32
 

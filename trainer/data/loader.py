@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shardgen.format import Manifest, read_manifest
-from shardgen.storage import LocalStorage, Storage, open_storage
+from shards.format import Manifest, read_manifest
+from shards.storage import LocalStorage, Storage
+from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex, BlockReader
 from trainer.data.plan import Plan, PlanError, StepRows
 

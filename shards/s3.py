@@ -38,9 +38,9 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from shardgen.storage import Storage, StorageError
+from shards.storage import S3ConfigError, Storage, StorageError, parse_s3_url
 
-log = logging.getLogger("shardgen.s3")
+log = logging.getLogger("shards.s3")
 DEFAULT_REGION = "us-east-1"
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                    "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
@@ -49,10 +49,6 @@ _AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "I
                "TokenRefreshRequired", "AllAccessDisabled", "InvalidSecurity", "403", "Forbidden"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 _HASH_CHUNK = 1 << 20
-
-
-class S3ConfigError(StorageError, ValueError):
-    """A bad s3:// URL or SHARDGEN_S3_* setting: a StorageError, so the CLIs print it as an error line."""
 
 
 def _env_float(name: str, default: float) -> float:
@@ -91,17 +87,6 @@ class S3Settings:
                    retry_budget_s=_env_float("SHARDGEN_S3_RETRY_BUDGET", 120.0),
                    max_pool_connections=int(_env_float("SHARDGEN_S3_MAX_POOL", 32)),
                    part_bytes=int(part_mb * (1 << 20)))
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
-    u = urlparse(str(url))
-    if "@" in u.netloc or ":" in u.netloc:  # never echo what may be a secret
-        shown = f"s3://***@{u.netloc.rsplit('@', 1)[-1]}{u.path}"
-        raise S3ConfigError(f"{shown}: put credentials in AWS_* variables or a profile, not in the URL")
-    if u.scheme != "s3" or not u.netloc:
-        raise S3ConfigError(f"{url!r} is not an s3://bucket/prefix URL")
-    return u.netloc, u.path.lstrip("/")
 
 
 class _Transient(Exception):

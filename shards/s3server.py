@@ -1,8 +1,8 @@
 """A local S3-compatible server (SeaweedFS `weed mini`) for tests, benchmarks and the local demo.
 
-    python -m shardgen.s3server up --dir .s3 [--port 8333] [--bucket shardgen]
-    eval "$(python -m shardgen.s3server env --dir .s3)"     # AWS_ENDPOINT_URL + credentials
-    python -m shardgen.s3server down --dir .s3
+    python -m shards.s3server up --dir .s3 [--port 8333] [--bucket shardgen]
+    eval "$(python -m shards.s3server env --dir .s3)"     # AWS_ENDPOINT_URL + credentials
+    python -m shards.s3server down --dir .s3
 
 All state lives under --dir: data/, tmp/, weed.log, s3.json (random credentials, mode 0600),
 ports.json and weed.pid. Every port weed opens is chosen here (free ports unless --port pins the
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from shards.storage import unlink_quiet
 
 REGION = "us-east-1"
 DEFAULT_PORT = 8333
@@ -179,7 +181,7 @@ class S3Server:
     def start(self, timeout: float = READY_TIMEOUT_S) -> "S3Server":
         if self.pid() is not None:
             raise S3ServerError(f"a server for {self.dir} is already running (pid {self.pid()}): "
-                                f"`python -m shardgen.s3server down --dir {self.dir}` first")
+                                f"`python -m shards.s3server down --dir {self.dir}` first")
         self._replace_taken_internal_ports()
         busy = [f"{k}={p}" for k, p in self.ports.items() if not _port_is_free(p)]
         if busy:
@@ -188,7 +190,7 @@ class S3Server:
         for sub in ("data", "tmp"):
             os.makedirs(self._path(sub), exist_ok=True)
         # weed mini reloads data/mini.options over its defaults; our flags must be the only source.
-        _unlink(self._path("data", "mini.options"))
+        unlink_quiet(self._path("data", "mini.options"))
         self._remove_sockets()
         cmd = [find_weed(), "-logtostderr", "mini", f"-dir={self._path('data')}", "-ip=127.0.0.1",
                "-ip.bind=127.0.0.1", f"-s3.config={self._path('s3.json')}", "-s3.autoCreateBucket=false",
@@ -249,7 +251,7 @@ class S3Server:
                 os.kill(pid, signal.SIGKILL)
                 self._wait_exit(pid, 10.0)
         self.proc = None
-        _unlink(self._path("weed.pid"))
+        unlink_quiet(self._path("weed.pid"))
         self._remove_sockets()
 
     def _wait_exit(self, pid: int, timeout: float) -> bool:
@@ -270,9 +272,9 @@ class S3Server:
         # weed puts gRPC sockets in /tmp whatever TMPDIR says; ours are the ones with our ports.
         for p in self.ports.values():
             for path in glob.glob(f"/tmp/seaweedfs-*-grpc-{p}.sock"):
-                _unlink(path)
+                unlink_quiet(path)
         for name in ("s3.sock", "filer.sock"):
-            _unlink(self._path(name))
+            unlink_quiet(self._path(name))
 
 
 class LocalS3:
@@ -296,15 +298,8 @@ def _create_bucket(client, name: str) -> None:
         pass
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m shardgen.s3server", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m shards.s3server", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start a server in the background and wait until it stores objects")
@@ -334,11 +329,11 @@ def _run(a) -> int:
                                 f"server was stopped: choose another --bucket") from None
         server.proc = None  # detached on purpose: `down` stops it through the pid file
         print(f"S3 server up at {server.endpoint} (pid {server.pid()}, state in {server.dir}), "
-              f"bucket s3://{a.bucket}\nfor clients: eval \"$(python -m shardgen.s3server env --dir {a.dir})\"\n"
-              f"stop it:     python -m shardgen.s3server down --dir {a.dir}")
+              f"bucket s3://{a.bucket}\nfor clients: eval \"$(python -m shards.s3server env --dir {a.dir})\"\n"
+              f"stop it:     python -m shards.s3server down --dir {a.dir}")
     elif not os.path.exists(os.path.join(a.dir, "s3.json")):
         if a.cmd == "env":
-            raise S3ServerError(f"no server state in {a.dir}: start one with `python -m shardgen.s3server up "
+            raise S3ServerError(f"no server state in {a.dir}: start one with `python -m shards.s3server up "
                                 f"--dir {a.dir}`")
         print(f"no server state in {a.dir}")
     elif a.cmd == "down":

@@ -227,7 +227,7 @@ class _HashingWriter(io.RawIOBase):
 
 
 def read_manifest(storage) -> Manifest:
-    """The manifest of a dataset at `storage` (a shardgen.storage.Storage); clear error if absent."""
+    """The manifest of a dataset at `storage` (a shards.storage.Storage); clear error if absent."""
     if not storage.exists(MANIFEST_NAME):
         raise FormatError(f"{storage.where(MANIFEST_NAME)} not found: {storage} is not a shardgen dataset "
                           f"(the manifest is written last, so an interrupted shardgen leaves none: rerun it "

@@ -9,10 +9,16 @@ import os
 import shutil
 import tempfile
 import threading
+import zlib
+from urllib.parse import urlparse
 
 
 class StorageError(Exception):
     """An object that cannot be read or written. The message names it and says what to do."""
+
+
+class S3ConfigError(StorageError, ValueError):
+    """A bad s3:// URL or SHARDGEN_S3_* setting: a StorageError, so the CLIs print it as an error line."""
 
 
 class Storage:
@@ -122,7 +128,7 @@ class LocalStorage(Storage):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            _unlink(tmp)
+            unlink_quiet(tmp)
             raise
 
     def put_file(self, name, local_path):
@@ -137,7 +143,7 @@ class LocalStorage(Storage):
             os.unlink(local_path)
 
     def delete(self, name):
-        _unlink(self._path(name))
+        unlink_quiet(self._path(name))
 
     def staging_dir(self):
         os.makedirs(self.root, exist_ok=True)
@@ -150,21 +156,33 @@ class LocalStorage(Storage):
             self._fds.clear()
 
 
-def _unlink(path: str) -> None:
+def unlink_quiet(path: str) -> None:
+    """Remove a file that may already be gone."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 
 
+def file_crc32(path: str) -> int:
+    """CRC32 of a file, read 8 MiB at a time (zlib releases the GIL on large buffers)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
 
 
-def open_storage(url: str) -> Storage:
-    """`s3://bucket/prefix` -> S3Storage; anything else is a local directory."""
-    url = str(url)
-    if is_s3(url):
-        from shardgen.s3 import S3Storage  # boto3 is imported only when S3 is used
-        return S3Storage(url)
-    return LocalStorage(url)
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
+    u = urlparse(str(url))
+    if "@" in u.netloc or ":" in u.netloc:  # never echo what may be a secret
+        shown = f"s3://***@{u.netloc.rsplit('@', 1)[-1]}{u.path}"
+        raise S3ConfigError(f"{shown}: put credentials in AWS_* variables or a profile, not in the URL")
+    if u.scheme != "s3" or not u.netloc:
+        raise S3ConfigError(f"{url!r} is not an s3://bucket/prefix URL")
+    return u.netloc, u.path.lstrip("/")
