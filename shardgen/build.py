@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,17 +15,15 @@ from dataclasses import dataclass, field
 import tokenizers
 import zstandard
 
-from shards.format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, TOKENIZER_NAME, rows_per_block
+from shards.format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, rows_per_block
 from shardgen.inputs import list_inputs, plan_hash, plan_tasks
-from shardgen.merge import SETTINGS_NAME, BuildError, merge, read_records, read_settings, remove_temp_files
+from shardgen.merge import merge
+from shardgen.output import BuildError, Output, canonical_json
 from shards.progress import Progress, human
-from shards.storage import Storage
 from shards.backends import open_storage
-from shardgen.tasks import TASKS_DIR, TaskSettings, canonical_json
+from shardgen.tasks import TaskSettings
 from shardgen.tokenizer import load_tokenizer
 from shardgen.workers import run_tasks
-
-SHARD_RE = re.compile(r"^\d{5,}-\d{3,}\.tar$")
 
 
 @dataclass
@@ -75,49 +72,6 @@ def _settings(opts: BuildOptions, tok, tasks, files) -> dict:
     return {"fingerprint": fp, **core, "input_files": len(files)}
 
 
-def _differences(old: dict, new: dict) -> str:
-    diffs = []
-    for part in ("settings", "tokenizer"):
-        a, b = old.get(part, {}), new[part]
-        diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "; ".join(diffs)[:600] or "fingerprint differs"
-
-
-def clear_output(storage: Storage) -> None:
-    """Delete what shardgen wrote (manifest first, so the directory stops being a dataset at once)."""
-    storage.delete(MANIFEST_NAME)
-    for name in storage.list(TASKS_DIR + "/"):
-        storage.delete(name)
-    for name in storage.list():
-        if SHARD_RE.match(name):
-            storage.delete(name)
-    storage.delete(TOKENIZER_NAME)
-    remove_temp_files(storage)
-
-
-def prepare_output(storage: Storage, doc: dict, opts: BuildOptions) -> None:
-    old = read_settings(storage)
-    if old is not None and old["fingerprint"] == doc["fingerprint"]:
-        return
-    finished = [n for n in storage.list(TASKS_DIR + "/") if n != SETTINGS_NAME]
-    if old is not None and not finished and not storage.exists(MANIFEST_NAME):
-        # An earlier run with other settings finished nothing (e.g. it stopped on bad input): replace it,
-        # and its shards (published before their task's record) with it, when no other node can be writing.
-        if opts.num_nodes == 1:
-            clear_output(storage)
-    elif old is not None or storage.exists(MANIFEST_NAME):
-        why = (f"was built with other settings ({_differences(old, doc)})" if old is not None else
-               "holds a dataset without shardgen task records")
-        if not opts.overwrite:
-            raise BuildError(f"{storage} {why}. Rerun with the same arguments to resume, choose another "
-                             f"--output, or pass --overwrite to delete it and start again")
-        if opts.num_nodes > 1:
-            raise BuildError(f"{storage} {why}. --overwrite is refused with --num-nodes > 1 (one node would "
-                             f"delete another's work): empty the output first, then start all nodes")
-        clear_output(storage)
-    storage.put_bytes(SETTINGS_NAME, canonical_json(doc))
-
-
 def run_build(opts: BuildOptions) -> BuildResult:
     log = opts.log or sys.stderr
     if not 0 <= opts.node_rank < opts.num_nodes:
@@ -130,15 +84,14 @@ def run_build(opts: BuildOptions) -> BuildResult:
     tasks = plan_tasks(files, opts.task_bytes)
     doc = _settings(opts, tok, tasks, files)
     storage = open_storage(opts.output)
-    prepare_output(storage, doc, opts)
-    tok_bytes = tok.json_text.encode()
-    if not storage.exists(TOKENIZER_NAME) or storage.read(TOKENIZER_NAME) != tok_bytes:
-        storage.put_bytes(TOKENIZER_NAME, tok_bytes)
+    out = Output(storage)
+    out.prepare(doc, opts.overwrite, opts.num_nodes)
+    out.put_tokenizer(tok.json_text.encode())
 
     mine = [t for t in tasks if t.index % opts.num_nodes == opts.node_rank]
-    records = read_records(storage, [t.index for t in mine], doc["fingerprint"])
+    records = out.read_records([t.index for t in mine], doc["fingerprint"])
     todo = [t for t in mine if t.index not in records]
-    remove_temp_files(storage, owned=lambda t: t % opts.num_nodes == opts.node_rank)
+    out.remove_temp_files(owned=lambda t: t % opts.num_nodes == opts.node_rank)
     s = doc["settings"]
     ts = TaskSettings(output=opts.output, tokenizer_json=tok.json_text, seq_len=opts.seq_len, dtype=tok.dtype,
                       eos_id=tok.eos_id, bos_id=tok.bos_id, block_rows=s["block_rows"],

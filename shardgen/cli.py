@@ -9,7 +9,7 @@ import sys
 
 from shards.format import DEFAULT_BLOCK_BYTES, FormatError
 from shardgen.inputs import InputError
-from shardgen.merge import BuildError
+from shardgen.output import BuildError
 from shards.storage import StorageError
 from shards.backends import open_storage
 from shardgen.tokenizer import TokenizerError

@@ -8,9 +8,7 @@ task is published, so a record means the task is complete.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import dataclass
 from itertools import chain
 
@@ -18,26 +16,12 @@ import numpy as np
 
 from shards.format import DTYPES, ShardInfo, ShardWriter
 from shardgen.inputs import Task
+from shardgen.output import Output, shard_name
 from shardgen.readers import Counts, DocumentReader
-from shards.storage import Storage
 from shards.backends import open_storage
 
-TASKS_DIR = "_tasks"
-TMP_DIR = "_tmp"
 BATCH_CHARS = 1 << 20  # text per encode_batch call: large enough to amortize the call, small in memory
 BATCH_DOCS = 4096
-
-
-def record_name(task: int) -> str:
-    return f"{TASKS_DIR}/{task:05d}.json"
-
-
-def shard_name(task: int, k: int) -> str:
-    return f"{task:05d}-{k:03d}.tar"
-
-
-def canonical_json(obj) -> bytes:
-    return (json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
 
 @dataclass(frozen=True)
@@ -90,9 +74,8 @@ class TaskShards:
     """The shards of one task: `<task>-000.tar`, `<task>-001.tar`, ... each closed once it reaches
     `shard_bytes`, built in the staging directory and published atomically."""
 
-    def __init__(self, storage: Storage, task: int, s: TaskSettings):
-        self.storage, self.task, self.s = storage, task, s
-        self.tmp_dir = os.path.join(storage.staging_dir(), TMP_DIR)
+    def __init__(self, out: Output, task: int, s: TaskSettings):
+        self.out, self.task, self.s = out, task, s
         self.infos: list[ShardInfo] = []
         self.writer: ShardWriter | None = None
         self.file = self.tmp_path = None
@@ -100,12 +83,10 @@ class TaskShards:
     def add_block(self, rows: np.ndarray) -> None:
         if self.writer is None:
             name = shard_name(self.task, len(self.infos))
-            os.makedirs(self.tmp_dir, exist_ok=True)
-            self.tmp_path = os.path.join(self.tmp_dir, name + ".tmp")
+            self.tmp_path = self.out.staging_path(name)
             self.file = open(self.tmp_path, "wb")
             self.writer = ShardWriter(self.file, name, self.s.seq_len, self.s.dtype, self.s.zstd_level)
         self.writer.add_block(rows, self.s.eos_id)
-        _test_stall_hook(self.task, self.file)
         last = self.writer.blocks[-1]
         if last.offset + last.length >= self.s.shard_bytes:
             self._publish()
@@ -115,7 +96,7 @@ class TaskShards:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        self.storage.put_file(info.name, self.tmp_path)
+        self.out.publish_shard(info.name, self.tmp_path)
         self.infos.append(info)
         self.writer = self.file = self.tmp_path = None
 
@@ -123,20 +104,6 @@ class TaskShards:
         if self.writer is not None:
             self._publish()
         return self.infos
-
-
-def _test_stall_hook(task: int, f) -> None:
-    """For the crash tests only: SHARDGEN_TEST_STALL_TASK=t makes the worker of task t stop after its
-    first block (a half-written shard on disk), write its pid to SHARDGEN_TEST_STALL_MARKER and wait
-    to be killed."""
-    if os.environ.get("SHARDGEN_TEST_STALL_TASK") != str(task):
-        return
-    f.flush()
-    marker = os.environ["SHARDGEN_TEST_STALL_MARKER"]
-    with open(marker + ".tmp", "w") as m:
-        m.write(str(os.getpid()))
-    os.replace(marker + ".tmp", marker)
-    time.sleep(3600)
 
 
 class Worker:
@@ -147,7 +114,7 @@ class Worker:
         self.s, self.queue = s, progress_queue
         self.tok = make_encoder(s.tokenizer_json)
         self.dtype = DTYPES[s.dtype]
-        self.storage = open_storage(s.output)
+        self.out = Output(open_storage(s.output))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Documents -> one array: [bos] tokens eos, for each document in order."""
@@ -165,7 +132,7 @@ class Worker:
 
     def run(self, task: Task) -> dict:
         s = self.s
-        shards = TaskShards(self.storage, task.index, s)
+        shards = TaskShards(self.out, task.index, s)
         packer = Packer(s.seq_len, s.block_rows, shards.add_block)
         counts, batch, chars, reported = Counts(), [], 0, 0
 
@@ -193,5 +160,5 @@ class Worker:
         infos = shards.close()
         record = {"task": task.index, "fingerprint": s.fingerprint, "pieces": task.to_json(),
                   "shards": [i.to_json() for i in infos], "stats": counts.to_json()}
-        self.storage.put_bytes(record_name(task.index), canonical_json(record))
+        self.out.write_record(record)
         return record

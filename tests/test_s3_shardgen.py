@@ -12,7 +12,7 @@ import pytest
 
 from shardgen.build import run_build
 from shards.s3 import S3Storage
-from shardgen.tasks import record_name
+from shardgen.output import record_name
 from shardgen_testlib import (SEQ, build_options,
                               ROOT_DIR, UNICODE_DOCS, make_docs, tiny_tokenizer, tree_bytes, write_jsonl,
                               write_parquet, write_txt)

@@ -11,7 +11,8 @@ import pytest
 
 from shardgen.build import node_from_env, run_build
 from shards.format import FormatError, read_manifest
-from shardgen.merge import BuildError, merge
+from shardgen.merge import merge
+from shardgen.output import BuildError
 from shards.storage import LocalStorage
 from shardgen_testlib import (SEQ, build_options,
                               ROOT_DIR, UNICODE_DOCS, check_round_trip, encoder, expected_stream, make_docs,
@@ -207,11 +208,11 @@ def test_task_records_are_read_once_per_build(tmp_path, corpus, tiny_tokenizer, 
 
 
 def start_stalled_build(d, out, tok, marker, task: int) -> subprocess.Popen:
-    """`python -m shardgen` with 2 workers in its own process group; the worker that runs `task` writes
-    its pid to `marker` and stalls (a test-only hook). Returns once the marker exists."""
-    args = [sys.executable, "-m", "shardgen", str(d), "--output", str(out), "--tokenizer", tok,
+    """shardgen with 2 workers in its own process group; the worker that runs `task` writes its pid to
+    `marker` and stalls (tests/fault_shardgen.py). Returns once the marker exists."""
+    args = [sys.executable, os.path.join(ROOT_DIR, "tests", "fault_shardgen.py"), str(d), "--output", str(out), "--tokenizer", tok,
             "--seq-len", str(SEQ), "--block-bytes", "128", "--task-bytes", "1500", "--workers", "2", "-q"]
-    env = dict(os.environ, SHARDGEN_TEST_STALL_TASK=str(task), SHARDGEN_TEST_STALL_MARKER=str(marker))
+    env = dict(os.environ, STALL_TASK=str(task), STALL_MARKER=str(marker))
     proc = subprocess.Popen(args, env=env, cwd=ROOT_DIR, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
