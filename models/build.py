@@ -14,10 +14,12 @@ import os
 
 import torch
 
+from shards.errors import NotFoundError, UserError
+
 log = logging.getLogger(__name__)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A model JSON that cannot be built. Names the file and the key."""
 
 
@@ -33,7 +35,7 @@ def read_model_json(path: str) -> dict:
         with open(path) as f:
             d = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"model config {path} not found (model.config names a JSON like configs/gla_340M.json)") from None
+        raise NotFoundError(f"model config {path} not found (model.config names a JSON like configs/gla_340M.json)") from None
     except json.JSONDecodeError as e:
         raise ModelConfigError(f"model config {path}: not valid JSON ({e})") from None
     if not isinstance(d, dict) or "model_type" not in d:
@@ -101,8 +103,8 @@ def load_pretrained(path: str, device: str | torch.device = "cpu"):
     _import_fla()
     from transformers import AutoModelForCausalLM
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"model.init_from={path}: no config.json there; give an HF model directory "
-                                f"(e.g. one written by `python -m trainer.export`)")
+        raise NotFoundError(f"model.init_from={path}: no config.json there; give an HF model directory "
+                            f"(e.g. one written by `python -m trainer.export`)")
     return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device)
 
 

@@ -7,15 +7,10 @@ import json
 import os
 import sys
 
-from shards.format import DEFAULT_BLOCK_BYTES, FormatError
-from shardgen.inputs import InputError
-from shardgen.output import BuildError
-from shards.storage import StorageError
 from shards.backends import open_storage
-from shardgen.tokenizer import TokenizerError
-from shardgen.workers import WorkerError
+from shards.errors import UserError
+from shards.format import DEFAULT_BLOCK_BYTES
 
-ERRORS = (InputError, TokenizerError, BuildError, FormatError, StorageError, WorkerError)
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "build"
     try:
         return COMMANDS[command](argv)
-    except ERRORS as e:
+    except UserError as e:
         print(f"shardgen {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+from shards.errors import UserError
 from shards.storage import Storage, StorageError, is_s3
 from shards.backends import open_storage
 
@@ -25,7 +26,7 @@ SPLITTABLE = ".jsonl"  # only uncompressed jsonl can be cut at byte offsets
 READ_BUFFER = 4 << 20
 
 
-class InputError(Exception):
+class InputError(UserError):
     """Unreadable or malformed input. The message names the file (and line) and the flag that skips it."""
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import re
 
+from shards.errors import UserError
 from shards.format import MANIFEST_NAME, TOKENIZER_NAME
 from shards.storage import Storage
 
@@ -25,7 +26,7 @@ SETTINGS_NAME = f"{TASKS_DIR}/settings.json"
 SHARD_RE = re.compile(r"^\d{5,}-\d{3,}\.tar$")
 
 
-class BuildError(Exception):
+class BuildError(UserError):
     """An output directory that cannot be built into or merged; the message says what to do."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from shards.errors import UserError
 from shards.format import TOKENIZER_NAME, dtype_for_vocab
 
 CONFIG_NAME = "tokenizer_config.json"
@@ -23,7 +24,7 @@ BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
 TRAINED_EOS = "<|endoftext|>"
 
 
-class TokenizerError(Exception):
+class TokenizerError(UserError):
     """A tokenizer that cannot be found or used; the message says which and what to do."""
 
 

@@ -14,9 +14,10 @@ import signal
 import traceback
 
 from shardgen.tasks import TaskSettings, Worker
+from shards.errors import UserError
 
 
-class WorkerError(Exception):
+class WorkerError(UserError):
     """A worker process died or raised something that cannot be sent back as it is."""
 
 

@@ -30,6 +30,8 @@ from typing import BinaryIO
 import numpy as np
 import zstandard
 
+from shards.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -38,7 +40,7 @@ DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 DEFAULT_BLOCK_BYTES = 256 * 1024  # raw bytes per block: one read unit for the loader
 
 
-class FormatError(Exception):
+class FormatError(UserError):
     """A dataset, shard or block that does not match the format. The message names it and the fix."""
 
 

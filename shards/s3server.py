@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from shards.errors import UserError
 from shards.storage import unlink_quiet
 
 REGION = "us-east-1"
@@ -41,7 +42,7 @@ AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS
             "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
 
-class S3ServerError(RuntimeError):
+class S3ServerError(UserError, RuntimeError):
     """The local server did not start or stop; the message carries the tail of its log."""
 
 
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         return _run(a)
-    except S3ServerError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

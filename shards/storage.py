@@ -12,8 +12,10 @@ import threading
 import zlib
 from urllib.parse import urlparse
 
+from shards.errors import UserError
 
-class StorageError(Exception):
+
+class StorageError(UserError):
     """An object that cannot be read or written. The message names it and says what to do."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shards.errors import UserError
 from trainer.config import ConfigError, load
 
 
@@ -25,18 +26,11 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     # Heavy imports only after the config is known to be good.
-    from models.build import ModelConfigError
-    from shards.format import FormatError
-    from shards.storage import StorageError
-    from trainer.checkpoint import CheckpointError
-    from trainer.data import DataStateError, PlanError
-    from trainer.loop import TrainingDiverged, train
+    from trainer.loop import train
     # The errors a user can cause and fix, as one line; anything else (a bug) keeps its traceback.
-    expected = (FileNotFoundError, ConfigError, ModelConfigError, DataStateError, PlanError, FormatError,
-                StorageError, CheckpointError, TrainingDiverged)
     try:
         train(cfg)
-    except expected as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

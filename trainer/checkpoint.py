@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from shards.errors import UserError
 from shards.storage import StorageError, is_s3
 from shards.backends import open_storage
 from shards.storage import file_crc32
@@ -89,7 +90,7 @@ class _RecordingFileSystem(FileSystem):
             raise
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that is incomplete, damaged or does not fit the model. Names the directory."""
 
 

@@ -12,8 +12,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from shards.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad run configuration. The message names the key and the file (or the command line)."""
 
 

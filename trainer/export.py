@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from shards.errors import NotFoundError, UserError
+
 log = logging.getLogger("trainer.export")
 
 
@@ -35,7 +37,7 @@ def resolve(ckpt: str) -> tuple[str, str]:
             return _fetch_run_files(parent, ckpt), ckpt
         found = list_checkpoints(ckpt)
         if not found:
-            raise FileNotFoundError(f"{ckpt}: no complete checkpoint (step-NNNNNN/ with {STATE_NAME}) there")
+            raise NotFoundError(f"{ckpt}: no complete checkpoint (step-NNNNNN/ with {STATE_NAME}) there")
         return _fetch_run_files(ckpt, found[-1]), found[-1]
     ckpt = os.path.abspath(ckpt)
     if os.path.isfile(os.path.join(ckpt, STATE_NAME)):
@@ -48,10 +50,10 @@ def resolve(ckpt: str) -> tuple[str, str]:
         root = _checkpoint_dir(ckpt)
         found = list_checkpoints(root)
         if not found:
-            raise FileNotFoundError(f"{ckpt}: a run directory without any complete checkpoint in {root}")
+            raise NotFoundError(f"{ckpt}: a run directory without any complete checkpoint in {root}")
         return ckpt, found[-1]
-    raise FileNotFoundError(f"{ckpt}: neither a run directory (with model.json) nor a checkpoint directory "
-                            f"(with {STATE_NAME})")
+    raise NotFoundError(f"{ckpt}: neither a run directory (with model.json) nor a checkpoint directory "
+                        f"(with {STATE_NAME})")
 
 
 def _checkpoint_dir(run_dir: str) -> str:
@@ -74,8 +76,8 @@ def _fetch_run_files(root: str, path: str) -> str:
     from trainer.loop import RUN_FILES
     storage = open_storage(root)
     if not storage.exists("run/model.json"):
-        raise FileNotFoundError(f"{path}: no {root}/run/model.json beside it (the trainer writes the run files "
-                                f"there at launch): export from the run directory instead")
+        raise NotFoundError(f"{path}: no {root}/run/model.json beside it (the trainer writes the run files "
+                            f"there at launch): export from the run directory instead")
     local = tempfile.mkdtemp(prefix="export-run-")
     atexit.register(shutil.rmtree, local, True)
     for name in RUN_FILES:
@@ -153,12 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from models.build import ModelConfigError
-    from shards.storage import StorageError
-    from trainer.checkpoint import CheckpointError
     try:
         export(args.ckpt, args.out, args.dtype)
-    except (FileNotFoundError, CheckpointError, ModelConfigError, StorageError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(args.out)

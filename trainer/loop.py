@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from shards.errors import NotFoundError, UserError
 from trainer import parallel, schedule
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, ConfigError, to_toml
@@ -26,7 +27,7 @@ from trainer.metrics import MetricsLog, memory_gib
 log = logging.getLogger("trainer")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient norm."""
 
 
@@ -152,8 +153,8 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     # ---- data
     shards = cfg.data.shards
     if "://" not in shards and not os.path.isdir(shards):
-        raise FileNotFoundError(f"data.shards={shards}: no such directory (make one with `make shards` or "
-                                f"`python -m shardgen INPUT --output {shards} --tokenizer ...`)")
+        raise NotFoundError(f"data.shards={shards}: no such directory (make one with `make shards` or "
+                            f"`python -m shardgen INPUT --output {shards} --tokenizer ...`)")
     def make_loader(layout):
         return TokenLoader(shards, seed=cfg.data.seed, global_batch=cfg.data.global_batch, layout=layout,
                            world_size=d.world_size, rank=d.rank, prefetch_steps=cfg.data.prefetch_steps,

@@ -5,13 +5,13 @@ import argparse
 import json
 import sys
 
-from shards.format import FormatError, read_manifest
+from shards.errors import UserError
+from shards.format import read_manifest
 from shards.progress import human
-from shards.storage import StorageError
 from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex
 from trainer.data.loader import plan_for
-from trainer.data.plan import Plan, PlanError
+from trainer.data.plan import Plan
 
 
 def _nonneg(s: str) -> int:
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                 cmd_stats(args, plan, manifest, BlockIndex(manifest))
         finally:
             storage.close()
-    except (PlanError, FormatError, StorageError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `| head` closed the pipe: not an error

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shards.errors import UserError
 from shards.format import Manifest, read_manifest
 from shards.storage import LocalStorage, Storage
 from shards.backends import open_storage
@@ -30,7 +31,7 @@ LOCAL_FETCH_THREADS, REMOTE_FETCH_THREADS = 4, 16
 STATE_KEYS = ("format_version", "manifest_hash", "seed", "global_batch", "layout", "epoch", "step")
 
 
-class DataStateError(ValueError):
+class DataStateError(UserError, ValueError):
     """A checkpoint's data state that does not fit this loader. Says what changed and what to do."""
 
 

@@ -28,12 +28,14 @@ from typing import Sequence
 
 import numpy as np
 
+from shards.errors import UserError
+
 _TAG_BLOCKS = 0x426C6F636B73  # "Blocks": keys the block permutation of an epoch
 _TAG_ROWS = 0x526F7773  # "Rows": keys the row permutation of one block in an epoch
 _U64 = (1 << 64) - 1
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """Settings that give no valid plan (too few sequences, a layout that does not fit). Names the fix."""
 
 
