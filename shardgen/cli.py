@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from shards.backends import open_storage
 from shards.errors import UserError
@@ -149,14 +151,28 @@ COMMANDS = {"build": cmd_build, "verify": cmd_verify, "inspect": cmd_inspect, "m
             "train-tokenizer": cmd_train_tokenizer}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stops the run as Ctrl-C does (workers stopped, finished tasks kept)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "build"
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers go
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return COMMANDS[command](argv)
     except UserError as e:
         print(f"shardgen {command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"shardgen {command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"shardgen {command}: {how}; rerun the same command to resume", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

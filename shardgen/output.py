@@ -18,7 +18,7 @@ import re
 
 from shards.errors import UserError
 from shards.format import MANIFEST_NAME, TOKENIZER_NAME
-from shards.storage import Storage
+from shards.storage import Storage, unlink_quiet
 
 TASKS_DIR = "_tasks"
 TMP_DIR = "_tmp"
@@ -154,7 +154,7 @@ class Output:
         for name in os.listdir(tmp):
             head = name.split("-", 1)[0]
             if head.isdigit() and (owned is None or owned(int(head))):
-                os.unlink(os.path.join(tmp, name))
+                unlink_quiet(os.path.join(tmp, name))
                 n += 1
         if owned is None and not os.listdir(tmp):
             os.rmdir(tmp)

@@ -6,11 +6,14 @@ naming the task it was running, and finished tasks stay finished for the rerun.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
 import signal
+import threading
+import time
 import traceback
 
 from shardgen.tasks import TaskSettings, Worker
@@ -28,7 +31,31 @@ def _context():
     return mp.get_context("spawn")
 
 
-def _worker_main(wid: int, s: TaskSettings, tasks, results) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive the build's main process: a killed build whose workers go on writing
+    races its own rerun (which removes their half-written files). On Linux the kernel sends SIGKILL
+    when the parent dies; elsewhere a thread watches the parent."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # it died before the kernel was told
+        os._exit(1)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _worker_main(wid: int, s: TaskSettings, tasks, results, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     # One worker = one core: no Rayon thread pool inside encode_batch (N workers use N cores).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
@@ -65,7 +92,8 @@ def run_tasks(todo, s: TaskSettings, workers: int, on_progress) -> dict[int, dic
     n = max(1, min(workers, len(todo)))
     for _ in range(n):
         tasks.put(None)
-    procs = [ctx.Process(target=_worker_main, args=(i, s, tasks, results), daemon=True) for i in range(n)]
+    procs = [ctx.Process(target=_worker_main, args=(i, s, tasks, results, os.getpid()), daemon=True)
+             for i in range(n)]
     for p in procs:
         p.start()
     done: dict[int, dict] = {}

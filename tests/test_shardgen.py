@@ -271,6 +271,42 @@ def test_a_killed_worker_is_an_error_naming_its_task_not_a_hang(tmp_path, corpus
     check_round_trip(str(out), expected_stream(tiny_tokenizer, corpus[1]))
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killing_the_main_process_stops_its_workers_and_a_rerun_works_at_once(tmp_path, corpus, tiny_tokenizer,
+                                                                              sig):
+    d, docs = corpus
+    out, marker = tmp_path / "out", tmp_path / "stalled"
+    proc = start_stalled_build(d, out, tiny_tokenizer, marker, task=1)
+    worker = int(marker.read_text())
+    try:
+        os.kill(proc.pid, sig)  # the main process only, as `kill PID` or the OOM killer would
+        _, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while not gone(worker):
+            assert time.monotonic() < deadline, f"worker {worker} outlived the main process"
+            time.sleep(0.05)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the run
+        except ProcessLookupError:
+            pass
+    if sig == signal.SIGTERM:  # stopped as Ctrl-C stops it
+        assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+        assert "terminated (SIGTERM); rerun the same command to resume" in err.decode()
+    res = run_build(opts([str(d)], out, tiny_tokenizer, workers=2))
+    assert 1 in res.ran
+    check_round_trip(str(out), expected_stream(tiny_tokenizer, docs))
+
+
 def test_stale_temp_files_are_removed_on_rerun(tmp_path, corpus, tiny_tokenizer):
     d, _ = corpus
     out = tmp_path / "out"
