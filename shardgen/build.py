@@ -17,6 +17,7 @@ import zstandard
 
 from shards.format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, rows_per_block
 from shardgen.inputs import list_inputs, plan_hash, plan_tasks
+from shardgen.lock import lock_name, output_lock
 from shardgen.merge import merge
 from shardgen.output import BuildError, Output, canonical_json
 from shards.progress import Progress, human
@@ -43,6 +44,7 @@ class BuildOptions:
     bos_token: str | None = None
     skip_bad: bool = False
     overwrite: bool = False
+    break_lock: bool = False  # S3: take over the lease of a run that is not running any more
     node_rank: int = 0
     num_nodes: int = 1
     progress: bool = True
@@ -84,7 +86,14 @@ def run_build(opts: BuildOptions) -> BuildResult:
     tasks = plan_tasks(files, opts.task_bytes)
     doc = _settings(opts, tok, tasks, files)
     storage = open_storage(opts.output)
-    out = Output(storage)
+    try:
+        with output_lock(storage, lock_name(opts.node_rank, opts.num_nodes), opts.break_lock, log):
+            return _build(opts, Output(storage), tok, files, tasks, doc, log)
+    finally:
+        storage.close()
+
+
+def _build(opts: BuildOptions, out: Output, tok, files, tasks, doc, log) -> BuildResult:
     out.prepare(doc, opts.overwrite, opts.num_nodes)
     out.put_tokenizer(tok.json_text.encode())
 
@@ -103,9 +112,8 @@ def run_build(opts: BuildOptions) -> BuildResult:
     start = time.perf_counter()
     records.update(_run_pool(todo, ts, opts, log))
     elapsed = time.perf_counter() - start
-    manifest = merge(storage, records) if opts.num_nodes == 1 else None
-    _summary(log, [records[t.index] for t in mine], manifest, elapsed, opts, storage)
-    storage.close()
+    manifest = merge(out.storage, records) if opts.num_nodes == 1 else None
+    _summary(log, [records[t.index] for t in mine], manifest, elapsed, opts, out.storage)
     return BuildResult(tasks=len(tasks), skipped=len(mine) - len(todo), ran=[t.index for t in todo],
                        records=[records[t.index] for t in mine], manifest=manifest)
 

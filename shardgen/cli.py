@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip and count bad records and damaged files instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="delete an output built with other settings")
+    p.add_argument("--break-lock", action="store_true",
+                   help="s3:// output: take over the lease of another run that you know is dead (a lease not "
+                        "renewed for 5 minutes expires by itself)")
     p.add_argument("--node-rank", type=int, help="this node's rank (default: SLURM_PROCID, NODE_RANK or GROUP_RANK)")
     p.add_argument("--num-nodes", type=positive, help="node count (default: SLURM_NTASKS, NNODES/NUM_NODES or "
                                                       "GROUP_WORLD_SIZE; 1)")
@@ -86,7 +89,8 @@ def cmd_build(argv: list[str]) -> int:
                            workers=a.workers, text_key=a.text_key, block_bytes=a.block_bytes,
                            shard_bytes=a.shard_bytes, task_bytes=a.task_bytes, zstd_level=a.zstd_level,
                            add_bos=a.add_bos, eos_token=a.eos_token, bos_token=a.bos_token, skip_bad=a.skip_bad,
-                           overwrite=a.overwrite, node_rank=rank, num_nodes=nodes, progress=not a.quiet))
+                           overwrite=a.overwrite, break_lock=a.break_lock, node_rank=rank, num_nodes=nodes,
+                           progress=not a.quiet))
     return 0
 
 

@@ -2,6 +2,7 @@
 killed rerun that does not upload again what is stored and verified, no credentials in its output."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 
 from shardgen.build import run_build
 from shards.s3 import S3Storage
-from shardgen.output import record_name
+from shardgen.lock import LEASE_SECONDS, LOCK_NAME, output_lock
+from shardgen.output import BuildError, canonical_json, record_name
 from shardgen_testlib import (SEQ, build_options,
                               ROOT_DIR, UNICODE_DOCS, make_docs, tiny_tokenizer, tree_bytes, write_jsonl,
                               write_parquet, write_txt)
@@ -112,3 +114,39 @@ def test_cli_to_s3_with_good_and_bad_credentials_never_prints_them(tmp_path, cor
     assert verify.returncode == 0, verify.stderr
     for out in (good.stdout, good.stderr, bad.stdout, bad.stderr, verify.stdout, verify.stderr):
         assert secret not in out and bad_secret not in out and env["AWS_ACCESS_KEY_ID"] not in out
+
+
+def test_an_s3_output_is_leased_to_one_run(corpus, tiny_tokenizer, s3_url):
+    st = S3Storage(s3_url)
+    lease = {"run": "pid 4242 on other-host, started 2026-01-01 00:00:00 UTC", "token": "x", "renewed": time.time()}
+    st.put_bytes(LOCK_NAME, canonical_json(lease))
+    with pytest.raises(BuildError, match=r"another shardgen run holds its lease .*\(pid 4242 on other-host.*"
+                                         r"--break-lock"):
+        run_build(opts([corpus], s3_url, tiny_tokenizer))
+    assert not st.exists("manifest.json") and json.loads(st.read(LOCK_NAME))["token"] == "x"  # nothing touched
+    log = io.StringIO()
+    run_build(opts([corpus], s3_url, tiny_tokenizer, break_lock=True, log=log))
+    assert "taking over the lease" in log.getvalue() and "(--break-lock; held by pid 4242" in log.getvalue()
+    assert LOCK_NAME not in st.list()  # released at the end
+    # A lease not renewed for LEASE_SECONDS belongs to a dead run: taken over without the flag.
+    st.put_bytes(LOCK_NAME, canonical_json({**lease, "renewed": time.time() - LEASE_SECONDS - 1}))
+    log = io.StringIO()
+    assert run_build(opts([corpus], s3_url, tiny_tokenizer, log=log)).ran == []
+    assert "(expired; held by pid 4242" in log.getvalue() and LOCK_NAME not in st.list()
+
+
+def test_a_lease_is_renewed_and_a_run_whose_lease_was_taken_fails(s3_url, monkeypatch):
+    import shardgen.lock
+    monkeypatch.setattr(shardgen.lock, "HEARTBEAT_SECONDS", 0.02)
+    st = S3Storage(s3_url)
+    with pytest.raises(BuildError, match="was taken over by another run \\(pid 7 on b"):
+        with output_lock(st) as lease:
+            first = json.loads(st.read(LOCK_NAME))
+            deadline = time.monotonic() + 60
+            while json.loads(st.read(LOCK_NAME))["renewed"] == first["renewed"]:
+                assert time.monotonic() < deadline, "the lease was never renewed"
+                time.sleep(0.01)
+            st.put_bytes(LOCK_NAME, canonical_json({**first, "token": "other", "run": "pid 7 on b"}))
+            lease.thread.join(timeout=60)  # the renewal sees the other token and stops
+            assert lease.lost == "pid 7 on b"
+    assert json.loads(st.read(LOCK_NAME))["token"] == "other"  # the other run's lease is left alone

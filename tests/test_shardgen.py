@@ -331,3 +331,39 @@ def test_an_unexpected_worker_error_keeps_its_task_and_traceback(tmp_path, corpu
         run_build(build_options([str(d)], out, tiny_tokenizer))
     assert "task 0 failed in worker process" in str(e.value.__cause__)
     assert "makedirs" in str(e.value.__cause__)  # the worker's traceback
+
+
+def test_a_second_run_into_the_same_output_is_refused_naming_the_first(tmp_path, corpus, tiny_tokenizer):
+    d, docs = corpus
+    out = tmp_path / "out"
+    proc = start_stalled_build(d, out, tiny_tokenizer, tmp_path / "stalled", task=1)
+    try:
+        with pytest.raises(BuildError, match=rf"another shardgen run is writing to it \(pid {proc.pid} on "):
+            run_build(opts([str(d)], out, tiny_tokenizer, workers=2))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    run_build(opts([str(d)], out, tiny_tokenizer, workers=2))  # the kernel dropped the dead run's lock
+    check_round_trip(str(out), expected_stream(tiny_tokenizer, docs))
+    assert not (out / ".shardgen.lock").exists()
+
+
+def unwritable_dir(tmp_path) -> str:
+    """A directory this process cannot create files in (root ignores modes: /sys refuses it too)."""
+    if os.geteuid() == 0:
+        return "/sys/shardgen-test-output"
+    d = tmp_path / "readonly"
+    d.mkdir(mode=0o555)
+    return str(d / "out")
+
+
+def test_an_output_that_is_a_file_or_not_writable_is_one_error_line(tmp_path, corpus, tiny_tokenizer, capsys):
+    from shardgen.cli import main
+    d, _ = corpus
+    (tmp_path / "file").write_text("not a directory")
+    for out, want in ((tmp_path / "file", "is a file, not a directory: choose another --output"),
+                      (unwritable_dir(tmp_path), "cannot write there (")):
+        assert main([str(d), "--output", str(out), "--tokenizer", tiny_tokenizer, "-q"]) == 1
+        err = capsys.readouterr().err
+        assert want in err and f"--output {out}" in err and len(err.strip().splitlines()) == 1, err
