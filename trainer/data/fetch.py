@@ -32,17 +32,25 @@ SLOTS_PER_CHUNK = 32
 
 
 class BlockIndex:
-    """Global block id (manifest order) -> (shard index, block index in shard, Block)."""
+    """Global block id -> (shard index, block index in shard, Block) of its source's manifest.
 
-    def __init__(self, manifest: Manifest):
-        self.manifest = manifest
-        self.refs: list[tuple[int, int, Block]] = [
-            (i, j, blk) for i, shard in enumerate(manifest.shards) for j, blk in enumerate(shard.blocks)]
+    Several sources (a mixture) share one id space: source i's blocks are ids [offsets[i],
+    offsets[i+1]) in its manifest order, so one BlockCache and one slab serve them all."""
+
+    def __init__(self, manifests: Manifest | list[Manifest]):
+        self.manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
+        self.manifest = self.manifests[0]
+        self.refs: list[tuple[int, int, Block]] = []
+        self.offsets = [0]
+        for m in self.manifests:
+            self.refs += [(i, j, blk) for i, shard in enumerate(m.shards) for j, blk in enumerate(shard.blocks)]
+            self.offsets.append(len(self.refs))
+        self.source_of = np.repeat(np.arange(len(self.manifests), dtype=np.int64), np.diff(self.offsets))
         self.max_rows = max((blk.rows for _, _, blk in self.refs), default=1)
 
     def where(self, storage: Storage, block_id: int) -> str:
         i, j, blk = self.refs[block_id]
-        name = self.manifest.shards[i].name
+        name = self.manifests[int(self.source_of[block_id])].shards[i].name
         return (f"{storage.where(name)}: shard {name} (index {i}) block {j} "
                 f"(bytes {blk.offset}-{blk.offset + blk.length - 1})")
 
@@ -89,19 +97,24 @@ class Slab:
 
 
 class BlockReader:
-    """Reads one block (one `read_range`) and decodes it into a slot. Runs in the pool threads."""
+    """Reads one block (one `read_range`) and decodes it into a slot. Runs in the pool threads.
+    `storage`: one Storage, or one per source of the index."""
 
-    def __init__(self, storage: Storage, index: BlockIndex):
-        self.storage, self.index = storage, index
+    def __init__(self, storage: Storage | list[Storage], index: BlockIndex):
+        self.storages = [storage] if isinstance(storage, Storage) else list(storage)
+        self.storage, self.index = self.storages[0], index
         self.blocks_read = 0
         self.bytes_read = 0
+        self.bytes_by_source = [0] * len(self.storages)
         self._lock = threading.Lock()
 
     def __call__(self, block_id: int, out: np.ndarray) -> None:
         i, _, blk = self.index.refs[block_id]
-        where = self.index.where(self.storage, block_id)
+        source = int(self.index.source_of[block_id])
+        storage, manifest = self.storages[source], self.index.manifests[source]
+        where = self.index.where(storage, block_id)
         try:
-            data = self.storage.read_range(self.index.manifest.shards[i].name, blk.offset, blk.length)
+            data = storage.read_range(manifest.shards[i].name, blk.offset, blk.length)
         except StorageError as e:
             raise StorageError(f"{where}: {e}") from None
         except OSError as e:  # a local read that fails below the Storage layer (EIO, a folder in its place)
@@ -109,7 +122,8 @@ class BlockReader:
         with self._lock:
             self.blocks_read += 1
             self.bytes_read += len(data)
-        out[:blk.rows] = decode_block(data, blk, self.index.manifest, where)
+            self.bytes_by_source[source] += len(data)
+        out[:blk.rows] = decode_block(data, blk, manifest, where)
 
 
 class BlockCache:
@@ -140,7 +154,9 @@ class BlockCache:
             futures.append(self._pool.submit(self._fill, b, self.slab.view(slot)))
         if len(new):
             self._live = np.concatenate([self._live, new])
-        self._last_step[blocks] = step if keep_until is None else np.maximum(step, keep_until)
+        # only ever raised: a block kept for a later step stays kept when an earlier step also needs it
+        until = np.full(len(blocks), step, dtype=np.int64) if keep_until is None else np.maximum(step, keep_until)
+        np.maximum.at(self._last_step, blocks, until)
         return self._slot[blocks], futures
 
     def release_through(self, step: int) -> None:

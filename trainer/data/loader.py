@@ -1,9 +1,10 @@
 """TokenLoader: batches of token tensors for one rank, in the plan's order, plus the resumable state.
 
-The plan says which (block, row) each batch row is; the fetch brings the blocks. This module only
-wires them: the caller's thread plans steps `prefetch_steps` ahead and submits their block reads,
-one assembler thread gathers each step's rows (one numpy fancy index) into an int64 tensor, and
-the caller waits only if that step is not ready yet.
+The plan (one dataset) or the mixture (several sources, trainer/data/mixture.py) says which (source,
+block, row) each batch row is; the fetch brings the blocks. This module only wires them: the caller's
+thread plans steps `prefetch_steps` ahead and submits their block reads, one assembler thread gathers
+each step's rows (one numpy fancy index) into an int64 tensor, and the caller waits only if that step
+is not ready yet. All sources share one block cache and one fetch pool.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import logging
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -20,7 +22,8 @@ from shards.format import Manifest, read_manifest
 from shards.storage import LocalStorage, Storage
 from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex, BlockReader
-from trainer.data.plan import Plan, PlanError, StepRows
+from trainer.data.mixture import MixStep, Mixture, as_fraction
+from trainer.data.plan import Plan, PlanError
 
 log = logging.getLogger("trainer.data")
 
@@ -28,7 +31,6 @@ log = logging.getLogger("trainer.data")
 # so a checkpoint is never resumed into a different order without saying so.
 STATE_VERSION = 1
 LOCAL_FETCH_THREADS, REMOTE_FETCH_THREADS = 4, 16
-STATE_KEYS = ("format_version", "manifest_hash", "seed", "global_batch", "layout", "epoch", "step")
 
 
 class DataStateError(UserError, ValueError):
@@ -42,12 +44,34 @@ class Batch:
     input_ids: "torch.Tensor"  # int64 [local_batch, seq_len]  # noqa: F821
     cu_seqlens: "torch.Tensor | None"  # int32 [documents + 1] over input_ids.flatten(), when varlen  # noqa: F821
     sequences: list[tuple[int, int]]  # (shard index, sequence index in shard) per row
+    sources: list[int] = field(default_factory=list)  # source index per row (all 0 for one dataset)
 
 
 def plan_for(manifest: Manifest, *, seed: int, global_batch: int, layout: int | None, name: str) -> Plan:
     """The plan of a dataset: the one entry point the loader and the `plan` CLI share."""
     return Plan([[b.rows for b in s.blocks] for s in manifest.shards], seed=seed,
                 global_batch=global_batch, layout=layout, name=name)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset of a mixture: a name ([A-Za-z0-9_-]+), where its shards are, its stage-0 weight."""
+    name: str
+    shards: "str | os.PathLike | Storage"
+    weight: float | Fraction = 1
+
+
+def check_sources_agree(names: list[str], manifests: list[Manifest], what: str = "source") -> None:
+    """Sources mixed into one batch need the same seq_len, token dtype and tokenizer (its sha256)."""
+    def key(m):
+        return {"seq_len": m.seq_len, "dtype": m.dtype, "tokenizer sha256": m.tokenizer.get("sha256")}
+    first = key(manifests[0])
+    for name, m in zip(names[1:], manifests[1:]):
+        for k, v in key(m).items():
+            if v != first[k]:
+                raise PlanError(f"{what} {name!r} has {k} {v} but {what} {names[0]!r} has {first[k]}: "
+                                f"mixed sources need the same seq_len and tokenizer; rebuild one with the "
+                                f"other's (python -m shardgen ... --seq-len --tokenizer)")
 
 
 def cu_seqlens(tokens: np.ndarray, eos_id: int, bos_id: int | None) -> np.ndarray:
@@ -67,43 +91,70 @@ def cu_seqlens(tokens: np.ndarray, eos_id: int, bos_id: int | None) -> np.ndarra
 
 
 class TokenLoader:
-    def __init__(self, shards: str | os.PathLike | Storage, *, seed: int, global_batch: int,
+    """Batches for one rank. `shards`: one dataset (a path, s3:// URL or Storage), or a list of Source
+    (a mixture, with `stages`: (start_step, weights in source order) from that step on)."""
+
+    def __init__(self, shards: "str | os.PathLike | Storage | list[Source]", *, seed: int, global_batch: int,
                  layout: int | None = None, world_size: int = 1, rank: int = 0, prefetch_steps: int = 4,
-                 varlen: bool = False, fetch_threads: int | None = None):
-        self._owns_storage = not isinstance(shards, Storage)
-        self.storage = open_storage(os.fspath(shards)) if self._owns_storage else shards
-        if fetch_threads is None:  # local reads are CPU-bound (decode); remote ones wait on latency
-            fetch_threads = LOCAL_FETCH_THREADS if isinstance(self.storage, LocalStorage) else REMOTE_FETCH_THREADS
+                 varlen: bool = False, fetch_threads: int | None = None,
+                 stages: "list[tuple[int, list]]" = ()):
+        self.mixed = isinstance(shards, (list, tuple))
+        sources = list(shards) if self.mixed else [Source("", shards, 1)]
+        if not sources:
+            raise PlanError("a mixture needs at least one source")
+        self.storages: list[Storage] = []
+        self._owned: list[Storage] = []
         try:
-            self.manifest = read_manifest(self.storage)
-            self.manifest_hash = self.manifest.content_hash()
-            self.plan = plan_for(self.manifest, seed=seed, global_batch=global_batch, layout=layout,
-                                 name=str(self.storage))
-            self.plan.rank_streams(world_size, rank)
+            for src in sources:
+                if isinstance(src.shards, Storage):
+                    self.storages.append(src.shards)
+                else:
+                    self.storages.append(open_storage(os.fspath(src.shards)))
+                    self._owned.append(self.storages[-1])
+            self.storage = self.storages[0]
+            self.names = [src.name or str(st) for src, st in zip(sources, self.storages)]
+            if fetch_threads is None:  # local reads are CPU-bound (decode); remote ones wait on latency
+                local = all(isinstance(st, LocalStorage) for st in self.storages)
+                fetch_threads = LOCAL_FETCH_THREADS if local else REMOTE_FETCH_THREADS
+            self.manifests = [read_manifest(st) for st in self.storages]
+            check_sources_agree(self.names, self.manifests)
+            self.manifest, self.manifest_hashes = self.manifests[0], [m.content_hash() for m in self.manifests]
+            self.manifest_hash = self.manifest_hashes[0]
+            self.mixture = Mixture([[[b.rows for b in s.blocks] for s in m.shards] for m in self.manifests],
+                                   [src.weight for src in sources], seed=seed, global_batch=global_batch,
+                                   layout=layout, stages=stages, names=self.names)
+            self.mixture.rank_slots(world_size, rank)
             if prefetch_steps < 0 or fetch_threads < 1:
                 raise PlanError(f"prefetch_steps ({prefetch_steps}) must be >= 0 and fetch_threads "
                                 f"({fetch_threads}) >= 1")
         except BaseException:
             self._close_storage()
             raise
+        self.plan = self.mixture.plans[0]
+        self.stages = [(0, [src.weight for src in sources])] + [(int(a), list(w)) for a, w in stages]
         self.seed, self.global_batch = int(seed), int(global_batch)
         self.world_size, self.rank = int(world_size), int(rank)
         self.prefetch_steps, self.varlen, self.fetch_threads = int(prefetch_steps), bool(varlen), int(fetch_threads)
-        self.index = BlockIndex(self.manifest)
+        self.index = BlockIndex(self.manifests)
         self._pipelines: list[_Pipeline] = []
-        p = self.plan
-        log.info("%s: %d sequences in %d blocks; global batch %d, layout %d: %d steps per epoch; %d sequences "
-                 "of each epoch's order are dropped (%d after the last stream, %d at the end of each of the %d "
-                 "streams)", self.storage, p.num_sequences, p.num_blocks, p.global_batch, p.layout,
-                 p.steps_per_epoch, p.dropped_per_epoch, p.num_sequences - p.layout * p.stream_length,
-                 p.stream_length - p.steps_per_epoch * p.items_per_stream, p.layout)
+        for name, p in zip(self.names, self.mixture.plans):  # a mixture's source: its own plan's steps
+            log.info("%s: %d sequences in %d blocks; global batch %d, layout %d: %d steps per epoch; "
+                     "%d sequences of each epoch's order are dropped (%d after the last stream, %d at the end of "
+                     "each of the %d streams)", name, p.num_sequences, p.num_blocks, p.global_batch, p.layout,
+                     p.steps_per_epoch, p.dropped_per_epoch, p.num_sequences - p.layout * p.stream_length,
+                     p.stream_length - p.steps_per_epoch * p.items_per_stream, p.layout)
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.manifests)
 
     @property
     def layout(self) -> int:
-        return self.plan.layout
+        return self.mixture.layout
 
     @property
     def steps_per_epoch(self) -> int:
+        """Steps per epoch of the first source (of the dataset, for one)."""
         return self.plan.steps_per_epoch
 
     @property
@@ -113,6 +164,10 @@ class TokenLoader:
     @property
     def local_batch(self) -> int:
         return self.global_batch // self.world_size
+
+    def sequences_before(self, step: int) -> list[int]:
+        """Sequences of each source in the global batches of steps [0, step): exact, any rank."""
+        return [n * self.mixture.items_per_slot for n in self.mixture.slots_before(int(step))]
 
     def iter_batches(self, start_step: int = 0):
         """Batches from `start_step` on, over epochs without end; close the generator to stop."""
@@ -132,23 +187,40 @@ class TokenLoader:
                 self._pipelines.remove(pipe)
 
     # --- resumable state
+    def _stage_table(self) -> list[dict]:
+        return [{"start_step": a, "weights": [str(as_fraction(w)) for w in ws]} for a, ws in self.stages]
+
     def state_dict(self, next_step: int) -> dict:
-        return {"format_version": STATE_VERSION, "manifest_hash": self.manifest_hash, "seed": self.seed,
-                "global_batch": self.global_batch, "layout": self.layout,
-                "epoch": int(next_step) // self.steps_per_epoch, "step": int(next_step)}
+        state = {"format_version": STATE_VERSION, "seed": self.seed, "global_batch": self.global_batch,
+                 "layout": self.layout, "step": int(next_step)}
+        if self.num_sources == 1:  # the one-dataset state of every earlier version
+            state.update(manifest_hash=self.manifest_hash, epoch=int(next_step) // self.steps_per_epoch)
+        else:
+            state.update(sources=[{"name": n, "manifest_hash": h} for n, h in zip(self.names, self.manifest_hashes)],
+                         stages=self._stage_table())
+        return state
 
     def check_state(self, state: dict) -> int:
         """The step to resume at, or DataStateError if `state` was made for another data order."""
-        missing = [k for k in STATE_KEYS if k not in state]
+        mixed = "sources" in state
+        keys = ("format_version", "seed", "global_batch", "layout", "step") + (
+            ("sources", "stages") if mixed else ("manifest_hash", "epoch"))
+        missing = [k for k in keys if k not in state]
         if missing:
             raise DataStateError(f"data state lacks {missing}: it is not a TokenLoader.state_dict() "
-                                 f"(keys {list(STATE_KEYS)})")
+                                 f"(keys {list(keys)})")
         if state["format_version"] != STATE_VERSION:
             raise DataStateError(f"data state format_version {state['format_version']} is not "
                                  f"{STATE_VERSION}: the data order changed between versions; resume "
                                  f"with the trainer version that wrote the checkpoint, or start a new run")
-        changed = []
-        if state["manifest_hash"] != self.manifest_hash:
+        step = int(state["step"])
+        if mixed != (self.num_sources > 1):
+            was = f"a mixture of {len(state['sources'])} sources" if mixed else "one dataset"
+            raise DataStateError(f"cannot resume this data state: the run was started on {was}, the config now "
+                                 f"has {self.num_sources} source(s): give it the data it was started on, or "
+                                 f"start a new run")
+        changed = self._changed_sources(state, step) if mixed else []
+        if not mixed and state["manifest_hash"] != self.manifest_hash:
             changed.append(f"the dataset changed (manifest hash {state['manifest_hash'][:12]}... -> "
                            f"{self.manifest_hash[:12]}... at {self.storage}): point the run at the "
                            f"shards it was started on")
@@ -166,11 +238,36 @@ class TokenLoader:
         if changed:
             raise DataStateError("cannot resume this data state: " + "; ".join(changed)
                                  + ". Or start a new run (a fresh data order).")
-        step = int(state["step"])
-        if step < 0 or int(state["epoch"]) != step // self.steps_per_epoch:
+        if step < 0 or (not mixed and int(state["epoch"]) != step // self.steps_per_epoch):
             raise DataStateError(f"data state is inconsistent: step {step} is in epoch "
                                  f"{step // self.steps_per_epoch}, the state says {state['epoch']}")
         return step
+
+    def _changed_sources(self, state: dict, step: int) -> list[str]:
+        """What differs from the saved mixture in a way that changes steps before `step`."""
+        names = [s["name"] for s in state["sources"]]
+        if names != self.names:
+            return [f"the sources changed ({', '.join(names)} -> {', '.join(self.names)}): list the sources "
+                    f"the run was started with, in the same order"]
+        changed = [f"source {n!r} changed (manifest hash {s['manifest_hash'][:12]}... -> {h[:12]}... at {st}): "
+                   f"point it at the shards the run was started on"
+                   for n, s, h, st in zip(names, state["sources"], self.manifest_hashes, self.storages)
+                   if s["manifest_hash"] != h]
+        # Stages that started before `step` made the steps taken: they must be the same. Later ones may change.
+        def taken(table):
+            return {int(t["start_step"]): t["weights"] for t in table if int(t["start_step"]) < step}
+        was, now = taken(state["stages"]), taken(self._stage_table())
+        for start in sorted(set(was) | set(now)):
+            label = "the base weights" if start == 0 else f"the stage at step {start}"
+            if start not in now:
+                changed.append(f"{label} was removed, but steps {start}..{step - 1} were taken with it: put it back")
+            elif start not in was:
+                changed.append(f"{label} was added, but the run is at step {step}: start it at step {step} or later")
+            elif was[start] != now[start]:
+                diff = ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, was[start], now[start]) if a != b)
+                changed.append(f"{label} changed ({diff}) after steps were taken with them: set them back "
+                               f"(a new stage starting at step {step} or later may change the mix)")
+        return changed
 
     def close(self) -> None:
         for pipe in list(self._pipelines):
@@ -179,8 +276,9 @@ class TokenLoader:
         self._close_storage()
 
     def _close_storage(self) -> None:
-        if self._owns_storage:
-            self.storage.close()
+        for st in self._owned:
+            st.close()
+        self._owned = []
 
     def __enter__(self):
         return self
@@ -193,8 +291,11 @@ class _Pipeline:
     """One run of iter_batches: the window of planned steps, their blocks and their assembly."""
 
     def __init__(self, loader: TokenLoader, start_step: int):
-        self.loader, self.plan = loader, loader.plan
-        self.reader = BlockReader(loader.storage, loader.index)
+        self.loader, self.mixture = loader, loader.mixture
+        self.reader = BlockReader(loader.storages, loader.index)
+        self.offsets = np.asarray(loader.index.offsets[:-1], dtype=np.int64)
+        # the source epoch each block's keep-until step was computed for (-1: none yet)
+        self._kept_for = np.full(len(loader.index.refs), -1, dtype=np.int64)
         self.cache = BlockCache(loader.index, self.reader, threads=loader.fetch_threads)
         self._assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-assemble")
         self.window: deque[tuple[int, Future]] = deque()
@@ -223,15 +324,28 @@ class _Pipeline:
 
     def _submit(self) -> None:
         step, self.next_step = self.next_step, self.next_step + 1
-        rows = self.plan.step_rows(step, self.loader.world_size, self.loader.rank)
-        keep = self.plan.block_last_use(rows.epoch, rows.blocks, self.loader.world_size, self.loader.rank)
-        slots, fetches = self.cache.acquire(rows.blocks, step, keep)
+        rows = self.mixture.step_rows(step, self.loader.world_size, self.loader.rank)
+        ids = self.offsets[rows.sources] + rows.blocks
+        slots, fetches = self.cache.acquire(ids, step, self._keep_until(rows, ids, step))
         self._release_finished()
-        shard, seq = self.plan.sequences(rows.blocks, rows.rows)
+        shard, seq = self.mixture.sequences(rows.sources, rows.blocks, rows.rows)
         sequences = list(zip(shard.tolist(), seq.tolist()))
         self.window.append((step, self._assembler.submit(self._assemble, rows, slots, fetches, sequences)))
 
-    def _assemble(self, rows: StepRows, slots: np.ndarray, fetches: list[Future],
+    def _keep_until(self, rows: MixStep, ids: np.ndarray, step: int) -> np.ndarray:
+        """Per row, the step until which its block stays alive: its last use in its source's epoch (by
+        any rank), so each block is fetched once per epoch however rarely its source is drawn. Worked
+        out once per block and epoch; other rows pass `step` (the cache only raises a block's mark)."""
+        keep = np.full(len(ids), step, dtype=np.int64)
+        need = self._kept_for[ids] != rows.epochs
+        if need.any():
+            for i, e in set(zip(rows.sources[need].tolist(), rows.epochs[need].tolist())):
+                sel = need & (rows.sources == i) & (rows.epochs == e)
+                keep[sel] = self.mixture.block_last_use(i, e, rows.blocks[sel])
+            self._kept_for[ids[need]] = rows.epochs[need]
+        return keep
+
+    def _assemble(self, rows: MixStep, slots: np.ndarray, fetches: list[Future],
                   sequences: list[tuple[int, int]]) -> Batch:
         import torch  # here, so the plan CLI does not pay for importing torch
 
@@ -245,8 +359,9 @@ class _Pipeline:
         cu = None
         if self.loader.varlen:
             cu = torch.from_numpy(cu_seqlens(tokens, m.eos_id, m.bos_id))
-        return Batch(step=rows.step, epoch=rows.epoch, input_ids=torch.from_numpy(tokens.astype(np.int64)),
-                     cu_seqlens=cu, sequences=sequences)
+        return Batch(step=rows.step, epoch=int(rows.epochs[0]) if len(rows.epochs) else 0,
+                     input_ids=torch.from_numpy(tokens.astype(np.int64)), cu_seqlens=cu, sequences=sequences,
+                     sources=rows.sources.tolist())
 
     def close(self) -> None:
         if self.closed:
