@@ -26,6 +26,8 @@ from shardgen.tasks import TaskSettings
 from shardgen.tokenizer import load_tokenizer
 from shardgen.workers import run_tasks
 
+SHORT_SEQ_LEN = 64  # below this, warn: fine for tests, not for a model
+
 
 @dataclass
 class BuildOptions:
@@ -78,6 +80,12 @@ def run_build(opts: BuildOptions) -> BuildResult:
     log = opts.log or sys.stderr
     if not 0 <= opts.node_rank < opts.num_nodes:
         raise BuildError(f"--node-rank {opts.node_rank} is not in [0, --num-nodes {opts.num_nodes})")
+    if opts.seq_len < 2:
+        raise BuildError(f"--seq-len {opts.seq_len}: a sequence needs at least 2 tokens (a token and the next one "
+                         f"to predict); 512 to 8192 is usual")
+    if opts.seq_len < SHORT_SEQ_LEN:
+        print(f"shardgen: warning: --seq-len {opts.seq_len} is very short: a model sees at most {opts.seq_len - 1} "
+              f"tokens of context (512 to 8192 is usual)", file=log)
     tok = load_tokenizer(opts.tokenizer, opts.eos_token, opts.bos_token, opts.add_bos)
     files, ignored = list_inputs(opts.inputs)
     if ignored:

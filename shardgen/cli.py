@@ -9,10 +9,13 @@ import signal
 import sys
 import threading
 
+import zstandard
+
 from shards.backends import open_storage
 from shards.errors import UserError
 from shards.format import DEFAULT_BLOCK_BYTES
 
+ZSTD_MIN_LEVEL = -(1 << 17)  # ZSTD_minCLevel()
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -36,6 +39,22 @@ def positive(text: str) -> int:
     return v
 
 
+def seq_len(text: str) -> int:
+    v = int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"{text}: a sequence needs at least 2 tokens (a token and the next one "
+                                         f"to predict); 512 to 8192 is usual")
+    return v
+
+
+def zstd_level(text: str) -> int:
+    v = int(text)
+    if not ZSTD_MIN_LEVEL <= v <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise argparse.ArgumentTypeError(f"{text}: zstd levels go from {ZSTD_MIN_LEVEL} (fastest) to "
+                                         f"{zstandard.MAX_COMPRESSION_LEVEL} (smallest); 3 is zstd's default")
+    return v
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -54,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory or s3://bucket/prefix")
     p.add_argument("-t", "--tokenizer", required=True,
                    help="tokenizer.json, a directory holding one, or a hub name (needs the hub to be reachable)")
-    p.add_argument("--seq-len", type=positive, default=2048, help="tokens per packed sequence")
+    p.add_argument("--seq-len", type=seq_len, default=2048, help="tokens per packed sequence")
     p.add_argument("--workers", type=positive, default=default_workers(), help="worker processes (one core each)")
     p.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
     p.add_argument("--add-bos", action="store_true", help="put the BOS token before every document")
@@ -67,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-bytes", type=size, default=8 << 20,
                    help="input bytes per task (the unit of parallelism and of resume; each task drops its own "
                         "tail of < seq-len tokens)")
-    p.add_argument("--zstd-level", type=int, default=3, help="zstd compression level")
+    p.add_argument("--zstd-level", type=zstd_level, default=3, help="zstd compression level")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip and count bad records and damaged files instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="delete an output built with other settings")
@@ -145,8 +164,10 @@ def cmd_train_tokenizer(argv: list[str]) -> int:
     p.add_argument("--text-key", default="text")
     p.add_argument("--max-bytes", type=size, help="train on at most this much text (the first documents)")
     p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in DIR")
     a = p.parse_args(argv)
-    path = train_tokenizer(a.inputs, a.output, a.vocab_size, a.min_frequency, a.text_key, a.max_bytes, a.skip_bad)
+    path = train_tokenizer(a.inputs, a.output, a.vocab_size, a.min_frequency, a.text_key, a.max_bytes, a.skip_bad,
+                           a.overwrite)
     print(f"wrote {path}")
     return 0
 

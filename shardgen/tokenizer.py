@@ -160,12 +160,25 @@ def train_bpe(texts, vocab_size: int, output_dir: str, min_frequency: int = 2) -
     return path
 
 
+BYTE_ALPHABET = 256
+
+
 def train_tokenizer(inputs: list[str], output_dir: str, vocab_size: int, min_frequency: int = 2,
-                    text_key: str = "text", max_bytes: int | None = None, skip_bad: bool = False) -> str:
+                    text_key: str = "text", max_bytes: int | None = None, skip_bad: bool = False,
+                    overwrite: bool = False) -> str:
     """Train on the documents of `inputs` (any input format), in input order, up to `max_bytes` of text."""
+    from itertools import chain
+
     from shardgen.inputs import list_inputs, pieces_of
     from shardgen.readers import DocumentReader
 
+    smallest = BYTE_ALPHABET + 1  # every byte, and TRAINED_EOS
+    if vocab_size < smallest:
+        raise TokenizerError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least {smallest} tokens (the "
+                             f"{BYTE_ALPHABET} bytes and {TRAINED_EOS}) plus its merges; 32000 is usual")
+    existing = os.path.join(output_dir, TOKENIZER_NAME)
+    if os.path.exists(existing) and not overwrite:
+        raise TokenizerError(f"{existing} exists: pass --overwrite to replace it, or choose another --output")
     files, _ = list_inputs(inputs)
 
     def texts():
@@ -178,4 +191,9 @@ def train_tokenizer(inputs: list[str], output_dir: str, vocab_size: int, min_fre
                     if max_bytes is not None and total >= max_bytes:
                         return
 
-    return train_bpe(texts(), vocab_size, output_dir, min_frequency)
+    docs = texts()
+    first = next(docs, None)  # empty documents are skipped by the reader: None means no text at all
+    if first is None:
+        raise TokenizerError(f"{' '.join(inputs)}: no text to train on ({len(files)} input files, every document "
+                             f"empty); check the inputs and --text-key {text_key!r}")
+    return train_bpe(chain([first], docs), vocab_size, output_dir, min_frequency)

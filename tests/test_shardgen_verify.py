@@ -10,6 +10,7 @@ import pytest
 
 from shardgen.build import BuildOptions, run_build
 from shardgen.cli import main
+from shardgen.output import BuildError
 from shards.format import FormatError
 from shards.storage import LocalStorage
 from shardgen.verify import verify
@@ -184,3 +185,51 @@ def test_train_tokenizer_command(tmp_path):
                  "--vocab-size", "300"]) == 0
     vocab = json.load(open(tmp_path / "tok" / "tokenizer.json"))["model"]["vocab"]
     assert len(vocab) <= 300 and vocab["<|endoftext|>"] == 0
+
+
+def test_train_tokenizer_refuses_what_cannot_be_right(tmp_path, capsys):
+    write_jsonl(str(tmp_path / "t.jsonl"), make_docs(30, seed=2))
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text(" \n\t ")  # whitespace only: an empty document
+    write_jsonl(str(tmp_path / "blank" / "b.jsonl"), ["", "  "])
+    tok = str(tmp_path / "tok")
+    base = ["train-tokenizer", str(tmp_path / "t.jsonl"), "--output", tok]
+    assert main(base + ["--vocab-size", "300"]) == 0
+    before = open(os.path.join(tok, "tokenizer.json"), "rb").read()
+    capsys.readouterr()
+    for args, want in ((base + ["--vocab-size", "400"], "tokenizer.json exists: pass --overwrite to replace it"),
+                       (["train-tokenizer", str(tmp_path / "t.jsonl"), "--output", str(tmp_path / "small"),
+                         "--vocab-size", "100"], "--vocab-size 100: a byte-level BPE needs at least 257 tokens"),
+                       (["train-tokenizer", str(tmp_path / "blank"), "--output", str(tmp_path / "none")],
+                        "no text to train on (2 input files, every document empty)")):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert want in err and len(err.strip().splitlines()) == 1, err
+    assert open(os.path.join(tok, "tokenizer.json"), "rb").read() == before
+    assert not os.path.exists(tmp_path / "small") and not os.path.exists(tmp_path / "none")
+    assert main(base + ["--vocab-size", "400", "--overwrite"]) == 0
+    assert open(os.path.join(tok, "tokenizer.json"), "rb").read() != before
+
+
+def test_bad_numbers_are_refused_at_parse_time(tmp_path, capsys):
+    # Checked before any tokenizing: a bad --zstd-level used to fail in a worker, a --seq-len of 1 trained NaN.
+    write_jsonl(str(tmp_path / "t.jsonl"), make_docs(5))
+    args = [str(tmp_path / "t.jsonl"), "--output", str(tmp_path / "out"), "--tokenizer", "no-such-tokenizer"]
+    for flag, value, want in (("--zstd-level", "99", "zstd levels go from -131072 (fastest) to 22 (smallest)"),
+                              ("--seq-len", "1", "a sequence needs at least 2 tokens")):
+        with pytest.raises(SystemExit) as e:
+            main(args + [flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: {value}: {want}" in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_short_seq_len_is_refused_below_2_and_warned_about_below_64(tmp_path, tiny_tokenizer):
+    write_jsonl(str(tmp_path / "t.jsonl"), make_docs(5))
+    with pytest.raises(BuildError, match="--seq-len 1: a sequence needs at least 2 tokens"):
+        run_build(BuildOptions(inputs=[str(tmp_path / "t.jsonl")], output=str(tmp_path / "a"),
+                               tokenizer=tiny_tokenizer, seq_len=1, progress=False, log=io.StringIO()))
+    log = io.StringIO()
+    run_build(BuildOptions(inputs=[str(tmp_path / "t.jsonl")], output=str(tmp_path / "b"), tokenizer=tiny_tokenizer,
+                           seq_len=16, workers=1, progress=False, log=log))
+    assert "warning: --seq-len 16 is very short: a model sees at most 15 tokens of context" in log.getvalue()

@@ -151,6 +151,8 @@ def test_diverging_run_stops_and_keeps_last_checkpoint(tmp_path, data):
                     check=False)
     assert p.returncode == 1, p.stderr[-2000:]
     assert "3 steps in a row with a NaN/inf" in p.stderr
+    assert "likely causes: " in p.stderr and "optim.lr=1e+38 is high for AdamW" in p.stderr
+    assert "clipping is off (optim.clip=0)" in p.stderr
     assert f"The last checkpoint ({tmp_path / 'out' / 'ckpt' / 'step-000004'}) is intact" in p.stderr
     records = read_metrics(str(tmp_path / "out"))
     assert records[-1]["skipped_steps"] == 3

@@ -319,3 +319,12 @@ def test_a_write_failing_in_any_dcp_writer_thread_fails_the_save(tmp_path, monke
     assert [os.path.basename(p) for p in list_checkpoints(str(root))] == ["step-000001"]
     assert sorted(os.listdir(root)) == ["step-000001"]
     assert ck.load_latest(model, opt)["step"] == 1
+
+
+def test_the_divergence_message_names_the_causes_the_settings_show():
+    from trainer.loop import divergence_causes
+    assert "seq_len 1 leaves no next token to predict" in divergence_causes(1, 3e-4, 1.0)
+    assert "seq_len 16 is very short" in divergence_causes(16, 3e-4, 1.0)
+    both = divergence_causes(2048, 0.5, 0)
+    assert "optim.lr=0.5 is high" in both and "clipping is off (optim.clip=0)" in both
+    assert divergence_causes(2048, 3e-4, 1.0) == "resume from it with a lower optim.lr or a tighter optim.clip"

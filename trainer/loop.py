@@ -31,6 +31,23 @@ class TrainingDiverged(UserError, RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient norm."""
 
 
+def divergence_causes(seq_len: int, lr: float, clip: float) -> str:
+    """The likelier causes of NaN/inf steps that the run's own settings show, else the usual advice."""
+    causes = []
+    if seq_len < 2:
+        causes.append(f"the shards' seq_len {seq_len} leaves no next token to predict (rebuild them with "
+                      f"shardgen --seq-len 2 or more)")
+    elif seq_len < 64:
+        causes.append(f"the shards' seq_len {seq_len} is very short")
+    if lr > 1e-2:
+        causes.append(f"optim.lr={lr:g} is high for AdamW (1e-4 to 3e-3 is usual)")
+    if clip <= 0:
+        causes.append("gradient clipping is off (optim.clip=0)")
+    if not causes:
+        return "resume from it with a lower optim.lr or a tighter optim.clip"
+    return "likely causes: " + "; ".join(causes) + ". Resume from it once fixed"
+
+
 IGNORE_INDEX = -100  # the label HF/FLA losses skip
 
 
@@ -299,8 +316,9 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
             if bad_in_a_row >= cfg.train.max_bad_steps:
                 raise TrainingDiverged(
                     f"{bad_in_a_row} steps in a row with a NaN/inf loss or gradient norm (last: step {step - 1}); "
-                    f"stopping. The last checkpoint ({last_ckpt}) is intact: resume from it with a "
-                    f"lower optim.lr or a tighter optim.clip (train.max_bad_steps={cfg.train.max_bad_steps})")
+                    f"stopping. The last checkpoint ({last_ckpt}) is intact; "
+                    f"{divergence_causes(seq_len, cfg.optim.lr, cfg.optim.clip)} "
+                    f"(train.max_bad_steps={cfg.train.max_bad_steps})")
             bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
                        (f" val {val_loss:.4f}" if val_loss is not None else ""))
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
