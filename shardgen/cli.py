@@ -55,6 +55,15 @@ def zstd_level(text: str) -> int:
     return v
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show: not None, not a flag's False, not twice."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -68,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="other commands: `verify OUT` (checksums and structure), `inspect OUT` (summary), "
                "`merge OUT` (manifest after a multi-node build), `train-tokenizer INPUT... --output DIR "
                "--vocab-size N`; each has --help. Rerunning the same command resumes an interrupted build.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files, directories or globs")
     p.add_argument("-o", "--output", required=True, help="output directory or s3://bucket/prefix")
     p.add_argument("-t", "--tokenizer", required=True,
@@ -156,12 +165,12 @@ def cmd_train_tokenizer(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m shardgen train-tokenizer",
                                 description="Train a byte-level BPE tokenizer (<|endoftext|> = id 0) and write "
                                             "DIR/tokenizer.json and DIR/tokenizer_config.json.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
-    p.add_argument("--vocab-size", type=positive, default=32000)
-    p.add_argument("--min-frequency", type=positive, default=2)
-    p.add_argument("--text-key", default="text")
+    p.add_argument("--vocab-size", type=positive, default=32000, help="tokens in the vocabulary (at least 257)")
+    p.add_argument("--min-frequency", type=positive, default=2, help="pairs seen fewer times are not merged")
+    p.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
     p.add_argument("--max-bytes", type=size, help="train on at most this much text (the first documents)")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in DIR")

@@ -8,6 +8,7 @@ skip of the rest of the file.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -126,6 +127,8 @@ class DocumentReader:
         reader, _ = open_input(self.piece.url)
         with reader:
             data = reader.read()
+        # A byte order mark is an encoding mark, not text: dropped here as json.loads drops it on a .jsonl line.
+        data = data.removeprefix(codecs.BOM_UTF8)
         try:
             yield data.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -116,7 +116,8 @@ def format_summary(s: dict) -> str:
         f"input        {st.get('input_files', '?')} files, {human(st.get('input_bytes', 0))}B, "
         f"{st.get('tasks', '?')} tasks",
         f"tokenizer    {tok.get('source')} (vocab {tok.get('vocab_size')}, eos {tok.get('eos_token')!r}="
-        f"{s['eos_id']}, bos {tok.get('bos_token')!r}={s['bos_id']}, sha256 {str(tok.get('sha256'))[:12]})",
+        f"{s['eos_id']}, " + (f"bos {tok.get('bos_token')!r}={s['bos_id']}" if s["bos_id"] is not None else "no bos")
+        + f", sha256 {str(tok.get('sha256'))[:12]})",
         f"manifest     sha256 {s['manifest_sha256']}",
     ]
     return "\n".join(lines)

@@ -258,3 +258,15 @@ def test_an_s3_glob_picks_the_files_a_local_glob_picks(tmp_path, monkeypatch):
                        if os.path.isfile(p))
         s3 = sorted(u[len("s3://b/"):] for u, _ in shardgen.inputs._list_one(f"s3://b/{pattern}"))
         assert s3 == local, pattern
+
+
+def test_a_byte_order_mark_is_dropped_in_txt_as_in_jsonl(tmp_path, tiny_tokenizer):
+    from shardgen.inputs import pieces_of
+    from shardgen.readers import DocumentReader
+    bom = b"\xef\xbb\xbf"
+    txt = write(tmp_path / "a.txt", bom + "héllo wörld".encode())
+    jl = write(tmp_path / "b.jsonl", bom + b'{"text": "h\\u00e9llo w\\u00f6rld"}\n')
+    plain = write(tmp_path / "c.txt", "héllo wörld".encode())
+    files, _ = list_inputs([str(txt), str(jl), str(plain)])
+    docs = [d for f in files for p in pieces_of(f, 1 << 20) for d in DocumentReader(p)]
+    assert docs == ["héllo wörld"] * 3

@@ -3,6 +3,7 @@ tokenizer as transformers loads it."""
 import io
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -142,7 +143,18 @@ def test_inspect_summary(dataset, capsys):
     assert s["shards"] == len(m.shards) and s["compression_ratio"] > 1
     assert s["tokenizer"]["eos_token"] == "<|endoftext|>" and s["stats"]["documents"] == 40
     assert main(["inspect", str(dataset)]) == 0
-    assert "compression ratio" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compression ratio" in out and "eos '<|endoftext|>'=0, no bos, sha256" in out  # was "bos None=None"
+
+
+def test_help_shows_each_default_once_and_no_empty_ones(capsys):
+    for args in (["--help"], ["train-tokenizer", "--help"]):
+        with pytest.raises(SystemExit):
+            main(args)
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert not re.search(r"\(default: [^)]*\) \(default:", text)  # "(default: the tokenizer's EOS ...)" once
+        assert "(default: 3)" in text if args == ["--help"] else "(default: 32000)" in text
 
 
 def test_merge_command_rewrites_the_same_manifest(dataset, capsys):
