@@ -10,7 +10,7 @@ import hashlib
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import tokenizers
 import zstandard
@@ -22,6 +22,7 @@ from shardgen.merge import merge
 from shardgen.output import BuildError, Output, canonical_json
 from shards.progress import Progress, human
 from shards.backends import open_storage
+from shards.storage import is_s3
 from shardgen.tasks import TaskSettings
 from shardgen.tokenizer import load_tokenizer
 from shardgen.workers import run_tasks
@@ -73,7 +74,15 @@ def _settings(opts: BuildOptions, tok, tasks, files) -> dict:
     }
     core = {"settings": settings, "tokenizer": tok.manifest_entry()}
     fp = hashlib.sha256(canonical_json(core)).hexdigest()
-    return {"fingerprint": fp, **core, "input_files": len(files)}
+    # The inputs as absolute paths: outside the fingerprint (and the manifest), so that a rerun naming the
+    # same files another way (relative or absolute) is recognized as the same build (Output.prepare).
+    resolved = {"inputs": [_resolved(i) for i in opts.inputs], "plan_sha256": plan_hash(
+        [replace(t, pieces=tuple(replace(p, url=_resolved(p.url)) for p in t.pieces)) for t in tasks])}
+    return {"fingerprint": fp, **core, "input_files": len(files), "resolved": resolved}
+
+
+def _resolved(url: str) -> str:
+    return url if is_s3(url) else os.path.realpath(url)
 
 
 def run_build(opts: BuildOptions) -> BuildResult:
@@ -102,7 +111,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
 
 
 def _build(opts: BuildOptions, out: Output, tok, files, tasks, doc, log) -> BuildResult:
-    out.prepare(doc, opts.overwrite, opts.num_nodes)
+    doc = out.prepare(doc, opts.overwrite, opts.num_nodes)
     out.put_tokenizer(tok.json_text.encode())
 
     mine = [t for t in tasks if t.index % opts.num_nodes == opts.node_rank]

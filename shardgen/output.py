@@ -58,13 +58,15 @@ class Output:
             return None
         return json.loads(self.storage.read(SETTINGS_NAME))
 
-    def prepare(self, doc: dict, overwrite: bool, num_nodes: int) -> None:
-        """Make the output ready for a build with settings `doc`: resume one with the same fingerprint,
-        replace one that finished nothing, refuse one with other settings unless `overwrite`."""
+    def prepare(self, doc: dict, overwrite: bool, num_nodes: int) -> dict:
+        """Make the output ready for a build with settings `doc`: resume one with the same fingerprint
+        (or the same inputs named another way: then its recorded settings are the ones to build with),
+        replace one that finished nothing, refuse one with other settings unless `overwrite`. Returns
+        the settings to build with."""
         storage = self.storage
         old = self.read_settings()
-        if old is not None and old["fingerprint"] == doc["fingerprint"]:
-            return
+        if old is not None and (old["fingerprint"] == doc["fingerprint"] or _same_build(old, doc)):
+            return old
         finished = [n for n in storage.list(TASKS_DIR + "/") if n != SETTINGS_NAME]
         if old is not None and not finished and not storage.exists(MANIFEST_NAME):
             # An earlier run with other settings finished nothing (e.g. it stopped on bad input): replace it,
@@ -82,6 +84,7 @@ class Output:
                                  f"delete another's work): empty the output first, then start all nodes")
             self.clear()
         storage.put_bytes(SETTINGS_NAME, canonical_json(doc))
+        return doc
 
     def put_tokenizer(self, data: bytes) -> None:
         if not self.storage.exists(TOKENIZER_NAME) or self.storage.read(TOKENIZER_NAME) != data:
@@ -159,6 +162,15 @@ class Output:
         if owned is None and not os.listdir(tmp):
             os.rmdir(tmp)
         return n
+
+
+def _same_build(old: dict, new: dict) -> bool:
+    """The same settings and tokenizer, with the inputs named another way (relative vs absolute paths)."""
+    if old.get("resolved") is None or old["resolved"] != new.get("resolved") or old["tokenizer"] != new["tokenizer"]:
+        return False
+    spelled = ("inputs", "plan_sha256")
+    return ({k: v for k, v in old["settings"].items() if k not in spelled} ==
+            {k: v for k, v in new["settings"].items() if k not in spelled})
 
 
 def _differences(old: dict, new: dict) -> str:

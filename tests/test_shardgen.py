@@ -367,3 +367,17 @@ def test_an_output_that_is_a_file_or_not_writable_is_one_error_line(tmp_path, co
         assert main([str(d), "--output", str(out), "--tokenizer", tiny_tokenizer, "-q"]) == 1
         err = capsys.readouterr().err
         assert want in err and f"--output {out}" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_relative_and_absolute_inputs_are_the_same_build(tmp_path, tiny_tokenizer, monkeypatch):
+    write_jsonl(str(tmp_path / "in.jsonl"), make_docs(30))
+    monkeypatch.chdir(tmp_path)
+    first = run_build(opts(["in.jsonl"], tmp_path / "out", tiny_tokenizer))
+    before = tree_bytes(str(tmp_path / "out"))
+    again = run_build(opts([str(tmp_path / "in.jsonl")], tmp_path / "out", tiny_tokenizer))  # was refused
+    assert first.ran and again.ran == [] and again.skipped == first.tasks
+    assert tree_bytes(str(tmp_path / "out")) == before
+    (tmp_path / "other").mkdir()
+    os.rename(tmp_path / "in.jsonl", tmp_path / "other" / "in.jsonl")  # another file: other settings
+    with pytest.raises(BuildError, match=r"inputs: \['in.jsonl'\] -> \[.*other/in.jsonl'\]"):
+        run_build(opts([str(tmp_path / "other" / "in.jsonl")], tmp_path / "out", tiny_tokenizer))
