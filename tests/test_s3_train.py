@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -45,24 +46,39 @@ def test_training_from_s3_matches_local_through_a_server_crash(tmp_path, data, s
     assert len(want) == STEPS
 
     cmd = [PY, "-m", "trainer", config(tmp_path, data, data["s3"], "s3")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    stdout = open(tmp_path / "s3.stdout", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(str(tmp_path)), stdout=stdout, stderr=subprocess.PIPE, text=True)
+    lines, met_dead_server = [], threading.Event()
+
+    def read_stderr():
+        for line in proc.stderr:
+            lines.append(line)
+            if "retrying for up to" in line:
+                met_dead_server.set()
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
         metrics = tmp_path / "s3" / "metrics.jsonl"
         deadline = time.monotonic() + 300
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert proc.poll() is None, "".join(lines)[-3000:]
             assert time.monotonic() < deadline, "the trainer made no progress"
             time.sleep(0.05)
         s3_env.stop(kill=True)  # mid-run: prefetch 0, so the next steps' blocks are read while it is down
-        assert proc.poll() is None
-        time.sleep(2.5)  # a few steps' worth: with 4 rows per block, about one new block is read per step
+        while not met_dead_server.wait(0.1):  # the event, not a guess at how long a step takes
+            assert proc.poll() is None, "the run ended without meeting the dead server:\n" + "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "the trainer never read from the dead server"
         s3_env.start()
-        out, err = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        reader.join(timeout=60)
+        stdout.seek(0)
+        out = stdout.read()
+        stdout.close()
+    err = "".join(lines)
     assert proc.returncode == 0, err[-3000:]
     assert losses(str(tmp_path / "s3")) == want
     assert "retrying for up to" in err  # the reads really did meet the dead server
