@@ -46,7 +46,7 @@ def memory() -> dict:
 def write_shards(root: str, tokens: int, seq_len: int, blocks_per_shard: int, block_bytes: int | None = None) -> None:
     import numpy as np
 
-    from shards.format import Manifest, ShardWriter, rows_per_block
+    from shards.format import Manifest, ShardWriter, index_name, rows_per_block
     from shards.progress import Progress
     from shards.storage import LocalStorage
 
@@ -66,6 +66,8 @@ def write_shards(root: str, tokens: int, seq_len: int, blocks_per_shard: int, bl
                 w.add_block(pool[start:start + rows * seq_len].reshape(rows, seq_len), EOS)
                 bar.update(1)
             shards.append(w.close())
+        with open(os.path.join(root, index_name(name)), "wb") as f:
+            f.write(w.index_bytes)
     bar.close()
     m = Manifest(seq_len=seq_len, dtype="uint16", eos_id=EOS, bos_id=None,
                  tokenizer={"source": "synthetic zipf(1.2)", "sha256": "", "vocab_size": VOCAB}, shards=shards,
@@ -77,12 +79,12 @@ def write_shards(root: str, tokens: int, seq_len: int, blocks_per_shard: int, bl
 def case_raw(args) -> dict:
     import zstandard
 
-    from shards.format import read_manifest
+    from shards.format import read_blocks, read_manifest
     from shards.storage import LocalStorage
 
     st = LocalStorage(args.dir)
     m = read_manifest(st)
-    frames = [st.read_range(s.name, b.offset, b.length) for s in m.shards for b in s.blocks]
+    frames = [st.read_range(s.name, b.offset, b.length) for s in m.shards for b in read_blocks(st, s)]
     st.close()
     before = memory()
     dctx = zstandard.ZstdDecompressor()

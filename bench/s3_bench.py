@@ -52,15 +52,15 @@ def upload_dataset(local: str, url: str) -> dict:
     return {"bytes": total, "seconds": dt, "MiB_per_s": total / dt / 2**20}
 
 
-def used_bytes(manifest, sequences) -> float:
-    """Compressed bytes of the given (shard, sequence-in-shard) rows: each row's share of its block."""
+def used_bytes(index, sequences) -> float:
+    """Compressed bytes of the given (shard, sequence-in-shard) rows: each row's share of its block
+    (`index`: the loader's BlockIndex, whose block tables are read already)."""
     import numpy as np
-    starts = [np.cumsum([0] + [b.rows for b in s.blocks]) for s in manifest.shards]
     total = 0.0
     for shard, seq in sequences:
-        j = int(np.searchsorted(starts[shard], seq, side="right")) - 1
-        blk = manifest.shards[shard].blocks[j]
-        total += blk.length / blk.rows
+        table = index.table(shard)
+        j = int(np.searchsorted(np.cumsum(table["rows"]), seq, side="right"))
+        total += int(table["length"][j]) / int(table["rows"][j])
     return total
 
 
@@ -76,11 +76,11 @@ def run_loader(shards: str, args) -> dict:
     it = loader.iter_batches(0)
     first = next(it)
     t_first = time.perf_counter() - t0
-    used, tokens = used_bytes(loader.manifest, first.sequences), first.input_ids.numel()
+    used, tokens = used_bytes(loader.index, first.sequences), first.input_ids.numel()
     t1 = time.perf_counter()
     for _, b in zip(range(steps - 1), it):
         tokens += b.input_ids.numel()
-        used += used_bytes(loader.manifest, b.sequences)
+        used += used_bytes(loader.index, b.sequences)
     dt = time.perf_counter() - t1
     it.close()
     out = {"steps": steps, "tokens": tokens, "first_batch_s": t_first,

@@ -39,7 +39,7 @@ def log(msg: str) -> None:
 def write_synthetic_shards(root: str, sequences: int, seq_len: int, vocab: int) -> str:
     import numpy as np
 
-    from shards.format import MANIFEST_NAME, Manifest, ShardWriter, rows_per_block
+    from shards.format import MANIFEST_NAME, Manifest, ShardWriter, index_name, rows_per_block
     from shards.storage import LocalStorage
     if os.path.exists(os.path.join(root, MANIFEST_NAME)):
         return root
@@ -54,6 +54,8 @@ def write_synthetic_shards(root: str, sequences: int, seq_len: int, vocab: int) 
         for i in range(0, sequences, rows):
             w.add_block(data[i:i + rows], eos_id=0)
         info = w.close()
+    with open(os.path.join(root, index_name("00000.tar")), "wb") as f:
+        f.write(w.index_bytes)
     m = Manifest(seq_len=seq_len, dtype="uint16", eos_id=0, bos_id=None,
                  tokenizer={"source": "synthetic", "sha256": "", "vocab_size": vocab}, shards=[info])
     LocalStorage(root).put_bytes(MANIFEST_NAME, m.to_bytes())
@@ -115,14 +117,14 @@ def run_hf(args) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from models import build
-    from shards.format import decode_block, read_manifest
+    from shards.format import decode_block, read_blocks, read_manifest
     from shards.storage import LocalStorage
 
     storage = LocalStorage(args.shards)
     manifest = read_manifest(storage)
     rows = []
     for s in manifest.shards:
-        for i, b in enumerate(s.blocks):
+        for i, b in enumerate(read_blocks(storage, s)):
             rows.append(decode_block(storage.read_range(s.name, b.offset, b.length), b, manifest, f"{s.name}#{i}"))
     data = torch.from_numpy(np.concatenate(rows).astype(np.int64))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import tokenizers
 import zstandard
 
-from shards.format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, rows_per_block
+from shards.format import DEFAULT_BLOCK_BYTES, FORMAT_VERSION, MANIFEST_NAME, rows_per_block
 from shardgen.inputs import list_inputs, plan_hash, plan_tasks
 from shardgen.lock import lock_name, output_lock
 from shardgen.merge import merge
@@ -65,7 +65,8 @@ class BuildResult:
 
 def _settings(opts: BuildOptions, tok, tasks, files) -> dict:
     settings = {
-        "seq_len": opts.seq_len, "dtype": tok.dtype, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+        "format_version": FORMAT_VERSION, "seq_len": opts.seq_len, "dtype": tok.dtype, "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
         "block_bytes": opts.block_bytes, "block_rows": rows_per_block(opts.seq_len, tok.dtype, opts.block_bytes),
         "shard_bytes": opts.shard_bytes, "task_bytes": opts.task_bytes, "zstd_level": opts.zstd_level,
         "text_key": opts.text_key, "inputs": list(opts.inputs), "num_tasks": len(tasks),

@@ -3,6 +3,7 @@
     manifest.json           written last, by the merge: its presence makes the output a dataset
     tokenizer.json          the tokenizer the shards were made with
     00012-000.tar ...       shards: <task>-<k>.tar, published atomically once complete
+    00012-000.blocks ...    each shard's block index, published right after its shard
     _tasks/settings.json    the build's settings and fingerprint (a rerun with other settings is refused)
     _tasks/00012.json       task 12's completion record, written after all its shards are published
     <staging>/_tmp/         shards being built (Storage.staging_dir(): the output itself when local)
@@ -17,13 +18,13 @@ import os
 import re
 
 from shards.errors import UserError
-from shards.format import MANIFEST_NAME, TOKENIZER_NAME
+from shards.format import MANIFEST_NAME, TOKENIZER_NAME, index_name
 from shards.storage import Storage, unlink_quiet
 
 TASKS_DIR = "_tasks"
 TMP_DIR = "_tmp"
 SETTINGS_NAME = f"{TASKS_DIR}/settings.json"
-SHARD_RE = re.compile(r"^\d{5,}-\d{3,}\.tar$")
+SHARD_RE = re.compile(r"^\d{5,}-\d{3,}\.(tar|blocks)$")  # shards and their block indexes
 
 
 class BuildError(UserError):
@@ -118,8 +119,13 @@ class Output:
         os.makedirs(tmp, exist_ok=True)
         return os.path.join(tmp, name + ".tmp")
 
-    def publish_shard(self, name: str, path: str) -> None:
+    def publish_shard(self, name: str, path: str, index: bytes) -> None:
+        """The shard, then its block index (put_file too: a rerun after a kill skips what S3 holds already)."""
         self.storage.put_file(name, path)
+        index_path = self.staging_path(index_name(name))
+        with open(index_path, "wb") as f:
+            f.write(index)
+        self.storage.put_file(index_name(name), index_path)
 
     # --- clearing and cleaning up
     def clear(self) -> None:

@@ -1,5 +1,6 @@
 """One task, start to finish, inside a worker process: read its pieces, tokenize in batches, pack
 into seq_len rows, write shards, publish them, and write the task's completion record last.
+A shard is published with its block index (`<shard>.blocks`) beside it, the shard first.
 
 A task's bytes depend only on the task and the settings, so any worker (or node) can run it, and a
 rerun of an unfinished task rewrites the same bytes. Shards are built under `_tmp/` and published
@@ -96,7 +97,7 @@ class TaskShards:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        self.out.publish_shard(info.name, self.tmp_path)
+        self.out.publish_shard(info.name, self.tmp_path, self.writer.index_bytes)
         self.infos.append(info)
         self.writer = self.file = self.tmp_path = None
 

@@ -6,8 +6,8 @@ import tarfile
 
 import numpy as np
 
-from shards.format import (TOKENIZER_NAME, Block, FormatError, Manifest, ShardInfo, block_member_name,
-                             decode_block, read_manifest)
+from shards.format import (TOKENIZER_NAME, Block, FormatError, Manifest, ShardInfo, block_at, block_member_name,
+                           decode_block, read_block_index, read_manifest)
 from shards.progress import Progress, human
 from shards.storage import Storage
 
@@ -37,8 +37,10 @@ def verify_shard(storage: Storage, m: Manifest, shard: ShardInfo, progress: Prog
     if not storage.exists(shard.name):
         raise FormatError(f"{where}: missing (the manifest lists it); regenerate the dataset")
     size = storage.size(shard.name)
+    table = read_block_index(storage, shard)  # checked against the manifest's CRC32 and counts
+    blocks = [block_at(table, j) for j in range(len(table))]
     if size != shard.bytes:
-        first = next((i for i, b in enumerate(shard.blocks) if b.offset + b.length > size), None)
+        first = next((i for i, b in enumerate(blocks) if b.offset + b.length > size), None)
         hint = f"; block {first} onward is cut off" if first is not None else ""
         raise FormatError(f"{where}: {size} bytes, the manifest says {shard.bytes} (truncated or replaced "
                           f"shard{hint}); regenerate it")
@@ -47,9 +49,9 @@ def verify_shard(storage: Storage, m: Manifest, shard: ShardInfo, progress: Prog
     stem = shard.name[:-4] if shard.name.endswith(".tar") else shard.name
     tokens = documents = pos = 0
     sha, problem, prev = hashlib.sha256(), None, None
-    for i, b in enumerate(shard.blocks):
+    for i, b in enumerate(blocks):
         if b.offset < pos:
-            raise FormatError(f"{where} block {i}: the manifest puts it at {b.offset}, inside the block before "
+            raise FormatError(f"{where} block {i}: the index puts it at {b.offset}, inside the block before "
                               f"(ends at {pos}); regenerate the dataset")
         data = storage.read_range(shard.name, pos, b.offset + b.length - pos)
         sha.update(data)
@@ -58,15 +60,16 @@ def verify_shard(storage: Storage, m: Manifest, shard: ShardInfo, progress: Prog
         pos, prev = b.offset + b.length, b
         tokens += rows.size
         documents += int(np.count_nonzero(rows == m.eos_id))
-        progress.update(b.length)
+        progress.update(len(data))
     if tokens != shard.tokens or documents != shard.documents:
         raise FormatError(f"{where}: blocks hold {tokens} tokens and {documents} separators, the manifest "
                           f"says {shard.tokens} and {shard.documents}")
     for off in range(pos, size, CHUNK):  # padding and the end-of-archive: zeros only
         chunk = storage.read_range(shard.name, off, min(CHUNK, size - off))
         sha.update(chunk)
+        progress.update(len(chunk))
         if chunk.count(0) != len(chunk):
-            problem = problem or f"{where}: more tar members after the manifest's {len(shard.blocks)} blocks"
+            problem = problem or f"{where}: more tar members after the index's {len(blocks)} blocks"
     if sha.hexdigest() != shard.sha256:
         raise FormatError(f"{where}: sha256 mismatch outside the block data (tar headers or padding changed); "
                           f"regenerate it")
@@ -82,7 +85,7 @@ def verify(storage: Storage, progress: bool = True, log=None) -> Manifest:
                  hashlib.sha256(storage.read(TOKENIZER_NAME)).hexdigest() != want):
         raise FormatError(f"{storage.where(TOKENIZER_NAME)}: missing or not the tokenizer of the manifest "
                           f"(sha256 {want})")
-    bar = Progress(sum(b.length for s in m.shards for b in s.blocks), "verify", unit="B", stream=log, enabled=progress)
+    bar = Progress(sum(s.bytes for s in m.shards), "verify", unit="B", stream=log, enabled=progress)
     for shard in m.shards:
         verify_shard(storage, m, shard, bar)
     bar.close()
@@ -93,7 +96,8 @@ def summary(storage: Storage) -> dict:
     m = read_manifest(storage)
     t = m.totals()
     raw = t["tokens"] * m.np_dtype.itemsize
-    packed = sum(b.length for s in m.shards for b in s.blocks)  # zstd bytes, without tar headers and padding
+    # zstd bytes, without tar headers and padding (reads every shard's block index)
+    packed = sum(int(read_block_index(storage, s)["length"].sum()) for s in m.shards)
     return {"dataset": str(storage), "format_version": m.format_version, "seq_len": m.seq_len, "dtype": m.dtype,
             **t, "raw_bytes": raw, "block_bytes": packed,
             "compression_ratio": round(raw / packed, 3) if packed else None,

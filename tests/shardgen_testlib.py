@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from shards.format import decode_block, read_manifest
+from shards.format import decode_block, read_blocks, read_manifest
 from shards.storage import LocalStorage
 from shardgen.tokenizer import train_bpe
 
@@ -98,7 +98,8 @@ def read_dataset(out: str):
     m = read_manifest(storage)
     streams = {}
     for s in m.shards:
-        rows = [decode_block(storage.read_range(s.name, b.offset, b.length), b, m, s.name) for b in s.blocks]
+        rows = [decode_block(storage.read_range(s.name, b.offset, b.length), b, m, s.name)
+                for b in read_blocks(storage, s)]
         streams[s.name] = np.concatenate(rows).reshape(-1).tolist()
     storage.close()
     return m, streams

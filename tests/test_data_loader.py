@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shards.format import FormatError, Manifest, ShardWriter, read_manifest
+from shards.format import FormatError, Manifest, ShardWriter, index_name, read_blocks, read_manifest
 from shards.storage import LocalStorage, Storage, StorageError
 from tests.test_data_plan import plans
 from trainer.data import DataStateError, PlanError, TokenLoader, cu_seqlens
@@ -38,6 +38,8 @@ def write_dataset(root, shard_blocks, seq_len=16, seed=0, eos_every=5, bos=None)
                     rows_of[(i, w.sequences + j)] = r  # w.sequences: rows of this shard written so far
                 w.add_block(rows, EOS)
             shards.append(w.close())
+        with open(os.path.join(root, index_name(name)), "wb") as f:
+            f.write(w.index_bytes)
     m = Manifest(seq_len=seq_len, dtype="uint16", eos_id=EOS, bos_id=bos,
                  tokenizer={"source": "test", "sha256": "0", "vocab_size": 1000}, shards=shards)
     LocalStorage(root).put_bytes("manifest.json", m.to_bytes())
@@ -155,7 +157,7 @@ def test_each_rank_reads_only_blocks_holding_its_rows(dataset):
     root, _ = dataset
     ref = read_manifest(LocalStorage(root))
     block_of = {(s.name, b.offset): n for n, (s, b) in
-                enumerate((s, b) for s in ref.shards for b in s.blocks)}
+                enumerate((s, b) for s in ref.shards for b in read_blocks(LocalStorage(root), s))}
     for rank in range(2):
         st = CountingStorage(root)
         with TokenLoader(st, seed=4, global_batch=8, layout=4, world_size=2, rank=rank, prefetch_steps=2) as ld:
@@ -219,7 +221,8 @@ def test_first_batch_at_step_zero_and_deep_in_training_cost_the_same(tmp_path):
 
 def corrupt_target(root, shard=1, block=2):
     m = read_manifest(LocalStorage(root))
-    return os.path.join(root, m.shards[shard].name), m.shards[shard].blocks[block], m.shards[shard].name
+    return (os.path.join(root, m.shards[shard].name), read_blocks(LocalStorage(root), m.shards[shard])[block],
+            m.shards[shard].name)
 
 
 def run_epoch(root):
@@ -430,8 +433,8 @@ def test_the_block_cache_fetches_only_the_ranks_blocks_and_keeps_what_steps_need
     rank = data.draw(st.integers(0, world - 1))
     depth = data.draw(st.integers(0, 4))
     keep = data.draw(st.booleans())  # the loader keeps blocks until the plan's last use in the epoch
-    shards = [ShardInfo(name=f"{i:05d}.tar", sequences=sum(r), tokens=0, documents=0, bytes=0, sha256="",
-                        blocks=[Block(offset=0, length=1, rows=n, crc32=0) for n in r]) for i, r in enumerate(rows)]
+    shards = [ShardInfo.from_blocks(f"{i:05d}.tar", 0, 0, 0, "", [Block(offset=0, length=1, rows=n, crc32=0) for n in r])
+              for i, r in enumerate(rows)]
     m = Manifest(seq_len=4, dtype="uint16", eos_id=0, bos_id=None, tokenizer={}, shards=shards)
     plan = Plan(rows, seed=seed, global_batch=g, layout=c)
     fills = []
@@ -451,7 +454,7 @@ def test_the_block_cache_fetches_only_the_ranks_blocks_and_keeps_what_steps_need
                 # new reads are blocks of this step, each once; every block of the step is alive
                 assert set(fills[before:]) <= set(step_rows.blocks.tolist())
                 assert len(fills[before:]) == len(set(fills[before:]))
-                assert np.array_equal(slots, cache._slot[step_rows.blocks]) and (slots >= 0).all()
+                assert np.array_equal(slots, cache.slots_of(step_rows.blocks)) and (slots >= 0).all()
                 submitted += 1
             cache.release_through(s)
         streams = len(plan.rank_streams(world, rank))

@@ -12,7 +12,7 @@ import pytest
 from shardgen.build import BuildOptions, run_build
 from shardgen.cli import main
 from shardgen.output import BuildError
-from shards.format import FormatError
+from shards.format import FormatError, encode_block_index, index_name, read_blocks
 from shards.storage import LocalStorage
 from shardgen.verify import verify
 from shardgen_testlib import make_docs, read_dataset, tiny_tokenizer, write_jsonl
@@ -31,6 +31,10 @@ def dataset(tmp_path, tiny_tokenizer):
     return out
 
 
+def blocks_of(dataset, shard):
+    return read_blocks(LocalStorage(str(dataset)), shard)
+
+
 def test_verify_passes_a_good_dataset(dataset, capsys):
     assert main(["verify", str(dataset), "-q"]) == 0
     assert "OK:" in capsys.readouterr().out
@@ -39,7 +43,7 @@ def test_verify_passes_a_good_dataset(dataset, capsys):
 def test_verify_names_the_block_with_a_flipped_byte(dataset, capsys):
     m, _ = read_dataset(str(dataset))
     shard = m.shards[1]
-    b = shard.blocks[2]
+    b = blocks_of(dataset, shard)[2]
     path = dataset / shard.name
     data = bytearray(path.read_bytes())
     data[b.offset + b.length // 2] ^= 0x40
@@ -71,18 +75,19 @@ def _rewrite(dataset, shard_index, offset, data: bytes):
     mpath = dataset / "manifest.json"
     d = json.loads(mpath.read_bytes())
     shard = d["shards"][shard_index]
-    path = dataset / shard["name"]
+    cols = d["shard_columns"]
+    path = dataset / shard[cols.index("name")]
     raw = bytearray(path.read_bytes())
     raw[offset:offset + len(data)] = data
     path.write_bytes(bytes(raw))
-    shard["sha256"] = hashlib.sha256(raw).hexdigest()
+    shard[cols.index("sha256")] = hashlib.sha256(raw).hexdigest()
     mpath.write_text(json.dumps(d))
     return shard
 
 
 def test_verify_names_a_tar_member_that_is_not_the_manifest_block(dataset):
     m, _ = read_dataset(str(dataset))
-    b = m.shards[0].blocks[1]
+    b = blocks_of(dataset, m.shards[0])[1]
     info = tarfile.TarInfo("00000-000/000009.tokens.zst")  # the same name length: only the name differs
     info.size = b.length
     _rewrite(dataset, 0, b.offset - 512, info.tobuf(tarfile.USTAR_FORMAT))
@@ -92,19 +97,25 @@ def test_verify_names_a_tar_member_that_is_not_the_manifest_block(dataset):
 
 def test_verify_names_a_tar_member_after_the_last_block(dataset):
     m, _ = read_dataset(str(dataset))
-    last = m.shards[0].blocks[-1]
+    last = blocks_of(dataset, m.shards[0])[-1]
     extra = tarfile.TarInfo("stowaway")
     _rewrite(dataset, 0, last.offset + last.length + (-last.length % 512), extra.tobuf(tarfile.USTAR_FORMAT))
-    with pytest.raises(FormatError, match=r"00000-000\.tar: more tar members after the manifest's \d+ blocks"):
+    with pytest.raises(FormatError, match=r"00000-000\.tar: more tar members after the index's \d+ blocks"):
         verify(LocalStorage(str(dataset)), progress=False)
 
 
-def test_verify_names_overlapping_blocks_in_the_manifest(dataset):
+def test_verify_names_overlapping_blocks_in_the_index(dataset):
+    import zlib
+    m, _ = read_dataset(str(dataset))
+    blocks = blocks_of(dataset, m.shards[0])
+    blocks[1] = blocks[1].__class__(blocks[0].offset, *(getattr(blocks[1], k) for k in ("length", "rows", "crc32")))
+    data = encode_block_index(blocks)
+    (dataset / index_name(m.shards[0].name)).write_bytes(data)
     path = dataset / "manifest.json"
     d = json.loads(path.read_bytes())
-    d["shards"][0]["blocks"][1][0] = d["shards"][0]["blocks"][0][0]
+    d["shards"][0][d["shard_columns"].index("index_crc32")] = zlib.crc32(data)  # the index agrees: only the layout is wrong
     path.write_text(json.dumps(d))
-    with pytest.raises(FormatError, match=r"block 1: the manifest puts it at \d+, inside the block before"):
+    with pytest.raises(FormatError, match=r"block 1: the index puts it at \d+, inside the block before"):
         verify(LocalStorage(str(dataset)), progress=False)
 
 
@@ -122,10 +133,11 @@ def test_verify_names_a_truncated_shard(dataset, capsys):
     m, _ = read_dataset(str(dataset))
     shard = m.shards[-1]
     path = dataset / shard.name
-    path.write_bytes(path.read_bytes()[:shard.blocks[1].offset + 10])
+    cut = blocks_of(dataset, shard)[1].offset + 10
+    path.write_bytes(path.read_bytes()[:cut])
     assert main(["verify", str(dataset), "-q"]) == 1
     err = capsys.readouterr().err
-    assert f"{shard.name}: {shard.blocks[1].offset + 10} bytes, the manifest says {shard.bytes}" in err
+    assert f"{shard.name}: {cut} bytes, the manifest says {shard.bytes}" in err
     assert "block 1 onward is cut off" in err
 
 
@@ -174,7 +186,7 @@ def test_plain_tar_and_webdataset_read_a_shard(dataset):
     shard = m.shards[0]
     url = str(dataset / shard.name)
     with tarfile.open(url) as tar:
-        assert tar.getnames() == [f"{shard.name[:-4]}/{i:06d}.tokens.zst" for i in range(len(shard.blocks))]
+        assert tar.getnames() == [f"{shard.name[:-4]}/{i:06d}.tokens.zst" for i in range(shard.num_blocks)]
     # The README's lines:
     rows = []
     for sample in webdataset.WebDataset(url, shardshuffle=False):

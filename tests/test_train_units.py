@@ -152,7 +152,7 @@ def test_activation_checkpointing_gives_the_same_step():
 def test_validation_rows_are_the_first_m_sequences_split_across_ranks(tmp_path):
     import numpy as np
 
-    from shards.format import decode_block, read_manifest
+    from shards.format import decode_block, read_blocks, read_manifest
     from shards.storage import LocalStorage
     from tests.train_support import make_shards
     from trainer.evaluate import load_val_rows
@@ -160,7 +160,7 @@ def test_validation_rows_are_the_first_m_sequences_split_across_ranks(tmp_path):
     st = LocalStorage(root)
     m = read_manifest(st)
     everything = np.concatenate([decode_block(st.read_range(s.name, b.offset, b.length), b, m, s.name)
-                                 for s in m.shards for b in s.blocks])
+                                 for s in m.shards for b in read_blocks(st, s)])
     one = load_val_rows(root, 14, Dist())
     assert one.equal(torch.from_numpy(everything[:14].astype(np.int64)))
     halves = [load_val_rows(root, 14, Dist(rank=r, world_size=2)) for r in (0, 1)]

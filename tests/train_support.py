@@ -85,7 +85,7 @@ def tokenizer_json(path: str, vocab_size: int = VOCAB) -> int:
 def make_shards(root: str, *, sequences: int = 64, seq_len: int = 32, seed: int = 0, rows_per_block: int = 4,
                 shards: int = 2, vocab: int = VOCAB) -> str:
     """A learnable dataset: each document follows t[i+1] = (5 * t[i] + 1) mod V, ended by EOS (id 0)."""
-    from shards.format import MANIFEST_NAME, Manifest, ShardWriter
+    from shards.format import MANIFEST_NAME, Manifest, ShardWriter, index_name
     from shards.storage import LocalStorage
     os.makedirs(root, exist_ok=True)
     tok_path = os.path.join(root, "tokenizer.json")
@@ -108,6 +108,8 @@ def make_shards(root: str, *, sequences: int = 64, seq_len: int = 32, seed: int 
             for b in range(0, len(part), rows_per_block):
                 w.add_block(part[b:b + rows_per_block], eos_id=0)
             infos.append(w.close())
+        with open(os.path.join(root, index_name(name)), "wb") as f:
+            f.write(w.index_bytes)
     import hashlib
     m = Manifest(seq_len=seq_len, dtype="uint16", eos_id=0, bos_id=None,
                  tokenizer={"source": tok_path, "sha256": hashlib.sha256(open(tok_path, "rb").read()).hexdigest(),

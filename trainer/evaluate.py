@@ -35,17 +35,21 @@ def load_val_rows(url: str, count: int, d: Dist) -> torch.Tensor:
                              f"ranks: {fix}")
         lo, hi = d.rank * per_rank, (d.rank + 1) * per_rank
         # the blocks holding sequences [lo, hi) in manifest order, read as the loader reads them
-        index = BlockIndex(manifest)
+        index = BlockIndex(manifest, storage)
         read = BlockReader(storage, index)
         rows, seen = [], 0
-        for block_id, (_, _, b) in enumerate(index.refs):
+        for i, shard in enumerate(manifest.shards):
             if seen >= hi:
                 break
-            if seen + b.rows > lo:
-                block = np.empty((b.rows, manifest.seq_len), dtype=manifest.np_dtype)
-                read(block_id, block)
-                rows.append(block[max(0, lo - seen):hi - seen])
-            seen += b.rows
+            if seen + shard.sequences <= lo:  # skipped without reading its block index
+                seen += shard.sequences
+                continue
+            for j, n in enumerate(index.table(i)["rows"].tolist()):
+                if lo < seen + n and seen < hi:
+                    block = np.empty((n, manifest.seq_len), dtype=manifest.np_dtype)
+                    read(int(index.first_block[i]) + j, block)
+                    rows.append(block[max(0, lo - seen):hi - seen])
+                seen += n
         return torch.from_numpy(np.concatenate(rows).astype(np.int64))
     finally:
         storage.close()

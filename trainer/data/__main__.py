@@ -80,7 +80,7 @@ def simulate_fetches(plan: Plan, index: BlockIndex, *, world_size: int, rank: in
             cache.release_through(step)
     finally:
         cache.close()
-    compressed = sum(index.refs[b][2].length for b in fetched)
+    compressed = sum(index.block(b)[2].length for b in fetched)
     return {"steps": submitted, "blocks": len(fetched), "compressed_bytes": compressed,
             "peak_live_blocks": cache.slab.peak, "slot_bytes": cache.slab.slot_bytes}
 
@@ -95,7 +95,7 @@ def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
     batch_bytes = local * manifest.seq_len * (8 + manifest.np_dtype.itemsize)  # int64 tensor + gather buffer
     # the window's blocks, plus one kept per stream boundary of this rank until its last use
     bound_blocks = min(plan.num_blocks, local * (args.prefetch_steps + 1) + len(streams))
-    block_bytes_total = sum(blk.length for _, _, blk in index.refs)
+    shard_bytes_total = sum(s.bytes for s in manifest.shards)  # tar bytes: block data plus 512-byte headers
     st = {
         "sequences": plan.num_sequences, "blocks": plan.num_blocks, "global_batch": plan.global_batch,
         "layout": plan.layout, "world_size": args.world_size, "steps_per_epoch": plan.steps_per_epoch,
@@ -103,7 +103,7 @@ def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
         "tokens_per_step_per_rank": local * manifest.seq_len,
         "sampled_steps": sim["steps"],
         "compressed_bytes_per_step_per_rank": sim["compressed_bytes"] / sim["steps"],
-        "dataset_compressed_bytes_per_step_per_rank": block_bytes_total / (plan.steps_per_epoch * args.world_size),
+        "dataset_compressed_bytes_per_step_per_rank": shard_bytes_total / (plan.steps_per_epoch * args.world_size),
         "prefetch_steps": args.prefetch_steps,
         "peak_live_blocks": sim["peak_live_blocks"],
         "block_bytes": slot_bytes,
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             if args.command == "plan":
                 cmd_plan(args, plan)
             else:
-                cmd_stats(args, plan, manifest, BlockIndex(manifest))
+                cmd_stats(args, plan, manifest, BlockIndex(manifest, storage))
         finally:
             storage.close()
     except UserError as e:

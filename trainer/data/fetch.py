@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import heapq
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 
-from shards.format import Block, Manifest, decode_block
+from shards.format import Block, Manifest, block_at, decode_block, read_block_index
 from shards.storage import Storage, StorageError
 
 SLOTS_PER_CHUNK = 32
@@ -35,24 +36,73 @@ class BlockIndex:
     """Global block id -> (shard index, block index in shard, Block) of its source's manifest.
 
     Several sources (a mixture) share one id space: source i's blocks are ids [offsets[i],
-    offsets[i+1]) in its manifest order, so one BlockCache and one slab serve them all."""
+    offsets[i+1]) in its manifest order, so one BlockCache and one slab serve them all.
 
-    def __init__(self, manifests: Manifest | list[Manifest]):
+    A shard's block table is read the first time one of its blocks is asked for: one read of its
+    `.blocks` file (format 2; a format-1 manifest carries the tables). Tables are kept for the
+    `cached_shards` shards used most recently (80 KiB each for 4,096 blocks): a rank touches a few
+    blocks of most shards every epoch, so this bounds memory at the cost of one index read per
+    shard and epoch once a dataset has more shards than that."""
+
+    def __init__(self, manifests: Manifest | list[Manifest], storages: Storage | list[Storage] | None = None,
+                 cached_shards: int = 512):
         self.manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
         self.manifest = self.manifests[0]
-        self.refs: list[tuple[int, int, Block]] = []
-        self.offsets = [0]
-        for m in self.manifests:
-            self.refs += [(i, j, blk) for i, shard in enumerate(m.shards) for j, blk in enumerate(shard.blocks)]
-            self.offsets.append(len(self.refs))
-        self.source_of = np.repeat(np.arange(len(self.manifests), dtype=np.int64), np.diff(self.offsets))
-        self.max_rows = max((blk.rows for _, _, blk in self.refs), default=1)
+        self.storages = storages if isinstance(storages, list) else [storages] * len(self.manifests)
+        self.cached_shards = max(1, cached_shards)
+        # first global id of every shard of every source, then the end: [sum of shards + 1]
+        counts = [s.num_blocks for m in self.manifests for s in m.shards]
+        self.first_block = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.first_block[1:])
+        shard_offsets = np.cumsum([0] + [len(m.shards) for m in self.manifests])
+        self.shard_offsets = shard_offsets  # source i's shards are [shard_offsets[i], shard_offsets[i+1])
+        self.offsets = [int(self.first_block[k]) for k in shard_offsets]
+        self.num_blocks = self.offsets[-1]
+        rows = [r for m in self.manifests for s in m.shards
+                for r in ([s.rows_per_block, s.last_block_rows] + (s.varying_rows or []))]
+        self.max_rows = max(rows, default=1)
+        self.index_reads = 0  # `.blocks` files read: one per shard touched (while it stays cached)
+        self._tables: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._read_locks = [threading.Lock() for _ in range(64)]
+        self._lock = threading.Lock()
 
-    def where(self, storage: Storage, block_id: int) -> str:
-        i, j, blk = self.refs[block_id]
-        name = self.manifests[int(self.source_of[block_id])].shards[i].name
-        return (f"{storage.where(name)}: shard {name} (index {i}) block {j} "
-                f"(bytes {blk.offset}-{blk.offset + blk.length - 1})")
+    def locate(self, block_id: int) -> tuple[int, int, int]:
+        """(source, shard index in its manifest, block index in the shard)."""
+        k = int(np.searchsorted(self.first_block, block_id, side="right")) - 1
+        source = int(np.searchsorted(self.shard_offsets, k, side="right")) - 1
+        return source, k - int(self.shard_offsets[source]), int(block_id - self.first_block[k])
+
+    def table(self, source: int, i: int) -> np.ndarray:
+        """Shard i's block table, read once while it stays cached (concurrent callers wait for one read)."""
+        key = int(self.shard_offsets[source]) + i
+        with self._lock:
+            got = self._tables.get(key)
+            if got is not None:
+                self._tables.move_to_end(key)
+                return got
+        with self._read_locks[key % len(self._read_locks)]:
+            with self._lock:
+                got = self._tables.get(key)
+            if got is None:
+                shard = self.manifests[source].shards[i]
+                got = read_block_index(self.storages[source], shard)
+                with self._lock:
+                    self.index_reads += shard.blocks is None
+                    self._tables[key] = got
+                    while len(self._tables) > self.cached_shards:
+                        self._tables.popitem(last=False)
+            return got
+
+    def block(self, block_id: int) -> tuple[int, int, int, Block]:
+        """(source, shard index, block index in shard, Block); may read the shard's table."""
+        source, i, j = self.locate(block_id)
+        return source, i, j, block_at(self.table(source, i), j)
+
+    def where(self, storage: Storage, block_id: int, blk: Block | None = None) -> str:
+        source, i, j = self.locate(block_id)
+        name = self.manifests[source].shards[i].name
+        span = f" (bytes {blk.offset}-{blk.offset + blk.length - 1})" if blk is not None else ""
+        return f"{storage.where(name)}: shard {name} (index {i}) block {j}{span}"
 
 
 class Slab:
@@ -109,10 +159,13 @@ class BlockReader:
         self._lock = threading.Lock()
 
     def __call__(self, block_id: int, out: np.ndarray) -> None:
-        i, _, blk = self.index.refs[block_id]
-        source = int(self.index.source_of[block_id])
+        source, i, _ = self.index.locate(block_id)
         storage, manifest = self.storages[source], self.index.manifests[source]
-        where = self.index.where(storage, block_id)
+        try:
+            _, _, _, blk = self.index.block(block_id)  # the first block of a shard reads its table
+        except StorageError as e:
+            raise StorageError(f"{self.index.where(storage, block_id)}: {e}") from None
+        where = self.index.where(storage, block_id, blk)
         try:
             data = storage.read_range(manifest.shards[i].name, blk.offset, blk.length)
         except StorageError as e:
@@ -128,17 +181,24 @@ class BlockReader:
 
 class BlockCache:
     """Which blocks are alive, in which slot, until which step. Driven by one thread (the loader's
-    consumer); only `fill(block_id, slot_view)` runs in the pool. Per-block state lives in arrays
-    indexed by block id (a few bytes per block), so a step costs numpy calls, not a loop over rows."""
+    consumer); only `fill(block_id, slot_view)` runs in the pool. The state of the live blocks lives
+    in arrays sorted by block id (a few bytes per live block, nothing per dataset block), so a step
+    costs numpy calls, not a loop over rows."""
 
     def __init__(self, index: BlockIndex, fill: Callable[[int, np.ndarray], None], *, threads: int):
         m = index.manifest
         self.slab = Slab(index.max_rows, m.seq_len, m.np_dtype)
         self._fill = fill
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="block-fetch")
-        self._slot = np.full(len(index.refs), -1, dtype=np.int64)  # -1: not alive
-        self._last_step = np.full(len(index.refs), -1, dtype=np.int64)  # last acquiring step
-        self._live = np.empty(0, dtype=np.int64)  # ids of the blocks alive
+        self._live = np.empty(0, dtype=np.int64)  # ids of the blocks alive, sorted
+        self._slot = np.empty(0, dtype=np.int64)  # their slots
+        self._last_step = np.empty(0, dtype=np.int64)  # the last step that needs each
+
+    def _find(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        i = np.searchsorted(self._live, blocks)
+        hit = i < len(self._live)
+        hit[hit] = self._live[i[hit]] == blocks[hit]
+        return i, hit
 
     def acquire(self, blocks: np.ndarray, step: int, keep_until: np.ndarray | None = None
                 ) -> tuple[np.ndarray, list[Future]]:
@@ -146,29 +206,44 @@ class BlockCache:
         started for blocks that were not alive. Earlier steps' futures cover the other blocks.
         `keep_until` (per block): keep the block alive until that step even if no step planned so
         far needs it (the plan's last use of a block cut by a stream boundary)."""
-        new = np.unique(blocks[self._slot[blocks] < 0])
-        futures = []
+        blocks = np.asarray(blocks, dtype=np.int64)
+        _, hit = self._find(blocks)
+        new = np.unique(blocks[~hit])
+        futures, slots = [], []
         for b in new.tolist():
             slot = self.slab.take()
-            self._slot[b] = slot
+            slots.append(slot)
             futures.append(self._pool.submit(self._fill, b, self.slab.view(slot)))
         if len(new):
-            self._live = np.concatenate([self._live, new])
+            live = np.concatenate([self._live, new])
+            order = np.argsort(live, kind="stable")
+            self._live = live[order]
+            self._slot = np.concatenate([self._slot, np.asarray(slots, dtype=np.int64)])[order]
+            self._last_step = np.concatenate([self._last_step, np.full(len(new), -1, dtype=np.int64)])[order]
+        i, _ = self._find(blocks)
         # only ever raised: a block kept for a later step stays kept when an earlier step also needs it
         until = np.full(len(blocks), step, dtype=np.int64) if keep_until is None else np.maximum(step, keep_until)
-        np.maximum.at(self._last_step, blocks, until)
-        return self._slot[blocks], futures
+        np.maximum.at(self._last_step, i, until)
+        return self._slot[i], futures
 
     def release_through(self, step: int) -> None:
         """Free the blocks that no step after `step` (among those acquired so far) needs."""
-        done = self._last_step[self._live] <= step
+        done = self._last_step <= step
         if done.any():
-            for b in self._live[done].tolist():
-                self.slab.give(int(self._slot[b]))
-                self._slot[b] = -1
-            self._live = self._live[~done]
+            for slot in self._slot[done].tolist():
+                self.slab.give(int(slot))
+            keep = ~done
+            self._live, self._slot, self._last_step = self._live[keep], self._slot[keep], self._last_step[keep]
+
+    def slots_of(self, blocks: np.ndarray) -> np.ndarray:
+        """Slot of each block (-1: not alive)."""
+        i, hit = self._find(np.asarray(blocks, dtype=np.int64))
+        if not len(self._slot):
+            return np.full(len(i), -1, dtype=np.int64)
+        return np.where(hit, self._slot[np.minimum(i, len(self._slot) - 1)], -1)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._slot[:] = -1
         self._live = self._live[:0]
+        self._slot = self._slot[:0]
+        self._last_step = self._last_step[:0]

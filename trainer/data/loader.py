@@ -23,7 +23,7 @@ from shards.storage import LocalStorage, Storage
 from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex, BlockReader
 from trainer.data.mixture import MixStep, Mixture, as_fraction
-from trainer.data.plan import Plan, PlanError
+from trainer.data.plan import BlockLayout, Plan, PlanError
 
 log = logging.getLogger("trainer.data")
 
@@ -47,10 +47,18 @@ class Batch:
     sources: list[int] = field(default_factory=list)  # source index per row (all 0 for one dataset)
 
 
+def block_layout(manifest: Manifest, name: str) -> BlockLayout:
+    """Every block's rows from the per-shard summaries (O(shards)), unless a shard's blocks vary."""
+    shards = manifest.shards
+    if any(s.rows_per_block == 0 for s in shards):
+        return BlockLayout.from_lists([s.block_rows for s in shards], name)
+    return BlockLayout.from_shards([s.num_blocks for s in shards], [s.rows_per_block for s in shards],
+                                   [s.last_block_rows for s in shards], name)
+
+
 def plan_for(manifest: Manifest, *, seed: int, global_batch: int, layout: int | None, name: str) -> Plan:
     """The plan of a dataset: the one entry point the loader and the `plan` CLI share."""
-    return Plan([[b.rows for b in s.blocks] for s in manifest.shards], seed=seed,
-                global_batch=global_batch, layout=layout, name=name)
+    return Plan(block_layout(manifest, name), seed=seed, global_batch=global_batch, layout=layout, name=name)
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,7 @@ class TokenLoader:
             check_sources_agree(self.names, self.manifests)
             self.manifest, self.manifest_hashes = self.manifests[0], [m.content_hash() for m in self.manifests]
             self.manifest_hash = self.manifest_hashes[0]
-            self.mixture = Mixture([[[b.rows for b in s.blocks] for s in m.shards] for m in self.manifests],
+            self.mixture = Mixture([block_layout(m, name) for m, name in zip(self.manifests, self.names)],
                                    [src.weight for src in sources], seed=seed, global_batch=global_batch,
                                    layout=layout, stages=stages, names=self.names)
             self.mixture.rank_slots(world_size, rank)
@@ -135,7 +143,7 @@ class TokenLoader:
         self.seed, self.global_batch = int(seed), int(global_batch)
         self.world_size, self.rank = int(world_size), int(rank)
         self.prefetch_steps, self.varlen, self.fetch_threads = int(prefetch_steps), bool(varlen), int(fetch_threads)
-        self.index = BlockIndex(self.manifests)
+        self.index = BlockIndex(self.manifests, self.storages)
         self._pipelines: list[_Pipeline] = []
         for name, p in zip(self.names, self.mixture.plans):  # a mixture's source: its own plan's steps
             log.info("%s: %d sequences in %d blocks; global batch %d, layout %d: %d steps per epoch; "
@@ -294,8 +302,10 @@ class _Pipeline:
         self.loader, self.mixture = loader, loader.mixture
         self.reader = BlockReader(loader.storages, loader.index)
         self.offsets = np.asarray(loader.index.offsets[:-1], dtype=np.int64)
-        # the source epoch each block's keep-until step was computed for (-1: none yet)
-        self._kept_for = np.full(len(loader.index.refs), -1, dtype=np.int64)
+        # block id -> (the source epoch its keep-until step was computed for, that step); only blocks
+        # not yet past that step are kept, so this holds about the live blocks, not the dataset's
+        self._kept_for: dict[int, tuple[int, int]] = {}
+        self._kept_size = 1024
         self.cache = BlockCache(loader.index, self.reader, threads=loader.fetch_threads)
         self._assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-assemble")
         self.window: deque[tuple[int, Future]] = deque()
@@ -337,12 +347,17 @@ class _Pipeline:
         any rank), so each block is fetched once per epoch however rarely its source is drawn. Worked
         out once per block and epoch; other rows pass `step` (the cache only raises a block's mark)."""
         keep = np.full(len(ids), step, dtype=np.int64)
-        need = self._kept_for[ids] != rows.epochs
+        kept = self._kept_for
+        need = np.array([kept.get(b, (-1, 0))[0] != e for b, e in zip(ids.tolist(), rows.epochs.tolist())],
+                        dtype=bool)
         if need.any():
             for i, e in set(zip(rows.sources[need].tolist(), rows.epochs[need].tolist())):
                 sel = need & (rows.sources == i) & (rows.epochs == e)
                 keep[sel] = self.mixture.block_last_use(i, e, rows.blocks[sel])
-            self._kept_for[ids[need]] = rows.epochs[need]
+            kept.update(zip(ids[need].tolist(), zip(rows.epochs[need].tolist(), keep[need].tolist())))
+            if len(kept) > 2 * self._kept_size:  # a block past its last use is not asked for again that epoch
+                self._kept_for = {b: eu for b, eu in kept.items() if eu[1] >= step}
+                self._kept_size = len(self._kept_for) + 1024
         return keep
 
     def _assemble(self, rows: MixStep, slots: np.ndarray, fetches: list[Future],

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trainer.data.plan import Plan, PlanError, _or_list, divisors, hash_keys
+from trainer.data.plan import BlockLayout, Plan, PlanError, _or_list, divisors, hash_keys
 
 _TAG_SOURCE = 0x536F75726365  # "Source": keys each source's plan seed in a mixture
 NEVER = 1 << 62  # the step at which a paused source's slot is consumed
@@ -106,7 +106,7 @@ class MixStep:
 class Mixture:
     """The order of several datasets' sequences for one (seed, weights and stages, G, C)."""
 
-    def __init__(self, sources: Sequence[Sequence[Sequence[int]]], weights: Sequence, *, seed: int,
+    def __init__(self, sources: "Sequence[Sequence[Sequence[int]] | BlockLayout]", weights: Sequence, *, seed: int,
                  global_batch: int, layout: int | None = None, stages: Sequence[tuple[int, Sequence]] = (),
                  names: Sequence[str] | None = None):
         n = len(sources)
@@ -227,6 +227,9 @@ class Mixture:
         n = len(src) * k
         sources, blocks, rows, epochs = (np.empty(n, dtype=np.int64) for _ in range(4))
         sources[:] = np.repeat(src, k)
+        # One source: slot j is stream j, so a rank's streams are contiguous and its plan needs only
+        # the window of the epoch order that holds them (O(shards) start-up); several: the whole epoch.
+        span = self.plans[0].rank_span(world_size, rank) if self.num_sources == 1 else None
         for i in np.unique(src).tolist():
             sel = np.flatnonzero(src == i)
             plan, c = self.plans[i], self.source_streams[i]
@@ -237,7 +240,7 @@ class Mixture:
             out = (sel[:, None] * k + np.arange(k)[None, :]).ravel()
             for e in np.unique(epoch).tolist():
                 here = epoch == e
-                b, r = plan.locate(e, pos[here])
+                b, r = plan.locate(e, pos[here], span)
                 blocks[out[here]], rows[out[here]], epochs[out[here]] = b, r, e
         return MixStep(step=int(step), sources=sources, blocks=blocks, rows=rows, epochs=epochs)
 
