@@ -178,3 +178,49 @@ def test_a_tiny_row_table_changes_nothing(p, entries):
     for s in range(0, 3 * big.steps_per_epoch, max(1, big.steps_per_epoch // 3)):
         x, y = big.step_rows(s), small.step_rows(s)
         assert np.array_equal(x.blocks, y.blocks) and np.array_equal(x.rows, y.rows)
+
+
+def reference_epoch_order(rows, seed, epoch):
+    """Format 1's plan, written plainly: argsort of every block's key, then each block's rows by theirs."""
+    from trainer.data.plan import _TAG_BLOCKS, _TAG_ROWS, hash_keys, splitmix64
+    counts = [n for shard in rows for n in shard]
+    perm = np.argsort(hash_keys((seed, _TAG_BLOCKS, epoch), np.arange(len(counts), dtype=np.uint64)), kind="stable")
+    out = []
+    for b in perm.tolist():
+        keys = splitmix64(hash_keys((seed, _TAG_ROWS, epoch), np.full(counts[b], b, dtype=np.uint64))
+                          ^ np.arange(counts[b], dtype=np.uint64))
+        out += [(b, r) for r in np.argsort(keys, kind="stable").tolist()]
+    return out
+
+
+shardgen_like = st.lists(st.tuples(st.integers(1, 40), st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=8)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(shardgen_like, seeds, st.sampled_from([1, 2, 64]), st.sampled_from([0.0, 0.5, 4.0]), st.data())
+def test_windows_of_the_order_equal_the_whole_sorted_order(shards, seed, per_bucket, margin, data):
+    """The histogram + windows give format 1's order exactly, however many buckets and whatever the first
+    guess (margin 0 forces the second pass), for every rank; from summaries as from row lists."""
+    from trainer.data import plan as P
+    rows = [[r] * (n - 1) + [last] for n, r, last in shards]
+    layout = P.BlockLayout.from_shards([n for n, _, _ in shards], [r for _, r, _ in shards], [x for _, _, x in shards])
+    n = sum(map(sum, rows))
+    g = data.draw(st.integers(1, n))
+    c = data.draw(st.sampled_from(divisors(g)))
+    c = g if (n // c) // (g // c) == 0 else c
+    old = (P._EpochOrder.blocks_per_bucket, P._EpochOrder.guess_margin)
+    P._EpochOrder.blocks_per_bucket, P._EpochOrder.guess_margin = per_bucket, margin
+    try:
+        for plan in (Plan(layout, seed=seed, global_batch=g, layout=c), Plan(rows, seed=seed, global_batch=g, layout=c)):
+            epoch = data.draw(st.integers(0, 3))
+            ref = reference_epoch_order(rows, seed, epoch)
+            world = data.draw(st.sampled_from(divisors(c)))
+            rank = data.draw(st.integers(0, world - 1))
+            S = plan.steps_per_epoch
+            step = epoch * S + data.draw(st.integers(0, S - 1))
+            got = plan.step_rows(step, world, rank)
+            want = [ref[p] for p in plan.positions(step, world, rank)[1].tolist()]
+            assert list(zip(got.blocks.tolist(), got.rows.tolist())) == want
+            assert list(zip(*(a.tolist() for a in plan.epoch_order(epoch)))) == ref
+    finally:
+        P._EpochOrder.blocks_per_bucket, P._EpochOrder.guess_margin = old
