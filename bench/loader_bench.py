@@ -147,7 +147,7 @@ def case_loader(args) -> dict:
     out = {"tokens": tokens + first, "seconds": t3 - t1, "after_first_tokens_per_s": tokens / (t3 - t2),
            "steps": steps, "start_step": start,
            "first_batch_s": t_first, "rss_before": before["VmRSS"], "blocks_read": pipe.reader.blocks_read,
-           "peak_live_blocks": pipe.cache.slab.peak, "dataset_blocks": len(ld.index.refs), "slot_bytes": pipe.cache.slab.slot_bytes,
+           "peak_live_blocks": pipe.cache.slab.peak, "dataset_blocks": ld.index.num_blocks, "slot_bytes": pipe.cache.slab.slot_bytes,
            "batch_bytes": ld.local_batch * ld.manifest.seq_len * 10}
     it.close()
     ld.close()

@@ -58,7 +58,7 @@ def used_bytes(index, sequences) -> float:
     import numpy as np
     total = 0.0
     for shard, seq in sequences:
-        table = index.table(shard)
+        table = index.table(0, shard)
         j = int(np.searchsorted(np.cumsum(table["rows"]), seq, side="right"))
         total += int(table["length"][j]) / int(table["rows"][j])
     return total

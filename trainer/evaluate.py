@@ -44,7 +44,7 @@ def load_val_rows(url: str, count: int, d: Dist) -> torch.Tensor:
             if seen + shard.sequences <= lo:  # skipped without reading its block index
                 seen += shard.sequences
                 continue
-            for j, n in enumerate(index.table(i)["rows"].tolist()):
+            for j, n in enumerate(index.table(0, i)["rows"].tolist()):
                 if lo < seen + n and seen < hi:
                     block = np.empty((n, manifest.seq_len), dtype=manifest.np_dtype)
                     read(int(index.first_block[i]) + j, block)

@@ -80,7 +80,7 @@ def simulate_fetches(plan: Plan, index: BlockIndex, *, world_size: int, rank: in
             cache.release_through(step)
     finally:
         cache.close()
-    compressed = sum(index.block(b)[2].length for b in fetched)
+    compressed = sum(index.block(b)[3].length for b in fetched)
     return {"steps": submitted, "blocks": len(fetched), "compressed_bytes": compressed,
             "peak_live_blocks": cache.slab.peak, "slot_bytes": cache.slab.slot_bytes}
 
