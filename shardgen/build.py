@@ -23,8 +23,9 @@ from shardgen.output import BuildError, Output, canonical_json
 from shards.progress import Progress, human
 from shards.backends import open_storage
 from shards.storage import is_s3
+from shardgen.readers import DocumentReader
 from shardgen.tasks import TaskSettings
-from shardgen.tokenizer import load_tokenizer
+from shardgen.tokenizer import choose_engine, load_tokenizer
 from shardgen.workers import run_tasks
 
 SHORT_SEQ_LEN = 64  # below this, warn: fine for tests, not for a model
@@ -48,6 +49,7 @@ class BuildOptions:
     skip_bad: bool = False
     overwrite: bool = False
     break_lock: bool = False  # S3: take over the lease of a run that is not running any more
+    tokenizer_engine: str = "auto"  # "auto" (tiktoken where it is exact) or "hf"
     node_rank: int = 0
     num_nodes: int = 1
     progress: bool = True
@@ -120,10 +122,15 @@ def _build(opts: BuildOptions, out: Output, tok, files, tasks, doc, log) -> Buil
     todo = [t for t in mine if t.index not in records]
     out.remove_temp_files(owned=lambda t: t % opts.num_nodes == opts.node_rank)
     s = doc["settings"]
+    engine = "hf"
+    if todo:
+        engine, why = choose_engine(tok.json_text, opts.tokenizer_engine, _first_documents(todo[0], opts),
+                                    tok.encoder)
+        print(f"shardgen: {why}", file=log)
     ts = TaskSettings(output=opts.output, tokenizer_json=tok.json_text, seq_len=opts.seq_len, dtype=tok.dtype,
                       eos_id=tok.eos_id, bos_id=tok.bos_id, block_rows=s["block_rows"],
                       shard_bytes=opts.shard_bytes, zstd_level=opts.zstd_level, text_key=opts.text_key,
-                      skip_bad=opts.skip_bad, fingerprint=doc["fingerprint"])
+                      skip_bad=opts.skip_bad, fingerprint=doc["fingerprint"], engine=engine)
     node = f" node {opts.node_rank}/{opts.num_nodes}:" if opts.num_nodes > 1 else ""
     print(f"shardgen:{node} {len(files)} input files, {len(tasks)} tasks ({len(mine)} on this node, "
           f"{len(mine) - len(todo)} already done), {min(opts.workers, max(1, len(todo)))} workers", file=log)
@@ -134,6 +141,18 @@ def _build(opts: BuildOptions, out: Output, tok, files, tasks, doc, log) -> Buil
     _summary(log, [records[t.index] for t in mine], manifest, elapsed, opts, out.storage)
     return BuildResult(tasks=len(tasks), skipped=len(mine) - len(todo), ran=[t.index for t in todo],
                        records=[records[t.index] for t in mine], manifest=manifest)
+
+
+def _first_documents(task, opts: BuildOptions, max_docs: int = 200, max_chars: int = 256 << 10) -> list[str]:
+    """The first documents of a task: the tokenizer engines are compared on them before the build."""
+    docs, chars = [], 0
+    for piece in task.pieces:
+        for text in DocumentReader(piece, opts.text_key, opts.skip_bad):
+            docs.append(text)
+            chars += len(text)
+            if len(docs) >= max_docs or chars >= max_chars:
+                return docs
+    return docs
 
 
 def _run_pool(todo, ts: TaskSettings, opts: BuildOptions, log) -> dict:

@@ -14,6 +14,7 @@ import zstandard
 from shards.backends import open_storage
 from shards.errors import UserError
 from shards.format import DEFAULT_BLOCK_BYTES
+from shardgen.tokenizer import ENGINES
 
 ZSTD_MIN_LEVEL = -(1 << 17)  # ZSTD_minCLevel()
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--break-lock", action="store_true",
                    help="s3:// output: take over the lease of another run that you know is dead (a lease not "
                         "renewed for 5 minutes expires by itself)")
+    p.add_argument("--tokenizer-engine", choices=ENGINES, default="auto",
+                   help="auto: tokenize with tiktoken where it gives exactly the tokens of HF tokenizers (byte-level "
+                        "BPE, checked at start), else with tokenizers; hf: always tokenizers. The shards are the "
+                        "same either way")
     p.add_argument("--node-rank", type=int, help="this node's rank (default: SLURM_PROCID, NODE_RANK or GROUP_RANK)")
     p.add_argument("--num-nodes", type=positive, help="node count (default: SLURM_NTASKS, NNODES/NUM_NODES or "
                                                       "GROUP_WORLD_SIZE; 1)")
@@ -117,8 +122,8 @@ def cmd_build(argv: list[str]) -> int:
                            workers=a.workers, text_key=a.text_key, block_bytes=a.block_bytes,
                            shard_bytes=a.shard_bytes, task_bytes=a.task_bytes, zstd_level=a.zstd_level,
                            add_bos=a.add_bos, eos_token=a.eos_token, bos_token=a.bos_token, skip_bad=a.skip_bad,
-                           overwrite=a.overwrite, break_lock=a.break_lock, node_rank=rank, num_nodes=nodes,
-                           progress=not a.quiet))
+                           overwrite=a.overwrite, break_lock=a.break_lock, tokenizer_engine=a.tokenizer_engine,
+                           node_rank=rank, num_nodes=nodes, progress=not a.quiet))
     return 0
 
 

@@ -40,6 +40,7 @@ class TaskSettings:
     text_key: str
     skip_bad: bool
     fingerprint: str
+    engine: str = "hf"  # "hf" or "tiktoken": the same tokens either way, so not part of the fingerprint
 
 
 class Packer:
@@ -111,16 +112,15 @@ class Worker:
     """Per-process state: the tokenizer is built once per worker, not once per task."""
 
     def __init__(self, s: TaskSettings, progress_queue=None):
-        from shardgen.tokenizer import make_encoder
+        from shardgen.tokenizer import document_encoder
         self.s, self.queue = s, progress_queue
-        self.tok = make_encoder(s.tokenizer_json)
+        self.encode_texts = document_encoder(s.tokenizer_json, s.engine)
         self.dtype = DTYPES[s.dtype]
         self.out = Output(open_storage(s.output))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Documents -> one array: [bos] tokens eos, for each document in order."""
-        encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
-        ids = [e.ids for e in encs]
+        ids = self.encode_texts(texts)
         head = () if self.s.bos_id is None else (self.s.bos_id,)
         tail = (self.s.eos_id,)
         n = sum(map(len, ids)) + len(ids) * (len(head) + 1)

@@ -5,13 +5,17 @@ and BOS tokens), or a Hugging Face hub name (downloaded through huggingface_hub 
 reachable). Documents are encoded with `add_special_tokens=False` and with special-token matching
 off: a document that contains the text "<|endoftext|>" gets ordinary tokens for it, so the only
 separators in the stream are the ones shardgen inserts.
+
+Engines: `tokenizers` is the truth. A byte-level BPE that converts exactly (shardgen/fastbpe.py) is
+run by tiktoken instead, several times faster, once `choose_engine` has found the same tokens on a
+set of hard strings and the input's first documents; the shards are the same bytes either way.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
@@ -22,6 +26,7 @@ CONFIG_NAME = "tokenizer_config.json"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
 TRAINED_EOS = "<|endoftext|>"
+ENGINES = ("auto", "hf")  # --tokenizer-engine: auto takes the exact fast path where there is one
 
 
 class TokenizerError(UserError):
@@ -38,6 +43,7 @@ class TokenizerInfo:
     eos_id: int
     bos_token: str | None
     bos_id: int | None
+    encoder: Tokenizer | None = field(default=None, compare=False, repr=False)  # make_encoder's, loaded once
 
     @property
     def dtype(self) -> str:
@@ -49,9 +55,42 @@ class TokenizerInfo:
 
 
 def make_encoder(json_text: str) -> Tokenizer:
-    tok = Tokenizer.from_str(json_text)
+    return _as_encoder(Tokenizer.from_str(json_text))
+
+
+def _as_encoder(tok: Tokenizer) -> Tokenizer:
     tok.encode_special_tokens = True  # text that spells a special token is not a separator
     return tok
+
+
+def document_encoder(json_text: str, engine: str):
+    """texts -> token ids per text, with `tokenizers` ("hf") or its tiktoken conversion ("tiktoken")."""
+    if engine == "tiktoken":
+        from shardgen.fastbpe import convert
+        return convert(json_text).encode_batch
+    tok = make_encoder(json_text)
+    return lambda texts: [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def choose_engine(json_text: str, requested: str, sample: list[str], hf: Tokenizer | None = None) -> tuple[str, str]:
+    """("tiktoken" or "hf", one line saying why): tiktoken only where it gave every token of the
+    hard strings and of `sample` (the input's first documents) exactly as tokenizers (`hf`) does."""
+    if requested == "hf":
+        return "hf", "tokenizer engine: tokenizers (--tokenizer-engine hf)"
+    from shardgen import fastbpe
+    doc = json.loads(json_text)
+    try:
+        fast = fastbpe.convert(doc)
+        token = fastbpe.unreachable_token(doc)
+    except fastbpe.Unsupported as e:
+        return "hf", f"tokenizer engine: tokenizers (no exact tiktoken conversion: {e})"
+    if token is not None:
+        return "hf", f"tokenizer engine: tokenizers (its BPE does not merge token {token!r} back into itself)"
+    diff = fastbpe.first_difference(hf or make_encoder(json_text), fast, list(fastbpe.HARD_STRINGS) + sample)
+    if diff is not None:
+        return "hf", f"tokenizer engine: tokenizers (tiktoken tokenizes {diff} differently)"
+    return "tiktoken", (f"tokenizer engine: tiktoken (the same tokens as tokenizers on {len(fastbpe.HARD_STRINGS)} "
+                        f"hard strings and the first {len(sample)} documents; --tokenizer-engine hf to use tokenizers)")
 
 
 def _token_name(value) -> str | None:
@@ -133,7 +172,7 @@ def load_tokenizer(spec: str, eos_token: str | None = None, bos_token: str | Non
                             "--bos-token", path)
     return TokenizerInfo(source=spec, json_text=data.decode(), sha256=hashlib.sha256(data).hexdigest(),
                          vocab_size=tok.get_vocab_size(with_added_tokens=True), eos_token=eos, eos_id=eos_id,
-                         bos_token=bos, bos_id=bos_id)
+                         bos_token=bos, bos_id=bos_id, encoder=_as_encoder(tok))
 
 
 def train_bpe(texts, vocab_size: int, output_dir: str, min_frequency: int = 2) -> str:
