@@ -83,3 +83,59 @@ def test_shipped_run_configs_load():
     for p in paths:
         cfg = load(p)
         assert cfg.model.config.endswith(".json")
+
+
+MIX = '''[data]
+seed = 0
+global_batch = 256
+
+[[data.sources]]
+name = "web"
+shards = "s3://corpus/fineweb-2048"
+weight = 0.7
+val_shards = "s3://corpus/fineweb-val-2048"
+
+[[data.sources]]
+name = "code"
+shards = "data/shards/code-2048"
+weight = 0.3
+
+[[data.stages]]
+start_step = 18000
+weights = { web = 0.5, code = 0.5 }
+'''
+
+
+def test_a_mixture_of_sources_with_stages_round_trips(tmp_path):
+    cfg = load(write(tmp_path, MIX), ["data.max_repeats=2"])
+    assert [(s.name, s.shards, s.weight, s.val_shards) for s in cfg.data.sources] == [
+        ("web", "s3://corpus/fineweb-2048", 0.7, "s3://corpus/fineweb-val-2048"),
+        ("code", "data/shards/code-2048", 0.3, None)]
+    assert [(s.start_step, s.weights) for s in cfg.data.stages] == [(18000, {"web": 0.5, "code": 0.5})]
+    assert cfg.data.max_repeats == 2
+    again = load(write(tmp_path, to_toml(cfg), "again.toml"))
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("name = \"code\"", "name = \"web\""), r"data.sources name web more than once"),
+    (("name = \"code\"", "name = \"co de\""), r"data.sources\[1\].name = 'co de' must be letters"),
+    (("weights = { web = 0.5, code = 0.5 }", "weights = { web = 1 }"), r"data.stages\[0\].weights lacks code"),
+    (("weights = { web = 0.5, code = 0.5 }", "weights = { web = 1, cod = 1, code = 0 }"),
+     r"data.stages\[0\].weights names unknown source\(s\) cod"),
+    (("start_step = 18000", "start_step = 0"), r"data.stages\[0\].start_step = 0 must be > 0"),
+    (("weight = 0.3", "wieght = 0.3"), r"unknown key 'wieght' in \[\[data.sources\]\] number 2"),
+    (("global_batch = 256", "global_batch = 256\nshards = \"x\""), r"data.shards and \[\[data.sources\]\] are both set"),
+    (("weight = 0.7", "weight = 0"), None),
+])
+def test_mixture_config_errors_name_the_key(tmp_path, edit, message):
+    text = MIX.replace(*edit)
+    if message is None:  # a weight of 0 pauses a source; all of them 0 is the error
+        load(write(tmp_path, text))
+        with pytest.raises(ConfigError, match="weights are all 0"):
+            load(write(tmp_path, text.replace("weight = 0.3", "weight = 0")))
+        return
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"command line: data.sources must be written as \[\[data.sources\]\]"):
+        load(None, ["data.sources=web"])

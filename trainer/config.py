@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -31,8 +32,24 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One [[data.sources]] table: a dataset of a mixture."""
+    name: str = ""  # [A-Za-z0-9_-]+, unique
+    shards: str = ""  # local dir or s3://bucket/prefix
+    weight: float = 1.0  # weights need not sum to 1 (they are normalised)
+    val_shards: str | None = None
+
+
+@dataclass
+class StageConfig:
+    """One [[data.stages]] table: from start_step on, these weights (every source named)."""
+    start_step: int = 0
+    weights: dict = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
-    shards: str = "data/shards/shakespeare"  # local dir or s3://bucket/prefix
+    shards: str = "data/shards/shakespeare"  # local dir or s3://bucket/prefix (one dataset; or [[data.sources]])
     val_shards: str | None = None
     seed: int = 0
     global_batch: int = 8  # sequences per optimizer step, over all ranks
@@ -40,6 +57,9 @@ class DataConfig:
     varlen: bool = False  # document boundaries -> cu_seqlens for FLA kernels
     prefetch_steps: int = 4
     val_sequences: int = 64  # the first M sequences of the validation set, in manifest order
+    sources: list[SourceConfig] = field(default_factory=list)  # [[data.sources]]: a mixture (instead of shards)
+    stages: list[StageConfig] = field(default_factory=list)  # [[data.stages]]: weights from a step on
+    max_repeats: float = 4.0  # warn at start when a source will be read more than this many epochs
 
 
 @dataclass
@@ -172,6 +192,30 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _tables(value, tp, key: str, where: str) -> list:
+    """An array of TOML tables ([[data.sources]]) as a list of `tp` dataclasses."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{where}: {key} must be written as [[{key}]] tables in the TOML file "
+                          f"(it cannot be set from the command line)")
+    hints = typing.get_type_hints(tp)
+    out = []
+    for n, table in enumerate(value):
+        obj = tp()
+        for k, v in table.items():
+            if k not in hints:
+                raise ConfigError(f"{where}: unknown key {k!r} in [[{key}]] number {n + 1}; it has {sorted(hints)}")
+            if hints[k] is dict:
+                if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in v.values()):
+                    raise ConfigError(f"{where}: {key}[{n}].{k} must be an inline table of numbers, "
+                                      f"e.g. {{ web = 0.5, code = 0.5 }}")
+                setattr(obj, k, {str(a): float(b) for a, b in v.items()})
+            else:
+                setattr(obj, k, _coerce(v, hints[k], f"{key}[{n}].{k}", where))
+        out.append(obj)
+    return out
+
+
 def _set(cfg: Config, key: str, value, where: str) -> None:
     section, _, name = key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -182,7 +226,10 @@ def _set(cfg: Config, key: str, value, where: str) -> None:
     hints = typing.get_type_hints(type(obj))
     if name not in hints:
         raise ConfigError(f"{where}: unknown key {key!r}; [{section}] has {sorted(hints)}")
-    v = _coerce(value, hints[name], key, where)
+    if typing.get_origin(hints[name]) is list:
+        v = _tables(value, typing.get_args(hints[name])[0], key, where)
+    else:
+        v = _coerce(value, hints[name], key, where)
     choices = CHOICES.get((section, name))
     if choices and v not in choices:
         raise ConfigError(f"{where}: {key} = {v!r} must be one of {list(choices)}")
@@ -237,6 +284,40 @@ def validate(cfg: Config, where: str) -> None:
         except S3ConfigError as e:
             raise ConfigError(f"{where}: checkpoint.dir {e}") from None
     need(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "must be two numbers in [0, 1)")
+    _validate_sources(cfg.data, need)
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _validate_sources(data: DataConfig, need) -> None:
+    need(data.max_repeats > 0, "data.max_repeats", "must be > 0")
+    need(not data.stages or data.sources, "data.stages", "need [[data.sources]] (a mixture) to have weights to change")
+    if not data.sources:
+        return
+    need(data.shards == DataConfig.shards and data.val_shards is None, "data.shards",
+         "and [[data.sources]] are both set: a mixture lists every dataset as a source (val_shards per source)")
+    names = [s.name for s in data.sources]
+    for n, s in enumerate(data.sources):
+        need(bool(SOURCE_NAME.fullmatch(s.name)), f"data.sources[{n}].name",
+             f"= {s.name!r} must be letters, digits, _ or - (it names metrics: val/<name>)")
+        need(bool(s.shards), f"data.sources[{n}].shards", f"is missing for source {s.name!r}")
+        need(s.weight >= 0, f"data.sources[{n}].weight", f"= {s.weight} must be >= 0")
+    dup = sorted({x for x in names if names.count(x) > 1})
+    need(not dup, "data.sources", f"name {', '.join(dup)} more than once: names must be unique")
+    need(sum(s.weight for s in data.sources) > 0, "data.sources", "weights are all 0: give one a weight > 0")
+    last = 0
+    for n, st in enumerate(data.stages):
+        key = f"data.stages[{n}]"
+        need(st.start_step > last, f"{key}.start_step", f"= {st.start_step} must be > {last} (stages in order, "
+             f"the base weights start at step 0)")
+        last = st.start_step
+        unknown, missing = sorted(set(st.weights) - set(names)), [x for x in names if x not in st.weights]
+        need(not unknown, f"{key}.weights", f"names unknown source(s) {', '.join(unknown)}; sources are "
+             f"{', '.join(names)}")
+        need(not missing, f"{key}.weights", f"lacks {', '.join(missing)}: name every source (0 pauses one)")
+        need(all(w >= 0 for w in st.weights.values()) and sum(st.weights.values()) > 0, f"{key}.weights",
+             "must be >= 0 with at least one > 0")
 
 
 def to_toml(cfg: Config) -> str:
@@ -244,10 +325,22 @@ def to_toml(cfg: Config) -> str:
     lines = []
     for section, table in cfg.to_dict().items():
         lines.append(f"[{section}]")
+        arrays = {k: v for k, v in table.items() if isinstance(v, list)}
         for k, v in table.items():
+            if k in arrays:
+                continue
             if v is None:
                 lines.append(f"# {k} = (none)")
             else:
                 lines.append(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}")
+        for k, items in arrays.items():
+            for item in items:
+                lines.append(f"[[{section}.{k}]]")
+                for a, b in item.items():
+                    if isinstance(b, dict):
+                        inner = ", ".join(f"{json.dumps(x)} = {json.dumps(y)}" for x, y in b.items())
+                        lines.append(f"{a} = {{ {inner} }}")
+                    elif b is not None:
+                        lines.append(f"{a} = {json.dumps(b)}")
         lines.append("")
     return "\n".join(lines)

@@ -151,7 +151,6 @@ def run_dir_lock(out: str, d: parallel.Dist):
 def _train(cfg: Config, d: parallel.Dist) -> dict:
     from models import build
     from models.flops import flops_per_token, peak_flops, six_n
-    from trainer.data import TokenLoader
     from trainer.data.loader import cu_seqlens as document_bounds
 
     torch.manual_seed(cfg.model.seed)
@@ -168,14 +167,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     parallel.barrier(d)
 
     # ---- data
-    shards = cfg.data.shards
-    if "://" not in shards and not os.path.isdir(shards):
-        raise NotFoundError(f"data.shards={shards}: no such directory (make one with `make shards` or "
-                            f"`python -m shardgen INPUT --output {shards} --tokenizer ...`)")
-    def make_loader(layout):
-        return TokenLoader(shards, seed=cfg.data.seed, global_batch=cfg.data.global_batch, layout=layout,
-                           world_size=d.world_size, rank=d.rank, prefetch_steps=cfg.data.prefetch_steps,
-                           varlen=cfg.data.varlen)
+    from trainer.data.sources import mixture_table, open_loader
 
     # The layout is fixed at the first launch: a resumed run without data.layout takes the checkpoint's.
     ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(out, "ckpt"), cfg.checkpoint.keep, d)
@@ -184,7 +176,12 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     layout = cfg.data.layout
     if layout is None:
         layout = (ckpt.latest_loader_state() or {}).get("layout")
-    loader = make_loader(layout)
+    loader = open_loader(cfg.data, layout=layout, world_size=d.world_size, rank=d.rank)
+    if loader.num_sources > 1 and d.is_main:
+        lines, warnings = mixture_table(loader, cfg.train.max_steps, cfg.data.max_repeats)
+        log.info("\n".join(lines))
+        for w in warnings:
+            log.warning(w)
     manifest = loader.manifest
     seq_len = manifest.seq_len
     micro = cfg.train.micro_batch or loader.local_batch
@@ -252,10 +249,13 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
         log.info("resumed from %s at step %d (saved by %d ranks, now %d)", state["path"], start_step,
                  state.get("world_size", -1), d.world_size)
 
-    val_rows = None
-    if cfg.data.val_shards and cfg.train.eval_every > 0:
+    val_rows = []  # (name, this rank's rows): one set, or one per source of a mixture that has val_shards
+    if cfg.train.eval_every > 0:
+        from trainer.data.sources import check_val_set, val_sets
         from trainer.evaluate import load_val_rows
-        val_rows = load_val_rows(cfg.data.val_shards, cfg.data.val_sequences, d)
+        for name, source, url in val_sets(cfg.data):
+            check_val_set(loader, source, url)
+            val_rows.append((name, load_val_rows(url, cfg.data.val_sequences, d)))
     # varlen: validation masks documents as training does (the same tokenizer, so the same EOS/BOS ids)
     val_boundaries = (functools.partial(document_bounds, eos_id=manifest.eos_id, bos_id=manifest.bos_id)
                       if cfg.data.varlen else None)
@@ -303,14 +303,19 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
             tps = tokens_per_step / dt
             tps_list.append(tps)
             record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": step * tokens_per_step, "tokens_per_s": tps,
+                      "tokens": step * tokens_per_step, **_source_tokens(loader, step), "tokens_per_s": tps,
                       "mfu": flops["train"] * tps / (peak * d.world_size) if peak else None,
                       "data_wait_share": t_data / dt, "memory_gib": memory_gib(d.device),
                       "skipped_steps": skipped, "epoch": batch.epoch}
-            if val_rows is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
+            if val_rows and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
                 from trainer.evaluate import validation_loss
-                val_loss = validation_loss(model, val_rows, micro, d, autocast, val_boundaries)
+                losses = {name: validation_loss(model, rows, micro, d, autocast, val_boundaries)
+                          for name, rows in val_rows}
+                # a mixture: val/<name> per source, and their mean weighted by validation tokens
+                sizes = {name: rows.numel() for name, rows in val_rows}
+                val_loss = sum(losses[n] * sizes[n] for n in losses) / sum(sizes.values())
                 best_val = val_loss if best_val is None else min(best_val, val_loss)
+                record.update({f"val/{n}": v for n, v in losses.items() if n})
                 record["val_loss"] = val_loss
             metrics.log(record)
             if bad_in_a_row >= cfg.train.max_bad_steps:
@@ -340,6 +345,9 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
                "best_val_loss": best_val, "skipped_steps": skipped,
                "checkpoint": last_ckpt, "parameters": n_params,
                "flops_per_token": flops["train"], "six_n": six_n(raw)}
+    if loader.num_sources > 1:  # the realised mix: each source's share of the sequences trained on
+        used = loader.sequences_before(step)
+        summary["mix"] = {n: u / max(1, sum(used)) for n, u in zip(loader.names, used)}
     if d.is_main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -347,7 +355,17 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     return summary
 
 
+def _source_tokens(loader, step: int) -> dict:
+    """Tokens trained on per source after `step` steps (a mixture; exact, from the order itself)."""
+    if loader.num_sources == 1:
+        return {}
+    seq_len = loader.manifest.seq_len
+    return {f"tokens/{n}": u * seq_len for n, u in zip(loader.names, loader.sequences_before(step))}
+
+
 def _fmt(v):
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -366,7 +384,8 @@ def _write_run_files(cfg: Config, out: str, model_config, loader) -> None:
     model_config.to_json_file(os.path.join(out, "model.json"))
     manifest, storage = loader.manifest, loader.storage  # the loader's open storage: no second connection
     with open(os.path.join(out, "data.json"), "w") as f:
-        json.dump({"shards": cfg.data.shards, "seq_len": manifest.seq_len, "eos_id": manifest.eos_id,
+        json.dump({"shards": cfg.data.shards if loader.num_sources == 1 else
+                   {n: s.shards for n, s in zip(loader.names, cfg.data.sources)}, "seq_len": manifest.seq_len, "eos_id": manifest.eos_id,
                    "bos_id": manifest.bos_id, "tokenizer": manifest.tokenizer}, f, indent=1)
     if storage.exists("tokenizer.json"):
         with open(os.path.join(out, "tokenizer.json"), "wb") as f:

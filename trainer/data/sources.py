@@ -1,0 +1,82 @@
+"""A run config's data section -> the loader (one dataset or a mixture), its validation sets and the
+mixture table printed at start. The trainer and `python -m trainer.data plan/peek --config` share it."""
+from __future__ import annotations
+
+import os
+
+from shards.backends import open_storage
+from shards.errors import NotFoundError
+from shards.format import read_manifest
+from shards.progress import human
+from trainer.data.loader import Source, TokenLoader, check_sources_agree
+
+
+def _check_local(key: str, path: str) -> None:
+    if "://" not in path and not os.path.isdir(path):
+        raise NotFoundError(f"{key}={path}: no such directory (make one with `make shards` or "
+                            f"`python -m shardgen INPUT --output {path} --tokenizer ...`)")
+
+
+def open_loader(data, *, layout: int | None, world_size: int = 1, rank: int = 0) -> TokenLoader:
+    """The loader that `data` (a DataConfig) describes: [[data.sources]] with [[data.stages]], or data.shards."""
+    if data.sources:
+        for n, s in enumerate(data.sources):
+            _check_local(f"data.sources[{n}].shards ({s.name})", s.shards)
+        shards = [Source(s.name, s.shards, s.weight) for s in data.sources]
+        stages = [(st.start_step, [st.weights[s.name] for s in data.sources]) for st in data.stages]
+    else:
+        _check_local("data.shards", data.shards)
+        shards, stages = data.shards, []
+    return TokenLoader(shards, seed=data.seed, global_batch=data.global_batch, layout=layout,
+                       world_size=world_size, rank=rank, prefetch_steps=data.prefetch_steps, varlen=data.varlen,
+                       stages=stages)
+
+
+def val_sets(data) -> list[tuple[str, int, str]]:
+    """(name, source index, URL) of each validation set: per source in a mixture, else data.val_shards."""
+    if data.sources:
+        return [(s.name, i, s.val_shards) for i, s in enumerate(data.sources) if s.val_shards]
+    return [("", 0, data.val_shards)] if data.val_shards else []
+
+
+def check_val_set(loader: TokenLoader, source: int, url: str) -> None:
+    """Validation shards must fit their source as mixed sources fit each other (seq_len, tokenizer)."""
+    storage = open_storage(url)
+    try:
+        manifest = read_manifest(storage)
+    finally:
+        storage.close()
+    name = loader.names[source]
+    check_sources_agree([name, f"{name} (val_shards {url})"], [loader.manifests[source], manifest],
+                        what="validation set of")
+
+
+def mixture_table(loader: TokenLoader, max_steps: int, max_repeats: float) -> tuple[list[str], list[str]]:
+    """Per source and stage: sequences, tokens, weight, sequences per step and the epochs of it that the
+    run consumes by `max_steps`; plus a warning per source read more than `max_repeats` times."""
+    mix, seq_len = loader.mixture, loader.manifest.seq_len
+    k = mix.items_per_slot
+    ends = mix.stage_starts[1:] + [max_steps]
+    head = (f"{'source':<12} {'sequences':>11} {'tokens':>8} {'steps':>17} {'weight':>7} {'seq/step':>9} "
+            f"{'epochs':>7}")
+    lines, warnings = [f"mixture of {mix.num_sources} sources, global batch {mix.global_batch} "
+                       f"(layout {mix.layout}), {max_steps} steps:", head], []
+    for i, (name, plan) in enumerate(zip(loader.names, mix.plans)):
+        per_epoch = plan.steps_per_epoch * plan.global_batch
+        total = 0.0
+        for j, (start, end) in enumerate(zip(mix.stage_starts, ends)):
+            if start >= max_steps:
+                break
+            end = min(end, max_steps)
+            used = (mix.slots_before(end)[i] - mix.slots_before(start)[i]) * k
+            total += used / per_epoch
+            stage = mix.stages[j]
+            weight = float(stage.q[i] / stage.slots)
+            lines.append(f"{name if j == 0 else '':<12} {plan.num_sequences if j == 0 else '':>11} "
+                         f"{human(plan.num_sequences * seq_len) if j == 0 else '':>8} {f'{start}..{end - 1}':>17} "
+                         f"{weight:>7.3f} {float(stage.q[i]) * k:>9.2f} {used / per_epoch:>7.3g}")
+        if total > max_repeats:
+            warnings.append(f"source {name!r} will be read {total:.3g} times (epochs) by train.max_steps="
+                            f"{max_steps}, more than data.max_repeats={max_repeats:g}: give it less weight or "
+                            f"more data (or raise data.max_repeats)")
+    return lines, warnings
