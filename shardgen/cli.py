@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "plus manifest.json. Inputs: .txt (one document per file), .jsonl, .jsonl.gz, .jsonl.zst, "
                     ".parquet; files, directories or globs; local or s3://.",
         epilog="other commands: `verify OUT` (checksums and structure), `inspect OUT` (summary), "
-               "`merge OUT` (manifest after a multi-node build), `train-tokenizer INPUT... --output DIR "
+               "`merge OUT` (manifest after a multi-node build), `upgrade DIR` (a format-1 dataset to format 2), "
+               "`train-tokenizer INPUT... --output DIR "
                "--vocab-size N`; each has --help. Rerunning the same command resumes an interrupted build.",
         formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files, directories or globs")
@@ -165,6 +166,26 @@ def cmd_merge(argv: list[str]) -> int:
     return 0
 
 
+def cmd_upgrade(argv: list[str]) -> int:
+    from shardgen.upgrade import upgrade
+    p = argparse.ArgumentParser(prog="python -m shardgen upgrade",
+                                description="Convert a format-1 dataset (every block listed in manifest.json) to "
+                                            "format 2 (per-shard summaries, a .blocks index beside each shard), in "
+                                            "place; the shards and the data order do not change, and checkpoints "
+                                            "taken on the old manifest still resume. Local or s3://.")
+    p.add_argument("output", metavar="DATASET")
+    p.add_argument("--reindex", action="store_true",
+                   help="format 2: rebuild every .blocks file from its shard (checked against the manifest)")
+    a = p.parse_args(argv)
+    storage = open_storage(a.output)
+    try:
+        _, done = upgrade(storage, reindex=a.reindex)
+    finally:
+        storage.close()
+    print(done)
+    return 0
+
+
 def cmd_train_tokenizer(argv: list[str]) -> int:
     from shardgen.tokenizer import train_tokenizer
     p = argparse.ArgumentParser(prog="python -m shardgen train-tokenizer",
@@ -187,7 +208,7 @@ def cmd_train_tokenizer(argv: list[str]) -> int:
 
 
 COMMANDS = {"build": cmd_build, "verify": cmd_verify, "inspect": cmd_inspect, "merge": cmd_merge,
-            "train-tokenizer": cmd_train_tokenizer}
+            "upgrade": cmd_upgrade, "train-tokenizer": cmd_train_tokenizer}
 
 
 class Terminated(KeyboardInterrupt):

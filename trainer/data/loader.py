@@ -126,6 +126,12 @@ class TokenLoader:
                 fetch_threads = LOCAL_FETCH_THREADS if local else REMOTE_FETCH_THREADS
             self.manifests = [read_manifest(st) for st in self.storages]
             check_sources_agree(self.names, self.manifests)
+            for name, st, m in zip(self.names, self.storages, self.manifests):
+                if m.format_version < 2:
+                    log.warning("%s is a format-%d dataset: its manifest lists every block, so every rank reads "
+                                "and hashes all of it at start; `python -m shardgen upgrade %s` makes start-up "
+                                "O(shards) (same data, same order, checkpoints still resume)", name,
+                                m.format_version, st)
             self.manifest, self.manifest_hashes = self.manifests[0], [m.content_hash() for m in self.manifests]
             self.manifest_hash = self.manifest_hashes[0]
             self.mixture = Mixture([block_layout(m, name) for m, name in zip(self.manifests, self.names)],
@@ -228,7 +234,7 @@ class TokenLoader:
                                  f"has {self.num_sources} source(s): give it the data it was started on, or "
                                  f"start a new run")
         changed = self._changed_sources(state, step) if mixed else []
-        if not mixed and state["manifest_hash"] != self.manifest_hash:
+        if not mixed and not self._same_data(0, state["manifest_hash"]):
             changed.append(f"the dataset changed (manifest hash {state['manifest_hash'][:12]}... -> "
                            f"{self.manifest_hash[:12]}... at {self.storage}): point the run at the "
                            f"shards it was started on")
@@ -251,6 +257,12 @@ class TokenLoader:
                                  f"{step // self.steps_per_epoch}, the state says {state['epoch']}")
         return step
 
+    def _same_data(self, source: int, manifest_hash: str) -> bool:
+        """A checkpoint's manifest hash names this source's data: its manifest, or the format-1 manifest
+        that `shardgen upgrade` converted into it (the same shards, so the same order)."""
+        up = self.manifests[source].upgraded_from or {}
+        return manifest_hash in (self.manifest_hashes[source], up.get("manifest_sha256"))
+
     def _changed_sources(self, state: dict, step: int) -> list[str]:
         """What differs from the saved mixture in a way that changes steps before `step`."""
         names = [s["name"] for s in state["sources"]]
@@ -260,7 +272,7 @@ class TokenLoader:
         changed = [f"source {n!r} changed (manifest hash {s['manifest_hash'][:12]}... -> {h[:12]}... at {st}): "
                    f"point it at the shards the run was started on"
                    for n, s, h, st in zip(names, state["sources"], self.manifest_hashes, self.storages)
-                   if s["manifest_hash"] != h]
+                   if not self._same_data(names.index(n), s["manifest_hash"])]
         # Stages that started before `step` made the steps taken: they must be the same. Later ones may change.
         def taken(table):
             return {int(t["start_step"]): t["weights"] for t in table if int(t["start_step"]) < step}
