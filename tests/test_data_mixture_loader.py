@@ -131,3 +131,40 @@ def test_one_source_through_sources_is_the_one_dataset_loader(sources):
         assert set(a.state_dict(8)) == {"format_version", "manifest_hash", "seed", "global_batch", "layout",
                                         "epoch", "step"}
     assert os.path.isdir(root)
+
+
+def test_cli_plan_and_peek_of_a_mixture_config(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.train_support import ROOT, make_shards
+    a = make_shards(str(tmp_path / "a"), sequences=40, seq_len=32, seed=0)
+    b = make_shards(str(tmp_path / "b"), sequences=12, seq_len=32, seed=1)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[data]\nglobal_batch = 4\nseed = 5\n[[data.sources]]\nname = "a"\nshards = "{a}"\nweight = 0.75\n'
+                   f'[[data.sources]]\nname = "b"\nshards = "{b}"\nweight = 0.25\n'
+                   f'[[data.stages]]\nstart_step = 3\nweights = {{ a = 0, b = 1 }}\n')
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "trainer.data", *args], cwd=ROOT, capture_output=True, text=True)
+    r = cli("plan", "--config", str(cfg), "--world-size", "2", "--rank", "1", "--start-step", "1", "--steps", "3")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    with TokenLoader([Source("a", a, 0.75), Source("b", b, 0.25)], seed=5, global_batch=4, stages=[(3, [0, 1])],
+                     world_size=2, rank=1) as ld:
+        batches = take(ld, 1, 3)
+    assert [x["step"] for x in lines] == [1, 2, 3] and {x["rank"] for x in lines} == {1}
+    assert [[tuple(p) for p in x["sequences"]] for x in lines] == [x.sequences for x in batches]
+    assert [x["sources"] for x in lines] == [["a", "b"], ["a", "b"], ["b", "b"]]
+    r = cli("plan", "--config", str(cfg), "data.seed=6")  # overrides as in the trainer
+    assert r.returncode == 0 and json.loads(r.stdout)["sources"] == ["a", "a", "a", "b"]
+
+    r = cli("peek", "--config", str(cfg), "--step", "2", "--chars", "20")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert rows[0].startswith("step 2, rank 0 of 1: 4 rows of 32 tokens; '¦' marks a document boundary")
+    assert [x.split(" shard")[0] for x in rows[1:]] == ["[0] a", "[1] a", "[2] a", "[3] b"]
+    assert all(" ... " in x for x in rows[1:]) and any("¦" in x for x in rows[1:])
+    r = cli("plan", "--config", str(cfg), "--shards", a)
+    assert r.returncode == 2 and "not both" in r.stderr

@@ -1,4 +1,6 @@
-"""`python -m trainer.data plan|stats`: the data order and its cost, from the same code the trainer runs."""
+"""`python -m trainer.data plan|stats|peek`: the data order, its cost and the text of a batch, from the same
+code the trainer runs. `plan` and `peek` take a run's config (--config RUN.toml [section.key=value ...]),
+mixtures included; `plan` and `stats` also take one dataset (--shards PATH --global-batch G ...)."""
 from __future__ import annotations
 
 import argparse
@@ -34,20 +36,39 @@ def parse_args(argv):
     for name, help_ in (("plan", "print each step's sequences for one rank, one JSON line per step"),
                         ("stats", "steps per epoch, dropped tail, bytes fetched and loader memory")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--shards", required=True, help="dataset directory or s3://bucket/prefix")
-        p.add_argument("--global-batch", type=_pos, required=True, help="sequences per optimizer step (G)")
+        p.add_argument("--shards", required=(name == "stats"), help="dataset directory or s3://bucket/prefix")
+        p.add_argument("--global-batch", type=_pos, required=(name == "stats"),
+                       help="sequences per optimizer step (G)")
         p.add_argument("--layout", type=_pos, default=None, help="number of streams C (C | G; default G)")
         p.add_argument("--world-size", type=_pos, default=1)
         p.add_argument("--rank", type=_nonneg, default=0)
-        p.add_argument("--seed", type=_nonneg, required=(name == "plan"), default=0)
+        p.add_argument("--seed", type=_nonneg, default=None if name == "plan" else 0)
     p = sub.choices["plan"]
     p.add_argument("--start-step", type=_nonneg, default=0)
     p.add_argument("--steps", type=_nonneg, default=1)
+    p.add_argument("--config", help="a run's TOML (instead of --shards ...): its data section, mixtures included")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of --config")
+    p = sub.add_parser("peek", help="the rows of one step decoded to text: source, shard, sequence, start and end")
+    p.add_argument("--config", required=True, help="a run's TOML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--step", type=_nonneg, required=True)
+    p.add_argument("--world-size", type=_pos, default=1)
+    p.add_argument("--rank", type=_nonneg, default=0)
+    p.add_argument("--rows", type=_pos, default=None, help="show only the first N rows")
+    p.add_argument("--chars", type=_pos, default=60, help="characters shown from each end of a row")
     p = sub.choices["stats"]
     p.add_argument("--prefetch-steps", type=_nonneg, default=4)
     p.add_argument("--sample-steps", type=_pos, default=256,
                    help="steps whose block fetches are simulated (from step 0)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.command == "plan":
+        if args.config and args.shards or not (args.config or args.shards and args.global_batch):
+            ap.error("plan takes --config RUN.toml, or --shards PATH --global-batch G (not both)")
+        if args.shards and args.seed is None:
+            ap.error("plan --shards needs --seed (the run's data.seed)")
+        if args.overrides and not args.config:
+            ap.error(f"overrides {args.overrides} need --config")
+    return args
 
 
 def cmd_plan(args, plan: Plan) -> None:
@@ -126,6 +147,10 @@ def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.command == "peek" or getattr(args, "config", None):
+            from trainer.data import inspect
+            (inspect.cmd_peek if args.command == "peek" else inspect.cmd_plan)(args)
+            return 0
         storage = open_storage(args.shards)
         try:
             manifest = read_manifest(storage)
