@@ -144,12 +144,13 @@ def _build(opts: BuildOptions, out: Output, tok, files, tasks, doc, log) -> Buil
 
 
 def _first_documents(task, opts: BuildOptions, max_docs: int = 200, max_chars: int = 256 << 10) -> list[str]:
-    """The first documents of a task: the tokenizer engines are compared on them before the build."""
+    """The first documents of a task (the last one cut to `max_chars` in all): the tokenizer engines are
+    compared on them before the build."""
     docs, chars = [], 0
     for piece in task.pieces:
         for text in DocumentReader(piece, opts.text_key, opts.skip_bad):
-            docs.append(text)
-            chars += len(text)
+            docs.append(text[:max_chars - chars])
+            chars += len(docs[-1])
             if len(docs) >= max_docs or chars >= max_chars:
                 return docs
     return docs

@@ -23,7 +23,18 @@ import numpy as np
 
 # The pattern of GPT-2's ByteLevel pre-tokenizer (use_regex=true), as tokenizers compiles it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}
+# Where a long document may be cut into parts tokenized apart with the same tokens as whole: before a
+# space between two ASCII letters ("x| y"). In these patterns no alternative matches a letter followed by
+# a space, so every scan of the text has a pre-token boundary there wherever it started, and the left
+# part's end (a letter) changes no lookahead (`\s+(?!\S)` would: a cut after "\n\n" does change tokens);
+# the normalizers leave ASCII letters and spaces alone and compose nothing across them.
+CUTTABLE_PATTERNS = (GPT2_PATTERN, LLAMA3_PATTERN, QWEN_PATTERN)
+LAST_CUT = re.compile(r"(?s:.*)(?<=[A-Za-z])(?= [A-Za-z])")  # greedy: the last one
+NEXT_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z])")
 
 # Strings where a conversion would go wrong first: whitespace runs and kinds, digits, CJK, emoji (ZWJ
 # sequences, skin tones, flags), combining marks, contractions, special-token look-alikes, controls,
@@ -185,6 +196,35 @@ def convert(json_text: str | dict) -> FastBPE:
     return FastBPE(enc, to_id, normalize, added_re, added)
 
 
+def cuttable(json_text: str | dict) -> str | None:
+    """None when long documents of this tokenizer may be cut at NEXT_CUT points (with either engine),
+    else why not."""
+    doc = json.loads(json_text) if isinstance(json_text, str) else json_text
+    model = doc.get("model") or {}
+    try:
+        if model.get("type") != "BPE" or model.get("dropout") or doc.get("truncation"):
+            raise Unsupported("not a BPE without dropout and truncation")
+        if _pattern(doc.get("pre_tokenizer")) not in CUTTABLE_PATTERNS:
+            raise Unsupported("a pre-tokenizer regex other than GPT-2's, Llama 3's or Qwen's")
+        _normalizer(doc.get("normalizer"))
+    except Unsupported as e:
+        return str(e)
+    if any(" " in a["content"] for a in doc.get("added_tokens") or [] if not a.get("special")):
+        return "an added token holds a space"
+    return None
+
+
+def cut(text: str, limit: int) -> list[int]:
+    """Where `text` ends its parts of at most `limit` characters: at the last cut point before each limit
+    (past it, at the next one, when a stretch of `limit` characters has none; the rest stays whole)."""
+    ends, start = [], 0
+    while len(text) - start > limit:
+        m = LAST_CUT.match(text, start + limit // 2, start + limit + 2)  # + 2: the lookahead sees " y"
+        start = m.end() if m else (n.start() if (n := NEXT_CUT.search(text, start + limit)) else len(text))
+        ends.append(start)
+    return ends + [len(text)] if start < len(text) else ends
+
+
 def unreachable_token(json_text: str | dict) -> str | None:
     """A merge result that tokenizers' BPE does not give for its own text, or None. tiktoken returns a
     piece that is a whole vocabulary token as that token without merging; tokenizers (ignore_merges
@@ -203,6 +243,14 @@ def unreachable_token(json_text: str | dict) -> str | None:
         if bpe.encode(" ".join(chunk), add_special_tokens=False).ids != [model["vocab"][w] for w in chunk]:
             return next(w for w in chunk if bpe.encode(w, add_special_tokens=False).ids != [model["vocab"][w]])
     return None
+
+
+def drops_text(fast: FastBPE) -> bool:
+    """Whether tiktoken leaves characters out: it tokenizes only what the regex matches, where tokenizers
+    keeps the text between matches as pieces too. Checked on every code point up to U+323AF (all
+    assigned ones but plane 14's tags and the private-use planes) and those of plane 14."""
+    text = "".join(map(chr, [*range(0xD800), *range(0xE000, 0x323B0), *range(0xE0000, 0xE0200)]))
+    return fast.encoding.decode_bytes(fast.encoding.encode_ordinary(text)) != text.encode()
 
 
 def first_difference(hf, fast: FastBPE, texts) -> str | None:

@@ -112,19 +112,22 @@ class Worker:
     """Per-process state: the tokenizer is built once per worker, not once per task."""
 
     def __init__(self, s: TaskSettings, progress_queue=None):
-        from shardgen.tokenizer import document_encoder
+        from shardgen.tokenizer import document_encoder, document_splitter
         self.s, self.queue = s, progress_queue
         self.encode_texts = document_encoder(s.tokenizer_json, s.engine)
+        self.split = document_splitter(s.tokenizer_json, BATCH_CHARS)  # bounds the memory of a long document
         self.dtype = DTYPES[s.dtype]
         self.out = Output(open_storage(s.output))
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Documents -> one array: [bos] tokens eos, for each document in order."""
+    def encode(self, texts: list[str], ends: list[tuple[bool, bool]]) -> np.ndarray:
+        """Texts -> one array: [bos] tokens eos for each document in order; a document cut in parts has
+        its (first, last) flags in `ends`: bos before its first part, eos after its last."""
         ids = self.encode_texts(texts)
-        head = () if self.s.bos_id is None else (self.s.bos_id,)
-        tail = (self.s.eos_id,)
-        n = sum(map(len, ids)) + len(ids) * (len(head) + 1)
-        return np.fromiter(chain.from_iterable(chain.from_iterable((head, x, tail) for x in ids)),
+        bos = () if self.s.bos_id is None else (self.s.bos_id,)
+        eos = (self.s.eos_id,)
+        seps = [(bos if first else (), eos if last else ()) for first, last in ends]
+        n = sum(map(len, ids)) + sum(len(h) + len(t) for h, t in seps)
+        return np.fromiter(chain.from_iterable(chain.from_iterable((h, x, t) for (h, t), x in zip(seps, ids))),
                            self.dtype, count=n)
 
     def report(self, nbytes: int, docs: int, tokens: int) -> None:
@@ -135,25 +138,29 @@ class Worker:
         s = self.s
         shards = TaskShards(self.out, task.index, s)
         packer = Packer(s.seq_len, s.block_rows, shards.add_block)
-        counts, batch, chars, reported = Counts(), [], 0, 0
+        counts, batch, ends, chars, reported = Counts(), [], [], 0, 0
 
         def flush():
-            nonlocal batch, chars
+            nonlocal batch, ends, chars
             if batch:
-                tokens = self.encode(batch)
+                tokens = self.encode(batch, ends)
                 packer.add(tokens)
-                self.report(0, len(batch), len(tokens))
-                batch, chars = [], 0
+                self.report(0, sum(last for _, last in ends), len(tokens))
+                batch, ends, chars = [], [], 0
 
         for piece in task.pieces:
             reader, reported = DocumentReader(piece, s.text_key, s.skip_bad), 0
             for text in reader:
-                batch.append(text)
-                chars += len(text)
-                if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-                    flush()
-                    self.report(reader.bytes_done - reported, 0, 0)
-                    reported = reader.bytes_done
+                cuts, start = self.split(text), 0
+                for k, end in enumerate(cuts):
+                    batch.append(text[start:end])  # the text itself when it is not cut
+                    ends.append((k == 0, k == len(cuts) - 1))
+                    chars += end - start
+                    start = end
+                    if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+                        flush()
+                        self.report(reader.bytes_done - reported, 0, 0)
+                        reported = reader.bytes_done
             self.report(reader.bytes_done - reported, 0, 0)
             counts.add(reader.counts)
         flush()

@@ -72,6 +72,16 @@ def document_encoder(json_text: str, engine: str):
     return lambda texts: [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
 
 
+def document_splitter(json_text: str, limit: int):
+    """text -> where its parts end: [len(text)], or parts of about `limit` characters where this tokenizer
+    gives the same tokens for the parts as for the whole (byte-level BPE with GPT-2's, Llama 3's or
+    Qwen's regex; see fastbpe.cut)."""
+    from shardgen import fastbpe
+    if fastbpe.cuttable(json_text) is not None:
+        return lambda text: [len(text)]
+    return lambda text: [len(text)] if len(text) <= limit else fastbpe.cut(text, limit)
+
+
 def choose_engine(json_text: str, requested: str, sample: list[str], hf: Tokenizer | None = None) -> tuple[str, str]:
     """("tiktoken" or "hf", one line saying why): tiktoken only where it gave every token of the
     hard strings and of `sample` (the input's first documents) exactly as tokenizers (`hf`) does."""
@@ -86,6 +96,8 @@ def choose_engine(json_text: str, requested: str, sample: list[str], hf: Tokeniz
         return "hf", f"tokenizer engine: tokenizers (no exact tiktoken conversion: {e})"
     if token is not None:
         return "hf", f"tokenizer engine: tokenizers (its BPE does not merge token {token!r} back into itself)"
+    if fastbpe.drops_text(fast):
+        return "hf", "tokenizer engine: tokenizers (tiktoken would drop the characters its regex does not match)"
     diff = fastbpe.first_difference(hf or make_encoder(json_text), fast, list(fastbpe.HARD_STRINGS) + sample)
     if diff is not None:
         return "hf", f"tokenizer engine: tokenizers (tiktoken tokenizes {diff} differently)"

@@ -97,13 +97,21 @@ def test_tokenizers_that_do_not_convert_are_refused_with_the_reason(tmp_path, ti
 
 def test_a_difference_found_at_start_keeps_tokenizers(tmp_path):
     # tokenizers' regex engine (Oniguruma) matches `$` before a newline, tiktoken's only at the end of the text
-    tok = train_split_bpe(str(tmp_path / "tok"), r"[a-z]+$|.")
+    tok = train_split_bpe(str(tmp_path / "tok"), r"[a-z]+$|[\s\S]")
     json_text = read_json(tok)
     fast = fastbpe.convert(json_text)
     assert fast.encode("end\n") != make_encoder(json_text).encode("end\n", add_special_tokens=False).ids
     engine, why = choose_engine(json_text, "auto", [])
     assert engine == "hf" and why.startswith("tokenizer engine: tokenizers (tiktoken tokenizes '") \
         and why.endswith("' differently)")
+
+
+def test_a_regex_that_leaves_characters_out_is_refused(tmp_path):
+    # tokenizers keeps the text between regex matches; tiktoken drops it
+    json_text = read_json(train_split_bpe(str(tmp_path / "tok"), r"\p{L}+|\s+"))
+    assert fastbpe.drops_text(fastbpe.convert(json_text))
+    assert choose_engine(json_text, "auto", []) == (
+        "hf", "tokenizer engine: tokenizers (tiktoken would drop the characters its regex does not match)")
 
 
 def test_vocabulary_whose_token_does_not_merge_back_is_refused():
@@ -132,3 +140,41 @@ def test_shards_are_the_same_bytes_with_either_engine(tmp_path, tiny_tokenizer, 
             assert (engine == "auto") == ("tokenizer engine: tiktoken" in o.log.getvalue())
             trees.append(tree_bytes(o.output))
         assert trees[0] == trees[1]
+
+
+CUT_TEXTS = st.lists(st.one_of(st.sampled_from(["the", "King", "x", "a b", " ", "  ", "\n", "\n\n", "'s", "1 2",
+                                                "é", "e\u0301", "中文", "👍🏽", ".", "<think>", "\r\n", "\t"]),
+                               st.text(st.characters(exclude_categories=("Cs",)), max_size=4)),
+                     max_size=40).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=CUT_TEXTS, limit=st.integers(2, 12))
+def test_a_document_cut_in_parts_gives_the_tokens_of_the_whole(tiny_tokenizer, qwen_style, text, limit):
+    for tok in (tiny_tokenizer, qwen_style):
+        hf, _ = engines(tok)
+        ends = fastbpe.cut(text, limit)
+        starts = [0] + ends[:-1]
+        assert "".join(text[a:b] for a, b in zip(starts, ends)) == text
+        parts = [t for a, b in zip(starts, ends) for t in hf.encode(text[a:b], add_special_tokens=False).ids]
+        assert parts == hf.encode(text, add_special_tokens=False).ids, (text, ends)
+
+
+def test_only_known_patterns_are_cut(tmp_path, tiny_tokenizer, qwen_style):
+    assert fastbpe.cuttable(read_json(tiny_tokenizer)) is None and fastbpe.cuttable(read_json(qwen_style)) is None
+    other = train_split_bpe(str(tmp_path / "tok"), r"[a-z]+$|.")
+    assert fastbpe.cuttable(read_json(other)) == "a pre-tokenizer regex other than GPT-2's, Llama 3's or Qwen's"
+    assert fastbpe.cut("ab cd ef", 4) == [2, 5, 8] and fastbpe.cut("abcdefgh ij", 4) == [8, 11]
+
+
+def test_a_long_document_is_tokenized_in_parts_with_the_same_tokens(tmp_path, tiny_tokenizer):
+    from shardgen.tasks import BATCH_CHARS
+    from shardgen_testlib import check_round_trip, expected_stream
+    long_doc = " ".join(make_docs(40000, seed=3))[:2 * BATCH_CHARS + 12345]  # three parts
+    docs = ["before", long_doc, "after"]
+    write_jsonl(str(tmp_path / "in.jsonl"), docs)
+    for engine in ("hf", "auto"):
+        out = tmp_path / engine
+        run_build(build_options([str(tmp_path / "in.jsonl")], out, tiny_tokenizer, task_bytes=64 << 20,
+                                seq_len=512, tokenizer_engine=engine))
+        check_round_trip(str(out), expected_stream(tiny_tokenizer, docs))
