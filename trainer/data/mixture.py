@@ -230,18 +230,25 @@ class Mixture:
         # One source: slot j is stream j, so a rank's streams are contiguous and its plan needs only
         # the window of the epoch order that holds them (O(shards) start-up); several: the whole epoch.
         span = self.plans[0].rank_span(world_size, rank) if self.num_sources == 1 else None
-        for i in np.unique(src).tolist():
-            sel = np.flatnonzero(src == i)
+        bounds = np.flatnonzero(np.diff(src)) + 1  # sources come in config order: contiguous runs
+        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(src)]):
+            if lo == hi:
+                continue
+            i = int(src[lo])
             plan, c = self.plans[i], self.source_streams[i]
-            t, stream = np.divmod(ms[sel], c)
+            t, stream = np.divmod(ms[lo:hi], c)
             epoch, tt = np.divmod(t, plan.steps_per_epoch)
             pos = ((stream * plan.stream_length + tt * k)[:, None] + np.arange(k)[None, :]).ravel()
+            out = slice(lo * k, hi * k)
+            if epoch[0] == epoch[-1] and (epoch == epoch[0]).all():  # the usual case: one epoch
+                blocks[out], rows[out] = plan.locate(int(epoch[0]), pos, span)
+                epochs[out] = epoch[0]
+                continue
             epoch = np.repeat(epoch, k)
-            out = (sel[:, None] * k + np.arange(k)[None, :]).ravel()
             for e in np.unique(epoch).tolist():
-                here = epoch == e
-                b, r = plan.locate(e, pos[here], span)
-                blocks[out[here]], rows[out[here]], epochs[out[here]] = b, r, e
+                here = np.flatnonzero(epoch == e) + lo * k
+                blocks[here], rows[here] = plan.locate(e, pos[epoch == e], span)
+                epochs[here] = e
         return MixStep(step=int(step), sources=sources, blocks=blocks, rows=rows, epochs=epochs)
 
     def block_last_use(self, source: int, epoch: int, blocks: np.ndarray) -> np.ndarray:
