@@ -193,6 +193,7 @@ class Manifest:
     # {"format_version": 1, "manifest_sha256": ...} after `shardgen upgrade`: the same data order, so a
     # checkpoint taken on the format-1 manifest resumes on this one.
     upgraded_from: dict | None = None
+    _stored_sha256: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -223,8 +224,9 @@ class Manifest:
 
     def content_hash(self) -> str:
         """The resume guard: sha256 of the canonical manifest. In format 2 it covers every shard's sha256
-        and index CRC32, so it still changes with any byte of the data, at O(shards) cost."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        and index CRC32, so it still changes with any byte of the data, at O(shards) cost; a format-2
+        manifest read from storage is hashed as stored (shardgen stores the canonical bytes)."""
+        return self._stored_sha256 or hashlib.sha256(self.to_bytes()).hexdigest()
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> "Manifest":
@@ -252,6 +254,8 @@ class Manifest:
                     upgraded_from=d.get("upgraded_from"))
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{where}: missing or malformed field {e}") from None
+        if version >= 2:
+            m._stored_sha256 = hashlib.sha256(data).hexdigest()
         if m.dtype not in DTYPES:
             raise FormatError(f"{where}: dtype {m.dtype!r} is not one of {sorted(DTYPES)}")
         for s in m.shards:

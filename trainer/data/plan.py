@@ -281,6 +281,27 @@ _CHUNK = 1 << 17  # blocks hashed per numpy call: large enough to amortize it, s
 _MAX_BUCKET_BITS = 16
 
 
+_C1, _C2, _C3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _hash_range(h: np.uint64, lo: int, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """splitmix64(h ^ b) for b in [lo, lo + len(out)), in place: hash_keys of a range with its prefix
+    hash h, the same numbers without a new array per operation (the hot loop of an epoch's pass)."""
+    out[:] = np.arange(lo, lo + len(out), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        out ^= h
+        out += _C1
+        np.right_shift(out, np.uint64(30), out=tmp)
+        out ^= tmp
+        out *= _C2
+        np.right_shift(out, np.uint64(27), out=tmp)
+        out ^= tmp
+        out *= _C3
+        np.right_shift(out, np.uint64(31), out=tmp)
+        out ^= tmp
+    return out
+
+
 class _EpochOrder:
     blocks_per_bucket = 64  # at least, on average (tests lower it to get many buckets from few blocks)
     guess_margin = 4.0  # standard deviations of a bucket's position kept on each side of a first guess
@@ -295,7 +316,7 @@ class _EpochOrder:
     def _top(self, keys: np.ndarray) -> np.ndarray:
         if self.bits == 0:
             return np.zeros(len(keys), dtype=np.intp)
-        return (keys >> np.uint64(64 - self.bits)).astype(np.intp)
+        return (keys >> np.uint64(64 - self.bits)).view(np.int64)  # < 2**16: the same as a signed index
 
     def _pass(self, lo_bucket: int, hi_bucket: int) -> tuple[np.ndarray, np.ndarray]:
         """Hash every block once; collect (ids, keys) of those in buckets [lo, hi]; histogram if not yet."""
@@ -304,23 +325,27 @@ class _EpochOrder:
         hist = np.zeros(nb, dtype=np.int64) if self.hist is None else None
         everything = lo_bucket <= 0 and hi_bucket >= nb - 1
         ids_out, keys_out = [], []
+        h = hash_keys(self.prefix[:-1], np.array([self.prefix[-1]], dtype=np.uint64))[0]
+        buf, tmp = np.empty(_CHUNK, dtype=np.uint64), np.empty(_CHUNK, dtype=np.uint64)
         for lo in range(0, B, _CHUNK):
-            ids = np.arange(lo, min(B, lo + _CHUNK), dtype=np.uint64)
-            keys = hash_keys(self.prefix, ids)
+            n = min(_CHUNK, B - lo)
+            keys = _hash_range(h, lo, buf[:n], tmp[:n])  # = hash_keys(self.prefix, arange(lo, lo + n))
             if hist is not None or not everything:
                 top = self._top(keys)
             if hist is not None:
                 hist += np.bincount(top, minlength=nb)
-            if not everything:
-                sel = (top >= lo_bucket) & (top <= hi_bucket)
-                ids, keys = ids[sel], keys[sel]
-            ids_out.append(ids)
-            keys_out.append(keys)
+            if everything:
+                ids_out.append(np.arange(lo, lo + n, dtype=np.int64))
+                keys_out.append(keys.copy())
+            else:
+                sel = np.flatnonzero((top >= lo_bucket) & (top <= hi_bucket))
+                ids_out.append(sel + lo)
+                keys_out.append(keys[sel])
         plan.hashed += B
         if hist is not None:
             self._set_hist(hist)
-        empty = [np.zeros(0, np.uint64)]
-        return np.concatenate(ids_out or empty).astype(np.int64), np.concatenate(keys_out or empty)
+        return (np.concatenate(ids_out or [np.zeros(0, np.int64)]),
+                np.concatenate(keys_out or [np.zeros(0, np.uint64)]))
 
     def _set_hist(self, hist: np.ndarray) -> None:
         layout = self.plan.blocks
