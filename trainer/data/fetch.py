@@ -15,6 +15,14 @@ local stream (the blocks kept for a later stream, below).
 A block that a stream boundary cuts in two serves the end of one stream and the start of the next,
 at steps far apart: the loader keeps it alive until its last use in the epoch (`Plan.block_last_use`),
 so each block is fetched once per epoch, for at most one extra block per stream boundary of memory.
+
+A mixture shares one cache and one slab (slots of the largest block of any source; sources have one
+seq_len and dtype). Source i reads through its own C_i = ceil(w_i * C) streams (its stage-0 weight),
+and each block is kept until its last use in its source's epoch (`Mixture.block_last_use`), so a
+rarely drawn source keeps its current blocks between draws instead of fetching them again. Live
+blocks <= sum over sources of (its streams this rank reads, twice near an epoch boundary) + local_batch
+x (prefetch_steps + 1): the streams sum to about C + sources, so about one dataset's memory, not one
+per source.
 """
 from __future__ import annotations
 
