@@ -143,9 +143,17 @@ class Mixture:
                                     for i, b in enumerate(self.stage_base[-1])])
         k = self.items_per_slot
         self.source_streams = [max(1, math.ceil(q)) for q in self.stages[0].q]  # C_i
-        self.plans = [Plan(rows, seed=self.seed if n == 1 else self.source_seed(i), global_batch=c * k,
-                           layout=c, name=self.names[i])
-                      for i, (rows, c) in enumerate(zip(sources, self.source_streams))]
+        self.plans = []
+        for i, (rows, c) in enumerate(zip(sources, self.source_streams)):
+            try:
+                self.plans.append(Plan(rows, seed=self.seed if n == 1 else self.source_seed(i), global_batch=c * k,
+                                       layout=c, name=self.names[i]))
+            except PlanError as e:
+                if n == 1 or "cannot fill" not in str(e):
+                    raise
+                raise PlanError(f"source {self.names[i]!r} is too small for its weight: each of its epochs must "
+                                f"fill {c} streams of {k} sequences (ceil of its share of the {self.layout} "
+                                f"slots a step); give it more data or less weight ({e})") from None
 
     def source_seed(self, i: int) -> int:
         return int(hash_keys((self.seed, _TAG_SOURCE), np.array([i], dtype=np.uint64))[0])
