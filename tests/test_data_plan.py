@@ -122,6 +122,7 @@ def test_order_is_pinned():
     ]
 
 
+@pytest.mark.slow
 def test_same_inputs_give_the_same_order_in_a_fresh_process():
     rows = [[5, 3, 7], [2], [6, 6, 1], [4, 4]]
     code = ("import json, sys; from trainer.data.plan import Plan; "

@@ -16,6 +16,8 @@ cpu_triton.enable()
 from tests.train_support import PY, ROOT, env, make_shards, run_trainer, tiny_model_json, write_toml  # noqa: E402
 from trainer.metrics import read_metrics  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trainer runs in subprocesses (make test-fast skips them)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

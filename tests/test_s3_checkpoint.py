@@ -52,6 +52,7 @@ def test_ranged_reader_returns_the_bytes_and_fetches_each_block_about_once(tmp_p
     assert f.read() == data[-10:]
 
 
+@pytest.mark.slow
 def test_staged_files_of_a_killed_process_are_removed(s3_url):
     import subprocess
     import sys
@@ -70,6 +71,7 @@ def test_staged_files_of_a_killed_process_are_removed(s3_url):
     assert not os.path.exists(stale) and os.path.exists(mine)
     import shutil
     shutil.rmtree(mine)
+    S3Storage(root).close()  # the staging folder this test made
 
 
 def test_save_load_and_prune_in_object_storage(s3_url):
@@ -176,6 +178,7 @@ def reference(data):
     return {"losses": losses(str(tmp / "out")), "weights": model.state_dict()}
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_in_s3_is_named_and_the_previous_is_used_then_export(tmp_path, data, reference, s3_url):
     from shards.s3 import S3Storage
     from trainer.checkpoint import list_checkpoints
@@ -225,6 +228,7 @@ def test_damaged_checkpoint_in_s3_is_named_and_the_previous_is_used_then_export(
     assert e.returncode == 1 and "step-000008" in e.stderr and "train_state.json missing" in e.stderr
 
 
+@pytest.mark.slow
 def test_two_process_run_saves_to_s3_and_resumes_on_one(tmp_path, data, reference, s3_url):
     root = s3_url + "/ckpt"
     cfg = config(tmp_path, data, "out", ckpt_dir=root, parallel={"mode": "ddp"})
@@ -237,6 +241,7 @@ def test_two_process_run_saves_to_s3_and_resumes_on_one(tmp_path, data, referenc
         assert abs(a - b) < 1e-5, (got, reference["losses"])
 
 
+@pytest.mark.slow
 def test_sigkill_with_checkpoints_in_s3_resumes_bitwise(tmp_path, data, s3_url):
     """Killed mid-run (FLA's kernels under the interpreter: steps slow enough to kill between the checkpoint
     at step 4 and the end), rerun: the same per-step losses as an uninterrupted run, bit for bit."""

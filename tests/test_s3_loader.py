@@ -133,6 +133,7 @@ def test_wrong_credentials_and_missing_bucket_through_the_loader(datasets, monke
     assert secret[::-1] not in str(e.value) and secret not in str(e.value)
 
 
+@pytest.mark.slow
 def test_credentials_never_appear_in_cli_output(datasets, s3_env, tmp_path):
     """The plan/stats CLIs on S3 shards, with good and bad credentials: grep everything for the secret."""
     local, url = datasets

@@ -26,6 +26,7 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow
 def test_up_env_down(tmp_path):
     d = str(tmp_path / "s3")
     port = free_ports(1)[0]

@@ -96,6 +96,7 @@ def test_rerun_after_a_kill_does_not_upload_verified_shards_again(tmp_path, corp
     assert s3_tree(s3_url) == before
 
 
+@pytest.mark.slow
 def test_cli_to_s3_with_good_and_bad_credentials_never_prints_them(tmp_path, corpus, tiny_tokenizer, s3_url,
                                                                  s3_env):
     env = s3_client_env(s3_env, str(tmp_path))

@@ -140,6 +140,7 @@ def test_staging_dir_is_per_output_and_removed_once_empty(s3_url):
     S3Storage(s3_url + "x").close()
 
 
+@pytest.mark.slow
 def test_bucket_names_differ_between_test_sessions():
     # Two sessions on one machine once used the same URLs, so the same staging folders in /tmp: one
     # session's shardgen rerun deleted the other's half-built shards.
@@ -212,6 +213,7 @@ def test_no_credentials(s3_env, monkeypatch):
         S3Storage("s3://bucket/x").read("manifest.json")
 
 
+@pytest.mark.slow
 def test_addressing_and_settings_from_env(s3_env, monkeypatch):
     st = S3Storage("s3://bucket/x")
     assert st._client().meta.config.s3["addressing_style"] == "path"  # auto: custom endpoint -> path

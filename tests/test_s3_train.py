@@ -13,6 +13,8 @@ from tests.s3_fixtures import s3_client_env, upload_dir
 from tests.train_support import PY, ROOT, env, make_shards, run_trainer, tiny_model_json, write_toml
 from trainer.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # trainer runs in subprocesses (make test-fast skips them)
+
 STEPS = 10
 
 

@@ -228,6 +228,7 @@ def start_stalled_build(d, out, tok, marker, task: int) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, corpus, tiny_tokenizer):
     d, _ = corpus
     run_build(opts([str(d)], tmp_path / "ref", tiny_tokenizer))
@@ -252,6 +253,7 @@ def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, corpus, tin
     assert tree_bytes(str(out)) == tree_bytes(str(tmp_path / "ref"))
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_an_error_naming_its_task_not_a_hang(tmp_path, corpus, tiny_tokenizer):
     d, _ = corpus
     out, marker = tmp_path / "out", tmp_path / "stalled"
@@ -280,6 +282,7 @@ def gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killing_the_main_process_stops_its_workers_and_a_rerun_works_at_once(tmp_path, corpus, tiny_tokenizer,
                                                                               sig):
@@ -333,6 +336,7 @@ def test_an_unexpected_worker_error_keeps_its_task_and_traceback(tmp_path, corpu
     assert "makedirs" in str(e.value.__cause__)  # the worker's traceback
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_output_is_refused_naming_the_first(tmp_path, corpus, tiny_tokenizer):
     d, docs = corpus
     out = tmp_path / "out"

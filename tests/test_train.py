@@ -13,6 +13,8 @@ import pytest
 from tests.train_support import PY, ROOT, env, kill_after_steps, make_shards, run_trainer, tiny_model_json, write_toml
 from trainer.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # trainer runs in subprocesses (make test-fast skips them)
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

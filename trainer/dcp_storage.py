@@ -178,10 +178,12 @@ class StorageFileSystem(FileSystemBase):
             staged, self._staged = list(self._staged.values()), {}
         for local in staged:
             unlink_quiet(local)
-        try:
-            os.rmdir(staging_folder(self.storage))
-        except OSError:  # not there, or another thread of this process is staging a file in it
-            pass
+        folder = staging_folder(self.storage)
+        for empty in (folder, os.path.dirname(folder)):  # then the output's staging folder, if nothing else uses it
+            try:
+                os.rmdir(empty)
+            except OSError:  # not there, or another thread or process is staging a file in it
+                break
 
 
 def staging_folder(storage: Storage, pid: int | None = None) -> str:
@@ -202,6 +204,10 @@ def remove_stale_staging(storage: Storage) -> list[str]:
             continue
         shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
         removed.append(entry)
+    try:
+        os.rmdir(base)  # made by staging_dir() above: not left behind when empty
+    except OSError:
+        pass
     return removed
 
 
