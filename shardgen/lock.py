@@ -96,9 +96,15 @@ class _Lease:
         if not self.storage.exists(self.name):
             return None
         try:
-            lease = json.loads(self.storage.read(self.name))
-        except (ValueError, StorageError):
-            return None  # deleted between the two calls, or not ours to parse: no valid lease
+            data = self.storage.read(self.name)
+        except StorageError:
+            if self.storage.exists(self.name):
+                raise
+            return None  # deleted between the two calls
+        try:
+            lease = json.loads(data)
+        except ValueError:
+            return None  # not a lease of ours: no valid lease
         return lease if isinstance(lease, dict) else None
 
     def _write(self) -> None:
@@ -130,7 +136,7 @@ class _Lease:
             try:
                 lease = self._read()
                 if lease is None or lease.get("token") != self.token:
-                    self.lost = (lease or {}).get("run", "someone deleted it")
+                    self.lost = f"taken over by {lease.get('run', 'another run')}" if lease else "deleted"
                     return
                 self._write()
             except Exception:  # noqa: BLE001 - a failed renewal is retried at the next beat
@@ -142,7 +148,7 @@ class _Lease:
         if self.lost is None and (self._read() or {}).get("token") == self.token:
             self.storage.delete(self.name)
         elif exc[0] is None:
-            raise BuildError(f"{self.storage}: this run's lease {self.storage.where(self.name)} was taken over "
-                             f"by another run ({self.lost or 'unknown'}) while it ran: the two may have mixed "
-                             f"their files; stop the other run, then rerun this one to check and finish the output")
+            raise BuildError(f"{self.storage}: this run's lease {self.storage.where(self.name)} was "
+                             f"{self.lost or 'taken over'} while it ran: another run may have mixed its files with "
+                             f"this one's; stop it, then rerun this one to check and finish the output")
         return False
