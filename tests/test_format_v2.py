@@ -108,6 +108,27 @@ def test_a_rank_reads_the_index_of_each_shard_it_touches_once(tmp_path):
     assert len(indexes) == len(set(indexes)) == 6
 
 
+def test_with_fewer_cached_tables_than_shards_each_index_is_read_once_per_epoch(tmp_path):
+    """A table read keeps the entries of every block of that shard this rank reads in the epoch, so a
+    small table cache costs no second read of an index within an epoch."""
+    root = str(tmp_path / "d")
+    write_dataset(root, [[4] * 5] * 6)
+    st = counting(LocalStorage)(root)
+    with TokenLoader(st, seed=1, global_batch=8, world_size=2, rank=1, prefetch_steps=2) as ld:
+        ld.index.cached_shards = 1
+        S = ld.steps_per_epoch
+        it = ld.iter_batches(0)
+        reads = []
+        for _ in range(3):
+            before = ld.index.index_reads
+            for _ in range(S):
+                next(it)
+            reads.append(ld.index.index_reads - before)
+        it.close()
+        assert not ld.index._entries  # entries go with the blocks: none left after close
+    assert sum(reads) <= 6 * 4  # once per shard and epoch: the 3 taken and the one the prefetch reaches
+
+
 def test_a_format_1_dataset_loads_and_upgrade_keeps_batches_and_resume(built, capsys):
     want, _ = take(built, 6)
     fresh = read_manifest(LocalStorage(built))

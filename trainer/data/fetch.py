@@ -47,13 +47,15 @@ class BlockIndex:
     offsets[i+1]) in its manifest order, so one BlockCache and one slab serve them all.
 
     A shard's block table is read the first time one of its blocks is asked for: one read of its
-    `.blocks` file (format 2; a format-1 manifest carries the tables). Tables are kept for the
-    `cached_shards` shards used most recently (80 KiB each for 4,096 blocks): a rank touches a few
-    blocks of most shards every epoch, so this bounds memory at the cost of one index read per
-    shard and epoch once a dataset has more shards than that."""
+    `.blocks` file (format 2; a format-1 manifest carries the tables). Whole tables are kept for the
+    `cached_shards` shards used most recently (80 KiB each for 4,096 blocks). A rank of many reads
+    a few blocks of most shards each epoch, so with `wanted` set (the reader's blocks of the epochs
+    in flight, by id range) a table read also keeps the entries of every block of that shard the
+    reader will want (a few bytes each), until `forget`: each index is then read once per epoch
+    however many shards there are, and memory is the rank's blocks, not the dataset's."""
 
     def __init__(self, manifests: Manifest | list[Manifest], storages: Storage | list[Storage] | None = None,
-                 cached_shards: int = 512):
+                 cached_shards: int = 64):
         self.manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
         self.manifest = self.manifests[0]
         self.storages = storages if isinstance(storages, list) else [storages] * len(self.manifests)
@@ -71,6 +73,8 @@ class BlockIndex:
         self.max_rows = max(rows, default=1)
         self.index_reads = 0  # `.blocks` files read: one per shard touched (while it stays cached)
         self._tables: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.wanted: Callable[[int, int], np.ndarray] | None = None  # (lo, hi) -> sorted ids wanted in [lo, hi)
+        self._entries: dict[int, Block] = {}
         self._read_locks = [threading.Lock() for _ in range(64)]
         self._lock = threading.Lock()
 
@@ -104,7 +108,28 @@ class BlockIndex:
     def block(self, block_id: int) -> tuple[int, int, int, Block]:
         """(source, shard index, block index in shard, Block); may read the shard's table."""
         source, i, j = self.locate(block_id)
-        return source, i, j, block_at(self.table(source, i), j)
+        got = self._entries.get(block_id)
+        if got is not None:
+            return source, i, j, got
+        table = self.table(source, i)
+        if self.wanted is not None:
+            k = int(self.shard_offsets[source]) + i
+            lo = int(self.first_block[k])
+            ids = self.wanted(lo, int(self.first_block[k + 1]))
+            self._entries.update((b, block_at(table, b - lo)) for b in ids.tolist())
+        return source, i, j, block_at(table, j)
+
+    def forget(self, block_ids) -> None:
+        """Drop the kept entries of blocks the reader is done with (until they are wanted again)."""
+        for b in block_ids:
+            self._entries.pop(b, None)
+
+    def retain(self, wanted: np.ndarray) -> None:
+        """Keep only the entries of `wanted` ids (sorted): when the epochs in flight change."""
+        ids = np.fromiter(list(self._entries), dtype=np.int64)
+        i = np.minimum(np.searchsorted(wanted, ids), max(0, len(wanted) - 1))
+        gone = ids if not len(wanted) else ids[wanted[i] != ids]
+        self.forget(gone.tolist())
 
     def where(self, storage: Storage, block_id: int, blk: Block | None = None) -> str:
         source, i, j = self.locate(block_id)
@@ -195,6 +220,7 @@ class BlockCache:
 
     def __init__(self, index: BlockIndex, fill: Callable[[int, np.ndarray], None], *, threads: int):
         m = index.manifest
+        self.index = index
         self.slab = Slab(index.max_rows, m.seq_len, m.np_dtype)
         self._fill = fill
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="block-fetch")
@@ -240,6 +266,7 @@ class BlockCache:
         if done.any():
             for slot in self._slot[done].tolist():
                 self.slab.give(int(slot))
+            self.index.forget(self._live[done].tolist())
             keep = ~done
             self._live, self._slot, self._last_step = self._live[keep], self._slot[keep], self._last_step[keep]
 
@@ -252,6 +279,7 @@ class BlockCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.index.forget(self._live.tolist())
         self._live = self._live[:0]
         self._slot = self._slot[:0]
         self._last_step = self._last_step[:0]

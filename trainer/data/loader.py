@@ -319,6 +319,11 @@ class _Pipeline:
         self._kept_for: dict[int, tuple[int, int]] = {}
         self._kept_size = 1024
         self.cache = BlockCache(loader.index, self.reader, threads=loader.fetch_threads)
+        # One source: the index keeps, from each table it reads, the entries of this rank's blocks of the
+        # epochs in flight (filled here, in the consumer thread; read by the fetch threads).
+        self._rank_blocks: dict[int, np.ndarray] = {}
+        if self.mixture.num_sources == 1:
+            loader.index.wanted = self._wanted
         self._assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-assemble")
         self.window: deque[tuple[int, Future]] = deque()
         self.next_step = int(start_step)
@@ -348,11 +353,25 @@ class _Pipeline:
         step, self.next_step = self.next_step, self.next_step + 1
         rows = self.mixture.step_rows(step, self.loader.world_size, self.loader.rank)
         ids = self.offsets[rows.sources] + rows.blocks
+        if self.mixture.num_sources == 1:
+            self._note_epochs(rows.epochs)
         slots, fetches = self.cache.acquire(ids, step, self._keep_until(rows, ids, step))
         self._release_finished()
         shard, seq = self.mixture.sequences(rows.sources, rows.blocks, rows.rows)
         sequences = list(zip(shard.tolist(), seq.tolist()))
         self.window.append((step, self._assembler.submit(self._assemble, rows, slots, fetches, sequences)))
+
+    def _wanted(self, lo: int, hi: int) -> np.ndarray:
+        parts = [ids[np.searchsorted(ids, lo):np.searchsorted(ids, hi)] for ids in list(self._rank_blocks.values())]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+    def _note_epochs(self, epochs: np.ndarray) -> None:
+        for e in np.unique(epochs).tolist():
+            if e not in self._rank_blocks:
+                ids = self.mixture.plans[0].rank_blocks(e, self.loader.world_size, self.loader.rank)
+                kept = {k: v for k, v in self._rank_blocks.items() if k >= e - 1}
+                self._rank_blocks = {**kept, e: ids}  # replaced whole: the fetch threads read it
+                self.loader.index.retain(self._wanted(0, self.loader.index.num_blocks))
 
     def _keep_until(self, rows: MixStep, ids: np.ndarray, step: int) -> np.ndarray:
         """Per row, the step until which its block stays alive: its last use in its source's epoch (by
@@ -399,3 +418,6 @@ class _Pipeline:
         self.window.clear()
         self.cache.close()
         self._assembler.shutdown(wait=True, cancel_futures=True)
+        if self.loader.index.wanted == self._wanted:
+            self.loader.index.wanted = None
+            self.loader.index.retain(np.zeros(0, dtype=np.int64))

@@ -246,6 +246,12 @@ class Plan:
         t = np.where(lo // L < hi // L, np.maximum(t, (L - 1) // k), t)  # earlier streams: used to their end
         return epoch * S + np.minimum(t, S - 1)
 
+    def rank_blocks(self, epoch: int, world_size: int = 1, rank: int = 0) -> np.ndarray:
+        """The blocks a rank reads in an epoch (and a few around them), sorted by id: its window."""
+        lo, hi = self.rank_span(world_size, rank)
+        w = self.epoch(epoch).window(lo, hi - 1, (lo, hi))
+        return w.ids[w._by_id]
+
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """All N sequences of an epoch in order, as (block, row). O(N): for tests and tools."""
         return self.locate(epoch, np.arange(self.num_sequences, dtype=np.int64), (0, self.num_sequences))
