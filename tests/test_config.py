@@ -139,3 +139,12 @@ def test_mixture_config_errors_name_the_key(tmp_path, edit, message):
         load(write(tmp_path, text))
     with pytest.raises(ConfigError, match=r"command line: data.sources must be written as \[\[data.sources\]\]"):
         load(None, ["data.sources=web"])
+
+
+def test_precision_choices_and_the_replaced_autocast_key():
+    assert load(None, ["train.precision=autocast"]).train.precision == "autocast"
+    with pytest.raises(ConfigError, match=r"train.precision = 'fp16' must be one of"):
+        load(None, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"command line: train.autocast was replaced by train.precision .*autocast: "
+                                          r"the former train.autocast=bf16"):
+        load(None, ["train.autocast=bf16"])

@@ -17,6 +17,9 @@ from trainer.config import OptimConfig  # noqa: E402
 from trainer.loop import micro_batches, train_step  # noqa: E402
 from trainer.optim import build_optimizer, param_groups  # noqa: E402
 from trainer.parallel import Dist  # noqa: E402
+from trainer.precision import MasterWeights, Precision  # noqa: E402
+
+FP32 = Precision("fp32", torch.device("cpu"))
 from trainer.schedule import lr_at  # noqa: E402
 
 
@@ -104,13 +107,26 @@ def test_varlen_validation_sees_each_document_alone():
     assert np.isfinite(got)
 
 
-def test_nan_step_is_skipped_without_touching_weights_or_optimizer():
-    import contextlib
+@pytest.fixture
+def torch_ops():
+    """FLA's GLA ops as plain PyTorch (models/cpu_torch.py): they run in bf16 too, the interpreter does not."""
+    from models import cpu_torch
+    cpu_torch.install()
+    yield
+    cpu_torch.uninstall()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_step_is_skipped_without_touching_weights_or_optimizer(precision, request):
     model = tiny_gla()
+    prec = FP32
+    if precision == "bf16":
+        request.getfixturevalue("torch_ops")
+        prec = MasterWeights(model, torch.device("cpu"))
     opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
     d = Dist()
     good = torch.randint(1, 63, (2, 16), generator=torch.Generator().manual_seed(0))
-    loss, norm, applied = train_step(model, opt, good, None, 2, 1.0, 1e-2, d, contextlib.nullcontext)
+    loss, norm, applied = train_step(model, opt, good, None, 2, 1.0, 1e-2, d, prec)
     assert applied and math.isfinite(loss) and math.isfinite(norm)
     with torch.no_grad():
         model.model.embeddings.weight[63] = float("inf")  # any batch holding token 63 now gives a NaN loss
@@ -118,9 +134,10 @@ def test_nan_step_is_skipped_without_touching_weights_or_optimizer():
     state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in opt.state}
     bad = good.clone()
     bad[0, 3] = 63
-    loss, norm, applied = train_step(model, opt, bad, None, 1, 1.0, 1e-2, d, contextlib.nullcontext)
+    loss, norm, applied = train_step(model, opt, bad, None, 1, 1.0, 1e-2, d, prec)
     assert not applied and not (math.isfinite(loss) and math.isfinite(norm))
     for n, p in model.named_parameters():
+        assert p.dtype == torch.float32, n
         assert p.equal(params[n]) or (n == "model.embeddings.weight"), n
     assert torch.equal(model.model.embeddings.weight[:63], params["model.embeddings.weight"][:63])
     assert all(p.grad is None for p in model.parameters())
@@ -131,8 +148,41 @@ def test_nan_step_is_skipped_without_touching_weights_or_optimizer():
     assert steps == {1.0}  # the skipped step did not advance Adam's step count
 
 
+def test_bf16_master_weights_step_is_a_bf16_copys_passes_with_fp32_grads_and_weights(torch_ops):
+    """train.precision=bf16 without FSDP: each micro-batch's forward and backward are exactly those of a bf16
+    copy of the weights; the micro-batches' gradients add up in fp32; clipping and AdamW run on the fp32
+    weights and states, which stay fp32 (checkpoints and export see them)."""
+    import copy
+    model = tiny_gla(num_hidden_layers=2)
+    x = torch.randint(1, 63, (4, 16), generator=torch.Generator().manual_seed(2))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    grads, loss_sum = [torch.zeros_like(p) for p in model.parameters()], 0.0
+    for part in (x[:2], x[2:]):
+        loss = half(input_ids=part, labels=part).loss / 2
+        loss.backward()
+        loss_sum += loss.float().item()
+        for g, p in zip(grads, half.parameters()):
+            g += p.grad.float()
+        half.zero_grad(set_to_none=True)
+    expected = copy.deepcopy(model)
+    ref_opt = build_optimizer(expected, OptimConfig(lr=1e-2), torch.device("cpu"))
+    for p, g in zip(expected.parameters(), grads):
+        p.grad = g.clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(expected.parameters(), 0.5)
+    ref_opt.step()
+
+    opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
+    loss, norm, applied = train_step(model, opt, x, None, 2, 0.5, 1e-2, Dist(), MasterWeights(model, torch.device("cpu")))
+    assert applied and loss == pytest.approx(loss_sum, abs=1e-6) and norm == pytest.approx(float(ref_norm), rel=1e-6)
+    for (n, p), q in zip(model.named_parameters(), expected.parameters()):
+        assert p.dtype == torch.float32 and p.grad is None, n
+        assert torch.equal(p, q), n
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for k, v in s.items() if k != "step")
+    # the fp32 weights keep what a bf16 weight cannot hold (an update smaller than bf16's spacing)
+    assert any(not torch.equal(p, p.to(torch.bfloat16).float()) for p in model.parameters())
+
+
 def test_activation_checkpointing_gives_the_same_step():
-    import contextlib
     x = torch.randint(1, 63, (2, 16), generator=torch.Generator().manual_seed(1))
     results = []
     for checkpointing in (False, True):
@@ -141,7 +191,7 @@ def test_activation_checkpointing_gives_the_same_step():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
-        loss, norm, applied = train_step(model, opt, x, None, 2, 1.0, 1e-2, Dist(), contextlib.nullcontext)
+        loss, norm, applied = train_step(model, opt, x, None, 2, 1.0, 1e-2, Dist(), FP32)
         results.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
     (l0, n0, p0), (l1, n1, p1) = results
     assert l0 == pytest.approx(l1, abs=1e-6) and n0 == pytest.approx(n1, rel=1e-5)
@@ -298,7 +348,7 @@ def test_a_write_failing_in_any_dcp_writer_thread_fails_the_save(tmp_path, monke
     model = tiny_gla()
     opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
     x = torch.randint(1, 63, (2, 16), generator=torch.Generator().manual_seed(0))
-    train_step(model, opt, x, None, 2, 1.0, 1e-2, Dist(), contextlib.nullcontext)  # AdamW states exist
+    train_step(model, opt, x, None, 2, 1.0, 1e-2, Dist(), FP32)  # AdamW states exist
     root = tmp_path / "ckpt"
     ck = Checkpointer(str(root), keep=1, d=Dist(), threads=4)
     ck.save(1, model, opt, {"loader": {}})

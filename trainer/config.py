@@ -70,7 +70,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
     activation_checkpointing: bool = False
     compile: bool = False
-    autocast: str = "auto"  # auto: bf16 on GPU for ddp/none, off on CPU; "bf16" | "off"
+    # bf16: bf16 weights/activations for forward+backward over fp32 master weights and optimizer states;
+    # autocast: fp32 weights under bf16 autocast (the GPU default before); fp32. auto: bf16 on GPU, fp32 on CPU.
+    precision: str = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU tests are deterministic anyway)
 
 
@@ -127,7 +129,7 @@ class Config:
 
 
 CHOICES = {("optim", "schedule"): ("cosine", "wsd", "linear"), ("parallel", "mode"): ("none", "ddp", "fsdp"),
-           ("train", "autocast"): ("auto", "bf16", "off"), ("model", "init_device"): ("auto", "cpu", "meta", "cuda"),
+           ("train", "precision"): ("auto", "bf16", "autocast", "fp32"), ("model", "init_device"): ("auto", "cpu", "meta", "cuda"),
            ("model", "cpu_kernels"): ("torch", "triton")}
 
 
@@ -222,6 +224,10 @@ def _set(cfg: Config, key: str, value, where: str) -> None:
     if section not in sections or not name:
         raise ConfigError(f"{where}: unknown key {key!r}; keys are section.name with section one of "
                           f"{sorted(sections)}")
+    if key == "train.autocast":
+        raise ConfigError(f"{where}: train.autocast was replaced by train.precision (bf16: bf16 compute over fp32 "
+                          f"master weights, the GPU default; autocast: the former train.autocast=bf16; fp32: the "
+                          f"former train.autocast=off)")
     obj = getattr(cfg, section)
     hints = typing.get_type_hints(type(obj))
     if name not in hints:

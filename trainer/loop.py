@@ -19,7 +19,7 @@ import time
 import torch
 
 from shards.errors import NotFoundError, UserError
-from trainer import parallel, schedule
+from trainer import parallel, precision, schedule
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, ConfigError, to_toml
 from trainer.metrics import MetricsLog, memory_gib
@@ -73,19 +73,22 @@ def micro_batches(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, size
 
 
 def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: float, lr: float,
-               d: parallel.Dist, autocast) -> tuple[float, float, bool]:
+               d: parallel.Dist, prec: precision.Precision) -> tuple[float, float, bool]:
     """One optimizer step over the rank's batch. Returns (loss, grad_norm, applied). Not applied if NaN/inf."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     parts = list(micro_batches(batch_ids, cu_seqlens, micro_batch))
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
-    for i, (x, labels, cu) in enumerate(parts):
-        x, labels = x.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
-        kwargs = {} if cu is None else {"cu_seqlens": cu.to(d.device)}
-        with parallel.gradient_sync(model, enabled=i == len(parts) - 1), autocast():
-            loss = model(input_ids=x, labels=labels, **kwargs).loss / len(parts)
-        loss.backward()
-        loss_sum += loss.detach().float()
+    with prec.compute():
+        for i, (x, labels, cu) in enumerate(parts):
+            x, labels = x.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+            kwargs = {} if cu is None else {"cu_seqlens": cu.to(d.device)}
+            with parallel.gradient_sync(model, enabled=i == len(parts) - 1), prec.autocast():
+                loss = model(input_ids=x, labels=labels, **kwargs).loss / len(parts)
+            loss.backward()
+            prec.accumulate()
+            loss_sum += loss.detach().float()
+    prec.reduce()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
@@ -225,15 +228,14 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     meta = any(p.is_meta for p in model.parameters())
     if not meta:
         model.to(d.device)
-    model = parallel.wrap(model, cfg.parallel.mode, d, cfg.parallel.fsdp_reshard_after_forward)
+    prec_name = precision.resolve(cfg.train.precision, d.device)
+    model = parallel.wrap(model, cfg.parallel.mode, d, cfg.parallel.fsdp_reshard_after_forward, prec_name)
     if meta:
         build.materialize(model, d.device, seed=cfg.model.seed)
     model.train()
     raw = parallel.unwrap(model)
-    use_bf16 = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto" and d.device.type == "cuda"
-                                                 and cfg.parallel.mode != "fsdp")
-    autocast = ((lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if use_bf16
-                else contextlib.nullcontext)
+    prec = (precision.MasterWeights(raw, d.device, d.world_size) if prec_name == "bf16" and cfg.parallel.mode != "fsdp"
+            else precision.Precision(prec_name, d.device))
 
     from trainer.optim import build_optimizer
     optimizer = build_optimizer(model, cfg.optim, d.device)
@@ -264,9 +266,10 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     flops = flops_per_token(raw, seq_len)
     peak = cfg.run.peak_tflops * 1e12 if cfg.run.peak_tflops else peak_flops(d.device)
     tokens_per_step = cfg.data.global_batch * seq_len
-    log.info("model %s: %.2fM parameters; %.3g FLOPs/token trained (6N = %.3g); %s on %d x %s; global batch "
-             "%d x %d tokens, micro-batch %d, %d accumulation step(s)", model_config.model_type, n_params / 1e6,
-             flops["train"], six_n(raw), cfg.parallel.mode, d.world_size, d.device.type, cfg.data.global_batch,
+    log.info("model %s: %.2fM parameters; %.3g FLOPs/token trained (6N = %.3g); %s on %d x %s, precision %s; "
+             "global batch %d x %d tokens, micro-batch %d, %d accumulation step(s)", model_config.model_type,
+             n_params / 1e6, flops["train"], six_n(raw), cfg.parallel.mode, d.world_size, d.device.type, prec_name,
+             cfg.data.global_batch,
              seq_len, micro, loader.local_batch // micro)
 
     # ---- the loop
@@ -288,7 +291,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
             assert batch.step == step, (batch.step, step)
             lr = lr_at(step)
             loss, grad_norm, applied = train_step(model, optimizer, batch.input_ids, batch.cu_seqlens, micro,
-                                                  cfg.optim.clip, lr, d, autocast)
+                                                  cfg.optim.clip, lr, d, prec)
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
             dt = time.perf_counter() - t0
@@ -309,7 +312,7 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
                       "skipped_steps": skipped, "epoch": batch.epoch}
             if val_rows and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
                 from trainer.evaluate import validation_loss
-                losses = {name: validation_loss(model, rows, micro, d, autocast, val_boundaries)
+                losses = {name: validation_loss(model, rows, micro, d, prec.eval_autocast, val_boundaries)
                           for name, rows in val_rows}
                 # a mixture: val/<name> per source, and their mean weighted by validation tokens
                 sizes = {name: rows.numel() for name, rows in val_rows}

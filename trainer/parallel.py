@@ -66,8 +66,11 @@ def blocks(model: nn.Module) -> nn.ModuleList:
                       f"(parallel.mode=fsdp and train.compile need one)")
 
 
-def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = True) -> nn.Module:
-    """Shard or replicate `model` (already on d.device, or on meta for fsdp)."""
+def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = True,
+         precision: str = "fp32") -> nn.Module:
+    """Shard or replicate `model` (already on d.device, or on meta for fsdp). `precision` is the resolved
+    train.precision: under ddp, bf16 replicates without DDP (trainer.precision.MasterWeights all-reduces the
+    fp32 gradients itself); under fsdp it picks FSDP2's MixedPrecisionPolicy."""
     if mode == "none" and d.world_size > 1:
         import logging
         logging.getLogger("trainer").info("parallel.mode=none under %d processes: using ddp", d.world_size)
@@ -76,17 +79,18 @@ def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = Tru
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        if not d.distributed:
-            return model  # one process: DDP would only add overhead
+        if not d.distributed or precision == "bf16":
+            return model  # one process: DDP would only add overhead; bf16: see above
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
+
+        from trainer.precision import fsdp_policy
         if not d.distributed:  # FSDP2 needs a process group; a one-process group keeps the same code path
             _single_process_group(d)
         mesh = init_device_mesh(d.device.type, (d.world_size,))
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if d.device.type == "cuda" else MixedPrecisionPolicy())
+        mp = fsdp_policy(precision)
         # fully_shard replaces each parameter by a new DTensor one, dropping attributes such as FLA's
         # _no_weight_decay (read by trainer.optim): carry that mark over by name.
         no_decay = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}

@@ -1,0 +1,141 @@
+"""How a run holds and computes its numbers (train.precision).
+
+  bf16      fp32 master weights and fp32 optimizer states (what the optimizer steps, checkpoints hold and
+            the export writes), but forward and backward run on bf16 copies of the weights: bf16 activations
+            and residual stream, half the bytes of every elementwise op, norm and cast of the autocast path.
+            Each micro-batch's bf16 gradients are added into fp32 buffers; several processes all-reduce those
+            fp32 buffers; the optimizer steps the fp32 weights. Megatron's mixed precision does the same; under
+            FSDP2 it is MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). The GPU default.
+  autocast  fp32 weights under bf16 autocast: the weights are cast at every use, the residual stream is fp32.
+  fp32      no reduced precision (the CPU default).
+
+For parallel.mode none/ddp, bf16 swaps each parameter's storage (`p.data`) to its bf16 copy for the step's
+forward and backward passes and back to the fp32 weight afterwards, so everything outside the step (optimizer,
+clipping, checkpoints, validation, export) sees the same fp32 parameters as the other paths. DDP is not used
+there: its buckets would take the bf16 gradients; one all-reduce of the flat fp32 gradient buffer replaces it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import ConfigError
+
+CHOICES = ("auto", "bf16", "autocast", "fp32")
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """auto -> bf16 on GPUs, fp32 on CPUs."""
+    if name not in CHOICES:
+        raise ConfigError(f"train.precision={name!r}: use one of {list(CHOICES)}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def fsdp_policy(name: str):
+    """FSDP2's mixed precision for a resolved precision name: bf16 compute with fp32 gradient reduction,
+    or plain fp32 (autocast then runs over the fp32 weights)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if name == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+class Precision:
+    """fp32 weights, with or without bf16 autocast; also bf16 under FSDP2 (its policy does the casting).
+    The hooks of a step: compute() around all micro-batches, autocast() around each forward, accumulate()
+    after each backward, reduce() before clipping."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name = name
+        self.device = device
+
+    def autocast(self):
+        if self.name == "autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def eval_autocast(self):
+        """Around validation's forward passes (FSDP2's bf16 policy casts by itself)."""
+        return self.autocast()
+
+    def compute(self):
+        return contextlib.nullcontext()
+
+    def accumulate(self) -> None:
+        pass
+
+    def reduce(self) -> None:
+        pass
+
+
+class MasterWeights(Precision):
+    """bf16 compute over fp32 master weights for one process or several (without DDP). See the module doc."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, group_size: int = 1):
+        super().__init__("bf16", device)
+        seen, self.params = set(), []
+        for p in model.parameters():  # tied weights once
+            if p.requires_grad and p.is_floating_point() and id(p) not in seen:
+                seen.add(id(p))
+                self.params.append(p)
+        n = sum(p.numel() for p in self.params)
+        self.grad_flat = torch.zeros(n, dtype=torch.float32, device=device)
+        self.half_flat = torch.empty(n, dtype=torch.bfloat16, device=device)
+        self.grads, self.halves, offset = [], [], 0
+        for p in self.params:
+            self.grads.append(self.grad_flat[offset:offset + p.numel()].view_as(p))
+            self.halves.append(self.half_flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.group_size = group_size
+        self._has_grad = [False] * len(self.params)
+        if group_size > 1:  # every rank starts from rank 0's weights, as DDP does at construction
+            for p in self.params:
+                dist.broadcast(p.data, 0)
+
+    def eval_autocast(self):
+        """Validation runs outside the step, on the fp32 weights: under bf16 autocast."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    @contextlib.contextmanager
+    def compute(self):
+        """The step's forward and backward passes run on bf16 copies of the current fp32 weights."""
+        masters = [p.data for p in self.params]
+        if any(m.dtype != torch.float32 for m in masters):
+            raise RuntimeError("train.precision=bf16: the master weights must be fp32 outside the step")
+        torch._foreach_copy_(self.halves, masters)
+        self.grad_flat.zero_()
+        self._has_grad = [False] * len(self.params)
+        for p, h in zip(self.params, self.halves):
+            p.data = h
+        try:
+            yield
+        finally:
+            for p, m in zip(self.params, masters):
+                p.grad = None
+                p.data = m
+
+    def accumulate(self) -> None:
+        """After one micro-batch's backward: its bf16 gradients into the fp32 buffers."""
+        dst, src = [], []
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                dst.append(self.grads[i])
+                src.append(p.grad)
+                self._has_grad[i] = True
+                p.grad = None
+        if dst:
+            torch._foreach_add_(dst, src)
+
+    def reduce(self) -> None:
+        """After the last micro-batch (outside compute()): the fp32 gradients, averaged over the processes,
+        become the fp32 weights' .grad."""
+        if self.group_size > 1:
+            dist.all_reduce(self.grad_flat)  # SUM then divide: gloo (CPU) has no AVG
+            self.grad_flat.div_(self.group_size)
+            self._has_grad = [True] * len(self.params)  # summed over ranks: defined everywhere, as under DDP
+        for p, g, has in zip(self.params, self.grads, self._has_grad):
+            p.grad = g if has else None
