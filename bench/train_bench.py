@@ -1,14 +1,15 @@
 """Training throughput: our loop (`python -m trainer`'s train()) vs transformers.Trainer, same model and batch.
 
     PYTHONUNBUFFERED=1 python bench/train_bench.py [--model configs/gla_340M.json] [--seq-len 2048]
-        [--batch 16] [--steps 30] [--warmup 5] [--shards DIR] [--cases ours,hf] [--peak-tflops 989]
+        [--batch 16] [--steps 30] [--warmup 5] [--shards DIR] [--cases ours-bf16,ours-autocast,hf] [--peak-tflops 989]
 
 The HF case is the original flame trainer's path: transformers.Trainer with bf16=True and
 optim="adamw_torch_fused" (fp32 master weights, bf16 autocast). Ours runs the real training loop
-(trainer.loop.train) with parallel.mode=none, bf16 autocast, fused AdamW, clip 1.0, micro-batch =
+(trainer.loop.train) with parallel.mode=none, fused AdamW, clip 1.0, micro-batch =
 batch (no accumulation), checkpoints and validation off. Both use the same cosine schedule, the same
 weight init seed, and the same shards (synthetic Zipf tokens are written once under --dir if --shards
-is not given).
+is not given). Case `ours` runs the default train.precision, `ours-bf16` / `ours-autocast` / `ours-fp32`
+that precision.
 
 Each case runs in its own subprocess (clean CUDA memory and peak statistics). The first `--warmup`
 steps (kernel compilation and autotuning: minutes on a cold machine) are excluded. Printed per case,
@@ -86,13 +87,13 @@ def summarize(case: str, args, step_times: list[float], wait: list[float], peak_
             "peak_mem_gib": peak_mem}
 
 
-def run_ours(args) -> dict:
+def run_ours(args, precision: str = "auto") -> dict:
     import torch
 
     from trainer.config import load
     from trainer.loop import train
     from trainer.metrics import read_metrics
-    out = os.path.join(args.dir, "ours")
+    out = os.path.join(args.dir, f"ours-{precision}")
     import shutil
     shutil.rmtree(out, ignore_errors=True)
     total = args.warmup + args.steps
@@ -101,14 +102,14 @@ def run_ours(args) -> dict:
                       "optim.lr=3e-4", "optim.min_lr=3e-5", f"optim.warmup={args.warmup}", "optim.clip=1.0",
                       "checkpoint.at_end=false", "checkpoint.every=0", "parallel.mode=none",
                       f"run.out_dir={out}", "run.tensorboard=false", "run.progress=true", "run.progress_every=0",
-                      f"train.compile={'true' if args.compile else 'false'}"])
+                      f"train.compile={'true' if args.compile else 'false'}", f"train.precision={precision}"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train(cfg)
     records = read_metrics(out)
     times = [args.batch * args.seq_len / r["tokens_per_s"] for r in records]
     wait = [r["data_wait_share"] for r in records]
-    return summarize("ours", args, times, wait, max(r["memory_gib"] for r in records), device_name())
+    return summarize("ours" if precision == "auto" else f"ours-{precision}", args, times, wait, max(r["memory_gib"] for r in records), device_name())
 
 
 def run_hf(args) -> dict:
@@ -192,7 +193,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation)")
     p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
-    p.add_argument("--cases", default="ours,hf")
+    p.add_argument("--cases", default="ours,hf", help="ours, ours-bf16, ours-autocast, ours-fp32, hf")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
@@ -206,7 +207,10 @@ def main() -> int:
         if not torch.cuda.is_available():  # CPU smoke runs: FLA kernels under the Triton interpreter
             from models import cpu_triton
             cpu_triton.enable()
-        result = {"ours": run_ours, "hf": run_hf}[args.case](args)
+        if args.case == "hf":
+            result = run_hf(args)
+        else:
+            result = run_ours(args, args.case.partition("-")[2] or "auto")
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     results = []
@@ -227,9 +231,10 @@ def main() -> int:
                 sys.stderr.write(line)
         if proc.wait() != 0:
             log(f"case {case} failed with exit code {proc.returncode}")
-    if len(results) == 2:
-        a, b = results
-        log(f"{a['case']} / {b['case']} tokens/s: {a['tokens_per_s'] / b['tokens_per_s']:.3f}")
+    base = next((r for r in results if r["case"] == "hf_trainer"), results[0] if results else None)
+    for r in results:
+        if r is not base:
+            log(f"{r['case']} / {base['case']} tokens/s: {r['tokens_per_s'] / base['tokens_per_s']:.3f}")
     return 0 if results else 1
 
 

@@ -1,10 +1,11 @@
 """Compile FLA's Triton kernels for one model and shape in parallel, before a run needs them.
 
     python -m models.warm --model configs/gla_340M.json --seq-len 2048 --batch 16 [--procs 16]
+        [--precision bf16,autocast]
 
 On a cold machine the first step of GLA 340M spends 9+ minutes in Triton: each autotuned kernel
 compiles every candidate config, one after the other, in one process. This tool splits that work:
-N processes each run one training step (forward + backward, bf16 autocast) of a shallow copy of the
+N processes each run one training step (forward + backward) of a shallow copy of the
 model (the same layer, so the same kernels and autotune keys) with each autotuner restricted to its
 own 1/N of the candidate configs. The compiled binaries land in Triton's cache (TRITON_CACHE_DIR,
 default ~/.triton/cache), so the real run afterwards only times the candidates (tens of seconds) and
@@ -12,7 +13,9 @@ does not compile them. Timings taken here are not kept: the subsets are cached u
 own, and the real run autotunes over the full config lists on a quiet GPU.
 
 Run it once per machine (or per shared cache directory) and shape: the per-rank micro-batch and the
-sequence length of the run. Processes are spread over the visible GPUs.
+sequence length of the run, and for each train.precision the run uses (--precision, default bf16, the GPU
+default): kernels are tuned per dtype, bf16 weights (bf16) and fp32 weights under autocast (autocast) hit
+other kernel variants. Processes are spread over the visible GPUs.
 """
 from __future__ import annotations
 
@@ -78,11 +81,14 @@ def child(args, index: int, count: int) -> int:
     build.adapt_to_device(config, device)
     model = build.build_model(config, device, seed=0)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
-    for _ in range(args.steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    for precision in args.precision.split(","):
+        # as trainer.precision runs it: bf16 weights (MasterWeights' copies, or FSDP2's), or autocast over fp32
+        run = model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        for _ in range(args.steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "autocast"):
+                loss = run(input_ids=ids, labels=ids).loss
+            loss.backward()
+            run.zero_grad(set_to_none=True)
     torch.cuda.synchronize(device)
     return 0
 
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, required=True, help="sequences per forward pass (train.micro_batch)")
     p.add_argument("--procs", type=int, default=None, help="parallel processes (default: CPU cores, at most 32)")
     p.add_argument("--layers", type=int, default=1, help="layers kept in the shallow copy (default 1)")
+    p.add_argument("--precision", default="bf16",
+                   help="train.precision values to warm, comma-separated: bf16 (default), autocast, fp32")
     p.add_argument("--steps", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -113,13 +121,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     count = args.procs or min(os.cpu_count() or 1, 32)
     cache = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
+    bad = [x for x in args.precision.split(",") if x not in ("bf16", "autocast", "fp32")]
+    if bad:
+        print(f"models.warm: --precision {args.precision!r}: use bf16, autocast or fp32, comma-separated",
+              file=sys.stderr)
+        return 2
     print(f"models.warm: {count} processes on {torch.cuda.device_count()} GPU(s), {args.model} at batch "
-          f"{args.batch} x {args.seq_len}; Triton cache {cache}", file=sys.stderr, flush=True)
+          f"{args.batch} x {args.seq_len}, precision {args.precision}; Triton cache {cache}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     procs = []
     for i in range(count):
         cmd = [sys.executable, "-m", "models.warm", "--model", args.model, "--seq-len", str(args.seq_len),
                "--batch", str(args.batch), "--layers", str(args.layers), "--steps", str(args.steps),
+               "--precision", args.precision,
                "--child", f"{i}/{count}"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     failed = 0

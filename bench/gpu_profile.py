@@ -1,0 +1,140 @@
+"""Where the training step's GPU time goes: a Chrome trace and a per-category table of kernel time.
+
+    PYTHONUNBUFFERED=1 python bench/gpu_profile.py [--model configs/gla_340M.json] [--seq-len 2048]
+        [--batch 16] [--precision bf16] [--steps 3] [--warmup 3] [--trace bench/out/profile.json]
+
+Runs the trainer's own step (trainer.loop.train_step: the model from models.build, train.precision's path,
+fused AdamW, clip 1.0, one micro-batch) on random tokens, one process, no DDP/FSDP. After --warmup steps
+(kernel compilation and autotuning: run `python -m models.warm` first on a cold machine), --steps steps run
+under torch.profiler. Every GPU kernel is put in one category by its name (GEMM, FLA GLA chunk kernels,
+norms, SwiGLU, elementwise/copies, ...); the table gives milliseconds per step, the share of kernel time and
+the GPU-busy share of the wall time. The trace opens in chrome://tracing or https://ui.perfetto.dev.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# First match wins: (category, substrings of the lower-cased kernel name)
+CATEGORIES = [
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "wgmma")),
+    ("FLA GLA chunk", ("chunk", "gla", "cumsum", "fused_recurrent")),
+    ("norms (FLA)", ("layer_norm", "rms_norm", "layernorm", "norm_fwd", "norm_bwd", "norm_gate")),
+    ("SwiGLU", ("swiglu", "swish")),
+    ("cross entropy", ("cross_entropy", "logsumexp", "ce_")),
+    ("AdamW", ("adam",)),
+    ("grad norm / clip", ("norm", "clamp")),
+    ("NCCL", ("nccl",)),
+    ("elementwise / copies", ("elementwise", "copy", "cast", "fill", "vectorized", "reduce", "cat", "index",
+                              "memcpy", "memset", "embedding", "foreach")),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def kernel_times(prof) -> dict[str, tuple[float, int]]:
+    """{kernel name: (total microseconds, calls)} of the GPU kernels and memory ops in a profile."""
+    from torch.autograd import DeviceType
+    out: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        t = e.time_range.elapsed_us()
+        rec = out.setdefault(e.name, [0.0, 0])
+        rec[0] += t
+        rec[1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def table(kernels: dict[str, tuple[float, int]], steps: int, wall_s: float) -> str:
+    cats: dict[str, list] = {}
+    for name, (us, calls) in kernels.items():
+        rec = cats.setdefault(category(name), [0.0, 0, []])
+        rec[0] += us
+        rec[1] += calls
+        rec[2].append((us, name))
+    total = sum(v[0] for v in cats.values())
+    lines = [f"{'category':<22} {'ms/step':>9} {'share':>7} {'calls/step':>10}  top kernel"]
+    for cat, (us, calls, names) in sorted(cats.items(), key=lambda kv: -kv[1][0]):
+        top = max(names)[1][:60]
+        lines.append(f"{cat:<22} {us / 1e3 / steps:9.2f} {us / total:7.1%} {calls / steps:10.0f}  {top}")
+    busy = total / 1e6 / wall_s if wall_s else 0.0
+    lines.append(f"{'kernels, all':<22} {total / 1e3 / steps:9.2f} {1:7.1%}  wall {wall_s / steps * 1e3:.1f} ms/step, "
+                 f"GPU busy {busy:.0%} of the wall time")
+    outside = sum(v[0] for c, v in cats.items() if c not in ("GEMM", "FLA GLA chunk"))
+    lines.append(f"outside GEMM + GLA chunk kernels: {outside / 1e3 / steps:.2f} ms/step = {outside / total:.1%} "
+                 f"of kernel time")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "autocast", "fp32"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--trace", default=os.path.join(ROOT, "bench", "out", "profile.json"))
+    args = p.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from models import build
+    from trainer.config import OptimConfig
+    from trainer.loop import train_step
+    from trainer.optim import build_optimizer
+    from trainer.parallel import Dist
+    from trainer.precision import MasterWeights, Precision
+    if not torch.cuda.is_available():
+        print("gpu_profile: no CUDA device (this profiles GPU kernels)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    config = build.load_config(args.model)
+    build.adapt_to_device(config, device)
+    model = build.build_model(config, device, seed=0)
+    model.train()
+    prec = MasterWeights(model, device) if args.precision == "bf16" else Precision(args.precision, device)
+    opt = build_optimizer(model, OptimConfig(), device)
+    d = Dist(device=device)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=gen)
+        return train_step(model, opt, ids, None, args.batch, 1.0, 3e-4, d, prec)
+
+    for i in range(args.warmup):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        print(f"warm-up step {i}: {time.perf_counter() - t:.3f}s", file=sys.stderr, flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
+    prof.export_chrome_trace(args.trace)
+    print(f"{os.path.basename(args.model)} batch {args.batch} x {args.seq_len}, precision {args.precision}, "
+          f"{args.steps} profiled steps, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "
+          f"trace {args.trace}")
+    print(table(kernel_times(prof), args.steps, wall))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
