@@ -48,7 +48,8 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:
     from torch.autograd import DeviceType
     out: dict[str, list] = {}
     for e in prof.events():
-        if e.device_type != DeviceType.CUDA:
+        # GPU-side ranges of user annotations (Optimizer.step#AdamW.step, ...) span kernels counted already
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False) or "#" in e.name:
             continue
         t = e.time_range.elapsed_us()
         rec = out.setdefault(e.name, [0.0, 0])
