@@ -5,7 +5,7 @@
 
 For each mode: (1) an uninterrupted `torchrun --nproc-per-node N -m trainer` run of --steps steps with a
 checkpoint every --every steps; (2) the same run SIGKILLed (the whole process group) once --kill-after
-steps are logged; (3) that run resumed on N processes and, from a copy, on 1 process. Prints one JSON
+steps are logged; (3) that run resumed on N processes and, from a copy, on --resume-nproc processes (1). Prints one JSON
 line with the uninterrupted run's throughput (median over its steps after --skip), then one JSON line per resumed run with the largest per-step loss difference to the uninterrupted run. (On GPUs bf16
 autocast and atomics make runs differ slightly even without a kill; the CPU tests check exactness.)
 """
@@ -58,6 +58,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--kill-after", type=int, default=7)
+    p.add_argument("--resume-nproc", type=int, default=1, help="processes of the second resume (default 1)")
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the throughput line")
     p.add_argument("--shards", default=None)
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "resume"))
@@ -93,7 +94,7 @@ def main() -> int:
     print(json.dumps({"mode": args.mode, "nproc": args.nproc, "run": "uninterrupted", "global_batch": args.batch,
                       "seq_len": args.seq_len, "model": os.path.basename(args.model),
                       **throughput(runs["full"], args.skip)}), flush=True)
-    for name, nproc in (("killed", args.nproc), ("killed-1proc", 1)):
+    for name, nproc in (("killed", args.nproc), ("killed-1proc", args.resume_nproc)):
         over = base + [f"run.out_dir={runs[name]}"]
         # Same global batch on 1 process: the local batch doubles, the micro-batches keep their size.
         print(f"[{time.strftime('%X')}] resume {name} on {nproc} process(es)", file=sys.stderr, flush=True)

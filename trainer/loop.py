@@ -242,14 +242,15 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
     lr_at = schedule.from_config(cfg.optim, cfg.train.max_steps)
 
     # ---- resume
+    t_load = time.perf_counter()
     state = ckpt.load_latest(model, optimizer)
     start_step, skipped, best_val = 0, 0, None
     if state is not None:
         start_step = loader.check_state(state["loader"])
         skipped = int(state.get("skipped_steps", 0))
         best_val = state.get("best_val_loss")
-        log.info("resumed from %s at step %d (saved by %d ranks, now %d)", state["path"], start_step,
-                 state.get("world_size", -1), d.world_size)
+        log.info("resumed from %s at step %d (saved by %d ranks, now %d), loaded in %.1fs", state["path"], start_step,
+                 state.get("world_size", -1), d.world_size, time.perf_counter() - t_load)
 
     val_rows = []  # (name, this rank's rows): one set, or one per source of a mixture that has val_shards
     if cfg.train.eval_every > 0:
