@@ -85,3 +85,18 @@ def test_a_save_failing_on_one_rank_stops_every_rank_and_keeps_the_previous_chec
     resumed = run_trainer(str(tmp_path), cfg, nproc=2)
     assert "resumed from" in resumed.stderr and "step-000002" in resumed.stderr
     assert [r["step"] for r in read_metrics(str(out))] == list(range(STEPS))
+
+
+def test_bf16_precision_on_two_processes_equals_one(tmp_path, data):
+    """train.precision=bf16 under ddp replicates without DDP: rank 0's weights are broadcast, each rank's bf16
+    gradients go into its fp32 buffer, one all-reduce averages those. Halving is exact in floating point, so two
+    processes (one micro-batch of 2 each) give the same steps as one (two micro-batches of 2, each loss / 2)."""
+    cfg = config(tmp_path, data, "ddp", "bf16", cpu_kernels="torch")
+    over = ("train.precision=bf16", "checkpoint.every=0")
+    two = run_trainer(str(tmp_path), cfg, *over, f"run.out_dir={tmp_path / 'two'}", nproc=2)
+    assert "precision bf16" in two.stderr
+    run_trainer(str(tmp_path), cfg, *over, f"run.out_dir={tmp_path / 'one'}")
+    one, both = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+    assert len(one) == len(both) == STEPS
+    for a, b in zip(one, both):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * a["grad_norm"], (a, b)
