@@ -2,7 +2,8 @@
 
 INPUT arguments (files, directories, globs; local paths or s3:// URLs) become a sorted list of
 input files, listed through the Storage interface. The files are cut into *pieces* (a whole file,
-a newline-aligned byte range of a large uncompressed .jsonl, or a run of parquet row groups) and
+a newline-aligned byte range of a large uncompressed .jsonl, a range of compressed bytes of a large
+.jsonl.gz/.zst whose lines are the ones that start in its output, or a run of parquet row groups) and
 consecutive pieces are grouped into *tasks* of about `task_bytes` input bytes. The plan depends
 only on the inputs and `task_bytes`, never on the number of workers or nodes: that is what makes
 the output byte-identical whatever the parallelism.
@@ -22,7 +23,10 @@ from shards.storage import Storage, StorageError, is_s3
 from shards.backends import open_storage
 
 KINDS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".txt", ".parquet")  # longest suffix first
-SPLITTABLE = ".jsonl"  # only uncompressed jsonl can be cut at byte offsets
+SPLITTABLE = ".jsonl"  # cut at byte offsets, at line boundaries
+COMPRESSED = (".jsonl.gz", ".jsonl.zst")  # cut at compressed offsets: see shardgen/compressed.py
+GRAIN = 64 << 10  # compressed bytes decompressed at a time; pieces of compressed files start at multiples of it
+MAX_COMPRESSED_PIECES = 16  # each piece decompresses its file from the start: at most 8.5x the file in all
 READ_BUFFER = 4 << 20
 
 
@@ -43,8 +47,8 @@ class InputFile:
 
 @dataclass(frozen=True)
 class Piece:
-    """A part of one input file: bytes [start, end) for .jsonl, row groups [start, end) for parquet
-    (end -1: all of them), the whole file otherwise. `nbytes` is its input size, for progress."""
+    """A part of one input file: bytes [start, end) for .jsonl, .jsonl.gz and .jsonl.zst (compressed
+    bytes for these), row groups [start, end) for parquet (end -1: all of them), the whole file otherwise. `nbytes` is its input size, for progress."""
     url: str
     kind: str
     start: int
@@ -228,6 +232,10 @@ def pieces_of(f: InputFile, task_bytes: int) -> list[Piece]:
                 for s in range(0, f.size, task_bytes)]
     if f.kind == ".parquet":
         return _parquet_groups(f, task_bytes)
+    if f.kind in COMPRESSED and f.size > max(task_bytes, GRAIN):
+        n = min(-(-f.size // task_bytes), MAX_COMPRESSED_PIECES)  # pieces of equal size, about task_bytes
+        size = -(-f.size // n // GRAIN) * GRAIN
+        return [Piece(f.url, f.kind, s, min(s + size, f.size), min(size, f.size - s)) for s in range(0, f.size, size)]
     return [Piece(f.url, f.kind, 0, f.size, f.size)]
 
 

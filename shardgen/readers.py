@@ -12,13 +12,11 @@ import codecs
 import gzip
 import io
 import json
-import zlib
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator
 
-import zstandard
-
-from shardgen.inputs import READ_BUFFER, InputError, Piece, open_input
+from shardgen.compressed import DAMAGE, ZstdFeed, piece_lines
+from shardgen.inputs import GRAIN, READ_BUFFER, InputError, Piece, open_input
 
 SKIP_RECORD = "pass --skip-bad to skip bad records"
 SKIP_FILE = "pass --skip-bad to skip the rest of a damaged file"
@@ -47,8 +45,7 @@ class _ZstdStream(io.RawIOBase):
     (zstandard's stream_reader returns a silent short read for a truncated file)."""
 
     def __init__(self, f):
-        self.f, self.dctx = f, zstandard.ZstdDecompressor()
-        self.obj, self.in_frame, self.buf = self.dctx.decompressobj(), False, b""
+        self.f, self.dec, self.buf = f, ZstdFeed(), b""
 
     def readable(self):
         return True
@@ -57,23 +54,12 @@ class _ZstdStream(io.RawIOBase):
         while not self.buf:
             chunk = self.f.read(1 << 20)
             if not chunk:
-                if self.in_frame:
-                    raise zstandard.ZstdError("truncated: the stream ends inside a zstd frame")
+                self.dec.finish()
                 return 0
-            out = []
-            while chunk:
-                self.in_frame = True
-                out.append(self.obj.decompress(chunk))
-                chunk = b""
-                if self.obj.eof:
-                    chunk, self.obj, self.in_frame = self.obj.unused_data, self.dctx.decompressobj(), False
-            self.buf = b"".join(out)
+            self.buf = self.dec.feed(chunk)
         n = min(len(b), len(self.buf))
         b[:n], self.buf = self.buf[:n], self.buf[n:]
         return n
-
-
-DAMAGE = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 
 
 def _lone_surrogate(text: str) -> int | None:
@@ -136,10 +122,15 @@ class DocumentReader:
             self._bad_record(f"{self.piece.url}:{line}", f"invalid UTF-8 at byte {e.start} "
                                                           f"({data[e.start:e.start + 4]!r})")
 
-    def _lines(self, reader) -> Iterator[tuple[int | None, bytes]]:
+    def _lines(self, reader, size: int) -> Iterator[tuple[int | None, bytes]]:
         """(line number or None where unknown, line) of the piece. A byte-range piece owns the lines
-        that start inside [start, end); its line numbers are found only when an error needs one."""
+        that start inside [start, end); its line numbers are found only when an error needs one.
+        A piece of a compressed file: see shardgen/compressed.py."""
         p = self.piece
+        if p.kind != ".jsonl" and (p.start > 0 or p.end < size):
+            yield from piece_lines(reader, p.kind, p.start, p.end, size, GRAIN,
+                                   lambda n: setattr(self, "bytes_done", n))
+            return
         if p.kind != ".jsonl":
             raw = reader
             stream = gzip.GzipFile(fileobj=reader) if p.kind == ".jsonl.gz" else \
@@ -176,10 +167,10 @@ class DocumentReader:
     def _jsonl(self) -> Iterator[str]:
         key, n = self.key, 0
         where = lambda: self._where(n)  # noqa: E731 - the line of the current record, found only for an error
-        reader, _ = open_input(self.piece.url)
+        reader, size = open_input(self.piece.url)
         with reader:
             try:
-                for n, line in self._lines(reader):
+                for n, line in self._lines(reader, size):
                     if not line.strip():
                         continue  # blank line: no record
                     try:
