@@ -208,3 +208,12 @@ def test_a_rank_reading_from_s3_gets_each_touched_index_once_and_upgrade_works_t
     v2, _ = take(url1, 3, world_size=2, rank=0)
     for a, b in zip(v1 + v2, want + want):
         assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_a_manifest_of_an_unknown_format_version_is_one_clear_error(built, capsys):
+    path = os.path.join(built, "manifest.json")
+    d = json.loads(open(path).read())
+    d["format_version"] = 99
+    open(path, "w").write(json.dumps(d))
+    assert main(["verify", built, "-q"]) == 1
+    assert "format_version 99 is not supported (this reader knows 1, 2)" in capsys.readouterr().err

@@ -283,7 +283,7 @@ class Plan:
 # uint64 and the block ids differ), so the order is the sorted keys. A histogram of the keys' top
 # bits (one hashing pass) gives, per bucket, the blocks and rows of all smaller buckets; the blocks
 # of the buckets a rank reads are then collected and sorted: a window of the order, exact.
-_CHUNK = 1 << 17  # blocks hashed per numpy call: large enough to amortize it, small enough for the cache
+_CHUNK = 1 << 16  # blocks hashed per numpy call: large enough to amortize it, small enough for the cache
 _MAX_BUCKET_BITS = 16
 
 
