@@ -133,6 +133,7 @@ def test_one_source_through_sources_is_the_one_dataset_loader(sources):
     assert os.path.isdir(root)
 
 
+@pytest.mark.slow
 def test_cli_plan_and_peek_of_a_mixture_config(tmp_path):
     import json
     import subprocess

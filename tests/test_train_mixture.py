@@ -60,6 +60,7 @@ progress = false
     return str(path)
 
 
+@pytest.mark.slow
 def test_mixture_run_logs_sources_and_resumes_bitwise_after_sigkill(tmp_path, data):
     # the PyTorch CPU ops (fast steps): 40 steps leave the kill below seconds of margin
     full = mix_config(tmp_path, data, "full.toml", "full", max_steps=40)
@@ -91,6 +92,7 @@ def test_mixture_run_logs_sources_and_resumes_bitwise_after_sigkill(tmp_path, da
         assert a[k].equal(b[k]), k
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_stage_and_accepts_a_later_one(tmp_path, data):
     cfg = mix_config(tmp_path, data, "run.toml", "out", max_steps=6)
     run_trainer(str(tmp_path), cfg)
