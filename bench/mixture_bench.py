@@ -2,17 +2,17 @@
 training, and bytes fetched per byte used per source from S3 (a local SeaweedFS server this script starts
 and always stops).
 
-    python bench/mixture_bench.py [--tokens 200000000] [--seq-len 2048] [--global-batch 64] [--steps 200]
+    python bench/mixture_bench.py [--tokens 100000000] [--seq-len 2048] [--global-batch 64] [--repeat 5]
 
 Data: loader_bench's synthetic shards (Zipf uint16 tokens, 256 KiB blocks, zstd 3), written once in
 small shards; the 4 sources are 4 disjoint sets of those shards in the ratio 4:3:2:1 (hard links, a
 manifest each), mixed with weights 0.4/0.3/0.2/0.1, so both cases read the same bytes at the same rate.
 
-- tokens/s: TokenLoader on one rank, --steps steps after the first batch; one source and the mixture
+- tokens/s: TokenLoader on one rank over one epoch of the data (timed after the first batch); one source and the mixture
   alternate, --repeat times each, best kept (the machine may be shared).
 - first batch: constructing the loader (manifests, plans) to its first batch, at step 0 and at step
   10**6, the mixture, each in a fresh process, best of --repeat.
-- S3: the 4 sources uploaded to the server; the mixture from S3 for --steps steps; per source the
+- S3: the 4 sources uploaded to the server; the mixture from S3 for one epoch; per source the
   compressed bytes read over the compressed bytes of the rows its batches used (1.0: each byte read
   was used; a little above 1 for the blocks the last steps leave half used).
 Prints a table and one JSON line.
@@ -84,6 +84,8 @@ def run(shards, args, start_step=0, steps=None, measure_used=False) -> dict:
     t0 = time.perf_counter()
     ld = TokenLoader(shards, seed=1, global_batch=args.global_batch, prefetch_steps=args.prefetch_steps)
     steps = args.steps if steps is None else steps
+    if steps < 0:  # the rest of one epoch of all the data
+        steps = sum(m.totals()["sequences"] for m in ld.manifests) // args.global_batch - 1
     it = ld.iter_batches(start_step)
     first = next(it)
     t1 = time.perf_counter()
@@ -98,7 +100,7 @@ def run(shards, args, start_step=0, steps=None, measure_used=False) -> dict:
             used_by_source(ld, b, used)
     dt = time.perf_counter() - t1
     pipe = ld._pipelines[0]
-    out = {"first_batch_s": t1 - t0, "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt if dt else 0.0,
+    out = {"steps": steps + 1, "first_batch_s": t1 - t0, "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt if dt else 0.0,
            "fetched_by_source": list(pipe.reader.bytes_by_source), "used_by_source": used,
            "peak_live_blocks": pipe.cache.slab.peak, "slot_bytes": pipe.cache.slab.slot_bytes,
            "sources": ld.num_sources}
@@ -112,7 +114,7 @@ def in_process(case: str, args, start_step=0, steps=None) -> dict:
     """One measurement in a fresh process (cold: no plan or block caches from an earlier case)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--dir", args.dir, "--global-batch",
            str(args.global_batch), "--prefetch-steps", str(args.prefetch_steps),
-           "--steps", str(args.steps if steps is None else steps), "--start-step", str(start_step)]
+           "--steps", str((args.steps or -1) if steps is None else steps), "--start-step", str(start_step)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"case {case} failed:\n{res.stderr}")
@@ -121,11 +123,13 @@ def in_process(case: str, args, start_step=0, steps=None) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=200_000_000)
+    ap.add_argument("--tokens", type=int, default=100_000_000)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--prefetch-steps", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=200, help="steps timed after the first batch")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="steps timed after the first batch (default: the rest of one epoch of the data, so that "
+                         "every block is decoded once; fewer steps time the bursts where all streams start blocks)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None, help="data directory (default: .cache/mixture_bench/<tokens>-<seq-len>)")
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 part")
@@ -164,7 +168,7 @@ def main() -> int:
     first_deep = min((in_process("mix", args, 10**6, 0) for _ in range(args.repeat)),
                      key=lambda r: r["first_batch_s"])
     res = {"tokens": args.tokens, "seq_len": args.seq_len, "global_batch": args.global_batch,
-           "prefetch_steps": args.prefetch_steps, "steps": args.steps, "cpus": os.cpu_count(),
+           "prefetch_steps": args.prefetch_steps, "steps": best_mix["steps"], "cpus": os.cpu_count(),
            "one_tokens_per_s": best_one["tokens_per_s"], "mix_tokens_per_s": best_mix["tokens_per_s"],
            "mix_vs_one": best_mix["tokens_per_s"] / best_one["tokens_per_s"],
            "all_one_tokens_per_s": [r["tokens_per_s"] for r in one], "all_mix_tokens_per_s": [r["tokens_per_s"] for r in mix],
@@ -180,9 +184,7 @@ def main() -> int:
 
 
 def s3_part(roots: list[str], args) -> dict:
-    from shards.format import read_manifest
     from shards.s3 import S3Storage
-    from shards.storage import LocalStorage
     from shards.s3server import AWS_VARS, LocalS3
     work = tempfile.mkdtemp(prefix="mixbench-")
     try:
@@ -200,12 +202,10 @@ def s3_part(roots: list[str], args) -> dict:
                         st.put_bytes(f, fh.read())
                 st.close()
                 urls.append(f"s3://{BUCKET}/{name}")
-            steps = args.s3_steps or sum(read_manifest(LocalStorage(r)).totals()["sequences"]
-                                         for r in roots) // args.global_batch - 1
-            r = run(sources(urls), args, steps=steps, measure_used=True)
+            r = run(sources(urls), args, steps=args.s3_steps - 1 if args.s3_steps else -1, measure_used=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"steps": steps + 1, "tokens_per_s": r["tokens_per_s"], "first_batch_s": r["first_batch_s"],
+    return {"steps": r["steps"], "tokens_per_s": r["tokens_per_s"], "first_batch_s": r["first_batch_s"],
             "fetched_per_used": {n: f / u for n, f, u in zip(NAMES, r["fetched_by_source"], r["used_by_source"])},
             "fetched_bytes": dict(zip(NAMES, r["fetched_by_source"])), "used_bytes": dict(zip(NAMES, r["used_by_source"]))}
 
@@ -213,7 +213,7 @@ def s3_part(roots: list[str], args) -> dict:
 def report(r: dict) -> None:
     mib = 1 << 20
     print(f"\n{r['tokens'] / 1e6:.0f}M tokens, seq {r['seq_len']}, global batch {r['global_batch']}, "
-          f"{r['steps']} steps timed; cpus {r['cpus']}, load average {r['load_average'][0]:.1f} -> "
+          f"{r['steps']} steps (timed after the first); cpus {r['cpus']}, load average {r['load_average'][0]:.1f} -> "
           f"{r['load_average'][1]:.1f}")
     print(f"{'':40} {'Mtok/s':>8} {'peak RSS MiB':>13} {'peak blocks':>12}")
     for key, label in (("one", "one source (the same shards)"), ("mix", "4 sources, weights 0.4/0.3/0.2/0.1")):

@@ -238,10 +238,7 @@ class Mixture:
         # One source: slot j is stream j, so a rank's streams are contiguous and its plan needs only
         # the window of the epoch order that holds them (O(shards) start-up); several: the whole epoch.
         span = self.plans[0].rank_span(world_size, rank) if self.num_sources == 1 else None
-        bounds = np.flatnonzero(np.diff(src)) + 1  # sources come in config order: contiguous runs
-        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(src)]):
-            if lo == hi:
-                continue
+        for lo, hi in _runs(src):  # sources come in config order: one run each
             i = int(src[lo])
             plan, c = self.plans[i], self.source_streams[i]
             t, stream = np.divmod(ms[lo:hi], c)
@@ -277,7 +274,12 @@ class Mixture:
                   ) -> tuple[np.ndarray, np.ndarray]:
         """(shard index in its source's manifest, sequence index inside the shard) of rows."""
         shard, seq = np.empty_like(blocks), np.empty_like(blocks)
-        for i in np.unique(sources).tolist():
-            sel = sources == i
-            shard[sel], seq[sel] = self.plans[i].sequences(blocks[sel], rows[sel])
+        for lo, hi in _runs(sources):  # a step's rows come source by source
+            shard[lo:hi], seq[lo:hi] = self.plans[int(sources[lo])].sequences(blocks[lo:hi], rows[lo:hi])
         return shard, seq
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) of each run of equal values."""
+    cuts = (np.flatnonzero(np.diff(values)) + 1).tolist()
+    return list(zip([0, *cuts], [*cuts, len(values)])) if len(values) else []
