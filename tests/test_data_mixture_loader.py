@@ -169,3 +169,14 @@ def test_cli_plan_and_peek_of_a_mixture_config(tmp_path):
     assert all(" ... " in x for x in rows[1:]) and any("¦" in x for x in rows[1:])
     r = cli("plan", "--config", str(cfg), "--shards", a)
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_validation_shards_are_checked_against_their_source(sources, tmp_path):
+    from trainer.data.sources import check_val_set
+    val = str(tmp_path / "val")
+    write_dataset(val, [[4]], seq_len=32)
+    with TokenLoader(mix(sources), seed=0, global_batch=10) as ld:
+        check_val_set(ld, 1, sources["code"][0])  # same seq_len and tokenizer: fine
+        with pytest.raises(PlanError, match=r"its val_shards .*/val has seq_len 32 but source 'code' has 16: "
+                                            r"validation shards need the seq_len and tokenizer"):
+            check_val_set(ld, 1, val)

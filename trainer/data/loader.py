@@ -69,17 +69,18 @@ class Source:
     weight: float | Fraction = 1
 
 
-def check_sources_agree(names: list[str], manifests: list[Manifest], what: str = "source") -> None:
-    """Sources mixed into one batch need the same seq_len, token dtype and tokenizer (its sha256)."""
+def check_sources_agree(labels: list[str], manifests: list[Manifest],
+                        why: str = "mixed sources need the same seq_len and tokenizer") -> None:
+    """Sources mixed into one batch need the same seq_len, token dtype and tokenizer (its sha256).
+    `labels` name the datasets in the message (e.g. "source 'web'")."""
     def key(m):
         return {"seq_len": m.seq_len, "dtype": m.dtype, "tokenizer sha256": m.tokenizer.get("sha256")}
     first = key(manifests[0])
-    for name, m in zip(names[1:], manifests[1:]):
+    for label, m in zip(labels[1:], manifests[1:]):
         for k, v in key(m).items():
             if v != first[k]:
-                raise PlanError(f"{what} {name!r} has {k} {v} but {what} {names[0]!r} has {first[k]}: "
-                                f"mixed sources need the same seq_len and tokenizer; rebuild one with the "
-                                f"other's (python -m shardgen ... --seq-len --tokenizer)")
+                raise PlanError(f"{label} has {k} {v} but {labels[0]} has {first[k]}: {why}; rebuild one "
+                                f"with the other's (python -m shardgen ... --seq-len --tokenizer)")
 
 
 def cu_seqlens(tokens: np.ndarray, eos_id: int, bos_id: int | None) -> np.ndarray:
@@ -125,7 +126,7 @@ class TokenLoader:
                 local = all(isinstance(st, LocalStorage) for st in self.storages)
                 fetch_threads = LOCAL_FETCH_THREADS if local else REMOTE_FETCH_THREADS
             self.manifests = [read_manifest(st) for st in self.storages]
-            check_sources_agree(self.names, self.manifests)
+            check_sources_agree([f"source {n!r}" for n in self.names], self.manifests)
             for name, st, m in zip(self.names, self.storages, self.manifests):
                 if m.format_version < 2:
                     log.warning("%s is a format-%d dataset: its manifest lists every block, so every rank reads "

@@ -47,8 +47,9 @@ def check_val_set(loader: TokenLoader, source: int, url: str) -> None:
     finally:
         storage.close()
     name = loader.names[source]
-    check_sources_agree([name, f"{name} (val_shards {url})"], [loader.manifests[source], manifest],
-                        what="validation set of")
+    label = f"source {name!r}" if name else f"data.shards {loader.storage}"
+    check_sources_agree([label, f"its val_shards {url}"], [loader.manifests[source], manifest],
+                        why="validation shards need the seq_len and tokenizer of the data they validate")
 
 
 def mixture_table(loader: TokenLoader, max_steps: int, max_repeats: float) -> tuple[list[str], list[str]]:
