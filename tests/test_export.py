@@ -1,5 +1,6 @@
 """trainer.export: checkpoint -> HF directory that AutoModelForCausalLM/AutoTokenizer load; generation; init_from."""
 import os
+import shutil
 import subprocess
 import tempfile
 
@@ -73,12 +74,13 @@ def test_export_round_trip_and_generation(tmp_path, trained):
 
 def test_export_of_one_checkpoint_dir_and_bad_paths(tmp_path, trained):
     ckpt = os.path.join(trained["out"], "ckpt", "step-000003")
-    os.makedirs(tmp_path / "hf3")
-    (tmp_path / "hf3" / "stale.bin").write_bytes(b"from an older export")
+    assert export(tmp_path, ckpt, str(tmp_path / "hf3")).returncode == 0
+    stale = tmp_path / "hf3" / "model-00002-of-00002.safetensors"
+    stale.write_bytes(b"from an older export")
     p = export(tmp_path, ckpt, str(tmp_path / "hf3"))
     assert p.returncode == 0, p.stderr
-    # the new export replaced the old directory whole, and left nothing beside it
-    assert not (tmp_path / "hf3" / "stale.bin").exists() and (tmp_path / "hf3" / "config.json").exists()
+    # the new export replaced the old export whole, and left nothing beside it
+    assert not stale.exists() and (tmp_path / "hf3" / "config.json").exists()
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n]
     p = export(tmp_path, str(tmp_path / "nothing"), str(tmp_path / "x"))
     assert p.returncode == 1 and "neither a run directory" in p.stderr
@@ -88,6 +90,49 @@ def test_export_of_one_checkpoint_dir_and_bad_paths(tmp_path, trained):
     p = export(tmp_path, str(bad), str(tmp_path / "y"))
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"error: {bad / 'model.json'}: model_type 'nope'" in p.stderr
+
+
+def test_export_never_removes_a_directory_that_is_not_an_export(tmp_path, trained):
+    from trainer.export import main
+    runs = tmp_path / "runs"  # a folder of runs, and a run directory: the export would have deleted them
+    shutil.copytree(trained["out"], runs / "a")
+    before = sorted(str(p.relative_to(runs)) for p in runs.rglob("*"))
+    for out in (runs, runs / "a"):
+        for flags in ([], ["--overwrite"]):
+            assert main([trained["out"], str(out), *flags]) == 1
+    assert sorted(str(p.relative_to(runs)) for p in runs.rglob("*")) == before
+    err = capsys_lines(main, [trained["out"], str(runs / "a")])
+    assert "not a model export (it holds ckpt/, config.toml, data.json, metrics.jsonl and " in err
+    assert f"e.g. {runs / 'a' / 'hf'}" in err and "--overwrite or not" in err
+
+    hf = tmp_path / "hf"  # an export with a file of the user's in it: not removed either
+    assert main([trained["out"], str(hf)]) == 0
+    (hf / "notes.txt").write_text("mine")
+    assert main([trained["out"], str(hf), "--overwrite"]) == 1 and (hf / "notes.txt").read_text() == "mine"
+
+    other = tmp_path / "other"  # model files that trainer.export did not write: only with --overwrite
+    os.makedirs(other)
+    (other / "config.json").write_text("{}")
+    assert "pass --overwrite to replace it" in capsys_lines(main, [trained["out"], str(other)])
+    assert (other / "config.json").read_text() == "{}"
+    assert main([trained["out"], str(other), "--overwrite"]) == 0
+    assert (other / "model.safetensors").is_file() and (other / "trainer_export.json").is_file()
+
+    (tmp_path / "file").write_text("x")
+    assert "exists and is not a directory" in capsys_lines(main, [trained["out"], str(tmp_path / "file")])
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n]
+
+
+def capsys_lines(main, argv) -> str:
+    """stderr of an in-process main(argv) that must fail with one error line."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 1
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
 
 
 def test_init_from_exported_model(tmp_path, trained):

@@ -15,14 +15,49 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
+import tempfile
 
 import torch
 
 from shards.errors import NotFoundError, UserError
 
 log = logging.getLogger("trainer.export")
+
+MARKER = "trainer_export.json"  # written into every export: what may be replaced by the next one
+# The files an export writes (model.save_pretrained, tokenizer.save_pretrained, the marker): a directory holding
+# anything else is not an export and is never removed.
+EXPORT_FILE = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|"
+                         r"added_tokens|trainer_export)\.json|model(-\d+-of-\d+)?\.safetensors|"
+                         r"model\.safetensors\.index\.json|chat_template\.jinja")
+
+
+class ExportError(UserError, ValueError):
+    """OUT cannot take the export. Names OUT and what to do."""
+
+
+def check_out(out: str, overwrite: bool = False) -> None:
+    """OUT may be replaced when it does not exist, is empty, or is an export: ours (it has MARKER), or with
+    --overwrite any directory holding only files an export writes. Anything else (a run directory, a folder of
+    runs) is refused, --overwrite or not: the swap would delete it."""
+    if not os.path.lexists(out):
+        return
+    if os.path.islink(out) or not os.path.isdir(out):
+        raise ExportError(f"{out}: exists and is not a directory; give a new or empty directory as OUT")
+    entries = sorted(os.listdir(out), key=lambda e: (e.startswith("."), e))  # hidden names last
+    foreign = [e + ("/" if os.path.isdir(os.path.join(out, e)) else "") for e in entries
+               if not (EXPORT_FILE.fullmatch(e) and os.path.isfile(os.path.join(out, e))
+                       and not os.path.islink(os.path.join(out, e)))]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ExportError(f"{out}: not a model export (it holds {shown}), and an export never removes such a "
+                          f"directory, --overwrite or not: give a new or empty directory as OUT "
+                          f"(e.g. {os.path.join(out, 'hf')}), or move its contents away first")
+    if entries and MARKER not in entries and not overwrite:
+        raise ExportError(f"{out}: holds a model that trainer.export did not write (no {MARKER}); pass "
+                          f"--overwrite to replace it, or give a new or empty directory as OUT")
 
 
 def resolve(ckpt: str) -> tuple[str, str]:
@@ -102,7 +137,9 @@ def load_checkpoint_model(ckpt: str):
     return model, run_dir, path
 
 
-def export(ckpt: str, out: str, dtype: str = "float32") -> str:
+def export(ckpt: str, out: str, dtype: str = "float32", overwrite: bool = False) -> str:
+    out = out.rstrip("/") or out
+    check_out(out, overwrite)  # before the model is loaded: a refused OUT costs nothing
     model, run_dir, path = load_checkpoint_model(ckpt)
     with open(os.path.join(run_dir, "data.json")) as f:
         data = json.load(f)
@@ -112,17 +149,28 @@ def export(ckpt: str, out: str, dtype: str = "float32") -> str:
     if dtype != "float32":
         model.to(getattr(torch, dtype))
     # Built beside OUT and renamed into place: a killed export leaves no half-written OUT, and
-    # re-exporting into an old OUT leaves none of its files behind.
-    out = out.rstrip("/") or out
-    tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # re-exporting into an old export leaves none of its files behind.
+    parent, base = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{base}.tmp-", dir=parent)  # a new name: nothing of the user's is removed
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would make it (mkdtemp's is private to the user)
+    old = os.path.join(parent, os.path.basename(tmp).replace(".tmp-", ".old-", 1))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         _write_tokenizer(run_dir, tmp, data)
-        if os.path.exists(out):
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"checkpoint": path, "dtype": dtype}, f, indent=1)
+        check_out(out, overwrite)  # again: OUT may have changed while the model was written
+        if os.path.lexists(out):
             os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if os.path.lexists(old):
+                os.rename(old, out)  # the previous export back in place
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,10 +201,13 @@ def main(argv=None) -> int:
                                 "checkpoint.dir or one checkpoint in it (s3://bucket/ckpt[/step-N])")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an OUT holding a model that trainer.export did not write (only model files; a "
+                        "directory holding anything else is never removed)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        export(args.ckpt, args.out, args.dtype)
+        export(args.ckpt, args.out, args.dtype, args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
