@@ -54,6 +54,25 @@ def test_bad_values_name_key_and_file(tmp_path, text, key):
     assert key in str(e.value) and path in str(e.value)
 
 
+@pytest.mark.parametrize("text,key", [("[data]\nglobal_batch = \"4\"\n", "data.global_batch"),
+                                      ("[optim]\nlr = \"1e-3\"\n", "optim.lr"),
+                                      ("[data]\nvarlen = \"true\"\n", "data.varlen"),
+                                      ("[optim]\nbetas = \"0.9,0.95\"\n", "optim.betas"),
+                                      ("[train]\nmicro_batch = \"2\"\n", "train.micro_batch"),
+                                      ("[[data.sources]]\nname = \"a\"\nshards = \"x\"\nweight = \"1\"\n",
+                                       "data.sources[0].weight")])
+def test_a_toml_string_where_a_number_belongs_is_refused(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert f"{path}: {key} = " in str(e.value) and "is not a valid" in str(e.value)
+    # the same values as command-line overrides are parsed from their strings
+    cfg = load(None, ["data.global_batch=4", "optim.lr=1e-3", "data.varlen=true", "optim.betas=0.9,0.95",
+                      "train.micro_batch=2"])
+    assert (cfg.data.global_batch, cfg.optim.lr, cfg.data.varlen, cfg.optim.betas, cfg.train.micro_batch) == \
+        (4, 1e-3, True, (0.9, 0.95), 2)
+
+
 def test_bad_override_value_names_key():
     with pytest.raises(ConfigError, match=r"command line: train.max_steps = 'x'"):
         load(None, ["train.max_steps=x"])

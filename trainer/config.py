@@ -1,7 +1,9 @@
 """The run configuration: typed dataclasses loaded from TOML, with `section.key=value` overrides.
 
 An unknown key or a value of the wrong type is a ConfigError naming the key and where it came from
-(the TOML file or the command line). Every key has a default, so a TOML file lists only what it changes.
+(the TOML file or the command line). A TOML value must have the key's type (`global_batch = "4"` is refused);
+command-line values are strings, parsed to the key's type. Every key has a default, so a TOML file lists only
+what it changes.
 """
 from __future__ import annotations
 
@@ -133,10 +135,13 @@ CHOICES = {("optim", "schedule"): ("cosine", "wsd", "linear"), ("parallel", "mod
            ("model", "cpu_kernels"): ("torch", "triton")}
 
 
-def _coerce(value, tp, key: str, where: str):
-    """Check/convert one value to the annotated type `tp`. Strings from the command line are parsed."""
+def _coerce(value, tp, key: str, where: str, text: bool = False):
+    """Check/convert one value to the annotated type `tp`. Command-line values are strings (`text`) and are
+    parsed; a TOML value must already have the key's type (a float key takes an integer too)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = ConfigError(f"{where}: {key} = {value!r} is not a valid {_type_name(tp)}")
+    bad = ConfigError(f"{where}: {key} = {value!r} is not a valid {_type_name(tp)}"
+                      + ("" if text or not isinstance(value, str) or tp is str else
+                         " (a TOML string: write the value without quotes)"))
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             if type(None) in args:
@@ -144,11 +149,11 @@ def _coerce(value, tp, key: str, where: str):
             raise bad
         for a in args:
             if a is not type(None):
-                return _coerce(value, a, key, where)
+                return _coerce(value, a, key, where, text)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        if text and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise bad
     if tp is int:
@@ -156,7 +161,7 @@ def _coerce(value, tp, key: str, where: str):
             raise bad
         if isinstance(value, int):
             return value
-        if isinstance(value, str):
+        if text:
             try:
                 return int(value.replace("_", ""))
             except ValueError:
@@ -167,7 +172,7 @@ def _coerce(value, tp, key: str, where: str):
             raise bad
         if isinstance(value, (int, float)):
             return float(value)
-        if isinstance(value, str):
+        if text:
             try:
                 return float(value)
             except ValueError:
@@ -178,10 +183,10 @@ def _coerce(value, tp, key: str, where: str):
             return value
         raise bad
     if origin is tuple:
-        if isinstance(value, str):
-            text = value.strip()
+        if text:
+            spelled = value.strip()
             try:
-                value = json.loads(text if text.startswith("[") else f"[{text}]")
+                value = json.loads(spelled if spelled.startswith("[") else f"[{spelled}]")
             except json.JSONDecodeError:
                 raise bad from None
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -218,7 +223,7 @@ def _tables(value, tp, key: str, where: str) -> list:
     return out
 
 
-def _set(cfg: Config, key: str, value, where: str) -> None:
+def _set(cfg: Config, key: str, value, where: str, text: bool = False) -> None:
     section, _, name = key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections or not name:
@@ -235,7 +240,7 @@ def _set(cfg: Config, key: str, value, where: str) -> None:
     if typing.get_origin(hints[name]) is list:
         v = _tables(value, typing.get_args(hints[name])[0], key, where)
     else:
-        v = _coerce(value, hints[name], key, where)
+        v = _coerce(value, hints[name], key, where, text)
     choices = CHOICES.get((section, name))
     if choices and v not in choices:
         raise ConfigError(f"{where}: {key} = {v!r} must be one of {list(choices)}")
@@ -262,7 +267,7 @@ def load(path: str | None, overrides: list[str] = ()) -> Config:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"command line: {item!r} is not key=value (e.g. train.max_steps=100)")
-        _set(cfg, key.strip(), value.strip(), "command line")
+        _set(cfg, key.strip(), value.strip(), "command line", text=True)
     validate(cfg, (path or "defaults") + (" with the command-line overrides" if overrides else ""))
     return cfg
 
