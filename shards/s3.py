@@ -99,6 +99,11 @@ class _ObjectTooShort(Exception):
 
 
 class S3Storage(Storage):
+    # The retry loop's clock and sleep. Tests give an instance a virtual clock that only its sleeps advance,
+    # so how many retries fit in the budget does not depend on how busy the machine is.
+    _clock = staticmethod(time.monotonic)
+    _sleep = staticmethod(time.sleep)
+
     def __init__(self, url: str, settings: S3Settings | None = None):
         self.bucket, prefix = parse_s3_url(url)
         self.prefix = prefix.strip("/")
@@ -169,7 +174,7 @@ class S3Storage(Storage):
     def _retrying(self, what: str, fn, missing_ok: bool = False):
         """fn() with retries on transient failures, within the total budget; clear errors otherwise."""
         budget = self.settings.retry_budget_s
-        start = time.monotonic()
+        start = self._clock()
         delay, attempt = 0.2, 0
         while True:
             attempt += 1
@@ -180,7 +185,7 @@ class S3Storage(Storage):
                     return None
                 if not _is_transient(e):
                     raise self._explain(e, what) from None
-                elapsed = time.monotonic() - start
+                elapsed = self._clock() - start
                 if elapsed + delay > budget:
                     raise self._error(
                         f"{what}: gave up after {attempt} attempts in {elapsed:.1f} s (retry budget "
@@ -188,7 +193,7 @@ class S3Storage(Storage):
                 self._count("retries")
                 if attempt == 1:  # once per operation: visible, not a flood
                     log.warning("%s", self.redact(f"{what}: {self._describe(e)}; retrying for up to {budget:g} s"))
-                time.sleep(delay * random.uniform(0.5, 1.0))
+                self._sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
 
     def _describe(self, e: Exception) -> str:

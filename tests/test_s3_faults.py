@@ -22,6 +22,7 @@ class FaultProxy:
 
     def __init__(self, target_port: int, faults):
         self.faults, self.lock = iter(faults), threading.Lock()
+        self.served = []  # the fault each ranged GET got, in order
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,6 +46,7 @@ class FaultProxy:
                 if self.command == "GET" and "Range" in self.headers:
                     with proxy.lock:
                         fault = next(proxy.faults, "pass")
+                        proxy.served.append(fault)
                 if fault == "503":
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -94,14 +96,35 @@ def test_cut_bodies_and_throttling_are_retried(s3_url, s3_env, monkeypatch):
         assert st.http_requests - before == 4  # the 503 was retried by botocore ('standard' mode)
 
 
+class VirtualClock:
+    """Time that only the retry loop's sleeps advance: requests take no time however busy the machine is,
+    so the retries that fit in the budget are a function of the budget and the backoff alone."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
 def test_a_body_cut_every_time_gives_up_within_the_budget_naming_object_and_range(s3_url, s3_env, monkeypatch):
     S3Storage(s3_url).put_bytes("0.tar", DATA)
     monkeypatch.setenv("SHARDGEN_S3_RETRY_BUDGET", "1.5")
     with FaultProxy(s3_env.ports["s3.port"], iter(lambda: "cut", None)) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         st = S3Storage(s3_url)
+        st._clock = clock = VirtualClock()
+        st._sleep = clock.sleep
         with pytest.raises(StorageError) as e:
             st.read_range("0.tar", 1000, 50000)
     msg = str(e.value)
     assert f"{s3_url}/0.tar bytes 1000-50999" in msg and "short read" in msg and "retry budget" in msg
-    assert st.stats["retries"] >= 2
+    # Backoff 0.2, 0.4, 0.8 s (times a jitter in [0.5, 1]) fits in 1.5 s; the next, 1.6 s, would not: 3 retries
+    # whatever the jitter, each one a new request that the server cut again, and no sleep past the budget.
+    assert st.stats["retries"] == 3 and len(clock.sleeps) == 3 and "gave up after 4 attempts" in msg
+    assert proxy.served == ["cut"] * 4
+    assert all(0.5 * d <= s <= d for s, d in zip(clock.sleeps, (0.2, 0.4, 0.8))) and clock.now <= 1.5
