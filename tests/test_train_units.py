@@ -205,7 +205,7 @@ def test_validation_rows_are_the_first_m_sequences_split_across_ranks(tmp_path):
     from shards.format import decode_block, read_blocks, read_manifest
     from shards.storage import LocalStorage
     from tests.train_support import make_shards
-    from trainer.evaluate import load_val_rows
+    from trainer.data.validation import load_val_rows
     root = make_shards(str(tmp_path / "val"), sequences=24, seq_len=16, rows_per_block=5, shards=2)
     st = LocalStorage(root)
     m = read_manifest(st)
@@ -268,7 +268,7 @@ def test_metrics_history_survives_a_failure_while_dropping_redone_steps(tmp_path
 
 def test_too_few_validation_sequences_for_the_ranks_names_the_fix(tmp_path):
     from tests.train_support import make_shards
-    from trainer.evaluate import load_val_rows
+    from trainer.data.validation import load_val_rows
     root = make_shards(str(tmp_path / "val"), sequences=2, seq_len=16, rows_per_block=1, shards=1)
     with pytest.raises(ValueError, match=r"val_sequences=1 \(.* holds 2\) is fewer than the 3 ranks: raise it"):
         load_val_rows(root, 1, Dist(rank=0, world_size=3))

@@ -21,8 +21,14 @@ import sys
 import tempfile
 
 import torch
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
-from shards.errors import NotFoundError, UserError
+from models import build
+from shards.errors import UserError
+from trainer.checkpoint import CheckpointError, Checkpointer
+from trainer.parallel import Dist
+from trainer.run_dir import resolve
 
 log = logging.getLogger("trainer.export")
 
@@ -60,73 +66,8 @@ def check_out(out: str, overwrite: bool = False) -> None:
                           f"--overwrite to replace it, or give a new or empty directory as OUT")
 
 
-def resolve(ckpt: str) -> tuple[str, str]:
-    """(run out_dir, checkpoint dir) for a run dir or a checkpoint dir. For a checkpoint in object storage the
-    "run dir" is a local temporary copy of CHECKPOINT_DIR/run/."""
-    from shards.storage import is_s3
-    from trainer.checkpoint import NAME_RE, STATE_NAME, list_checkpoints
-    if is_s3(ckpt):
-        ckpt = ckpt.rstrip("/")
-        parent, _, base = ckpt.rpartition("/")
-        if NAME_RE.match(base):
-            return _fetch_run_files(parent, ckpt), ckpt
-        found = list_checkpoints(ckpt)
-        if not found:
-            raise NotFoundError(f"{ckpt}: no complete checkpoint (step-NNNNNN/ with {STATE_NAME}) there")
-        return _fetch_run_files(ckpt, found[-1]), found[-1]
-    ckpt = os.path.abspath(ckpt)
-    if os.path.isfile(os.path.join(ckpt, STATE_NAME)):
-        run_dir = os.path.dirname(os.path.dirname(ckpt))
-        beside = os.path.join(os.path.dirname(ckpt), "run")  # a checkpoint.dir of its own: the copy there
-        if not os.path.isfile(os.path.join(run_dir, "model.json")) and os.path.isfile(os.path.join(beside, "model.json")):
-            run_dir = beside
-        return run_dir, ckpt
-    if os.path.isfile(os.path.join(ckpt, "model.json")):
-        root = _checkpoint_dir(ckpt)
-        found = list_checkpoints(root)
-        if not found:
-            raise NotFoundError(f"{ckpt}: a run directory without any complete checkpoint in {root}")
-        return ckpt, found[-1]
-    raise NotFoundError(f"{ckpt}: neither a run directory (with model.json) nor a checkpoint directory "
-                        f"(with {STATE_NAME})")
-
-
-def _checkpoint_dir(run_dir: str) -> str:
-    """The run's checkpoint.dir from its config.toml (written by the trainer), else RUN_DIR/ckpt."""
-    import tomllib
-    try:
-        with open(os.path.join(run_dir, "config.toml"), "rb") as f:
-            configured = tomllib.load(f).get("checkpoint", {}).get("dir")
-    except (OSError, tomllib.TOMLDecodeError):
-        configured = None
-    return configured or os.path.join(run_dir, "ckpt")
-
-
-def _fetch_run_files(root: str, path: str) -> str:
-    """ROOT/run/* (model.json, data.json, tokenizer.json, config.toml) into a local temporary directory."""
-    import atexit
-    import tempfile
-
-    from shards.backends import open_storage
-    from trainer.loop import RUN_FILES
-    storage = open_storage(root)
-    if not storage.exists("run/model.json"):
-        raise NotFoundError(f"{path}: no {root}/run/model.json beside it (the trainer writes the run files "
-                            f"there at launch): export from the run directory instead")
-    local = tempfile.mkdtemp(prefix="export-run-")
-    atexit.register(shutil.rmtree, local, True)
-    for name in RUN_FILES:
-        if storage.exists(f"run/{name}"):
-            with open(os.path.join(local, name), "wb") as f:
-                f.write(storage.read(f"run/{name}"))
-    return local
-
-
 def load_checkpoint_model(ckpt: str):
     """The model of a checkpoint, on CPU in fp32, with the run's (unedited) model config."""
-    from models import build
-    from trainer.checkpoint import Checkpointer, CheckpointError
-    from trainer.parallel import Dist
     run_dir, path = resolve(ckpt)
     config = build.load_config(os.path.join(run_dir, "model.json"))  # errors name the file
     model = build.build_model(config, "cpu")
@@ -184,8 +125,6 @@ def _write_tokenizer(run_dir: str, out: str, data: dict) -> None:
     if not os.path.isfile(tok_file):
         log.warning("%s: no tokenizer.json (the shards had none): exporting the model only", run_dir)
         return
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
     raw = Tokenizer.from_file(tok_file)
     eos = raw.id_to_token(data["eos_id"])
     bos = raw.id_to_token(data["bos_id"]) if data.get("bos_id") is not None else None

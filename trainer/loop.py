@@ -1,28 +1,35 @@
 """The training loop: read it top to bottom.
 
-setup (processes, data, model, optimizer, checkpoint) -> resume -> for each step: micro-batches
-(forward, backward, gradients synced on the last one) -> clip -> skip if NaN/inf else optimizer step
--> metrics -> validation -> checkpoint.
+train -> setup (processes, run dir, data, model, optimizer, checkpoint, resume: returns the Run's parts)
+-> run_steps: for each step, train_step (micro-batches: forward, backward, gradients synced on the last
+one -> clip -> skip if NaN/inf else optimizer step) -> metrics -> validation -> checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
-import json
 import logging
 import math
 import os
-import socket
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from shards.errors import NotFoundError, UserError
-from trainer import parallel, precision, schedule
+from models import build, cpu_torch, cpu_triton
+from models.flops import flops_per_token, peak_flops, six_n
+from shards.errors import UserError
+from shards.progress import Progress
+from trainer import parallel, precision, run_dir, schedule
 from trainer.checkpoint import Checkpointer
-from trainer.config import Config, ConfigError, to_toml
+from trainer.config import Config, ConfigError
+from trainer.data import TokenLoader
+from trainer.data.loader import cu_seqlens as document_bounds
+from trainer.data.sources import check_val_set, mixture_table, open_loader, val_sets
+from trainer.data.validation import load_val_rows
+from trainer.evaluate import validation_loss
 from trainer.metrics import MetricsLog, memory_gib
+from trainer.optim import build_optimizer
 
 log = logging.getLogger("trainer")
 
@@ -107,14 +114,13 @@ def setup_logging(d: parallel.Dist) -> None:
 
 
 def train(cfg: Config) -> dict:
-    # ---- processes and device. FLA's kernels on CPU need the Triton interpreter, set before fla is imported.
+    # FLA's kernels on CPU need the Triton interpreter, set before triton is first imported.
     if not torch.cuda.is_available():
-        from models import cpu_triton
         cpu_triton.enable()
     d = parallel.init()
     setup_logging(d)
-    with run_dir_lock(cfg.run.out_dir, d):
-        summary = _train(cfg, d)
+    with run_dir.lock(cfg.run.out_dir, d):
+        summary = run_steps(cfg, setup(cfg, d))
     # Leave together, then tear down: a rank destroying its process group while another still talks to it
     # can abort. After an error we skip both (a collective with a failed rank would hang) and just exit.
     parallel.barrier(d)
@@ -122,60 +128,96 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-@contextlib.contextmanager
-def run_dir_lock(out: str, d: parallel.Dist):
-    """One run at a time per run.out_dir. Two runs in one directory (a second launch while the first still
-    runs, or workers left behind by a killed torchrun) would interleave metrics and overwrite each other's
-    checkpoints. Rank 0 holds an flock on OUT/.lock for the run; the kernel drops it when the process dies,
-    so a killed run never leaves a stale lock behind."""
-    if not d.is_main or "://" in out:  # s3:// out_dir is refused in _train
-        yield
-        return
-    os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ConfigError(f"run.out_dir={out}: another run is writing to it ({holder}); wait for it to end or "
-                          f"stop it, or give this run another run.out_dir") from None
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        yield
-    finally:
-        f.close()
+@dataclass
+class Run:
+    """What setup builds and the step loop uses."""
+    d: parallel.Dist
+    loader: TokenLoader
+    ckpt: Checkpointer
+    model: torch.nn.Module  # wrapped for the parallel mode
+    raw: torch.nn.Module  # unwrapped: for parameter and FLOP counts
+    optimizer: torch.optim.Optimizer
+    lr_at: Callable[[int], float]
+    prec: precision.Precision  # compute dtype: autocast, or bf16 over fp32 master weights
+    micro: int  # sequences per forward/backward
+    # resumed state (zeros and None on a fresh run)
+    start_step: int
+    skipped: int
+    best_val: float | None
+    last_ckpt: str | None  # the newest good checkpoint: a newer directory may be damaged
+    # validation: (name, this rank's rows) of one set, or of each source of a mixture that has val_shards
+    val_rows: list[tuple[str, torch.Tensor]]
+    val_boundaries: Callable | None
+    # throughput accounting
+    tokens_per_step: int
+    train_flops: float  # per token
+    peak: float | None  # FLOP/s of one device
+    n_params: int
 
 
-def _train(cfg: Config, d: parallel.Dist) -> dict:
-    from models import build
-    from models.flops import flops_per_token, peak_flops, six_n
-    from trainer.data.loader import cu_seqlens as document_bounds
-
+def setup(cfg: Config, d: parallel.Dist) -> Run:
     torch.manual_seed(cfg.model.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     out = cfg.run.out_dir
-    if "://" in out:
-        raise ConfigError(f"run.out_dir={out}: checkpoints to object storage are not supported through "
-                         f"run.out_dir, which must be a local directory (rank 0 writes metrics, TensorBoard logs and "
-                         f"the config there); keep it local and set checkpoint.dir=s3://bucket/prefix to put the "
-                         f"checkpoints in object storage (data.shards and data.val_shards may be s3:// too)")
+    run_dir.check_out_dir(out)
     if d.is_main:
         os.makedirs(out, exist_ok=True)
     parallel.barrier(d)
 
-    # ---- data
-    from trainer.data.sources import mixture_table, open_loader
-
-    # The layout is fixed at the first launch: a resumed run without data.layout takes the checkpoint's.
-    ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(out, "ckpt"), cfg.checkpoint.keep, d)
+    ckpt = Checkpointer(run_dir.checkpoint_dir(cfg), cfg.checkpoint.keep, d)
     if cfg.checkpoint.dir:
         log.info("checkpoints in %s", ckpt.root)
+    loader = _make_loader(cfg, d, ckpt)
+    manifest = loader.manifest
+    micro = cfg.train.micro_batch or loader.local_batch
+    if loader.local_batch % micro:
+        raise ConfigError(f"train.micro_batch={micro} must divide the local batch {loader.local_batch} "
+                          f"(data.global_batch={cfg.data.global_batch} / {d.world_size} ranks)")
+
+    prec_name = precision.resolve(cfg.train.precision, d.device)
+    model = _make_model(cfg, d, loader, prec_name)
+    raw = parallel.unwrap(model)
+    prec = (precision.MasterWeights(raw, d.device, d.world_size) if prec_name == "bf16" and cfg.parallel.mode != "fsdp"
+            else precision.Precision(prec_name, d.device))
+    optimizer = build_optimizer(model, cfg.optim, d.device)
+
+    t_load = time.perf_counter()
+    state = ckpt.load_latest(model, optimizer)
+    start_step, skipped, best_val = 0, 0, None
+    if state is not None:
+        start_step = loader.check_state(state["loader"])
+        skipped = int(state.get("skipped_steps", 0))
+        best_val = state.get("best_val_loss")
+        log.info("resumed from %s at step %d (saved by %d ranks, now %d), loaded in %.1fs", state["path"],
+                 start_step, state.get("world_size", -1), d.world_size, time.perf_counter() - t_load)
+
+    val_rows = []
+    if cfg.train.eval_every > 0:
+        for name, source, url in val_sets(cfg.data):
+            check_val_set(loader, source, url)
+            val_rows.append((name, load_val_rows(url, cfg.data.val_sequences, d)))
+    # varlen: validation masks documents as training does (the same tokenizer, so the same EOS/BOS ids)
+    val_boundaries = (functools.partial(document_bounds, eos_id=manifest.eos_id, bos_id=manifest.bos_id)
+                      if cfg.data.varlen else None)
+
+    seq_len = manifest.seq_len
+    run = Run(d=d, loader=loader, ckpt=ckpt, model=model, raw=raw, optimizer=optimizer,
+              lr_at=schedule.from_config(cfg.optim, cfg.train.max_steps), prec=prec, micro=micro,
+              start_step=start_step, skipped=skipped, best_val=best_val,
+              last_ckpt=state["path"] if state else None, val_rows=val_rows, val_boundaries=val_boundaries,
+              tokens_per_step=cfg.data.global_batch * seq_len, train_flops=flops_per_token(raw, seq_len)["train"],
+              peak=cfg.run.peak_tflops * 1e12 if cfg.run.peak_tflops else peak_flops(d.device),
+              n_params=build.count_parameters(raw))
+    log.info("model %s: %.2fM parameters; %.3g FLOPs/token trained (6N = %.3g); %s on %d x %s, precision %s; "
+             "global batch %d x %d tokens, micro-batch %d, %d accumulation step(s)", raw.config.model_type,
+             run.n_params / 1e6, run.train_flops, six_n(raw), cfg.parallel.mode, d.world_size, d.device.type,
+             prec_name, cfg.data.global_batch, seq_len, micro, loader.local_batch // micro)
+    return run
+
+
+def _make_loader(cfg: Config, d: parallel.Dist, ckpt: Checkpointer) -> TokenLoader:
+    # The layout is fixed at the first launch: a resumed run without data.layout takes the checkpoint's.
     layout = cfg.data.layout
     if layout is None:
         layout = (ckpt.latest_loader_state() or {}).get("layout")
@@ -185,26 +227,22 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
         log.info("\n".join(lines))
         for w in warnings:
             log.warning(w)
-    manifest = loader.manifest
-    seq_len = manifest.seq_len
-    micro = cfg.train.micro_batch or loader.local_batch
-    if loader.local_batch % micro:
-        raise ConfigError(f"train.micro_batch={micro} must divide the local batch {loader.local_batch} "
-                         f"(data.global_batch={cfg.data.global_batch} / {d.world_size} ranks)")
+    return loader
 
-    # ---- model
+
+def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: str) -> torch.nn.Module:
+    """The model on its device, wrapped for the parallel mode, in train mode. Rank 0 writes the run files."""
     if cfg.model.init_from:
         model = build.load_pretrained(cfg.model.init_from, "cpu")
         model_config = model.config
     else:
-        model_config = build.load_config(cfg.model.config, vocab_size=manifest.tokenizer.get("vocab_size"))
+        model_config = build.load_config(cfg.model.config, vocab_size=loader.manifest.tokenizer.get("vocab_size"))
     if d.is_main:  # before adapt_to_device: the run dir keeps the user's model config, unedited
-        _write_run_files(cfg, out, model_config, loader)
+        run_dir.write_run_files(cfg, model_config, loader)
         if cfg.checkpoint.dir:  # a copy beside the checkpoints, so that one exports without the run dir
-            _copy_run_files(out, cfg.checkpoint.dir)
+            run_dir.copy_run_files(cfg.run.out_dir, cfg.checkpoint.dir)
     build.adapt_to_device(model_config, d.device)
     if d.device.type == "cpu":  # model.cpu_kernels: FLA's GLA ops as plain PyTorch, or the Triton interpreter
-        from models import cpu_torch
         cpu_torch.select(model_config, cfg.model.cpu_kernels)
     if not cfg.model.init_from:
         init_device = cfg.model.init_device
@@ -221,106 +259,59 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
         # FLA layers read their integer `layer_idx` in forward, and dynamo takes integer module attributes
         # as constants: each block would be compiled anew, and past 8 blocks (its recompile limit) the rest
         # would silently run uncompiled. As dynamic ints, one compiled block serves every layer.
-        import torch._dynamo as dynamo
+        import torch._dynamo as dynamo  # here, not at the top: it imports triton (see train)
         dynamo.config.allow_unspec_int_on_nn_module = True
         for block in parallel.blocks(model):
             block.compile()
     meta = any(p.is_meta for p in model.parameters())
     if not meta:
         model.to(d.device)
-    prec_name = precision.resolve(cfg.train.precision, d.device)
     model = parallel.wrap(model, cfg.parallel.mode, d, cfg.parallel.fsdp_reshard_after_forward, prec_name)
     if meta:
         build.materialize(model, d.device, seed=cfg.model.seed)
     model.train()
-    raw = parallel.unwrap(model)
-    prec = (precision.MasterWeights(raw, d.device, d.world_size) if prec_name == "bf16" and cfg.parallel.mode != "fsdp"
-            else precision.Precision(prec_name, d.device))
+    return model
 
-    from trainer.optim import build_optimizer
-    optimizer = build_optimizer(model, cfg.optim, d.device)
-    lr_at = schedule.from_config(cfg.optim, cfg.train.max_steps)
 
-    # ---- resume
-    t_load = time.perf_counter()
-    state = ckpt.load_latest(model, optimizer)
-    start_step, skipped, best_val = 0, 0, None
-    if state is not None:
-        start_step = loader.check_state(state["loader"])
-        skipped = int(state.get("skipped_steps", 0))
-        best_val = state.get("best_val_loss")
-        log.info("resumed from %s at step %d (saved by %d ranks, now %d), loaded in %.1fs", state["path"], start_step,
-                 state.get("world_size", -1), d.world_size, time.perf_counter() - t_load)
-
-    val_rows = []  # (name, this rank's rows): one set, or one per source of a mixture that has val_shards
-    if cfg.train.eval_every > 0:
-        from trainer.data.sources import check_val_set, val_sets
-        from trainer.evaluate import load_val_rows
-        for name, source, url in val_sets(cfg.data):
-            check_val_set(loader, source, url)
-            val_rows.append((name, load_val_rows(url, cfg.data.val_sequences, d)))
-    # varlen: validation masks documents as training does (the same tokenizer, so the same EOS/BOS ids)
-    val_boundaries = (functools.partial(document_bounds, eos_id=manifest.eos_id, bos_id=manifest.bos_id)
-                      if cfg.data.varlen else None)
-
-    n_params = build.count_parameters(raw)
-    flops = flops_per_token(raw, seq_len)
-    peak = cfg.run.peak_tflops * 1e12 if cfg.run.peak_tflops else peak_flops(d.device)
-    tokens_per_step = cfg.data.global_batch * seq_len
-    log.info("model %s: %.2fM parameters; %.3g FLOPs/token trained (6N = %.3g); %s on %d x %s, precision %s; "
-             "global batch %d x %d tokens, micro-batch %d, %d accumulation step(s)", model_config.model_type,
-             n_params / 1e6, flops["train"], six_n(raw), cfg.parallel.mode, d.world_size, d.device.type, prec_name,
-             cfg.data.global_batch,
-             seq_len, micro, loader.local_batch // micro)
-
-    # ---- the loop
-    metrics = MetricsLog(out, d.is_main, start_step, tensorboard=cfg.run.tensorboard)
-    from shards.progress import Progress
-    bar = Progress(cfg.train.max_steps - start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress,
+def run_steps(cfg: Config, r: Run) -> dict:
+    d, max_steps = r.d, cfg.train.max_steps
+    metrics = MetricsLog(cfg.run.out_dir, d.is_main, r.start_step, tensorboard=cfg.run.tensorboard)
+    bar = Progress(max_steps - r.start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress,
                    log_every=cfg.run.progress_every)
-    step, bad_in_a_row = start_step, 0
-    last_ckpt = state["path"] if state else None  # the newest good one: a newer directory may be damaged
-    val_loss = None
-    tps_list = []
+    step, skipped, best_val, last_ckpt = r.start_step, r.skipped, r.best_val, r.last_ckpt
+    bad_in_a_row, loss, val_loss, tps_list = 0, None, None, []
     t_run = time.perf_counter()
-    batches = loader.iter_batches(start_step=start_step)
+    batches = r.loader.iter_batches(start_step=step)
     try:
-        while step < cfg.train.max_steps:
+        while step < max_steps:
             t0 = time.perf_counter()
             batch = next(batches)
             t_data = time.perf_counter() - t0
             assert batch.step == step, (batch.step, step)
-            lr = lr_at(step)
-            loss, grad_norm, applied = train_step(model, optimizer, batch.input_ids, batch.cu_seqlens, micro,
-                                                  cfg.optim.clip, lr, d, prec)
+            lr = r.lr_at(step)
+            loss, grad_norm, applied = train_step(r.model, r.optimizer, batch.input_ids, batch.cu_seqlens, r.micro,
+                                                  cfg.optim.clip, lr, d, r.prec)
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
             dt = time.perf_counter() - t0
-            if applied:
-                bad_in_a_row = 0
-            else:
+            bad_in_a_row = 0 if applied else bad_in_a_row + 1
+            if not applied:
                 skipped += 1
-                bad_in_a_row += 1
                 log.warning("step %d: loss %s, grad norm %s: step skipped (no update), %d in a row",
                             step, loss, grad_norm, bad_in_a_row)
             step += 1
-            tps = tokens_per_step / dt
+            tps = r.tokens_per_step / dt
             tps_list.append(tps)
             record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": step * tokens_per_step, **_source_tokens(loader, step), "tokens_per_s": tps,
-                      "mfu": flops["train"] * tps / (peak * d.world_size) if peak else None,
+                      "tokens": step * r.tokens_per_step, **_source_tokens(r.loader, step),
+                      "tokens_per_s": tps, "mfu": _mfu(r, tps),
                       "data_wait_share": t_data / dt, "memory_gib": memory_gib(d.device),
                       "skipped_steps": skipped, "epoch": batch.epoch}
-            if val_rows and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
-                from trainer.evaluate import validation_loss
-                losses = {name: validation_loss(model, rows, micro, d, prec.eval_autocast, val_boundaries)
-                          for name, rows in val_rows}
-                # a mixture: val/<name> per source, and their mean weighted by validation tokens
-                sizes = {name: rows.numel() for name, rows in val_rows}
-                val_loss = sum(losses[n] * sizes[n] for n in losses) / sum(sizes.values())
+            if r.val_rows and (step % cfg.train.eval_every == 0 or step == max_steps):
+                losses = _validation_losses(r)
+                val_loss = losses.pop("")
                 best_val = val_loss if best_val is None else min(best_val, val_loss)
-                record.update({f"val/{n}": v for n, v in losses.items() if n})
-                record["val_loss"] = val_loss
+                record.update({f"val/{n}": v for n, v in losses.items()}, val_loss=val_loss)
             metrics.log(record)
             if bad_in_a_row >= cfg.train.max_bad_steps:
                 raise TrainingDiverged(
@@ -331,40 +322,53 @@ def _train(cfg: Config, d: parallel.Dist) -> dict:
             bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
                        (f" val {val_loss:.4f}" if val_loss is not None else ""))
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_ckpt = _save(ckpt, step, model, optimizer, loader, skipped, best_val)
-        if cfg.checkpoint.at_end and step > start_step and (last_ckpt is None or not last_ckpt.endswith(f"{step:06d}")):
-            last_ckpt = _save(ckpt, step, model, optimizer, loader, skipped, best_val)
+                last_ckpt = _save(r, step, skipped, best_val)
+        if cfg.checkpoint.at_end and step > r.start_step and (last_ckpt is None or not last_ckpt.endswith(f"{step:06d}")):
+            last_ckpt = _save(r, step, skipped, best_val)
     finally:
         batches.close()
-        loader.close()
+        r.loader.close()
         bar.close()
         metrics.close()
 
-    elapsed = time.perf_counter() - t_run
     steady = tps_list[1:] or tps_list  # the first step pays for kernel compilation
-    summary = {"steps": step, "steps_this_run": step - start_step, "tokens": step * tokens_per_step,
-               "time_s": elapsed, "mean_tokens_per_s": sum(steady) / len(steady) if steady else None,
-               "mfu": (flops["train"] * sum(steady) / len(steady) / (peak * d.world_size)) if peak and steady else None,
-               "final_loss": loss if step > start_step else None, "final_val_loss": val_loss,
+    mean_tps = sum(steady) / len(steady) if steady else None
+    summary = {"steps": step, "steps_this_run": step - r.start_step, "tokens": step * r.tokens_per_step,
+               "time_s": time.perf_counter() - t_run, "mean_tokens_per_s": mean_tps,
+               "mfu": _mfu(r, mean_tps) if mean_tps else None,
+               "final_loss": loss if step > r.start_step else None, "final_val_loss": val_loss,
                "best_val_loss": best_val, "skipped_steps": skipped,
-               "checkpoint": last_ckpt, "parameters": n_params,
-               "flops_per_token": flops["train"], "six_n": six_n(raw)}
-    if loader.num_sources > 1:  # the realised mix: each source's share of the sequences trained on
-        used = loader.sequences_before(step)
-        summary["mix"] = {n: u / max(1, sum(used)) for n, u in zip(loader.names, used)}
+               "checkpoint": last_ckpt, "parameters": r.n_params,
+               "flops_per_token": r.train_flops, "six_n": six_n(r.raw)}
+    if r.loader.num_sources > 1:  # the realised mix: each source's share of the sequences trained on
+        used = r.loader.sequences_before(step)
+        summary["mix"] = {n: u / max(1, sum(used)) for n, u in zip(r.loader.names, used)}
     if d.is_main:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        run_dir.write_summary(cfg.run.out_dir, summary)
         log.info("done: %s", ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     return summary
 
 
-def _source_tokens(loader, step: int) -> dict:
+def _validation_losses(r: Run) -> dict[str, float]:
+    """{"": the validation loss} for one set; for a mixture also {name: its loss} per source, "" being their
+    mean weighted by validation tokens."""
+    losses = {name: validation_loss(r.model, rows, r.micro, r.d, r.prec.eval_autocast, r.val_boundaries)
+              for name, rows in r.val_rows}
+    sizes = {name: rows.numel() for name, rows in r.val_rows}
+    mean = sum(losses[n] * sizes[n] for n in losses) / sum(sizes.values())
+    return {**{n: v for n, v in losses.items() if n}, "": mean}
+
+
+def _source_tokens(loader: TokenLoader, step: int) -> dict:
     """Tokens trained on per source after `step` steps (a mixture; exact, from the order itself)."""
     if loader.num_sources == 1:
         return {}
     seq_len = loader.manifest.seq_len
     return {f"tokens/{n}": u * seq_len for n, u in zip(loader.names, loader.sequences_before(step))}
+
+
+def _mfu(r: Run, tokens_per_s: float) -> float | None:
+    return r.train_flops * tokens_per_s / (r.peak * r.d.world_size) if r.peak else None
 
 
 def _fmt(v):
@@ -373,39 +377,9 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _save(ckpt, step, model, optimizer, loader, skipped, best_val) -> str:
+def _save(r: Run, step: int, skipped: int, best_val: float | None) -> str:
     t = time.perf_counter()
-    path = ckpt.save(step, model, optimizer, {"loader": loader.state_dict(step), "skipped_steps": skipped,
-                                              "best_val_loss": best_val})
+    path = r.ckpt.save(step, r.model, r.optimizer, {"loader": r.loader.state_dict(step), "skipped_steps": skipped,
+                                                    "best_val_loss": best_val})
     log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t)
     return path
-
-
-def _write_run_files(cfg: Config, out: str, model_config, loader) -> None:
-    """The resolved config, the model config, the tokenizer and its special ids: enough to export from out_dir."""
-    with open(os.path.join(out, "config.toml"), "w") as f:
-        f.write(to_toml(cfg))
-    model_config.to_json_file(os.path.join(out, "model.json"))
-    manifest, storage = loader.manifest, loader.storage  # the loader's open storage: no second connection
-    with open(os.path.join(out, "data.json"), "w") as f:
-        json.dump({"shards": cfg.data.shards if loader.num_sources == 1 else
-                   {n: s.shards for n, s in zip(loader.names, cfg.data.sources)}, "seq_len": manifest.seq_len, "eos_id": manifest.eos_id,
-                   "bos_id": manifest.bos_id, "tokenizer": manifest.tokenizer}, f, indent=1)
-    if storage.exists("tokenizer.json"):
-        with open(os.path.join(out, "tokenizer.json"), "wb") as f:
-            f.write(storage.read("tokenizer.json"))
-
-
-RUN_FILES = ("config.toml", "model.json", "data.json", "tokenizer.json")
-
-
-def _copy_run_files(out: str, ckpt_dir: str) -> None:
-    """The run files into CHECKPOINT_DIR/run/, so that `python -m trainer.export CHECKPOINT_DIR/step-N` works
-    without the run dir (which lives on rank 0's machine)."""
-    from shards.backends import open_storage
-    storage = open_storage(ckpt_dir)
-    for name in RUN_FILES:
-        path = os.path.join(out, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                storage.put_bytes(f"run/{name}", f.read())
