@@ -317,7 +317,7 @@ def run_steps(cfg: Config, r: Run) -> dict:
                 raise TrainingDiverged(
                     f"{bad_in_a_row} steps in a row with a NaN/inf loss or gradient norm (last: step {step - 1}); "
                     f"stopping. The last checkpoint ({last_ckpt}) is intact; "
-                    f"{divergence_causes(seq_len, cfg.optim.lr, cfg.optim.clip)} "
+                    f"{divergence_causes(r.loader.manifest.seq_len, cfg.optim.lr, cfg.optim.clip)} "
                     f"(train.max_bad_steps={cfg.train.max_bad_steps})")
             bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
                        (f" val {val_loss:.4f}" if val_loss is not None else ""))
