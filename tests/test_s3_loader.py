@@ -121,6 +121,18 @@ def test_missing_manifest_and_deleted_shard_are_named(datasets):
     assert f"{url}/00001.tar" in msg and "no such object" in msg and "block" in msg
 
 
+def test_a_data_path_on_s3_that_does_not_exist_says_so(datasets):
+    from shards.errors import NotFoundError
+    from trainer.data.sources import check_path
+    _, url = datasets
+    check_path("data.shards", url)
+    with pytest.raises(NotFoundError, match=re.escape(f"data.val_shards={url}-nothing-here does not exist (no "
+                                                      f"objects under that prefix)")):
+        check_path("data.val_shards", url + "-nothing-here")
+    S3Storage(url).delete("manifest.json")  # shards without a manifest: read_manifest explains that case
+    check_path("data.shards", url)
+
+
 def test_wrong_credentials_and_missing_bucket_through_the_loader(datasets, monkeypatch):
     _, url = datasets
     bucket = url.split("/")[2]

@@ -127,13 +127,6 @@ def test_incomplete_checkpoints_are_ignored_and_all_bad_is_an_error(tmp_path, da
     assert "no usable checkpoint" in p.stderr and "step-000002" in p.stderr and "train_state.json" in p.stderr
 
 
-def test_missing_shards_dir_is_a_clear_error(tmp_path, data):
-    cfg = config(tmp_path, data, data={"shards": str(tmp_path / "nope")})
-    p = run_trainer(str(tmp_path), cfg, check=False)
-    assert p.returncode == 1
-    assert f"data.shards={tmp_path / 'nope'}: no such directory" in p.stderr and "make shards" in p.stderr
-
-
 def test_bad_config_key_names_key_and_file(tmp_path, data):
     cfg = config(tmp_path, data, train={"max_step": 3})
     p = subprocess.run([PY, "-m", "trainer", cfg], cwd=ROOT, env=env(str(tmp_path)), capture_output=True, text=True)

@@ -194,8 +194,7 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
 
     val_rows = []
     if cfg.train.eval_every > 0:
-        for name, source, url in val_sets(cfg.data):
-            check_val_set(loader, source, url)
+        for name, _, url in val_sets(cfg.data):
             val_rows.append((name, load_val_rows(url, cfg.data.val_sequences, d)))
     # varlen: validation masks documents as training does (the same tokenizer, so the same EOS/BOS ids)
     val_boundaries = (functools.partial(document_bounds, eos_id=manifest.eos_id, bos_id=manifest.bos_id)
@@ -222,6 +221,9 @@ def _make_loader(cfg: Config, d: parallel.Dist, ckpt: Checkpointer) -> TokenLoad
     if layout is None:
         layout = (ckpt.latest_loader_state() or {}).get("layout")
     loader = open_loader(cfg.data, layout=layout, world_size=d.world_size, rank=d.rank)
+    if cfg.train.eval_every > 0:  # every data path is checked before the model is built
+        for _, source, url in val_sets(cfg.data):
+            check_val_set(loader, source, url)
     if loader.num_sources > 1 and d.is_main:
         lines, warnings = mixture_table(loader, cfg.train.max_steps, cfg.data.max_repeats)
         log.info("\n".join(lines))

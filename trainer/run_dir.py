@@ -51,7 +51,13 @@ def lock(out: str, d: Dist):
     if not d.is_main or "://" in out:  # an s3:// out_dir is refused by check_out_dir
         yield
         return
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"run.out_dir={out} is a file, not a directory: give a new directory (or a run's, to "
+                          f"resume it)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.out_dir={out}: cannot create it ({e.strerror}): give a directory you can write") from None
     f = open(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

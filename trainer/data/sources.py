@@ -6,26 +6,38 @@ import os
 
 from shards.backends import open_storage
 from shards.errors import NotFoundError
-from shards.format import read_manifest
+from shards.format import MANIFEST_NAME, read_manifest
 from shards.progress import human
 from trainer.data.loader import Source, TokenLoader, check_sources_agree
 
 
-def _check_local(key: str, path: str) -> None:
-    if "://" not in path and not os.path.isdir(path):
-        raise NotFoundError(f"{key}={path}: no such directory (make one with `make shards` or "
-                            f"`python -m shardgen INPUT --output {path} --tokenizer ...`)")
+def check_path(key: str, url: str) -> None:
+    """A data path that is not there is named as such ("does not exist"), not as a dataset without a manifest
+    (which read_manifest explains as an interrupted shardgen)."""
+    make = f"make the shards with `python -m shardgen INPUT --output {url} --tokenizer ...`, or fix the path"
+    if "://" not in url:
+        if not os.path.exists(url):
+            raise NotFoundError(f"{key}={url} does not exist: {make}")
+        if not os.path.isdir(url):
+            raise NotFoundError(f"{key}={url} is a file, not a shards directory: {make}")
+        return
+    storage = open_storage(url)
+    try:
+        if not storage.exists(MANIFEST_NAME) and not storage.list():
+            raise NotFoundError(f"{key}={url} does not exist (no objects under that prefix): {make}")
+    finally:
+        storage.close()
 
 
 def open_loader(data, *, layout: int | None, world_size: int = 1, rank: int = 0) -> TokenLoader:
     """The loader that `data` (a DataConfig) describes: [[data.sources]] with [[data.stages]], or data.shards."""
     if data.sources:
         for n, s in enumerate(data.sources):
-            _check_local(f"data.sources[{n}].shards ({s.name})", s.shards)
+            check_path(f"data.sources[{n}].shards ({s.name})", s.shards)
         shards = [Source(s.name, s.shards, s.weight) for s in data.sources]
         stages = [(st.start_step, [st.weights[s.name] for s in data.sources]) for st in data.stages]
     else:
-        _check_local("data.shards", data.shards)
+        check_path("data.shards", data.shards)
         shards, stages = data.shards, []
     return TokenLoader(shards, seed=data.seed, global_batch=data.global_batch, layout=layout,
                        world_size=world_size, rank=rank, prefetch_steps=data.prefetch_steps, varlen=data.varlen,
@@ -40,14 +52,15 @@ def val_sets(data) -> list[tuple[str, int, str]]:
 
 
 def check_val_set(loader: TokenLoader, source: int, url: str) -> None:
-    """Validation shards must fit their source as mixed sources fit each other (seq_len, tokenizer)."""
+    """Validation shards must exist and fit their source as mixed sources fit each other (seq_len, tokenizer)."""
+    name = loader.names[source]
+    check_path(f"data.sources[{source}].val_shards ({name})" if loader.mixed else "data.val_shards", url)
     storage = open_storage(url)
     try:
         manifest = read_manifest(storage)
     finally:
         storage.close()
-    name = loader.names[source]
-    label = f"source {name!r}" if name else f"data.shards {loader.storage}"
+    label = f"source {name!r}" if loader.mixed else f"data.shards {loader.storage}"
     check_sources_agree([label, f"its val_shards {url}"], [loader.manifests[source], manifest],
                         why="validation shards need the seq_len and tokenizer of the data they validate")
 
