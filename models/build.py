@@ -61,6 +61,17 @@ def load_config(path_or_dict, vocab_size: int | None = None):
     return config
 
 
+def use_data_special_tokens(config, eos_id: int, bos_id: int | None, generation_config=None) -> None:
+    """The shards' tokenizer is the one truth for special ids: the model JSON's (e.g. FLA's eos 2, bos 1) name
+    other tokens in another vocabulary, and generate() stops at the config's EOS. pad_token_id stays as the model
+    JSON has it: FLA models pass it to nn.Embedding as padding_idx, which would freeze the EOS embedding in
+    training; generation pads with EOS through `generation_config` instead."""
+    config.eos_token_id, config.bos_token_id = eos_id, bos_id
+    if generation_config is not None:
+        generation_config.eos_token_id, generation_config.bos_token_id = eos_id, bos_id
+        generation_config.pad_token_id = eos_id
+
+
 def adapt_to_device(config, device: torch.device) -> None:
     """Switch off fused kernels that cannot run on `device`. Changes the in-memory config only, with one log line."""
     if device.type == "cpu" and getattr(config, "fuse_cross_entropy", False):

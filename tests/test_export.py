@@ -72,6 +72,41 @@ def test_export_round_trip_and_generation(tmp_path, trained):
     assert isinstance(tok.decode(out[0]), str)
 
 
+def test_generate_on_an_export_stops_at_the_datas_eos(tmp_path, trained):
+    """The shards' EOS is 0 (the model JSON says nothing, so FLA's default 2 would stand): the trained model's
+    config, config.json, generation_config.json and the tokenizer all say 0, and generate() stops there."""
+    import json
+
+    import fla  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with open(os.path.join(trained["out"], "model.json")) as f:
+        assert json.load(f)["eos_token_id"] == 0  # the trained model's config
+    old = tmp_path / "old-run"  # a run from before: its model.json kept the JSON's ids; the export still fixes them
+    shutil.copytree(trained["out"], old)
+    with open(old / "model.json") as f:
+        d = json.load(f)
+    with open(old / "model.json", "w") as f:
+        json.dump(dict(d, eos_token_id=2, bos_token_id=1), f)
+    hf = str(tmp_path / "hf")
+    assert export(tmp_path, str(old), hf).returncode == 0
+    for name, keys in (("config.json", ("eos_token_id",)), ("generation_config.json", ("eos_token_id", "pad_token_id"))):
+        with open(os.path.join(hf, name)) as f:
+            d = json.load(f)
+        assert [d[k] for k in keys] == [0] * len(keys) and d.get("bos_token_id") is None, (name, d)
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert tok.eos_token_id == 0 and tok.pad_token_id == 0
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    model.config.fuse_cross_entropy = False
+    model.eval()
+    # An lm_head of zeros makes every logit 0; greedy argmax takes the first of equal maxima, id 0 = EOS,
+    # so the first new token is the data's EOS and generate() must stop right after it.
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    ids = tok("to be or not", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out[0].tolist() == ids[0].tolist() + [0]
+
+
 def test_export_of_one_checkpoint_dir_and_bad_paths(tmp_path, trained):
     ckpt = os.path.join(trained["out"], "ckpt", "step-000003")
     assert export(tmp_path, ckpt, str(tmp_path / "hf3")).returncode == 0

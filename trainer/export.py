@@ -84,9 +84,8 @@ def export(ckpt: str, out: str, dtype: str = "float32", overwrite: bool = False)
     model, run_dir, path = load_checkpoint_model(ckpt)
     with open(os.path.join(run_dir, "data.json")) as f:
         data = json.load(f)
-    model.config.eos_token_id = data["eos_id"]
-    model.config.bos_token_id = data["bos_id"]
-    model.config.pad_token_id = data["eos_id"] if model.config.pad_token_id is None else model.config.pad_token_id
+    # the data's ids in config.json and generation_config.json (a run from before they were in model.json too)
+    build.use_data_special_tokens(model.config, data["eos_id"], data["bos_id"], model.generation_config)
     if dtype != "float32":
         model.to(getattr(torch, dtype))
     # Built beside OUT and renamed into place: a killed export leaves no half-written OUT, and

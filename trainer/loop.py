@@ -239,6 +239,7 @@ def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: s
         model_config = model.config
     else:
         model_config = build.load_config(cfg.model.config, vocab_size=loader.manifest.tokenizer.get("vocab_size"))
+    build.use_data_special_tokens(model_config, loader.manifest.eos_id, loader.manifest.bos_id)
     if d.is_main:  # before adapt_to_device: the run dir keeps the user's model config, unedited
         run_dir.write_run_files(cfg, model_config, loader)
         if cfg.checkpoint.dir:  # a copy beside the checkpoints, so that one exports without the run dir
