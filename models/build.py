@@ -109,6 +109,43 @@ def materialize(model, device: torch.device, seed: int = 0) -> None:
         model.tie_weights()
 
 
+def check_pretrained_fits(path: str, vocab_size: int | None, data_tokenizer: bytes | None, data_where: str) -> None:
+    """model.init_from must fit the shards, checked before its weights load: an embedding table that holds
+    their ids, and, where the directory has a tokenizer.json, the shards' tokenizer (the same id for the same
+    token; an export re-serializes the file, so the vocabularies are compared, not the bytes)."""
+    fix = (f"start from a model trained with the shards' tokenizer, or rebuild the shards with this model's "
+           f"(python -m shardgen ... --tokenizer {path})")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise NotFoundError(f"model.init_from={path}: no config.json there; give an HF model directory "
+                            f"(e.g. one written by `python -m trainer.export`)")
+    model_vocab = read_model_json(config_file).get("vocab_size")
+    if vocab_size is not None and isinstance(model_vocab, int) and model_vocab < vocab_size:
+        raise ModelConfigError(f"model.init_from={path}: vocab_size {model_vocab} is smaller than the {vocab_size} "
+                               f"token ids of the shards' tokenizer ({data_where}): {fix}")
+    tok_file = os.path.join(path, "tokenizer.json")
+    if data_tokenizer is None or not os.path.isfile(tok_file):
+        return
+    with open(tok_file, "rb") as f:
+        theirs = f.read()
+    if theirs == data_tokenizer:
+        return
+    from tokenizers import Tokenizer
+    try:
+        a = Tokenizer.from_str(data_tokenizer.decode()).get_vocab()
+        b = Tokenizer.from_str(theirs.decode()).get_vocab()
+    except Exception as e:  # tokenizers raises a bare Exception on a file it cannot read
+        raise ModelConfigError(f"model.init_from={path}: {tok_file} is not a tokenizer that `tokenizers` reads ({e})") from None
+    if a != b:
+        data_tok, model_tok = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
+        differ = sorted(i for i in set(data_tok) | set(model_tok) if data_tok.get(i) != model_tok.get(i))
+        i = differ[0]
+        raise ModelConfigError(f"model.init_from={path}: its tokenizer.json is not the shards' tokenizer "
+                               f"({data_where}): {len(differ)} ids name other tokens (id {i} is "
+                               f"{data_tok.get(i)!r} in the shards, {model_tok.get(i)!r} in the model), so its "
+                               f"embeddings would be trained on other meanings: {fix}")
+
+
 def load_pretrained(path: str, device: str | torch.device = "cpu"):
     """An HF model directory (config.json + weights) -> model on `device`, in fp32."""
     _import_fla()

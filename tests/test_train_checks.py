@@ -55,3 +55,40 @@ def test_run_out_dir_that_is_a_file_is_one_line(tmp_path, shards, capsys):
     msg = one_error_line(capsys, [cfg])
     assert msg.startswith(f"run.out_dir={tmp_path / 'file'} is a file, not a directory")
     assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_init_from_is_checked_against_the_shards_before_its_weights_load(tmp_path, shards, capsys):
+    import json
+    import shutil
+
+    from tests.train_support import tokenizer_json
+    hf = tmp_path / "hf"  # config.json and tokenizer.json only: the checks come before the weights are read
+    os.makedirs(hf)
+    cfg = write_toml(str(tmp_path / "run.toml"), {
+        "model": {"init_from": str(hf)}, "data": {"shards": shards, "global_batch": 4},
+        "train": {"max_steps": 1}, "run": {"out_dir": str(tmp_path / "out"), "progress": False}})
+    with open(os.path.join(shards, "manifest.json")) as f:
+        vocab = json.load(f)["tokenizer"]["vocab_size"]
+
+    (hf / "config.json").write_text(json.dumps({"model_type": "gla", "vocab_size": vocab - 1}))
+    assert one_error_line(capsys, [cfg]).startswith(
+        f"model.init_from={hf}: vocab_size {vocab - 1} is smaller than the {vocab} token ids of the shards' "
+        f"tokenizer ({shards}): start from a model trained with the shards' tokenizer")
+
+    (hf / "config.json").write_text(json.dumps({"model_type": "gla", "vocab_size": vocab}))
+    tokenizer_json(str(hf / "tokenizer.json"), vocab, text=["a different corpus, another vocabulary"] * 50)
+    msg = one_error_line(capsys, [cfg])
+    assert msg.startswith(f"model.init_from={hf}: its tokenizer.json is not the shards' tokenizer ({shards}): ")
+    assert "ids name other tokens" in msg
+
+    # the shards' own tokenizer, as an export re-serializes it: the same vocabulary passes
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    os.remove(hf / "tokenizer.json")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(os.path.join(shards, "tokenizer.json")),
+                            eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(str(hf))
+    with open(os.path.join(shards, "tokenizer.json"), "rb") as f:
+        data_tokenizer = f.read()
+    assert open(hf / "tokenizer.json", "rb").read() != data_tokenizer
+    from models.build import check_pretrained_fits
+    check_pretrained_fits(str(hf), vocab, data_tokenizer, shards)

@@ -69,13 +69,13 @@ def kill_after_steps(cmd: list[str], tmp: str, out_dir: str, steps: int, timeout
         proc.wait()
 
 
-def tokenizer_json(path: str, vocab_size: int = VOCAB) -> int:
-    """A byte-level BPE trained on a few lines; returns its vocab size (<= vocab_size)."""
+def tokenizer_json(path: str, vocab_size: int = VOCAB, text: list[str] | None = None) -> int:
+    """A byte-level BPE trained on a few lines (or `text`); returns its vocab size (<= vocab_size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    text = ["to be or not to be that is the question", "whether tis nobler in the mind to suffer"] * 50
+    text = text or ["to be or not to be that is the question", "whether tis nobler in the mind to suffer"] * 50
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(path)

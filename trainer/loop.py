@@ -25,7 +25,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import Config, ConfigError
 from trainer.data import TokenLoader
 from trainer.data.loader import cu_seqlens as document_bounds
-from trainer.data.sources import check_val_set, mixture_table, open_loader, val_sets
+from trainer.data.sources import check_val_set, mixture_table, open_loader, shards_tokenizer, val_sets
 from trainer.data.validation import load_val_rows
 from trainer.evaluate import validation_loss
 from trainer.metrics import MetricsLog, memory_gib
@@ -235,6 +235,8 @@ def _make_loader(cfg: Config, d: parallel.Dist, ckpt: Checkpointer) -> TokenLoad
 def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: str) -> torch.nn.Module:
     """The model on its device, wrapped for the parallel mode, in train mode. Rank 0 writes the run files."""
     if cfg.model.init_from:
+        build.check_pretrained_fits(cfg.model.init_from, loader.manifest.tokenizer.get("vocab_size"),
+                                    shards_tokenizer(loader), str(loader.storage))
         model = build.load_pretrained(cfg.model.init_from, "cpu")
         model_config = model.config
     else:

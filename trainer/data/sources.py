@@ -44,6 +44,12 @@ def open_loader(data, *, layout: int | None, world_size: int = 1, rank: int = 0)
                        stages=stages)
 
 
+def shards_tokenizer(loader: TokenLoader) -> bytes | None:
+    """The tokenizer.json beside the shards (every source has the same one), or None."""
+    storage = loader.storage
+    return storage.read("tokenizer.json") if storage.exists("tokenizer.json") else None
+
+
 def val_sets(data) -> list[tuple[str, int, str]]:
     """(name, source index, URL) of each validation set: per source in a mixture, else data.val_shards."""
     if data.sources:
