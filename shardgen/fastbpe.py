@@ -7,12 +7,17 @@ grow with the merge order, as trainers assign them), the pre-tokenizer's regex, 
 (NFC etc., applied here with `unicodedata`). `convert` says why a tokenizer.json does not convert
 (SentencePiece-style ones, several chained splits, truncation, ...).
 
-Where the two could still differ (the regex engines' Unicode tables, `unicodedata`'s version, an
-unusual vocabulary), `first_difference` finds it: the build runs it on HARD_STRINGS and the input's
-first documents and keeps HF `tokenizers` on any difference, so the fast path never changes a token.
+Where the two could still differ, the build (tokenizer.choose_engine) keeps HF `tokenizers`:
+- a merge result that tokenizers' BPE does not merge back into itself (`unreachable_token`): tiktoken
+  takes a piece that is a whole token as that token;
+- a regex that leaves characters out (`drops_text`): tiktoken drops them, tokenizers keeps them;
+- any difference on HARD_STRINGS and the input's first documents (`first_difference`): the regex
+  engines' Unicode tables and features (Oniguruma's `$` matches before a newline), ...
+With a normalizer, a text holding a character newer than `unicodedata`'s tables goes to tokenizers.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -108,15 +113,28 @@ def _normalizer(norm: dict | None) -> Callable[[str], str] | None:
     raise Unsupported(f"normalizer {json.dumps(norm)[:120]}")
 
 
+@functools.lru_cache(maxsize=1)
+def _unknown_to_python() -> np.ndarray:
+    """Code point -> unassigned in this Python's `unicodedata` (Unicode 14.0 in Python 3.11): newer
+    characters that tokenizers' own, newer tables may compose or decompose where `unicodedata` cannot."""
+    unknown = np.ones(0x110000, bool)  # planes 4-13: unassigned; 15-16: private use but their last two
+    for lo, hi in ((0, 0x40000), (0xE0000, 0xF0000)):
+        unknown[lo:hi] = [unicodedata.category(chr(c)) == "Cn" for c in range(lo, hi)]
+    unknown[0xF0000:0xFFFFE] = unknown[0x100000:0x10FFFE] = False
+    return unknown
+
+
 @dataclass
 class FastBPE:
     """tiktoken with the tokenizer's ranks, plus what tokenizers does around its model: the normalizer,
-    and the non-special added tokens that it matches in the text (special ones are text for us)."""
+    and the non-special added tokens that it matches in the text (special ones are text for us).
+    With a normalizer, a text holding a character `unicodedata` does not know goes to `fallback`."""
     encoding: object  # tiktoken.Encoding
     to_id: np.ndarray | None  # rank -> id, when ids do not grow with the merge order
     normalize: Callable[[str], str] | None
     added: re.Pattern | None
     added_ids: dict[str, int]
+    fallback: Callable[[str], list[int]] | None = None  # tokenizers, for the texts above
 
     def _segment(self, text: str) -> list[int]:
         if self.normalize is not None:
@@ -124,7 +142,14 @@ class FastBPE:
         ids = self.encoding.encode_ordinary(text)
         return ids if self.to_id is None else self.to_id[np.asarray(ids, np.int64)].tolist()
 
+    def _unknown_characters(self, text: str) -> bool:
+        if self.normalize is None or text.isascii():
+            return False
+        return bool(_unknown_to_python()[np.frombuffer(text.encode("utf-32-le"), np.uint32)].any())
+
     def encode(self, text: str) -> list[int]:
+        if self.fallback is not None and self._unknown_characters(text):
+            return self.fallback(text)
         if self.added is None or not self.added.search(text):
             return self._segment(text)
         ids, pos = [], 0
@@ -193,7 +218,19 @@ def convert(json_text: str | dict) -> FastBPE:
         enc = tiktoken.Encoding("shardgen", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
     except Exception as e:  # noqa: BLE001 - tiktoken rejects patterns its regex engine cannot compile
         raise Unsupported(f"tiktoken does not take the pre-tokenizer regex ({e})") from None
-    return FastBPE(enc, to_id, normalize, added_re, added)
+    return FastBPE(enc, to_id, normalize, added_re, added, _hf_fallback(doc) if normalize else None)
+
+
+def _hf_fallback(doc: dict) -> Callable[[str], list[int]]:
+    """tokenizers for one text, loaded the first time it is needed."""
+    tok = []
+
+    def encode(text: str) -> list[int]:
+        if not tok:
+            from shardgen.tokenizer import make_encoder
+            tok.append(make_encoder(json.dumps(doc)))
+        return tok[0].encode(text, add_special_tokens=False).ids
+    return encode
 
 
 def cuttable(json_text: str | dict) -> str | None:

@@ -83,6 +83,11 @@ def test_auto_picks_tiktoken_for_byte_level_bpe(tiny_tokenizer, qwen_style):
         texts = UNICODE_DOCS + ["a <think> b <tool_call></think>"]
         assert document_encoder(read_json(tok), "tiktoken")(texts) == document_encoder(read_json(tok), "hf")(texts)
     assert choose_engine(read_json(tiny_tokenizer), "hf", [])[0] == "hf"
+    # a character this Python's unicodedata does not know: the normalizing tokenizer's text goes to tokenizers
+    unknown = "caf\u0378e\u0301 \U000e0080"
+    qwen = fastbpe.convert(read_json(qwen_style))
+    assert qwen._unknown_characters(unknown) and not qwen._unknown_characters("café 中文")
+    assert qwen.encode(unknown) == make_encoder(read_json(qwen_style)).encode(unknown, add_special_tokens=False).ids
 
 
 def test_tokenizers_that_do_not_convert_are_refused_with_the_reason(tmp_path, tiny_tokenizer):
