@@ -2,7 +2,7 @@
 
     python bench/ckpt_s3_bench.py [--model configs/demo_gla.json] [--repeats 3] [--threads 4]
 
-Same model + AdamW state both ways, trainer.checkpoint.Checkpointer (S3: ObjectStoreCheckpointer over
+Same model + AdamW state both ways, trainer.checkpoint.Checkpointer (S3: its ObjectStoreDCP adapter over
 shardgen's S3Storage). Prints one JSON line per target: median save and load seconds, the checkpoint's bytes
 and the S3 requests per save/load. Local saves are fsynced and verified by CRC32 on load; S3 saves stage in
 the temp dir and upload with SHA-256 verification, loads check sizes from one listing.
@@ -48,7 +48,7 @@ def main() -> int:
                 path = ck.save(r + 1, model, opt, {"loader": {}})
                 saves.append(time.perf_counter() - t)
                 mid = getattr(getattr(ck, "storage", None), "http_requests", 0)
-                size = sum(info["size"] for info in ck.check(path)["files"].values())
+                size = sum(info["size"] for info in ck.check(path)[0]["files"].values())
                 t = time.perf_counter()
                 ck.load(path, model, opt)
                 loads.append(time.perf_counter() - t)

@@ -7,20 +7,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+from shards.storage import LocalStorage  # noqa: E402
 
-_save = torch.save
+_put_bytes = LocalStorage.put_bytes
 _rank, _fault_rank = int(os.environ.get("RANK", "0")), int(os.environ["FAULT_RANK"])
-_marker = f"step-{int(os.environ['FAULT_STEP']):06d}.tmp"
+_victim = f"step-{int(os.environ['FAULT_STEP']):06d}.tmp/rng/rank-{_fault_rank:05d}.pt"
 
 
-def _failing_save(obj, f, *args, **kwargs):
-    if _rank == _fault_rank and isinstance(f, str) and _marker in f:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f)
-    return _save(obj, f, *args, **kwargs)
+def _failing_put_bytes(self, name, data):
+    if _rank == _fault_rank and name == _victim:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.where(name))
+    return _put_bytes(self, name, data)
 
 
-torch.save = _failing_save
+LocalStorage.put_bytes = _failing_put_bytes
 
 if __name__ == "__main__":
     from trainer.__main__ import main

@@ -80,7 +80,7 @@ def test_save_load_and_prune_in_object_storage(s3_url):
     root = s3_url + "/ckpt"
     model, opt = _tiny()
     ckpt = Checkpointer(root, keep=2, d=Dist())
-    assert type(ckpt).__name__ == "ObjectStoreCheckpointer"
+    assert type(ckpt.backend).__name__ == "ObjectStoreDCP"
     S3Storage(root).put_bytes("step-000009/__0_0.distcp", b"a killed save's leftovers")  # no train_state.json
     for step in (1, 2, 3):
         with torch.no_grad():
