@@ -1,6 +1,6 @@
 """Run FLA's Triton kernels on a machine without a GPU: the Triton interpreter plus a two-part patch.
 
-Measured facts (see /work/shared/notes/fla-on-cpu.md): with TRITON_INTERPRET=1 alone, Triton's autotuner
+Measured facts (triton 3.9, FLA's kernels on a machine without a GPU): with TRITON_INTERPRET=1 alone, Triton's autotuner
 still benchmarks through the GPU driver and FLA kernels call `.to()` on `for` loop variables, which
 the interpreter gives as plain ints. The patch keeps the first autotune config and wraps loop
 variables. It touches triton internals, so it is applied only for the triton versions it was checked on.

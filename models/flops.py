@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 LINEAR_ATTENTION = {"GatedLinearAttention": 64, "MultiScaleRetention": 64}
 DELTA_RULE = {"DeltaNet": 64, "GatedDeltaNet": 64}
-MIXERS = set(LINEAR_ATTENTION) | set(DELTA_RULE) | {"Attention", "Mamba2"}
 
 
 def _linear_attention(h: int, dk: int, dv: int, c: int) -> float:

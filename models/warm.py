@@ -26,7 +26,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARD_ENV = "FLAME_WARM_SHARD"  # "i/n": this process compiles configs i, i+n, i+2n, ...
 
 
 def config_share(configs: list, index: int, count: int) -> list:

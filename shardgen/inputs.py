@@ -14,11 +14,12 @@ import fnmatch
 import glob
 import hashlib
 import io
-import json
 import os
 from dataclasses import asdict, dataclass
 
 from shards.errors import UserError
+from shards.format import canonical_json
+from shards.rangefile import RangeFile
 from shards.storage import Storage, StorageError, is_s3
 from shards.backends import open_storage
 
@@ -77,48 +78,12 @@ def split_url(url: str) -> tuple[Storage, str]:
     return open_storage(parent or "."), name
 
 
-class StorageFile(io.RawIOBase):
-    """A seekable read-only file over Storage.read_range (pread locally, ranged GETs on S3).
-    With `close_storage`, closing the file closes the storage too (it was opened for this file alone)."""
-
-    def __init__(self, storage: Storage, name: str, size: int, close_storage: bool = False):
-        self.storage, self.name, self.size, self.pos = storage, name, size, 0
-        self.close_storage = close_storage
-
-    def close(self):
-        if not self.closed and self.close_storage:
-            self.storage.close()  # LocalStorage keeps an open descriptor per file it has read
-        super().close()
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.pos
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
-        return self.pos
-
-    def readinto(self, b):
-        n = max(0, min(len(b), self.size - self.pos))
-        if n == 0:
-            return 0
-        data = self.storage.read_range(self.name, self.pos, n)
-        b[:n] = data
-        self.pos += n
-        return n
-
-
 def open_input(url: str) -> tuple[io.BufferedReader, int]:
     """A buffered, seekable reader of `url` and its size; InputError if it cannot be opened."""
     storage, name = split_url(url)
     try:
         size = storage.size(name)
-        raw = StorageFile(storage, name, size, close_storage=True)
+        raw = RangeFile(storage, name, size, close_storage=True)
         if size:
             storage.read_range(name, 0, 1)  # fail here, with the file's name, if it is unreadable
     except (StorageError, OSError) as e:
@@ -255,5 +220,4 @@ def plan_tasks(files: list[InputFile], task_bytes: int) -> list[Task]:
 
 
 def plan_hash(tasks: list[Task]) -> str:
-    data = json.dumps([t.to_json() for t in tasks], sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(canonical_json([t.to_json() for t in tasks], ascii_only=True, newline=False)).hexdigest()

@@ -18,7 +18,7 @@ import os
 import re
 
 from shards.errors import UserError
-from shards.format import MANIFEST_NAME, TOKENIZER_NAME, index_name
+from shards.format import MANIFEST_NAME, TOKENIZER_NAME, canonical_json, index_name
 from shards.storage import Storage, unlink_quiet
 
 TASKS_DIR = "_tasks"
@@ -29,10 +29,6 @@ SHARD_RE = re.compile(r"^\d{5,}-\d{3,}\.(tar|blocks)$")  # shards and their bloc
 
 class BuildError(UserError):
     """An output directory that cannot be built into or merged; the message says what to do."""
-
-
-def canonical_json(obj) -> bytes:
-    return (json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
 
 def record_name(task: int) -> str:

@@ -63,6 +63,13 @@ class FormatError(UserError):
     """A dataset, shard or block that does not match the format. The message names it and the fix."""
 
 
+def canonical_json(obj, *, ascii_only: bool = False, newline: bool = True) -> bytes:
+    """The one canonical JSON: sorted keys, no spaces, so equal content gives equal bytes (and hashes). The
+    flags keep the bytes that manifests (ascii_only) and build plans (ascii_only, no newline) were hashed from."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only)
+    return (text + "\n" if newline else text).encode()
+
+
 def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
@@ -220,7 +227,7 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         # Canonical: sorted keys, fixed separators, so equal content gives equal bytes (and hash).
-        return (json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")) + "\n").encode()
+        return canonical_json(self.to_json(), ascii_only=True)
 
     def content_hash(self) -> str:
         """The resume guard: sha256 of the canonical manifest. In format 2 it covers every shard's sha256

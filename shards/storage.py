@@ -25,6 +25,8 @@ class S3ConfigError(StorageError, ValueError):
 
 class Storage:
     url: str
+    # Concurrent block reads a reader should keep in flight: a remote store waits on latency, so many.
+    fetch_concurrency = 16
 
     def __str__(self) -> str:
         return self.url
@@ -60,6 +62,7 @@ class Storage:
 
 
 class LocalStorage(Storage):
+    fetch_concurrency = 4  # local reads are CPU-bound (decompression): about the cores a rank can spare
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.url = self.root

@@ -17,7 +17,7 @@ def test_toml_and_typed_overrides(tmp_path):
     assert cfg.data.global_batch == 16 and cfg.data.shards == "x"
     assert cfg.optim.lr == 1e-3 and cfg.optim.min_lr == 0.0
     assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
-    assert cfg.data.varlen is True and cfg.data.layout is None and cfg.train.micro_batch == 4
+    assert cfg.data.varlen is True and cfg.data.streams is None and cfg.train.micro_batch == 4
     assert cfg.optim.betas == (0.8, 0.9) and cfg.parallel.mode == "fsdp"
 
 
@@ -167,3 +167,20 @@ def test_precision_choices_and_the_replaced_autocast_key():
     with pytest.raises(ConfigError, match=r"command line: train.autocast was replaced by train.precision .*autocast: "
                                           r"the former train.autocast=bf16"):
         load(None, ["train.autocast=bf16"])
+
+
+def test_data_layout_is_the_old_name_of_data_streams(tmp_path):
+    # configs and scripts written before the rename keep working; the resolved config says streams
+    cfg = load(write(tmp_path, "[data]\nlayout = 4\nglobal_batch = 8\n"), ["data.layout=2"])
+    assert cfg.data.streams == 2
+    assert load(write(tmp_path, "[data]\nlayout = 4\n", "old.toml")).data.streams == 4
+    text = to_toml(cfg)
+    assert "streams = 2" in text and "layout" not in text
+    assert load(write(tmp_path, text, "resolved.toml")).data.streams == 2
+
+
+def test_a_choice_key_takes_only_its_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"parallel.mode = 'dp' must be one of \['none', 'ddp', 'fsdp'\]"):
+        load(None, ["parallel.mode=dp"])
+    with pytest.raises(ConfigError, match=r"optim.schedule = 3 must be one of"):
+        load(write(tmp_path, "[optim]\nschedule = 3\n"))

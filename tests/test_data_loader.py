@@ -11,61 +11,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shards.format import FormatError, Manifest, ShardWriter, index_name, read_blocks, read_manifest
-from shards.storage import LocalStorage, Storage, StorageError
-from tests.test_data_plan import plans
+from shards.format import FormatError, Manifest, read_blocks, read_manifest
+from shards.storage import LocalStorage, StorageError
+from tests.data_support import BOS, EOS, CountingStorage, plans, take, write_dataset
 from trainer.data import DataStateError, PlanError, TokenLoader, cu_seqlens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EOS, BOS = 1, 2
-
-
-def write_dataset(root, shard_blocks, seq_len=16, seed=0, eos_every=5, bos=None):
-    """Shards of random tokens (EOS about every `eos_every` tokens); returns {(shard, seq): row}."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
-    shards, rows_of = [], {}
-    for i, blocks in enumerate(shard_blocks):
-        name = f"{i:05d}.tar"
-        with open(os.path.join(root, name), "wb") as f:
-            w = ShardWriter(f, name, seq_len, "uint16")
-            for n in blocks:
-                rows = rng.integers(3, 1000, size=(n, seq_len)).astype(np.uint16)
-                rows[rng.random(rows.shape) < 1 / eos_every] = EOS
-                if bos is not None:
-                    rows[rng.random(rows.shape) < 1 / eos_every] = bos
-                for j, r in enumerate(rows):
-                    rows_of[(i, w.sequences + j)] = r  # w.sequences: rows of this shard written so far
-                w.add_block(rows, EOS)
-            shards.append(w.close())
-        with open(os.path.join(root, index_name(name)), "wb") as f:
-            f.write(w.index_bytes)
-    m = Manifest(seq_len=seq_len, dtype="uint16", eos_id=EOS, bos_id=bos,
-                 tokenizer={"source": "test", "sha256": "0", "vocab_size": 1000}, shards=shards)
-    LocalStorage(root).put_bytes("manifest.json", m.to_bytes())
-    return rows_of
-
-
-class CountingStorage(Storage):
-    """A real LocalStorage, with every read_range recorded."""
-
-    def __init__(self, root):
-        self.inner = LocalStorage(root)
-        self.url = self.inner.url
-        self.reads = []
-
-    def exists(self, name):
-        return self.inner.exists(name)
-
-    def read(self, name):
-        return self.inner.read(name)
-
-    def read_range(self, name, offset, length):
-        self.reads.append((name, offset))
-        return self.inner.read_range(name, offset, length)
-
-    def close(self):
-        self.inner.close()
 
 
 BLOCKS = [[5, 5, 3], [4, 4, 4, 2], [7], [6, 6]]  # 46 sequences, uneven shards and blocks
@@ -75,14 +26,6 @@ BLOCKS = [[5, 5, 3], [4, 4, 4, 2], [7], [6, 6]]  # 46 sequences, uneven shards a
 def dataset(tmp_path):
     root = str(tmp_path / "ds")
     return root, write_dataset(root, BLOCKS)
-
-
-def take(loader, start, n):
-    it = loader.iter_batches(start)
-    try:
-        return [next(it) for _ in range(n)]
-    finally:
-        it.close()
 
 
 def test_batches_hold_the_tokens_the_plan_names(dataset):

@@ -8,7 +8,7 @@ import torch
 
 from shards.format import Manifest, read_manifest
 from shards.storage import LocalStorage
-from tests.test_data_loader import CountingStorage, take, write_dataset
+from tests.data_support import CountingStorage, take, write_dataset
 from trainer.data import DataStateError, PlanError, Source, TokenLoader
 
 BLOCKS = {"web": [[5, 5, 3], [4, 4, 4, 2], [7], [6, 6]], "code": [[3, 3], [2]], "math": [[4, 4, 4]]}

@@ -12,29 +12,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.data_support import plans, seeds
 from trainer.data.plan import Plan, PlanError, divisors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROPS = settings(max_examples=200, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-block_rows = st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=6), min_size=1, max_size=6)
-seeds = st.integers(0, 2**64 - 1)
 
-
-@st.composite
-def plans(draw, min_sequences=1):
-    """A random manifest with a valid (G, C): C | G and at least one step per epoch."""
-    rows = draw(block_rows)
-    n = sum(map(sum, rows))
-    if n < min_sequences:
-        rows.append([min_sequences - n])
-        n = min_sequences
-    g = draw(st.integers(1, n))
-    c = draw(st.sampled_from(divisors(g)))
-    if (n // c) // (g // c) == 0:  # layout leaves streams shorter than one step: take C = G
-        c = g
-    return rows, draw(seeds), g, c
 
 
 def pairs(step_rows, plan):

@@ -19,7 +19,7 @@ from shards.s3 import S3Storage
 from shards.storage import LocalStorage
 from shardgen_testlib import make_docs, tiny_tokenizer, write_jsonl
 from tests.s3_fixtures import upload_dir
-from tests.test_data_loader import write_dataset
+from tests.data_support import write_dataset
 from trainer.data import TokenLoader
 
 __all__ = ["tiny_tokenizer"]

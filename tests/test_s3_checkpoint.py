@@ -31,17 +31,15 @@ def test_ranged_reader_returns_the_bytes_and_fetches_each_block_about_once(tmp_p
     import io
     import random
 
+    from shards.rangefile import RangeFile
     from shards.storage import LocalStorage
-    from trainer import dcp_storage
-    monkeypatch.setattr(dcp_storage, "BLOCK", 4096)
-    monkeypatch.setattr(dcp_storage, "MAX_GET", 3 * 4096)
     data = random.Random(0).randbytes(50_000)
     (tmp_path / "obj").write_bytes(data)
     store = LocalStorage(str(tmp_path))
     fetched = []
     real = store.read_range
     monkeypatch.setattr(store, "read_range", lambda n, o, k: fetched.append(k) or real(n, o, k))
-    f = io.BufferedReader(dcp_storage._RangeReader(store, "obj", len(data)), buffer_size=512)
+    f = io.BufferedReader(RangeFile(store, "obj", len(data), block=4096, max_get=3 * 4096), buffer_size=512)
     assert f.read() == data and sum(fetched) <= len(data) + 4096  # in order: each byte about once
     rng = random.Random(1)
     for _ in range(300):

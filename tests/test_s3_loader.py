@@ -16,7 +16,7 @@ from shards.format import FormatError
 from shards.s3 import S3Storage
 from shards.storage import StorageError
 from tests.s3_fixtures import s3_client_env, upload_dir
-from tests.test_data_loader import write_dataset
+from tests.data_support import write_dataset
 from trainer.data import TokenLoader
 
 GLOBAL_BATCH = 8

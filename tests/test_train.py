@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from tests.train_support import PY, ROOT, env, kill_after_steps, make_shards, run_trainer, tiny_model_json, write_toml
+from tests.train_support import (PY, ROOT, env, final_weights, kill_after_steps, losses, make_shards, run_trainer,
+                                 tiny_model_json, write_toml)
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # trainer runs in subprocesses (make test-fast skips them)
@@ -37,16 +38,6 @@ def config(tmp_path, ds, name="run.toml", **sections):
     for sec, table in sections.items():
         base.setdefault(sec, {}).update(table)
     return write_toml(str(tmp_path / name), base)
-
-
-def losses(out_dir):
-    return [(r["step"], r["loss"]) for r in read_metrics(out_dir)]
-
-
-def final_weights(out_dir):
-    from trainer.export import load_checkpoint_model
-    model, _, path = load_checkpoint_model(out_dir)
-    return model.state_dict(), path
 
 
 def test_loss_goes_down_and_run_dir_is_complete(tmp_path, data):

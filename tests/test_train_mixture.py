@@ -4,8 +4,7 @@ import os
 
 import pytest
 
-from tests.test_train import final_weights, losses
-from tests.train_support import PY, kill_after_steps, make_shards, run_trainer, tiny_model_json
+from tests.train_support import PY, final_weights, kill_after_steps, losses, make_shards, run_trainer, tiny_model_json
 from trainer.metrics import read_metrics
 
 

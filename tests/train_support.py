@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from trainer.metrics import read_metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 VOCAB = 320
@@ -157,3 +159,13 @@ def run_trainer(tmp: str, config: str, *overrides: str, nproc: int = 1, timeout:
     if check and p.returncode != 0:
         raise AssertionError(f"trainer failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
+
+
+def losses(out_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(out_dir)]
+
+
+def final_weights(out_dir):
+    from trainer.export import load_checkpoint_model
+    model, _, path = load_checkpoint_model(out_dir)
+    return model.state_dict(), path

@@ -14,6 +14,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from shards.errors import UserError
 
@@ -26,11 +27,11 @@ class ConfigError(UserError, ValueError):
 class ModelConfig:
     config: str = "configs/demo_gla.json"  # model JSON (FLA config fields + model_type)
     init_from: str | None = None  # HF model dir to start from (weights only; optimizer and data start fresh)
-    init_device: str = "auto"  # auto: meta for fsdp (init after sharding), else the training device
+    init_device: Literal["auto", "cpu", "meta", "cuda"] = "auto"  # auto: meta for fsdp (init after sharding), else the device
     seed: int = 0  # random init seed (same on every rank)
     # CPU only: "torch" runs GLA's FLA ops as plain PyTorch (models/cpu_torch.py; other models fall back to the
     # interpreter with a log line), "triton" runs FLA's Triton kernels under the Triton interpreter (slow)
-    cpu_kernels: str = "torch"
+    cpu_kernels: Literal["torch", "triton"] = "torch"
 
 
 @dataclass
@@ -55,7 +56,8 @@ class DataConfig:
     val_shards: str | None = None
     seed: int = 0
     global_batch: int = 8  # sequences per optimizer step, over all ranks
-    layout: int | None = None  # loader streams; fixed at the first launch (None: the loader's default)
+    streams: int | None = None  # loader streams C (C | global_batch); fixed at the first launch (None: the
+    # checkpoint's, else global_batch). Formerly data.layout, still accepted
     varlen: bool = False  # document boundaries -> cu_seqlens for FLA kernels
     prefetch_steps: int = 4
     val_sequences: int = 64  # the first M sequences of the validation set, in manifest order
@@ -74,7 +76,7 @@ class TrainConfig:
     compile: bool = False
     # bf16: bf16 weights/activations for forward+backward over fp32 master weights and optimizer states;
     # autocast: fp32 weights under bf16 autocast (the GPU default before); fp32. auto: bf16 on GPU, fp32 on CPU.
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "autocast", "fp32"] = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU tests are deterministic anyway)
 
 
@@ -83,7 +85,7 @@ class OptimConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup: int = 10
-    schedule: str = "cosine"  # cosine | wsd | linear
+    schedule: Literal["cosine", "wsd", "linear"] = "cosine"
     decay_steps: int | None = None  # wsd: length of the final decay (None: 10% of max_steps)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -103,7 +105,7 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    mode: str = "none"  # none | ddp | fsdp
+    mode: Literal["none", "ddp", "fsdp"] = "none"
     fsdp_reshard_after_forward: bool = True
 
 
@@ -130,9 +132,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES = {("optim", "schedule"): ("cosine", "wsd", "linear"), ("parallel", "mode"): ("none", "ddp", "fsdp"),
-           ("train", "precision"): ("auto", "bf16", "autocast", "fp32"), ("model", "init_device"): ("auto", "cpu", "meta", "cuda"),
-           ("model", "cpu_kernels"): ("torch", "triton")}
+ALIASES = {"data.layout": "data.streams"}  # old names that existing configs and scripts still use
 
 
 def _coerce(value, tp, key: str, where: str, text: bool = False):
@@ -142,6 +142,10 @@ def _coerce(value, tp, key: str, where: str, text: bool = False):
     bad = ConfigError(f"{where}: {key} = {value!r} is not a valid {_type_name(tp)}"
                       + ("" if text or not isinstance(value, str) or tp is str else
                          " (a TOML string: write the value without quotes)"))
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {key} = {value!r} must be one of {list(args)}")
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             if type(None) in args:
@@ -224,6 +228,7 @@ def _tables(value, tp, key: str, where: str) -> list:
 
 
 def _set(cfg: Config, key: str, value, where: str, text: bool = False) -> None:
+    key = ALIASES.get(key, key)
     section, _, name = key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections or not name:
@@ -241,9 +246,6 @@ def _set(cfg: Config, key: str, value, where: str, text: bool = False) -> None:
         v = _tables(value, typing.get_args(hints[name])[0], key, where)
     else:
         v = _coerce(value, hints[name], key, where, text)
-    choices = CHOICES.get((section, name))
-    if choices and v not in choices:
-        raise ConfigError(f"{where}: {key} = {v!r} must be one of {list(choices)}")
     setattr(obj, name, v)
 
 

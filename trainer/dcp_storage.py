@@ -35,6 +35,7 @@ from pathlib import Path
 
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
 
+from shards.rangefile import RangeFile
 from shards.storage import Storage, file_crc32, is_s3, unlink_quiet
 
 BLOCK = 1 << 20  # bytes per ranged GET for small reads, aligned
@@ -77,7 +78,8 @@ class StorageFileSystem(FileSystemBase):
             size = self.sizes.get(name)
             if size is None:
                 size = self.storage.size(name)
-            with io.BufferedReader(_RangeReader(self.storage, name, size), buffer_size=64 << 10) as f:
+            raw = RangeFile(self.storage, name, size, block=BLOCK, blocks_kept=BLOCKS_KEPT, max_get=MAX_GET)
+            with io.BufferedReader(raw, buffer_size=64 << 10) as f:
                 yield f
             return
         if "w" not in mode:
@@ -246,58 +248,3 @@ class StorageReader(FileSystemReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
         return StorageFileSystem.validate_checkpoint_id(checkpoint_id)
-
-
-class _RangeReader(io.RawIOBase):
-    """A seekable, read-only raw stream over an object of known size: small reads from aligned BLOCK-sized
-    ranged GETs (the last BLOCKS_KEPT kept), large ones straight from one GET."""
-
-    def __init__(self, storage: Storage, name: str, size: int):
-        self.storage, self.name_, self.size, self.pos = storage, name, size, 0
-        self.blocks: dict[int, bytes] = {}  # block index -> bytes, oldest first
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"{self.storage.where(self.name_)}: seek to a negative position")
-        self.pos = base + offset
-        return self.pos
-
-    def _block(self, i: int) -> bytes:
-        data = self.blocks.pop(i, None)
-        if data is None:
-            start = i * BLOCK
-            data = self.storage.read_range(self.name_, start, min(BLOCK, self.size - start))
-            while len(self.blocks) >= BLOCKS_KEPT:
-                del self.blocks[next(iter(self.blocks))]
-        self.blocks[i] = data  # most recently used last
-        return data
-
-    def readinto(self, b) -> int:
-        out = memoryview(b).cast("B")
-        n = min(len(out), self.size - self.pos)
-        if n <= 0:
-            return 0
-        i, off = divmod(self.pos, BLOCK)
-        if n >= BLOCK and i not in self.blocks:  # a large read: one GET up to the next kept block, nothing kept
-            end = self.pos + min(n, MAX_GET)
-            end = min([j * BLOCK for j in self.blocks if self.pos < j * BLOCK < end] + [end])
-            n = end - self.pos
-            out[:n] = self.storage.read_range(self.name_, self.pos, n)
-        else:  # up to the end of this block
-            block = self._block(i)
-            n = min(n, len(block) - off)
-            out[:n] = block[off:off + n]
-        self.pos += n
-        return n
-
-

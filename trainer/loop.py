@@ -216,8 +216,8 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
 
 
 def _make_loader(cfg: Config, d: parallel.Dist, ckpt: Checkpointer) -> TokenLoader:
-    # The layout is fixed at the first launch: a resumed run without data.layout takes the checkpoint's.
-    layout = cfg.data.layout
+    # The streams are fixed at the first launch: a resumed run without data.streams takes the checkpoint's.
+    layout = cfg.data.streams
     if layout is None:
         layout = (ckpt.latest_loader_state() or {}).get("layout")
     loader = open_loader(cfg.data, layout=layout, world_size=d.world_size, rank=d.rank)

@@ -39,7 +39,8 @@ def parse_args(argv):
         p.add_argument("--shards", required=(name == "stats"), help="dataset directory or s3://bucket/prefix")
         p.add_argument("--global-batch", type=_pos, required=(name == "stats"),
                        help="sequences per optimizer step (G)")
-        p.add_argument("--layout", type=_pos, default=None, help="number of streams C (C | G; default G)")
+        p.add_argument("--streams", "--layout", dest="layout", type=_pos, default=None,
+                       help="number of streams C (C | G; default G); --layout is its old name")
         p.add_argument("--world-size", type=_pos, default=1)
         p.add_argument("--rank", type=_nonneg, default=0)
         p.add_argument("--seed", type=_nonneg, default=None if name == "plan" else 0)

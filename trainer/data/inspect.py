@@ -16,7 +16,7 @@ BOUNDARY = " ¦ "  # marks a document boundary (an EOS or BOS token) in peek's t
 def config_loader(args, world_size: int, rank: int) -> TokenLoader:
     from trainer.config import load
     cfg = load(args.config, args.overrides)
-    return open_loader(cfg.data, layout=cfg.data.layout, world_size=world_size, rank=rank)
+    return open_loader(cfg.data, layout=cfg.data.streams, world_size=world_size, rank=rank)
 
 
 def cmd_plan(args) -> None:

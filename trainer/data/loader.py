@@ -19,7 +19,7 @@ import numpy as np
 
 from shards.errors import UserError
 from shards.format import Manifest, read_manifest
-from shards.storage import LocalStorage, Storage
+from shards.storage import Storage
 from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex, BlockReader
 from trainer.data.mixture import MixStep, Mixture, as_fraction
@@ -30,7 +30,6 @@ log = logging.getLogger("trainer.data")
 # Version of the data order and of this state dict: bump it when the plan's arithmetic changes,
 # so a checkpoint is never resumed into a different order without saying so.
 STATE_VERSION = 1
-LOCAL_FETCH_THREADS, REMOTE_FETCH_THREADS = 4, 16
 
 
 class DataStateError(UserError, ValueError):
@@ -122,9 +121,8 @@ class TokenLoader:
                     self._owned.append(self.storages[-1])
             self.storage = self.storages[0]
             self.names = [src.name or str(st) for src, st in zip(sources, self.storages)]
-            if fetch_threads is None:  # local reads are CPU-bound (decode); remote ones wait on latency
-                local = all(isinstance(st, LocalStorage) for st in self.storages)
-                fetch_threads = LOCAL_FETCH_THREADS if local else REMOTE_FETCH_THREADS
+            if fetch_threads is None:  # what each storage prefers; a remote source's latency decides
+                fetch_threads = max(st.fetch_concurrency for st in self.storages)
             self.manifests = [read_manifest(st) for st in self.storages]
             check_sources_agree([f"source {n!r}" for n in self.names], self.manifests)
             for name, st, m in zip(self.names, self.storages, self.manifests):
@@ -248,8 +246,8 @@ class TokenLoader:
                            f"or gradient accumulation instead)")
         if int(state["layout"]) != self.layout:
             changed.append(f"layout changed ({state['layout']} -> {self.layout}): the layout is fixed at a "
-                           f"run's first launch; use layout {state['layout']} (trainer: data.layout="
-                           f"{state['layout']}, or leave data.layout unset to take the checkpoint's)")
+                           f"run's first launch; use layout {state['layout']} (trainer: data.streams="
+                           f"{state['layout']}, or leave data.streams unset to take the checkpoint's)")
         if changed:
             raise DataStateError("cannot resume this data state: " + "; ".join(changed)
                                  + ". Or start a new run (a fresh data order).")

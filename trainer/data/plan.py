@@ -2,7 +2,7 @@
 
 Inputs are only the per-block row counts of the manifest (shard by shard), the seed, the global
 batch G (sequences per optimizer step) and the layout C (number of streams, fixed at the first
-launch, C | G). Notation as in DESIGN.md:
+launch, C | G). Notation:
 
 - blocks are flattened in manifest order (shard i, block j) -> global block id b in [0, B);
   a sequence is (shard index, rows of the shard's earlier blocks + row);
@@ -235,7 +235,7 @@ class Plan:
         """For each block (of `epoch`, used by this rank), the last step of the epoch at which this rank
         needs one of its rows. A block cut by a stream boundary serves the end of one stream and the
         start of the next: its last use is near the epoch's end, so a reader that keeps it until then
-        fetches every block once per epoch (property 9) at the cost of one block per stream boundary."""
+        fetches every block once per epoch (no read amplification: docs/architecture.md) at the cost of one block per stream boundary."""
         streams = self.rank_streams(world_size, rank)
         L, k, S = self.stream_length, self.items_per_stream, self.steps_per_epoch
         blocks = np.asarray(blocks, dtype=np.int64)
