@@ -98,7 +98,10 @@ def choose_engine(json_text: str, requested: str, sample: list[str], hf: Tokeniz
         return "hf", f"tokenizer engine: tokenizers (its BPE does not merge token {token!r} back into itself)"
     if fastbpe.drops_text(fast):
         return "hf", "tokenizer engine: tokenizers (tiktoken would drop the characters its regex does not match)"
-    diff = fastbpe.first_difference(hf or make_encoder(json_text), fast, list(fastbpe.HARD_STRINGS) + sample)
+    hf = hf or make_encoder(json_text)
+    if fast.fallback is not None:  # the loaded one, not a second load
+        fast.fallback = lambda text: hf.encode(text, add_special_tokens=False).ids
+    diff = fastbpe.first_difference(hf, fast, list(fastbpe.HARD_STRINGS) + sample)
     if diff is not None:
         return "hf", f"tokenizer engine: tokenizers (tiktoken tokenizes {diff} differently)"
     return "tiktoken", (f"tokenizer engine: tiktoken (the same tokens as tokenizers on {len(fastbpe.HARD_STRINGS)} "
