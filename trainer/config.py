@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shards.errors import UserError
+from shards.storage import S3ConfigError, parse_s3_url
 
 
 class ConfigError(UserError, ValueError):
@@ -291,7 +292,6 @@ def validate(cfg: Config, where: str) -> None:
     ckpt_dir = cfg.checkpoint.dir
     if ckpt_dir and "://" in ckpt_dir:
         need(ckpt_dir.startswith("s3://"), "checkpoint.dir", f"= {ckpt_dir!r}: use a directory or s3://bucket/prefix")
-        from shards.storage import S3ConfigError, parse_s3_url
         try:
             parse_s3_url(ckpt_dir)
         except S3ConfigError as e:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -197,8 +199,6 @@ def staging_folder(storage: Storage, pid: int | None = None) -> str:
 def remove_stale_staging(storage: Storage) -> list[str]:
     """Remove the staging folders of processes of this machine that no longer run (killed while saving: their
     staged files would otherwise stay, up to a rank's share of a checkpoint each). Returns what was removed."""
-    import re
-    import shutil
     base, removed = storage.staging_dir(), []
     for entry in os.listdir(base):
         m = re.fullmatch(r"ckpt-(\d+)", entry)

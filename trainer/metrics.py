@@ -12,6 +12,7 @@ import resource
 import sys
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 
 def memory_gib(device: torch.device) -> float:
@@ -39,7 +40,6 @@ class MetricsLog:
             self._drop_from(start_step)
         self.file = open(self.path, "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step)
 
     def _drop_from(self, start_step: int) -> None:

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer.config import ConfigError
+from trainer.precision import fsdp_policy
 
 
 @dataclass
@@ -72,21 +78,15 @@ def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = Tru
     train.precision: under ddp, bf16 replicates without DDP (trainer.precision.MasterWeights all-reduces the
     fp32 gradients itself); under fsdp it picks FSDP2's MixedPrecisionPolicy."""
     if mode == "none" and d.world_size > 1:
-        import logging
         logging.getLogger("trainer").info("parallel.mode=none under %d processes: using ddp", d.world_size)
         mode = "ddp"
     if mode == "none":
         return model
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
         if not d.distributed or precision == "bf16":
             return model  # one process: DDP would only add overhead; bf16: see above
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if mode == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        from trainer.precision import fsdp_policy
         if not d.distributed:  # FSDP2 needs a process group; a one-process group keeps the same code path
             _single_process_group(d)
         mesh = init_device_mesh(d.device.type, (d.world_size,))
@@ -107,7 +107,6 @@ def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = Tru
 def _single_process_group(d: Dist) -> None:
     if dist.is_initialized():
         return
-    import socket
     with socket.socket() as s:  # a free local port for the one-member group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

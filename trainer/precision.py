@@ -20,6 +20,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from trainer.config import ConfigError
 
@@ -38,7 +39,6 @@ def resolve(name: str, device: torch.device) -> str:
 def fsdp_policy(name: str):
     """FSDP2's mixed precision for a resolved precision name: bf16 compute with fp32 gradient reduction,
     or plain fp32 (autocast then runs over the fp32 weights)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
     if name == "bf16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
