@@ -11,8 +11,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from shardgen import fastbpe
 from shardgen.build import run_build
 from shardgen.tokenizer import choose_engine, document_encoder, make_encoder
-from shardgen_testlib import (UNICODE_DOCS, build_options, make_docs, tiny_tokenizer, tree_bytes,
-                              write_jsonl)
+from tests.shardgen_testlib import (UNICODE_DOCS, build_options, make_docs, tiny_tokenizer, tree_bytes,
+                                    write_jsonl)
 
 __all__ = ["tiny_tokenizer"]
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -174,7 +174,7 @@ def test_only_known_patterns_are_cut(tmp_path, tiny_tokenizer, qwen_style):
 
 def test_a_long_document_is_tokenized_in_parts_with_the_same_tokens(tmp_path, tiny_tokenizer):
     from shardgen.tasks import BATCH_CHARS
-    from shardgen_testlib import check_round_trip, expected_stream
+    from tests.shardgen_testlib import check_round_trip, expected_stream
     long_doc = " ".join(make_docs(40000, seed=3))[:2 * BATCH_CHARS + 12345]  # three parts
     docs = ["before", long_doc, "after"]
     write_jsonl(str(tmp_path / "in.jsonl"), docs)

@@ -17,7 +17,7 @@ from shards.format import (INDEX_SUFFIX, FormatError, Manifest, ShardInfo, index
                            read_manifest)
 from shards.s3 import S3Storage
 from shards.storage import LocalStorage
-from shardgen_testlib import make_docs, tiny_tokenizer, write_jsonl
+from tests.shardgen_testlib import make_docs, tiny_tokenizer, write_jsonl
 from tests.s3_fixtures import upload_dir
 from tests.data_support import write_dataset
 from trainer.data import TokenLoader

@@ -15,9 +15,9 @@ from shardgen.build import run_build
 from shards.s3 import S3Storage
 from shardgen.lock import LEASE_SECONDS, LOCK_NAME, output_lock
 from shardgen.output import BuildError, canonical_json, record_name
-from shardgen_testlib import (SEQ, build_options,
-                              ROOT_DIR, UNICODE_DOCS, make_docs, tiny_tokenizer, tree_bytes, write_jsonl,
-                              write_parquet, write_txt)
+from tests.shardgen_testlib import (SEQ, build_options,
+                                    ROOT_DIR, UNICODE_DOCS, make_docs, tiny_tokenizer, tree_bytes, write_jsonl,
+                                    write_parquet, write_txt)
 from tests.s3_fixtures import s3_client_env
 from trainer.data import TokenLoader
 

@@ -14,10 +14,10 @@ from shards.format import FormatError, read_manifest
 from shardgen.merge import merge
 from shardgen.output import BuildError
 from shards.storage import LocalStorage
-from shardgen_testlib import (SEQ, build_options,
-                              ROOT_DIR, UNICODE_DOCS, check_round_trip, encoder, expected_stream, make_docs,
-                              read_dataset, task_records, tiny_tokenizer, tree_bytes, write_jsonl, write_parquet,
-                              write_txt)
+from tests.shardgen_testlib import (SEQ, build_options,
+                                    ROOT_DIR, UNICODE_DOCS, check_round_trip, encoder, expected_stream, make_docs,
+                                    read_dataset, task_records, tiny_tokenizer, tree_bytes, write_jsonl, write_parquet,
+                                    write_txt)
 
 __all__ = ["tiny_tokenizer"]
 opts = build_options

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from shardgen.build import run_build
 from shardgen.compressed import DAMAGE, piece_lines
 from shardgen.inputs import GRAIN, InputFile, pieces_of
-from shardgen_testlib import (build_options, check_round_trip, expected_stream, make_docs, task_records,
-                              tiny_tokenizer, tree_bytes, write_jsonl)
+from tests.shardgen_testlib import (build_options, check_round_trip, expected_stream, make_docs, task_records,
+                                    tiny_tokenizer, tree_bytes, write_jsonl)
 
 __all__ = ["tiny_tokenizer"]
 

@@ -12,8 +12,8 @@ from shardgen.build import BuildOptions, run_build
 from shardgen.cli import main
 from shardgen.inputs import InputError, list_inputs
 from shardgen.tokenizer import TokenizerError, load_tokenizer
-from shardgen_testlib import (check_round_trip, expected_stream, jsonl_bytes, make_docs, read_dataset,
-                              tiny_tokenizer, write_jsonl, write_parquet)
+from tests.shardgen_testlib import (check_round_trip, expected_stream, jsonl_bytes, make_docs, read_dataset,
+                                    tiny_tokenizer, write_jsonl, write_parquet)
 
 __all__ = ["tiny_tokenizer"]
 GOOD = make_docs(6, seed=5)

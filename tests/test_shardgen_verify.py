@@ -15,7 +15,7 @@ from shardgen.output import BuildError
 from shards.format import FormatError, encode_block_index, index_name, read_blocks
 from shards.storage import LocalStorage
 from shardgen.verify import verify
-from shardgen_testlib import make_docs, read_dataset, tiny_tokenizer, write_jsonl
+from tests.shardgen_testlib import make_docs, read_dataset, tiny_tokenizer, write_jsonl
 
 __all__ = ["tiny_tokenizer"]
 SEQ = 16
