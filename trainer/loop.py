@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from models import build, cpu_torch, cpu_triton
+from models import build, cpu_torch, cpu_triton, fused
 from models.flops import flops_per_token, peak_flops, six_n
 from shards.errors import UserError
 from shards.progress import Progress
@@ -255,6 +255,12 @@ def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: s
             init_device = "meta" if cfg.parallel.mode == "fsdp" else d.device.type
         model = build.build_model(model_config, d.device if init_device == "cuda" else init_device,
                                   seed=cfg.model.seed)
+    if d.device.type == "cuda":
+        if cfg.train.compile and cfg.model.gpu_kernels == "fused":
+            log.info("GPU kernels: FLA's modules (train.compile compiles those; the fused blocks are the "
+                     "alternative to it, model.gpu_kernels=fused without train.compile)")
+        else:
+            fused.select(model, cfg.model.gpu_kernels, d.device)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.compile and d.device.type != "cuda":

@@ -1,0 +1,274 @@
+"""Fused GLA blocks for GPU training (model.gpu_kernels = "fused"): the same parameters and the same math as
+FLA's GLA blocks, with fewer bytes moved per step.
+
+A profile of GLA 340M's bf16 training step (bench/gpu_profile.py, BENCHMARKS.md) put 29% of the GPU time
+outside the GEMMs and the GLA chunk kernels. Three things here go after the parts of that time that are
+bytes the math does not need:
+
+  * Shared-input projections. The attention's input feeds five projections (q, k, v, the output gate g and
+    the first low-rank gate projection) and the MLP's input feeds two (gate, up). Autograd computes one input
+    gradient per projection and adds them up with separate elementwise kernels: four full-size adds per
+    attention and one per MLP, every layer. `shared_linear` computes the input gradient as one chain of
+    GEMMs accumulating into the same buffer (cuBLAS's beta = 1), so those adds disappear.
+  * The residual add fused into both pre-norms. FLA's GLA block fuses the MLP pre-norm with the residual
+    add but not the attention pre-norm: each block ends with a plain `residual + mlp_out` and the next block
+    normalizes it, and backward adds the two gradients of that sum in a kernel of its own. Here the blocks
+    hand (mlp_out, residual) to the next block, whose attention pre-norm adds and normalizes in one kernel;
+    the final norm takes the last pair the same way.
+  * Our RMSNorm kernel (models/kernels/rmsnorm.py) for those norms: FLA's backward walks one row at a time
+    at hidden size 1024 and runs at a fraction of the memory bandwidth.
+
+Nothing changes in the parameters or the state dict: checkpoints, exports and FSDP sharding see the same
+model. The fused forward runs where it covers the call (training and plain evaluation: no cache, no
+attention mask, no hidden-state outputs, no autocast); any other call runs FLA's forward unchanged. The
+parts FLA already does well (GLA's chunk kernels, the gated output norm, SwiGLU + down projection) are
+FLA's own functions, looked up at call time, so models/cpu_torch.py's CPU versions apply here too (which is
+how the tests check this module on a machine without a GPU).
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+NORMS = ("ours", "fla")
+_FUSED_KWARG = "fused_residual"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Projections that share one input
+# ---------------------------------------------------------------------------------------------------------
+
+class SharedInputLinear(torch.autograd.Function):
+    """y_i = x @ W_i^T for several bias-free weights W_i of one input x.
+
+    Forward is one GEMM per weight (each output contiguous, as the consumers want it). Backward accumulates
+    dx = sum_i dy_i @ W_i in one buffer through addmm (the GEMM adds into its output), instead of one GEMM
+    output per projection plus an elementwise add per extra projection; dW_i = dy_i^T @ x as usual."""
+
+    @staticmethod
+    def forward(ctx, x, *weights):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x, *weights)
+        return tuple(torch.mm(x2, w.t()).view(*x.shape[:-1], w.shape[0]) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        dx = None
+        dweights = []
+        for i, (dy, w) in enumerate(zip(grads, weights)):
+            if dy is None:
+                dweights.append(None)
+                continue
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            if ctx.needs_input_grad[0]:
+                dx = torch.mm(dy2, w) if dx is None else dx.addmm_(dy2, w)
+            dweights.append(torch.mm(dy2.t(), x2) if ctx.needs_input_grad[1 + i] else None)
+        if dx is None and ctx.needs_input_grad[0]:
+            dx = torch.zeros_like(x2)
+        return (dx.view_as(x) if dx is not None else None, *dweights)
+
+
+def shared_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return SharedInputLinear.apply(x, *weights)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RMSNorm with the residual add
+# ---------------------------------------------------------------------------------------------------------
+
+def _norm_fn(kind: str):
+    """rms_norm(x, weight, eps, residual, prenorm) -> y, or (y, x + residual) with prenorm."""
+    if kind == "ours":
+        from models.kernels import rmsnorm
+
+        def ours(x, weight, eps, residual, prenorm):
+            fn = rmsnorm.rms_norm if x.is_cuda else rmsnorm.rms_norm_reference
+            return fn(x, weight, eps=eps, residual=residual, prenorm=prenorm)
+        return ours
+
+    def fla(x, weight, eps, residual, prenorm):
+        from fla.modules.norm import layernorm  # looked up per call: models/cpu_torch.py patches it on a CPU
+        return layernorm.rms_norm(x, weight, None, residual=residual, eps=eps, prenorm=prenorm)
+    return fla
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused forward passes
+# ---------------------------------------------------------------------------------------------------------
+
+def _attention(attn, x: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """GatedLinearAttention.forward for the configurations `unsupported_reason` lets through, without cache."""
+    from fla.layers import gla as fla_gla  # chunk_gla looked up per call (CPU versions on a CPU)
+    B, T, _ = x.shape
+    q, k, v, g, gk = shared_linear(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                                       attn.g_proj.weight, attn.gk_proj[0].weight])
+    gk = attn.gk_proj[1](gk)
+    H, dk, dv = attn.num_heads, attn.head_k_dim, attn.head_v_dim
+    q, k, gk = (t.view(B, T, H, dk) for t in (q, k, gk))
+    v = v.view(B, T, H, dv)
+    gk = F.logsigmoid(gk) / attn.gate_logit_normalizer
+    if attn.clamp_min is not None:
+        gk = torch.clamp_min(gk, attn.clamp_min)
+    if T <= 64:  # as FLA's layer: the recurrent form for short inputs
+        o, _ = fla_gla.fused_recurrent_gla(q=q, k=k, v=v, gk=gk, state_v_first=True, cu_seqlens=cu_seqlens)
+    else:
+        o, _ = fla_gla.chunk_gla(q=q, k=k, v=v, g=gk, state_v_first=True, cu_seqlens=cu_seqlens)
+    o = attn.g_norm_swish_gate(o, g.view(B, T, H, dv))
+    return attn.o_proj(o.reshape(B, T, H * dv))
+
+
+def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    from fla.modules import mlp as fla_mlp  # swiglu_linear looked up per call (CPU version on a CPU)
+    gate, up = shared_linear(x, [mlp.gate_proj.weight, mlp.up_proj.weight])
+    return fla_mlp.swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+def _block_forward(self, hidden_states, *args, **kwargs):
+    """A GLA block. Called with `fused_residual=` (by `_model_forward`): takes the previous block's
+    (mlp_out, residual) pair, returns its own. Called any other way: FLA's forward."""
+    if _FUSED_KWARG not in kwargs:
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    residual = kwargs.pop(_FUSED_KWARG)
+    norm = self._fused_norm
+    x, residual = norm(hidden_states, self.attn_norm.weight, self.attn_norm.eps, residual, True)
+    o = _attention(self.attn, x, kwargs.get("cu_seqlens"))
+    x, residual = norm(o, self.mlp_norm.weight, self.mlp_norm.eps, residual, True)
+    return _mlp(self.mlp, x), residual
+
+
+def _covers(model, kwargs: dict) -> bool:
+    """Whether the fused forward covers this call of the base model (else FLA's forward runs)."""
+    if kwargs.get("past_key_values") is not None or kwargs.get("attention_mask") is not None:
+        return False
+    if kwargs.get("use_cache") or kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+        return False
+    if model.config.output_hidden_states or (kwargs.get("use_cache") is None and model.config.use_cache
+                                             and not model.training):
+        return False
+    if torch.is_autocast_enabled():
+        return False
+    return set(kwargs) <= {"input_ids", "inputs_embeds", "cu_seqlens", "return_dict", "use_cache",
+                           "past_key_values", "attention_mask", "output_hidden_states", "output_attentions"}
+
+
+def _model_forward(self, input_ids=None, **kwargs):
+    """GLAModel.forward: the fused blocks where `_covers` allows, FLA's forward otherwise."""
+    kwargs["input_ids"] = input_ids
+    if not _covers(self, kwargs):
+        return type(self).forward(self, **kwargs)
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+    inputs_embeds = kwargs.get("inputs_embeds")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids and inputs_embeds")
+    hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+    layer_kwargs = {"cu_seqlens": kwargs["cu_seqlens"]} if kwargs.get("cu_seqlens") is not None else {}
+    residual = None
+    for layer in self.layers:
+        hidden, residual = layer(hidden, fused_residual=residual, **layer_kwargs)
+    hidden = self._fused_norm(hidden, self.norm.weight, self.norm.eps, residual, False)
+    if kwargs.get("return_dict") is False or (kwargs.get("return_dict") is None and not self.config.return_dict):
+        return (hidden,)
+    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Installing
+# ---------------------------------------------------------------------------------------------------------
+
+def _base(model):
+    return getattr(model, "model", model)
+
+
+def unsupported_reason(model) -> str | None:
+    """None if `install` covers this model's blocks, else what it does not cover (FLA's modules then run)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type != "gla":
+        return f"model_type {model_type!r} (fused blocks exist for 'gla')"
+    checks = [
+        (getattr(config, "attn", None) is not None, "hybrid softmax-attention layers (attn)"),
+        (getattr(config, "attnres_block_size", None) is not None, "attnres_block_size"),
+        (not getattr(config, "fuse_norm", True), "fuse_norm = false"),
+        (getattr(config, "hidden_act", "swish") != "swish", "hidden_act other than swish"),
+        (not getattr(config, "fuse_swiglu", True), "fuse_swiglu = false"),
+    ]
+    for bad, what in checks:
+        if bad:
+            return f"GLA with {what}"
+    base = _base(model)
+    for block in getattr(base, "layers", []):
+        attn = block.attn
+        for bad, what in [
+            (type(attn).__name__ != "GatedLinearAttention", f"attention {type(attn).__name__}"),
+            (getattr(attn, "use_short_conv", False), "use_short_conv"),
+            (getattr(attn, "feature_map_fn", None) is not None, "feature_map"),
+            (getattr(attn, "num_kv_groups", 1) != 1, "num_kv_heads != num_heads"),
+            (getattr(attn, "mode", "chunk") != "chunk", f"attn_mode {getattr(attn, 'mode', None)!r}"),
+            (not getattr(attn, "use_output_gate", False) or not getattr(attn, "fuse_norm_and_gate", False),
+             "no fused output gate (use_output_gate and fuse_norm)"),
+            (any(getattr(attn, n).bias is not None for n in ("q_proj", "k_proj", "v_proj", "g_proj")),
+             "biased q/k/v/g projections"),
+            (attn.gk_proj[0].bias is not None, "a biased gate projection"),
+            (block.mlp.gate_proj.bias is not None or block.mlp.up_proj.bias is not None, "a biased MLP"),
+            (getattr(block.attn_norm, "bias", None) is not None or getattr(block.mlp_norm, "bias", None) is not None,
+             "biased block norms"),
+        ]:
+            if bad:
+                return f"GLA with {what}"
+    if not hasattr(base, "layers") or getattr(base.norm, "bias", None) is not None:
+        return "GLA without the expected layers / final norm"
+    return None
+
+
+def install(model, norm: str = "ours") -> str:
+    """Switch a built GLA model (plain, or wrapped by FSDP2 / activation checkpointing afterwards) to the
+    fused forward. Returns a one-line description. Raises ValueError naming what is not covered."""
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r}: use one of {NORMS}")
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"fused blocks do not cover {reason}")
+    fn = _norm_fn(norm)
+    base = _base(model)
+    base._fused_norm = fn
+    base.forward = types.MethodType(_model_forward, base)
+    for block in base.layers:
+        block._fused_norm = fn
+        block.forward = types.MethodType(_block_forward, block)
+    return (f"fused GLA blocks ({len(base.layers)} layers): shared-input projections, residual add fused into "
+            f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel")
+
+
+def installed(model) -> bool:
+    return "forward" in vars(_base(model))
+
+
+def uninstall(model) -> None:
+    base = _base(model)
+    for m in [base, *getattr(base, "layers", [])]:
+        vars(m).pop("forward", None)
+        vars(m).pop("_fused_norm", None)
+
+
+def select(model, choice: str, device: torch.device) -> str:
+    """The trainer's switch (model.gpu_kernels). Returns the path taken ("fused" or "fla"), with one log line."""
+    if choice not in ("fused", "fla"):
+        raise ValueError(f"model.gpu_kernels = {choice!r} must be 'fused' or 'fla'")
+    if device.type != "cuda":
+        return "fla"
+    if choice == "fla":
+        log.info("GPU kernels: FLA's modules as they are (model.gpu_kernels=fla)")
+        return "fla"
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.info("GPU kernels: FLA's modules as they are: the fused blocks do not cover %s", reason)
+        return "fla"
+    log.info("GPU kernels: %s (model.gpu_kernels=fla runs FLA's modules unchanged)", install(model))
+    return "fused"

@@ -1,0 +1,161 @@
+"""models/fused.py: the fused GLA blocks compute what FLA's blocks compute (loss and every gradient), on a CPU
+with models/cpu_torch.py's ops; calls they do not cover run FLA's forward; unsupported models are named."""
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton/fla are imported (see models/cpu_triton.py)
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"triton-cache-{os.getuid()}"))
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from models import cpu_triton  # noqa: E402
+
+cpu_triton.enable()
+
+from models import build, cpu_torch, fused  # noqa: E402
+
+CONFIG = {"model_type": "gla", "hidden_size": 64, "num_hidden_layers": 3, "num_heads": 2, "vocab_size": 97,
+          "expand_k": 0.5, "expand_v": 1, "attn_mode": "chunk", "fuse_cross_entropy": False,
+          "tie_word_embeddings": True}
+
+
+@pytest.fixture(autouse=True)
+def torch_ops():
+    cpu_torch.install()
+    yield
+    cpu_torch.uninstall()
+
+
+def pair(norm="fla", **extra):
+    """FLA's model and a fused copy with the same weights."""
+    config = build.load_config({**CONFIG, **extra})
+    stock = build.build_model(config, "cpu", seed=0)
+    other = build.build_model(config, "cpu", seed=0)
+    fused.install(other, norm=norm)
+    return stock, other
+
+
+def loss_and_grads(model, ids, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b, rtol=2e-5):
+    (la, ga), (lb, gb) = a, b
+    assert torch.allclose(la, lb, rtol=rtol, atol=1e-6), (la, lb)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        err = (ga[name] - gb[name]).abs().max().item()
+        assert err <= rtol * ga[name].abs().max().item() + 1e-7, f"grad of {name}: max abs diff {err:.3g}"
+
+
+def ids(batch=2, length=80, seed=0):
+    return torch.randint(0, CONFIG["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("norm", ["fla", "ours"])
+def test_fused_blocks_give_flas_loss_and_gradients(norm):
+    if norm == "ours":
+        pytest.importorskip("models.kernels.rmsnorm")
+    stock, other = pair(norm=norm)
+    x = ids()
+    assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
+    assert fused.installed(other) and not fused.installed(stock)
+
+
+def test_fused_blocks_with_document_boundaries_and_short_inputs():
+    stock, other = pair()
+    x = ids(batch=1, length=120)
+    cu = torch.tensor([0, 30, 95, 120])
+    assert_same(loss_and_grads(stock, x, cu_seqlens=cu), loss_and_grads(other, x, cu_seqlens=cu))
+    short = ids(length=40)  # <= 64 tokens: the recurrent form, as in FLA's layer
+    assert_same(loss_and_grads(stock, short), loss_and_grads(other, short))
+
+
+def test_fused_blocks_under_activation_checkpointing():
+    stock, other = pair()
+    for m in (stock, other):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    x = ids()
+    assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
+
+
+def test_calls_the_fused_forward_does_not_cover_run_flas(monkeypatch):
+    stock, other = pair()
+    calls = []
+    real = fused._attention
+    monkeypatch.setattr(fused, "_attention", lambda *a: calls.append(1) or real(*a))
+    x = ids(batch=1, length=70)
+    other.eval()
+    stock.eval()
+    with torch.no_grad():
+        # eval with the config's use_cache: FLA's forward (it builds the cache)
+        a, b = stock(input_ids=x).logits, other(input_ids=x).logits
+        assert calls == [] and torch.allclose(a, b, atol=1e-6)
+        a, b = stock(input_ids=x, use_cache=False).logits, other(input_ids=x, use_cache=False).logits
+        assert calls == [1] * CONFIG["num_hidden_layers"] and torch.allclose(a, b, atol=1e-5)
+        calls.clear()
+        mask = torch.ones_like(x)
+        a = stock(input_ids=x, attention_mask=mask, use_cache=False).logits
+        b = other(input_ids=x, attention_mask=mask, use_cache=False).logits
+        assert calls == [] and torch.allclose(a, b, atol=1e-6)
+        h = other(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
+        assert calls == [] and len(h) == CONFIG["num_hidden_layers"] + 1
+    out = other.generate(x[:, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12) and calls == []
+
+
+def test_state_dict_is_unchanged_and_uninstall_restores():
+    stock, other = pair()
+    assert list(stock.state_dict()) == list(other.state_dict())
+    fused.uninstall(other)
+    assert not fused.installed(other)
+    x = ids()
+    assert_same(loss_and_grads(stock, x), loss_and_grads(other, x), rtol=0)
+
+
+def test_unsupported_models_are_named_and_select_keeps_fla(caplog):
+    config = build.load_config({**CONFIG, "use_short_conv": True})
+    model = build.build_model(config, "cpu", seed=0)
+    assert "use_short_conv" in fused.unsupported_reason(model)
+    with pytest.raises(ValueError, match="use_short_conv"):
+        fused.install(model)
+    with caplog.at_level(logging.INFO, logger="models.fused"):
+        assert fused.select(model, "fused", torch.device("cuda")) == "fla"
+    assert "do not cover GLA with use_short_conv" in caplog.text
+    assert not fused.installed(model)
+    tf = build.build_model(build.load_config({"model_type": "transformer", "hidden_size": 32, "num_hidden_layers": 1,
+                                              "num_heads": 2, "vocab_size": 97}), "cpu", seed=0)
+    assert "model_type 'transformer'" in fused.unsupported_reason(tf)
+    # on a CPU the trainer keeps FLA's modules (and models/cpu_torch.py's ops): fused is a GPU path
+    plain = build.build_model(build.load_config(CONFIG), "cpu", seed=0)
+    assert fused.select(plain, "fused", torch.device("cpu")) == "fla" and not fused.installed(plain)
+    with pytest.raises(ValueError, match="gpu_kernels"):
+        fused.select(plain, "fast", torch.device("cuda"))
+
+
+def test_shared_linear_matches_separate_projections():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    ws = [torch.randn(n, 16, generator=g, requires_grad=True) for n in (8, 4, 16)]
+    outs = fused.shared_linear(x, ws)
+    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs[:2])  # the last output unused
+    loss.backward()
+    got = [x.grad.clone()] + [w.grad for w in ws[:2]]
+    assert ws[2].grad is None or not ws[2].grad.any()
+    x2 = x.detach().clone().requires_grad_()
+    ws2 = [w.detach().clone().requires_grad_() for w in ws]
+    g = torch.Generator().manual_seed(0)
+    torch.randn(3, 5, 16, generator=g), [torch.randn(n, 16, generator=g) for n in (8, 4, 16)]
+    refs = [torch.nn.functional.linear(x2, w) for w in ws2]
+    for a, b in zip(outs, refs):
+        assert torch.allclose(a, b, atol=1e-6)
+    sum((o * torch.randn(o.shape, generator=g)).sum() for o in refs[:2]).backward()
+    for a, b in zip(got, [x2.grad] + [w.grad for w in ws2[:2]]):
+        assert torch.allclose(a, b, atol=1e-5)
