@@ -1,0 +1,159 @@
+"""GPU micro-benchmark of RMSNorm: ours (models/kernels/rmsnorm.py) vs FLA's `fla.modules.norm.layernorm.rms_norm`.
+
+    python bench/norm_bench.py [--rows 32768] [--dim 1024] [--dtype bf16] [--weight-dtype fp32] [--iters 50]
+
+Why: FLA 0.6.0's backward for D > 512 walks rows one at a time (0.31 ms per [32768, 1024] bf16 call on an H200,
+~5x what memory bandwidth allows); see the docstring of models/kernels/rmsnorm.py.
+
+Two cases: with a residual and prenorm=True (returns y and the new residual stream s), and without a residual.
+For each: forward alone and forward + backward (dx, dresidual, dweight; inputs require grad as in training),
+timed with torch.cuda.Event around --batch calls, --iters times after --warmup, median reported per call. Before
+each timed batch the GPU is held by torch.cuda._sleep so that the CPU queues the whole batch first: the numbers are
+GPU time, not Python/launch overhead (--no-sleep to include that). Effective GB/s = the bytes the operation must
+move at minimum (the same for both implementations) / time:
+    forward:  x (+ residual) read, y (+ s) written, rstd (4 bytes per row) written
+    backward: x or s, dy (+ ds) read, dx written, rstd read      (dresidual is dx itself, weight is negligible)
+Before timing, both run once on the same inputs and output gradients and are compared with each other and with
+the plain-PyTorch fp32-math reference: max |difference| per tensor. A tensor of ours further from the reference than
+2x FLA's (+ 1e-3 of its largest value) is marked CHECK and the exit status is 1.
+Prints a table and one JSON line (RESULT {...}). Exit status 2 without CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=32768, help="rows (batch x sequence length)")
+    p.add_argument("--dim", type=int, default=1024, help="hidden size D")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="x, residual, y, s")
+    p.add_argument("--weight-dtype", choices=DTYPES, default="fp32", help="the norm weight (fp32 master weights)")
+    p.add_argument("--eps", type=float, default=1e-6)
+    p.add_argument("--iters", type=int, default=50, help="timed batches; the median is reported")
+    p.add_argument("--batch", type=int, default=10, help="calls per timed batch")
+    p.add_argument("--warmup", type=int, default=5, help="untimed batches first (FLA autotunes on its first call)")
+    p.add_argument("--impls", default="ours,fla", help="comma-separated: ours, fla")
+    p.add_argument("--no-sleep", action="store_true", help="do not pre-fill the launch queue (include CPU overhead)")
+    args = p.parse_args()
+
+    import torch
+    if not torch.cuda.is_available():
+        print("norm_bench: no CUDA device; this benchmark needs a GPU (run it on the GPU machine)", file=sys.stderr)
+        return 2
+    import triton
+
+    from models.kernels.rmsnorm import rms_norm, rms_norm_reference
+    impls = {"ours": lambda x, w, r, pre: rms_norm(x, w, eps=args.eps, residual=r, prenorm=pre)}
+    wanted = args.impls.split(",")
+    fla_version = None
+    if "fla" in wanted:
+        import fla
+        from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
+        fla_version = getattr(fla, "__version__", "?")
+        impls["fla"] = lambda x, w, r, pre: fla_rms_norm(x, w, None, residual=r, eps=args.eps, prenorm=pre)
+    impls = {k: v for k, v in impls.items() if k in wanted}
+
+    dev = torch.device("cuda")
+    dtype, wdtype = getattr(torch, DTYPES[args.dtype]), getattr(torch, DTYPES[args.weight_dtype])
+    m, d = args.rows, args.dim
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(m, d, device=dev, generator=g).to(dtype).requires_grad_()
+    r = torch.randn(m, d, device=dev, generator=g).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(d, device=dev, generator=g)).to(wdtype).requires_grad_()
+    dy = torch.randn(m, d, device=dev, generator=g).to(dtype)
+    ds = torch.randn(m, d, device=dev, generator=g).to(dtype)
+    e = x.element_size()
+    n = m * d
+
+    def call(impl, residual, backward):
+        pre = residual
+        out = impls[impl](x, w, r if residual else None, pre)
+        if not backward:
+            return out
+        outs, grads = ((out[0], out[1]), (dy, ds)) if pre else ((out,), (dy,))
+        inputs = (x, r, w) if residual else (x, w)
+        return outs, torch.autograd.grad(outs, inputs, grads)
+
+    def timed(fn) -> float:
+        for _ in range(args.warmup):
+            for _ in range(args.batch):
+                fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if not args.no_sleep:
+                torch.cuda._sleep(50_000_000)  # ~25 ms at ~2 GHz: longer than queueing the batch takes
+            start.record()
+            for _ in range(args.batch):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / args.batch)
+        return statistics.median(times)
+
+    print(f"device {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"fla {fla_version}  x [{m}, {d}] {args.dtype}  weight {args.weight_dtype}")
+    results, failed = [], False
+    for residual in (True, False):
+        case = "residual+prenorm" if residual else "no residual"
+        fwd_bytes = (4 if residual else 2) * n * e + 4 * m
+        bwd_bytes = (4 if residual else 3) * n * e + 4 * m
+
+        # Correctness: each implementation vs the reference (same inputs, same output gradients), and vs each other.
+        got = {}
+        for impl in impls:
+            outs, grads = call(impl, residual, backward=True)
+            got[impl] = dict(zip(["y", "s"] if residual else ["y"], (o.detach() for o in outs)))
+            got[impl].update(zip(["dx", "dres", "dw"] if residual else ["dx", "dw"], grads))
+        xr, rr, wr = (t.detach().clone().requires_grad_() for t in (x, r, w))
+        out = rms_norm_reference(xr, wr, eps=args.eps, residual=rr if residual else None, prenorm=residual)
+        outs, grads = ((out[0], out[1]), (dy, ds)) if residual else ((out,), (dy,))
+        torch.autograd.backward(outs, grads)
+        ref = dict(zip(["y", "s"] if residual else ["y"], (o.detach() for o in outs)))
+        ref.update({"dx": xr.grad, "dw": wr.grad, **({"dres": rr.grad} if residual else {})})
+        print(f"\n[{case}] max |difference| per tensor")
+        diffs = {}
+        for name in ref:
+            row = {impl: (got[impl][name].float() - ref[name].float()).abs().max().item() for impl in impls}
+            if len(impls) == 2:
+                row["ours-fla"] = (got["ours"][name].float() - got["fla"][name].float()).abs().max().item()
+            flag = ""
+            if "ours" in row and "fla" in row and row["ours"] > 2 * row["fla"] + 1e-3 * ref[name].abs().max().item():
+                flag, failed = "  CHECK", True
+            diffs[name] = row
+            print(f"  {name:5s} " + "  ".join(f"{k + ' vs ref' if k in impls else k}: {v:.3g}" for k, v in row.items())
+                  + flag)
+
+        print(f"[{case}] time per call (ms) and effective GB/s")
+        for impl in impls:
+            t_f = timed(lambda: call(impl, residual, backward=False))
+            t_fb = timed(lambda: call(impl, residual, backward=True))
+            t_b = t_fb - t_f
+            rec = {"case": case, "impl": impl, "fwd_ms": t_f, "fwd_bwd_ms": t_fb, "bwd_ms_derived": t_b,
+                   "fwd_GBps": fwd_bytes / t_f / 1e6, "fwd_bwd_GBps": (fwd_bytes + bwd_bytes) / t_fb / 1e6,
+                   "bwd_GBps_derived": bwd_bytes / t_b / 1e6 if t_b > 0 else None, "max_abs_diff": diffs}
+            results.append(rec)
+            print(f"  {impl:5s} fwd {t_f:.4f} ms ({rec['fwd_GBps']:.0f} GB/s)   fwd+bwd {t_fb:.4f} ms "
+                  f"({rec['fwd_bwd_GBps']:.0f} GB/s)   bwd (difference) {t_b:.4f} ms"
+                  + (f" ({rec['bwd_GBps_derived']:.0f} GB/s)" if t_b > 0 else ""))
+
+    print("RESULT " + json.dumps({"device": torch.cuda.get_device_name(dev), "rows": m, "dim": d,
+                                  "dtype": args.dtype, "weight_dtype": args.weight_dtype, "fla": fla_version,
+                                  "sleep_prefill": not args.no_sleep, "results": results, "check_failed": failed}),
+          flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
