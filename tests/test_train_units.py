@@ -378,3 +378,38 @@ def test_the_divergence_message_names_the_causes_the_settings_show():
     both = divergence_causes(2048, 0.5, 0)
     assert "optim.lr=0.5 is high" in both and "clipping is off (optim.clip=0)" in both
     assert divergence_causes(2048, 3e-4, 1.0) == "resume from it with a lower optim.lr or a tighter optim.clip"
+
+
+def test_master_weights_buffers_hold_only_this_steps_gradients():
+    """accumulate() copies a buffer's first gradient of a step and adds later ones (no zeroing pass): a gradient
+    of an earlier step never leaks into a later one, and a parameter without a gradient this step has a zero
+    buffer (summed over processes) and no .grad."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4)})
+    prec = MasterWeights(model, torch.device("cpu"))
+    x = torch.randn(3, 4)
+
+    def step(use_b: bool, parts: int):
+        expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        with prec.compute():
+            for _ in range(parts):
+                y = model["a"](x.bfloat16())
+                if use_b:
+                    y = model["b"](y)
+                y.float().square().sum().backward()
+                for n, p in model.named_parameters():
+                    if p.grad is not None:
+                        expected[n] += p.grad.float()
+                prec.accumulate()
+        prec.reduce()
+        return expected
+
+    step(use_b=True, parts=2)
+    model.zero_grad(set_to_none=True)  # as train_step does after the optimizer step
+    expected = step(use_b=False, parts=3)
+    for n, p in model.named_parameters():
+        if n.startswith("b."):
+            assert p.grad is None, n
+        else:
+            assert torch.equal(p.grad, expected[n]), n
+    assert not prec.grad_flat[sum(p.numel() for p in model["a"].parameters()):].any()

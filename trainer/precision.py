@@ -107,8 +107,7 @@ class MasterWeights(Precision):
         if any(m.dtype != torch.float32 for m in masters):
             raise RuntimeError("train.precision=bf16: the master weights must be fp32 outside the step")
         torch._foreach_copy_(self.halves, masters)
-        self.grad_flat.zero_()
-        self._has_grad = [False] * len(self.params)
+        self._has_grad = [False] * len(self.params)  # the buffers are written by accumulate() (copy, then add)
         for p, h in zip(self.params, self.halves):
             p.data = h
         try:
@@ -119,20 +118,27 @@ class MasterWeights(Precision):
                 p.data = m
 
     def accumulate(self) -> None:
-        """After one micro-batch's backward: its bf16 gradients into the fp32 buffers."""
-        dst, src = [], []
+        """After one micro-batch's backward: its bf16 gradients into the fp32 buffers. A buffer's first gradient
+        of the step is copied in (one conversion kernel per group of tensors), later ones are added: no zeroing
+        pass over the buffers, and with one micro-batch (the common case) no read of them either."""
+        first, first_src, more, more_src = [], [], [], []
         for i, p in enumerate(self.params):
             if p.grad is not None:
-                dst.append(self.grads[i])
-                src.append(p.grad)
+                (more if self._has_grad[i] else first).append(self.grads[i])
+                (more_src if self._has_grad[i] else first_src).append(p.grad)
                 self._has_grad[i] = True
                 p.grad = None
-        if dst:
-            torch._foreach_add_(dst, src)
+        if first:
+            torch._foreach_copy_(first, first_src)
+        if more:
+            torch._foreach_add_(more, more_src)
 
     def reduce(self) -> None:
         """After the last micro-batch (outside compute()): the fp32 gradients, averaged over the processes,
         become the fp32 weights' .grad."""
+        untouched = [g for g, has in zip(self.grads, self._has_grad) if not has]
+        if untouched:  # no gradient this step: zeros in the buffer (they are summed over the processes)
+            torch._foreach_zero_(untouched)
         if self.group_size > 1:
             dist.all_reduce(self.grad_flat)  # SUM then divide: gloo (CPU) has no AVG
             self.grad_flat.div_(self.group_size)
