@@ -1,14 +1,18 @@
 """Where the training step's GPU time goes: a Chrome trace and a per-category table of kernel time.
 
     PYTHONUNBUFFERED=1 python bench/gpu_profile.py [--model configs/gla_340M.json] [--seq-len 2048]
-        [--batch 16] [--precision bf16] [--steps 3] [--warmup 3] [--trace bench/out/profile.json]
+        [--batch 16] [--precision bf16] [--kernels fused|fla] [--steps 3] [--warmup 3] [--top 25]
+        [--trace bench/out/profile.json]
 
 Runs the trainer's own step (trainer.loop.train_step: the model from models.build, train.precision's path,
-fused AdamW, clip 1.0, one micro-batch) on random tokens, one process, no DDP/FSDP. After --warmup steps
-(kernel compilation and autotuning: run `python -m models.warm` first on a cold machine), --steps steps run
-under torch.profiler. Every GPU kernel is put in one category by its name (GEMM, FLA GLA chunk kernels,
-norms, SwiGLU, elementwise/copies, ...); the table gives milliseconds per step, the share of kernel time and
-the GPU-busy share of the wall time. The trace opens in chrome://tracing or https://ui.perfetto.dev.
+fused AdamW, clip 1.0, one micro-batch) on random tokens, one process, no DDP/FSDP. --kernels is
+model.gpu_kernels: fused (the default, as in the trainer) rewrites the model's blocks with models.fused.install
+right after the build, fla keeps FLA's modules. After --warmup steps (kernel compilation and autotuning: run
+`python -m models.warm` first on a cold machine), --steps steps run under torch.profiler. Every GPU kernel is
+put in one category by its name (GEMM, FLA GLA chunk kernels, norms, SwiGLU, elementwise/copies, ...); the
+table gives milliseconds per step, the share of kernel time and the GPU-busy share of the wall time. A second
+table lists the --top largest kernels one by one, so what a category such as "elementwise / copies" holds is
+visible without opening the trace. The trace opens in chrome://tracing or https://ui.perfetto.dev.
 """
 from __future__ import annotations
 
@@ -23,10 +27,13 @@ sys.path.insert(0, ROOT)
 # First match wins: (category, substrings of the lower-cased kernel name)
 CATEGORIES = [
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "wgmma")),
+    # FLA's norm kernels and ours (models/kernels/rmsnorm.py: names hold "rmsnorm"); before the GLA keys so
+    # that a fused norm of ours named after the block it serves still counts as a norm
+    ("norms", ("rmsnorm", "layer_norm", "rms_norm", "layernorm", "norm_fwd", "norm_bwd", "norm_gate")),
     ("FLA GLA chunk", ("chunk", "gla", "cumsum", "fused_recurrent")),
-    ("norms (FLA)", ("layer_norm", "rms_norm", "layernorm", "norm_fwd", "norm_bwd", "norm_gate")),
     ("SwiGLU", ("swiglu", "swish")),
-    ("cross entropy", ("cross_entropy", "logsumexp", "ce_")),
+    # not "ce_": PyTorch's reduce_kernel (sums, the grad norm) holds it
+    ("cross entropy", ("cross_entropy", "crossentropy", "logsumexp", "nll_loss", "softmax")),
     ("AdamW", ("adam",)),
     ("grad norm / clip", ("norm", "clamp")),
     ("NCCL", ("nccl",)),
@@ -79,12 +86,25 @@ def table(kernels: dict[str, tuple[float, int]], steps: int, wall_s: float) -> s
     return "\n".join(lines)
 
 
+def top_kernels(kernels: dict[str, tuple[float, int]], steps: int, count: int = 25, width: int = 80) -> str:
+    """The `count` kernels with the most GPU time: ms and calls per step, category, name cut to `width`."""
+    total = sum(us for us, _ in kernels.values()) or 1.0
+    lines = [f"top {count} kernels", f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  {'category':<20}  kernel"]
+    for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:count]:
+        lines.append(f"{us / 1e3 / steps:8.2f} {us / total:6.1%} {calls / steps:10.1f}  {category(name):<20}  "
+                     f"{' '.join(name.split())[:width]}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--precision", default="bf16", choices=["bf16", "autocast", "fp32"])
+    p.add_argument("--kernels", default="fused", choices=["fused", "fla"],
+                   help="model.gpu_kernels: fused (models.fused.install after the build) or fla (FLA's modules)")
+    p.add_argument("--top", type=int, default=25, help="kernels listed one by one after the category table")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--trace", default=os.path.join(ROOT, "bench", "out", "profile.json"))
@@ -93,6 +113,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from models import build
+    from models.warm import install_kernels
     from trainer.config import OptimConfig
     from trainer.loop import train_step
     from trainer.optim import build_optimizer
@@ -106,6 +127,7 @@ def main() -> int:
     config = build.load_config(args.model)
     build.adapt_to_device(config, device)
     model = build.build_model(config, device, seed=0)
+    kernels = install_kernels(model, args.kernels)  # before the bf16 copies and the optimizer see the parameters
     model.train()
     prec = MasterWeights(model, device) if args.precision == "bf16" else Precision(args.precision, device)
     opt = build_optimizer(model, OptimConfig(), device)
@@ -131,9 +153,13 @@ def main() -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
     prof.export_chrome_trace(args.trace)
     print(f"{os.path.basename(args.model)} batch {args.batch} x {args.seq_len}, precision {args.precision}, "
-          f"{args.steps} profiled steps, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "
+          f"kernels {args.kernels} ({kernels}), {args.steps} profiled steps, "
+          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "
           f"trace {args.trace}")
-    print(table(kernel_times(prof), args.steps, wall))
+    kt = kernel_times(prof)
+    print(table(kt, args.steps, wall))
+    if args.top > 0:
+        print(top_kernels(kt, args.steps, args.top))
     return 0
 
 

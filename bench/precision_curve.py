@@ -1,12 +1,20 @@
-"""Does a precision path learn the same? Two runs of the real trainer, same data, init and schedule, differing
-only in train.precision; prints the per-step training losses side by side and the largest relative gap.
+"""Does a precision path (or kernel set) learn the same? Runs of the real trainer, same data, init and schedule,
+differing only in train.precision and model.gpu_kernels; prints each run's per-step training losses against the
+first run's and the largest relative gap.
 
     PYTHONUNBUFFERED=1 python bench/precision_curve.py --shards DIR [--model configs/gla_340M.json]
-        [--steps 300] [--batch 8] [--warmup 30] [--skip 30] [--precisions autocast,bf16] [--parallel none]
+        [--steps 300] [--batch 8] [--warmup 30] [--skip 30] [--runs autocast-fla,autocast-fla,bf16-fused,bf16-fla]
+        [--parallel none]
 
-The first precision is the reference. --skip: steps left out of the comparison (warm-up). Prints one JSON
-line: the largest |loss_b - loss_a| / loss_a over the compared steps, its step, the mean relative gap, and both
-runs' mean loss over the last 10 steps; then every 25th step's two losses.
+--runs: PRECISION[-KERNELS] for each run, comma-separated, in order (KERNELS: fused, our fused blocks, or fla,
+FLA's modules; left out: the trainer's default, model.gpu_kernels not set); --precisions is the older spelling.
+The first run is the reference. Name the reference twice for a noise floor: GPU runs are not bitwise repeatable
+(FLA's backward kernels use atomics), so the gap between two runs of the same path is what "the same learning"
+can mean.
+--skip: steps left out of the comparison (warm-up). Prints one JSON line per run after the first: the largest
+|loss_run - loss_ref| / loss_ref over the compared steps, its step, the mean relative gap, both runs' mean loss
+over the last 10 steps, and whether the run repeats the reference's path (`noise_floor`); then a one-line
+summary per run, then every 25th step's losses of all runs.
 """
 from __future__ import annotations
 
@@ -20,6 +28,36 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+PRECISIONS = ("auto", "bf16", "autocast", "fp32")
+
+
+def parse_run(run: str) -> tuple[str, str | None]:
+    """PRECISION[-KERNELS] -> (train.precision, model.gpu_kernels); no KERNELS: None, the trainer's default."""
+    precision, _, kernels = run.partition("-")
+    if precision not in PRECISIONS or kernels not in ("", "fused", "fla"):
+        raise ValueError(f"run {run!r}: use PRECISION[-KERNELS], PRECISION one of {', '.join(PRECISIONS)}, "
+                         f"KERNELS fused or fla (e.g. autocast-fla)")
+    return precision, kernels or None
+
+
+def labels(runs: list[str]) -> list[str]:
+    """Unique names for the runs: a repeated run gets #2, #3, ... (autocast-fla, autocast-fla#2)."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in runs:
+        seen[r] = seen.get(r, 0) + 1
+        out.append(r if seen[r] == 1 else f"{r}#{seen[r]}")
+    return out
+
+
+def compare(ref: list[float], run: list[float], skip: int) -> dict:
+    """Largest and mean relative gap of `run`'s per-step loss to `ref`'s over the steps from `skip` on."""
+    gaps = [(abs(y - x) / x, s) for s, (x, y) in enumerate(zip(ref, run)) if s >= skip]
+    if not gaps:
+        raise ValueError(f"no steps to compare: the runs logged {min(len(ref), len(run))} steps, --skip {skip}")
+    worst, at = max(gaps)
+    return {"max_rel_gap": worst, "at_step": at, "mean_rel_gap": sum(g for g, _ in gaps) / len(gaps)}
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,14 +68,31 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=30, help="optim.warmup")
     p.add_argument("--skip", type=int, default=30, help="first steps not compared")
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--precisions", default="autocast,bf16")
+    p.add_argument("--runs", default=None,
+                   help="PRECISION[-KERNELS] per run, comma-separated; the first is the reference "
+                        "(default: autocast,bf16, both with the trainer's default kernels)")
+    p.add_argument("--precisions", default=None, help="older spelling of --runs (precisions only)")
     p.add_argument("--parallel", default="none")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "precision"))
     args = p.parse_args()
+    if args.runs and args.precisions:
+        p.error("give --runs or --precisions, not both")
+    runs = (args.runs or args.precisions or "autocast,bf16").split(",")
+    try:
+        parsed = [parse_run(r) for r in runs]
+    except ValueError as e:
+        p.error(str(e))
+    if len(runs) < 2:
+        p.error("name at least two runs: the reference first, then the runs compared with it")
+    from bench.train_bench import kernels_override
+    # fused on a trainer without model.gpu_kernels: refused here, before any run
+    overrides = [kernels_override(k) if k else [] for _, k in parsed]
     from trainer.metrics import read_metrics
-    curves = {}
-    for prec in args.precisions.split(","):
-        out = os.path.join(args.dir, prec)
+    names = labels(runs)
+    curves: dict[str, list[float]] = {}
+    results = []
+    for i, (name, run, (prec, _), extra) in enumerate(zip(names, runs, parsed, overrides)):
+        out = os.path.join(args.dir, f"{i}-{name.replace('#', '_')}")
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "trainer", "configs/demo.toml", f"model.config={args.model}", f"data.shards={args.shards}",
                "data.val_shards=none", f"data.global_batch={args.batch}", f"train.max_steps={args.steps}",
@@ -45,20 +100,33 @@ def main() -> int:
                f"train.precision={prec}", f"optim.lr={args.lr}", f"optim.min_lr={args.lr / 10}",
                f"optim.warmup={args.warmup}", "checkpoint.every=0", "checkpoint.at_end=false",
                f"parallel.mode={args.parallel}", f"run.out_dir={out}", "run.tensorboard=false",
-               "run.progress_every=30"]
-        print(f"precision_curve: {prec}: {' '.join(cmd[4:])}", file=sys.stderr, flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        curves[prec] = [r["loss"] for r in read_metrics(out)]
-    (a_name, a), (b_name, b) = list(curves.items())[:2]
-    gaps = [(abs(y - x) / x, s) for s, (x, y) in enumerate(zip(a, b)) if s >= args.skip]
-    worst, at = max(gaps)
-    print(json.dumps({"reference": a_name, "candidate": b_name, "model": os.path.basename(args.model),
-                      "steps": len(a), "batch": args.batch, "compared_from_step": args.skip,
-                      "max_rel_gap": worst, "at_step": at, "mean_rel_gap": sum(g for g, _ in gaps) / len(gaps),
-                      f"last10_{a_name}": sum(a[-10:]) / len(a[-10:]), f"last10_{b_name}": sum(b[-10:]) / len(b[-10:])}), flush=True)
-    for s in range(0, len(a), 25):
-        print(f"step {s:4d}  {a_name} {a[s]:.4f}  {b_name} {b[s]:.4f}")
-    return 0
+               "run.progress_every=30"] + extra
+        print(f"precision_curve: {name}: {' '.join(cmd[4:])}", file=sys.stderr, flush=True)
+        code = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
+        if code != 0:  # the others still run and compare; without the reference there is nothing to compare
+            print(f"precision_curve: {name} failed (exit {code})", file=sys.stderr, flush=True)
+            if i == 0:
+                return 1
+            continue
+        curves[name] = cur = [r["loss"] for r in read_metrics(out)]
+        if i == 0:
+            continue
+        ref_name, ref = names[0], curves[names[0]]
+        r = {"reference": ref_name, "candidate": name, "noise_floor": run == runs[0],
+             "model": os.path.basename(args.model), "steps": min(len(ref), len(cur)), "batch": args.batch,
+             "compared_from_step": args.skip, **compare(ref, cur, args.skip),
+             f"last10_{ref_name}": sum(ref[-10:]) / len(ref[-10:]), f"last10_{name}": sum(cur[-10:]) / len(cur[-10:])}
+        results.append(r)
+        print(json.dumps(r), flush=True)  # each as soon as its run ends: a stage cut short keeps the ones done
+    ref_name, ref = names[0], curves[names[0]]
+    for r in results:
+        print(f"vs {ref_name}: {r['candidate']:<16} max gap {r['max_rel_gap']:.3%} (step {r['at_step']}), "
+              f"mean {r['mean_rel_gap']:.3%}{'   <- noise floor (same path)' if r['noise_floor'] else ''}")
+    done = [n for n in names if n in curves]
+    print("step  " + "  ".join(f"{n:>14}" for n in done))
+    for s in range(0, len(ref), 25):
+        print(f"{s:4d}  " + "  ".join(f"{curves[n][s]:14.4f}" if s < len(curves[n]) else f"{'':>14}" for n in done))
+    return 0 if len(done) == len(names) else 1
 
 
 if __name__ == "__main__":

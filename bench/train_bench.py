@@ -1,22 +1,24 @@
 """Training throughput: our loop (`python -m trainer`'s train()) vs transformers.Trainer, same model and batch.
 
     PYTHONUNBUFFERED=1 python bench/train_bench.py [--model configs/gla_340M.json] [--seq-len 2048]
-        [--batch 16] [--steps 30] [--warmup 5] [--shards DIR] [--cases ours-bf16,ours-autocast,hf] [--peak-tflops 989]
+        [--batch 16] [--steps 30] [--warmup 5] [--shards DIR] [--cases ours-bf16,ours-bf16-fla,hf] [--peak-tflops 989]
 
 The HF case is the original flame trainer's path: transformers.Trainer with bf16=True and
 optim="adamw_torch_fused" (fp32 master weights, bf16 autocast). Ours runs the real training loop
 (trainer.loop.train) with parallel.mode=none, fused AdamW, clip 1.0, micro-batch =
 batch (no accumulation), checkpoints and validation off. Both use the same cosine schedule, the same
 weight init seed, and the same shards (synthetic Zipf tokens are written once under --dir if --shards
-is not given). Case `ours` runs the default train.precision, `ours-bf16` / `ours-autocast` / `ours-fp32`
-that precision.
+is not given). Case `ours` runs the default train.precision and model.gpu_kernels; `ours-bf16` /
+`ours-autocast` / `ours-fp32` that precision; a last `-fused` or `-fla` part picks model.gpu_kernels
+(`ours-bf16-fla`: FLA's modules unchanged; `ours-bf16` = `ours-bf16-fused`: our fused blocks, the default).
+The HF case always runs FLA's modules, as the original trainer did.
 
 Each case runs in its own subprocess (clean CUDA memory and peak statistics). The first `--warmup`
 steps (kernel compilation and autotuning: minutes on a cold machine) are excluded. Printed per case,
 one JSON line: median step time, tokens/s, MFU against the device's dense bf16 peak computed two ways
 (6N FLOPs/token and the real per-layer count of models/flops.py), data-wait share (ours: time blocked
 on the loader / step time; HF: time between one step's end and the next step's start, which includes
-its DataLoader), peak CUDA memory.
+its DataLoader), peak CUDA memory, and the kernels it ran ("fused" or "fla").
 """
 from __future__ import annotations
 
@@ -71,7 +73,41 @@ def flops_info(model_json: str, seq_len: int) -> dict:
             "real": flops_per_token(model, seq_len)["train"]}
 
 
-def summarize(case: str, args, step_times: list[float], wait: list[float], peak_mem: float, device: str) -> dict:
+PRECISIONS = ("auto", "bf16", "autocast", "fp32")
+KERNELS = ("fused", "fla")
+
+
+def parse_case(case: str) -> tuple[str, str]:
+    """`ours[-PRECISION][-KERNELS]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16, fused),
+    ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla), ours -> (auto, fused)."""
+    head, *rest = case.split("-")
+    precision, kernels = "auto", "fused"
+    if rest and rest[-1] in KERNELS:
+        kernels = rest.pop()
+    if rest and rest[0] in PRECISIONS:
+        precision = rest.pop(0)
+    if head != "ours" or rest:
+        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS], PRECISION one of "
+                         f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla)")
+    return precision, kernels
+
+
+def kernels_override(kernels: str) -> list[str]:
+    """The trainer override for model.gpu_kernels. A trainer from before the key (no models/fused.py) runs
+    FLA's modules only: "fla" needs no override there, "fused" is refused with the fix."""
+    import dataclasses
+
+    from trainer.config import ModelConfig
+    if any(f.name == "gpu_kernels" for f in dataclasses.fields(ModelConfig)):
+        return [f"model.gpu_kernels={kernels}"]
+    if kernels == "fla":
+        return []
+    raise SystemExit("kernels fused: this checkout's trainer has no model.gpu_kernels (models/fused.py not merged); "
+                     "run the FLA variant instead (case suffix -fla, e.g. ours-bf16-fla)")
+
+
+def summarize(case: str, args, step_times: list[float], wait: list[float], peak_mem: float, device: str,
+              kernels: str) -> dict:
     from models.flops import PEAK_BF16_TFLOPS
     f = flops_info(args.model, args.seq_len)
     times = step_times[args.warmup:]
@@ -79,7 +115,8 @@ def summarize(case: str, args, step_times: list[float], wait: list[float], peak_
     tps = args.batch * args.seq_len / med
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
     mfu = (lambda per_tok: per_tok * tps / (peak * 1e12)) if peak else (lambda per_tok: None)
-    return {"case": case, "model": os.path.basename(args.model), "params": f["params"], "device": device,
+    return {"case": case, "kernels": kernels, "model": os.path.basename(args.model), "params": f["params"],
+            "device": device,
             "seq_len": args.seq_len, "batch": args.batch, "timed_steps": len(times),
             "median_step_s": med, "min_step_s": min(times), "max_step_s": max(times), "tokens_per_s": tps,
             "mfu_6n": mfu(f["six_n"]), "mfu_real_flops": mfu(f["real"]), "flops_per_token_6n": f["six_n"],
@@ -87,14 +124,16 @@ def summarize(case: str, args, step_times: list[float], wait: list[float], peak_
             "peak_mem_gib": peak_mem}
 
 
-def run_ours(args, precision: str = "auto") -> dict:
+def run_ours(args, case: str = "ours") -> dict:
+    import shutil
+
     import torch
 
     from trainer.config import load
     from trainer.loop import train
     from trainer.metrics import read_metrics
-    out = os.path.join(args.dir, f"ours-{precision}")
-    import shutil
+    precision, kernels = parse_case(case)
+    out = os.path.join(args.dir, case)
     shutil.rmtree(out, ignore_errors=True)
     total = args.warmup + args.steps
     cfg = load(None, [f"model.config={args.model}", f"data.shards={args.shards}", f"data.global_batch={args.batch}",
@@ -102,14 +141,15 @@ def run_ours(args, precision: str = "auto") -> dict:
                       "optim.lr=3e-4", "optim.min_lr=3e-5", f"optim.warmup={args.warmup}", "optim.clip=1.0",
                       "checkpoint.at_end=false", "checkpoint.every=0", "parallel.mode=none",
                       f"run.out_dir={out}", "run.tensorboard=false", "run.progress=true", "run.progress_every=0",
-                      f"train.compile={'true' if args.compile else 'false'}", f"train.precision={precision}"])
+                      f"train.compile={'true' if args.compile else 'false'}", f"train.precision={precision}"]
+               + kernels_override(kernels))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train(cfg)
     records = read_metrics(out)
     times = [args.batch * args.seq_len / r["tokens_per_s"] for r in records]
     wait = [r["data_wait_share"] for r in records]
-    return summarize("ours" if precision == "auto" else f"ours-{precision}", args, times, wait, max(r["memory_gib"] for r in records), device_name())
+    return summarize(case, args, times, wait, max(r["memory_gib"] for r in records), device_name(), kernels)
 
 
 def run_hf(args) -> dict:
@@ -176,7 +216,7 @@ def run_hf(args) -> dict:
     gaps = [0.0] + timer.gaps
     wait = [g / (g + t) for g, t in zip(gaps, timer.times)]
     from trainer.metrics import memory_gib
-    return summarize("hf_trainer", args, timer.times, wait, memory_gib(torch.device(dev)), device_name())
+    return summarize("hf_trainer", args, timer.times, wait, memory_gib(torch.device(dev)), device_name(), "fla")
 
 
 def device_name() -> str:
@@ -193,11 +233,19 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation)")
     p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
-    p.add_argument("--cases", default="ours,hf", help="ours, ours-bf16, ours-autocast, ours-fp32, hf")
+    p.add_argument("--cases", default="ours,hf",
+                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla] (e.g. ours-bf16-fla)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args()
+    for case in (args.case or args.cases).split(","):
+        if case != "hf":
+            try:
+                kernels = parse_case(case)[1]
+            except ValueError as e:
+                p.error(str(e))
+            kernels_override(kernels)  # a fused case on a trainer without it stops here, before any case runs
     faulthandler.dump_traceback_later(600, repeat=True)  # a stuck cold compile shows where it is
     if args.shards is None:
         seqs = (args.warmup + args.steps + 2) * args.batch * 4  # enough blocks for one stream per row of the batch
@@ -210,7 +258,7 @@ def main() -> int:
         if args.case == "hf":
             result = run_hf(args)
         else:
-            result = run_ours(args, args.case.partition("-")[2] or "auto")
+            result = run_ours(args, args.case)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     results = []

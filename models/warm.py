@@ -1,7 +1,7 @@
 """Compile FLA's Triton kernels for one model and shape in parallel, before a run needs them.
 
     python -m models.warm --model configs/gla_340M.json --seq-len 2048 --batch 16 [--procs 16]
-        [--precision bf16,autocast]
+        [--precision bf16,autocast] [--kernels fused,fla]
 
 On a cold machine the first step of GLA 340M spends 9+ minutes in Triton: each autotuned kernel
 compiles every candidate config, one after the other, in one process. This tool splits that work:
@@ -15,17 +15,43 @@ own, and the real run autotunes over the full config lists on a quiet GPU.
 Run it once per machine (or per shared cache directory) and shape: the per-rank micro-batch and the
 sequence length of the run, and for each train.precision the run uses (--precision, default bf16, the GPU
 default): kernels are tuned per dtype, bf16 weights (bf16) and fp32 weights under autocast (autocast) hit
-other kernel variants. Processes are spread over the visible GPUs.
+other kernel variants; and for each model.gpu_kernels the run uses (--kernels, default fused, the trainer's
+default): fused warms the blocks of models.fused (installed on the shallow copy), fla FLA's own modules. Each
+precision runs on each kernel set. Processes are spread over the visible GPUs.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRECISIONS = ("bf16", "autocast", "fp32")
+KERNELS = ("fused", "fla")
+
+
+def install_kernels(model, kernels: str) -> str:
+    """Apply model.gpu_kernels to a built model, as the trainer's setup() does: "fused" rewrites its blocks
+    with models.fused.install (same parameters and state_dict), "fla" leaves FLA's modules. Returns the
+    one-line description of what runs. Shared by the GPU benches, so they time what the trainer runs."""
+    if kernels == "fla":
+        return "FLA modules"
+    if kernels != "fused":
+        raise ValueError(f"kernels {kernels!r}: use fused or fla")
+    if importlib.util.find_spec("models.fused") is None:
+        raise SystemExit("kernels fused: models/fused.py is not in this checkout; use fla (FLA's modules), "
+                         "e.g. --kernels fla")
+    from models import fused
+    return fused.install(model)
+
+
+def valid_list(value: str, choices: tuple[str, ...]) -> bool:
+    """A comma-separated option names at least one item, and only items among choices."""
+    items = value.split(",")
+    return bool(items) and all(x in choices for x in items)
 
 
 def config_share(configs: list, index: int, count: int) -> list:
@@ -78,18 +104,27 @@ def child(args, index: int, count: int) -> int:
     device = torch.device("cuda", index % torch.cuda.device_count())
     torch.cuda.set_device(device)
     build.adapt_to_device(config, device)
-    model = build.build_model(config, device, seed=0)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
-    for precision in args.precision.split(","):
-        # as trainer.precision runs it: bf16 weights (MasterWeights' copies, or FSDP2's), or autocast over fp32
-        run = model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
-        for _ in range(args.steps):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "autocast"):
-                loss = run(input_ids=ids, labels=ids).loss
-            loss.backward()
-            run.zero_grad(set_to_none=True)
+    failed = []
+    for kernels in args.kernels.split(","):
+        model = build.build_model(config, device, seed=0)  # a fresh copy each: install rewrites in place
+        install_kernels(model, kernels)
+        for precision in args.precision.split(","):
+            # as trainer.precision runs it: bf16 weights (MasterWeights' copies, or FSDP2's), or autocast over fp32
+            try:
+                run = model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+                for _ in range(args.steps):
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "autocast"):
+                        loss = run(input_ids=ids, labels=ids).loss
+                    loss.backward()
+                    run.zero_grad(set_to_none=True)
+            except Exception as e:  # one combination that fails (unsupported, say) does not stop the others
+                failed.append(f"{kernels}/{precision}")
+                print(f"models.warm: kernels {kernels}, precision {precision}: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+        del model
     torch.cuda.synchronize(device)
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=1, help="layers kept in the shallow copy (default 1)")
     p.add_argument("--precision", default="bf16",
                    help="train.precision values to warm, comma-separated: bf16 (default), autocast, fp32")
+    p.add_argument("--kernels", default="fused",
+                   help="model.gpu_kernels values to warm, comma-separated: fused (default), fla")
     p.add_argument("--steps", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -109,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         index, count = (int(x) for x in args.child.split("/"))
         return child(args, index, count)
 
+    if not valid_list(args.precision, PRECISIONS):
+        print(f"models.warm: --precision {args.precision!r}: use bf16, autocast or fp32, comma-separated",
+              file=sys.stderr)
+        return 2
+    if not valid_list(args.kernels, KERNELS):
+        print(f"models.warm: --kernels {args.kernels!r}: use fused or fla, comma-separated", file=sys.stderr)
+        return 2
     import torch
     if not torch.cuda.is_available():
         print("models.warm: no CUDA device. On a CPU, FLA's kernels run under the Triton interpreter and are "
@@ -118,21 +162,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"models.warm: model JSON {args.model!r} not found (give --model a file such as "
               f"configs/gla_340M.json)", file=sys.stderr)
         return 2
+    if "fused" in args.kernels.split(",") and importlib.util.find_spec("models.fused") is None:
+        print("models.warm: --kernels fused: models/fused.py is not in this checkout; warm FLA's modules "
+              "with --kernels fla", file=sys.stderr)
+        return 2
     count = args.procs or min(os.cpu_count() or 1, 32)
     cache = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
-    bad = [x for x in args.precision.split(",") if x not in ("bf16", "autocast", "fp32")]
-    if bad:
-        print(f"models.warm: --precision {args.precision!r}: use bf16, autocast or fp32, comma-separated",
-              file=sys.stderr)
-        return 2
     print(f"models.warm: {count} processes on {torch.cuda.device_count()} GPU(s), {args.model} at batch "
-          f"{args.batch} x {args.seq_len}, precision {args.precision}; Triton cache {cache}", file=sys.stderr, flush=True)
+          f"{args.batch} x {args.seq_len}, precision {args.precision}, kernels {args.kernels}; Triton cache {cache}",
+          file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     procs = []
     for i in range(count):
         cmd = [sys.executable, "-m", "models.warm", "--model", args.model, "--seq-len", str(args.seq_len),
                "--batch", str(args.batch), "--layers", str(args.layers), "--steps", str(args.steps),
-               "--precision", args.precision,
+               "--precision", args.precision, "--kernels", args.kernels,
                "--child", f"{i}/{count}"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     failed = 0
@@ -140,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         _, err = proc.communicate()
         done = i + 1
         if proc.returncode != 0:
-            failed += 1
-            print(f"models.warm: process {i}/{count} failed (exit {proc.returncode}):\n{err[-3000:]}",
+            failed += 1  # the first failure in full; the others (the same error, most likely) by their last line
+            tail = err[-3000:] if failed == 1 else (err.strip().splitlines() or [""])[-1]
+            print(f"models.warm: process {i}/{count} failed (exit {proc.returncode}):\n{tail}",
                   file=sys.stderr, flush=True)
         print(f"models.warm: {done}/{count} processes done, {time.perf_counter() - t0:.0f}s", file=sys.stderr,
               flush=True)

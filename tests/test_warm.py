@@ -68,3 +68,30 @@ def test_a_share_that_cannot_run_falls_back_to_all_configs():
         restore()
         assert autotuner.Autotuner.run is before
         autotuner.Autotuner.prune_configs = cpu_prune
+
+
+def test_kernels_option_is_checked_before_anything_runs(capsys):
+    assert main(["--model", "configs/gla_340M.json", "--seq-len", "64", "--batch", "1", "--kernels", "fused,triton"]) == 2
+    assert "--kernels 'fused,triton': use fused or fla" in capsys.readouterr().err
+    assert main(["--model", "configs/gla_340M.json", "--seq-len", "64", "--batch", "1", "--precision", "bf16,"]) == 2
+    assert "--precision 'bf16,'" in capsys.readouterr().err
+
+
+def test_install_kernels_fla_keeps_the_model_and_fused_needs_models_fused():
+    """fla leaves FLA's modules in place; fused goes through models.fused.install, and where this checkout has
+    no models/fused.py the refusal names the way out."""
+    import importlib.util
+
+    import pytest
+
+    from models import build
+    from models.warm import install_kernels
+    model = build.build_model(build.load_config("configs/gla_340M.json"), "meta")
+    before = [type(m) for m in model.modules()]
+    assert install_kernels(model, "fla") == "FLA modules"
+    assert [type(m) for m in model.modules()] == before
+    with pytest.raises(ValueError, match="use fused or fla"):
+        install_kernels(model, "triton")
+    if importlib.util.find_spec("models.fused") is None:
+        with pytest.raises(SystemExit, match="models/fused.py is not in this checkout; use fla"):
+            install_kernels(model, "fused")

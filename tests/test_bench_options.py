@@ -1,0 +1,93 @@
+"""The GPU benches' own logic that runs without a GPU: kernel categories and the top-kernels table of
+bench/gpu_profile.py, the case names of bench/train_bench.py and the runs and gaps of bench/precision_curve.py."""
+import dataclasses
+
+import pytest
+
+from bench.gpu_profile import category, top_kernels
+from bench.precision_curve import compare, labels, parse_run
+from bench.train_bench import kernels_override, parse_case
+from trainer.config import ModelConfig
+
+
+@pytest.mark.parametrize("name, cat", [
+    ("_rmsnorm_fwd_kernel", "norms"),  # ours (models/kernels/rmsnorm.py)
+    ("fused_add_rmsnorm_bwd_kernel", "norms"),
+    ("layer_norm_bwd_kernel", "norms"),  # FLA's
+    ("layer_norm_gated_fwd_kernel", "norms"),
+    ("chunk_gla_bwd_kernel_dA", "FLA GLA chunk"),
+    ("chunk_local_cumsum_scalar_kernel", "FLA GLA chunk"),
+    ("nvjet_tst_192x192_64x3_2x1_v_bz_coopB_NNT", "GEMM"),
+    ("cross_entropy_fwd_kernel", "cross entropy"),
+    # PyTorch's reductions hold "ce_" (reduce_kernel): not cross entropy
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float, float, "
+     "float>, unsigned int, float, 4, 4> >(at::native::ReduceOp<float, at::native::NormTwoOps<float, float, float>, "
+     "unsigned int, float, 4, 4>)", "grad norm / clip"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, "
+     "at::native::sum_functor<float, float, float>::operator()>, unsigned int, float, 4, 4> >", "elementwise / copies"),
+    ("swiglu_fwdbwd_kernel", "SwiGLU"),
+    ("some_new_kernel", "other"),
+])
+def test_kernel_categories(name, cat):
+    assert category(name) == cat
+
+
+def test_top_kernels_lists_the_largest_per_step_with_category_and_cut_name():
+    long = "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, " + "x" * 200
+    kernels = {"chunk_gla_fwd_kernel_o": (3000.0, 72), long: (9000.0, 363), "_rmsnorm_bwd_kernel": (6000.0, 147),
+               "tiny": (3.0, 3)}
+    lines = top_kernels(kernels, steps=3, count=3, width=80).splitlines()
+    rows = lines[2:]
+    assert len(rows) == 3  # the 3 largest, largest first; "tiny" left out
+    assert rows[0].split()[:3] == ["3.00", "50.0%", "121.0"]  # 9000 us / 3 steps, share of all, calls per step
+    assert "elementwise / copies" in rows[0] and rows[0].endswith(long[:80])
+    assert rows[1].split()[:3] == ["2.00", "33.3%", "49.0"] and "norms" in rows[1]
+    assert "FLA GLA chunk" in rows[2] and rows[2].endswith("chunk_gla_fwd_kernel_o")
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("ours", ("auto", "fused")), ("ours-bf16", ("bf16", "fused")), ("ours-bf16-fused", ("bf16", "fused")),
+    ("ours-bf16-fla", ("bf16", "fla")), ("ours-autocast-fla", ("autocast", "fla")), ("ours-fla", ("auto", "fla")),
+    ("ours-fp32", ("fp32", "fused")),
+])
+def test_train_bench_cases(case, expect):
+    assert parse_case(case) == expect
+
+
+@pytest.mark.parametrize("case", ["ours-bf17", "ours-fla-bf16", "ours-bf16-fla-x", "theirs-bf16", "ours-"])
+def test_train_bench_rejects_other_cases(case):
+    with pytest.raises(ValueError, match="ours\\[-PRECISION\\]\\[-KERNELS\\]"):
+        parse_case(case)
+
+
+def test_kernels_override_follows_the_trainer_config():
+    """With model.gpu_kernels in the trainer config the bench sets it; without it (before models/fused.py) FLA's
+    modules are all the trainer runs, so fla needs no override and fused is refused with the fix."""
+    if any(f.name == "gpu_kernels" for f in dataclasses.fields(ModelConfig)):
+        assert kernels_override("fla") == ["model.gpu_kernels=fla"]
+        assert kernels_override("fused") == ["model.gpu_kernels=fused"]
+    else:
+        assert kernels_override("fla") == []
+        with pytest.raises(SystemExit, match="suffix -fla"):
+            kernels_override("fused")
+
+
+def test_precision_curve_runs_and_labels():
+    assert parse_run("autocast-fla") == ("autocast", "fla")
+    assert parse_run("bf16-fused") == ("bf16", "fused")
+    assert parse_run("bf16") == ("bf16", None)  # the trainer's default kernels
+    for bad in ("bf16-triton", "half", "bf16-fla-x"):
+        with pytest.raises(ValueError, match="PRECISION\\[-KERNELS\\]"):
+            parse_run(bad)
+    assert labels(["autocast-fla", "autocast-fla", "bf16-fused", "autocast-fla"]) == [
+        "autocast-fla", "autocast-fla#2", "bf16-fused", "autocast-fla#3"]
+
+
+def test_precision_curve_gap_skips_the_warm_up_steps():
+    ref = [10.0, 8.0, 5.0, 4.0, 4.0]
+    run = [9.0, 4.0, 5.1, 4.0, 3.96]  # the big early gaps fall before --skip
+    gap = compare(ref, run, skip=2)
+    assert gap["max_rel_gap"] == pytest.approx(0.02) and gap["at_step"] == 2
+    assert gap["mean_rel_gap"] == pytest.approx((0.02 + 0 + 0.01) / 3)
+    with pytest.raises(ValueError, match="no steps to compare"):
+        compare(ref, run, skip=5)
