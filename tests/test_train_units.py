@@ -116,14 +116,21 @@ def torch_ops():
     cpu_torch.uninstall()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_nan_step_is_skipped_without_touching_weights_or_optimizer(precision, request):
+@pytest.mark.parametrize("precision,fused", [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)])
+def test_nan_step_is_skipped_without_touching_weights_or_optimizer(precision, fused, request):
+    """fused: AdamW's fused kernel (the GPU's; it exists on a CPU too) skips the step by itself (found_inf), with
+    no host read of the loss before the step; otherwise train_step checks on the host."""
+    from trainer.loop import skips_on_device
     model = tiny_gla()
     prec = FP32
     if precision == "bf16":
         request.getfixturevalue("torch_ops")
         prec = MasterWeights(model, torch.device("cpu"))
     opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
+    if fused:
+        from trainer.optim import param_groups
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, fused=True)
+    assert skips_on_device(opt) == fused
     d = Dist()
     good = torch.randint(1, 63, (2, 16), generator=torch.Generator().manual_seed(0))
     loss, norm, applied = train_step(model, opt, good, None, 2, 1.0, 1e-2, d, prec)

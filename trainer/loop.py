@@ -99,13 +99,35 @@ def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: 
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
+    if skips_on_device(optimizer):
+        # No host sync before the step: the fused kernel reads the flag on the device and, where it is 1, leaves
+        # weights, moments and step counts as they were. The GPU works through the step while the host waits
+        # for the loss below, instead of idling while the host launches the step after reading it.
+        optimizer.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+        try:
+            optimizer.step()
+        finally:
+            optimizer.found_inf = None
     loss_value, = parallel.all_reduce_mean([loss_sum.item()], d)
     norm_value = float(grad_norm.item())
     applied = math.isfinite(loss_value) and math.isfinite(norm_value)
-    if applied:
+    if applied and not skips_on_device(optimizer):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, norm_value, applied
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether the optimizer can skip a non-finite step by itself, on the device (fused AdamW's found_inf), so that
+    train_step need not read the loss first. Not for DTensor (FSDP2) parameters: their step keeps the host check.
+    Every rank reaches the same decision: a non-finite loss anywhere gives non-finite gradients, so a non-finite
+    global gradient norm, everywhere."""
+    cached = getattr(optimizer, "_skips_on_device", None)
+    if cached is None:
+        cached = bool(optimizer.defaults.get("fused")) and not any(
+            hasattr(p, "device_mesh") for g in optimizer.param_groups for p in g["params"])
+        optimizer._skips_on_device = cached
+    return cached
 
 
 def setup_logging(d: parallel.Dist) -> None:
