@@ -29,9 +29,10 @@ CATEGORIES = [
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "wgmma")),
     # FLA's norm kernels and ours (models/kernels/rmsnorm.py: names hold "rmsnorm"); before the GLA keys so
     # that a fused norm of ours named after the block it serves still counts as a norm
-    ("norms", ("rmsnorm", "layer_norm", "rms_norm", "layernorm", "norm_fwd", "norm_bwd", "norm_gate")),
+    ("norms", ("rmsnorm", "_rms_", "layer_norm", "rms_norm", "layernorm", "norm_fwd", "norm_bwd", "norm_gate")),
     ("FLA GLA chunk", ("chunk", "gla", "cumsum", "fused_recurrent")),
     ("SwiGLU", ("swiglu", "swish")),
+    ("GLA gate logsigmoid (ours)", ("_logsig_",)),
     # not "ce_": PyTorch's reduce_kernel (sums, the grad norm) holds it
     ("cross entropy", ("cross_entropy", "crossentropy", "logsumexp", "nll_loss", "softmax")),
     ("AdamW", ("adam",)),

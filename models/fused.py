@@ -21,9 +21,12 @@ bytes the math does not need:
 Nothing changes in the parameters or the state dict: checkpoints, exports and FSDP sharding see the same
 model. The fused forward runs where it covers the call (training and plain evaluation: no cache, no
 attention mask, no hidden-state outputs, no autocast); any other call runs FLA's forward unchanged. The
-parts FLA already does well (GLA's chunk kernels, the gated output norm, SwiGLU + down projection) are
-FLA's own functions, looked up at call time, so models/cpu_torch.py's CPU versions apply here too (which is
-how the tests check this module on a machine without a GPU).
+parts FLA already does well (GLA's chunk kernels, the gated output norm) are FLA's own functions, looked up
+at call time, so models/cpu_torch.py's CPU versions apply here too (which is how the tests check this module
+on a machine without a GPU). SwiGLU + down projection and the gate's logsigmoid / gate_logit_normalizer are
+FLA's swiglu_linear and torch's ops by default (`install(swiglu="fla")`), or models/kernels/swiglu.py's
+kernels with swiglu="ours" (FLA's SwiGLU kernels divide per element and run well below memory bandwidth);
+the switch stays "fla" until ours is measured in a GPU training step.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 NORMS = ("ours", "fla")
+SWIGLUS = ("fla", "ours")
 _FUSED_KWARG = "fused_residual"
 
 
@@ -103,7 +107,32 @@ def _norm_fn(kind: str):
 # The fused forward passes
 # ---------------------------------------------------------------------------------------------------------
 
-def _attention(attn, x: torch.Tensor, cu_seqlens) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------------------
+# SwiGLU + down projection, and the gate's logsigmoid
+# ---------------------------------------------------------------------------------------------------------
+
+def _elementwise_fns(kind: str) -> types.SimpleNamespace:
+    """swiglu_linear(x, y, weight, bias) and gate(gk, normalizer) = logsigmoid(gk) / normalizer.
+
+    "fla": FLA's swiglu_linear (looked up per call: models/cpu_torch.py patches it on a CPU) and torch's ops for the
+    gate, as FLA's layer. "ours": models/kernels/swiglu.py (its PyTorch references on a CPU without the interpreter)."""
+    if kind == "ours":
+        from models.kernels import swiglu
+        return types.SimpleNamespace(swiglu_linear=swiglu.swiglu_linear, gate=swiglu.log_sigmoid_scaled)
+
+    def fla_swiglu_linear(x, y, weight, bias):
+        from fla.modules import mlp as fla_mlp
+        return fla_mlp.swiglu_linear(x, y, weight, bias)
+
+    def torch_gate(gk, normalizer):
+        return F.logsigmoid(gk) / normalizer
+    return types.SimpleNamespace(swiglu_linear=fla_swiglu_linear, gate=torch_gate)
+
+
+_FLA_ELEMENTWISE = _elementwise_fns("fla")
+
+
+def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _FLA_ELEMENTWISE) -> torch.Tensor:
     """GatedLinearAttention.forward for the configurations `unsupported_reason` lets through, without cache."""
     from fla.layers import gla as fla_gla  # chunk_gla looked up per call (CPU versions on a CPU)
     B, T, _ = x.shape
@@ -113,7 +142,7 @@ def _attention(attn, x: torch.Tensor, cu_seqlens) -> torch.Tensor:
     H, dk, dv = attn.num_heads, attn.head_k_dim, attn.head_v_dim
     q, k, gk = (t.view(B, T, H, dk) for t in (q, k, gk))
     v = v.view(B, T, H, dv)
-    gk = F.logsigmoid(gk) / attn.gate_logit_normalizer
+    gk = fns.gate(gk, attn.gate_logit_normalizer)
     if attn.clamp_min is not None:
         gk = torch.clamp_min(gk, attn.clamp_min)
     if T <= 64:  # as FLA's layer: the recurrent form for short inputs
@@ -124,10 +153,9 @@ def _attention(attn, x: torch.Tensor, cu_seqlens) -> torch.Tensor:
     return attn.o_proj(o.reshape(B, T, H * dv))
 
 
-def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    from fla.modules import mlp as fla_mlp  # swiglu_linear looked up per call (CPU version on a CPU)
+def _mlp(mlp, x: torch.Tensor, fns: types.SimpleNamespace = _FLA_ELEMENTWISE) -> torch.Tensor:
     gate, up = shared_linear(x, [mlp.gate_proj.weight, mlp.up_proj.weight])
-    return fla_mlp.swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias)
+    return fns.swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
 def _block_forward(self, hidden_states, *args, **kwargs):
@@ -138,9 +166,9 @@ def _block_forward(self, hidden_states, *args, **kwargs):
     residual = kwargs.pop(_FUSED_KWARG)
     norm = self._fused_norm
     x, residual = norm(hidden_states, self.attn_norm.weight, self.attn_norm.eps, residual, True)
-    o = _attention(self.attn, x, kwargs.get("cu_seqlens"))
+    o = _attention(self.attn, x, kwargs.get("cu_seqlens"), self._fused_elementwise)
     x, residual = norm(o, self.mlp_norm.weight, self.mlp_norm.eps, residual, True)
-    return _mlp(self.mlp, x), residual
+    return _mlp(self.mlp, x, self._fused_elementwise), residual
 
 
 def _covers(model, kwargs: dict) -> bool:
@@ -227,11 +255,17 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def install(model, norm: str = "ours") -> str:
+def install(model, norm: str = "ours", swiglu: str = "fla") -> str:
     """Switch a built GLA model (plain, or wrapped by FSDP2 / activation checkpointing afterwards) to the
-    fused forward. Returns a one-line description. Raises ValueError naming what is not covered."""
+    fused forward. Returns a one-line description. Raises ValueError naming what is not covered.
+
+    norm: whose RMSNorm kernel ("ours": models/kernels/rmsnorm.py, or "fla"). swiglu: whose SwiGLU + down
+    projection and gate logsigmoid ("fla": FLA's swiglu_linear and torch's logsigmoid / normalizer, or "ours":
+    models/kernels/swiglu.py); "fla" until ours is measured in a training step on a GPU."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: use one of {NORMS}")
+    if swiglu not in SWIGLUS:
+        raise ValueError(f"swiglu={swiglu!r}: use one of {SWIGLUS}")
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"fused blocks do not cover {reason}")
@@ -239,11 +273,14 @@ def install(model, norm: str = "ours") -> str:
     base = _base(model)
     base._fused_norm = fn
     base.forward = types.MethodType(_model_forward, base)
+    fns = _elementwise_fns(swiglu)
     for block in base.layers:
         block._fused_norm = fn
+        block._fused_elementwise = fns
         block.forward = types.MethodType(_block_forward, block)
     return (f"fused GLA blocks ({len(base.layers)} layers): shared-input projections, residual add fused into "
-            f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel")
+            f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
+            f"{'our SwiGLU and gate kernels' if swiglu == 'ours' else 'FLA SwiGLU, torch gate logsigmoid'}")
 
 
 def installed(model) -> bool:
@@ -255,6 +292,7 @@ def uninstall(model) -> None:
     for m in [base, *getattr(base, "layers", [])]:
         vars(m).pop("forward", None)
         vars(m).pop("_fused_norm", None)
+        vars(m).pop("_fused_elementwise", None)
 
 
 def select(model, choice: str, device: torch.device) -> str:

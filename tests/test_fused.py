@@ -29,12 +29,12 @@ def torch_ops():
     cpu_torch.uninstall()
 
 
-def pair(norm="fla", **extra):
+def pair(norm="fla", swiglu="fla", **extra):
     """FLA's model and a fused copy with the same weights."""
     config = build.load_config({**CONFIG, **extra})
     stock = build.build_model(config, "cpu", seed=0)
     other = build.build_model(config, "cpu", seed=0)
-    fused.install(other, norm=norm)
+    fused.install(other, norm=norm, swiglu=swiglu)
     return stock, other
 
 
@@ -58,14 +58,31 @@ def ids(batch=2, length=80, seed=0):
     return torch.randint(0, CONFIG["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("norm", ["fla", "ours"])
-def test_fused_blocks_give_flas_loss_and_gradients(norm):
-    if norm == "ours":
-        pytest.importorskip("models.kernels.rmsnorm")
-    stock, other = pair(norm=norm)
+@pytest.mark.parametrize("norm,swiglu", [("fla", "fla"), ("ours", "fla"), ("fla", "ours"), ("ours", "ours")])
+def test_fused_blocks_give_flas_loss_and_gradients(norm, swiglu, monkeypatch):
+    """With swiglu="ours" the MLP and the gate run models/kernels/swiglu.py (its Triton kernels, interpreted here),
+    checked to be called, against FLA's blocks on models/cpu_torch.py's ops."""
+    from models.kernels import swiglu as ours
+    calls = []
+    for name in ("swiglu_forward", "swiglu_backward", "log_sigmoid_scaled_forward", "log_sigmoid_scaled_backward"):
+        real = getattr(ours, name)
+        monkeypatch.setattr(ours, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    stock, other = pair(norm=norm, swiglu=swiglu)
     x = ids()
     assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
     assert fused.installed(other) and not fused.installed(stock)
+    layers = CONFIG["num_hidden_layers"]
+    assert sorted(set(calls)) == (sorted(["swiglu_forward", "swiglu_backward", "log_sigmoid_scaled_forward",
+                                          "log_sigmoid_scaled_backward"]) if swiglu == "ours" else [])
+    assert len(calls) == (4 * layers if swiglu == "ours" else 0)
+
+
+def test_install_rejects_an_unknown_swiglu():
+    config = build.load_config(CONFIG)
+    model = build.build_model(config, "cpu", seed=0)
+    with pytest.raises(ValueError, match="swiglu='triton': use one of"):
+        fused.install(model, swiglu="triton")
+    assert not fused.installed(model)
 
 
 def test_fused_blocks_with_document_boundaries_and_short_inputs():
