@@ -52,6 +52,32 @@ all1)
   grep -v -e '^warm-up' -e Warning -e warn "$OUT/profile.log" | tail -50
   grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log"
   ;;
+ab)
+  # the second round (2026-12-02): our SwiGLU/gate kernels against FLA's inside the fused step, then the trainer at
+  # batch 16 and 32 against HF, all after one warm-up
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16,autocast \
+      --kernels fused,fla > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "elementwise_bench"
+  timeout "$(budget 40)" python3 bench/elementwise_bench.py > "$OUT/elementwise.log" 2>&1 || echo "elementwise_bench: exit $?"
+  for sw in fla ours; do
+    stamp "gpu_profile fused, swiglu $sw"
+    timeout "$(budget 60)" python3 bench/gpu_profile.py --kernels fused --swiglu $sw --timed 15 --steps 2 --warmup 3 \
+        --top 12 --trace "$OUT/trace-$sw.json" > "$OUT/profile-$sw.log" 2>&1
+  done
+  rm -f "$OUT"/trace-*.json
+  stamp "train_bench batch 16"
+  timeout "$(budget 150)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
+      --cases ours-bf16,ours-bf16-fla,hf --dir bench/out/train > "$OUT/b16.log" 2>&1
+  stamp "train_bench batch 32"
+  timeout "$(budget 170)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 \
+      --cases ours-bf16,hf --dir bench/out/train > "$OUT/b32.log" 2>&1
+  stamp "done"
+  grep -E "RESULT|ours|fla|torch" "$OUT/elementwise.log" | tail -12
+  for sw in fla ours; do grep -E "^timed|^[A-Za-z].* [0-9.]+ +[0-9.]+%|outside" "$OUT/profile-$sw.log"; done
+  grep -h 'tokens/s:' "$OUT/b16.log" "$OUT/b32.log"; grep -h '^{' "$OUT/b16.log" "$OUT/b32.log" | cut -c1-400
+  ;;
 b32)
   stamp "train_bench batch 32"
   timeout "$(budget 330)" python3 bench/train_bench.py --batch 32 --steps 10 --warmup 4 \
@@ -72,5 +98,5 @@ curve)
   stamp "done"
   sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|b32|curve" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|b32|curve" >&2; exit 2 ;;
 esac

@@ -105,6 +105,9 @@ def main() -> int:
     p.add_argument("--precision", default="bf16", choices=["bf16", "autocast", "fp32"])
     p.add_argument("--kernels", default="fused", choices=["fused", "fla"],
                    help="model.gpu_kernels: fused (models.fused.install after the build) or fla (FLA's modules)")
+    p.add_argument("--swiglu", default=None, choices=["fla", "ours"],
+                   help="with --kernels fused: SwiGLU + gate kernels of FLA/torch or ours (default: models.fused's)")
+    p.add_argument("--timed", type=int, default=10, help="unprofiled steps timed after the warm-up (median printed)")
     p.add_argument("--top", type=int, default=25, help="kernels listed one by one after the category table")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
@@ -128,7 +131,11 @@ def main() -> int:
     config = build.load_config(args.model)
     build.adapt_to_device(config, device)
     model = build.build_model(config, device, seed=0)
-    kernels = install_kernels(model, args.kernels)  # before the bf16 copies and the optimizer see the parameters
+    if args.swiglu and args.kernels == "fused":
+        from models import fused
+        kernels = fused.install(model, swiglu=args.swiglu)
+    else:
+        kernels = install_kernels(model, args.kernels)  # before the bf16 copies and the optimizer see the parameters
     model.train()
     prec = MasterWeights(model, device) if args.precision == "bf16" else Precision(args.precision, device)
     opt = build_optimizer(model, OptimConfig(), device)
@@ -144,6 +151,17 @@ def main() -> int:
         step()
         torch.cuda.synchronize()
         print(f"warm-up step {i}: {time.perf_counter() - t:.3f}s", file=sys.stderr, flush=True)
+    times = []
+    for _ in range(args.timed):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    if times:
+        med = sorted(times)[len(times) // 2]
+        print(f"timed: median step {med * 1e3:.1f} ms over {len(times)} unprofiled steps, "
+              f"{args.batch * args.seq_len / med:,.0f} tokens/s ({args.kernels}"
+              f"{', swiglu ' + args.swiglu if args.swiglu else ''})", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         t = time.perf_counter()

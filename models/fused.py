@@ -255,7 +255,7 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def install(model, norm: str = "ours", swiglu: str = "fla") -> str:
+def install(model, norm: str = "ours", swiglu: str = "ours") -> str:
     """Switch a built GLA model (plain, or wrapped by FSDP2 / activation checkpointing afterwards) to the
     fused forward. Returns a one-line description. Raises ValueError naming what is not covered.
 
