@@ -7,6 +7,8 @@
 #                                      present, ours-bf16 / ours-bf16-fla / HF at batch 16, the step's profile
 #                                      with fused kernels (category table + top kernels)
 #   bash bench/gpu_issue10b.sh b32     ours-bf16 / ours-bf16-fla / HF at batch 32
+#   bash bench/gpu_issue10b.sh graphs  train.cuda_graphs: bench/graph_check.py (same numbers as eager?), then the
+#                                      trainer with and without graphs vs HF at batch 16 (and 32 on a >100 GB card)
 #   bash bench/gpu_issue10b.sh curve   models.warm, then 300-step loss curves on real text, batch 16: autocast-fla
 #                                      twice (the noise floor) and bf16-fused, each against the first
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -78,6 +80,34 @@ ab)
   for sw in fla ours; do grep -E "^timed|^[A-Za-z].* [0-9.]+ +[0-9.]+%|outside" "$OUT/profile-$sw.log"; done
   grep -h 'tokens/s:' "$OUT/b16.log" "$OUT/b32.log"; grep -h '^{' "$OUT/b16.log" "$OUT/b32.log" | cut -c1-400
   ;;
+graphs)
+  # train.cuda_graphs (2026-12-05): the same numbers as the eager step (graph_check: eager twice for the noise
+  # floor, graphs, 2 micro-batches, activation checkpointing), then the trainer with and without graphs against HF
+  # at batch 16, and at batch 32 where the card holds it (HF's autocast path took 79 GiB there)
+  stamp "models.warm"
+  timeout "$(budget 150)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "graph_check"
+  timeout "$(budget 170)" python3 bench/graph_check.py --steps 10 --warmup 3 \
+      --runs eager,eager,graphs,eager-mb2,graphs-mb2,eager-ac,graphs-ac > "$OUT/graph_check.log" 2>&1 \
+      || echo "graph_check: exit $?"
+  stamp "train_bench batch 16"
+  timeout "$(budget 170)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
+      --cases ours-bf16,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b16.log" 2>&1
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  if [ "${mem:-0}" -gt 100000 ]; then
+    stamp "train_bench batch 32"
+    timeout "$(budget 200)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 \
+        --cases ours-bf16-graphs,ours-bf16,hf --dir bench/out/train > "$OUT/b32.log" 2>&1
+  else
+    echo "batch 32 skipped: ${mem} MiB on this card" > "$OUT/b32.log"
+  fi
+  stamp "done"
+  grep -v -i -e warn "$OUT/graph_check.log" | tail -14
+  grep -h 'tokens/s:' "$OUT/b16.log" "$OUT/b32.log"; grep -h '^{' "$OUT/b16.log" "$OUT/b32.log" | cut -c1-420
+  tail -3 "$OUT/b32.log"
+  ;;
 b32)
   stamp "train_bench batch 32"
   timeout "$(budget 330)" python3 bench/train_bench.py --batch 32 --steps 10 --warmup 4 \
@@ -102,5 +132,5 @@ curve)
   stamp "done"
   sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|b32|curve" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve" >&2; exit 2 ;;
 esac

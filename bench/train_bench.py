@@ -9,8 +9,9 @@ optim="adamw_torch_fused" (fp32 master weights, bf16 autocast). Ours runs the re
 batch (no accumulation), checkpoints and validation off. Both use the same cosine schedule, the same
 weight init seed, and the same shards (synthetic Zipf tokens are written once under --dir if --shards
 is not given). Case `ours` runs the default train.precision and model.gpu_kernels; `ours-bf16` /
-`ours-autocast` / `ours-fp32` that precision; a last `-fused` or `-fla` part picks model.gpu_kernels
-(`ours-bf16-fla`: FLA's modules unchanged; `ours-bf16` = `ours-bf16-fused`: our fused blocks, the default).
+`ours-autocast` / `ours-fp32` that precision; a `-fused` or `-fla` part picks model.gpu_kernels
+(`ours-bf16-fla`: FLA's modules unchanged; `ours-bf16` = `ours-bf16-fused`: our fused blocks, the default); a
+last `-graphs` part sets train.cuda_graphs=true (`ours-bf16-graphs`).
 The HF case always runs FLA's modules, as the original trainer did.
 
 Each case runs in its own subprocess (clean CUDA memory and peak statistics). The first `--warmup`
@@ -78,18 +79,26 @@ KERNELS = ("fused", "fla")
 
 
 def parse_case(case: str) -> tuple[str, str]:
-    """`ours[-PRECISION][-KERNELS]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16, fused),
-    ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla), ours -> (auto, fused)."""
+    """`ours[-PRECISION][-KERNELS][-graphs]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16, fused),
+    ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla), ours -> (auto, fused). A last `-graphs`
+    (train.cuda_graphs=true) is read by case_graphs and ignored here."""
     head, *rest = case.split("-")
+    if rest and rest[-1] == "graphs":
+        rest.pop()
     precision, kernels = "auto", "fused"
     if rest and rest[-1] in KERNELS:
         kernels = rest.pop()
     if rest and rest[0] in PRECISIONS:
         precision = rest.pop(0)
     if head != "ours" or rest:
-        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS], PRECISION one of "
-                         f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla)")
+        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-graphs], PRECISION one of "
+                         f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
     return precision, kernels
+
+
+def case_graphs(case: str) -> bool:
+    """Whether a case runs with train.cuda_graphs (a last `-graphs` part)."""
+    return case.split("-")[-1] == "graphs"
 
 
 def kernels_override(kernels: str) -> list[str]:
@@ -142,7 +151,7 @@ def run_ours(args, case: str = "ours") -> dict:
                       "checkpoint.at_end=false", "checkpoint.every=0", "parallel.mode=none",
                       f"run.out_dir={out}", "run.tensorboard=false", "run.progress=true", "run.progress_every=0",
                       f"train.compile={'true' if args.compile else 'false'}", f"train.precision={precision}"]
-               + kernels_override(kernels))
+               + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train(cfg)
@@ -234,7 +243,7 @@ def main() -> int:
     p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
     p.add_argument("--cases", default="ours,hf",
-                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla] (e.g. ours-bf16-fla)")
+                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-graphs] (e.g. ours-bf16-fla)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process

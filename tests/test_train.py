@@ -169,6 +169,20 @@ def test_compile_on_cpu_is_switched_off_with_one_line(tmp_path, data):
     assert len(read_metrics(str(tmp_path / "out"))) == 1
 
 
+def test_cuda_graphs_on_cpu_are_switched_off_with_one_line_and_refused_with_fsdp(tmp_path, data):
+    """train.cuda_graphs is a GPU option: a CPU run of a GPU config trains eagerly and says so once; what no
+    device covers (here FSDP2) stops the run before any step, naming the fix."""
+    p = run_trainer(str(tmp_path), config(tmp_path, data, train={"max_steps": 1, "cuda_graphs": True}))
+    assert p.stderr.count("train.cuda_graphs switched off on cpu") == 1
+    assert len(read_metrics(str(tmp_path / "out"))) == 1
+    p = run_trainer(str(tmp_path), config(tmp_path, data, train={"max_steps": 1, "cuda_graphs": True},
+                                          run={"out_dir": str(tmp_path / "fsdp")}),
+                    "parallel.mode=fsdp", check=False)
+    assert p.returncode == 1
+    assert "train.cuda_graphs does not cover parallel.mode=fsdp" in p.stderr and "train.cuda_graphs=false" in p.stderr
+    assert not os.path.exists(tmp_path / "fsdp" / "metrics.jsonl")
+
+
 def test_varlen_training_runs(tmp_path, data):
     cfg = config(tmp_path, data, model=INTERPRETER,
                  data={"varlen": True, "val_shards": data["val"], "val_sequences": 4},

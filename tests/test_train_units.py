@@ -420,3 +420,48 @@ def test_master_weights_buffers_hold_only_this_steps_gradients():
         else:
             assert torch.equal(p.grad, expected[n]), n
     assert not prec.grad_flat[sum(p.numel() for p in model["a"].parameters()):].any()
+
+
+def test_master_weights_take_gradients_given_as_a_list_as_they_take_dot_grad():
+    """accumulate(grads) (trainer.graphs hands a CUDA graph's static gradient tensors this way) fills the fp32
+    buffers exactly as accumulate() does from .grad, first micro-batch copied, later ones added, None entries
+    left without a gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4)})
+    x = torch.randn(3, 4)
+    results = []
+    for given in (False, True):
+        prec = MasterWeights(model, torch.device("cpu"))
+        with prec.compute():
+            for _ in range(2):
+                model["a"](x.bfloat16()).float().square().sum().backward()
+                if given:
+                    grads = [p.grad for p in prec.params]
+                    for p in prec.params:
+                        p.grad = None
+                    prec.accumulate([g.clone() if g is not None else None for g in grads])
+                else:
+                    prec.accumulate()
+        prec.reduce()
+        results.append({n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    assert results[0].keys() == results[1].keys()
+    for n in results[0]:
+        if n.startswith("b."):
+            assert results[0][n] is None and results[1][n] is None, n
+        else:
+            assert torch.equal(results[0][n], results[1][n]), n
+
+
+@pytest.mark.parametrize("settings, fix", [
+    (("autocast", "none", False, False), "train.precision=bf16"),
+    (("bf16", "fsdp", False, False), "parallel.mode=ddp or none"),
+    (("bf16", "none", True, False), "data.varlen=false"),
+    (("bf16", "ddp", False, True), "train.compile"),
+])
+def test_cuda_graphs_refuse_what_they_do_not_cover_naming_the_fix(settings, fix):
+    from trainer.graphs import unsupported_reason
+    assert unsupported_reason("bf16", "none", False, False) is None
+    assert unsupported_reason("bf16", "ddp", False, False) is None
+    reason = unsupported_reason(*settings)
+    assert reason and fix in reason and reason.startswith("train.cuda_graphs")

@@ -79,6 +79,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
     activation_checkpointing: bool = False
     compile: bool = False
+    # GPU, train.precision=bf16, parallel.mode none/ddp, fixed-shape batches: each micro-batch's forward and
+    # backward replayed as one CUDA graph (trainer/graphs.py), so Python's kernel launches no longer pace the GPU
+    cuda_graphs: bool = False
     # bf16: bf16 weights/activations for forward+backward over fp32 master weights and optimizer states;
     # autocast: fp32 weights under bf16 autocast (the GPU default before); fp32. auto: bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "bf16", "autocast", "fp32"] = "auto"

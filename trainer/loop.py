@@ -28,6 +28,7 @@ from trainer.data.loader import cu_seqlens as document_bounds
 from trainer.data.sources import check_val_set, mixture_table, open_loader, shards_tokenizer, val_sets
 from trainer.data.validation import load_val_rows
 from trainer.evaluate import validation_loss
+from trainer.graphs import GraphedSteps, unsupported_reason as graphs_unsupported
 from trainer.metrics import MetricsLog, memory_gib
 from trainer.optim import build_optimizer
 
@@ -80,14 +81,21 @@ def micro_batches(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, size
 
 
 def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: float, lr: float,
-               d: parallel.Dist, prec: precision.Precision) -> tuple[float, float, bool]:
-    """One optimizer step over the rank's batch. Returns (loss, grad_norm, applied). Not applied if NaN/inf."""
+               d: parallel.Dist, prec: precision.Precision,
+               graphs: GraphedSteps | None = None) -> tuple[float, float, bool]:
+    """One optimizer step over the rank's batch. Returns (loss, grad_norm, applied). Not applied if NaN/inf.
+    `graphs` (train.cuda_graphs): each micro-batch's forward and backward replayed as a CUDA graph."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     parts = list(micro_batches(batch_ids, cu_seqlens, micro_batch))
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     with prec.compute():
         for i, (x, labels, cu) in enumerate(parts):
+            if graphs is not None:  # trainer/graphs.py: no gradient_sync or autocast to enter (bf16, not DDP)
+                loss, grads = graphs.forward_backward(x, labels, len(parts))
+                prec.accumulate(grads)
+                loss_sum += loss.float()
+                continue
             x, labels = x.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
             kwargs = {} if cu is None else {"cu_seqlens": cu.to(d.device)}
             with parallel.gradient_sync(model, enabled=i == len(parts) - 1), prec.autocast():
@@ -161,6 +169,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_at: Callable[[int], float]
     prec: precision.Precision  # compute dtype: autocast, or bf16 over fp32 master weights
+    graphs: GraphedSteps | None  # train.cuda_graphs
     micro: int  # sequences per forward/backward
     # resumed state (zeros and None on a fresh run)
     start_step: int
@@ -203,6 +212,7 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
     prec = (precision.MasterWeights(raw, d.device, d.world_size) if prec_name == "bf16" and cfg.parallel.mode != "fsdp"
             else precision.Precision(prec_name, d.device))
     optimizer = build_optimizer(model, cfg.optim, d.device)
+    graphs = _make_graphs(cfg, d, model, prec, prec_name)
 
     t_load = time.perf_counter()
     state = ckpt.load_latest(model, optimizer)
@@ -224,7 +234,7 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
 
     seq_len = manifest.seq_len
     run = Run(d=d, loader=loader, ckpt=ckpt, model=model, raw=raw, optimizer=optimizer,
-              lr_at=schedule.from_config(cfg.optim, cfg.train.max_steps), prec=prec, micro=micro,
+              lr_at=schedule.from_config(cfg.optim, cfg.train.max_steps), prec=prec, graphs=graphs, micro=micro,
               start_step=start_step, skipped=skipped, best_val=best_val,
               last_ckpt=state["path"] if state else None, val_rows=val_rows, val_boundaries=val_boundaries,
               tokens_per_step=cfg.data.global_batch * seq_len, train_flops=flops_per_token(raw, seq_len)["train"],
@@ -235,6 +245,23 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
              run.n_params / 1e6, run.train_flops, six_n(raw), cfg.parallel.mode, d.world_size, d.device.type,
              prec_name, cfg.data.global_batch, seq_len, micro, loader.local_batch // micro)
     return run
+
+
+def _make_graphs(cfg: Config, d: parallel.Dist, model, prec, prec_name: str) -> GraphedSteps | None:
+    """train.cuda_graphs: the step's graphs (captured at the first step), None where off; a config error where
+    the settings are not covered, naming the fix. On a CPU the option is switched off, as train.compile is."""
+    if not cfg.train.cuda_graphs:
+        return None
+    gpu = d.device.type == "cuda"
+    # a CPU dry run of a GPU config still stops at what no device covers (fsdp, varlen, compile); its precision
+    # resolves to fp32 on a CPU, so that is checked on the GPU only
+    reason = graphs_unsupported(prec_name if gpu else "bf16", cfg.parallel.mode, cfg.data.varlen, cfg.train.compile)
+    if reason:
+        raise ConfigError(reason)
+    if not gpu:
+        log.info("train.cuda_graphs switched off on %s: it is a GPU option", d.device.type)
+        return None
+    return GraphedSteps(model, prec, d.device)
 
 
 def _make_loader(cfg: Config, d: parallel.Dist, ckpt: Checkpointer) -> TokenLoader:
@@ -323,7 +350,7 @@ def run_steps(cfg: Config, r: Run) -> dict:
             assert batch.step == step, (batch.step, step)
             lr = r.lr_at(step)
             loss, grad_norm, applied = train_step(r.model, r.optimizer, batch.input_ids, batch.cu_seqlens, r.micro,
-                                                  cfg.optim.clip, lr, d, r.prec)
+                                                  cfg.optim.clip, lr, d, r.prec, r.graphs)
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
             dt = time.perf_counter() - t0

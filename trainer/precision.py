@@ -65,7 +65,7 @@ class Precision:
     def compute(self):
         return contextlib.nullcontext()
 
-    def accumulate(self) -> None:
+    def accumulate(self, grads: list | None = None) -> None:
         pass
 
     def reduce(self) -> None:
@@ -117,15 +117,18 @@ class MasterWeights(Precision):
                 p.grad = None
                 p.data = m
 
-    def accumulate(self) -> None:
+    def accumulate(self, grads: list | None = None) -> None:
         """After one micro-batch's backward: its bf16 gradients into the fp32 buffers. A buffer's first gradient
         of the step is copied in (one conversion kernel per group of tensors), later ones are added: no zeroing
-        pass over the buffers, and with one micro-batch (the common case) no read of them either."""
+        pass over the buffers, and with one micro-batch (the common case) no read of them either.
+        `grads`: the gradients, in self.params' order, where they are not the parameters' .grad (a CUDA graph's
+        static outputs, trainer.graphs); None entries are parameters without a gradient."""
         first, first_src, more, more_src = [], [], [], []
         for i, p in enumerate(self.params):
-            if p.grad is not None:
+            g = p.grad if grads is None else grads[i]
+            if g is not None:
                 (more if self._has_grad[i] else first).append(self.grads[i])
-                (more_src if self._has_grad[i] else first_src).append(p.grad)
+                (more_src if self._has_grad[i] else first_src).append(g)
                 self._has_grad[i] = True
                 p.grad = None
         if first:
