@@ -89,7 +89,7 @@ graphs)
       --kernels fused > "$OUT/warm.log" 2>&1
   tail -1 "$OUT/warm.log"
   stamp "graph_check"
-  timeout "$(budget 170)" python3 bench/graph_check.py --steps 10 --warmup 3 \
+  timeout "$(budget 170)" python3 bench/graph_check.py --steps 8 --warmup 3 \
       --runs eager,eager,graphs,eager-mb2,graphs-mb2,eager-ac,graphs-ac > "$OUT/graph_check.log" 2>&1 \
       || echo "graph_check: exit $?"
   stamp "train_bench batch 16"
