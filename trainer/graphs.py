@@ -55,7 +55,8 @@ class GraphedSteps:
 
     Use inside prec.compute() (the weights are the bf16 copies there), once per micro-batch of `parts`:
         loss, grads = graphs.forward_backward(x, labels, parts)  # loss / parts, a detached device scalar
-        prec.accumulate(grads)  # the graph's gradients (None: an eager pass left them in .grad) into fp32
+        prec.accumulate(grads)  # the graph's gradients into the fp32 buffers
+    forward_backward returns None for a shape past MAX_GRAPHS: the caller runs that micro-batch eagerly.
     """
 
     def __init__(self, model: torch.nn.Module, prec, device: torch.device, warmup: int = 2):
@@ -67,7 +68,7 @@ class GraphedSteps:
         self.pool = None  # one memory pool for all graphs (they never run at the same time)
         self.eager_shapes: set[tuple] = set()
 
-    def forward_backward(self, x: torch.Tensor, labels: torch.Tensor, parts: int):
+    def forward_backward(self, x: torch.Tensor, labels: torch.Tensor, parts: int) -> tuple | None:
         key = (tuple(x.shape), tuple(labels.shape), x.dtype, labels.dtype, parts)
         g = self.graphs.get(key)
         if g is None:
@@ -76,16 +77,10 @@ class GraphedSteps:
                     self.eager_shapes.add(key)
                     log.warning("train.cuda_graphs: %d shapes captured already; micro-batches of shape %s run "
                                 "eagerly", MAX_GRAPHS, tuple(x.shape))
-                return self._eager(x, labels, parts), None
+                return None
             g = self._capture(key, x, labels, parts)
         g.replay(x, labels)
         return g.loss, g.grads
-
-    def _eager(self, x, labels, parts):
-        x, labels = x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        loss = self.model(input_ids=x, labels=labels).loss / parts  # as train_step's eager pass, to the bit
-        loss.backward()
-        return loss.detach()
 
     def _capture(self, key, x, labels, parts) -> "_Graph":
         params = self.prec.params

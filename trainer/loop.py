@@ -91,8 +91,10 @@ def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: 
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     with prec.compute():
         for i, (x, labels, cu) in enumerate(parts):
-            if graphs is not None:  # trainer/graphs.py: no gradient_sync or autocast to enter (bf16, not DDP)
-                loss, grads = graphs.forward_backward(x, labels, len(parts))
+            # trainer/graphs.py: no gradient_sync or autocast to enter (bf16, not DDP); None: run this one eagerly
+            graphed = graphs.forward_backward(x, labels, len(parts)) if graphs is not None else None
+            if graphed is not None:
+                loss, grads = graphed
                 prec.accumulate(grads)
                 loss_sum += loss.float()
                 continue
