@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,23 +69,10 @@ def main() -> int:
     def rand(*shape, scale=1.0):
         return (scale * torch.randn(*shape, device=dev, generator=gen)).to(dtype)
 
+    from cuda_timing import median_ms
+
     def timed(fn) -> float:
-        for _ in range(args.warmup):
-            for _ in range(args.batch):
-                fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(args.iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if not args.no_sleep:
-                torch.cuda._sleep(50_000_000)  # ~25 ms at ~2 GHz: longer than queueing the batch takes
-            start.record()
-            for _ in range(args.batch):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / args.batch)
-        return statistics.median(times)
+        return median_ms(fn, args.warmup, args.iters, args.batch, sleep=not args.no_sleep)
 
     results, failed = [], False
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,23 +83,10 @@ def main() -> int:
         inputs = (x, r, w) if residual else (x, w)
         return outs, torch.autograd.grad(outs, inputs, grads)
 
+    from cuda_timing import median_ms
+
     def timed(fn) -> float:
-        for _ in range(args.warmup):
-            for _ in range(args.batch):
-                fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(args.iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if not args.no_sleep:
-                torch.cuda._sleep(50_000_000)  # ~25 ms at ~2 GHz: longer than queueing the batch takes
-            start.record()
-            for _ in range(args.batch):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / args.batch)
-        return statistics.median(times)
+        return median_ms(fn, args.warmup, args.iters, args.batch, sleep=not args.no_sleep)
 
     print(f"device {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  triton {triton.__version__}  "
           f"fla {fla_version}  x [{m}, {d}] {args.dtype}  weight {args.weight_dtype}")
