@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch.distributed as dist
@@ -23,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from shards.storage import LocalStorage, Storage, file_crc32
-from trainer.dcp_storage import StorageFileSystem, StorageReader, StorageWriter, remove_stale_staging
+from trainer.dcp_storage import StorageFileSystem, StorageReader, StorageWriter, WriteGate, remove_stale_staging
 from trainer.parallel import Dist
 
 log = logging.getLogger("trainer.checkpoint")
@@ -37,38 +36,24 @@ class _RecordingFileSystem(FileSystem):
 
     And when DCP's main writer thread fails, dcp.save raises without joining the others, which go on writing:
     abort() lets no new file start and waits for those being written, so that removing the failed save's
-    directory does not race with them (it left STEP.tmp behind on a busy machine)."""
+    directory does not race with them (it left STEP.tmp behind on a busy machine). Both by WriteGate."""
 
     def __init__(self):
         super().__init__()
-        self.errors: list[str] = []
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._writing = 0
-        self._aborted = False
+        self.gate = WriteGate()
+
+    @property
+    def errors(self) -> list[str]:
+        return self.gate.errors
 
     @contextlib.contextmanager
     def create_stream(self, path, mode):
-        with self._lock:
-            if self._aborted:
-                raise OSError(f"{path}: not written: this save failed already")
-            self._writing += 1
-        try:
+        with self.gate.write(str(path), os.path.basename(str(path))):
             with super().create_stream(path, mode) as stream:
                 yield stream
-        except BaseException as e:
-            with self._lock:
-                self.errors.append(f"{os.path.basename(str(path))}: {type(e).__name__}: {e}")
-            raise
-        finally:
-            with self._lock:
-                self._writing -= 1
-                self._idle.notify_all()
 
     def abort(self, timeout: float = 600.0) -> None:
-        with self._lock:
-            self._aborted = True
-            self._idle.wait_for(lambda: self._writing == 0, timeout)
+        self.gate.abort(timeout)
 
 
 def _dcp_writer(name: str) -> int | None:

@@ -45,6 +45,52 @@ BLOCKS_KEPT = 8  # per open stream
 MAX_GET = 64 << 20  # the largest single ranged GET for one large read
 
 
+class WriteGate:
+    """The writes of one DCP save, across DCP's writer threads: how many are under way, the errors of those that
+    failed (DCP's writer threads other than the first drop their exceptions: the caller reads `errors` after
+    dcp.save), and abort() after a failed save: no write starts after it, and it waits for those under way
+    (DCP's main writer thread returns from a failure without joining the others, which would go on writing
+    after the failed save's files were removed)."""
+
+    def __init__(self):
+        self.errors: list[str] = []  # "name: error" of each failed write
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._writing = 0
+        self._aborted = False
+
+    def check(self, what: str) -> None:
+        with self._lock:
+            if self._aborted:
+                raise OSError(f"{what}: not written: this save failed already")
+
+    def failed(self, name: str, e: BaseException) -> None:
+        with self._lock:
+            self.errors.append(f"{name}: {type(e).__name__}: {e}")
+
+    @contextmanager
+    def write(self, what: str, name: str):
+        """One write: refused (OSError naming `what`) after abort(); its error recorded under `name`."""
+        with self._lock:
+            if self._aborted:
+                raise OSError(f"{what}: not written: this save failed already")
+            self._writing += 1
+        try:
+            yield
+        except BaseException as e:
+            self.failed(name, e)
+            raise
+        finally:
+            with self._lock:
+                self._writing -= 1
+                self._idle.notify_all()
+
+    def abort(self, timeout: float = 600.0) -> None:
+        with self._lock:
+            self._aborted = True
+            self._idle.wait_for(lambda: self._writing == 0, timeout)
+
+
 class StorageFileSystem(FileSystemBase):
     """DCP file operations on `storage`; paths are `<storage.url>/<name>` strings."""
 
@@ -52,13 +98,14 @@ class StorageFileSystem(FileSystemBase):
         self.storage = storage
         self.root = storage.url.rstrip("/")
         self.written: dict[str, dict] = {}  # name -> {"size", "crc32"} of each finished upload
-        self.errors: list[str] = []  # "name: error" of each failed upload
+        self.gate = WriteGate()  # the uploads under way and the errors of those that failed
         self.sizes: dict[str, int] = {}  # known object sizes (from a listing), to skip a HEAD per read
         self._staged: dict[str, str] = {}  # ".tmp" name -> local file, uploaded by rename()
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._writing = 0  # streams open for writing (being filled or uploaded)
-        self._aborted = False
+        self._lock = threading.Lock()  # written, _staged
+
+    @property
+    def errors(self) -> list[str]:
+        return self.gate.errors
 
     def name(self, path) -> str:
         path = str(path)
@@ -86,41 +133,26 @@ class StorageFileSystem(FileSystemBase):
             return
         if "w" not in mode:
             raise ValueError(f"{path}: mode {mode!r} is not supported on {self.root} (write whole objects)")
-        with self._lock:
-            if self._aborted:
-                raise OSError(f"{self.root}/{name}: not written: this save failed already")
-            self._writing += 1
         local = None
-        try:
-            local = self._stage_file(name)
-            with open(local, mode) as f:
-                yield f
-            if name.endswith(".tmp"):
-                with self._lock:
-                    self._staged[name] = local
-                return
-            with self._lock:
-                if self._aborted:
-                    raise OSError(f"{self.root}/{name}: not uploaded: this save failed already")
-            self._upload(name, local)
-        except BaseException as e:
-            if local is not None:
-                unlink_quiet(local)
-            with self._lock:
-                self.errors.append(f"{name}: {type(e).__name__}: {e}")
-            raise
-        finally:
-            with self._lock:
-                self._writing -= 1
-                self._idle.notify_all()
+        with self.gate.write(f"{self.root}/{name}", name):
+            try:
+                local = self._stage_file(name)
+                with open(local, mode) as f:
+                    yield f
+                if name.endswith(".tmp"):
+                    with self._lock:
+                        self._staged[name] = local
+                    return
+                self.gate.check(f"{self.root}/{name}")  # not uploaded once the save failed
+                self._upload(name, local)
+            except BaseException:
+                if local is not None:
+                    unlink_quiet(local)
+                raise
 
     def abort(self, timeout: float = 600.0) -> None:
-        """After a failed save: start no more uploads and wait for those under way. When DCP's main writer
-        thread fails it returns without joining its other writer threads, which would go on uploading files
-        after the failed save's objects were deleted."""
-        with self._lock:
-            self._aborted = True
-            self._idle.wait_for(lambda: self._writing == 0, timeout)
+        """After a failed save: start no more uploads, wait for those under way (WriteGate), drop staged files."""
+        self.gate.abort(timeout)
         self.discard_staged()
 
     def _upload(self, name: str, local: str) -> None:
@@ -151,8 +183,7 @@ class StorageFileSystem(FileSystemBase):
         except BaseException as e:
             if local is not None:
                 unlink_quiet(local)
-            with self._lock:
-                self.errors.append(f"{dst}: {type(e).__name__}: {e}")
+            self.gate.failed(dst, e)
             raise
 
     def mkdir(self, path) -> None:
