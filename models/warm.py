@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -92,6 +93,20 @@ def restrict_autotuners(index: int, count: int):
     def restore():
         cls.prune_configs, cls.run = original_prune, original_run
     return restore
+
+
+# GPU memory one process takes: measured on an H100 (2026-12-05) for GLA 340M's one-layer copy at batch 16 x 2048,
+# hidden 1024, under autocast: 4.2-7.2 GiB a process; 16 of them did not fit its 79 GiB (all but two failed with
+# CUDA out of memory). Scaled by tokens x hidden for other shapes.
+PROC_GIB_AT_REFERENCE = 8.0
+REFERENCE_ELEMENTS = 16 * 2048 * 1024
+
+
+def processes_for_memory(free_bytes: list[int], batch: int, seq_len: int, hidden: int) -> int:
+    """How many warm-up processes the GPUs' free memory holds (processes go round-robin over the GPUs), at least
+    one a GPU: each is estimated at PROC_GIB_AT_REFERENCE GiB scaled by batch x seq_len x hidden, plus 10%."""
+    per_proc = max(1.0, PROC_GIB_AT_REFERENCE * batch * seq_len * hidden / REFERENCE_ELEMENTS) * 1.1 * (1 << 30)
+    return sum(max(1, int(free // per_proc)) for free in free_bytes)
 
 
 def child(args, index: int, count: int) -> int:
@@ -167,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
               "with --kernels fla", file=sys.stderr)
         return 2
     count = args.procs or min(os.cpu_count() or 1, 32)
+    if not args.procs:
+        with open(args.model) as f:
+            hidden = int(json.load(f).get("hidden_size", 1024))
+        free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+        fits = processes_for_memory(free, args.batch, args.seq_len, hidden)
+        if fits < count:
+            print(f"models.warm: {count} processes would not fit the GPUs' free memory "
+                  f"({sum(free) / (1 << 30):.0f} GiB): running {fits} (--procs sets the count)",
+                  file=sys.stderr, flush=True)
+            count = fits
     cache = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
     print(f"models.warm: {count} processes on {torch.cuda.device_count()} GPU(s), {args.model} at batch "
           f"{args.batch} x {args.seq_len}, precision {args.precision}, kernels {args.kernels}; Triton cache {cache}",

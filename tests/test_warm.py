@@ -95,3 +95,15 @@ def test_install_kernels_fla_keeps_the_model_and_fused_needs_models_fused():
     if importlib.util.find_spec("models.fused") is None:
         with pytest.raises(SystemExit, match="models/fused.py is not in this checkout; use fla"):
             install_kernels(model, "fused")
+
+
+def test_the_process_count_fits_the_gpu_memory():
+    """16 processes at GLA 340M batch 16 x 2048 ran an 80 GB H100 out of memory (2026-12-05); an H200 held them."""
+    from models.warm import processes_for_memory
+    gib = 1 << 30
+    assert processes_for_memory([79 * gib], 16, 2048, 1024) == 8
+    assert processes_for_memory([139 * gib], 16, 2048, 1024) == 15
+    assert processes_for_memory([79 * gib, 79 * gib], 16, 2048, 1024) == 16
+    assert processes_for_memory([79 * gib], 32, 2048, 2048) == 2  # 4x the elements: ~35 GiB a process
+    assert processes_for_memory([1 * gib], 16, 2048, 1024) == 1  # at least one a GPU, as before
+    assert processes_for_memory([79 * gib], 1, 128, 64) == 71  # tiny shapes: 1 GiB floor
