@@ -61,8 +61,11 @@ class WriteGate:
 
     def check(self, what: str) -> None:
         with self._lock:
-            if self._aborted:
-                raise OSError(f"{what}: not written: this save failed already")
+            self._refuse_if_aborted(what)
+
+    def _refuse_if_aborted(self, what: str) -> None:  # under self._lock
+        if self._aborted:
+            raise OSError(f"{what}: not written: this save failed already")
 
     def failed(self, name: str, e: BaseException) -> None:
         with self._lock:
@@ -72,8 +75,7 @@ class WriteGate:
     def write(self, what: str, name: str):
         """One write: refused (OSError naming `what`) after abort(); its error recorded under `name`."""
         with self._lock:
-            if self._aborted:
-                raise OSError(f"{what}: not written: this save failed already")
+            self._refuse_if_aborted(what)
             self._writing += 1
         try:
             yield
