@@ -97,7 +97,8 @@ def restrict_autotuners(index: int, count: int):
 
 # GPU memory one process takes: measured on an H100 (2026-12-05) for GLA 340M's one-layer copy at batch 16 x 2048,
 # hidden 1024, under autocast: 4.2-7.2 GiB a process; 16 of them did not fit its 79 GiB (all but two failed with
-# CUDA out of memory). Scaled by tokens x hidden for other shapes.
+# CUDA out of memory). Scaled by tokens x hidden for other shapes; measured at the default --layers 1 only (a deeper
+# copy takes more: pass --procs there).
 PROC_GIB_AT_REFERENCE = 8.0
 REFERENCE_ELEMENTS = 16 * 2048 * 1024
 
