@@ -17,6 +17,11 @@ Before timing, both run once on the same inputs and output gradients and are com
 the plain-PyTorch fp32-math reference: max |difference| per tensor. A tensor of ours further from the reference than
 2x FLA's (+ 1e-3 of its largest value) is marked CHECK and the exit status is 1.
 Prints a table and one JSON line (RESULT {...}). Exit status 2 without CUDA.
+
+--bwd-sweep times our backward kernel alone (the prenorm case: s, dy and the gradient of s in, ds out) under each
+launch configuration of a grid (rows per tile, warps per program, programs per SM, next tile loaded ahead or not;
+models.kernels.rmsnorm.BackwardConfig), checks each against the default's ds bit for bit, and prints them fastest
+first with one JSON line (SWEEP {...}); then exits without the comparison above.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first (FLA autotunes on its first call)")
     p.add_argument("--impls", default="ours,fla", help="comma-separated: ours, fla")
     p.add_argument("--no-sleep", action="store_true", help="do not pre-fill the launch queue (include CPU overhead)")
+    p.add_argument("--bwd-sweep", action="store_true", help="time launch configurations of our backward kernel")
     args = p.parse_args()
 
     import torch
@@ -87,6 +93,9 @@ def main() -> int:
 
     def timed(fn) -> float:
         return median_ms(fn, args.warmup, args.iters, args.batch, sleep=not args.no_sleep)
+
+    if args.bwd_sweep:
+        return bwd_sweep(args, x, w, r, dy, ds, timed)
 
     print(f"device {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  triton {triton.__version__}  "
           f"fla {fla_version}  x [{m}, {d}] {args.dtype}  weight {args.weight_dtype}")
@@ -139,6 +148,58 @@ def main() -> int:
                                   "sleep_prefill": not args.no_sleep, "results": results, "check_failed": failed}),
           flush=True)
     return 1 if failed else 0
+
+
+def bwd_sweep(args, x, w, r, dy, dso, timed) -> int:
+    """Our backward kernel alone under a grid of launch configurations (see the module doc)."""
+    import torch
+
+    from models.kernels import rmsnorm
+    m, d = x.shape
+    s2 = (x.detach().float() + r.detach().float()).to(x.dtype)
+    rstd = torch.rsqrt(s2.float().pow(2).mean(-1) + args.eps)
+    w32 = w.detach()
+    nbytes = 4 * m * d * x.element_size() + 4 * m  # s, dy, dso read, ds written, rstd read
+    default = rmsnorm.backward_config(d)
+    ref_ds, _ = rmsnorm._backward(s2, w32, rstd, dy, dso, config=default)
+    configs = [default]
+    for bt in (1, 2, 4, 8, 16):
+        for warps in (2, 4, 8, 16):
+            per_thread = bt * triton_next_pow2(d) // (32 * warps)
+            if not 4 <= per_thread <= 32:
+                continue
+            for per_sm in (1, 2, 4, 8, 16):
+                if warps * per_sm > 64:
+                    continue
+                for prefetch in (False, True):
+                    c = rmsnorm.BackwardConfig(bt, warps, per_sm, prefetch)
+                    if c != default:
+                        configs.append(c)
+    rows = []
+    for c in configs:
+        try:
+            got, _ = rmsnorm._backward(s2, w32, rstd, dy, dso, config=c)
+            same = bool(torch.equal(got, ref_ds))
+            t = timed(lambda: rmsnorm._backward(s2, w32, rstd, dy, dso, config=c))
+        except Exception as e:  # out of registers / shared memory: say so and go on
+            print(f"  {c}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        rows.append({"config": c._asdict(), "ms": t, "GBps": nbytes / t / 1e6, "same_ds": same,
+                     "default": c == default})
+    rows.sort(key=lambda rec: rec["ms"])
+    print(f"backward of the prenorm case, [{m}, {d}] {args.dtype}: {len(rows)} launch configurations, fastest first")
+    for rec in rows:
+        c = rec["config"]
+        print(f"  bt {c['bt']:2d} warps {c['num_warps']:2d} per_sm {c['per_sm']:2d} prefetch {c['prefetch']!s:5}  "
+              f"{rec['ms']:.4f} ms  {rec['GBps']:6.0f} GB/s{'  <- default' if rec['default'] else ''}"
+              f"{'' if rec['same_ds'] else '  DIFFERENT ds'}")
+    print("SWEEP " + json.dumps({"device": torch.cuda.get_device_name(), "rows": m, "dim": d, "dtype": args.dtype,
+                                 "results": rows}), flush=True)
+    return 0 if all(rec["same_ds"] for rec in rows) else 1
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ first run's and the largest relative gap.
         [--steps 300] [--batch 8] [--warmup 30] [--skip 30] [--runs autocast-fla,autocast-fla,bf16-fused,bf16-fla]
         [--parallel none]
 
---runs: PRECISION[-KERNELS] for each run, comma-separated, in order (KERNELS: fused, our fused blocks, or fla,
-FLA's modules; left out: the trainer's default, model.gpu_kernels not set); --precisions is the older spelling.
-The first run is the reference. Name the reference twice for a noise floor: GPU runs are not bitwise repeatable
-(FLA's backward kernels use atomics), so the gap between two runs of the same path is what "the same learning"
-can mean.
+--runs: PRECISION[-KERNELS][@SEED] for each run, comma-separated, in order (KERNELS: fused, our fused blocks, or
+fla, FLA's modules; left out: the trainer's default, model.gpu_kernels not set; SEED: model.seed, the init, 0 when
+left out: the batches are the same in every run); --precisions is the older spelling. The first run is the
+reference. Name the reference twice for a noise floor: GPU runs are not always bitwise repeatable (FLA's backward
+kernels use atomics), so the gap between two runs of the same path is what "the same learning" can mean. Where two
+runs of a path are bitwise equal, name it with another seed (autocast-fla@1): the gap between two inits of one path
+is the spread the training itself has at that length.
 --skip: steps left out of the comparison (warm-up). Prints one JSON line per run after the first: the largest
 |loss_run - loss_ref| / loss_ref over the compared steps, its step, the mean relative gap, both runs' mean loss
 over the last 10 steps, and whether the run repeats the reference's path (`noise_floor`); then a one-line
@@ -31,13 +33,15 @@ sys.path.insert(0, ROOT)
 PRECISIONS = ("auto", "bf16", "autocast", "fp32")
 
 
-def parse_run(run: str) -> tuple[str, str | None]:
-    """PRECISION[-KERNELS] -> (train.precision, model.gpu_kernels); no KERNELS: None, the trainer's default."""
-    precision, _, kernels = run.partition("-")
-    if precision not in PRECISIONS or kernels not in ("", "fused", "fla"):
-        raise ValueError(f"run {run!r}: use PRECISION[-KERNELS], PRECISION one of {', '.join(PRECISIONS)}, "
-                         f"KERNELS fused or fla (e.g. autocast-fla)")
-    return precision, kernels or None
+def parse_run(run: str) -> tuple[str, str | None, int]:
+    """PRECISION[-KERNELS][@SEED] -> (train.precision, model.gpu_kernels, model.seed); no KERNELS: None, the
+    trainer's default; no SEED: 0."""
+    path, at, seed = run.partition("@")
+    precision, _, kernels = path.partition("-")
+    if precision not in PRECISIONS or kernels not in ("", "fused", "fla") or (at and not seed.isdigit()):
+        raise ValueError(f"run {run!r}: use PRECISION[-KERNELS][@SEED], PRECISION one of {', '.join(PRECISIONS)}, "
+                         f"KERNELS fused or fla, SEED a non-negative integer (e.g. autocast-fla@1)")
+    return precision, kernels or None, int(seed) if at else 0
 
 
 def labels(runs: list[str]) -> list[str]:
@@ -57,6 +61,14 @@ def compare(ref: list[float], run: list[float], skip: int) -> dict:
         raise ValueError(f"no steps to compare: the runs logged {min(len(ref), len(run))} steps, --skip {skip}")
     worst, at = max(gaps)
     return {"max_rel_gap": worst, "at_step": at, "mean_rel_gap": sum(g for g, _ in gaps) / len(gaps)}
+
+
+def floor_note(r: dict) -> str:
+    if not r["noise_floor"]:
+        return ""
+    if r["seed"] == r["reference_seed"]:
+        return "   <- noise floor (same path, same seed)"
+    return f"   <- noise floor (same path, init seed {r['seed']})"
 
 
 def main() -> int:
@@ -86,12 +98,12 @@ def main() -> int:
         p.error("name at least two runs: the reference first, then the runs compared with it")
     from bench.train_bench import kernels_override
     # fused on a trainer without model.gpu_kernels: refused here, before any run
-    overrides = [kernels_override(k) if k else [] for _, k in parsed]
+    overrides = [(kernels_override(k) if k else []) + [f"model.seed={seed}"] for _, k, seed in parsed]
     from trainer.metrics import read_metrics
     names = labels(runs)
     curves: dict[str, list[float]] = {}
     results = []
-    for i, (name, run, (prec, _), extra) in enumerate(zip(names, runs, parsed, overrides)):
+    for i, (name, run, (prec, _, _), extra) in enumerate(zip(names, runs, parsed, overrides)):
         out = os.path.join(args.dir, f"{i}-{name.replace('#', '_')}")
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "trainer", "configs/demo.toml", f"model.config={args.model}", f"data.shards={args.shards}",
@@ -112,7 +124,8 @@ def main() -> int:
         if i == 0:
             continue
         ref_name, ref = names[0], curves[names[0]]
-        r = {"reference": ref_name, "candidate": name, "noise_floor": run == runs[0],
+        r = {"reference": ref_name, "candidate": name, "noise_floor": parsed[i][:2] == parsed[0][:2],
+             "seed": parsed[i][2], "reference_seed": parsed[0][2],
              "model": os.path.basename(args.model), "steps": min(len(ref), len(cur)), "batch": args.batch,
              "compared_from_step": args.skip, **compare(ref, cur, args.skip),
              f"last10_{ref_name}": sum(ref[-10:]) / len(ref[-10:]), f"last10_{name}": sum(cur[-10:]) / len(cur[-10:])}
@@ -121,7 +134,7 @@ def main() -> int:
     ref_name, ref = names[0], curves[names[0]]
     for r in results:
         print(f"vs {ref_name}: {r['candidate']:<16} max gap {r['max_rel_gap']:.3%} (step {r['at_step']}), "
-              f"mean {r['mean_rel_gap']:.3%}{'   <- noise floor (same path)' if r['noise_floor'] else ''}")
+              f"mean {r['mean_rel_gap']:.3%}{floor_note(r)}")
     done = [n for n in names if n in curves]
     print("step  " + "  ".join(f"{n:>14}" for n in done))
     for s in range(0, len(ref), 25):

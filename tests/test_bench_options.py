@@ -76,14 +76,17 @@ def test_kernels_override_follows_the_trainer_config():
 
 
 def test_precision_curve_runs_and_labels():
-    assert parse_run("autocast-fla") == ("autocast", "fla")
-    assert parse_run("bf16-fused") == ("bf16", "fused")
-    assert parse_run("bf16") == ("bf16", None)  # the trainer's default kernels
-    for bad in ("bf16-triton", "half", "bf16-fla-x"):
-        with pytest.raises(ValueError, match="PRECISION\\[-KERNELS\\]"):
+    assert parse_run("autocast-fla") == ("autocast", "fla", 0)
+    assert parse_run("bf16-fused") == ("bf16", "fused", 0)
+    assert parse_run("bf16") == ("bf16", None, 0)  # the trainer's default kernels
+    assert parse_run("autocast-fla@1") == ("autocast", "fla", 1)  # model.seed: another init, the same batches
+    assert parse_run("bf16@12") == ("bf16", None, 12)
+    for bad in ("bf16-triton", "half", "bf16-fla-x", "bf16-fla@", "bf16-fla@x", "bf16-fla@-1"):
+        with pytest.raises(ValueError, match="PRECISION\\[-KERNELS\\]\\[@SEED\\]"):
             parse_run(bad)
     assert labels(["autocast-fla", "autocast-fla", "bf16-fused", "autocast-fla"]) == [
         "autocast-fla", "autocast-fla#2", "bf16-fused", "autocast-fla#3"]
+    assert labels(["autocast-fla", "autocast-fla@1"]) == ["autocast-fla", "autocast-fla@1"]
 
 
 def test_precision_curve_gap_skips_the_warm_up_steps():

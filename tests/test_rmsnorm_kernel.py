@@ -192,3 +192,25 @@ def test_cpu_without_interpreter_takes_the_reference(monkeypatch):
     y, s = rms_norm(x, w, residual=r, prenorm=True)
     assert not called
     torch.testing.assert_close(y, rms_norm_reference(x, w, residual=r), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dso", [True, False], ids=["dso", "nodso"])
+@pytest.mark.parametrize("d", [96, 256])
+def test_backward_launch_configs_give_the_same_gradients(dso, d):
+    """bench/norm_bench.py --bwd-sweep times other launches of the backward kernel (tile height, warps, the next
+    tile loaded ahead): each must give the default's ds bit for bit and its dweight up to summation order, with
+    programs walking several tiles, some past the end."""
+    g = torch.Generator().manual_seed(3)
+    s2, dy2, dso2 = (torch.randn(ROWS, d, generator=g).to(torch.bfloat16) for _ in range(3))
+    w = 1 + 0.2 * torch.randn(d, generator=g)
+    rstd = torch.rsqrt(s2.float().pow(2).mean(-1) + 1e-6)
+    base = rmsnorm.backward_config(d)
+    ds0, dw0 = rmsnorm._backward(s2, w, rstd, dy2, dso2 if dso else None)
+    for cfg in [base._replace(prefetch=True), rmsnorm.BackwardConfig(1, 4, 4, True),
+                rmsnorm.BackwardConfig(2, 4, 2, False), rmsnorm.BackwardConfig(8, 8, 1, True)]:
+        ds, dw = rmsnorm._backward(s2, w, rstd, dy2, dso2 if dso else None, config=cfg)
+        assert torch.equal(ds, ds0), cfg
+        if cfg.bt == base.bt:  # same tiles, same programs: the same partial sums in the same order
+            assert torch.equal(dw, dw0), cfg
+        else:
+            torch.testing.assert_close(dw, dw0, rtol=1e-5, atol=1e-4)

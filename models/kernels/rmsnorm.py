@@ -26,6 +26,7 @@ takes `rms_norm_reference`, plain PyTorch.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -62,29 +63,48 @@ def _rms_fwd_kernel(X, R, W, Y, S, RSTD, M, D, eps,
 
 
 @triton.jit
+def _rms_bwd_load(S, DY, DSO, RSTD, rows, cols, M, D, HAS_DSO: tl.constexpr):
+    """One tile's inputs of the backward, in fp32 (rows past M masked to 0; without DSO, a placeholder: dy)."""
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    if HAS_DSO:
+        dso = tl.load(DSO + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dso = dy
+    return s, dy, dso, rstd
+
+
+@triton.jit
 def _rms_bwd_kernel(S, W, RSTD, DY, DSO, DS, DWP, M, D, tiles_per_program,
-                    BT: tl.constexpr, BD: tl.constexpr, HAS_DSO: tl.constexpr):
+                    BT: tl.constexpr, BD: tl.constexpr, HAS_DSO: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BD)
     col_ok = cols < D
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BD], dtype=tl.float32)
+    if PREFETCH:  # the next tile's loads are issued before this tile's math (two tiles in flight per program)
+        s_n, dy_n, dso_n, rstd_n = _rms_bwd_load(S, DY, DSO, RSTD, pid * BT + tl.arange(0, BT), cols, M, D, HAS_DSO)
     for t in range(0, tiles_per_program):
         # tiles pid, pid + programs, ...; past the last tile every row is masked off
         rows = (pid + t * programs) * BT + tl.arange(0, BT)
-        row_ok = rows < M
-        mask = row_ok[:, None] & col_ok[None, :]
+        if PREFETCH:
+            s, dy, dso, rstd = s_n, dy_n, dso_n, rstd_n
+            s_n, dy_n, dso_n, rstd_n = _rms_bwd_load(S, DY, DSO, RSTD, rows + programs * BT, cols, M, D, HAS_DSO)
+        else:
+            s, dy, dso, rstd = _rms_bwd_load(S, DY, DSO, RSTD, rows, cols, M, D, HAS_DSO)
+        mask = (rows < M)[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xhat = s * rstd[:, None]
         wdy = dy * w[None, :]
         c = tl.sum(xhat * wdy, axis=1) / D
         ds = (wdy - xhat * c[:, None]) * rstd[:, None]
         if HAS_DSO:
-            ds += tl.load(DSO + offs, mask=mask, other=0.0).to(tl.float32)
+            ds += dso
         tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
     tl.store(DWP + pid.to(tl.int64) * D + cols, dw, mask=col_ok)
@@ -99,10 +119,26 @@ def tile_config(d: int, backward: bool) -> tuple[int, int, int]:
     return bt, bd, num_warps
 
 
-def backward_programs(n_tiles: int, device: torch.device, num_warps: int) -> int:
-    """A few programs per SM (16 warps' worth), never more than there are tiles."""
+class BackwardConfig(NamedTuple):
+    """How the backward kernel is launched: BT rows per tile, num_warps per program, programs per SM, and whether
+    each program loads its next tile before the math of the current one. `backward_config(d)` gives the default;
+    bench/norm_bench.py --bwd-sweep times others (pass one as `config=` to `_backward`)."""
+    bt: int
+    num_warps: int
+    per_sm: int
+    prefetch: bool = False
+
+
+def backward_config(d: int) -> BackwardConfig:
+    """The default for hidden size d: tile_config's tile and warps, 16 warps' worth of programs per SM."""
+    bt, _, num_warps = tile_config(d, backward=True)
+    return BackwardConfig(bt, num_warps, max(1, 16 // num_warps))
+
+
+def backward_programs(n_tiles: int, device: torch.device, num_warps: int, per_sm: int | None = None) -> int:
+    """A few programs per SM (per_sm; default 16 warps' worth), never more than there are tiles."""
     if device.type == "cuda":
-        per_sm = max(1, 16 // num_warps)
+        per_sm = per_sm or max(1, 16 // num_warps)
         programs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
     else:
         programs = _CPU_PROGRAMS
@@ -154,18 +190,20 @@ def _forward(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, ep
 
 
 def _backward(s2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy2: torch.Tensor,
-              dso2: torch.Tensor | None):
+              dso2: torch.Tensor | None, config: BackwardConfig | None = None):
     m, d = s2.shape
     ds = torch.empty_like(s2)
     if m == 0:
         return ds, torch.zeros(d, dtype=torch.float32, device=s2.device)
-    bt, bd, num_warps = tile_config(d, backward=True)
+    bt, num_warps, per_sm, prefetch = config or backward_config(d)
+    bd = triton.next_power_of_2(d)
     n_tiles = triton.cdiv(m, bt)
-    programs = backward_programs(n_tiles, s2.device, num_warps)
+    programs = backward_programs(n_tiles, s2.device, num_warps, per_sm)
     dw_partial = torch.empty(programs, d, dtype=torch.float32, device=s2.device)
     _rms_bwd_kernel[(programs,)](
         s2, weight, rstd, dy2, dso2 if dso2 is not None else dy2, ds, dw_partial, m, d,
-        triton.cdiv(n_tiles, programs), BT=bt, BD=bd, HAS_DSO=dso2 is not None, num_warps=num_warps)
+        triton.cdiv(n_tiles, programs), BT=bt, BD=bd, HAS_DSO=dso2 is not None, PREFETCH=bool(prefetch),
+        num_warps=num_warps)
     return ds, dw_partial.sum(0)
 
 
