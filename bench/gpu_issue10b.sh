@@ -11,6 +11,12 @@
 #                                      trainer with and without graphs vs HF at batch 16 (and 32 on a >100 GB card)
 #   bash bench/gpu_issue10b.sh curve   models.warm, then 300-step loss curves on real text, batch 16: autocast-fla
 #                                      twice (the noise floor) and bf16-fused, each against the first
+#   bash bench/gpu_issue10b.sh c1      (2026-12-05, H200) models.warm, the sweep of our RMSNorm backward's launch
+#                                      configurations (bench/norm_bench.py --bwd-sweep), then the trainer eager and
+#                                      with train.cuda_graphs against HF at batch 16 and at batch 32 (>100 GB cards)
+#   bash bench/gpu_issue10b.sh c2      the step with the sweep's fastest backward launch against the default
+#                                      (bench/gpu_profile.py --norm-bwd), then loss curves: autocast-fla, the same
+#                                      path from another init (autocast-fla@1: the seed noise floor) and bf16-fused
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
 # other so the machine and its Triton cache stay. b32 and curve are two calls, not one: on an H100 the three
 # curve runs take ~5-6 min and the batch-32 cases ~3 min, together too close to the 10-minute call limit.
@@ -26,6 +32,14 @@ DEADLINE=$((SECONDS + ${STAGE_SECONDS:-575}))
 
 # budget N: N seconds, or what is left of the stage less 5 s if that is less (at least 1)
 budget() { local left=$((DEADLINE - SECONDS - 5)); [ "$left" -lt "$1" ] && echo $((left > 1 ? left : 1)) || echo "$1"; }
+# the fastest launch of the sweep in a norm_bench --bwd-sweep log whose ds matched the default, as BT,WARPS,PER_SM,0|1
+best_norm_bwd() {
+  python3 -c "import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith('SWEEP '):
+        ok = [r['config'] for r in json.loads(line[6:])['results'] if r['same_ds']]
+        c = ok[0]; print(f\"{c['bt']},{c['num_warps']},{c['per_sm']},{int(c['prefetch'])}\")" "$1"
+}
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" >&2; }
 
 case "${1:-}" in
@@ -132,5 +146,65 @@ curve)
   stamp "done"
   sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve" >&2; exit 2 ;;
+c1)
+  python3 -c "import torch, triton, fla; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, \
+'fla', fla.__version__)" 2>&1 | tail -1
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16,autocast \
+      --kernels fused,fla > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "norm_bench --bwd-sweep"
+  mkdir -p bench/out/gpu10c   # ignored: stays on a warm machine for c2
+  timeout "$(budget 100)" python3 bench/norm_bench.py --bwd-sweep --iters 15 > "$OUT/sweep.log" 2>&1 \
+      || echo "norm_bench --bwd-sweep: exit $?"
+  best_norm_bwd "$OUT/sweep.log" > bench/out/gpu10c/norm_bwd_best
+  stamp "train_bench batch 16"
+  timeout "$(budget 150)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
+      --cases ours-bf16,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b16.log" 2>&1
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  if [ "${mem:-0}" -gt 100000 ]; then
+    stamp "train_bench batch 32"
+    timeout "$(budget 220)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 \
+        --cases ours-bf16,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b32.log" 2>&1
+  else
+    echo "batch 32 skipped: ${mem} MiB on this card" > "$OUT/b32.log"
+  fi
+  stamp "done"
+  grep -E "^backward|^  bt" "$OUT/sweep.log" | head -12; grep -E "default|DIFFERENT|failed" "$OUT/sweep.log" | head -5
+  echo "fastest: $(cat bench/out/gpu10c/norm_bwd_best)"
+  grep -h 'tokens/s:' "$OUT/b16.log" "$OUT/b32.log"; grep -h '^{' "$OUT/b16.log" "$OUT/b32.log" | cut -c1-420
+  tail -2 "$OUT/b32.log"
+  ;;
+c2)
+  if [ ! -s bench/out/gpu10c/norm_bwd_best ]; then   # a fresh machine: c1's sweep is not here
+    stamp "models.warm"
+    timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16,autocast \
+        --kernels fused,fla > "$OUT/warm.log" 2>&1
+    tail -1 "$OUT/warm.log"
+    stamp "norm_bench --bwd-sweep"
+    mkdir -p bench/out/gpu10c
+    timeout "$(budget 100)" python3 bench/norm_bench.py --bwd-sweep --iters 15 > "$OUT/sweep.log" 2>&1
+    best_norm_bwd "$OUT/sweep.log" > bench/out/gpu10c/norm_bwd_best
+  fi
+  best=$(cat bench/out/gpu10c/norm_bwd_best)
+  for cfg in default "$best"; do
+    stamp "gpu_profile, RMSNorm backward $cfg"
+    extra=(); [ "$cfg" != default ] && extra=(--norm-bwd "$cfg")
+    timeout "$(budget 70)" python3 bench/gpu_profile.py --kernels fused --timed 15 --steps 2 --warmup 3 --top 20 \
+        "${extra[@]}" --trace "$OUT/trace.json" > "$OUT/profile-${cfg//,/_}.log" 2>&1
+  done
+  rm -f "$OUT"/trace.json
+  if [ -f "$SHARDS/manifest.json" ]; then
+    stamp "precision_curve"
+    timeout "$(budget 570)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
+        --runs autocast-fla,autocast-fla@1,bf16-fused --dir bench/out/precision > "$OUT/curve.log" 2>&1
+  else
+    echo "curve: no shards at $SHARDS (carry data/shk2048)" > "$OUT/curve.log"
+  fi
+  stamp "done"
+  for f in "$OUT"/profile-*.log; do echo "== $f"; grep -E "RMSNorm backward|^timed|^[A-Za-z].* [0-9.]+ +[0-9.]+%|outside" "$f"; done
+  grep -A22 "^top 20" "$OUT/profile-default.log"
+  sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
+  ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2" >&2; exit 2 ;;
 esac

@@ -97,6 +97,17 @@ def top_kernels(kernels: dict[str, tuple[float, int]], steps: int, count: int = 
     return "\n".join(lines)
 
 
+def norm_bwd_config(text: str):
+    """"BT,WARPS,PER_SM,PREFETCH" (PREFETCH 0/1) -> models.kernels.rmsnorm.BackwardConfig."""
+    from models.kernels.rmsnorm import BackwardConfig
+    parts = text.split(",")
+    if len(parts) != 4 or not all(x.strip().isdigit() for x in parts) or parts[3].strip() not in ("0", "1"):
+        raise SystemExit(f"gpu_profile: --norm-bwd {text!r}: give BT,WARPS,PER_SM,PREFETCH as four integers, "
+                         f"PREFETCH 0 or 1 (e.g. 2,4,8,1)")
+    bt, warps, per_sm, prefetch = (int(x) for x in parts)
+    return BackwardConfig(bt, warps, per_sm, bool(prefetch))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
@@ -107,6 +118,9 @@ def main() -> int:
                    help="model.gpu_kernels: fused (models.fused.install after the build) or fla (FLA's modules)")
     p.add_argument("--swiglu", default=None, choices=["fla", "ours"],
                    help="with --kernels fused: SwiGLU + gate kernels of FLA/torch or ours (default: models.fused's)")
+    p.add_argument("--norm-bwd", default=None, metavar="BT,WARPS,PER_SM,PREFETCH",
+                   help="launch our RMSNorm backward this way (models.kernels.rmsnorm.BackwardConfig, e.g. 2,4,8,1; "
+                        "bench/norm_bench.py --bwd-sweep times them) instead of its default")
     p.add_argument("--timed", type=int, default=10, help="unprofiled steps timed after the warm-up (median printed)")
     p.add_argument("--top", type=int, default=25, help="kernels listed one by one after the category table")
     p.add_argument("--steps", type=int, default=3)
@@ -126,6 +140,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA device (this profiles GPU kernels)", file=sys.stderr)
         return 2
+    if args.norm_bwd:
+        from models.kernels import rmsnorm
+        cfg = norm_bwd_config(args.norm_bwd)
+        rmsnorm.backward_config = lambda d: cfg  # this process only: every norm of the step launches this way
+        print(f"gpu_profile: RMSNorm backward launched as {cfg}", flush=True)
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     config = build.load_config(args.model)
