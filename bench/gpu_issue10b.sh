@@ -187,6 +187,7 @@ c2)
   stamp "precision_curve"
   timeout "$(budget 570)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
       --runs autocast-fla,autocast-fla@1,bf16-fused --dir bench/out/precision > "$OUT/curve.log" 2>&1
+  cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
   stamp "done"
   sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
   ;;

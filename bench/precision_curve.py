@@ -16,7 +16,8 @@ is the spread the training itself has at that length.
 --skip: steps left out of the comparison (warm-up). Prints one JSON line per run after the first: the largest
 |loss_run - loss_ref| / loss_ref over the compared steps, its step, the mean relative gap, both runs' mean loss
 over the last 10 steps, and whether the run repeats the reference's path (`noise_floor`); then a one-line
-summary per run, then every 25th step's losses of all runs.
+summary per run and the gaps of the other pairs of runs, then every 25th step's losses of all runs; every
+run's per-step losses go to DIR/curves.json.
 """
 from __future__ import annotations
 
@@ -136,6 +137,14 @@ def main() -> int:
         print(f"vs {ref_name}: {r['candidate']:<16} max gap {r['max_rel_gap']:.3%} (step {r['at_step']}), "
               f"mean {r['mean_rel_gap']:.3%}{floor_note(r)}")
     done = [n for n in names if n in curves]
+    for i, a in enumerate(done):  # every other pair too: two noise floors can be read against each other
+        for b in done[i + 1:]:
+            if a == ref_name:
+                continue
+            g = compare(curves[a], curves[b], args.skip)
+            print(f"{a} vs {b}: max gap {g['max_rel_gap']:.3%} (step {g['at_step']}), mean {g['mean_rel_gap']:.3%}")
+    with open(os.path.join(args.dir, "curves.json"), "w") as f:
+        json.dump({"runs": runs, "skip": args.skip, "losses": curves}, f)
     print("step  " + "  ".join(f"{n:>14}" for n in done))
     for s in range(0, len(ref), 25):
         print(f"{s:4d}  " + "  ".join(f"{curves[n][s]:14.4f}" if s < len(curves[n]) else f"{'':>14}" for n in done))
