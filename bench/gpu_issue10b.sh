@@ -11,9 +11,9 @@
 #                                      trainer with and without graphs vs HF at batch 16 (and 32 on a >100 GB card)
 #   bash bench/gpu_issue10b.sh curve   models.warm, then 300-step loss curves on real text, batch 16: autocast-fla
 #                                      twice (the noise floor) and bf16-fused, each against the first
-#   bash bench/gpu_issue10b.sh c1      (2026-12-05, H200) models.warm, the sweep of our RMSNorm backward's launch
-#                                      configurations (bench/norm_bench.py --bwd-sweep), then the trainer eager and
-#                                      with train.cuda_graphs against HF at batch 16 and at batch 32 (>100 GB cards)
+#   bash bench/gpu_issue10b.sh c1      (2026-12-05) models.warm, then the trainer (the loop that reads each step
+#                                      after queueing the next; -sync: the loop before) eager and with
+#                                      train.cuda_graphs against HF at batch 16 and at batch 32 (>100 GB cards)
 #   bash bench/gpu_issue10b.sh c2      models.warm, loss curves: autocast-fla, the same path from another init
 #                                      (autocast-fla@1: the seed noise floor) and bf16-fused
 #   bash bench/gpu_issue10b.sh c3      the step with the sweep's fastest backward launch against the default
@@ -148,31 +148,26 @@ curve)
   sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"
   ;;
 c1)
+  # 2026-12-05: the loop reads step N's loss after queueing step N+1 (PendingStep); -sync is the loop before that,
+  # as the same-call baseline, eager and with train.cuda_graphs, against HF at batch 16 and 32 (>100 GB cards)
   python3 -c "import torch, triton, fla; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, \
 'fla', fla.__version__)" 2>&1 | tail -1
   stamp "models.warm"
   timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16,autocast \
       --kernels fused,fla > "$OUT/warm.log" 2>&1
   tail -1 "$OUT/warm.log"
-  stamp "norm_bench --bwd-sweep"
-  mkdir -p bench/out/gpu10c   # ignored: stays on a warm machine for c2
-  timeout "$(budget 100)" python3 bench/norm_bench.py --bwd-sweep --iters 15 > "$OUT/sweep.log" 2>&1 \
-      || echo "norm_bench --bwd-sweep: exit $?"
-  best_norm_bwd "$OUT/sweep.log" > bench/out/gpu10c/norm_bwd_best
   stamp "train_bench batch 16"
-  timeout "$(budget 150)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
-      --cases ours-bf16,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b16.log" 2>&1
+  timeout "$(budget 170)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
+      --cases ours-bf16-sync,ours-bf16,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b16.log" 2>&1
   mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   if [ "${mem:-0}" -gt 100000 ]; then
     stamp "train_bench batch 32"
-    timeout "$(budget 220)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 \
-        --cases ours-bf16,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b32.log" 2>&1
+    timeout "$(budget 230)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 \
+        --cases ours-bf16-sync,ours-bf16,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b32.log" 2>&1
   else
     echo "batch 32 skipped: ${mem} MiB on this card" > "$OUT/b32.log"
   fi
   stamp "done"
-  grep -E "^backward|^  bt" "$OUT/sweep.log" | head -12; grep -E "default|DIFFERENT|failed" "$OUT/sweep.log" | head -5
-  echo "fastest: $(cat bench/out/gpu10c/norm_bwd_best)"
   grep -h 'tokens/s:' "$OUT/b16.log" "$OUT/b32.log"; grep -h '^{' "$OUT/b16.log" "$OUT/b32.log" | cut -c1-420
   tail -2 "$OUT/b32.log"
   ;;

@@ -11,7 +11,9 @@ weight init seed, and the same shards (synthetic Zipf tokens are written once un
 is not given). Case `ours` runs the default train.precision and model.gpu_kernels; `ours-bf16` /
 `ours-autocast` / `ours-fp32` that precision; a `-fused` or `-fla` part picks model.gpu_kernels
 (`ours-bf16-fla`: FLA's modules unchanged; `ours-bf16` = `ours-bf16-fused`: our fused blocks, the default); a
-last `-graphs` part sets train.cuda_graphs=true (`ours-bf16-graphs`).
+last `-graphs` part sets train.cuda_graphs=true (`ours-bf16-graphs`); a last `-sync` part reads each step's loss
+right after launching it (the loop before 2026-12-05, for a same-call baseline: `ours-bf16-sync`; the loop now
+reads step N after queueing step N+1).
 The HF case always runs FLA's modules, as the original trainer did.
 
 Each case runs in its own subprocess (clean CUDA memory and peak statistics). The first `--warmup`
@@ -78,27 +80,45 @@ PRECISIONS = ("auto", "bf16", "autocast", "fp32")
 KERNELS = ("fused", "fla")
 
 
+MODIFIERS = ("graphs", "sync")  # last parts of a case, in this order: -graphs, then -sync
+
+
 def parse_case(case: str) -> tuple[str, str]:
-    """`ours[-PRECISION][-KERNELS][-graphs]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16, fused),
-    ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla), ours -> (auto, fused). A last `-graphs`
-    (train.cuda_graphs=true) is read by case_graphs and ignored here."""
+    """`ours[-PRECISION][-KERNELS][-graphs][-sync]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16,
+    fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla), ours -> (auto, fused). The last parts
+    `-graphs` (train.cuda_graphs=true) and `-sync` are read by case_graphs and case_sync and ignored here."""
     head, *rest = case.split("-")
-    if rest and rest[-1] == "graphs":
-        rest.pop()
+    for modifier in reversed(MODIFIERS):
+        if rest and rest[-1] == modifier:
+            rest.pop()
     precision, kernels = "auto", "fused"
     if rest and rest[-1] in KERNELS:
         kernels = rest.pop()
     if rest and rest[0] in PRECISIONS:
         precision = rest.pop(0)
     if head != "ours" or rest:
-        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-graphs], PRECISION one of "
+        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-graphs][-sync], PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
     return precision, kernels
 
 
+def _modifiers(case: str) -> list[str]:
+    parts = case.split("-")
+    out = []
+    for modifier in reversed(MODIFIERS):
+        if len(parts) > 1 and parts[-1] == modifier:
+            out.append(parts.pop())
+    return out
+
+
 def case_graphs(case: str) -> bool:
-    """Whether a case runs with train.cuda_graphs (a last `-graphs` part)."""
-    return case.split("-")[-1] == "graphs"
+    """Whether a case runs with train.cuda_graphs (a `-graphs` part at the end, or before `-sync`)."""
+    return "graphs" in _modifiers(case)
+
+
+def case_sync(case: str) -> bool:
+    """Whether a case reads each step's loss right after launching it (a last `-sync` part)."""
+    return "sync" in _modifiers(case)
 
 
 def kernels_override(kernels: str) -> list[str]:
@@ -154,6 +174,15 @@ def run_ours(args, case: str = "ours") -> dict:
                + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    if case_sync(case):  # the baseline: each step read back before the next is launched
+        import trainer.loop as loop
+        launch = loop.launch_step
+
+        def launch_and_read(*a, **kw):
+            pending = launch(*a, **kw)
+            pending.result()
+            return pending
+        loop.launch_step = launch_and_read
     train(cfg)
     records = read_metrics(out)
     times = [args.batch * args.seq_len / r["tokens_per_s"] for r in records]

@@ -465,3 +465,72 @@ def test_cuda_graphs_refuse_what_they_do_not_cover_naming_the_fix(settings, fix)
     assert unsupported_reason("bf16", "ddp", False, False) is None
     reason = unsupported_reason(*settings)
     assert reason and fix in reason and reason.startswith("train.cuda_graphs")
+
+
+def _lag_run(tmp_path, name, monkeypatch, read_at_once):
+    """A 7-step in-process run (checkpoint every 3, validation every 4) with fused AdamW, the optimizer that skips
+    a non-finite step on the device and so lets the loop read each step's numbers after launching the next.
+    read_at_once: every step read right after its launch instead (the order the loop had before). Returns the
+    order of launches and reads, the metrics and the final weights."""
+    import json
+
+    import trainer.loop as loop
+    from tests.train_support import make_shards, tiny_model_json
+    from trainer.config import load
+    from trainer.metrics import read_metrics
+
+    root = tmp_path / "data"
+    if not root.exists():
+        make_shards(str(root / "shards"), sequences=64, seq_len=32)
+        make_shards(str(root / "val"), sequences=8, seq_len=32, seed=1)
+        tiny_model_json(str(root / "gla.json"))
+    monkeypatch.setattr(loop, "build_optimizer", lambda model, cfg, device: torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True))  # fused AdamW exists on a CPU too
+    events = []
+    launch = loop.launch_step
+
+    class Recorded:
+        def __init__(self, pending, step):
+            self.pending, self.step = pending, step
+
+        def result(self):
+            events.append(("read", self.step))
+            return self.pending.result()
+
+    def recording_launch(*args, **kwargs):
+        step = sum(1 for e in events if e[0] == "launch")
+        events.append(("launch", step))
+        pending = Recorded(launch(*args, **kwargs), step)
+        if read_at_once:
+            pending.result()
+        return pending
+
+    monkeypatch.setattr(loop, "launch_step", recording_launch)
+    out = str(tmp_path / name)
+    cfg = load(None, [f"model.config={root / 'gla.json'}", f"data.shards={root / 'shards'}",
+                      f"data.val_shards={root / 'val'}", "data.val_sequences=4", "data.global_batch=4",
+                      "train.max_steps=7", "train.micro_batch=2", "train.eval_every=4", "checkpoint.every=3",
+                      "checkpoint.keep=3", "optim.lr=1e-2", f"run.out_dir={out}", "run.progress=false",
+                      "run.tensorboard=false"])
+    loop.train(cfg)
+    records = read_metrics(out)
+    return events, records, json.load(open(os.path.join(out, "summary.json")))
+
+
+def test_loop_reads_each_step_after_queueing_the_next(tmp_path, monkeypatch):
+    """With an optimizer that skips NaN steps on the device, step N is launched before step N-1's loss is read (the
+    GPU then never waits for Python between steps); at a checkpoint (3, 6), validation (4) and the end (7) the
+    step is read before anything else. The numbers logged are those of reading every step at once."""
+    events, records, summary = _lag_run(tmp_path, "lagged", monkeypatch, read_at_once=False)
+    order = [f"{kind[0]}{step}" for kind, step in events]
+    # boundaries after steps 2 (checkpoint 3), 3 (validation at 4), 5 (checkpoint 6) and 6 (the end, 7)
+    assert order == ["l0", "l1", "r0", "l2", "r1", "r2", "l3", "r3", "l4", "l5", "r4", "r5", "l6", "r6"], order
+    monkeypatch.undo()
+    at_once, records_at_once, summary_at_once = _lag_run(tmp_path, "at-once", monkeypatch, read_at_once=True)
+    assert [f"{kind[0]}{step}" for kind, step in at_once][:4] == ["l0", "r0", "l1", "r1"]
+    keys = ("step", "loss", "grad_norm", "lr", "tokens", "skipped_steps", "epoch", "val_loss")
+    assert [[r.get(k) for k in keys] for r in records] == [[r.get(k) for k in keys] for r in records_at_once]
+    assert [r["step"] for r in records] == list(range(7)) and "val_loss" in records[3] and "val_loss" in records[6]
+    for key in ("final_loss", "final_val_loss", "best_val_loss", "skipped_steps", "steps"):
+        assert summary[key] == summary_at_once[key], key
+    assert all(r["tokens_per_s"] > 0 and 0 <= r["data_wait_share"] < 1 for r in records)

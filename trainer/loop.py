@@ -1,8 +1,9 @@
 """The training loop: read it top to bottom.
 
 train -> setup (processes, run dir, data, model, optimizer, checkpoint, resume: returns the Run's parts)
--> run_steps: for each step, train_step (micro-batches: forward, backward, gradients synced on the last
-one -> clip -> skip if NaN/inf else optimizer step) -> metrics -> validation -> checkpoint.
+-> run_steps: for each step, launch_step (micro-batches: forward, backward, gradients synced on the last
+one -> clip -> skip if NaN/inf else optimizer step), then the previous step's numbers read back (one step
+behind, so the GPU is never idle waiting for Python) -> metrics -> validation -> checkpoint.
 """
 from __future__ import annotations
 
@@ -80,11 +81,51 @@ def micro_batches(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, size
             yield x.reshape(1, -1), labels.reshape(1, -1), cu.to(torch.int32)
 
 
+class PendingStep:
+    """A launched optimizer step's loss and gradient norm, read on the host later (`result`).
+
+    On a GPU the two numbers are copied into pinned host memory behind a CUDA event, so that reading them waits for
+    this step's kernels only, not for the next step's, which the loop queues first: the host launches step N+1
+    while the GPU still runs step N, and the GPU never idles while Python launches a forward pass."""
+
+    def __init__(self, loss_sum: torch.Tensor | None, grad_norm: torch.Tensor | None, world_size: int,
+                 done: tuple[float, float, bool] | None = None):
+        self._world_size, self._done, self._event = world_size, done, None
+        if done is not None:
+            return
+        values = torch.stack([loss_sum.detach().double(), grad_norm.detach().double()])
+        if values.is_cuda:
+            self._host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+
+    def result(self) -> tuple[float, float, bool]:
+        """(loss: mean over ranks, grad norm, applied); applied is False where either is NaN/inf."""
+        if self._done is None:
+            if self._event is not None:
+                self._event.synchronize()
+            loss_sum, norm = self._host.tolist()
+            loss = loss_sum / self._world_size
+            self._done = (loss, norm, math.isfinite(loss) and math.isfinite(norm))
+        return self._done
+
+
 def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: float, lr: float,
                d: parallel.Dist, prec: precision.Precision,
                graphs: GraphedSteps | None = None) -> tuple[float, float, bool]:
     """One optimizer step over the rank's batch. Returns (loss, grad_norm, applied). Not applied if NaN/inf.
     `graphs` (train.cuda_graphs): each micro-batch's forward and backward replayed as a CUDA graph."""
+    return launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch, clip, lr, d, prec, graphs).result()
+
+
+def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: float, lr: float,
+                d: parallel.Dist, prec: precision.Precision, graphs: GraphedSteps | None = None) -> PendingStep:
+    """train_step without waiting for the GPU where the optimizer skips a non-finite step on the device: the
+    step's work is queued and its numbers come from the PendingStep's `result()`. Otherwise (FSDP2's DTensor
+    parameters, a non-fused optimizer) the host reads the loss before the optimizer step, as it must."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     parts = list(micro_batches(batch_ids, cu_seqlens, micro_batch))
@@ -111,20 +152,25 @@ def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: 
         grad_norm = grad_norm.full_tensor()
     if skips_on_device(optimizer):
         # No host sync before the step: the fused kernel reads the flag on the device and, where it is 1, leaves
-        # weights, moments and step counts as they were. The GPU works through the step while the host waits
-        # for the loss below, instead of idling while the host launches the step after reading it.
+        # weights, moments and step counts as they were. The GPU works through the step while the host goes on
+        # to launch the next one; the loss is read from the PendingStep afterwards.
         optimizer.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
         try:
             optimizer.step()
         finally:
             optimizer.found_inf = None
+        optimizer.zero_grad(set_to_none=True)
+        total = loss_sum.double()
+        if d.distributed and d.world_size > 1:
+            torch.distributed.all_reduce(total)  # a sum, divided by the ranks in result(), as all_reduce_mean does
+        return PendingStep(total, grad_norm, d.world_size)
     loss_value, = parallel.all_reduce_mean([loss_sum.item()], d)
     norm_value = float(grad_norm.item())
     applied = math.isfinite(loss_value) and math.isfinite(norm_value)
-    if applied and not skips_on_device(optimizer):
+    if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value, applied
+    return PendingStep(None, None, d.world_size, done=(loss_value, norm_value, applied))
 
 
 def skips_on_device(optimizer) -> bool:
@@ -343,47 +389,69 @@ def run_steps(cfg: Config, r: Run) -> dict:
     step, skipped, best_val, last_ckpt = r.start_step, r.skipped, r.best_val, r.last_ckpt
     bad_in_a_row, loss, val_loss, tps_list = 0, None, None, []
     t_run = time.perf_counter()
+    t_read = None  # when the host last read a step's numbers back: the next step's time runs from there
+    fetched = 0.0  # seconds spent waiting for batches since then
     batches = r.loader.iter_batches(start_step=step)
+
+    def finish(pending: PendingStep, at: int, lr: float, t0: float, epoch: int) -> None:
+        """Read step `at`'s numbers back, count a skip, validate where due, log its metrics. Its time is the wall
+        time since the previous step was read (or since its launch, where that came later: after validation or a
+        checkpoint), its data wait the time spent waiting for batches in that interval."""
+        nonlocal t_read, fetched, bad_in_a_row, skipped, loss, val_loss, best_val
+        loss, grad_norm, applied = pending.result()
+        t_done = time.perf_counter()
+        dt = t_done - (t0 if t_read is None else max(t0, t_read))
+        data_share = fetched / dt
+        t_read, fetched = t_done, 0.0
+        bad_in_a_row = 0 if applied else bad_in_a_row + 1
+        if not applied:
+            skipped += 1
+            log.warning("step %d: loss %s, grad norm %s: step skipped (no update), %d in a row",
+                        at, loss, grad_norm, bad_in_a_row)
+        tps = r.tokens_per_step / dt
+        tps_list.append(tps)
+        record = {"step": at, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": (at + 1) * r.tokens_per_step, **_source_tokens(r.loader, at + 1),
+                  "tokens_per_s": tps, "mfu": _mfu(r, tps),
+                  "data_wait_share": data_share, "memory_gib": memory_gib(d.device),
+                  "skipped_steps": skipped, "epoch": epoch}
+        if r.val_rows and ((at + 1) % cfg.train.eval_every == 0 or at + 1 == max_steps):
+            losses = _validation_losses(r)
+            val_loss = losses.pop("")
+            best_val = val_loss if best_val is None else min(best_val, val_loss)
+            record.update({f"val/{n}": v for n, v in losses.items()}, val_loss=val_loss)
+        metrics.log(record)
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"{bad_in_a_row} steps in a row with a NaN/inf loss or gradient norm (last: step {at}); "
+                f"stopping. The last checkpoint ({last_ckpt}) is intact; "
+                f"{divergence_causes(r.loader.manifest.seq_len, cfg.optim.lr, cfg.optim.clip)} "
+                f"(train.max_bad_steps={cfg.train.max_bad_steps})")
+        bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
+                   (f" val {val_loss:.4f}" if val_loss is not None else ""))
+
     try:
+        # Step N is launched before step N-1's numbers are read (PendingStep): the GPU runs N-1 to its end while
+        # the host queues N. Where validation, a checkpoint or the end comes after a step, its numbers are read
+        # before anything else touches the weights.
+        waiting = None  # (PendingStep, step, lr, t0, epoch) of the launched step not read yet
         while step < max_steps:
             t0 = time.perf_counter()
             batch = next(batches)
-            t_data = time.perf_counter() - t0
+            fetched += time.perf_counter() - t0
             assert batch.step == step, (batch.step, step)
             lr = r.lr_at(step)
-            loss, grad_norm, applied = train_step(r.model, r.optimizer, batch.input_ids, batch.cu_seqlens, r.micro,
-                                                  cfg.optim.clip, lr, d, r.prec, r.graphs)
-            if d.device.type == "cuda":
-                torch.cuda.synchronize(d.device)
-            dt = time.perf_counter() - t0
-            bad_in_a_row = 0 if applied else bad_in_a_row + 1
-            if not applied:
-                skipped += 1
-                log.warning("step %d: loss %s, grad norm %s: step skipped (no update), %d in a row",
-                            step, loss, grad_norm, bad_in_a_row)
+            pending = launch_step(r.model, r.optimizer, batch.input_ids, batch.cu_seqlens, r.micro,
+                                  cfg.optim.clip, lr, d, r.prec, r.graphs)
+            if waiting is not None:
+                finish(*waiting)
+            waiting = (pending, step, lr, t0, batch.epoch)
             step += 1
-            tps = r.tokens_per_step / dt
-            tps_list.append(tps)
-            record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": step * r.tokens_per_step, **_source_tokens(r.loader, step),
-                      "tokens_per_s": tps, "mfu": _mfu(r, tps),
-                      "data_wait_share": t_data / dt, "memory_gib": memory_gib(d.device),
-                      "skipped_steps": skipped, "epoch": batch.epoch}
-            if r.val_rows and (step % cfg.train.eval_every == 0 or step == max_steps):
-                losses = _validation_losses(r)
-                val_loss = losses.pop("")
-                best_val = val_loss if best_val is None else min(best_val, val_loss)
-                record.update({f"val/{n}": v for n, v in losses.items()}, val_loss=val_loss)
-            metrics.log(record)
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{bad_in_a_row} steps in a row with a NaN/inf loss or gradient norm (last: step {step - 1}); "
-                    f"stopping. The last checkpoint ({last_ckpt}) is intact; "
-                    f"{divergence_causes(r.loader.manifest.seq_len, cfg.optim.lr, cfg.optim.clip)} "
-                    f"(train.max_bad_steps={cfg.train.max_bad_steps})")
-            bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
-                       (f" val {val_loss:.4f}" if val_loss is not None else ""))
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            save = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            if save or step == max_steps or (r.val_rows and step % cfg.train.eval_every == 0):
+                finish(*waiting)
+                waiting = None
+            if save:
                 last_ckpt = _save(r, step, skipped, best_val)
         if cfg.checkpoint.at_end and step > r.start_step and (last_ckpt is None or not last_ckpt.endswith(f"{step:06d}")):
             last_ckpt = _save(r, step, skipped, best_val)
