@@ -534,3 +534,41 @@ def test_loop_reads_each_step_after_queueing_the_next(tmp_path, monkeypatch):
     for key in ("final_loss", "final_val_loss", "best_val_loss", "skipped_steps", "steps"):
         assert summary[key] == summary_at_once[key], key
     assert all(r["tokens_per_s"] > 0 and 0 <= r["data_wait_share"] < 1 for r in records)
+
+
+def _pending_loss_worker(rank: int, init_file: str, out_dir: str):
+    """One of two gloo ranks: the loss launch_step's PendingStep gives (on-device path, fused AdamW) against the
+    rank's own loss of the same batch."""
+    import copy
+    import json
+
+    import torch.distributed as dist
+
+    from trainer.loop import launch_step
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = tiny_gla()
+        local_model = copy.deepcopy(model)
+        x = torch.randint(1, 63, (2, 16), generator=torch.Generator().manual_seed(10 + rank))  # another batch per rank
+        fused = [torch.optim.AdamW(param_groups(m, 0.1), lr=1e-2, fused=True) for m in (model, local_model)]
+        local, _, _ = launch_step(local_model, fused[1], x, None, 2, 1.0, 1e-2, Dist(), FP32).result()
+        pending = launch_step(model, fused[0], x, None, 2, 1.0, 1e-2,
+                              Dist(rank=rank, world_size=2, distributed=True), FP32)
+        loss, norm, applied = pending.result()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"local": local, "loss": loss, "applied": applied}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pending_step_loss_is_the_mean_over_ranks(tmp_path):
+    """The on-device path sums the ranks' losses with an all-reduce of a device tensor (no host read) and divides
+    on the host: every rank gets the mean of the ranks' own losses, as the host path's all_reduce_mean gives."""
+    import json
+
+    import torch.multiprocessing as mp
+    mp.spawn(_pending_loss_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert got[0]["local"] != got[1]["local"]
+    mean = (got[0]["local"] + got[1]["local"]) / 2
+    assert got[0]["loss"] == got[1]["loss"] == mean and got[0]["applied"] and got[1]["applied"]
