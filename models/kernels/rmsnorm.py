@@ -130,15 +130,19 @@ class BackwardConfig(NamedTuple):
 
 
 def backward_config(d: int) -> BackwardConfig:
-    """The default for hidden size d: tile_config's tile and warps, 16 warps' worth of programs per SM."""
-    bt, _, num_warps = tile_config(d, backward=True)
-    return BackwardConfig(bt, num_warps, max(1, 16 // num_warps))
+    """The default for hidden size d: tile_config's tile height, ~1K elements per warp (4 to 16 warps), 8 warps'
+    worth of programs per SM, the next tile loaded ahead. Chosen by bench/norm_bench.py --bwd-sweep (H100, d=1024,
+    2026-12-06: BT 4, 4 warps, 2 per SM, prefetch took the prenorm backward from 0.136 ms to 0.100 ms, the same ds
+    bit for bit; BENCHMARKS.md)."""
+    bt, bd, _ = tile_config(d, backward=True)
+    num_warps = min(16, max(4, bt * bd // 1024))
+    return BackwardConfig(bt, num_warps, max(1, 8 // num_warps), prefetch=True)
 
 
 def backward_programs(n_tiles: int, device: torch.device, num_warps: int, per_sm: int | None = None) -> int:
-    """A few programs per SM (per_sm; default 16 warps' worth), never more than there are tiles."""
+    """A few programs per SM (per_sm; default 8 warps' worth, as backward_config), never more than there are tiles."""
     if device.type == "cuda":
-        per_sm = per_sm or max(1, 16 // num_warps)
+        per_sm = per_sm or max(1, 8 // num_warps)
         programs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
     else:
         programs = _CPU_PROGRAMS
