@@ -174,18 +174,26 @@ def run_ours(args, case: str = "ours") -> dict:
                + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    sync_times = []  # -sync: the wall time between two reads, as the loop before the lag timed a step
     if case_sync(case):  # the baseline: each step read back before the next is launched
+        import time
+
         import trainer.loop as loop
-        launch = loop.launch_step
+        launch, last = loop.launch_step, [time.perf_counter()]
 
         def launch_and_read(*a, **kw):
             pending = launch(*a, **kw)
             pending.result()
+            now = time.perf_counter()
+            sync_times.append(now - last[0])
+            last[0] = now
             return pending
         loop.launch_step = launch_and_read
     train(cfg)
     records = read_metrics(out)
-    times = [args.batch * args.seq_len / r["tokens_per_s"] for r in records]
+    # The loop logs step N when it reads N, after launching N+1. Read at once (-sync), that interval holds step
+    # N+1's work and the last step's holds none, so the -sync case is timed here instead.
+    times = sync_times or [args.batch * args.seq_len / r["tokens_per_s"] for r in records]
     wait = [r["data_wait_share"] for r in records]
     return summarize(case, args, times, wait, max(r["memory_gib"] for r in records), device_name(), kernels)
 

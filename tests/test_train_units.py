@@ -467,11 +467,13 @@ def test_cuda_graphs_refuse_what_they_do_not_cover_naming_the_fix(settings, fix)
     assert reason and fix in reason and reason.startswith("train.cuda_graphs")
 
 
-def _lag_run(tmp_path, name, monkeypatch, read_at_once):
+def _lag_run(tmp_path, name, monkeypatch, read_at_once, ready_as_launched=False):
     """A 7-step in-process run (checkpoint every 3, validation every 4) with fused AdamW, the optimizer that skips
     a non-finite step on the device and so lets the loop read each step's numbers after launching the next.
-    read_at_once: every step read right after its launch instead (the order the loop had before). Returns the
-    order of launches and reads, the metrics and the final weights."""
+    read_at_once: every step read right after its launch instead (the order the loop had before). The steps'
+    numbers are taken as still on their way from a GPU (PendingStep.ready False) unless ready_as_launched, which
+    keeps what the CPU run gives (ready at launch). Returns the order of launches and reads, the metrics and the
+    final weights."""
     import json
 
     import trainer.loop as loop
@@ -492,6 +494,7 @@ def _lag_run(tmp_path, name, monkeypatch, read_at_once):
     class Recorded:
         def __init__(self, pending, step):
             self.pending, self.step = pending, step
+            self.ready = pending.ready if ready_as_launched else False  # False: as a GPU run's step would be
 
         def result(self):
             events.append(("read", self.step))
@@ -534,6 +537,19 @@ def test_loop_reads_each_step_after_queueing_the_next(tmp_path, monkeypatch):
     for key in ("final_loss", "final_val_loss", "best_val_loss", "skipped_steps", "steps"):
         assert summary[key] == summary_at_once[key], key
     assert all(r["tokens_per_s"] > 0 and 0 <= r["data_wait_share"] < 1 for r in records)
+
+
+def test_loop_reads_a_step_at_once_where_its_numbers_are_ready_at_launch(tmp_path, monkeypatch):
+    """On a CPU (and on paths that read the loss before the optimizer step) a step's numbers exist when its launch
+    returns: the loop reads them then. Lagged, step N's logged time would be step N+1's work and the last step's
+    nearly zero (one absurd tokens/s that dominated the run's mean)."""
+    events, records, summary = _lag_run(tmp_path, "ready", monkeypatch, read_at_once=False, ready_as_launched=True)
+    order = [f"{kind[0]}{step}" for kind, step in events]
+    assert order == [f"{kind}{i}" for i in range(7) for kind in "lr"], order
+    monkeypatch.undo()
+    _, records_at_once, _ = _lag_run(tmp_path, "at-once", monkeypatch, read_at_once=True)
+    keys = ("step", "loss", "grad_norm", "lr", "tokens", "skipped_steps", "val_loss")
+    assert [[r.get(k) for k in keys] for r in records] == [[r.get(k) for k in keys] for r in records_at_once]
 
 
 def _pending_loss_worker(rank: int, init_file: str, out_dir: str):

@@ -91,6 +91,9 @@ class PendingStep:
     def __init__(self, loss_sum: torch.Tensor | None, grad_norm: torch.Tensor | None, world_size: int,
                  done: tuple[float, float, bool] | None = None):
         self._world_size, self._done, self._event = world_size, done, None
+        # ready: the numbers are there without waiting for a device (read on the host already, or a CPU run's), so
+        # the loop reads them at once: queueing the next step first would only shift the step times by one step
+        self.ready = done is not None
         if done is not None:
             return
         values = torch.stack([loss_sum.detach().double(), grad_norm.detach().double()])
@@ -101,6 +104,7 @@ class PendingStep:
             self._event.record()
         else:
             self._host = values
+            self.ready = True
 
     def result(self) -> tuple[float, float, bool]:
         """(loss: mean over ranks, grad norm, applied); applied is False where either is NaN/inf."""
@@ -433,7 +437,8 @@ def run_steps(cfg: Config, r: Run) -> dict:
     try:
         # Step N is launched before step N-1's numbers are read (PendingStep): the GPU runs N-1 to its end while
         # the host queues N. Where validation, a checkpoint or the end comes after a step, its numbers are read
-        # before anything else touches the weights.
+        # before anything else touches the weights; where they are ready at launch (a CPU run, a path that read
+        # the loss before its optimizer step), at once.
         waiting = None  # (PendingStep, step, lr, t0, epoch) of the launched step not read yet
         while step < max_steps:
             t0 = time.perf_counter()
@@ -448,7 +453,7 @@ def run_steps(cfg: Config, r: Run) -> dict:
             waiting = (pending, step, lr, t0, batch.epoch)
             step += 1
             save = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-            if save or step == max_steps or (r.val_rows and step % cfg.train.eval_every == 0):
+            if pending.ready or save or step == max_steps or (r.val_rows and step % cfg.train.eval_every == 0):
                 finish(*waiting)
                 waiting = None
             if save:
