@@ -18,9 +18,6 @@
 #                                      (autocast-fla@1: the seed noise floor) and bf16-fused
 #   bash bench/gpu_issue10b.sh c3      the step with the sweep's fastest backward launch against the default
 #                                      (bench/gpu_profile.py --norm-bwd; the sweep first where c1 did not run here)
-#   bash bench/gpu_issue10b.sh c4      (2026-12-06) how long the host waits in a batch copy queued behind GEMMs,
-#                                      pinned vs pageable; models.warm; the trainer with pinned batch copies against
-#                                      -pageable (the loop before), -sync, -graphs and HF at batch 16
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
 # other so the machine and its Triton cache stay. b32 and curve are two calls, not one: on an H100 the three
 # curve runs take ~5-6 min and the batch-32 cases ~3 min, together too close to the 10-minute call limit.
@@ -215,33 +212,5 @@ c3)
   for f in "$OUT"/profile-*.log; do echo "== $f"; grep -E "RMSNorm backward|^timed|^[A-Za-z].* [0-9.]+ +[0-9.]+%|outside" "$f"; done
   grep -A22 "^top 20" "$OUT/profile-default.log"
   ;;
-c4)
-  # 2026-12-06: batches copied to the GPU from pinned memory (trainer.loop.pin); -pageable is the loop before, whose
-  # copy from pageable memory made the host wait for the step queued before it. First the mechanism on its own: how
-  # long the host waits in a copy queued behind ~50 ms of GEMMs, pinned and pageable
-  python3 -c "import torch, triton, fla; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, \
-'fla', fla.__version__)" 2>&1 | tail -1
-  timeout "$(budget 60)" python3 -c "
-import time, torch
-from trainer.loop import to_device
-dev = torch.device('cuda'); a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-x = torch.randint(0, 32000, (16, 2048))
-for name, copy in [('pinned (to_device)', lambda: to_device(x, dev)), ('pageable', lambda: x.to(dev, non_blocking=True))] * 2:
-    torch.cuda.synchronize(); [a @ a for _ in range(60)]
-    t = time.perf_counter(); copy(); held = time.perf_counter() - t
-    t = time.perf_counter(); torch.cuda.synchronize(); rest = time.perf_counter() - t
-    print(f'copy check: {name}: the host held {held * 1e3:.2f} ms in the copy, then {rest * 1e3:.2f} ms in synchronize')
-" 2>&1 | grep "copy check"
-  stamp "models.warm"
-  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16,autocast \
-      --kernels fused,fla > "$OUT/warm.log" 2>&1
-  tail -1 "$OUT/warm.log"
-  stamp "train_bench batch 16"
-  timeout "$(budget 260)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
-      --cases ours-bf16-pageable,ours-bf16,ours-bf16-sync,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b16.log" 2>&1
-  stamp "done"
-  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-420
-  tail -2 "$OUT/b16.log"
-  ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c4" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3" >&2; exit 2 ;;
 esac

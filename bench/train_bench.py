@@ -80,14 +80,13 @@ PRECISIONS = ("auto", "bf16", "autocast", "fp32")
 KERNELS = ("fused", "fla")
 
 
-MODIFIERS = ("graphs", "sync", "pageable")  # last parts of a case, in this order: -graphs, -sync, -pageable
+MODIFIERS = ("graphs", "sync")  # last parts of a case, in this order: -graphs, then -sync
 
 
 def parse_case(case: str) -> tuple[str, str]:
-    """`ours[-PRECISION][-KERNELS][-graphs][-sync][-pageable]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16,
+    """`ours[-PRECISION][-KERNELS][-graphs][-sync]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16,
     fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla), ours -> (auto, fused). The last parts
-    `-graphs` (train.cuda_graphs=true), `-sync` and `-pageable` are read by case_graphs, case_sync and
-    case_pageable and ignored here."""
+    `-graphs` (train.cuda_graphs=true) and `-sync` are read by case_graphs and case_sync and ignored here."""
     head, *rest = case.split("-")
     for modifier in reversed(MODIFIERS):
         if rest and rest[-1] == modifier:
@@ -98,7 +97,7 @@ def parse_case(case: str) -> tuple[str, str]:
     if rest and rest[0] in PRECISIONS:
         precision = rest.pop(0)
     if head != "ours" or rest:
-        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-graphs][-sync][-pageable], PRECISION one of "
+        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-graphs][-sync], PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
     return precision, kernels
 
@@ -120,12 +119,6 @@ def case_graphs(case: str) -> bool:
 def case_sync(case: str) -> bool:
     """Whether a case reads each step's loss right after launching it (a last `-sync` part)."""
     return "sync" in _modifiers(case)
-
-
-def case_pageable(case: str) -> bool:
-    """Whether a case copies its batches to the GPU from pageable memory (a last `-pageable` part), as the loop did
-    before trainer.loop.pin: the baseline of pinning."""
-    return "pageable" in _modifiers(case)
 
 
 def kernels_override(kernels: str) -> list[str]:
@@ -181,9 +174,6 @@ def run_ours(args, case: str = "ours") -> dict:
                + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    if case_pageable(case):  # the baseline: batches copied from pageable memory, the host waits for the stream
-        import trainer.loop as loop
-        loop.pin = lambda t, device: t
     sync_times = []  # -sync: the wall time between two reads, as the loop before the lag timed a step
     if case_sync(case):  # the baseline: each step read back before the next is launched
         import time

@@ -6,7 +6,7 @@ import pytest
 
 from bench.gpu_profile import category, top_kernels
 from bench.precision_curve import compare, labels, parse_run
-from bench.train_bench import case_graphs, case_pageable, case_sync, kernels_override, parse_case
+from bench.train_bench import case_graphs, case_sync, kernels_override, parse_case
 from trainer.config import ModelConfig
 
 
@@ -51,20 +51,18 @@ def test_top_kernels_lists_the_largest_per_step_with_category_and_cut_name():
     ("ours-fp32", ("fp32", "fused")), ("ours-bf16-graphs", ("bf16", "fused")),
     ("ours-bf16-fla-graphs", ("bf16", "fla")), ("ours-bf16-sync", ("bf16", "fused")),
     ("ours-bf16-graphs-sync", ("bf16", "fused")), ("ours-autocast-fla-sync", ("autocast", "fla")),
-    ("ours-bf16-pageable", ("bf16", "fused")), ("ours-bf16-graphs-sync-pageable", ("bf16", "fused")),
 ])
 def test_train_bench_cases(case, expect):
     assert parse_case(case) == expect
     assert case_graphs(case) == ("-graphs" in case)
-    assert case_sync(case) == ("-sync" in case)
-    assert case_pageable(case) == case.endswith("-pageable")
+    assert case_sync(case) == case.endswith("-sync")
 
 
 @pytest.mark.parametrize("case", ["ours-bf17", "ours-fla-bf16", "ours-bf16-fla-x", "theirs-bf16", "ours-",
                                   "ours-graphs-bf16", "ours-bf16-graphs-fla", "ours-bf16-sync-graphs",
-                                  "ours-sync-bf16", "ours-bf16-pageable-sync"])
+                                  "ours-sync-bf16"])
 def test_train_bench_rejects_other_cases(case):
-    with pytest.raises(ValueError, match="ours\\[-PRECISION\\]\\[-KERNELS\\]\\[-graphs\\]\\[-sync\\]\\[-pageable\\]"):
+    with pytest.raises(ValueError, match="ours\\[-PRECISION\\]\\[-KERNELS\\]\\[-graphs\\]\\[-sync\\]"):
         parse_case(case)
 
 

@@ -81,20 +81,6 @@ def micro_batches(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, size
             yield x.reshape(1, -1), labels.reshape(1, -1), cu.to(torch.int32)
 
 
-def pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t in pinned (page-locked) host memory where it is a CPU tensor bound for a GPU; else t."""
-    if device.type != "cuda" or t.device.type != "cpu" or t.is_pinned():
-        return t
-    return t.pin_memory()
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t on `device`. To a GPU from pinned host memory, queued like a kernel: a copy from pageable memory makes the
-    host wait until every kernel already queued on the stream has run (CUDA's cudaMemcpyAsync stages it), which
-    would hold the launch of step N+1 back until step N ends and undo the loop's lag (PendingStep)."""
-    return pin(t, device).to(device, non_blocking=device.type == "cuda")
-
-
 class PendingStep:
     """A launched optimizer step's loss and gradient norm, read on the host later (`result`).
 
@@ -146,7 +132,6 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
     parameters, a non-fused optimizer) the host reads the loss before the optimizer step, as it must."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    batch_ids = pin(batch_ids, d.device)  # its micro-batches are views of it: to_device queues their copies
     parts = list(micro_batches(batch_ids, cu_seqlens, micro_batch))
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     with prec.compute():
@@ -158,9 +143,8 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
                 prec.accumulate(grads)
                 loss_sum += loss.float()
                 continue
-            x_host, x = x, to_device(x, d.device)
-            labels = x if labels is x_host else to_device(labels, d.device)
-            kwargs = {} if cu is None else {"cu_seqlens": to_device(cu, d.device)}
+            x, labels = x.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+            kwargs = {} if cu is None else {"cu_seqlens": cu.to(d.device)}
             with parallel.gradient_sync(model, enabled=i == len(parts) - 1), prec.autocast():
                 loss = model(input_ids=x, labels=labels, **kwargs).loss / len(parts)
             loss.backward()
