@@ -18,6 +18,8 @@
 #                                      (autocast-fla@1: the seed noise floor) and bf16-fused
 #   bash bench/gpu_issue10b.sh c3      the step with the sweep's fastest backward launch against the default
 #                                      (bench/gpu_profile.py --norm-bwd; the sweep first where c1 did not run here)
+#   bash bench/gpu_issue10b.sh c5      (2026-12-06) the step's idle GPU time between kernels by gap length, each step
+#                                      read at once and (--lag) after the next one's launch
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
 # other so the machine and its Triton cache stay. b32 and curve are two calls, not one: on an H100 the three
 # curve runs take ~5-6 min and the batch-32 cases ~3 min, together too close to the 10-minute call limit.
@@ -212,5 +214,22 @@ c3)
   for f in "$OUT"/profile-*.log; do echo "== $f"; grep -E "RMSNorm backward|^timed|^[A-Za-z].* [0-9.]+ +[0-9.]+%|outside" "$f"; done
   grep -A22 "^top 20" "$OUT/profile-default.log"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3" >&2; exit 2 ;;
+c5)
+  # 2026-12-06: where the GPU idles between kernels (gpu_profile's gap table), each step read at once and read after
+  # the next step's launch (--lag, as the trainer's loop): ~9 ms a step separate the step from its kernel time
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  for mode in sync lag; do
+    stamp "gpu_profile $mode"
+    extra=(); [ "$mode" = lag ] && extra=(--lag)
+    timeout "$(budget 80)" python3 bench/gpu_profile.py --kernels fused --timed 15 --steps 3 --warmup 3 --top 0 \
+        "${extra[@]}" --trace "$OUT/trace.json" > "$OUT/profile-$mode.log" 2>&1
+  done
+  rm -f "$OUT"/trace.json
+  stamp "done"
+  for f in "$OUT"/profile-*.log; do echo "== $f"; grep -v -i -e warn -e '^warm-up' "$f" | tail -22; done
+  ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5" >&2; exit 2 ;;
 esac

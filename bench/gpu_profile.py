@@ -4,7 +4,7 @@
         [--batch 16] [--precision bf16] [--kernels fused|fla] [--steps 3] [--warmup 3] [--top 25]
         [--trace bench/out/profile.json]
 
-Runs the trainer's own step (trainer.loop.train_step: the model from models.build, train.precision's path,
+Runs the trainer's own step (trainer.loop.launch_step: the model from models.build, train.precision's path,
 fused AdamW, clip 1.0, one micro-batch) on random tokens, one process, no DDP/FSDP. --kernels is
 model.gpu_kernels: fused (the default, as in the trainer) rewrites the model's blocks with models.fused.install
 right after the build, fla keeps FLA's modules. After --warmup steps (kernel compilation and autotuning: run
@@ -12,7 +12,9 @@ right after the build, fla keeps FLA's modules. After --warmup steps (kernel com
 put in one category by its name (GEMM, FLA GLA chunk kernels, norms, SwiGLU, elementwise/copies, ...); the
 table gives milliseconds per step, the share of kernel time and the GPU-busy share of the wall time. A second
 table lists the --top largest kernels one by one, so what a category such as "elementwise / copies" holds is
-visible without opening the trace. The trace opens in chrome://tracing or https://ui.perfetto.dev.
+visible without opening the trace, and a third the idle GPU time between kernels by gap length (many short gaps:
+the cost of kernel boundaries; long ones: the host not keeping up). --lag runs the steps as the trainer's loop
+does, each step's loss read after the next step is launched. The trace opens in chrome://tracing or https://ui.perfetto.dev.
 """
 from __future__ import annotations
 
@@ -64,6 +66,43 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:
         rec[0] += t
         rec[1] += 1
     return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def kernel_intervals(prof) -> list[tuple[float, float]]:
+    """(start, end) in microseconds of every GPU kernel and memory op in a profile, as kernel_times counts them."""
+    from torch.autograd import DeviceType
+    return [(e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+
+
+GAP_EDGES_US = (5.0, 20.0, 100.0, 1000.0)
+
+
+def idle_gaps(intervals: list[tuple[float, float]], edges=GAP_EDGES_US) -> list[tuple[str, int, float]]:
+    """Where the GPU ran no kernel between the first kernel's start and the last one's end: the gaps between the
+    merged busy intervals, bucketed by length. [(bucket label, gaps, total microseconds)], buckets in `edges`
+    order (< edges[0], edges[0]..edges[1], ..., >= edges[-1]). Many short gaps are the cost of kernel boundaries
+    (a kernel's tail and the next one's start, fewer kernels is the cure); long ones are the host not keeping up."""
+    labels = [f"< {edges[0]:g} us"] + [f"{a:g}-{b:g} us" for a, b in zip(edges, edges[1:])] + [f">= {edges[-1]:g} us"]
+    counts, totals = [0] * len(labels), [0.0] * len(labels)
+    end = None
+    for start, stop in sorted(intervals):
+        if end is not None and start > end:
+            gap = start - end
+            i = sum(gap >= e for e in edges)
+            counts[i] += 1
+            totals[i] += gap
+        end = stop if end is None else max(end, stop)
+    return list(zip(labels, counts, totals))
+
+
+def gap_table(gaps: list[tuple[str, int, float]], steps: int) -> str:
+    lines = ["idle GPU between kernels  gaps/step   ms/step"]
+    for label, n, total in gaps:
+        lines.append(f"{label:<24} {n / steps:>10.1f} {total / 1e3 / steps:>9.2f}")
+    n_all, t_all = sum(g[1] for g in gaps), sum(g[2] for g in gaps)
+    lines.append(f"{'all':<24} {n_all / steps:>10.1f} {t_all / 1e3 / steps:>9.2f}")
+    return "\n".join(lines)
 
 
 def table(kernels: dict[str, tuple[float, int]], steps: int, wall_s: float) -> str:
@@ -121,6 +160,9 @@ def main() -> int:
     p.add_argument("--norm-bwd", default=None, metavar="BT,WARPS,PER_SM,PREFETCH",
                    help="launch our RMSNorm backward this way (models.kernels.rmsnorm.BackwardConfig, e.g. 2,4,8,1; "
                         "bench/norm_bench.py --bwd-sweep times them) instead of its default")
+    p.add_argument("--lag", action="store_true",
+                   help="run the steps as the trainer's loop does: each step's loss read after the next step is "
+                        "launched (trainer.loop.launch_step); timed: the wall time of all timed steps / their count")
     p.add_argument("--timed", type=int, default=10, help="unprofiled steps timed after the warm-up (median printed)")
     p.add_argument("--top", type=int, default=25, help="kernels listed one by one after the category table")
     p.add_argument("--steps", type=int, default=3)
@@ -133,7 +175,7 @@ def main() -> int:
     from models import build
     from models.warm import install_kernels
     from trainer.config import OptimConfig
-    from trainer.loop import train_step
+    from trainer.loop import launch_step
     from trainer.optim import build_optimizer
     from trainer.parallel import Dist
     from trainer.precision import MasterWeights, Precision
@@ -161,32 +203,49 @@ def main() -> int:
     d = Dist(device=device)
     gen = torch.Generator().manual_seed(0)
 
-    def step():
+    def launch():
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=gen)
-        return train_step(model, opt, ids, None, args.batch, 1.0, 3e-4, d, prec)
+        return launch_step(model, opt, ids, None, args.batch, 1.0, 3e-4, d, prec)
+
+    def steps(n: int) -> None:
+        """n steps, each read at once, or (--lag) after the next one is launched; then the GPU drained."""
+        pending = None
+        for _ in range(n):
+            launched = launch()
+            if args.lag:
+                if pending is not None:
+                    pending.result()
+                pending = launched
+            else:
+                launched.result()
+        if pending is not None:
+            pending.result()
+        torch.cuda.synchronize()
 
     for i in range(args.warmup):
         t = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
+        steps(1)
         print(f"warm-up step {i}: {time.perf_counter() - t:.3f}s", file=sys.stderr, flush=True)
-    times = []
-    for _ in range(args.timed):
+    if args.timed and args.lag:
         t = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    if times:
+        steps(args.timed)
+        med = (time.perf_counter() - t) / args.timed
+        what = f"mean step {med * 1e3:.1f} ms over {args.timed} unprofiled steps, each read after the next's launch"
+    elif args.timed:
+        times = []
+        for _ in range(args.timed):
+            t = time.perf_counter()
+            steps(1)
+            times.append(time.perf_counter() - t)
         med = sorted(times)[len(times) // 2]
-        print(f"timed: median step {med * 1e3:.1f} ms over {len(times)} unprofiled steps, "
-              f"{args.batch * args.seq_len / med:,.0f} tokens/s ({args.kernels}"
+        what = f"median step {med * 1e3:.1f} ms over {len(times)} unprofiled steps"
+    if args.timed:
+        print(f"timed: {what}, {args.batch * args.seq_len / med:,.0f} tokens/s ({args.kernels}"
               f"{', swiglu ' + args.swiglu if args.swiglu else ''})", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
+        steps(args.steps)
         wall = time.perf_counter() - t
     os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
     prof.export_chrome_trace(args.trace)
@@ -196,6 +255,7 @@ def main() -> int:
           f"trace {args.trace}")
     kt = kernel_times(prof)
     print(table(kt, args.steps, wall))
+    print(gap_table(idle_gaps(kernel_intervals(prof)), args.steps))
     if args.top > 0:
         print(top_kernels(kt, args.steps, args.top))
     return 0

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from bench.gpu_profile import category, top_kernels
+from bench.gpu_profile import category, gap_table, idle_gaps, top_kernels
 from bench.precision_curve import compare, labels, parse_run
 from bench.train_bench import case_graphs, case_sync, kernels_override, parse_case
 from trainer.config import ModelConfig
@@ -100,3 +100,19 @@ def test_precision_curve_gap_skips_the_warm_up_steps():
     assert gap["mean_rel_gap"] == pytest.approx((0.02 + 0 + 0.01) / 3)
     with pytest.raises(ValueError, match="no steps to compare"):
         compare(ref, run, skip=5)
+
+
+def test_idle_gaps_buckets_the_time_between_merged_kernels():
+    """Gaps are measured between the union of busy intervals (overlapping kernels of two streams leave none), put
+    in buckets by length, and nothing before the first kernel or after the last one counts."""
+    intervals = [(0, 10), (12, 20), (15, 30),  # 2 us gap, then an overlap: no gap
+                 (40, 50),                     # 10 us
+                 (100, 110),                   # 50 us
+                 (2000, 2010), (2010, 2020)]   # 1890 us, then back to back: no gap
+    gaps = idle_gaps(intervals)
+    assert [(n, t) for _, n, t in gaps] == [(1, 2.0), (1, 10.0), (1, 50.0), (0, 0.0), (1, 1890.0)]
+    assert [label for label, _, _ in gaps] == ["< 5 us", "5-20 us", "20-100 us", "100-1000 us", ">= 1000 us"]
+    assert idle_gaps(list(reversed(intervals))) == gaps
+    assert idle_gaps([]) == [(label, 0, 0.0) for label, _, _ in gaps]
+    text = gap_table(gaps, steps=2)
+    assert text.splitlines()[-1].split() == ["all", "2.0", "0.98"]
