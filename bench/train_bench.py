@@ -88,9 +88,7 @@ def parse_case(case: str) -> tuple[str, str]:
     fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla), ours -> (auto, fused). The last parts
     `-graphs` (train.cuda_graphs=true) and `-sync` are read by case_graphs and case_sync and ignored here."""
     head, *rest = case.split("-")
-    for modifier in reversed(MODIFIERS):
-        if rest and rest[-1] == modifier:
-            rest.pop()
+    del rest[len(rest) - len(_modifiers(case)):]
     precision, kernels = "auto", "fused"
     if rest and rest[-1] in KERNELS:
         kernels = rest.pop()
@@ -174,26 +172,19 @@ def run_ours(args, case: str = "ours") -> dict:
                + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    sync_times = []  # -sync: the wall time between two reads, as the loop before the lag timed a step
     if case_sync(case):  # the baseline: each step read back before the next is launched
-        import time
-
         import trainer.loop as loop
-        launch, last = loop.launch_step, [time.perf_counter()]
+        launch = loop.launch_step
 
         def launch_and_read(*a, **kw):
             pending = launch(*a, **kw)
             pending.result()
-            now = time.perf_counter()
-            sync_times.append(now - last[0])
-            last[0] = now
+            pending.ready = True  # the loop then logs it before launching the next, timed as it was read
             return pending
         loop.launch_step = launch_and_read
     train(cfg)
     records = read_metrics(out)
-    # The loop logs step N when it reads N, after launching N+1. Read at once (-sync), that interval holds step
-    # N+1's work and the last step's holds none, so the -sync case is timed here instead.
-    times = sync_times or [args.batch * args.seq_len / r["tokens_per_s"] for r in records]
+    times = [args.batch * args.seq_len / r["tokens_per_s"] for r in records]
     wait = [r["data_wait_share"] for r in records]
     return summarize(case, args, times, wait, max(r["memory_gib"] for r in records), device_name(), kernels)
 
