@@ -20,6 +20,8 @@
 #                                      (bench/gpu_profile.py --norm-bwd; the sweep first where c1 did not run here)
 #   bash bench/gpu_issue10b.sh c5      (2026-12-06) the step's idle GPU time between kernels by gap length, each step
 #                                      read at once and (--lag) after the next one's launch
+#   bash bench/gpu_issue10b.sh c6      (2026-12-06) the attention projections stacked into one GEMM (cat) against
+#                                      one GEMM each (split): the step's profile (--lag) and the trainer vs HF
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
 # other so the machine and its Triton cache stay. b32 and curve are two calls, not one: on an H100 the three
 # curve runs take ~5-6 min and the batch-32 cases ~3 min, together too close to the 10-minute call limit.
@@ -231,5 +233,29 @@ c5)
   stamp "done"
   for f in "$OUT"/profile-*.log; do echo "== $f"; grep -v -i -e warn -e '^warm-up' "$f" | tail -22; done
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5" >&2; exit 2 ;;
+c6)
+  # 2026-12-06: the attention's five input projections as one GEMM over the stacked weights (cat) against one GEMM
+  # each (split), in the profile of the step as the loop runs it (--lag; with c5's idle-gap table) and in the
+  # trainer against HF at batch 16
+  python3 -c "import torch, triton, fla; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, \
+'fla', fla.__version__)" 2>&1 | tail -1
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  for proj in split cat; do
+    stamp "gpu_profile --lag, projections $proj"
+    timeout "$(budget 75)" python3 bench/gpu_profile.py --kernels fused --projections $proj --lag --timed 15 \
+        --steps 3 --warmup 3 --top 24 --trace "$OUT/trace.json" > "$OUT/profile-$proj.log" 2>&1
+  done
+  rm -f "$OUT"/trace.json
+  stamp "train_bench batch 16"
+  timeout "$(budget 200)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
+      --cases ours-bf16-split,ours-bf16-cat,hf --dir bench/out/train > "$OUT/b16.log" 2>&1
+  stamp "done"
+  for f in "$OUT"/profile-*.log; do echo "== $f"; grep -v -i -e warn -e '^warm-up' -e '^  _warn' "$f" | head -32; done
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-420
+  tail -3 "$OUT/b16.log"
+  ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6" >&2; exit 2 ;;
 esac

@@ -157,6 +157,9 @@ def main() -> int:
                    help="model.gpu_kernels: fused (models.fused.install after the build) or fla (FLA's modules)")
     p.add_argument("--swiglu", default=None, choices=["fla", "ours"],
                    help="with --kernels fused: SwiGLU + gate kernels of FLA/torch or ours (default: models.fused's)")
+    p.add_argument("--projections", default=None, choices=["split", "cat"],
+                   help="with --kernels fused: the attention's input projections as one GEMM each (split) or one "
+                        "GEMM over the stacked weights (cat) (default: models.fused's)")
     p.add_argument("--norm-bwd", default=None, metavar="BT,WARPS,PER_SM,PREFETCH",
                    help="launch our RMSNorm backward this way (models.kernels.rmsnorm.BackwardConfig, e.g. 2,4,8,1; "
                         "bench/norm_bench.py --bwd-sweep times them) instead of its default")
@@ -192,9 +195,10 @@ def main() -> int:
     config = build.load_config(args.model)
     build.adapt_to_device(config, device)
     model = build.build_model(config, device, seed=0)
-    if args.swiglu and args.kernels == "fused":
+    if (args.swiglu or args.projections) and args.kernels == "fused":
         from models import fused
-        kernels = fused.install(model, swiglu=args.swiglu)
+        choice = {k: v for k, v in (("swiglu", args.swiglu), ("projections", args.projections)) if v}
+        kernels = fused.install(model, **choice)
     else:
         kernels = install_kernels(model, args.kernels)  # before the bf16 copies and the optimizer see the parameters
     model.train()
@@ -241,7 +245,8 @@ def main() -> int:
         what = f"median step {med * 1e3:.1f} ms over {len(times)} unprofiled steps"
     if args.timed:
         print(f"timed: {what}, {args.batch * args.seq_len / med:,.0f} tokens/s ({args.kernels}"
-              f"{', swiglu ' + args.swiglu if args.swiglu else ''})", flush=True)
+              f"{', swiglu ' + args.swiglu if args.swiglu else ''}"
+              f"{', projections ' + args.projections if args.projections else ''})", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         t = time.perf_counter()

@@ -80,13 +80,15 @@ PRECISIONS = ("auto", "bf16", "autocast", "fp32")
 KERNELS = ("fused", "fla")
 
 
-MODIFIERS = ("graphs", "sync")  # last parts of a case, in this order: -graphs, then -sync
+# last parts of a case, in this order: -split or -cat (models.fused's attention projections), -graphs, -sync
+MODIFIERS = ("split", "cat", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
-    """`ours[-PRECISION][-KERNELS][-graphs][-sync]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16,
+    """`ours[-PRECISION][-KERNELS][-split|-cat][-graphs][-sync]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16,
     fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla), ours -> (auto, fused). The last parts
-    `-graphs` (train.cuda_graphs=true) and `-sync` are read by case_graphs and case_sync and ignored here."""
+    `-split`/`-cat` (models.fused's attention projections), `-graphs` (train.cuda_graphs=true) and `-sync` are read
+    by run_ours, case_graphs and case_sync and ignored here."""
     head, *rest = case.split("-")
     del rest[len(rest) - len(_modifiers(case)):]
     precision, kernels = "auto", "fused"
@@ -94,8 +96,9 @@ def parse_case(case: str) -> tuple[str, str]:
         kernels = rest.pop()
     if rest and rest[0] in PRECISIONS:
         precision = rest.pop(0)
-    if head != "ours" or rest:
-        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-graphs][-sync], PRECISION one of "
+    if head != "ours" or rest or {"split", "cat"} <= set(_modifiers(case)):
+        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-graphs][-sync], "
+                         f"PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
     return precision, kernels
 
@@ -151,6 +154,9 @@ def summarize(case: str, args, step_times: list[float], wait: list[float], peak_
             "peak_mem_gib": peak_mem}
 
 
+_PROJECTIONS = None
+
+
 def run_ours(args, case: str = "ours") -> dict:
     import shutil
 
@@ -172,6 +178,11 @@ def run_ours(args, case: str = "ours") -> dict:
                + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    from models import fused
+    global _PROJECTIONS
+    _PROJECTIONS = _PROJECTIONS or fused.DEFAULT_PROJECTIONS  # models.fused's own, before any case changed it
+    # this process only, this case only: the trainer's fused.install takes it as its default
+    fused.DEFAULT_PROJECTIONS = next((m for m in _modifiers(case) if m in fused.PROJECTIONS), _PROJECTIONS)
     if case_sync(case):  # the baseline: each step read back before the next is launched
         import trainer.loop as loop
         launch = loop.launch_step
@@ -271,7 +282,8 @@ def main() -> int:
     p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
     p.add_argument("--cases", default="ours,hf",
-                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-graphs] (e.g. ours-bf16-fla)")
+                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-graphs][-sync] "
+                        "(e.g. ours-bf16-fla, ours-bf16-cat)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process

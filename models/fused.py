@@ -30,6 +30,7 @@ BENCHMARKS.md), or FLA's swiglu_linear and torch's ops with swiglu="fla".
 """
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -83,6 +84,20 @@ def shared_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.T
     return SharedInputLinear.apply(x, *weights)
 
 
+def concat_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The same projections as one GEMM over the stacked weights: y = x @ cat(W_i)^T, split into column slices
+    (row-strided views; a consumer that wants them contiguous copies them). Backward (autograd): the slices'
+    gradients are copied into one [M, sum N_i] buffer, then dx and dW are one GEMM each. Narrow projections
+    (GLA's q and k are 512 wide, the low-rank gate 16) are GEMM shapes cuBLAS runs well below its peak, and dW of
+    a 512-row weight over 32k tokens needs split-K; the stacked GEMM is 3088 wide."""
+    y = F.linear(x, torch.cat(weights, 0))
+    return y.split([w.shape[0] for w in weights], -1)
+
+
+PROJECTIONS = {"split": shared_linear, "cat": concat_linear}
+DEFAULT_PROJECTIONS = "split"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # RMSNorm with the residual add
 # ---------------------------------------------------------------------------------------------------------
@@ -132,11 +147,12 @@ def _elementwise_fns(kind: str) -> types.SimpleNamespace:
 _FLA_ELEMENTWISE = _elementwise_fns("fla")
 
 
-def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _FLA_ELEMENTWISE) -> torch.Tensor:
+def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _FLA_ELEMENTWISE,
+               project=shared_linear) -> torch.Tensor:
     """GatedLinearAttention.forward for the configurations `unsupported_reason` lets through, without cache."""
     from fla.layers import gla as fla_gla  # chunk_gla looked up per call (CPU versions on a CPU)
     B, T, _ = x.shape
-    q, k, v, g, gk = shared_linear(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+    q, k, v, g, gk = project(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                                        attn.g_proj.weight, attn.gk_proj[0].weight])
     gk = attn.gk_proj[1](gk)
     H, dk, dv = attn.num_heads, attn.head_k_dim, attn.head_v_dim
@@ -164,9 +180,25 @@ def _block_forward(self, hidden_states, *args, **kwargs):
     if _FUSED_KWARG not in kwargs:
         return type(self).forward(self, hidden_states, *args, **kwargs)
     residual = kwargs.pop(_FUSED_KWARG)
+    if self.gradient_checkpointing and self.training and not _checkpoints_in_call():
+        # this transformers checkpoints in the class's `forward`, which this instance's forward replaces
+        return self._gradient_checkpointing_func(
+            functools.partial(_fused_block, self, cu_seqlens=kwargs.get("cu_seqlens")), hidden_states, residual)
+    return _fused_block(self, hidden_states, residual, kwargs.get("cu_seqlens"))
+
+
+def _checkpoints_in_call() -> bool:
+    """Where transformers' GradientCheckpointingLayer checkpoints: in `__call__` (older releases, around this
+    instance's forward, so nothing to do here) or by wrapping each layer class's `forward` (5.2x, which the fused
+    forward bypasses: `_block_forward` checkpoints itself then)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return "__call__" in vars(GradientCheckpointingLayer)
+
+
+def _fused_block(self, hidden_states, residual, cu_seqlens=None):
     norm = self._fused_norm
     x, residual = norm(hidden_states, self.attn_norm.weight, self.attn_norm.eps, residual, True)
-    o = _attention(self.attn, x, kwargs.get("cu_seqlens"), self._fused_elementwise)
+    o = _attention(self.attn, x, cu_seqlens, self._fused_elementwise, self._fused_project)
     x, residual = norm(o, self.mlp_norm.weight, self.mlp_norm.eps, residual, True)
     return _mlp(self.mlp, x, self._fused_elementwise), residual
 
@@ -255,17 +287,22 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def install(model, norm: str = "ours", swiglu: str = "ours") -> str:
+def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | None = None) -> str:
     """Switch a built GLA model (plain, or wrapped by FSDP2 / activation checkpointing afterwards) to the
     fused forward. Returns a one-line description. Raises ValueError naming what is not covered.
 
     norm: whose RMSNorm kernel ("ours": models/kernels/rmsnorm.py, or "fla"). swiglu: whose SwiGLU + down
     projection and gate logsigmoid ("fla": FLA's swiglu_linear and torch's logsigmoid / normalizer, or "ours":
-    models/kernels/swiglu.py, the default: measured faster in the training step on an H200)."""
+    models/kernels/swiglu.py, the default: measured faster in the training step on an H200). projections: the
+    attention's five input projections as one GEMM each, their input gradient accumulated in one buffer ("split",
+    `shared_linear`), or as one GEMM over the stacked weights ("cat", `concat_linear`); None: DEFAULT_PROJECTIONS."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: use one of {NORMS}")
     if swiglu not in SWIGLUS:
         raise ValueError(f"swiglu={swiglu!r}: use one of {SWIGLUS}")
+    projections = DEFAULT_PROJECTIONS if projections is None else projections
+    if projections not in PROJECTIONS:
+        raise ValueError(f"projections={projections!r}: use one of {tuple(PROJECTIONS)}")
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"fused blocks do not cover {reason}")
@@ -277,8 +314,10 @@ def install(model, norm: str = "ours", swiglu: str = "ours") -> str:
     for block in base.layers:
         block._fused_norm = fn
         block._fused_elementwise = fns
+        block._fused_project = PROJECTIONS[projections]
         block.forward = types.MethodType(_block_forward, block)
-    return (f"fused GLA blocks ({len(base.layers)} layers): shared-input projections, residual add fused into "
+    return (f"fused GLA blocks ({len(base.layers)} layers): "
+            f"{'stacked (one GEMM)' if projections == 'cat' else 'shared-input'} projections, residual add fused into "
             f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
             f"{'our SwiGLU and gate kernels' if swiglu == 'ours' else 'FLA SwiGLU, torch gate logsigmoid'}")
 
@@ -293,6 +332,7 @@ def uninstall(model) -> None:
         vars(m).pop("forward", None)
         vars(m).pop("_fused_norm", None)
         vars(m).pop("_fused_elementwise", None)
+        vars(m).pop("_fused_project", None)
 
 
 def select(model, choice: str, device: torch.device) -> str:

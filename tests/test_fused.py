@@ -29,12 +29,12 @@ def torch_ops():
     cpu_torch.uninstall()
 
 
-def pair(norm="fla", swiglu="fla", **extra):
+def pair(norm="fla", swiglu="fla", projections="split", **extra):
     """FLA's model and a fused copy with the same weights."""
     config = build.load_config({**CONFIG, **extra})
     stock = build.build_model(config, "cpu", seed=0)
     other = build.build_model(config, "cpu", seed=0)
-    fused.install(other, norm=norm, swiglu=swiglu)
+    fused.install(other, norm=norm, swiglu=swiglu, projections=projections)
     return stock, other
 
 
@@ -77,6 +77,30 @@ def test_fused_blocks_give_flas_loss_and_gradients(norm, swiglu, monkeypatch):
     assert len(calls) == (4 * layers if swiglu == "ours" else 0)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stacked_projections_give_flas_loss_and_gradients(checkpointing, monkeypatch):
+    """projections="cat": the attention's five projections as one GEMM over the stacked weights (column-slice
+    views downstream, one gradient buffer upstream), with and without activation checkpointing, and with
+    document boundaries."""
+    calls = []
+    real = fused.concat_linear
+    monkeypatch.setitem(fused.PROJECTIONS, "cat", lambda *a: calls.append(1) or real(*a))
+    stock, other = pair(norm="ours", swiglu="ours", projections="cat")
+    if checkpointing:
+        for m in (stock, other):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.train()
+    x = ids()
+    assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
+    layers = CONFIG["num_hidden_layers"]
+    assert len(calls) == layers * (2 if checkpointing else 1)  # checkpointing runs each forward again
+    cu = torch.tensor([0, 30, 95, 120])
+    x = ids(batch=1, length=120)
+    assert_same(loss_and_grads(stock, x, cu_seqlens=cu), loss_and_grads(other, x, cu_seqlens=cu))
+    with pytest.raises(ValueError, match="projections='stacked': use one of"):
+        fused.install(build.build_model(build.load_config(CONFIG), "cpu", seed=0), projections="stacked")
+
+
 def test_install_rejects_an_unknown_swiglu():
     config = build.load_config(CONFIG)
     model = build.build_model(config, "cpu", seed=0)
@@ -94,13 +118,20 @@ def test_fused_blocks_with_document_boundaries_and_short_inputs():
     assert_same(loss_and_grads(stock, short), loss_and_grads(other, short))
 
 
-def test_fused_blocks_under_activation_checkpointing():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fused_blocks_under_activation_checkpointing(reentrant, monkeypatch):
+    """The fused blocks are checkpointed: each block's forward runs again in backward. (transformers 5.2x
+    checkpoints inside the layer class's forward, which the fused forward replaces: it was silently off.)"""
     stock, other = pair()
     for m in (stock, other):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         m.train()
+    calls = []
+    real = fused._attention
+    monkeypatch.setattr(fused, "_attention", lambda *a: calls.append(1) or real(*a))
     x = ids()
     assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
+    assert len(calls) == 2 * CONFIG["num_hidden_layers"]
 
 
 def test_calls_the_fused_forward_does_not_cover_run_flas(monkeypatch):
