@@ -22,6 +22,8 @@
 #                                      read at once and (--lag) after the next one's launch
 #   bash bench/gpu_issue10b.sh c6      (2026-12-06) the attention projections stacked into one GEMM (cat) against
 #                                      one GEMM each (split): the step's profile (--lag) and the trainer vs HF
+#   bash bench/gpu_issue10b.sh c7      (2026-12-06) host time to queue a step and the kernels after the long idle
+#                                      gaps, eager and with CUDA graphs; the trainer vs HF at batch 32 (>100 GB)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
 # other so the machine and its Triton cache stay. b32 and curve are two calls, not one: on an H100 the three
 # curve runs take ~5-6 min and the batch-32 cases ~3 min, together too close to the 10-minute call limit.
@@ -257,5 +259,32 @@ c6)
   grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-420
   tail -3 "$OUT/b16.log"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6" >&2; exit 2 ;;
+c7)
+  # 2026-12-06: c6 found the stacked projections' GPU time 2.6 ms lower and the step 3.4 ms slower: is the host
+  # pacing the GPU? The step as the loop runs it (--lag), eager and with CUDA graphs: the host's time to queue a
+  # step, the idle gaps and the kernels that end them; then the trainer against HF at batch 32 (>100 GB cards)
+  python3 -c "import torch, triton, fla; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, \
+'fla', fla.__version__)" 2>&1 | tail -1
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  for mode in eager graphs; do
+    stamp "gpu_profile --lag $mode"
+    extra=(); [ "$mode" = graphs ] && extra=(--graphs)
+    timeout "$(budget 75)" python3 bench/gpu_profile.py --kernels fused --lag --timed 15 --steps 3 --warmup 3 \
+        --top 0 "${extra[@]}" --trace "$OUT/trace.json" > "$OUT/profile-$mode.log" 2>&1
+  done
+  rm -f "$OUT"/trace.json
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  b=16; [ "${mem:-0}" -gt 100000 ] && b=32
+  stamp "train_bench batch $b"
+  timeout "$(budget 300)" python3 bench/train_bench.py --batch $b --steps 8 --warmup 3 \
+      --cases ours-bf16,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b$b.log" 2>&1
+  stamp "done"
+  for f in "$OUT"/profile-*.log; do echo "== $f"; grep -v -i -e warn -e '^warm-up' -e '^  _warn' "$f" | head -40; done
+  grep -h 'tokens/s:' "$OUT/b$b.log"; grep -h '^{' "$OUT/b$b.log" | cut -c1-420
+  tail -3 "$OUT/b$b.log"
+  ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7" >&2; exit 2 ;;
 esac

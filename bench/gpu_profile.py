@@ -2,7 +2,7 @@
 
     PYTHONUNBUFFERED=1 python bench/gpu_profile.py [--model configs/gla_340M.json] [--seq-len 2048]
         [--batch 16] [--precision bf16] [--kernels fused|fla] [--steps 3] [--warmup 3] [--top 25]
-        [--trace bench/out/profile.json]
+        [--trace bench/out/profile.json] [--lag] [--graphs] [--projections split|cat]
 
 Runs the trainer's own step (trainer.loop.launch_step: the model from models.build, train.precision's path,
 fused AdamW, clip 1.0, one micro-batch) on random tokens, one process, no DDP/FSDP. --kernels is
@@ -14,7 +14,10 @@ table gives milliseconds per step, the share of kernel time and the GPU-busy sha
 table lists the --top largest kernels one by one, so what a category such as "elementwise / copies" holds is
 visible without opening the trace, and a third the idle GPU time between kernels by gap length (many short gaps:
 the cost of kernel boundaries; long ones: the host not keeping up). --lag runs the steps as the trainer's loop
-does, each step's loss read after the next step is launched. The trace opens in chrome://tracing or https://ui.perfetto.dev.
+does, each step's loss read after the next step is launched; --graphs replays the forward + backward as CUDA graphs
+(train.cuda_graphs). A fourth table names the kernels that ended the long gaps (>= 20 us: the part of the step where
+the GPU waited), and the host's median time to queue a step is printed against the step's time. The trace opens in
+chrome://tracing or https://ui.perfetto.dev.
 """
 from __future__ import annotations
 
@@ -68,10 +71,11 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def kernel_intervals(prof) -> list[tuple[float, float]]:
-    """(start, end) in microseconds of every GPU kernel and memory op in a profile, as kernel_times counts them."""
+def kernel_intervals(prof) -> list[tuple[float, float, str]]:
+    """(start, end, name), start and end in microseconds, of every GPU kernel and memory op in a profile, as
+    kernel_times counts them."""
     from torch.autograd import DeviceType
-    return [(e.time_range.start, e.time_range.end) for e in prof.events()
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
 
 
@@ -86,7 +90,7 @@ def idle_gaps(intervals: list[tuple[float, float]], edges=GAP_EDGES_US) -> list[
     labels = [f"< {edges[0]:g} us"] + [f"{a:g}-{b:g} us" for a, b in zip(edges, edges[1:])] + [f">= {edges[-1]:g} us"]
     counts, totals = [0] * len(labels), [0.0] * len(labels)
     end = None
-    for start, stop in sorted(intervals):
+    for start, stop, *_ in sorted(intervals):
         if end is not None and start > end:
             gap = start - end
             i = sum(gap >= e for e in edges)
@@ -94,6 +98,30 @@ def idle_gaps(intervals: list[tuple[float, float]], edges=GAP_EDGES_US) -> list[
             totals[i] += gap
         end = stop if end is None else max(end, stop)
     return list(zip(labels, counts, totals))
+
+
+def gaps_before(intervals: list[tuple[float, float, str]], min_us: float = 20.0) -> list[tuple[str, int, float]]:
+    """The idle gaps of at least `min_us` by the kernel that ends each one (the kernel the GPU waited for: where the
+    host was late launching it, that names the part of the step it was in). [(kernel category: name, gaps, total
+    microseconds)], largest total first."""
+    out: dict[str, list] = {}
+    end = None
+    for start, stop, name in sorted(intervals):
+        if end is not None and start - end >= min_us:
+            key = f"{category(name)}: {' '.join(name.split())}"
+            rec = out.setdefault(key, [0, 0.0])
+            rec[0] += 1
+            rec[1] += start - end
+        end = stop if end is None else max(end, stop)
+    return sorted(((k, n, t) for k, (n, t) in out.items()), key=lambda r: -r[2])
+
+
+def gaps_before_table(rows: list[tuple[str, int, float]], steps: int, count: int = 12, width: int = 90) -> str:
+    lines = [f"idle gaps >= 20 us by the kernel that ended them (top {count})",
+             f"{'ms/step':>8} {'gaps/step':>9}  kernel after the gap"]
+    for key, n, total in rows[:count]:
+        lines.append(f"{total / 1e3 / steps:8.2f} {n / steps:9.1f}  {key[:width]}")
+    return "\n".join(lines)
 
 
 def gap_table(gaps: list[tuple[str, int, float]], steps: int) -> str:
@@ -166,6 +194,8 @@ def main() -> int:
     p.add_argument("--lag", action="store_true",
                    help="run the steps as the trainer's loop does: each step's loss read after the next step is "
                         "launched (trainer.loop.launch_step); timed: the wall time of all timed steps / their count")
+    p.add_argument("--graphs", action="store_true",
+                   help="the step's forward + backward as CUDA graphs (train.cuda_graphs; needs --precision bf16)")
     p.add_argument("--timed", type=int, default=10, help="unprofiled steps timed after the warm-up (median printed)")
     p.add_argument("--top", type=int, default=25, help="kernels listed one by one after the category table")
     p.add_argument("--steps", type=int, default=3)
@@ -206,10 +236,21 @@ def main() -> int:
     opt = build_optimizer(model, OptimConfig(), device)
     d = Dist(device=device)
     gen = torch.Generator().manual_seed(0)
+    graphs = None
+    if args.graphs:
+        if args.precision != "bf16":
+            raise SystemExit("gpu_profile: --graphs needs --precision bf16 (train.cuda_graphs replays over "
+                             "MasterWeights' bf16 copies)")
+        from trainer.graphs import GraphedSteps
+        graphs = GraphedSteps(model, prec, device)
+    host = []  # the host's time inside launch(): queueing one step's work
 
     def launch():
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=gen)
-        return launch_step(model, opt, ids, None, args.batch, 1.0, 3e-4, d, prec)
+        t = time.perf_counter()
+        pending = launch_step(model, opt, ids, None, args.batch, 1.0, 3e-4, d, prec, graphs)
+        host.append(time.perf_counter() - t)
+        return pending
 
     def steps(n: int) -> None:
         """n steps, each read at once, or (--lag) after the next one is launched; then the GPU drained."""
@@ -230,6 +271,7 @@ def main() -> int:
         t = time.perf_counter()
         steps(1)
         print(f"warm-up step {i}: {time.perf_counter() - t:.3f}s", file=sys.stderr, flush=True)
+    host.clear()
     if args.timed and args.lag:
         t = time.perf_counter()
         steps(args.timed)
@@ -244,9 +286,13 @@ def main() -> int:
         med = sorted(times)[len(times) // 2]
         what = f"median step {med * 1e3:.1f} ms over {len(times)} unprofiled steps"
     if args.timed:
+        host_ms = sorted(host)[len(host) // 2] * 1e3
+        print(f"host: median {host_ms:.1f} ms to queue a step (launch_step's Python and launches), "
+              f"{host_ms / (med * 1e3):.0%} of the step; where it nears 100% the host paces the GPU", flush=True)
         print(f"timed: {what}, {args.batch * args.seq_len / med:,.0f} tokens/s ({args.kernels}"
               f"{', swiglu ' + args.swiglu if args.swiglu else ''}"
-              f"{', projections ' + args.projections if args.projections else ''})", flush=True)
+              f"{', projections ' + args.projections if args.projections else ''}"
+              f"{', CUDA graphs' if args.graphs else ''})", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -260,7 +306,9 @@ def main() -> int:
           f"trace {args.trace}")
     kt = kernel_times(prof)
     print(table(kt, args.steps, wall))
-    print(gap_table(idle_gaps(kernel_intervals(prof)), args.steps))
+    intervals = kernel_intervals(prof)
+    print(gap_table(idle_gaps(intervals), args.steps))
+    print(gaps_before_table(gaps_before(intervals), args.steps))
     if args.top > 0:
         print(top_kernels(kt, args.steps, args.top))
     return 0

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from bench.gpu_profile import category, gap_table, idle_gaps, top_kernels
+from bench.gpu_profile import category, gap_table, gaps_before, gaps_before_table, idle_gaps, top_kernels
 from bench.precision_curve import compare, labels, parse_run
 from bench.train_bench import case_graphs, case_sync, kernels_override, parse_case
 from trainer.config import ModelConfig
@@ -118,3 +118,21 @@ def test_idle_gaps_buckets_the_time_between_merged_kernels():
     assert idle_gaps([]) == [(label, 0, 0.0) for label, _, _ in gaps]
     text = gap_table(gaps, steps=2)
     assert text.splitlines()[-1].split() == ["all", "2.0", "0.98"]
+    # the names ride along as a third element: the same buckets
+    named = [(a, b, f"k{i}") for i, (a, b) in enumerate(intervals)]
+    assert idle_gaps(named) == gaps
+
+
+def test_gaps_before_names_the_kernel_that_ended_each_long_gap():
+    """Gaps of 20 us or more, summed by the kernel after them (category: name), largest first; shorter gaps and
+    overlaps leave nothing."""
+    intervals = [(0, 10, "nvjet_gemm"), (12, 20, "_rms_fwd_kernel"),   # 2 us: below the threshold
+                 (60, 70, "chunk_gla_fwd_kernel_o"),                   # 40 us before a GLA kernel
+                 (65, 80, "nvjet_gemm"),                               # overlaps: no gap
+                 (300, 310, "chunk_gla_fwd_kernel_o"),                 # 220 us before the same kernel
+                 (330, 340, "_rms_fwd_kernel")]                        # 20 us: counts
+    rows = gaps_before(intervals)
+    assert rows == [("FLA GLA chunk: chunk_gla_fwd_kernel_o", 2, 260.0), ("norms: _rms_fwd_kernel", 1, 20.0)]
+    assert gaps_before(list(reversed(intervals))) == rows
+    text = gaps_before_table(rows, steps=2).splitlines()
+    assert text[2].split()[:2] == ["0.13", "1.0"] and text[2].endswith("chunk_gla_fwd_kernel_o")
