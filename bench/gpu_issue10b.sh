@@ -261,25 +261,26 @@ c6)
   ;;
 c7)
   # 2026-12-06: c6 found the stacked projections' GPU time 2.6 ms lower and the step 3.4 ms slower: is the host
-  # pacing the GPU? The step as the loop runs it (--lag), eager and with CUDA graphs: the host's time to queue a
-  # step, the idle gaps and the kernels that end them; then the trainer against HF at batch 32 (>100 GB cards)
+  # pacing the GPU? The step as the loop runs it (--lag), eager, with CUDA graphs, and eager with the stacked
+  # projections: the host's time to queue a step, the idle gaps and the kernels that end them; then the trainer
+  # against HF at batch 32 (>100 GB cards)
   python3 -c "import torch, triton, fla; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, \
 'fla', fla.__version__)" 2>&1 | tail -1
   stamp "models.warm"
   timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
       --kernels fused > "$OUT/warm.log" 2>&1
   tail -1 "$OUT/warm.log"
-  for mode in eager graphs; do
+  for mode in eager graphs eager-cat; do
     stamp "gpu_profile --lag $mode"
-    extra=(); [ "$mode" = graphs ] && extra=(--graphs)
-    timeout "$(budget 75)" python3 bench/gpu_profile.py --kernels fused --lag --timed 15 --steps 3 --warmup 3 \
+    extra=(); [ "$mode" = graphs ] && extra=(--graphs); [ "$mode" = eager-cat ] && extra=(--projections cat)
+    timeout "$(budget 70)" python3 bench/gpu_profile.py --kernels fused --lag --timed 15 --steps 3 --warmup 3 \
         --top 0 "${extra[@]}" --trace "$OUT/trace.json" > "$OUT/profile-$mode.log" 2>&1
   done
   rm -f "$OUT"/trace.json
   mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   b=16; [ "${mem:-0}" -gt 100000 ] && b=32
   stamp "train_bench batch $b"
-  timeout "$(budget 300)" python3 bench/train_bench.py --batch $b --steps 8 --warmup 3 \
+  timeout "$(budget 260)" python3 bench/train_bench.py --batch $b --steps 8 --warmup 3 \
       --cases ours-bf16,ours-bf16-graphs,hf --dir bench/out/train > "$OUT/b$b.log" 2>&1
   stamp "done"
   for f in "$OUT"/profile-*.log; do echo "== $f"; grep -v -i -e warn -e '^warm-up' -e '^  _warn' "$f" | head -40; done
