@@ -24,6 +24,7 @@
 #                                      one GEMM each (split): the step's profile (--lag) and the trainer vs HF
 #   bash bench/gpu_issue10b.sh c7      (2026-12-06) host time to queue a step and the kernels after the long idle
 #                                      gaps, eager and with CUDA graphs; the trainer vs HF at batch 32 (>100 GB)
+#   bash bench/gpu_issue10b.sh c8      (2026-12-06) the kernels on both sides of the long idle gaps, traces kept
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
 # other so the machine and its Triton cache stay. b32 and curve are two calls, not one: on an H100 the three
 # curve runs take ~5-6 min and the batch-32 cases ~3 min, together too close to the 10-minute call limit.
@@ -287,5 +288,23 @@ c7)
   grep -h 'tokens/s:' "$OUT/b$b.log"; grep -h '^{' "$OUT/b$b.log" | cut -c1-420
   tail -3 "$OUT/b$b.log"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7" >&2; exit 2 ;;
+c8)
+  # 2026-12-06: c7 found ~80 us idle before each _logsig_bwd_kernel and before memsets, under CUDA graphs too (so not
+  # the host): which kernel ends before those gaps
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  for mode in eager graphs; do
+    stamp "gpu_profile --lag $mode"
+    extra=(); [ "$mode" = graphs ] && extra=(--graphs)
+    timeout "$(budget 70)" python3 bench/gpu_profile.py --kernels fused --lag --timed 8 --steps 2 --warmup 3 \
+        --top 0 "${extra[@]}" --trace "$OUT/trace-$mode.json" > "$OUT/profile-$mode.log" 2>&1
+  done
+  gzip -f "$OUT"/trace-*.json 2>/dev/null
+  stamp "done"
+  for f in "$OUT"/profile-*.log; do echo "== $f"; grep -v -i -e warn -e '^warm-up' -e '^  _warn' "$f" | tail -22; done
+  ls -la "$OUT"
+  ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8" >&2; exit 2 ;;
 esac

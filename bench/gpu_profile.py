@@ -16,7 +16,7 @@ visible without opening the trace, and a third the idle GPU time between kernels
 the cost of kernel boundaries; long ones: the host not keeping up). --lag runs the steps as the trainer's loop
 does, each step's loss read after the next step is launched; --graphs replays the forward + backward as CUDA graphs
 (train.cuda_graphs). A fourth table names the kernels that ended the long gaps (>= 20 us: the part of the step where
-the GPU waited), and the host's median time to queue a step is printed against the step's time. The trace opens in
+the GPU waited, and the kernel before them), and the host's median time inside launch_step against the step's. The trace opens in
 chrome://tracing or https://ui.perfetto.dev.
 """
 from __future__ import annotations
@@ -102,21 +102,22 @@ def idle_gaps(intervals: list[tuple[float, float]], edges=GAP_EDGES_US) -> list[
 
 def gaps_before(intervals: list[tuple[float, float, str]], min_us: float = 20.0) -> list[tuple[str, int, float]]:
     """The idle gaps of at least `min_us` by the kernel that ends each one (the kernel the GPU waited for: where the
-    host was late launching it, that names the part of the step it was in). [(kernel category: name, gaps, total
-    microseconds)], largest total first."""
+    host was late launching it, that names the part of the step it was in) and the one that ended last before it.
+    [("category: name  (after: name of the kernel before)", gaps, total microseconds)], largest total first."""
     out: dict[str, list] = {}
-    end = None
+    end, last = None, None
     for start, stop, name in sorted(intervals):
         if end is not None and start - end >= min_us:
-            key = f"{category(name)}: {' '.join(name.split())}"
+            key = f"{category(name)}: {' '.join(name.split())[:60]}  (after: {' '.join(last.split())[:60]})"
             rec = out.setdefault(key, [0, 0.0])
             rec[0] += 1
             rec[1] += start - end
-        end = stop if end is None else max(end, stop)
+        if end is None or stop >= end:
+            end, last = stop, name
     return sorted(((k, n, t) for k, (n, t) in out.items()), key=lambda r: -r[2])
 
 
-def gaps_before_table(rows: list[tuple[str, int, float]], steps: int, count: int = 12, width: int = 90) -> str:
+def gaps_before_table(rows: list[tuple[str, int, float]], steps: int, count: int = 12, width: int = 150) -> str:
     lines = [f"idle gaps >= 20 us by the kernel that ended them (top {count})",
              f"{'ms/step':>8} {'gaps/step':>9}  kernel after the gap"]
     for key, n, total in rows[:count]:
@@ -287,8 +288,10 @@ def main() -> int:
         what = f"median step {med * 1e3:.1f} ms over {len(times)} unprofiled steps"
     if args.timed:
         host_ms = sorted(host)[len(host) // 2] * 1e3
-        print(f"host: median {host_ms:.1f} ms to queue a step (launch_step's Python and launches), "
-              f"{host_ms / (med * 1e3):.0%} of the step; where it nears 100% the host paces the GPU", flush=True)
+        print(f"host: median {host_ms:.1f} ms inside launch_step, {host_ms / (med * 1e3):.0%} of the step (its Python "
+              f"and launches, and any wait for room in CUDA's launch queue: near 100% with a full queue, i.e. the "
+              f"GPU paces the host; well below 100% with the GPU idle in long gaps, the host paces the GPU)",
+              flush=True)
         print(f"timed: {what}, {args.batch * args.seq_len / med:,.0f} tokens/s ({args.kernels}"
               f"{', swiglu ' + args.swiglu if args.swiglu else ''}"
               f"{', projections ' + args.projections if args.projections else ''}"

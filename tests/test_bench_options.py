@@ -124,15 +124,18 @@ def test_idle_gaps_buckets_the_time_between_merged_kernels():
 
 
 def test_gaps_before_names_the_kernel_that_ended_each_long_gap():
-    """Gaps of 20 us or more, summed by the kernel after them (category: name), largest first; shorter gaps and
-    overlaps leave nothing."""
+    """Gaps of 20 us or more, summed by the kernel after them (category: name) and the one that ended last before
+    them (a kernel overlapping a longer one does not count as last), largest first; shorter gaps and overlaps
+    leave nothing."""
     intervals = [(0, 10, "nvjet_gemm"), (12, 20, "_rms_fwd_kernel"),   # 2 us: below the threshold
                  (60, 70, "chunk_gla_fwd_kernel_o"),                   # 40 us before a GLA kernel
                  (65, 80, "nvjet_gemm"),                               # overlaps: no gap
                  (300, 310, "chunk_gla_fwd_kernel_o"),                 # 220 us before the same kernel
                  (330, 340, "_rms_fwd_kernel")]                        # 20 us: counts
     rows = gaps_before(intervals)
-    assert rows == [("FLA GLA chunk: chunk_gla_fwd_kernel_o", 2, 260.0), ("norms: _rms_fwd_kernel", 1, 20.0)]
+    assert rows == [("FLA GLA chunk: chunk_gla_fwd_kernel_o  (after: nvjet_gemm)", 1, 220.0),
+                    ("FLA GLA chunk: chunk_gla_fwd_kernel_o  (after: _rms_fwd_kernel)", 1, 40.0),
+                    ("norms: _rms_fwd_kernel  (after: chunk_gla_fwd_kernel_o)", 1, 20.0)]
     assert gaps_before(list(reversed(intervals))) == rows
     text = gaps_before_table(rows, steps=2).splitlines()
-    assert text[2].split()[:2] == ["0.13", "1.0"] and text[2].endswith("chunk_gla_fwd_kernel_o")
+    assert text[2].split()[:2] == ["0.11", "0.5"] and text[2].endswith("(after: nvjet_gemm)")
