@@ -56,13 +56,20 @@ def category(name: str) -> str:
     return "other"
 
 
+def is_annotation(name: str) -> bool:
+    """Whether a GPU-side event is a user-annotation range (torch.optim's `Optimizer.step#AdamW.step`, which spans
+    kernels counted already), not a kernel. Kernel names hold '#' too (`...::{lambda()#1}...`, e.g. every dtype
+    cast), but always within a signature's parentheses; the annotations have none."""
+    return "#" in name and "(" not in name
+
+
 def kernel_times(prof) -> dict[str, tuple[float, int]]:
     """{kernel name: (total microseconds, calls)} of the GPU kernels and memory ops in a profile."""
     from torch.autograd import DeviceType
     out: dict[str, list] = {}
     for e in prof.events():
         # GPU-side ranges of user annotations (Optimizer.step#AdamW.step, ...) span kernels counted already
-        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False) or "#" in e.name:
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False) or is_annotation(e.name):
             continue
         t = e.time_range.elapsed_us()
         rec = out.setdefault(e.name, [0.0, 0])
@@ -76,7 +83,8 @@ def kernel_intervals(prof) -> list[tuple[float, float, str]]:
     kernel_times counts them."""
     from torch.autograd import DeviceType
     return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            and not is_annotation(e.name)]
 
 
 GAP_EDGES_US = (5.0, 20.0, 100.0, 1000.0)

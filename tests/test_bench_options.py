@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from bench.gpu_profile import category, gap_table, gaps_before, gaps_before_table, idle_gaps, top_kernels
+from bench.gpu_profile import (category, gap_table, gaps_before, gaps_before_table, idle_gaps, is_annotation,
+                               top_kernels)
 from bench.precision_curve import compare, labels, parse_run
 from bench.train_bench import case_graphs, case_sync, kernels_override, parse_case
 from trainer.config import ModelConfig
@@ -139,3 +140,13 @@ def test_gaps_before_names_the_kernel_that_ended_each_long_gap():
     assert gaps_before(list(reversed(intervals))) == rows
     text = gaps_before_table(rows, steps=2).splitlines()
     assert text[2].split()[:2] == ["0.11", "0.5"] and text[2].endswith("(after: nvjet_gemm)")
+
+
+def test_annotations_are_told_from_kernels_whose_names_hold_a_hash():
+    """The GPU-side range of an optimizer step is not a kernel; a dtype cast whose name holds `{lambda()#1}` is (it
+    was dropped from every table from 2026-11-29 to 2026-12-06: ~3.5 ms a step of GLA 340M's kernels on an H200)."""
+    assert is_annotation("Optimizer.step#AdamW.step") and is_annotation("Optimizer.zero_grad#AdamW.zero_grad")
+    cast = ("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at::"
+            "TensorIteratorBase&)::{lambda()#1}::operator()() const::{lambda(float)#1}, std::array<char*, 2ul> >")
+    assert not is_annotation(cast) and category(cast) == "elementwise / copies"
+    assert not is_annotation("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT")
