@@ -25,6 +25,7 @@
 #   bash bench/gpu_issue10b.sh c7      (2026-12-06) host time to queue a step and the kernels after the long idle
 #                                      gaps, eager and with CUDA graphs; the trainer vs HF at batch 32 (>100 GB)
 #   bash bench/gpu_issue10b.sh c8      (2026-12-06) the kernels on both sides of the long idle gaps, traces kept
+#   bash bench/gpu_issue10b.sh c9      (2026-12-06) stacked projections under CUDA graphs vs split, and HF, batch 16
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
 # other so the machine and its Triton cache stay. b32 and curve are two calls, not one: on an H100 the three
 # curve runs take ~5-6 min and the batch-32 cases ~3 min, together too close to the 10-minute call limit.
@@ -306,5 +307,19 @@ c8)
   for f in "$OUT"/profile-*.log; do echo "== $f"; grep -v -i -e warn -e '^warm-up' -e '^  _warn' "$f" | tail -22; done
   ls -la "$OUT"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8" >&2; exit 2 ;;
+c9)
+  # 2026-12-06: c8 showed the eager step GPU-bound (graphs leave 3 ms idle of ~183); the stacked projections cut
+  # ~6.6 ms of kernels but paced the eager step by the host. Under CUDA graphs the host is out of the way
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "train_bench batch 16"
+  timeout "$(budget 230)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
+      --cases ours-bf16-graphs,ours-bf16-cat-graphs,hf --dir bench/out/train > "$OUT/b16.log" 2>&1
+  stamp "done"
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-420
+  tail -3 "$OUT/b16.log"
+  ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9" >&2; exit 2 ;;
 esac
