@@ -315,8 +315,8 @@ c9)
       --kernels fused > "$OUT/warm.log" 2>&1
   tail -1 "$OUT/warm.log"
   stamp "train_bench batch 16"
-  timeout "$(budget 230)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
-      --cases ours-bf16-graphs,ours-bf16-cat-graphs,hf --dir bench/out/train > "$OUT/b16.log" 2>&1
+  timeout "$(budget 230)" python3 bench/train_bench.py --batch 16 --steps 10 --warmup 3 \
+      --cases ${CASES:-ours-bf16-graphs,ours-bf16-cat-graphs,hf} --dir bench/out/train > "$OUT/b16.log" 2>&1
   stamp "done"
   grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-420
   tail -3 "$OUT/b16.log"
