@@ -18,6 +18,11 @@ bytes the math does not need:
   * Our RMSNorm kernel (models/kernels/rmsnorm.py) for those norms: FLA's backward walks one row at a time
     at hidden size 1024 and runs at a fraction of the memory bandwidth.
 
+`install(projections="cat")` runs the attention's five projections as one GEMM over the stacked weights instead
+(`concat_linear`; fewer, wider GEMMs, paid for with copies; see its docstring for where it stands). Under
+activation checkpointing each fused block is checkpointed as FLA's would be, whichever way the installed transformers
+implements it (`_block_forward`).
+
 Nothing changes in the parameters or the state dict: checkpoints, exports and FSDP sharding see the same
 model. The fused forward runs where it covers the call (training and plain evaluation: no cache, no
 attention mask, no hidden-state outputs, no autocast); any other call runs FLA's forward unchanged. The
@@ -89,7 +94,11 @@ def concat_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.T
     (row-strided views; a consumer that wants them contiguous copies them). Backward (autograd): the slices'
     gradients are copied into one [M, sum N_i] buffer, then dx and dW are one GEMM each. Narrow projections
     (GLA's q and k are 512 wide, the low-rank gate 16) are GEMM shapes cuBLAS runs well below its peak, and dW of
-    a 512-row weight over 32k tokens needs split-K; the stacked GEMM is 3088 wide."""
+    a 512-row weight over 32k tokens needs split-K; the stacked GEMM is 3088 wide.
+
+    Measured on an H200 (BENCHMARKS.md, 2026-12-06): 4.8 ms less GEMM time per GLA 340M step, 2.5 ms more copies,
+    and a 3.4 ms slower eager step, because the extra host work in the forward lets the GPU idle there. Not the
+    default; under train.cuda_graphs (no host in the way) it is not measured yet."""
     y = F.linear(x, torch.cat(weights, 0))
     return y.split([w.shape[0] for w in weights], -1)
 
@@ -153,7 +162,7 @@ def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _
     from fla.layers import gla as fla_gla  # chunk_gla looked up per call (CPU versions on a CPU)
     B, T, _ = x.shape
     q, k, v, g, gk = project(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-                                       attn.g_proj.weight, attn.gk_proj[0].weight])
+                                 attn.g_proj.weight, attn.gk_proj[0].weight])
     gk = attn.gk_proj[1](gk)
     H, dk, dv = attn.num_heads, attn.head_k_dim, attn.head_v_dim
     q, k, gk = (t.view(B, T, H, dk) for t in (q, k, gk))
