@@ -15,9 +15,9 @@ table lists the --top largest kernels one by one, so what a category such as "el
 visible without opening the trace, and a third the idle GPU time between kernels by gap length (many short gaps:
 the cost of kernel boundaries; long ones: the host not keeping up). --lag runs the steps as the trainer's loop
 does, each step's loss read after the next step is launched; --graphs replays the forward + backward as CUDA graphs
-(train.cuda_graphs). A fourth table names the kernels that ended the long gaps (>= 20 us: the part of the step where
-the GPU waited, and the kernel before them), and the host's median time inside launch_step against the step's. The trace opens in
-chrome://tracing or https://ui.perfetto.dev.
+(train.cuda_graphs). A fourth table names the kernels that ended the long gaps (>= 20 us: the part of the step
+where the GPU waited, and the kernel before them), and the host's median time inside launch_step is printed against
+the step's. The trace opens in chrome://tracing or https://ui.perfetto.dev.
 """
 from __future__ import annotations
 
@@ -297,9 +297,8 @@ def main() -> int:
     if args.timed:
         host_ms = sorted(host)[len(host) // 2] * 1e3
         print(f"host: median {host_ms:.1f} ms inside launch_step, {host_ms / (med * 1e3):.0%} of the step (its Python "
-              f"and launches, and any wait for room in CUDA's launch queue: near 100% with a full queue, i.e. the "
-              f"GPU paces the host; well below 100% with the GPU idle in long gaps, the host paces the GPU)",
-              flush=True)
+              f"and launches, and any wait for room in CUDA's launch queue; near 100% either way where the GPU or "
+              f"the host paces the step: the idle-gap tables tell which)", flush=True)
         print(f"timed: {what}, {args.batch * args.seq_len / med:,.0f} tokens/s ({args.kernels}"
               f"{', swiglu ' + args.swiglu if args.swiglu else ''}"
               f"{', projections ' + args.projections if args.projections else ''}"
