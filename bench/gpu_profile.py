@@ -125,8 +125,10 @@ def gaps_before(intervals: list[tuple[float, float, str]], min_us: float = 20.0)
     return sorted(((k, n, t) for k, (n, t) in out.items()), key=lambda r: -r[2])
 
 
-def gaps_before_table(rows: list[tuple[str, int, float]], steps: int, count: int = 12, width: int = 150) -> str:
-    lines = [f"idle gaps >= 20 us by the kernel that ended them (top {count})",
+def gaps_before_table(rows: list[tuple[str, int, float]], steps: int, count: int = 12, width: int = 150,
+                      min_us: float = 20.0) -> str:
+    """gaps_before's rows (gaps of at least min_us) as a table: ms and gaps per step, the kernels around them."""
+    lines = [f"idle gaps >= {min_us:g} us by the kernel that ended them (top {count})",
              f"{'ms/step':>8} {'gaps/step':>9}  kernel after the gap"]
     for key, n, total in rows[:count]:
         lines.append(f"{total / 1e3 / steps:8.2f} {n / steps:9.1f}  {key[:width]}")

@@ -154,9 +154,6 @@ def summarize(case: str, args, step_times: list[float], wait: list[float], peak_
             "peak_mem_gib": peak_mem}
 
 
-_PROJECTIONS = None
-
-
 def run_ours(args, case: str = "ours") -> dict:
     import shutil
 
@@ -179,10 +176,9 @@ def run_ours(args, case: str = "ours") -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     from models import fused
-    global _PROJECTIONS
-    _PROJECTIONS = _PROJECTIONS or fused.DEFAULT_PROJECTIONS  # models.fused's own, before any case changed it
-    # this process only, this case only: the trainer's fused.install takes it as its default
-    fused.DEFAULT_PROJECTIONS = next((m for m in _modifiers(case) if m in fused.PROJECTIONS), _PROJECTIONS)
+    projections = next((m for m in _modifiers(case) if m in fused.PROJECTIONS), None)
+    if projections:  # each case runs in a process of its own: the trainer's fused.install takes it as its default
+        fused.DEFAULT_PROJECTIONS = projections
     if case_sync(case):  # the baseline: each step read back before the next is launched
         import trainer.loop as loop
         launch = loop.launch_step
