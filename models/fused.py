@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 NORMS = ("ours", "fla")
 SWIGLUS = ("fla", "ours")
+GATES = ("fused", "split")
+CHUNKS = ("ours", "fla")
 _FUSED_KWARG = "fused_residual"
 
 
@@ -104,7 +106,10 @@ def concat_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.T
 
 
 PROJECTIONS = {"split": shared_linear, "cat": concat_linear}
+# install()'s defaults where its argument is None; bench/train_bench.py's case modifiers set them per process
 DEFAULT_PROJECTIONS = "split"
+DEFAULT_GATE = "fused"
+DEFAULT_CHUNK = "ours"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,45 +140,74 @@ def _norm_fn(kind: str):
 # SwiGLU + down projection, and the gate's logsigmoid
 # ---------------------------------------------------------------------------------------------------------
 
-def _elementwise_fns(kind: str) -> types.SimpleNamespace:
-    """swiglu_linear(x, y, weight, bias) and gate(gk, normalizer) = logsigmoid(gk) / normalizer.
+def _elementwise_fns(kind: str, gate: str = "fused") -> types.SimpleNamespace:
+    """swiglu_linear(x, y, weight, bias) and low_rank_gate(a, weight, bias, normalizer) = logsigmoid(a @ weight^T + bias)
+    / normalizer (GLA's gate after its first low-rank projection).
 
     "fla": FLA's swiglu_linear (looked up per call: models/cpu_torch.py patches it on a CPU) and torch's ops for the
-    gate, as FLA's layer. "ours": models/kernels/swiglu.py (its PyTorch references on a CPU without the interpreter)."""
+    gate, as FLA's layer. "ours": models/kernels/swiglu.py's SwiGLU and, with gate="fused", models/kernels/gate.py's
+    one-kernel gate; gate="split": the gate's product as a GEMM, then models/kernels/swiglu.py's logsigmoid kernel
+    (the default until 2026-12-06). On a CPU without the interpreter each takes its PyTorch reference."""
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r}: use one of {GATES}")
     if kind == "ours":
+        from models.kernels import gate as gate_kernels
         from models.kernels import swiglu
-        return types.SimpleNamespace(swiglu_linear=swiglu.swiglu_linear, gate=swiglu.log_sigmoid_scaled)
+
+        def split_gate(a, weight, bias, normalizer):
+            return swiglu.log_sigmoid_scaled(F.linear(a, weight, bias), normalizer)
+        return types.SimpleNamespace(swiglu_linear=swiglu.swiglu_linear,
+                                     low_rank_gate=gate_kernels.low_rank_gate if gate == "fused" else split_gate)
 
     def fla_swiglu_linear(x, y, weight, bias):
         from fla.modules import mlp as fla_mlp
         return fla_mlp.swiglu_linear(x, y, weight, bias)
 
-    def torch_gate(gk, normalizer):
-        return F.logsigmoid(gk) / normalizer
-    return types.SimpleNamespace(swiglu_linear=fla_swiglu_linear, gate=torch_gate)
+    def torch_gate(a, weight, bias, normalizer):
+        return F.logsigmoid(F.linear(a, weight, bias)) / normalizer
+    return types.SimpleNamespace(swiglu_linear=fla_swiglu_linear, low_rank_gate=torch_gate)
+
+
+def _chunk_fn(kind: str):
+    """chunk(q, k, v, g, cu_seqlens) -> o: GLA's chunked attention. "ours": models/kernels/gla.py (FLA's kernels
+    without the output's zero fill and the fp32 -> bf16 casts of dq, dk, dg); "fla": FLA's chunk_gla (looked up per
+    call: models/cpu_torch.py patches it on a CPU)."""
+    if kind not in CHUNKS:
+        raise ValueError(f"chunk={kind!r}: use one of {CHUNKS}")
+    if kind == "ours":
+        from models.kernels import gla
+
+        def ours(q, k, v, g, cu_seqlens):
+            return gla.chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens)
+        return ours
+
+    def fla(q, k, v, g, cu_seqlens):
+        from fla.layers import gla as fla_gla
+        return fla_gla.chunk_gla(q=q, k=k, v=v, g=g, state_v_first=True, cu_seqlens=cu_seqlens)[0]
+    return fla
 
 
 _FLA_ELEMENTWISE = _elementwise_fns("fla")
 
 
 def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _FLA_ELEMENTWISE,
-               project=shared_linear) -> torch.Tensor:
+               project=shared_linear, chunk=None) -> torch.Tensor:
     """GatedLinearAttention.forward for the configurations `unsupported_reason` lets through, without cache."""
     from fla.layers import gla as fla_gla  # chunk_gla looked up per call (CPU versions on a CPU)
     B, T, _ = x.shape
     q, k, v, g, gk = project(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                                  attn.g_proj.weight, attn.gk_proj[0].weight])
-    gk = attn.gk_proj[1](gk)
+    gate_out = attn.gk_proj[1]
+    gk = fns.low_rank_gate(gk, gate_out.weight, gate_out.bias, attn.gate_logit_normalizer)
     H, dk, dv = attn.num_heads, attn.head_k_dim, attn.head_v_dim
     q, k, gk = (t.view(B, T, H, dk) for t in (q, k, gk))
     v = v.view(B, T, H, dv)
-    gk = fns.gate(gk, attn.gate_logit_normalizer)
     if attn.clamp_min is not None:
         gk = torch.clamp_min(gk, attn.clamp_min)
     if T <= 64:  # as FLA's layer: the recurrent form for short inputs
         o, _ = fla_gla.fused_recurrent_gla(q=q, k=k, v=v, gk=gk, state_v_first=True, cu_seqlens=cu_seqlens)
     else:
-        o, _ = fla_gla.chunk_gla(q=q, k=k, v=v, g=gk, state_v_first=True, cu_seqlens=cu_seqlens)
+        o = (chunk or _chunk_fn("fla"))(q, k, v, gk, cu_seqlens)
     o = attn.g_norm_swish_gate(o, g.view(B, T, H, dv))
     return attn.o_proj(o.reshape(B, T, H * dv))
 
@@ -207,7 +241,7 @@ def _checkpoints_in_call() -> bool:
 def _fused_block(self, hidden_states, residual, cu_seqlens=None):
     norm = self._fused_norm
     x, residual = norm(hidden_states, self.attn_norm.weight, self.attn_norm.eps, residual, True)
-    o = _attention(self.attn, x, cu_seqlens, self._fused_elementwise, self._fused_project)
+    o = _attention(self.attn, x, cu_seqlens, self._fused_elementwise, self._fused_project, self._fused_chunk)
     x, residual = norm(o, self.mlp_norm.weight, self.mlp_norm.eps, residual, True)
     return _mlp(self.mlp, x, self._fused_elementwise), residual
 
@@ -285,6 +319,8 @@ def unsupported_reason(model) -> str | None:
             (any(getattr(attn, n).bias is not None for n in ("q_proj", "k_proj", "v_proj", "g_proj")),
              "biased q/k/v/g projections"),
             (attn.gk_proj[0].bias is not None, "a biased gate projection"),
+            (not isinstance(attn.gk_proj, torch.nn.Sequential) or len(attn.gk_proj) != 2
+             or not all(isinstance(m, torch.nn.Linear) for m in attn.gk_proj), "a gate other than two linear layers"),
             (block.mlp.gate_proj.bias is not None or block.mlp.up_proj.bias is not None, "a biased MLP"),
             (getattr(block.attn_norm, "bias", None) is not None or getattr(block.mlp_norm, "bias", None) is not None,
              "biased block norms"),
@@ -296,7 +332,8 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | None = None) -> str:
+def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | None = None, gate: str | None = None,
+            chunk: str | None = None) -> str:
     """Switch a built GLA model (plain, or wrapped by FSDP2 / activation checkpointing afterwards) to the
     fused forward. Returns a one-line description. Raises ValueError naming what is not covered.
 
@@ -304,7 +341,10 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     projection and gate logsigmoid ("fla": FLA's swiglu_linear and torch's logsigmoid / normalizer, or "ours":
     models/kernels/swiglu.py, the default: measured faster in the training step on an H200). projections: the
     attention's five input projections as one GEMM each, their input gradient accumulated in one buffer ("split",
-    `shared_linear`), or as one GEMM over the stacked weights ("cat", `concat_linear`); None: DEFAULT_PROJECTIONS."""
+    `shared_linear`), or as one GEMM over the stacked weights ("cat", `concat_linear`); None: DEFAULT_PROJECTIONS.
+    gate (with swiglu="ours"): GLA's low-rank gate after its first projection as one kernel ("fused",
+    models/kernels/gate.py) or a GEMM and a logsigmoid kernel ("split"); None: DEFAULT_GATE. chunk: GLA's chunked
+    attention through models/kernels/gla.py ("ours") or FLA's chunk_gla ("fla"); None: DEFAULT_CHUNK."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: use one of {NORMS}")
     if swiglu not in SWIGLUS:
@@ -312,6 +352,9 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     projections = DEFAULT_PROJECTIONS if projections is None else projections
     if projections not in PROJECTIONS:
         raise ValueError(f"projections={projections!r}: use one of {tuple(PROJECTIONS)}")
+    gate = DEFAULT_GATE if gate is None else gate
+    chunk_kind = DEFAULT_CHUNK if chunk is None else chunk
+    chunk = _chunk_fn(chunk_kind)
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"fused blocks do not cover {reason}")
@@ -319,16 +362,19 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     base = _base(model)
     base._fused_norm = fn
     base.forward = types.MethodType(_model_forward, base)
-    fns = _elementwise_fns(swiglu)
+    fns = _elementwise_fns(swiglu, gate)
     for block in base.layers:
         block._fused_norm = fn
         block._fused_elementwise = fns
         block._fused_project = PROJECTIONS[projections]
+        block._fused_chunk = chunk
         block.forward = types.MethodType(_block_forward, block)
     return (f"fused GLA blocks ({len(base.layers)} layers): "
             f"{'stacked (one GEMM)' if projections == 'cat' else 'shared-input'} projections, residual add fused into "
             f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
-            f"{'our SwiGLU and gate kernels' if swiglu == 'ours' else 'FLA SwiGLU, torch gate logsigmoid'}")
+            f"{'our SwiGLU kernels' if swiglu == 'ours' else 'FLA SwiGLU'}, "
+            f"{'torch ops for the gate' if swiglu != 'ours' else 'our one-kernel gate' if gate == 'fused' else 'a GEMM and our logsigmoid for the gate'}, "
+            f"{'our' if chunk_kind == 'ours' else 'FLA'} chunk_gla wrapper")
 
 
 def installed(model) -> bool:
@@ -342,6 +388,7 @@ def uninstall(model) -> None:
         vars(m).pop("_fused_norm", None)
         vars(m).pop("_fused_elementwise", None)
         vars(m).pop("_fused_project", None)
+        vars(m).pop("_fused_chunk", None)
 
 
 def select(model, choice: str, device: torch.device) -> str:

@@ -58,23 +58,40 @@ def ids(batch=2, length=80, seed=0):
     return torch.randint(0, CONFIG["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("norm,swiglu", [("fla", "fla"), ("ours", "fla"), ("fla", "ours"), ("ours", "ours")])
-def test_fused_blocks_give_flas_loss_and_gradients(norm, swiglu, monkeypatch):
-    """With swiglu="ours" the MLP and the gate run models/kernels/swiglu.py (its Triton kernels, interpreted here),
-    checked to be called, against FLA's blocks on models/cpu_torch.py's ops."""
+@pytest.mark.parametrize("norm,swiglu,gate", [("fla", "fla", "fused"), ("ours", "fla", "fused"), ("fla", "ours", "fused"),
+                                             ("ours", "ours", "fused"), ("ours", "ours", "split")])
+def test_fused_blocks_give_flas_loss_and_gradients(norm, swiglu, gate, monkeypatch):
+    """With swiglu="ours" the MLP runs models/kernels/swiglu.py and the gate models/kernels/gate.py (gate="fused") or
+    swiglu.py's logsigmoid after a GEMM (gate="split"), their Triton kernels interpreted here, checked to be called;
+    GLA's attention runs models/kernels/gla.py over FLA's kernels (interpreted); all against FLA's blocks on
+    models/cpu_torch.py's ops."""
+    from models.kernels import gate as gate_kernels
+    from models.kernels import gla
     from models.kernels import swiglu as ours
     calls = []
-    for name in ("swiglu_forward", "swiglu_backward", "log_sigmoid_scaled_forward", "log_sigmoid_scaled_backward"):
-        real = getattr(ours, name)
-        monkeypatch.setattr(ours, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    stock, other = pair(norm=norm, swiglu=swiglu)
+    for module, names in [(ours, ("swiglu_forward", "swiglu_backward", "log_sigmoid_scaled_forward",
+                                  "log_sigmoid_scaled_backward")),
+                          (gate_kernels, ("low_rank_gate_forward", "low_rank_gate_backward")),
+                          (gla._ChunkGLAFunction, ("forward", "backward"))]:
+        for name in names:
+            real = getattr(module, name)
+            wrapped = (lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+            monkeypatch.setattr(module, name, staticmethod(wrapped) if isinstance(module, type) else wrapped)
+    config = build.load_config(CONFIG)
+    stock = build.build_model(config, "cpu", seed=0)
+    other = build.build_model(config, "cpu", seed=0)
+    fused.install(other, norm=norm, swiglu=swiglu, gate=gate)
     x = ids()
     assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
     assert fused.installed(other) and not fused.installed(stock)
     layers = CONFIG["num_hidden_layers"]
-    assert sorted(set(calls)) == (sorted(["swiglu_forward", "swiglu_backward", "log_sigmoid_scaled_forward",
-                                          "log_sigmoid_scaled_backward"]) if swiglu == "ours" else [])
-    assert len(calls) == (4 * layers if swiglu == "ours" else 0)
+    expected = ["forward", "backward"]
+    if swiglu == "ours":
+        expected += ["swiglu_forward", "swiglu_backward"]
+        expected += (["low_rank_gate_forward", "low_rank_gate_backward"] if gate == "fused"
+                     else ["log_sigmoid_scaled_forward", "log_sigmoid_scaled_backward"])
+    assert sorted(set(calls)) == sorted(expected)
+    assert len(calls) == len(expected) * layers
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

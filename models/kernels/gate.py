@@ -1,0 +1,194 @@
+"""GLA's low-rank forget gate after its first projection, as one Triton kernel forward and one backward (issue 10).
+
+GLA computes the log forget gate as gk = logsigmoid(x @ W1^T @ W2^T + b) / n: a rank-R bottleneck (R = 16 in every
+GLA config here; W1 [R, D], W2 [K, R], b [K], n = gate_logit_normalizer). The first projection shares its input with
+q, k, v and g (models/fused.py). What follows it, a = x @ W1^T -> gk, is a [M, 16] x [16, K] product and two
+elementwise passes, yet on the GPU it ran as a cuBLAS GEMM with a bias epilogue, our logsigmoid kernel, and in
+backward two GEMMs with K = 16 or M = 32k split-K, their reduction kernels, and a column reduction of a bf16
+[M, K] tensor for the bias gradient (PyTorch's `sum(0)` at 0.7 TB/s): ~3.5 ms of a GLA 340M step on an H200 for
+~0.1 GFLOP of math (bench/gpu_profile.py trace, 2026-12-06).
+
+Here:
+    forward   one kernel: pre = a @ W2^T + b (fp32 accumulation, never rounded), gk = logsigmoid(pre) / n; reads a
+              (M x R) and writes gk (M x K). Saved for backward: a, W2, b (not the M x K pre-activation).
+    backward  one kernel per block of BM rows: recomputes pre, dpre = dgk * sigmoid(-pre) / n, then
+              da = dpre @ W2 (complete per program: it walks all K columns), and the program's partial sums of
+              dW2 = dpre^T @ a and db = sum(dpre); a torch sum over the programs' partials (deterministic, no
+              atomics) finishes dW2 and db.
+dpre is rounded to the inputs' dtype before the two products, as the GEMMs it replaces received it; db sums the fp32
+dpre. No autotune: fixed tiles (BM rows x BN gate columns, 8 warps). Runs under the Triton interpreter on CPU (tests);
+a CPU tensor without it, or R > 128, takes `low_rank_gate_reference`.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+BM, BN, NUM_WARPS = 128, 64, 8
+MAX_RANK = 128
+
+
+@triton.jit
+def _log_sigmoid(x):
+    """logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)), with the log1p of models/kernels/swiglu.py (no library log1p)."""
+    t = tl.exp(-tl.abs(x))
+    u = 1.0 + t
+    u_minus_1 = u - 1.0
+    log1p_t = tl.where(u_minus_1 == 0.0, t, tl.log(u) * (t / tl.where(u_minus_1 == 0.0, 1.0, u_minus_1)))
+    return tl.minimum(x, 0.0) - log1p_t
+
+
+@triton.jit
+def _dot(x, y, acc, IEEE: tl.constexpr):
+    """x @ y (+ acc), accumulated in fp32. IEEE: the operands as fp32, multiplied exactly (not TF32): for fp32 inputs,
+    and under the Triton interpreter, whose bf16 tl.dot returns garbage (triton 3.9: |error| ~1e10 on a 32 x 16 x 32
+    product; bf16 values are exact in fp32, so the upcast computes the product a GPU's bf16 dot does)."""
+    if IEEE:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(x, y, acc)
+
+
+@triton.jit
+def _pre(a, W, B, cols, r, N, R, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """(pre-activation [BM, BN] in fp32, the W2 tile [BN, BR]) for rows `a` [BM, BR] and gate columns `cols`."""
+    mc = cols < N
+    w = tl.load(W + cols[:, None] * R + r[None, :], mask=mc[:, None] & (r < R)[None, :], other=0.0)
+    pre = _dot(a, tl.trans(w), None, IEEE)
+    if HAS_BIAS:
+        pre += tl.load(B + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
+    return pre, w
+
+
+@triton.jit
+def _gate_fwd_kernel(A, W, B, Y, M, N, R, sa, scale, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    r = tl.arange(0, BR)
+    mrow = rows < M
+    a = tl.load(A + rows[:, None] * sa + r[None, :], mask=mrow[:, None] & (r < R)[None, :], other=0.0)
+    pre, _ = _pre(a, W, B, cols, r, N, R, HAS_BIAS, IEEE)
+    y = _log_sigmoid(pre) * scale
+    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mrow[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _gate_bwd_kernel(A, W, B, DY, DA, DWP, DBP, M, N, R, sa, sdy, scale, HAS_BIAS: tl.constexpr,
+                     IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BM + tl.arange(0, BM)
+    r = tl.arange(0, BR)
+    mrow = rows < M
+    mr = r < R
+    a = tl.load(A + rows[:, None] * sa + r[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+    da = tl.zeros([BM, BR], dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        cols = n0 + tl.arange(0, BN)
+        mc = cols < N
+        pre, w = _pre(a, W, B, cols, r, N, R, HAS_BIAS, IEEE)
+        dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mrow[:, None] & mc[None, :], other=0.0)
+        t = tl.exp(-tl.abs(pre))
+        dpre = dy.to(tl.float32) * (tl.where(pre >= 0, t, 1.0) / (1.0 + t)) * scale  # dy * sigmoid(-pre) / n
+        dp = dpre.to(A.dtype.element_ty)
+        da = _dot(dp, w, da, IEEE)
+        dw = _dot(tl.trans(dp), a, None, IEEE)
+        tl.store(DWP + (pid * N + cols[:, None]).to(tl.int64) * R + r[None, :], dw, mask=mc[:, None] & mr[None, :])
+        if HAS_BIAS:
+            tl.store(DBP + pid.to(tl.int64) * N + cols, tl.sum(dpre, axis=0), mask=mc)
+    tl.store(DA + rows[:, None] * R + r[None, :], da.to(DA.dtype.element_ty), mask=mrow[:, None] & mr[None, :])
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def _meta(a2: torch.Tensor, weight: torch.Tensor) -> dict:
+    return dict(IEEE=a2.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1", BM=BM, BN=BN,
+                BR=max(16, triton.next_power_of_2(weight.shape[1])), num_warps=NUM_WARPS)
+
+
+def low_rank_gate_forward(a2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float):
+    """gk [M, N] (contiguous, a2's dtype) from a2 [M, R] (row-strided allowed), weight [N, R], bias [N] or None."""
+    M, R = a2.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=a2.dtype, device=a2.device)
+    if M:
+        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+        _gate_fwd_kernel[grid](a2, weight.contiguous(), bias if bias is not None else weight, y, M, N, R,
+                               a2.stride(0), scale, HAS_BIAS=bias is not None, **_meta(a2, weight))
+    return y
+
+
+def low_rank_gate_backward(a2, weight, bias, dy2, scale):
+    """(da [M, R], dweight [N, R], dbias [N] or None) for dy2 [M, N] (row-strided allowed)."""
+    M, R = a2.shape
+    N = weight.shape[0]
+    programs = triton.cdiv(M, BM)
+    da = torch.empty((M, R), dtype=a2.dtype, device=a2.device)
+    dwp = torch.empty((programs, N, R), dtype=torch.float32, device=a2.device)
+    dbp = torch.empty((programs, N) if bias is not None else (1,), dtype=torch.float32, device=a2.device)
+    if M:
+        _gate_bwd_kernel[(programs,)](a2, weight.contiguous(), bias if bias is not None else weight, dy2, da, dwp, dbp,
+                                      M, N, R, a2.stride(0), dy2.stride(0), scale, HAS_BIAS=bias is not None,
+                                      **_meta(a2, weight))
+    dweight = dwp.sum(0).to(weight.dtype)
+    dbias = dbp.sum(0).to(bias.dtype) if bias is not None else None
+    return da, dweight, dbias
+
+
+class _LowRankGateFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, a, weight, bias, normalizer):
+        ctx.save_for_backward(a, weight, bias)
+        ctx.scale = 1.0 / normalizer
+        return low_rank_gate_forward(_rows(a), weight, bias, ctx.scale).view(*a.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, weight, bias = ctx.saved_tensors
+        da, dweight, dbias = low_rank_gate_backward(_rows(a), weight, bias, _rows(dy), ctx.scale)
+        return da.view(a.shape), dweight, dbias, None
+
+
+def _check(a, weight, bias, normalizer) -> float:
+    n = float(normalizer)
+    if n == 0 or not math.isfinite(n):
+        raise ValueError(f"low_rank_gate: normalizer must be finite and non-zero, got {normalizer!r}")
+    if weight.dim() != 2 or a.dim() < 1 or a.shape[-1] != weight.shape[1]:
+        raise ValueError(f"low_rank_gate: weight must be [N, {a.shape[-1] if a.dim() else '?'}] for a of shape "
+                         f"{tuple(a.shape)}, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"low_rank_gate: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if any(t is not None and (t.dtype != a.dtype or t.device != a.device) for t in (weight, bias)):
+        raise ValueError("low_rank_gate: a, weight and bias must share dtype and device")
+    return n
+
+
+def covers(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `low_rank_gate` runs the kernels for these operands (else the reference)."""
+    on_device = a.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_device and a.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.shape[1] <= MAX_RANK
+
+
+def low_rank_gate(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, normalizer: float) -> torch.Tensor:
+    """logsigmoid(a @ weight^T + bias) / normalizer, GLA's gate after its first low-rank projection. a: [..., R];
+    weight: [N, R]; bias: [N] or None; all of one dtype. Output [..., N] in that dtype."""
+    n = _check(a, weight, bias, normalizer)
+    if not covers(a, weight):
+        return low_rank_gate_reference(a, weight, bias, n)
+    return _LowRankGateFunction.apply(a, weight, bias, n)
+
+
+def low_rank_gate_reference(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            normalizer: float) -> torch.Tensor:
+    """Plain PyTorch with autograd: the product, bias and logsigmoid in fp32, rounded to a's dtype once."""
+    n = _check(a, weight, bias, normalizer)
+    pre = F.linear(a.float(), weight.float(), bias.float() if bias is not None else None)
+    return (F.logsigmoid(pre) / n).to(a.dtype)

@@ -1,0 +1,145 @@
+"""GLA's chunked attention on FLA's Triton kernels, without two passes over memory that FLA's wrapper adds (issue 10).
+
+`fla.ops.gla.chunk_gla` (FLA 0.6.0) runs the chunk algorithm as a sequence of Triton kernels. Two of the tensors it
+allocates around them cost a full pass over memory each, per layer, per step:
+
+  * The forward's output is `torch.zeros_like(v)` (a comment there: vLLM relies on zero padding), although the output
+    kernel writes every element of it. A fill kernel per layer: 0.50 ms a step for GLA 340M at 16 x 2048 tokens on
+    an H200 (bench/gpu_profile.py trace, 2026-12-06).
+  * The backward's last kernel (`chunk_gla_bwd_kernel_inter`) writes dq, dk and dg into fp32 buffers, which are then
+    cast to the inputs' dtype: `dq.to(q)`, `dk.to(k)` in FLA's backward and, for dg (fp32 whereas a bf16 gate came
+    in), autograd's own cast. Three fp32 -> bf16 copy kernels per layer: 1.76 ms a step in that trace. The kernel
+    computes all three from fp32 registers and rounds them at the store (`.to(p.dtype.element_ty)`), so giving it
+    buffers of the inputs' dtype rounds the same fp32 values once, as the casts did: the same bits on a GPU.
+
+Everything else is FLA's, called as FLA's own `chunk_gla_fwd` / `chunk_gla_bwd` call it: the gate's chunk-local
+cumsum, `chunk_fwd_h`, `chunk_gla_fwd_intra_gk`, `chunk_bwd_dh`, `chunk_gla_bwd_dv`, `chunk_gla_bwd_dA`,
+`chunk_gla_bwd_dqk_intra`, and the two kernels launched here (`chunk_gla_fwd_kernel_o`, `chunk_gla_bwd_kernel_inter`)
+with the arguments FLA's launchers give them. Covered: training calls without an initial or final state (what the
+fused GLA blocks need), equal-length batches or `cu_seqlens`. `chunk_gla` falls back to FLA's function for anything
+else, and for CPU tensors unless the Triton interpreter is on (tests/test_gla_kernel.py runs both under it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def _fla():
+    from fla.ops.gla import chunk as fla_chunk  # looked up per call: models/cpu_torch.py may patch FLA on a CPU
+    return fla_chunk
+
+
+def _chunk_size(T: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(T)))  # as FLA's ChunkGLAFunction
+
+
+def _forward_o(q, v, g_cumsum, A, h, scale, cu_seqlens, chunk_size, chunk_indices):
+    """FLA's chunk_gla_fwd_o_gk with an uninitialised output (the kernel writes every element; see the module doc)."""
+    fla_chunk = _fla()
+    B, T, H, K, HV, V = *q.shape, v.shape[2], v.shape[-1]
+    NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
+    o = torch.empty_like(v)
+
+    def grid(meta):
+        return (triton.cdiv(V, meta['BV']) * NT, B * HV)
+    fla_chunk.chunk_gla_fwd_kernel_o[grid](
+        q=q, v=v, g=g_cumsum, h=h, o=o, A=A, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale,
+        T=T, H=H, HV=HV, K=K, V=V, BT=chunk_size, STATE_V_FIRST=True, USE_GRAPH=False)
+    return o
+
+
+def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size, chunk_indices, dg_dtype):
+    """FLA's chunk_gla_bwd_dqkg writing dq, dk in q's dtype and dg in `dg_dtype` (see the module doc)."""
+    fla_chunk = _fla()
+    B, T, H, K, V = *k.shape, v.shape[-1]
+    NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
+    dq2 = torch.empty_like(q)
+    dk2 = torch.empty_like(k)
+    dg = torch.empty(g_cumsum.shape, dtype=dg_dtype, device=g_cumsum.device)
+
+    def grid(meta):
+        return (triton.cdiv(K, meta['BK']) * NT, B * H)
+    fla_chunk.chunk_gla_bwd_kernel_inter[grid](
+        q=q, k=k, v=v, g=g_cumsum, h=h, do=do, dh=dh, dq=dq, dk=dk, dq2=dq2, dk2=dk2, dg=dg, cu_seqlens=cu_seqlens,
+        chunk_indices=chunk_indices, scale=scale, T=T, H=H, K=K, V=V, BT=chunk_size, STATE_V_FIRST=True)
+    return dq2, dk2, dg
+
+
+def _cumsum(g, chunk_size, cu_seqlens):
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+    return chunk_local_cumsum(g, chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens)
+
+
+class _ChunkGLAFunction(torch.autograd.Function):
+    """o = GLA(q, k, v, g) with the recurrent state stored V-first, no initial or final state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, cu_seqlens):
+        from fla.ops.common.chunk_h import chunk_fwd_h
+        from fla.ops.utils import prepare_chunk_indices
+        fla_chunk = _fla()
+        q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+        chunk_size = _chunk_size(q.shape[1])
+        chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
+        g_cumsum = _cumsum(g, chunk_size, cu_seqlens)
+        h, _ = chunk_fwd_h(k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=None, output_final_state=False,
+                           cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=False, state_v_first=True)
+        A = fla_chunk.chunk_gla_fwd_intra_gk(q=q, k=k, g=g_cumsum, scale=scale, cu_seqlens=cu_seqlens,
+                                             chunk_size=chunk_size, chunk_indices=chunk_indices)
+        o = _forward_o(q, v, g_cumsum, A, h, scale, cu_seqlens, chunk_size, chunk_indices)
+        # as FLA: a low-precision gate is kept and its cumsum recomputed in backward, an fp32 one kept summed
+        keep_g = g.dtype != torch.float
+        ctx.save_for_backward(q, k, v, g if keep_g else g_cumsum, A, chunk_indices, cu_seqlens)
+        ctx.keep_g, ctx.g_dtype, ctx.chunk_size, ctx.scale = keep_g, g.dtype, chunk_size, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
+        fla_chunk = _fla()
+        q, k, v, g_saved, A, chunk_indices, cu_seqlens = ctx.saved_tensors
+        chunk_size, scale = ctx.chunk_size, ctx.scale
+        do = do.contiguous()
+        g_cumsum = _cumsum(g_saved, chunk_size, cu_seqlens) if ctx.keep_g else g_saved
+        h, _ = chunk_fwd_h(k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=None, output_final_state=False,
+                           cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True, state_v_first=True)
+        dh, _ = chunk_bwd_dh(q=q, k=k, v=v, g=None, gk=g_cumsum, gv=None, do=do, h0=None, dht=None, scale=scale,
+                             cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True, state_v_first=True)
+        dv = fla_chunk.chunk_gla_bwd_dv(k=k, g=g_cumsum, A=A, do=do, dh=dh, cu_seqlens=cu_seqlens,
+                                        chunk_size=chunk_size, chunk_indices=chunk_indices, state_v_first=True)
+        dA = fla_chunk.chunk_gla_bwd_dA(v=v, do=do, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                                        chunk_indices=chunk_indices)
+        dq, dk = fla_chunk.chunk_gla_bwd_dqk_intra(q=q, k=k, g=g_cumsum, dA=dA, cu_seqlens=cu_seqlens,
+                                                   chunk_size=chunk_size, chunk_indices=chunk_indices)
+        dq, dk, dg = _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size,
+                                    chunk_indices, ctx.g_dtype)
+        return dq, dk, dv.to(v.dtype), dg, None, None
+
+
+def covers(q: torch.Tensor) -> bool:
+    """Whether `chunk_gla` runs the kernels here for this input (else FLA's chunk_gla)."""
+    return q.device.type == "cuda" or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
+              cu_seqlens: torch.LongTensor | None = None) -> torch.Tensor:
+    """FLA's `chunk_gla(q, k, v, g, scale, state_v_first=True, cu_seqlens=...)[0]`: q, k, g [B, T, H, K], v [B, T, H, V]
+    (B = 1 with cu_seqlens), no initial or final state. Returns o [B, T, H, V]."""
+    if q.shape != k.shape or q.shape != g.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"chunk_gla: q, k, g must be [B, T, H, K] and v [B, T, H, V], got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}")
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"chunk_gla: with cu_seqlens the batch dimension must be 1, got {q.shape[0]}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if not covers(q):
+        from fla.layers import gla as fla_gla  # models/cpu_torch.py's CPU version where it is installed
+        return fla_gla.chunk_gla(q=q, k=k, v=v, g=g, scale=scale, state_v_first=True, cu_seqlens=cu_seqlens)[0]
+    if q.is_cuda:
+        with torch.cuda.device(q.device):  # FLA's input_guard does the same: kernels launch on the inputs' device
+            return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens)
+    return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens)

@@ -1,0 +1,91 @@
+"""models/kernels/gla.py under the Triton interpreter: GLA's chunked attention through FLA's own kernels, without the
+output's zero fill and the fp32 -> bf16 casts of dq, dk and dg, gives FLA's chunk_gla bit for bit (fp32, equal lengths
+and cu_seqlens), and with bf16 inputs hands back gradients of the inputs' dtype with no cast in its backward.
+
+bf16 values are not compared here: triton 3.9's interpreter computes bf16 tl.dot wrongly (models/kernels/gate.py), in
+FLA's kernels as in any other; bench/gla_check.py compares the two on a GPU, bit for bit.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see models/cpu_triton.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from models import cpu_triton  # noqa: E402
+
+cpu_triton.enable()
+
+from models.kernels import gla  # noqa: E402
+
+
+def inputs(B, T, H, K, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, K, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=g).to(dtype).requires_grad_()
+    gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=g)) / 16).to(dtype).requires_grad_()
+    do = torch.randn(B, T, H, V, generator=g).to(dtype)
+    return q, k, v, gk, do
+
+
+def run(fn, q, k, v, gk, do, cu_seqlens=None):
+    for t in (q, k, v, gk):
+        t.grad = None
+    o = fn(q, k, v, gk, cu_seqlens)
+    o.backward(do)
+    return [o.detach(), q.grad, k.grad, v.grad, gk.grad]
+
+
+def ours(q, k, v, g, cu_seqlens):
+    return gla.chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens)
+
+
+def flas(q, k, v, g, cu_seqlens):
+    from fla.ops.gla import chunk_gla
+    return chunk_gla(q, k, v, g, state_v_first=True, cu_seqlens=cu_seqlens)[0]
+
+
+@pytest.mark.parametrize("shape,cu_seqlens", [((2, 100, 2, 16, 32), None), ((1, 150, 2, 16, 32), [0, 40, 150])],
+                         ids=["batch", "cu_seqlens"])
+def test_same_bits_as_flas_chunk_gla(shape, cu_seqlens):
+    tensors = inputs(*shape, torch.float32)
+    cu = torch.tensor(cu_seqlens) if cu_seqlens is not None else None
+    got, want = run(ours, *tensors, cu), run(flas, *tensors, cu)
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dg"], got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: max abs diff {(a - b).abs().max().item():.3g}"
+
+
+def test_bf16_gradients_come_back_in_bf16_without_casts():
+    q, k, v, gk, do = inputs(2, 100, 2, 16, 32, torch.bfloat16)
+    o = ours(q, k, v, gk, None)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        o.backward(do)
+    casts = [e.key for e in prof.key_averages() if e.key in ("aten::_to_copy", "aten::to_copy")]
+    assert casts == [], f"casts in the backward: {casts}"
+    assert [t.grad.dtype for t in (q, k, v, gk)] == [torch.bfloat16] * 4
+
+    o = flas(q, k, v, gk, None)  # the claim's baseline: FLA's backward does cast (dq, dk, and dg through autograd)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        o.backward(do)
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy") >= 3
+
+
+def test_cpu_tensors_without_the_interpreter_take_flas_function(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gla._ChunkGLAFunction, "apply", lambda *a: calls.append(1))
+    tensors = inputs(1, 70, 1, 16, 16, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not gla.covers(tensors[0])
+    got = run(ours, *tensors)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    want = run(flas, *tensors)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_bad_shapes_are_named():
+    q, k, v, gk, _ = inputs(2, 70, 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"q, k, g must be \[B, T, H, K\]"):
+        gla.chunk_gla(q, k[:, :60], v, gk)
+    with pytest.raises(ValueError, match="batch dimension must be 1"):
+        gla.chunk_gla(q, k, v, gk, cu_seqlens=torch.tensor([0, 70]))
