@@ -26,6 +26,12 @@
 #                                      gaps, eager and with CUDA graphs; the trainer vs HF at batch 32 (>100 GB)
 #   bash bench/gpu_issue10b.sh c8      (2026-12-06) the kernels on both sides of the long idle gaps, traces kept
 #   bash bench/gpu_issue10b.sh c9      (2026-12-06) stacked projections under CUDA graphs vs split, and HF, batch 16
+#   bash bench/gpu_issue10b.sh c10     (2026-12-06) bench/gla_check.py (our chunk_gla wrapper and one-kernel gate
+#                                      against what they replace), the step's profile with the new defaults, the
+#                                      trainer new vs old (-gatesplit-flachunk-mulclip) vs HF at batch 16, the old
+#                                      step's profile last
+#   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
+#                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
 # other so the machine and its Triton cache stay. b32 and curve are two calls, not one: on an H100 the three
 # curve runs take ~5-6 min and the batch-32 cases ~3 min, together too close to the 10-minute call limit.
@@ -321,5 +327,39 @@ c9)
   grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-420
   tail -3 "$OUT/b16.log"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9" >&2; exit 2 ;;
+c10)
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "gla_check"
+  timeout "$(budget 90)" python3 bench/gla_check.py > "$OUT/gla_check.log" 2>&1
+  cat "$OUT/gla_check.log" | tail -25
+  stamp "profile, new defaults"
+  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --lag --timed 15 --steps 2 --warmup 3 --top 30 \
+      --trace "$OUT/trace-new.json" > "$OUT/profile-new.log" 2>&1
+  gzip -f "$OUT/trace-new.json" 2>/dev/null
+  grep -h -A 16 'category' "$OUT/profile-new.log" | head -40; grep -h 'timed:\|host:' "$OUT/profile-new.log"
+  stamp "train_bench batch 16"
+  timeout "$(budget 240)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
+      --cases ${CASES:-ours-bf16,ours-bf16-gatesplit-flachunk-mulclip,hf} --dir bench/out/train > "$OUT/b16.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-420
+  tail -3 "$OUT/b16.log"
+  stamp "profile, old path"
+  timeout "$(budget 80)" python3 bench/gpu_profile.py --kernels fused --gate split --chunk fla --mulclip --lag \
+      --timed 15 --steps 2 --warmup 3 --top 0 --trace "$OUT/trace-old.json" > "$OUT/profile-old.log" 2>&1
+  rm -f "$OUT/trace-old.json"
+  grep -h -A 16 'category' "$OUT/profile-old.log" | head -40; grep -h 'timed:\|host:' "$OUT/profile-old.log"
+  stamp "done"
+  ;;
+c11)
+  stamp "train_bench batch 16"
+  timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
+      --cases ${CASES:-ours-bf16,ours-bf16-gatesplit,ours-bf16-flachunk,ours-bf16-mulclip,ours-bf16-keepz,hf} \
+      --dir bench/out/train > "$OUT/b16.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-420
+  tail -3 "$OUT/b16.log"
+  stamp "done"
+  ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11" >&2; exit 2 ;;
 esac

@@ -2,7 +2,8 @@
 
     PYTHONUNBUFFERED=1 python bench/gpu_profile.py [--model configs/gla_340M.json] [--seq-len 2048]
         [--batch 16] [--precision bf16] [--kernels fused|fla] [--steps 3] [--warmup 3] [--top 25]
-        [--trace bench/out/profile.json] [--lag] [--graphs] [--projections split|cat]
+        [--trace bench/out/profile.json] [--lag] [--graphs] [--projections split|cat] [--gate fused|split]
+        [--chunk ours|fla] [--keep-z yes|no] [--mulclip]
 
 Runs the trainer's own step (trainer.loop.launch_step: the model from models.build, train.precision's path,
 fused AdamW, clip 1.0, one micro-batch) on random tokens, one process, no DDP/FSDP. --kernels is
@@ -37,7 +38,7 @@ CATEGORIES = [
     ("norms", ("rmsnorm", "_rms_", "layer_norm", "rms_norm", "layernorm", "norm_fwd", "norm_bwd", "norm_gate")),
     ("FLA GLA chunk", ("chunk", "gla", "cumsum", "fused_recurrent")),
     ("SwiGLU", ("swiglu", "swish")),
-    ("GLA gate logsigmoid (ours)", ("_logsig_",)),
+    ("GLA gate logsigmoid (ours)", ("_logsig_", "_gate_fwd_kernel", "_gate_bwd_kernel")),
     # not "ce_": PyTorch's reduce_kernel (sums, the grad norm) holds it
     ("cross entropy", ("cross_entropy", "crossentropy", "logsumexp", "nll_loss", "softmax")),
     ("AdamW", ("adam",)),
@@ -196,6 +197,18 @@ def main() -> int:
                    help="model.gpu_kernels: fused (models.fused.install after the build) or fla (FLA's modules)")
     p.add_argument("--swiglu", default=None, choices=["fla", "ours"],
                    help="with --kernels fused: SwiGLU + gate kernels of FLA/torch or ours (default: models.fused's)")
+    p.add_argument("--gate", default=None, choices=["fused", "split"],
+                   help="with --kernels fused: GLA's low-rank gate as one kernel (models/kernels/gate.py) or a GEMM and "
+                        "a logsigmoid kernel (default: models.fused's)")
+    p.add_argument("--chunk", default=None, choices=["ours", "fla"],
+                   help="with --kernels fused: GLA's chunked attention through models/kernels/gla.py or FLA's "
+                        "chunk_gla (default: models.fused's)")
+    p.add_argument("--keep-z", default=None, choices=["yes", "no"],
+                   help="with --kernels fused: keep the SwiGLU product from forward for backward (default: "
+                        "models.fused's)")
+    p.add_argument("--mulclip", action="store_true",
+                   help="clip with clip_grad_norm_ before the fused AdamW step (the loop until 2026-12-06) instead of "
+                        "the step's grad_scale divisor")
     p.add_argument("--projections", default=None, choices=["split", "cat"],
                    help="with --kernels fused: the attention's input projections as one GEMM each (split) or one "
                         "GEMM over the stacked weights (cat) (default: models.fused's)")
@@ -236,9 +249,14 @@ def main() -> int:
     config = build.load_config(args.model)
     build.adapt_to_device(config, device)
     model = build.build_model(config, device, seed=0)
-    if (args.swiglu or args.projections) and args.kernels == "fused":
+    if args.mulclip:
+        import trainer.loop
+        trainer.loop.CLIP_IN_STEP = False
+    options = (("swiglu", args.swiglu), ("projections", args.projections), ("gate", args.gate), ("chunk", args.chunk),
+               ("keep_z", {"yes": True, "no": False}.get(args.keep_z)))
+    if any(v is not None for _, v in options) and args.kernels == "fused":
         from models import fused
-        choice = {k: v for k, v in (("swiglu", args.swiglu), ("projections", args.projections)) if v}
+        choice = {k: v for k, v in options if v is not None}
         kernels = fused.install(model, **choice)
     else:
         kernels = install_kernels(model, args.kernels)  # before the bf16 copies and the optimizer see the parameters
@@ -304,6 +322,8 @@ def main() -> int:
         print(f"timed: {what}, {args.batch * args.seq_len / med:,.0f} tokens/s ({args.kernels}"
               f"{', swiglu ' + args.swiglu if args.swiglu else ''}"
               f"{', projections ' + args.projections if args.projections else ''}"
+              f"{', gate ' + args.gate if args.gate else ''}{', chunk ' + args.chunk if args.chunk else ''}"
+              f"{', clip_grad_norm_' if args.mulclip else ''}{', keep z ' + args.keep_z if args.keep_z else ''}"
               f"{', CUDA graphs' if args.graphs else ''})", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()

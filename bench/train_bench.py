@@ -80,15 +80,18 @@ PRECISIONS = ("auto", "bf16", "autocast", "fp32")
 KERNELS = ("fused", "fla")
 
 
-# last parts of a case, in this order: -split or -cat (models.fused's attention projections), -graphs, -sync
-MODIFIERS = ("split", "cat", "graphs", "sync")
+# last parts of a case, in this order: -split or -cat (models.fused's attention projections), -gatesplit (the gate's
+# GEMM + logsigmoid instead of models/kernels/gate.py), -flachunk (FLA's chunk_gla instead of models/kernels/gla.py),
+# -mulclip (clip_grad_norm_ before the fused step instead of the step's divisor), -keepz / -nokeepz (the SwiGLU
+# product kept from forward for backward, or written again there), -graphs, -sync
+MODIFIERS = ("split", "cat", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
-    """`ours[-PRECISION][-KERNELS][-split|-cat][-graphs][-sync]` -> (train.precision, model.gpu_kernels): ours-bf16 -> (bf16,
-    fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla), ours -> (auto, fused). The last parts
-    `-split`/`-cat` (models.fused's attention projections), `-graphs` (train.cuda_graphs=true) and `-sync` are read
-    by run_ours, case_graphs and case_sync and ignored here."""
+    """`ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-graphs][-sync]` -> (train.precision,
+    model.gpu_kernels): ours-bf16 -> (bf16, fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla),
+    ours -> (auto, fused). The last parts (MODIFIERS, in that order) are read by run_ours, case_graphs and case_sync
+    and ignored here."""
     head, *rest = case.split("-")
     del rest[len(rest) - len(_modifiers(case)):]
     precision, kernels = "auto", "fused"
@@ -96,8 +99,9 @@ def parse_case(case: str) -> tuple[str, str]:
         kernels = rest.pop()
     if rest and rest[0] in PRECISIONS:
         precision = rest.pop(0)
-    if head != "ours" or rest or {"split", "cat"} <= set(_modifiers(case)):
-        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-graphs][-sync], "
+    mods = set(_modifiers(case))
+    if head != "ours" or rest or {"split", "cat"} <= mods or {"keepz", "nokeepz"} <= mods:
+        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-graphs][-sync], "
                          f"PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
     return precision, kernels
@@ -179,6 +183,15 @@ def run_ours(args, case: str = "ours") -> dict:
     projections = next((m for m in _modifiers(case) if m in fused.PROJECTIONS), None)
     if projections:  # each case runs in a process of its own: the trainer's fused.install takes it as its default
         fused.DEFAULT_PROJECTIONS = projections
+    if "gatesplit" in _modifiers(case):
+        fused.DEFAULT_GATE = "split"
+    if "flachunk" in _modifiers(case):
+        fused.DEFAULT_CHUNK = "fla"
+    if "keepz" in _modifiers(case) or "nokeepz" in _modifiers(case):
+        fused.DEFAULT_KEEP_Z = "keepz" in _modifiers(case)
+    if "mulclip" in _modifiers(case):
+        import trainer.loop as loop
+        loop.CLIP_IN_STEP = False
     if case_sync(case):  # the baseline: each step read back before the next is launched
         import trainer.loop as loop
         launch = loop.launch_step
@@ -278,7 +291,7 @@ def main() -> int:
     p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
     p.add_argument("--cases", default="ours,hf",
-                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-graphs][-sync] "
+                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-graphs][-sync] "
                         "(e.g. ours-bf16-fla, ours-bf16-cat)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")

@@ -110,6 +110,7 @@ PROJECTIONS = {"split": shared_linear, "cat": concat_linear}
 DEFAULT_PROJECTIONS = "split"
 DEFAULT_GATE = "fused"
 DEFAULT_CHUNK = "ours"
+DEFAULT_KEEP_Z = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,14 +141,16 @@ def _norm_fn(kind: str):
 # SwiGLU + down projection, and the gate's logsigmoid
 # ---------------------------------------------------------------------------------------------------------
 
-def _elementwise_fns(kind: str, gate: str = "fused") -> types.SimpleNamespace:
+def _elementwise_fns(kind: str, gate: str = "fused", keep_z: bool = False) -> types.SimpleNamespace:
     """swiglu_linear(x, y, weight, bias) and low_rank_gate(a, weight, bias, normalizer) = logsigmoid(a @ weight^T + bias)
     / normalizer (GLA's gate after its first low-rank projection).
 
     "fla": FLA's swiglu_linear (looked up per call: models/cpu_torch.py patches it on a CPU) and torch's ops for the
     gate, as FLA's layer. "ours": models/kernels/swiglu.py's SwiGLU and, with gate="fused", models/kernels/gate.py's
     one-kernel gate; gate="split": the gate's product as a GEMM, then models/kernels/swiglu.py's logsigmoid kernel
-    (the default until 2026-12-06). On a CPU without the interpreter each takes its PyTorch reference."""
+    (the default until 2026-12-06). keep_z (ours): the SwiGLU product saved from the forward for the down
+    projection's weight gradient instead of written again in backward. On a CPU without the interpreter each takes
+    its PyTorch reference."""
     if gate not in GATES:
         raise ValueError(f"gate={gate!r}: use one of {GATES}")
     if kind == "ours":
@@ -156,7 +159,7 @@ def _elementwise_fns(kind: str, gate: str = "fused") -> types.SimpleNamespace:
 
         def split_gate(a, weight, bias, normalizer):
             return swiglu.log_sigmoid_scaled(F.linear(a, weight, bias), normalizer)
-        return types.SimpleNamespace(swiglu_linear=swiglu.swiglu_linear,
+        return types.SimpleNamespace(swiglu_linear=functools.partial(swiglu.swiglu_linear, keep_z=keep_z),
                                      low_rank_gate=gate_kernels.low_rank_gate if gate == "fused" else split_gate)
 
     def fla_swiglu_linear(x, y, weight, bias):
@@ -333,7 +336,7 @@ def unsupported_reason(model) -> str | None:
 
 
 def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | None = None, gate: str | None = None,
-            chunk: str | None = None) -> str:
+            chunk: str | None = None, keep_z: bool | None = None) -> str:
     """Switch a built GLA model (plain, or wrapped by FSDP2 / activation checkpointing afterwards) to the
     fused forward. Returns a one-line description. Raises ValueError naming what is not covered.
 
@@ -344,7 +347,9 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     `shared_linear`), or as one GEMM over the stacked weights ("cat", `concat_linear`); None: DEFAULT_PROJECTIONS.
     gate (with swiglu="ours"): GLA's low-rank gate after its first projection as one kernel ("fused",
     models/kernels/gate.py) or a GEMM and a logsigmoid kernel ("split"); None: DEFAULT_GATE. chunk: GLA's chunked
-    attention through models/kernels/gla.py ("ours") or FLA's chunk_gla ("fla"); None: DEFAULT_CHUNK."""
+    attention through models/kernels/gla.py ("ours") or FLA's chunk_gla ("fla"); None: DEFAULT_CHUNK. keep_z (with
+    swiglu="ours"): the MLP's SwiGLU product kept from forward for backward (one [tokens, intermediate] bf16 tensor
+    per layer held, one write of it less in backward); None: DEFAULT_KEEP_Z."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: use one of {NORMS}")
     if swiglu not in SWIGLUS:
@@ -362,7 +367,8 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     base = _base(model)
     base._fused_norm = fn
     base.forward = types.MethodType(_model_forward, base)
-    fns = _elementwise_fns(swiglu, gate)
+    keep_z = DEFAULT_KEEP_Z if keep_z is None else bool(keep_z)
+    fns = _elementwise_fns(swiglu, gate, keep_z)
     for block in base.layers:
         block._fused_norm = fn
         block._fused_elementwise = fns

@@ -303,3 +303,17 @@ def test_cpu_without_interpreter_takes_the_references(monkeypatch):
     assert torch.equal(swiglu_linear(x, y, w, b), swiglu_linear_reference(x, y, w, b))
     assert torch.equal(log_sigmoid_scaled(x, 16), log_sigmoid_scaled_reference(x, 16))
     assert not called
+
+
+def test_keeping_z_gives_the_same_gradients_without_recomputing_it(monkeypatch):
+    """keep_z saves the forward's z for the weight gradient: every output and gradient bit for bit as with the
+    recompute, and the backward kernel then writes no z."""
+    x, y, w, b, dout = inputs((2, ROWS // 2, 64), torch.bfloat16)
+    recomputed = run(swiglu_linear, x, y, w, b, dout)
+    stores = []
+    real = swiglu.swiglu_backward
+    monkeypatch.setattr(swiglu, "swiglu_backward", lambda *a, **k: stores.append(k["store_z"]) or real(*a, **k))
+    kept = run(lambda *t: swiglu_linear(*t, keep_z=True), x, y, w, b, dout)
+    assert stores == [False]
+    for a, c in zip(recomputed, kept):
+        assert torch.equal(a, c)

@@ -155,6 +155,37 @@ def test_nan_step_is_skipped_without_touching_weights_or_optimizer(precision, fu
     assert steps == {1.0}  # the skipped step did not advance Adam's step count
 
 
+@pytest.mark.parametrize("clip", [0.05, 1e9, 0.0], ids=["clipping", "under-the-bound", "off"])
+def test_clipping_folded_into_the_fused_step_gives_clip_grad_norms_step(clip):
+    """On the on-device path (fused AdamW) the clip is the kernel's grad_scale divisor instead of clip_grad_norm_'s
+    multiply over the gradients: the same weights and moments up to rounding, the same reported norm; nothing left
+    set on the optimizer afterwards."""
+    from trainer.loop import launch_step
+    x = torch.randint(0, 63, (2, 16), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for folded in (True, False):
+        model = tiny_gla()
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, fused=True)
+        if folded:
+            loss, norm, applied = launch_step(model, opt, x, None, 2, clip, 1e-2, Dist(), FP32).result()
+            assert getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
+        else:  # what the loop did before: clip_grad_norm_, then the plain fused step
+            for group in opt.param_groups:
+                group["lr"] = 1e-2
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf")).item()
+            opt.step()
+        runs.append((norm, [p.detach().clone() for p in model.parameters()],
+                     [opt.state[p]["exp_avg"].clone() for p in model.parameters()]))
+    (norm_a, weights_a, moments_a), (norm_b, weights_b, moments_b) = runs
+    assert norm_a == pytest.approx(norm_b, rel=1e-6)
+    if clip == 0.05:
+        assert norm_a > 10 * clip  # the clip did act
+    for a, b in zip(weights_a + moments_a, weights_b + moments_b):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()
+
+
 def test_bf16_master_weights_step_is_a_bf16_copys_passes_with_fp32_grads_and_weights(torch_ops):
     """train.precision=bf16 without FSDP: each micro-batch's forward and backward are exactly those of a bf16
     copy of the weights; the micro-batches' gradients add up in fp32; clipping and AdamW run on the fp32

@@ -151,23 +151,28 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
             prec.accumulate()
             loss_sum += loss.detach().float()
     prec.reduce()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-        grad_norm = grad_norm.full_tensor()
     if skips_on_device(optimizer):
         # No host sync before the step: the fused kernel reads the flag on the device and, where it is 1, leaves
         # weights, moments and step counts as they were. The GPU works through the step while the host goes on
         # to launch the next one; the loss is read from the PendingStep afterwards.
+        if CLIP_IN_STEP:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            optimizer.grad_scale = clip_divisor(grad_norm, clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
         optimizer.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
         try:
             optimizer.step()
         finally:
-            optimizer.found_inf = None
+            optimizer.found_inf = optimizer.grad_scale = None
         optimizer.zero_grad(set_to_none=True)
         total = loss_sum.double()
         if d.distributed and d.world_size > 1:
             torch.distributed.all_reduce(total)  # a sum, divided by the ranks in result(), as all_reduce_mean does
         return PendingStep(total, grad_norm, d.world_size)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
     loss_value, = parallel.all_reduce_mean([loss_sum.item()], d)
     norm_value = float(grad_norm.item())
     applied = math.isfinite(loss_value) and math.isfinite(norm_value)
@@ -175,6 +180,21 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return PendingStep(None, None, d.world_size, done=(loss_value, norm_value, applied))
+
+
+# The on-device path clips inside the fused AdamW step (clip_divisor). False: clip_grad_norm_ before the step, as until
+# 2026-12-06 (bench/train_bench.py's -mulclip cases set it, to measure the difference).
+CLIP_IN_STEP = True
+
+
+def clip_divisor(grad_norm: torch.Tensor, clip: float) -> torch.Tensor | None:
+    """Gradient clipping folded into the fused AdamW step: the kernel divides each gradient by this tensor as it reads
+    it (the `grad_scale` PyTorch's GradScaler hands it), so no pass of its own over the gradients: clip_grad_norm_'s
+    multiply was ~0.75 ms of a GLA 340M step on an H200 (BENCHMARKS.md). max((norm + 1e-6) / clip, 1) divides as
+    clip_grad_norm_'s min(clip / (norm + 1e-6), 1) multiplies; None (no clipping) for clip <= 0."""
+    if clip <= 0:
+        return None
+    return torch.clamp((grad_norm + 1e-6) / clip, min=1.0)
 
 
 def skips_on_device(optimizer) -> bool:

@@ -16,9 +16,9 @@ contiguous tensor first by `reshape`/`contiguous`. Outputs are always contiguous
 
 What it computes (fp32 math inside the kernels, outputs in the inputs' dtype):
     swiglu_linear(x, y, W, b) = (silu(x) * y) @ W^T + b        silu(x) = x * sigmoid(x)
-      forward: z = silu(x) * y (kernel), then F.linear. Saved: x, y, W (not z).
+      forward: z = silu(x) * y (kernel), then F.linear. Saved: x, y, W (and z with keep_z).
       backward: dz = dout @ W; one kernel reads x, y, dz and writes dx = dz * y * s * (1 + x * (1 - s)),
-                dy = dz * x * s (s = sigmoid(x)) and the recomputed z when W needs a gradient;
+                dy = dz * x * s (s = sigmoid(x)) and the recomputed z when W needs a gradient (unless kept);
                 dW = dout^T @ z, db = sum of dout over rows.
     log_sigmoid_scaled(x, n) = logsigmoid(x) / n,   logsigmoid(x) = min(x, 0) - log1p(exp(-|x|))
       backward: dx = dy * sigmoid(-x) / n, from exp(-|x|) again (no overflow at any |x|). Saved: x.
@@ -203,33 +203,34 @@ def log_sigmoid_scaled_backward(x2: torch.Tensor, dy2: torch.Tensor, normalizer:
 class _SwiGLULinearFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, y, weight, bias):
+    def forward(ctx, x, y, weight, bias, keep_z):
         x2, y2 = _rows(x), _rows(y)
         z = swiglu_forward(x2, y2)
         out = F.linear(z, weight, bias)
-        ctx.save_for_backward(x, y, weight)
+        ctx.save_for_backward(x, y, weight, z if keep_z else None)
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dout):
-        x, y, weight = ctx.saved_tensors
+        x, y, weight, z = ctx.saved_tensors
         dout2 = dout.reshape(-1, dout.shape[-1])
         need_xy = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_w = ctx.needs_input_grad[2]
         x2, y2 = _rows(x), _rows(y)
         dx = dy = dweight = dbias = None
-        z = None
         if need_xy:
             dz = torch.mm(dout2, weight)
-            dx, dy, z = swiglu_backward(x2, y2, dz, store_z=need_w)
+            dx, dy, z_again = swiglu_backward(x2, y2, dz, store_z=need_w and z is None)
+            z = z if z is not None else z_again
             dx, dy = dx.view(x.shape), dy.view(y.shape)
-        elif need_w:
+        elif need_w and z is None:
             z = swiglu_forward(x2, y2)
         if need_w:
             dweight = torch.mm(dout2.t(), z)
         if ctx.needs_input_grad[3]:
             dbias = dout2.sum(0)
-        return (dx if ctx.needs_input_grad[0] else None, dy if ctx.needs_input_grad[1] else None, dweight, dbias)
+        return (dx if ctx.needs_input_grad[0] else None, dy if ctx.needs_input_grad[1] else None, dweight, dbias,
+                None)
 
 
 class _LogSigmoidScaledFunction(torch.autograd.Function):
@@ -259,14 +260,16 @@ def _check_swiglu(x, y, weight, bias) -> None:
 
 
 def swiglu_linear(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, keep_z: bool = False) -> torch.Tensor:
     """(silu(x) * y) @ weight^T + bias, as FLA's `fla.modules.activations.swiglu_linear`. x, y: [..., D] of one dtype;
     weight: [O, D] and bias: [O] of that dtype (F.linear's rule). On CUDA (or under the Triton interpreter) the Triton
-    kernels run; a CPU tensor otherwise takes `swiglu_linear_reference`."""
+    kernels run; a CPU tensor otherwise takes `swiglu_linear_reference`. keep_z: save z = silu(x) * y from the
+    forward for the weight gradient instead of writing it again in backward (one [M, D] tensor more held per call
+    until backward, one [M, D] write less)."""
     _check_swiglu(x, y, weight, bias)
     if not _use_kernel(x):
         return swiglu_linear_reference(x, y, weight, bias)
-    return _SwiGLULinearFunction.apply(x, y, weight, bias)
+    return _SwiGLULinearFunction.apply(x, y, weight, bias, keep_z)
 
 
 def swiglu_linear_reference(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,

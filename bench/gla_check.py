@@ -1,0 +1,166 @@
+"""GPU check and timing of models/kernels/gla.py (chunk_gla over FLA's kernels) and models/kernels/gate.py (the
+low-rank gate) against what they replace, at GLA 340M's shapes.
+
+    python bench/gla_check.py [--batch 16] [--seq-len 2048] [--heads 4] [--key-dim 256] [--value-dim 256]
+        [--gate-dim 512] [--rank 16] [--iters 15] [--model configs/gla_340M.json]
+
+chunk   ours vs FLA's `chunk_gla(..., state_v_first=True)` on bf16 inputs: o, dq, dk, dv, dg compared bit for bit
+        (ours writes dq, dk, dg in bf16 from the same fp32 registers FLA casts afterwards). FLA against itself first:
+        where its own two runs differ (atomics), only that much difference is expected of ours.
+gate    ours (one kernel each way) vs the split path it replaces (F.linear with bias, then our logsigmoid kernel),
+        both against float64 math on the same bf16 inputs: max |error| / max |exact| of gk, da, dW, db.
+model   one forward + backward of the model (--model, fused blocks, bf16 weights) with the new defaults against
+        gate="split", chunk="fla" on the same tokens: loss and the largest relative gradient difference.
+Timing: CUDA events around each side's forward + backward (bench/cuda_timing.py), median of --iters.
+Exit status 1 if a bitwise check fails or ours is further from float64 than 2x the split path (+ one bf16 ulp of
+the largest value); 2 without CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--key-dim", type=int, default=128, help="per head (GLA 340M: 512 / 4 heads)")
+    p.add_argument("--value-dim", type=int, default=256, help="per head (GLA 340M: 1024 / 4 heads)")
+    p.add_argument("--gate-dim", type=int, default=512)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
+    p.add_argument("--no-model", action="store_true")
+    args = p.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    if not torch.cuda.is_available():
+        print("gla_check: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from bench.cuda_timing import median_ms
+    from models.kernels import gate, gla, swiglu
+    from fla.ops.gla import chunk_gla as fla_chunk_gla
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    bad = []
+    B, T, H, K, V = args.batch, args.seq_len, args.heads, args.key_dim, args.value_dim
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=dev) * scale).to(torch.bfloat16)
+
+    # ---- chunk -------------------------------------------------------------------------------------------------
+    q, k = randn(B, T, H, K, scale=K ** -0.5), randn(B, T, H, K, scale=K ** -0.5)
+    v = randn(B, T, H, V)
+    gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=g, device=dev)) / 16).to(torch.bfloat16)
+    do = randn(B, T, H, V)
+    leaves = [t.requires_grad_() for t in (q, k, v, gk)]
+
+    def ours_chunk():
+        return gla.chunk_gla(q, k, v, gk)
+
+    def flas_chunk():
+        return fla_chunk_gla(q, k, v, gk, state_v_first=True)[0]
+
+    def outputs(fn):
+        for t in leaves:
+            t.grad = None
+        o = fn()
+        o.backward(do)
+        return [o.detach()] + [t.grad for t in leaves]
+
+    names = ["o", "dq", "dk", "dv", "dg"]
+    fla_a, fla_b, ours_a = outputs(flas_chunk), outputs(flas_chunk), outputs(ours_chunk)
+    print(f"chunk_gla [{B}, {T}, {H}, {K}/{V}] bf16")
+    for name, a, b, c in zip(names, fla_a, fla_b, ours_a):
+        self_equal = torch.equal(a, b)
+        same = torch.equal(a, c)
+        diff = (a.float() - c.float()).abs().max().item()
+        print(f"  {name}: dtype ours {c.dtype} / FLA {a.dtype}; FLA vs FLA {'equal' if self_equal else 'DIFFER'}; "
+              f"ours vs FLA {'equal' if same else f'differ (max |diff| {diff:.3g})'}")
+        if self_equal and not same:
+            bad.append(f"chunk {name}")
+
+    def fwd_bwd(fn):
+        def run():
+            fn().backward(do)
+        return run
+    t_fla = median_ms(fwd_bwd(flas_chunk), 3, args.iters, 4)
+    t_ours = median_ms(fwd_bwd(ours_chunk), 3, args.iters, 4)
+    print(f"  forward + backward: FLA {t_fla:.3f} ms, ours {t_ours:.3f} ms ({t_fla / t_ours:.3f}x)")
+
+    # ---- gate --------------------------------------------------------------------------------------------------
+    M, N, R = B * T, args.gate_dim, args.rank
+    a = randn(M, R).requires_grad_()
+    w = randn(N, R, scale=R ** -0.5 * 3).requires_grad_()
+    bias = randn(N).requires_grad_()
+    dy = randn(M, N)
+
+    def fused_gate():
+        return gate.low_rank_gate(a, w, bias, 16.0)
+
+    def split_gate():
+        return swiglu.log_sigmoid_scaled(F.linear(a, w, bias), 16.0)
+
+    def grads(fn):
+        for t in (a, w, bias):
+            t.grad = None
+        y = fn()
+        y.backward(dy)
+        return [y.detach(), a.grad, w.grad, bias.grad]
+
+    exact_leaves = [t.detach().double().requires_grad_() for t in (a, w, bias)]
+    y64 = F.logsigmoid(F.linear(*exact_leaves)) / 16.0
+    y64.backward(dy.double())
+    exact = [y64.detach()] + [t.grad for t in exact_leaves]
+    print(f"low-rank gate [{M}, {R}] x [{N}, {R}] bf16: max |error| / max |exact| against float64")
+    for label, fn in (("split (GEMM + logsigmoid)", split_gate), ("fused (ours)", fused_gate)):
+        got = grads(fn)
+        errs = [((x.double() - e).abs().max() / e.abs().max()).item() for x, e in zip(got, exact)]
+        print(f"  {label:26s} " + "  ".join(f"{n} {e:.2e}" for n, e in zip(["gk", "da", "dW", "db"], errs)))
+        if label.startswith("split"):
+            split_errs = errs
+        else:
+            for n, e, s in zip(["gk", "da", "dW", "db"], errs, split_errs):
+                if e > 2 * s + 2 ** -8:
+                    bad.append(f"gate {n}")
+    t_split = median_ms(lambda: split_gate().backward(dy), 3, args.iters, 8)
+    t_fused = median_ms(lambda: fused_gate().backward(dy), 3, args.iters, 8)
+    print(f"  forward + backward: split {t_split:.3f} ms, fused {t_fused:.3f} ms ({t_split / t_fused:.2f}x)")
+
+    # ---- model -------------------------------------------------------------------------------------------------
+    if not args.no_model:
+        from models import build, fused
+        config = build.load_config(args.model)
+        build.adapt_to_device(config, dev)
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=g, device=dev)
+        results = []
+        for choice in ({}, {"gate": "split", "chunk": "fla"}):
+            model = build.build_model(config, dev, seed=0).to(torch.bfloat16)
+            fused.install(model, **choice)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters()
+                                          if p.grad is not None}))
+            del model
+            torch.cuda.empty_cache()
+        (loss_new, g_new), (loss_old, g_old) = results
+        worst = max((((g_new[n] - g_old[n]).abs().max() / g_old[n].abs().max().clamp_min(1e-30)).item(), n)
+                    for n in g_old)
+        print(f"model {os.path.basename(args.model)} (bf16, fused blocks), batch {args.batch} x {args.seq_len}: loss "
+              f"{loss_new:.6f} (gate fused, our chunk) vs {loss_old:.6f} (gate split, FLA chunk); largest relative "
+              f"gradient difference {worst[0]:.2e} ({worst[1]})")
+    print("gla_check: " + ("CHECK " + ", ".join(bad) if bad else "all checks passed"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
