@@ -2,7 +2,7 @@
 low-rank gate) against what they replace, at GLA 340M's shapes.
 
     python bench/gla_check.py [--batch 16] [--seq-len 2048] [--heads 4] [--key-dim 256] [--value-dim 256]
-        [--gate-dim 512] [--rank 16] [--iters 15] [--model configs/gla_340M.json]
+        [--gate-dim 512] [--rank 16] [--iters 15] [--model configs/gla_340M.json] [--no-model] [--sweep]
 
 chunk   ours vs FLA's `chunk_gla(..., state_v_first=True)` on bf16 inputs: o, dq, dk, dv, dg compared bit for bit
         (ours writes dq, dk, dg in bf16 from the same fp32 registers FLA casts afterwards). FLA against itself first:
@@ -37,7 +37,14 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
     p.add_argument("--no-model", action="store_true")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the gate kernels at other launch configurations than models/kernels/gate.py's")
     args = p.parse_args()
+    import time
+    start = time.perf_counter()
+
+    def say(*parts):
+        print(f"[{time.perf_counter() - start:6.1f}s]", *parts, flush=True)
 
     import torch
     import torch.nn.functional as F
@@ -78,8 +85,9 @@ def main() -> int:
         return [o.detach()] + [t.grad for t in leaves]
 
     names = ["o", "dq", "dk", "dv", "dg"]
+    say("chunk_gla: FLA, FLA again, ours")
     fla_a, fla_b, ours_a = outputs(flas_chunk), outputs(flas_chunk), outputs(ours_chunk)
-    print(f"chunk_gla [{B}, {T}, {H}, {K}/{V}] bf16")
+    say(f"chunk_gla [{B}, {T}, {H}, {K}/{V}] bf16")
     for name, a, b, c in zip(names, fla_a, fla_b, ours_a):
         self_equal = torch.equal(a, b)
         same = torch.equal(a, c)
@@ -121,7 +129,7 @@ def main() -> int:
     y64 = F.logsigmoid(F.linear(*exact_leaves)) / 16.0
     y64.backward(dy.double())
     exact = [y64.detach()] + [t.grad for t in exact_leaves]
-    print(f"low-rank gate [{M}, {R}] x [{N}, {R}] bf16: max |error| / max |exact| against float64")
+    say(f"low-rank gate [{M}, {R}] x [{N}, {R}] bf16: max |error| / max |exact| against float64")
     for label, fn in (("split (GEMM + logsigmoid)", split_gate), ("fused (ours)", fused_gate)):
         got = grads(fn)
         errs = [((x.double() - e).abs().max() / e.abs().max()).item() for x, e in zip(got, exact)]
@@ -135,6 +143,19 @@ def main() -> int:
     t_split = median_ms(lambda: split_gate().backward(dy), 3, args.iters, 8)
     t_fused = median_ms(lambda: fused_gate().backward(dy), 3, args.iters, 8)
     print(f"  forward + backward: split {t_split:.3f} ms, fused {t_fused:.3f} ms ({t_split / t_fused:.2f}x)")
+    if args.sweep:
+        a2, w2, b2 = a.detach(), w.detach(), bias.detach()
+        bytes_fwd = (M * R + M * N) * 2
+        for cfg in [None, (64, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (64, 256, 8), (128, 256, 8),
+                    (256, 64, 8), (32, 256, 4), (16, 512, 4)]:
+            t = median_ms(lambda: gate.low_rank_gate_forward(a2, w2, b2, 1 / 16, config=cfg), 3, args.iters, 16)
+            print(f"  forward  {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_fwd / t / 1e6:6.0f} GB/s", flush=True)
+        bytes_bwd = (M * R * 2 + M * N) * 2
+        for cfg in [None, (64, 64, 4, 0), (32, 64, 4, 0), (64, 128, 4, 0), (64, 64, 4, 256), (64, 64, 4, 128),
+                    (128, 64, 8, 128), (128, 64, 8, 64), (32, 128, 4, 0), (16, 128, 4, 0), (64, 64, 8, 128),
+                    (128, 128, 8, 128)]:
+            t = median_ms(lambda: gate.low_rank_gate_backward(a2, w2, b2, dy, 1 / 16, config=cfg), 3, args.iters, 16)
+            print(f"  backward {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_bwd / t / 1e6:6.0f} GB/s", flush=True)
 
     # ---- model -------------------------------------------------------------------------------------------------
     if not args.no_model:
@@ -142,6 +163,7 @@ def main() -> int:
         config = build.load_config(args.model)
         build.adapt_to_device(config, dev)
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=g, device=dev)
+        say("model: new defaults, then gate split + FLA chunk")
         results = []
         for choice in ({}, {"gate": "split", "chunk": "fla"}):
             model = build.build_model(config, dev, seed=0).to(torch.bfloat16)
@@ -158,7 +180,7 @@ def main() -> int:
         print(f"model {os.path.basename(args.model)} (bf16, fused blocks), batch {args.batch} x {args.seq_len}: loss "
               f"{loss_new:.6f} (gate fused, our chunk) vs {loss_old:.6f} (gate split, FLA chunk); largest relative "
               f"gradient difference {worst[0]:.2e} ({worst[1]})")
-    print("gla_check: " + ("CHECK " + ", ".join(bad) if bad else "all checks passed"))
+    say("gla_check: " + ("CHECK " + ", ".join(bad) if bad else "all checks passed"))
     return 1 if bad else 0
 
 

@@ -30,6 +30,9 @@
 #                                      against what they replace), the step's profile with the new defaults, the
 #                                      trainer new vs old (-gatesplit-flachunk-mulclip) vs HF at batch 16, the old
 #                                      step's profile last
+#   bash bench/gpu_issue10b.sh c12     (2026-12-06) models.warm, bench/gla_check.py --sweep (gate kernel launches),
+#                                      the trainer with the SwiGLU product kept, with CUDA graphs, and with graphs
+#                                      and the stacked projections, vs HF at batch 16 (CASES overridable)
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -352,6 +355,22 @@ c10)
   grep -h -A 16 'category' "$OUT/profile-old.log" | head -40; grep -h 'timed:\|host:' "$OUT/profile-old.log"
   stamp "done"
   ;;
+c12)
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "gla_check --sweep"
+  timeout "$(budget 150)" python3 bench/gla_check.py --sweep > "$OUT/gla_check.log" 2>&1
+  grep -v Warning "$OUT/gla_check.log" | tail -45
+  stamp "train_bench batch 16"
+  timeout "$(budget 330)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
+      --cases ${CASES:-ours-bf16,ours-bf16-keepz,ours-bf16-graphs,ours-bf16-cat-graphs,hf} --dir bench/out/train \
+      > "$OUT/b16.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-420
+  tail -3 "$OUT/b16.log"
+  stamp "done"
+  ;;
 c11)
   stamp "train_bench batch 16"
   timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
@@ -361,5 +380,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12" >&2; exit 2 ;;
 esac

@@ -115,3 +115,17 @@ def test_bad_arguments_are_named():
         low_rank_gate(a, w, b[:4], 16.0)
     with pytest.raises(ValueError, match="share dtype and device"):
         low_rank_gate(a, w.double(), b, 16.0)
+
+
+@pytest.mark.parametrize("config", [(64, 32, 4, 64), (32, 64, 4, 0), (128, 64, 8, 128)],
+                         ids=["column-groups", "one-group", "wide-groups"])
+def test_backward_launch_configurations_give_the_same_gradients(config):
+    """bench/gla_check.py --sweep times other launches: each gives the default's gradients (within fp32 summation
+    order: the column groups' partial da sums add in another order)."""
+    a, w, b, dy = operands(300, 16, 96, torch.float32)
+    a2 = a.detach()
+    want = gate.low_rank_gate_backward(a2, w.detach(), b.detach(), dy, 1 / 16)
+    got = gate.low_rank_gate_backward(a2, w.detach(), b.detach(), dy, 1 / 16, config=config)
+    for name, x, y in zip(["da", "dW", "db"], got, want):
+        assert x.dtype == y.dtype, name
+        close(x, y.double(), 1e-6, name)

@@ -78,16 +78,20 @@ def _gate_fwd_kernel(A, W, B, Y, M, N, R, sa, scale, HAS_BIAS: tl.constexpr, IEE
 
 
 @triton.jit
-def _gate_bwd_kernel(A, W, B, DY, DA, DWP, DBP, M, N, R, sa, sdy, scale, HAS_BIAS: tl.constexpr,
-                     IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+def _gate_bwd_kernel(A, W, B, DY, DA, DWP, DBP, M, N, R, sa, sdy, scale, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, CN: tl.constexpr, DA_PARTIAL: tl.constexpr):
+    """Program (i, j): rows i*BM.., gate columns j*CN.. (BN at a time). DWP [programs along M, N, R] and DBP
+    [programs along M, N]: partial sums over this program's rows. DA: da of the rows, or with DA_PARTIAL (more than
+    one column group) DA is [column groups, M, R] fp32 partial sums over the group's columns."""
     pid = tl.program_id(0)
+    group = tl.program_id(1)
     rows = pid.to(tl.int64) * BM + tl.arange(0, BM)
     r = tl.arange(0, BR)
     mrow = rows < M
     mr = r < R
     a = tl.load(A + rows[:, None] * sa + r[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
     da = tl.zeros([BM, BR], dtype=tl.float32)
-    for n0 in range(0, N, BN):
+    for n0 in range(group * CN, tl.minimum(group * CN + CN, N), BN):
         cols = n0 + tl.arange(0, BN)
         mc = cols < N
         pre, w = _pre(a, W, B, cols, r, N, R, HAS_BIAS, IEEE)
@@ -100,7 +104,10 @@ def _gate_bwd_kernel(A, W, B, DY, DA, DWP, DBP, M, N, R, sa, sdy, scale, HAS_BIA
         tl.store(DWP + (pid * N + cols[:, None]).to(tl.int64) * R + r[None, :], dw, mask=mc[:, None] & mr[None, :])
         if HAS_BIAS:
             tl.store(DBP + pid.to(tl.int64) * N + cols, tl.sum(dpre, axis=0), mask=mc)
-    tl.store(DA + rows[:, None] * R + r[None, :], da.to(DA.dtype.element_ty), mask=mrow[:, None] & mr[None, :])
+    if DA_PARTIAL:
+        tl.store(DA + (group * M + rows[:, None]) * R + r[None, :], da, mask=mrow[:, None] & mr[None, :])
+    else:
+        tl.store(DA + rows[:, None] * R + r[None, :], da.to(DA.dtype.element_ty), mask=mrow[:, None] & mr[None, :])
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -108,35 +115,46 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def _meta(a2: torch.Tensor, weight: torch.Tensor) -> dict:
-    return dict(IEEE=a2.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1", BM=BM, BN=BN,
-                BR=max(16, triton.next_power_of_2(weight.shape[1])), num_warps=NUM_WARPS)
+def _meta(a2: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None) -> dict:
+    bm, bn, warps = config or (BM, BN, NUM_WARPS)
+    return dict(IEEE=a2.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1", BM=bm, BN=bn,
+                BR=max(16, triton.next_power_of_2(weight.shape[1])), num_warps=warps)
 
 
-def low_rank_gate_forward(a2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float):
-    """gk [M, N] (contiguous, a2's dtype) from a2 [M, R] (row-strided allowed), weight [N, R], bias [N] or None."""
+def low_rank_gate_forward(a2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                          config: tuple[int, int, int] | None = None):
+    """gk [M, N] (contiguous, a2's dtype) from a2 [M, R] (row-strided allowed), weight [N, R], bias [N] or None.
+    config: (rows, gate columns, warps) per program instead of (BM, BN, NUM_WARPS) (bench/gla_check.py --sweep)."""
     M, R = a2.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=a2.dtype, device=a2.device)
+    meta = _meta(a2, weight, config)
     if M:
-        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+        grid = (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
         _gate_fwd_kernel[grid](a2, weight.contiguous(), bias if bias is not None else weight, y, M, N, R,
-                               a2.stride(0), scale, HAS_BIAS=bias is not None, **_meta(a2, weight))
+                               a2.stride(0), scale, HAS_BIAS=bias is not None, **meta)
     return y
 
 
-def low_rank_gate_backward(a2, weight, bias, dy2, scale):
-    """(da [M, R], dweight [N, R], dbias [N] or None) for dy2 [M, N] (row-strided allowed)."""
+def low_rank_gate_backward(a2, weight, bias, dy2, scale, config: tuple[int, int, int, int] | None = None):
+    """(da [M, R], dweight [N, R], dbias [N] or None) for dy2 [M, N] (row-strided allowed). config: (rows, gate
+    columns per step, warps, gate columns per program) instead of (BM, BN, NUM_WARPS, all N)."""
     M, R = a2.shape
     N = weight.shape[0]
-    programs = triton.cdiv(M, BM)
-    da = torch.empty((M, R), dtype=a2.dtype, device=a2.device)
+    bm, bn, warps, cn = config or (BM, BN, NUM_WARPS, 0)
+    cn = N if cn <= 0 else cn
+    meta = _meta(a2, weight, (bm, bn, warps))
+    programs, groups = triton.cdiv(M, bm), triton.cdiv(N, cn)
+    da = torch.empty((groups, M, R) if groups > 1 else (M, R), dtype=torch.float32 if groups > 1 else a2.dtype,
+                     device=a2.device)
     dwp = torch.empty((programs, N, R), dtype=torch.float32, device=a2.device)
     dbp = torch.empty((programs, N) if bias is not None else (1,), dtype=torch.float32, device=a2.device)
     if M:
-        _gate_bwd_kernel[(programs,)](a2, weight.contiguous(), bias if bias is not None else weight, dy2, da, dwp, dbp,
-                                      M, N, R, a2.stride(0), dy2.stride(0), scale, HAS_BIAS=bias is not None,
-                                      **_meta(a2, weight))
+        _gate_bwd_kernel[(programs, groups)](a2, weight.contiguous(), bias if bias is not None else weight, dy2, da, dwp,
+                                             dbp, M, N, R, a2.stride(0), dy2.stride(0), scale,
+                                             HAS_BIAS=bias is not None, CN=cn, DA_PARTIAL=groups > 1, **meta)
+    if groups > 1:
+        da = da.sum(0).to(a2.dtype)
     dweight = dwp.sum(0).to(weight.dtype)
     dbias = dbp.sum(0).to(bias.dtype) if bias is not None else None
     return da, dweight, dbias
