@@ -5,7 +5,7 @@ low-rank gate) against what they replace, at GLA 340M's shapes.
         [--gate-dim 512] [--rank 16] [--iters 15] [--model configs/gla_340M.json] [--no-model] [--sweep]
 
 chunk   ours vs FLA's `chunk_gla(..., state_v_first=True)` on bf16 inputs: o, dq, dk, dv, dg compared bit for bit
-        (ours writes dq, dk, dg in bf16 from the same fp32 registers FLA casts afterwards). FLA against itself first:
+        (ours writes dq, dk, dg in bf16 from the same fp32 registers FLA casts afterwards; dg may differ by one bf16 ulp). FLA against itself first:
         where its own two runs differ (atomics), only that much difference is expected of ours.
 gate    ours (one kernel each way) vs the split path it replaces (F.linear with bias, then our logsigmoid kernel),
         both against float64 math on the same bf16 inputs: max |error| / max |exact| of gk, da, dW, db.
@@ -94,7 +94,11 @@ def main() -> int:
         diff = (a.float() - c.float()).abs().max().item()
         print(f"  {name}: dtype ours {c.dtype} / FLA {a.dtype}; FLA vs FLA {'equal' if self_equal else 'DIFFER'}; "
               f"ours vs FLA {'equal' if same else f'differ (max |diff| {diff:.3g})'}")
-        if self_equal and not same:
+        # one bf16 ulp of each element (2^-7 of its magnitude, rounded up to a power of two) is tolerated for dg, whose
+        # kernel is compiled for another store type (models/kernels/gla.py); the others must be FLA's bits
+        ulp = torch.exp2(torch.floor(torch.log2(a.float().abs().clamp_min(2 ** -126))) - 7)
+        within_ulp = bool(((a.float() - c.float()).abs() <= ulp).all())
+        if self_equal and not same and not (name == "dg" and within_ulp):
             bad.append(f"chunk {name}")
 
     def fwd_bwd(fn):

@@ -33,6 +33,9 @@
 #   bash bench/gpu_issue10b.sh c12     (2026-12-06) models.warm, bench/gla_check.py --sweep (gate kernel launches),
 #                                      the trainer with the SwiGLU product kept, with CUDA graphs, and with graphs
 #                                      and the stacked projections, vs HF at batch 16 (CASES overridable)
+#   bash bench/gpu_issue10b.sh c13     (2026-12-06) models.warm, the step's profile with the final defaults, the
+#                                      trainer (20 timed steps) against its -nokeepz variant, the session's starting
+#                                      path (-gatesplit-flachunk-mulclip-nokeepz) and HF at batch 16
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -371,6 +374,23 @@ c12)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
+c13)
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "profile, final defaults"
+  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --lag --timed 15 --steps 2 --warmup 3 --top 30 \
+      --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
+  gzip -f "$OUT/trace.json" 2>/dev/null
+  grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
+  stamp "train_bench batch 16"
+  timeout "$(budget 330)" python3 bench/train_bench.py --batch 16 --steps 20 --warmup 4 \
+      --cases ${CASES:-ours-bf16,ours-bf16-nokeepz,ours-bf16-gatesplit-flachunk-mulclip-nokeepz,hf} \
+      --dir bench/out/train > "$OUT/b16.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-600
+  stamp "done"
+  ;;
 c11)
   stamp "train_bench batch 16"
   timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
@@ -380,5 +400,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13" >&2; exit 2 ;;
 esac

@@ -147,12 +147,17 @@ def summarize(case: str, args, step_times: list[float], wait: list[float], peak_
     times = step_times[args.warmup:]
     med = statistics.median(times)
     tps = args.batch * args.seq_len / med
+    # the mean as well: where the lagged loop's per-step times jitter (one step logged short, the next long) the
+    # median can sit on either side; the run's last step is left out (its time runs to its own read, not to the
+    # next step's launch: ~half a step in the logs)
+    mean = statistics.fmean(times[:-1]) if len(times) > 1 else med
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
     mfu = (lambda per_tok: per_tok * tps / (peak * 1e12)) if peak else (lambda per_tok: None)
     return {"case": case, "kernels": kernels, "model": os.path.basename(args.model), "params": f["params"],
             "device": device,
             "seq_len": args.seq_len, "batch": args.batch, "timed_steps": len(times),
             "median_step_s": med, "min_step_s": min(times), "max_step_s": max(times), "tokens_per_s": tps,
+            "mean_step_s": mean, "tokens_per_s_mean": args.batch * args.seq_len / mean,
             "mfu_6n": mfu(f["six_n"]), "mfu_real_flops": mfu(f["real"]), "flops_per_token_6n": f["six_n"],
             "flops_per_token_real": f["real"], "data_wait_share": statistics.median(wait[args.warmup:]) if wait else None,
             "peak_mem_gib": peak_mem}
@@ -340,7 +345,8 @@ def main() -> int:
     base = next((r for r in results if r["case"] == "hf_trainer"), results[0] if results else None)
     for r in results:
         if r is not base:
-            log(f"{r['case']} / {base['case']} tokens/s: {r['tokens_per_s'] / base['tokens_per_s']:.3f}")
+            log(f"{r['case']} / {base['case']} tokens/s: {r['tokens_per_s'] / base['tokens_per_s']:.3f} (median step), "
+                f"{r['tokens_per_s_mean'] / base['tokens_per_s_mean']:.3f} (mean step)")
     return 0 if results else 1
 
 

@@ -110,7 +110,7 @@ PROJECTIONS = {"split": shared_linear, "cat": concat_linear}
 DEFAULT_PROJECTIONS = "split"
 DEFAULT_GATE = "fused"
 DEFAULT_CHUNK = "ours"
-DEFAULT_KEEP_Z = False
+DEFAULT_KEEP_Z = True  # measured faster on an H100 (BENCHMARKS.md), +1 bf16 [tokens, intermediate] tensor a layer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     return (f"fused GLA blocks ({len(base.layers)} layers): "
             f"{'stacked (one GEMM)' if projections == 'cat' else 'shared-input'} projections, residual add fused into "
             f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
-            f"{'our SwiGLU kernels' if swiglu == 'ours' else 'FLA SwiGLU'}, "
+            f"{('our SwiGLU kernels' + (' (product kept for backward)' if keep_z else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
             f"{'torch ops for the gate' if swiglu != 'ours' else 'our one-kernel gate' if gate == 'fused' else 'a GEMM and our logsigmoid for the gate'}, "
             f"{'our' if chunk_kind == 'ours' else 'FLA'} chunk_gla wrapper")
 
