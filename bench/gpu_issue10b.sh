@@ -36,6 +36,8 @@
 #   bash bench/gpu_issue10b.sh c13     (2026-12-06) models.warm, the step's profile with the final defaults, the
 #                                      trainer (20 timed steps) against its -nokeepz variant, the session's starting
 #                                      path (-gatesplit-flachunk-mulclip-nokeepz) and HF at batch 16
+#   bash bench/gpu_issue10b.sh c14     (2026-12-06, an H200) models.warm, the trainer with the final defaults vs HF at
+#                                      batch 32, then at batch 16 as far as the stage's time allows
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -391,6 +393,21 @@ c13)
   grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-600
   stamp "done"
   ;;
+c14)
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 32 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "train_bench batch 32"
+  timeout "$(budget 200)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 --cases ours-bf16,hf \
+      --dir bench/out/train > "$OUT/b32.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b32.log"; grep -h '^{' "$OUT/b32.log" | cut -c1-600
+  stamp "train_bench batch 16"
+  timeout "$(budget 200)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 --cases ours-bf16,hf \
+      --dir bench/out/train > "$OUT/b16.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-600
+  stamp "done"
+  ;;
 c11)
   stamp "train_bench batch 16"
   timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
@@ -400,5 +417,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14" >&2; exit 2 ;;
 esac
