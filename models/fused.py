@@ -19,19 +19,22 @@ bytes the math does not need:
     at hidden size 1024 and runs at a fraction of the memory bandwidth.
 
 `install(projections="cat")` runs the attention's five projections as one GEMM over the stacked weights instead
-(`concat_linear`; fewer, wider GEMMs, paid for with copies; see its docstring for where it stands). Under
+(`concat_linear`; fewer, wider GEMMs, paid for with copies; see its docstring for where it stands). Further switches,
+each with the measured default (BENCHMARKS.md, "Passes the math does not need"): `gate` (GLA's low-rank gate as one
+kernel each way, models/kernels/gate.py), `chunk` (GLA's chunked attention without FLA's output fill and dq/dk/dg
+casts, models/kernels/gla.py) and `keep_z` (the SwiGLU product kept for backward). Under
 activation checkpointing each fused block is checkpointed as FLA's would be, whichever way the installed transformers
 implements it (`_block_forward`).
 
 Nothing changes in the parameters or the state dict: checkpoints, exports and FSDP sharding see the same
 model. The fused forward runs where it covers the call (training and plain evaluation: no cache, no
 attention mask, no hidden-state outputs, no autocast); any other call runs FLA's forward unchanged. The
-parts FLA already does well (GLA's chunk kernels, the gated output norm) are FLA's own functions, looked up
-at call time, so models/cpu_torch.py's CPU versions apply here too (which is how the tests check this module
-on a machine without a GPU). SwiGLU + down projection and the gate's logsigmoid / gate_logit_normalizer are
-models/kernels/swiglu.py's kernels by default (`install(swiglu="ours")`: FLA's SwiGLU kernels divide per element
-and run well below memory bandwidth; on an H200 ours took the step's SwiGLU time from 13.8 to 10.0 ms,
-BENCHMARKS.md), or FLA's swiglu_linear and torch's ops with swiglu="fla".
+parts FLA already does well (GLA's chunk kernels, the gated output norm) are FLA's own kernels (its functions
+looked up at call time where a CPU runs them, so models/cpu_torch.py's CPU versions apply here too, which is how
+the tests check this module on a machine without a GPU). SwiGLU + down projection are models/kernels/swiglu.py's
+kernels and the gate after its first projection models/kernels/gate.py's by default (`install(swiglu="ours")`:
+FLA's SwiGLU kernels divide per element and run well below memory bandwidth; on an H200 ours took the step's SwiGLU
+time from 13.8 to 10.0 ms, BENCHMARKS.md), or FLA's swiglu_linear and torch's ops with swiglu="fla".
 """
 from __future__ import annotations
 
@@ -99,8 +102,9 @@ def concat_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.T
     a 512-row weight over 32k tokens needs split-K; the stacked GEMM is 3088 wide.
 
     Measured on an H200 (BENCHMARKS.md, 2026-12-06): 4.8 ms less GEMM time per GLA 340M step, 2.5 ms more copies,
-    and a 3.4 ms slower eager step, because the extra host work in the forward lets the GPU idle there. Not the
-    default; under train.cuda_graphs (no host in the way) it is not measured yet."""
+    and a 3.4 ms slower eager step, because the extra host work in the forward lets the GPU idle there. Under
+    train.cuda_graphs (no host in the way) it was still 2% slower than graphs with split projections (H100). Not the
+    default."""
     y = F.linear(x, torch.cat(weights, 0))
     return y.split([w.shape[0] for w in weights], -1)
 
