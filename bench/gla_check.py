@@ -37,6 +37,7 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
     p.add_argument("--no-model", action="store_true")
+    p.add_argument("--only", default="chunk,gate,model", help="comma-separated parts to run: chunk, gate, model")
     p.add_argument("--sweep", action="store_true",
                    help="also time the gate kernels at other launch configurations than models/kernels/gate.py's")
     args = p.parse_args()
@@ -64,105 +65,109 @@ def main() -> int:
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=dev) * scale).to(torch.bfloat16)
 
+    parts = set(args.only.split(","))
+    if args.no_model:
+        parts.discard("model")
     # ---- chunk -------------------------------------------------------------------------------------------------
-    q, k = randn(B, T, H, K, scale=K ** -0.5), randn(B, T, H, K, scale=K ** -0.5)
-    v = randn(B, T, H, V)
-    gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=g, device=dev)) / 16).to(torch.bfloat16)
-    do = randn(B, T, H, V)
-    leaves = [t.requires_grad_() for t in (q, k, v, gk)]
+    if "chunk" in parts:
+        q, k = randn(B, T, H, K, scale=K ** -0.5), randn(B, T, H, K, scale=K ** -0.5)
+        v = randn(B, T, H, V)
+        gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=g, device=dev)) / 16).to(torch.bfloat16)
+        do = randn(B, T, H, V)
+        leaves = [t.requires_grad_() for t in (q, k, v, gk)]
 
-    def ours_chunk():
-        return gla.chunk_gla(q, k, v, gk)
+        def ours_chunk():
+            return gla.chunk_gla(q, k, v, gk)
 
-    def flas_chunk():
-        return fla_chunk_gla(q, k, v, gk, state_v_first=True)[0]
+        def flas_chunk():
+            return fla_chunk_gla(q, k, v, gk, state_v_first=True)[0]
 
-    def outputs(fn):
-        for t in leaves:
-            t.grad = None
-        o = fn()
-        o.backward(do)
-        return [o.detach()] + [t.grad for t in leaves]
+        def outputs(fn):
+            for t in leaves:
+                t.grad = None
+            o = fn()
+            o.backward(do)
+            return [o.detach()] + [t.grad for t in leaves]
 
-    names = ["o", "dq", "dk", "dv", "dg"]
-    say("chunk_gla: FLA, FLA again, ours")
-    fla_a, fla_b, ours_a = outputs(flas_chunk), outputs(flas_chunk), outputs(ours_chunk)
-    say(f"chunk_gla [{B}, {T}, {H}, {K}/{V}] bf16")
-    for name, a, b, c in zip(names, fla_a, fla_b, ours_a):
-        self_equal = torch.equal(a, b)
-        same = torch.equal(a, c)
-        diff = (a.float() - c.float()).abs().max().item()
-        print(f"  {name}: dtype ours {c.dtype} / FLA {a.dtype}; FLA vs FLA {'equal' if self_equal else 'DIFFER'}; "
-              f"ours vs FLA {'equal' if same else f'differ (max |diff| {diff:.3g})'}")
-        # one bf16 ulp of each element (2^-7 of its magnitude, rounded up to a power of two) is tolerated for dg, whose
-        # kernel is compiled for another store type (models/kernels/gla.py); the others must be FLA's bits
-        ulp = torch.exp2(torch.floor(torch.log2(a.float().abs().clamp_min(2 ** -126))) - 7)
-        within_ulp = bool(((a.float() - c.float()).abs() <= ulp).all())
-        if self_equal and not same and not (name == "dg" and within_ulp):
-            bad.append(f"chunk {name}")
+        names = ["o", "dq", "dk", "dv", "dg"]
+        say("chunk_gla: FLA, FLA again, ours")
+        fla_a, fla_b, ours_a = outputs(flas_chunk), outputs(flas_chunk), outputs(ours_chunk)
+        say(f"chunk_gla [{B}, {T}, {H}, {K}/{V}] bf16")
+        for name, a, b, c in zip(names, fla_a, fla_b, ours_a):
+            self_equal = torch.equal(a, b)
+            same = torch.equal(a, c)
+            diff = (a.float() - c.float()).abs().max().item()
+            print(f"  {name}: dtype ours {c.dtype} / FLA {a.dtype}; FLA vs FLA {'equal' if self_equal else 'DIFFER'}; "
+                  f"ours vs FLA {'equal' if same else f'differ (max |diff| {diff:.3g})'}")
+            # one bf16 ulp of each element (2^-7 of its magnitude, rounded up to a power of two) is tolerated for dg, whose
+            # kernel is compiled for another store type (models/kernels/gla.py); the others must be FLA's bits
+            ulp = torch.exp2(torch.floor(torch.log2(a.float().abs().clamp_min(2 ** -126))) - 7)
+            within_ulp = bool(((a.float() - c.float()).abs() <= ulp).all())
+            if self_equal and not same and not (name == "dg" and within_ulp):
+                bad.append(f"chunk {name}")
 
-    def fwd_bwd(fn):
-        def run():
-            fn().backward(do)
-        return run
-    t_fla = median_ms(fwd_bwd(flas_chunk), 3, args.iters, 4)
-    t_ours = median_ms(fwd_bwd(ours_chunk), 3, args.iters, 4)
-    print(f"  forward + backward: FLA {t_fla:.3f} ms, ours {t_ours:.3f} ms ({t_fla / t_ours:.3f}x)")
+        def fwd_bwd(fn):
+            def run():
+                fn().backward(do)
+            return run
+        t_fla = median_ms(fwd_bwd(flas_chunk), 3, args.iters, 4)
+        t_ours = median_ms(fwd_bwd(ours_chunk), 3, args.iters, 4)
+        print(f"  forward + backward: FLA {t_fla:.3f} ms, ours {t_ours:.3f} ms ({t_fla / t_ours:.3f}x)")
 
     # ---- gate --------------------------------------------------------------------------------------------------
-    M, N, R = B * T, args.gate_dim, args.rank
-    a = randn(M, R).requires_grad_()
-    w = randn(N, R, scale=R ** -0.5 * 3).requires_grad_()
-    bias = randn(N).requires_grad_()
-    dy = randn(M, N)
+    if "gate" in parts:
+        M, N, R = B * T, args.gate_dim, args.rank
+        a = randn(M, R).requires_grad_()
+        w = randn(N, R, scale=R ** -0.5 * 3).requires_grad_()
+        bias = randn(N).requires_grad_()
+        dy = randn(M, N)
 
-    def fused_gate():
-        return gate.low_rank_gate(a, w, bias, 16.0)
+        def fused_gate():
+            return gate.low_rank_gate(a, w, bias, 16.0)
 
-    def split_gate():
-        return swiglu.log_sigmoid_scaled(F.linear(a, w, bias), 16.0)
+        def split_gate():
+            return swiglu.log_sigmoid_scaled(F.linear(a, w, bias), 16.0)
 
-    def grads(fn):
-        for t in (a, w, bias):
-            t.grad = None
-        y = fn()
-        y.backward(dy)
-        return [y.detach(), a.grad, w.grad, bias.grad]
+        def grads(fn):
+            for t in (a, w, bias):
+                t.grad = None
+            y = fn()
+            y.backward(dy)
+            return [y.detach(), a.grad, w.grad, bias.grad]
 
-    exact_leaves = [t.detach().double().requires_grad_() for t in (a, w, bias)]
-    y64 = F.logsigmoid(F.linear(*exact_leaves)) / 16.0
-    y64.backward(dy.double())
-    exact = [y64.detach()] + [t.grad for t in exact_leaves]
-    say(f"low-rank gate [{M}, {R}] x [{N}, {R}] bf16: max |error| / max |exact| against float64")
-    for label, fn in (("split (GEMM + logsigmoid)", split_gate), ("fused (ours)", fused_gate)):
-        got = grads(fn)
-        errs = [((x.double() - e).abs().max() / e.abs().max()).item() for x, e in zip(got, exact)]
-        print(f"  {label:26s} " + "  ".join(f"{n} {e:.2e}" for n, e in zip(["gk", "da", "dW", "db"], errs)))
-        if label.startswith("split"):
-            split_errs = errs
-        else:
-            for n, e, s in zip(["gk", "da", "dW", "db"], errs, split_errs):
-                if e > 2 * s + 2 ** -8:
-                    bad.append(f"gate {n}")
-    t_split = median_ms(lambda: split_gate().backward(dy), 3, args.iters, 8)
-    t_fused = median_ms(lambda: fused_gate().backward(dy), 3, args.iters, 8)
-    print(f"  forward + backward: split {t_split:.3f} ms, fused {t_fused:.3f} ms ({t_split / t_fused:.2f}x)")
-    if args.sweep:
-        a2, w2, b2 = a.detach(), w.detach(), bias.detach()
-        bytes_fwd = (M * R + M * N) * 2
-        for cfg in [None, (64, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (64, 256, 8), (128, 256, 8),
-                    (256, 64, 8), (32, 256, 4), (16, 512, 4)]:
-            t = median_ms(lambda: gate.low_rank_gate_forward(a2, w2, b2, 1 / 16, config=cfg), 3, args.iters, 16)
-            print(f"  forward  {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_fwd / t / 1e6:6.0f} GB/s", flush=True)
-        bytes_bwd = (M * R * 2 + M * N) * 2
-        for cfg in [None, (64, 64, 4, 0), (32, 64, 4, 0), (64, 128, 4, 0), (64, 64, 4, 256), (64, 64, 4, 128),
-                    (128, 64, 8, 128), (128, 64, 8, 64), (32, 128, 4, 0), (16, 128, 4, 0), (64, 64, 8, 128),
-                    (128, 128, 8, 128)]:
-            t = median_ms(lambda: gate.low_rank_gate_backward(a2, w2, b2, dy, 1 / 16, config=cfg), 3, args.iters, 16)
-            print(f"  backward {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_bwd / t / 1e6:6.0f} GB/s", flush=True)
+        exact_leaves = [t.detach().double().requires_grad_() for t in (a, w, bias)]
+        y64 = F.logsigmoid(F.linear(*exact_leaves)) / 16.0
+        y64.backward(dy.double())
+        exact = [y64.detach()] + [t.grad for t in exact_leaves]
+        say(f"low-rank gate [{M}, {R}] x [{N}, {R}] bf16: max |error| / max |exact| against float64")
+        for label, fn in (("split (GEMM + logsigmoid)", split_gate), ("fused (ours)", fused_gate)):
+            got = grads(fn)
+            errs = [((x.double() - e).abs().max() / e.abs().max()).item() for x, e in zip(got, exact)]
+            print(f"  {label:26s} " + "  ".join(f"{n} {e:.2e}" for n, e in zip(["gk", "da", "dW", "db"], errs)))
+            if label.startswith("split"):
+                split_errs = errs
+            else:
+                for n, e, s in zip(["gk", "da", "dW", "db"], errs, split_errs):
+                    if e > 2 * s + 2 ** -8:
+                        bad.append(f"gate {n}")
+        t_split = median_ms(lambda: split_gate().backward(dy), 3, args.iters, 8)
+        t_fused = median_ms(lambda: fused_gate().backward(dy), 3, args.iters, 8)
+        print(f"  forward + backward: split {t_split:.3f} ms, fused {t_fused:.3f} ms ({t_split / t_fused:.2f}x)")
+        if args.sweep:
+            a2, w2, b2 = a.detach(), w.detach(), bias.detach()
+            bytes_fwd = (M * R + M * N) * 2
+            for cfg in [None, (64, 64, 4), (32, 128, 4), (128, 64, 8, True), (64, 64, 4, True), (64, 128, 4, True),
+                        (32, 128, 4, True), (128, 128, 8, True), (32, 256, 4, True), (16, 512, 4, True)]:
+                t = median_ms(lambda: gate.low_rank_gate_forward(a2, w2, b2, 1 / 16, config=cfg), 3, args.iters, 16)
+                print(f"  forward  {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_fwd / t / 1e6:6.0f} GB/s", flush=True)
+            bytes_bwd = (M * R * 2 + M * N) * 2
+            for cfg in [None, (64, 128, 4, 0), (128, 64, 8, 0, True), (64, 64, 4, 0, True), (64, 128, 4, 0, True),
+                        (128, 64, 8, 64, True), (128, 128, 8, 0, True), (32, 64, 4, 0, True), (64, 64, 8, 0, True)]:
+                t = median_ms(lambda: gate.low_rank_gate_backward(a2, w2, b2, dy, 1 / 16, config=cfg), 3, args.iters, 16)
+                print(f"  backward {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_bwd / t / 1e6:6.0f} GB/s", flush=True)
 
     # ---- model -------------------------------------------------------------------------------------------------
-    if not args.no_model:
+    if "model" in parts:
         from models import build, fused
         config = build.load_config(args.model)
         build.adapt_to_device(config, dev)

@@ -117,8 +117,9 @@ def test_bad_arguments_are_named():
         low_rank_gate(a, w.double(), b, 16.0)
 
 
-@pytest.mark.parametrize("config", [(64, 32, 4, 64), (32, 64, 4, 0), (128, 64, 8, 128)],
-                         ids=["column-groups", "one-group", "wide-groups"])
+@pytest.mark.parametrize("config", [(64, 32, 4, 64), (32, 64, 4, 0), (128, 64, 8, 128), (64, 32, 4, 64, True),
+                                    (128, 64, 8, 0, True)],
+                         ids=["column-groups", "one-group", "wide-groups", "column-groups-fma", "fma"])
 def test_backward_launch_configurations_give_the_same_gradients(config):
     """bench/gla_check.py --sweep times other launches: each gives the default's gradients (within fp32 summation
     order: the column groups' partial da sums add in another order)."""
@@ -129,3 +130,14 @@ def test_backward_launch_configurations_give_the_same_gradients(config):
     for name, x, y in zip(["da", "dW", "db"], got, want):
         assert x.dtype == y.dtype, name
         close(x, y.double(), 1e-6, name)
+
+
+@pytest.mark.parametrize("config", [(64, 32, 4), (32, 64, 4, True), (128, 64, 8, True)], ids=["dot", "fma", "fma-wide"])
+@pytest.mark.parametrize("R", [16, 8])
+def test_forward_launch_configurations_give_the_same_gate(config, R):
+    """The forward at other launches, with the pre-activation as rank-one fp32 updates (fma) or tl.dot: the same
+    values within fp32 summation order."""
+    a, w, b, _ = operands(300, R, 96, torch.float32)
+    want = gate.low_rank_gate_forward(a.detach(), w.detach(), b.detach(), 1 / 16)
+    got = gate.low_rank_gate_forward(a.detach(), w.detach(), b.detach(), 1 / 16, config=config)
+    close(got, want.double(), 1e-6, "gk")

@@ -31,6 +31,7 @@ import triton.language as tl
 
 BM, BN, NUM_WARPS = 128, 64, 8
 MAX_RANK = 128
+FMA_PRE = False  # the pre-activation by tl.dot (False) or by rank-one fp32 updates (True); see _pre
 
 
 @triton.jit
@@ -54,11 +55,22 @@ def _dot(x, y, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _pre(a, W, B, cols, r, N, R, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
-    """(pre-activation [BM, BN] in fp32, the W2 tile [BN, BR]) for rows `a` [BM, BR] and gate columns `cols`."""
+def _pre(a, W, B, cols, r, N, R, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, FMA: tl.constexpr = False,
+         A=None, rows=None, mrow=None, sa=0, BR: tl.constexpr = 16):
+    """(pre-activation [BM, BN] in fp32, the W2 tile [BN, BR]) for rows `a` [BM, BR] and gate columns `cols`.
+    FMA: the product as R rank-one updates in fp32 (rows' values reloaded one column at a time from A) instead of
+    tl.dot, so that the pre-activation is in the plain blocked layout of the elementwise tiles."""
     mc = cols < N
     w = tl.load(W + cols[:, None] * R + r[None, :], mask=mc[:, None] & (r < R)[None, :], other=0.0)
-    pre = _dot(a, tl.trans(w), None, IEEE)
+    if FMA:
+        pre = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+        for j in tl.static_range(BR):
+            if j < R:
+                a_j = tl.load(A + rows * sa + j, mask=mrow, other=0.0).to(tl.float32)
+                w_j = tl.load(W + cols * R + j, mask=mc, other=0.0).to(tl.float32)
+                pre += a_j[:, None] * w_j[None, :]
+    else:
+        pre = _dot(a, tl.trans(w), None, IEEE)
     if HAS_BIAS:
         pre += tl.load(B + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
     return pre, w
@@ -66,20 +78,21 @@ def _pre(a, W, B, cols, r, N, R, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _gate_fwd_kernel(A, W, B, Y, M, N, R, sa, scale, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, FMA: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     r = tl.arange(0, BR)
     mrow = rows < M
     a = tl.load(A + rows[:, None] * sa + r[None, :], mask=mrow[:, None] & (r < R)[None, :], other=0.0)
-    pre, _ = _pre(a, W, B, cols, r, N, R, HAS_BIAS, IEEE)
+    pre, _ = _pre(a, W, B, cols, r, N, R, HAS_BIAS, IEEE, FMA, A, rows, mrow, sa, BR)
     y = _log_sigmoid(pre) * scale
     tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mrow[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
 def _gate_bwd_kernel(A, W, B, DY, DA, DWP, DBP, M, N, R, sa, sdy, scale, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, CN: tl.constexpr, DA_PARTIAL: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, CN: tl.constexpr, DA_PARTIAL: tl.constexpr,
+                     FMA: tl.constexpr):
     """Program (i, j): rows i*BM.., gate columns j*CN.. (BN at a time). DWP [programs along M, N, R] and DBP
     [programs along M, N]: partial sums over this program's rows. DA: da of the rows, or with DA_PARTIAL (more than
     one column group) DA is [column groups, M, R] fp32 partial sums over the group's columns."""
@@ -94,7 +107,7 @@ def _gate_bwd_kernel(A, W, B, DY, DA, DWP, DBP, M, N, R, sa, sdy, scale, HAS_BIA
     for n0 in range(group * CN, tl.minimum(group * CN + CN, N), BN):
         cols = n0 + tl.arange(0, BN)
         mc = cols < N
-        pre, w = _pre(a, W, B, cols, r, N, R, HAS_BIAS, IEEE)
+        pre, w = _pre(a, W, B, cols, r, N, R, HAS_BIAS, IEEE, FMA, A, rows, mrow, sa, BR)
         dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mrow[:, None] & mc[None, :], other=0.0)
         t = tl.exp(-tl.abs(pre))
         dpre = dy.to(tl.float32) * (tl.where(pre >= 0, t, 1.0) / (1.0 + t)) * scale  # dy * sigmoid(-pre) / n
@@ -115,16 +128,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def _meta(a2: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None) -> dict:
-    bm, bn, warps = config or (BM, BN, NUM_WARPS)
+def _meta(a2: torch.Tensor, weight: torch.Tensor, config: tuple | None) -> dict:
+    bm, bn, warps, *fma = config or (BM, BN, NUM_WARPS)
     return dict(IEEE=a2.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1", BM=bm, BN=bn,
-                BR=max(16, triton.next_power_of_2(weight.shape[1])), num_warps=warps)
+                BR=max(16, triton.next_power_of_2(weight.shape[1])), num_warps=warps,
+                FMA=bool(fma[0]) if fma else FMA_PRE)
 
 
 def low_rank_gate_forward(a2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
                           config: tuple[int, int, int] | None = None):
     """gk [M, N] (contiguous, a2's dtype) from a2 [M, R] (row-strided allowed), weight [N, R], bias [N] or None.
-    config: (rows, gate columns, warps) per program instead of (BM, BN, NUM_WARPS) (bench/gla_check.py --sweep)."""
+    config: (rows, gate columns, warps[, fma]) per program instead of (BM, BN, NUM_WARPS, FMA_PRE)
+    (bench/gla_check.py --sweep)."""
     M, R = a2.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=a2.dtype, device=a2.device)
@@ -138,12 +153,12 @@ def low_rank_gate_forward(a2: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def low_rank_gate_backward(a2, weight, bias, dy2, scale, config: tuple[int, int, int, int] | None = None):
     """(da [M, R], dweight [N, R], dbias [N] or None) for dy2 [M, N] (row-strided allowed). config: (rows, gate
-    columns per step, warps, gate columns per program) instead of (BM, BN, NUM_WARPS, all N)."""
+    columns per step, warps, gate columns per program[, fma]) instead of (BM, BN, NUM_WARPS, all N, FMA_PRE)."""
     M, R = a2.shape
     N = weight.shape[0]
-    bm, bn, warps, cn = config or (BM, BN, NUM_WARPS, 0)
+    bm, bn, warps, cn, *fma = config or (BM, BN, NUM_WARPS, 0)
     cn = N if cn <= 0 else cn
-    meta = _meta(a2, weight, (bm, bn, warps))
+    meta = _meta(a2, weight, (bm, bn, warps, *fma))
     programs, groups = triton.cdiv(M, bm), triton.cdiv(N, cn)
     da = torch.empty((groups, M, R) if groups > 1 else (M, R), dtype=torch.float32 if groups > 1 else a2.dtype,
                      device=a2.device)
