@@ -3,7 +3,7 @@
     PYTHONUNBUFFERED=1 python bench/gpu_profile.py [--model configs/gla_340M.json] [--seq-len 2048]
         [--batch 16] [--precision bf16] [--kernels fused|fla] [--steps 3] [--warmup 3] [--top 25]
         [--trace bench/out/profile.json] [--lag] [--graphs] [--projections split|cat] [--gate fused|split]
-        [--chunk ours|fla] [--keep-z yes|no] [--mulclip]
+        [--chunk ours|fla] [--keep-z yes|no] [--saved-states fp32|bf16|none] [--mulclip]
 
 Runs the trainer's own step (trainer.loop.launch_step: the model from models.build, train.precision's path,
 fused AdamW, clip 1.0, one micro-batch) on random tokens, one process, no DDP/FSDP. --kernels is
@@ -206,6 +206,9 @@ def main() -> int:
     p.add_argument("--keep-z", default=None, choices=["yes", "no"],
                    help="with --kernels fused: keep the SwiGLU product from forward for backward (default: "
                         "models.fused's)")
+    p.add_argument("--saved-states", default=None, choices=["fp32", "bf16", "none"],
+                   help="with --chunk ours: what models/kernels/gla.py's forward keeps of GLA's states for backward "
+                        "(default: its SAVED_STATES)")
     p.add_argument("--mulclip", action="store_true",
                    help="clip with clip_grad_norm_ before the fused AdamW step (the loop until 2026-12-06) instead of "
                         "the step's grad_scale divisor")
@@ -252,6 +255,9 @@ def main() -> int:
     if args.mulclip:
         import trainer.loop
         trainer.loop.CLIP_IN_STEP = False
+    if args.saved_states:
+        from models.kernels import gla
+        gla.SAVED_STATES = args.saved_states
     options = (("swiglu", args.swiglu), ("projections", args.projections), ("gate", args.gate), ("chunk", args.chunk),
                ("keep_z", {"yes": True, "no": False}.get(args.keep_z)))
     if any(v is not None for _, v in options) and args.kernels == "fused":
@@ -324,6 +330,7 @@ def main() -> int:
               f"{', projections ' + args.projections if args.projections else ''}"
               f"{', gate ' + args.gate if args.gate else ''}{', chunk ' + args.chunk if args.chunk else ''}"
               f"{', clip_grad_norm_' if args.mulclip else ''}{', keep z ' + args.keep_z if args.keep_z else ''}"
+              f"{', saved states ' + args.saved_states if args.saved_states else ''}"
               f"{', CUDA graphs' if args.graphs else ''})", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()

@@ -83,12 +83,14 @@ KERNELS = ("fused", "fla")
 # last parts of a case, in this order: -split or -cat (models.fused's attention projections), -gatesplit (the gate's
 # GEMM + logsigmoid instead of models/kernels/gate.py), -flachunk (FLA's chunk_gla instead of models/kernels/gla.py),
 # -mulclip (clip_grad_norm_ before the fused step instead of the step's divisor), -keepz / -nokeepz (the SwiGLU
-# product kept from forward for backward, or written again there), -graphs, -sync
-MODIFIERS = ("split", "cat", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", "graphs", "sync")
+# product kept from forward for backward, or written again there), -hfp32 / -hbf16 / -hnone (what our chunk_gla keeps
+# of GLA's states for backward: models/kernels/gla.py SAVED_STATES), -graphs, -sync
+STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
+MODIFIERS = ("split", "cat", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
-    """`ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-graphs][-sync]` -> (train.precision,
+    """`ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-graphs][-sync]` -> (train.precision,
     model.gpu_kernels): ours-bf16 -> (bf16, fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla),
     ours -> (auto, fused). The last parts (MODIFIERS, in that order) are read by run_ours, case_graphs and case_sync
     and ignored here."""
@@ -100,8 +102,9 @@ def parse_case(case: str) -> tuple[str, str]:
     if rest and rest[0] in PRECISIONS:
         precision = rest.pop(0)
     mods = set(_modifiers(case))
-    if head != "ours" or rest or {"split", "cat"} <= mods or {"keepz", "nokeepz"} <= mods:
-        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-graphs][-sync], "
+    if (head != "ours" or rest or {"split", "cat"} <= mods or {"keepz", "nokeepz"} <= mods
+            or len(mods & set(STATE_MODIFIERS)) > 1):
+        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-graphs][-sync], "
                          f"PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
     return precision, kernels
@@ -194,6 +197,10 @@ def run_ours(args, case: str = "ours") -> dict:
         fused.DEFAULT_CHUNK = "fla"
     if "keepz" in _modifiers(case) or "nokeepz" in _modifiers(case):
         fused.DEFAULT_KEEP_Z = "keepz" in _modifiers(case)
+    states = next((STATE_MODIFIERS[m] for m in _modifiers(case) if m in STATE_MODIFIERS), None)
+    if states:
+        from models.kernels import gla
+        gla.SAVED_STATES = states
     if "mulclip" in _modifiers(case):
         import trainer.loop as loop
         loop.CLIP_IN_STEP = False
@@ -296,7 +303,7 @@ def main() -> int:
     p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
     p.add_argument("--cases", default="ours,hf",
-                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-graphs][-sync] "
+                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-graphs][-sync] "
                         "(e.g. ours-bf16-fla, ours-bf16-cat)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")

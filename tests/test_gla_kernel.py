@@ -37,8 +37,8 @@ def run(fn, q, k, v, gk, do, cu_seqlens=None):
     return [o.detach(), q.grad, k.grad, v.grad, gk.grad]
 
 
-def ours(q, k, v, g, cu_seqlens):
-    return gla.chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens)
+def ours(q, k, v, g, cu_seqlens, saved_states=None):
+    return gla.chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens, saved_states=saved_states)
 
 
 def flas(q, k, v, g, cu_seqlens):
@@ -46,12 +46,14 @@ def flas(q, k, v, g, cu_seqlens):
     return chunk_gla(q, k, v, g, state_v_first=True, cu_seqlens=cu_seqlens)[0]
 
 
+@pytest.mark.parametrize("saved_states", gla.STATE_CHOICES)
 @pytest.mark.parametrize("shape,cu_seqlens", [((2, 100, 2, 16, 32), None), ((1, 150, 2, 16, 32), [0, 40, 150])],
                          ids=["batch", "cu_seqlens"])
-def test_same_bits_as_flas_chunk_gla(shape, cu_seqlens):
+def test_same_bits_as_flas_chunk_gla(shape, cu_seqlens, saved_states):
     tensors = inputs(*shape, torch.float32)
     cu = torch.tensor(cu_seqlens) if cu_seqlens is not None else None
-    got, want = run(ours, *tensors, cu), run(flas, *tensors, cu)
+    got = run(lambda *a: ours(*a, saved_states=saved_states), *tensors, cu)
+    want = run(flas, *tensors, cu)
     for name, a, b in zip(["o", "dq", "dk", "dv", "dg"], got, want):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: max abs diff {(a - b).abs().max().item():.3g}"
 
@@ -89,3 +91,25 @@ def test_bad_shapes_are_named():
         gla.chunk_gla(q, k[:, :60], v, gk)
     with pytest.raises(ValueError, match="batch dimension must be 1"):
         gla.chunk_gla(q, k, v, gk, cu_seqlens=torch.tensor([0, 70]))
+
+
+@pytest.mark.parametrize("saved_states", gla.STATE_CHOICES)
+def test_saved_states_spare_the_backward_its_recomputation(saved_states, monkeypatch):
+    """With the states kept the backward launches no chunk_fwd_h and no cumsum of the gate; "none" does both (FLA's
+    way). bf16 inputs: the kept gate cumsum is the fp32 one, whatever the gate's dtype."""
+    from fla.ops.common import chunk_h
+    q, k, v, gk, do = inputs(1, 70, 1, 16, 16, torch.bfloat16)
+    o = ours(q, k, v, gk, None, saved_states=saved_states)
+    calls = []
+    real_h, real_cumsum = chunk_h.chunk_fwd_h, gla._cumsum
+    monkeypatch.setattr(chunk_h, "chunk_fwd_h", lambda *a, **kw: calls.append("h") or real_h(*a, **kw))
+    monkeypatch.setattr(gla, "_cumsum", lambda *a, **kw: calls.append("cumsum") or real_cumsum(*a, **kw))
+    o.backward(do)
+    assert calls == ([] if saved_states != "none" else ["cumsum", "h"])
+    assert [t.grad.dtype for t in (q, k, v, gk)] == [torch.bfloat16] * 4
+
+
+def test_bad_saved_states_is_named():
+    q, k, v, gk, _ = inputs(1, 70, 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="saved_states='gpu'.*fp32"):
+        gla.chunk_gla(q, k, v, gk, saved_states="gpu")

@@ -15,6 +15,19 @@ allocates around them cost a full pass over memory each, per layer, per step:
     by one bf16 ulp (max |diff| 0.00195): the kernel compiled for a bf16 store of dg computes some of its fp32 values
     with another rounding (FLA's own two runs were bitwise equal).
 
+A third pass is FLA's by design: its backward computes the recurrent states h and the gate's chunk-local cumsum
+again, which the forward had computed (`chunk_fwd_h`, one read of k, v and the gate and one write of h per layer,
+and a cumsum kernel). `SAVED_STATES` chooses what the forward keeps for the backward instead:
+
+  * "fp32": the forward computes h in fp32 (as FLA's backward does) and keeps it with the gate's cumsum. The output
+    kernel casts h to the inputs' dtype before its dot, as it does FLA's bf16 h, and the backward reads the same fp32
+    h FLA's recomputation writes. Memory: B * T / 64 * H * K * V * 4 bytes per layer (268 MB for GLA 340M's layer
+    at 16 x 2048 tokens).
+  * "bf16": the forward's own h (the inputs' dtype, what FLA's forward writes and its output reads) is kept. Of the
+    backward's uses of h, the dq product casts it to bf16 anyway; only the gate gradient's sum(h * dh) reads the
+    rounded values instead of fp32 ones. Half the memory of "fp32".
+  * "none": FLA's way, recompute both in the backward.
+
 Everything else is FLA's, called as FLA's own `chunk_gla_fwd` / `chunk_gla_bwd` call it: the gate's chunk-local
 cumsum, `chunk_fwd_h`, `chunk_gla_fwd_intra_gk`, `chunk_bwd_dh`, `chunk_gla_bwd_dv`, `chunk_gla_bwd_dA`,
 `chunk_gla_bwd_dqk_intra`, and the two kernels launched here (`chunk_gla_fwd_kernel_o`, `chunk_gla_bwd_kernel_inter`)
@@ -28,6 +41,10 @@ import os
 
 import torch
 import triton
+
+
+SAVED_STATES = "fp32"
+STATE_CHOICES = ("fp32", "bf16", "none")
 
 
 def _fla():
@@ -81,7 +98,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
     """o = GLA(q, k, v, g) with the recurrent state stored V-first, no initial or final state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, cu_seqlens):
+    def forward(ctx, q, k, v, g, scale, cu_seqlens, saved_states):
         from fla.ops.common.chunk_h import chunk_fwd_h
         from fla.ops.utils import prepare_chunk_indices
         fla_chunk = _fla()
@@ -90,13 +107,18 @@ class _ChunkGLAFunction(torch.autograd.Function):
         chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
         g_cumsum = _cumsum(g, chunk_size, cu_seqlens)
         h, _ = chunk_fwd_h(k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=None, output_final_state=False,
-                           cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=False, state_v_first=True)
+                           cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=saved_states == "fp32",
+                           state_v_first=True)
         A = fla_chunk.chunk_gla_fwd_intra_gk(q=q, k=k, g=g_cumsum, scale=scale, cu_seqlens=cu_seqlens,
                                              chunk_size=chunk_size, chunk_indices=chunk_indices)
         o = _forward_o(q, v, g_cumsum, A, h, scale, cu_seqlens, chunk_size, chunk_indices)
-        # as FLA: a low-precision gate is kept and its cumsum recomputed in backward, an fp32 one kept summed
-        keep_g = g.dtype != torch.float
-        ctx.save_for_backward(q, k, v, g if keep_g else g_cumsum, A, chunk_indices, cu_seqlens)
+        if saved_states == "none":
+            # as FLA: a low-precision gate is kept and its cumsum recomputed in backward, an fp32 one kept summed
+            keep_g = g.dtype != torch.float
+            ctx.save_for_backward(q, k, v, g if keep_g else g_cumsum, A, chunk_indices, cu_seqlens, None)
+        else:  # the backward recomputes nothing (module doc)
+            keep_g = False
+            ctx.save_for_backward(q, k, v, g_cumsum, A, chunk_indices, cu_seqlens, h)
         ctx.keep_g, ctx.g_dtype, ctx.chunk_size, ctx.scale = keep_g, g.dtype, chunk_size, scale
         return o
 
@@ -104,12 +126,13 @@ class _ChunkGLAFunction(torch.autograd.Function):
     def backward(ctx, do):
         from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
         fla_chunk = _fla()
-        q, k, v, g_saved, A, chunk_indices, cu_seqlens = ctx.saved_tensors
+        q, k, v, g_saved, A, chunk_indices, cu_seqlens, h = ctx.saved_tensors
         chunk_size, scale = ctx.chunk_size, ctx.scale
         do = do.contiguous()
         g_cumsum = _cumsum(g_saved, chunk_size, cu_seqlens) if ctx.keep_g else g_saved
-        h, _ = chunk_fwd_h(k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=None, output_final_state=False,
-                           cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True, state_v_first=True)
+        if h is None:
+            h, _ = chunk_fwd_h(k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=None, output_final_state=False,
+                               cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True, state_v_first=True)
         dh, _ = chunk_bwd_dh(q=q, k=k, v=v, g=None, gk=g_cumsum, gv=None, do=do, h0=None, dht=None, scale=scale,
                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True, state_v_first=True)
         dv = fla_chunk.chunk_gla_bwd_dv(k=k, g=g_cumsum, A=A, do=do, dh=dh, cu_seqlens=cu_seqlens,
@@ -120,7 +143,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
                                                    chunk_size=chunk_size, chunk_indices=chunk_indices)
         dq, dk, dg = _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size,
                                     chunk_indices, ctx.g_dtype)
-        return dq, dk, dv.to(v.dtype), dg, None, None
+        return dq, dk, dv.to(v.dtype), dg, None, None, None
 
 
 def covers(q: torch.Tensor) -> bool:
@@ -129,9 +152,13 @@ def covers(q: torch.Tensor) -> bool:
 
 
 def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
-              cu_seqlens: torch.LongTensor | None = None) -> torch.Tensor:
+              cu_seqlens: torch.LongTensor | None = None, saved_states: str | None = None) -> torch.Tensor:
     """FLA's `chunk_gla(q, k, v, g, scale, state_v_first=True, cu_seqlens=...)[0]`: q, k, g [B, T, H, K], v [B, T, H, V]
-    (B = 1 with cu_seqlens), no initial or final state. Returns o [B, T, H, V]."""
+    (B = 1 with cu_seqlens), no initial or final state. Returns o [B, T, H, V]. saved_states: what the forward keeps
+    for the backward, one of STATE_CHOICES (module doc); None: SAVED_STATES."""
+    saved_states = SAVED_STATES if saved_states is None else saved_states
+    if saved_states not in STATE_CHOICES:
+        raise ValueError(f"chunk_gla: saved_states={saved_states!r}: use one of {STATE_CHOICES}")
     if q.shape != k.shape or q.shape != g.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"chunk_gla: q, k, g must be [B, T, H, K] and v [B, T, H, V], got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}")
@@ -144,5 +171,5 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         return fla_gla.chunk_gla(q=q, k=k, v=v, g=g, scale=scale, state_v_first=True, cu_seqlens=cu_seqlens)[0]
     if q.is_cuda:
         with torch.cuda.device(q.device):  # FLA's input_guard does the same: kernels launch on the inputs' device
-            return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens)
-    return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens)
+            return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states)
+    return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states)
