@@ -6,8 +6,8 @@ low-rank gate) against what they replace, at GLA 340M's shapes.
 
 chunk   ours vs FLA's `chunk_gla(..., state_v_first=True)` on bf16 inputs, for each of gla.STATE_CHOICES (what the
         forward keeps for the backward): o, dq, dk, dv, dg compared bit for bit (ours writes dq, dk, dg in bf16 from
-        the same fp32 registers FLA casts afterwards; dg may differ by one bf16 ulp, and with saved_states=bf16 it is
-        reported, not judged), the time of forward + backward and the memory the forward keeps. FLA against itself
+        the same fp32 registers FLA casts afterwards; dg may differ by one bf16 ulp, and with saved_states=bf16, whose
+        sum(h * dh) reads bf16 states, it is reported, not judged), the time of forward + backward and the memory the forward keeps. FLA against itself
         first: where its own two runs differ (atomics), only that much difference is expected of ours.
 gate    ours (one kernel each way) vs the split path it replaces (F.linear with bias, then our logsigmoid kernel),
         both against float64 math on the same bf16 inputs: max |error| / max |exact| of gk, da, dW, db.
@@ -126,7 +126,7 @@ def main() -> int:
                 print(f"    {name}: dtype ours {c.dtype} / FLA {a.dtype}; FLA vs FLA {'equal' if self_equal else 'DIFFER'}; "
                       f"ours vs FLA {'equal' if same else f'differ (max |diff| {diff:.3g}, {(a != c).sum().item()} elements, {off.sum().item()} by more than one bf16 ulp)'}")
                 # dg may differ by one ulp (its kernel is compiled for another store type, models/kernels/gla.py); with
-                # saved_states=bf16 its sum(h * dh) reads rounded states: reported, not judged. The rest: FLA's bits.
+                # saved_states=bf16 its sum(h * dh) reads bf16 states: reported, not judged. The rest: FLA's bits.
                 if self_equal and not same and not (name == "dg" and (not bool(off.any()) or states == "bf16")):
                     bad.append(f"chunk {name} (saved_states={states})")
             t_ours = median_ms(fwd_bwd(ours_chunk(states)), 3, args.iters, 4)

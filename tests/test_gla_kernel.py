@@ -96,16 +96,20 @@ def test_bad_shapes_are_named():
 @pytest.mark.parametrize("saved_states", gla.STATE_CHOICES)
 def test_saved_states_spare_the_backward_its_recomputation(saved_states, monkeypatch):
     """With the states kept the backward launches no chunk_fwd_h and no cumsum of the gate; "none" does both (FLA's
-    way). bf16 inputs: the kept gate cumsum is the fp32 one, whatever the gate's dtype."""
+    way). bf16 inputs: the kept gate cumsum is the fp32 one, whatever the gate's dtype. The state gradients are fp32
+    but with "bf16"."""
     from fla.ops.common import chunk_h
     q, k, v, gk, do = inputs(1, 70, 1, 16, 16, torch.bfloat16)
     o = ours(q, k, v, gk, None, saved_states=saved_states)
     calls = []
-    real_h, real_cumsum = chunk_h.chunk_fwd_h, gla._cumsum
+    real_h, real_dh, real_cumsum = chunk_h.chunk_fwd_h, chunk_h.chunk_bwd_dh, gla._cumsum
     monkeypatch.setattr(chunk_h, "chunk_fwd_h", lambda *a, **kw: calls.append("h") or real_h(*a, **kw))
+    monkeypatch.setattr(chunk_h, "chunk_bwd_dh",
+                        lambda *a, **kw: calls.append(f"dh fp32 {kw['states_in_fp32']}") or real_dh(*a, **kw))
     monkeypatch.setattr(gla, "_cumsum", lambda *a, **kw: calls.append("cumsum") or real_cumsum(*a, **kw))
     o.backward(do)
-    assert calls == ([] if saved_states != "none" else ["cumsum", "h"])
+    assert calls == {"fp32": ["dh fp32 True"], "bf16": ["dh fp32 False"],
+                     "none": ["cumsum", "h", "dh fp32 True"]}[saved_states]
     assert [t.grad.dtype for t in (q, k, v, gk)] == [torch.bfloat16] * 4
 
 
