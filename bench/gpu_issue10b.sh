@@ -39,8 +39,8 @@
 #   bash bench/gpu_issue10b.sh c14     (2026-12-06, an H200) models.warm, the trainer with the final defaults vs HF at
 #                                      batch 32, then at batch 16 as far as the stage's time allows
 #   bash bench/gpu_issue10b.sh c15     (2026-12-06) models.warm, bench/gla_check.py --only chunk (what chunk_gla keeps
-#                                      for backward: fp32 states, bf16 states, none), the step's profile, the trainer
-#                                      with each against HF at batch 16 (CASES overridable)
+#                                      for backward: fp32 states, bf16 states, none), models/kernels/gla_intra.py's
+#                                      check and launch sweep, the trainer with each against HF at batch 16
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -420,14 +420,14 @@ c15)
   stamp "gla_check chunk"
   timeout "$(budget 90)" python3 bench/gla_check.py --only chunk --iters 20 > "$OUT/gla_check.log" 2>&1
   grep -v Warning "$OUT/gla_check.log" | tail -24
-  stamp "profile, defaults"
-  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --lag --timed 15 --steps 2 --warmup 3 --top 40 \
-      --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
-  rm -f "$OUT/trace.json"
-  grep -v Warning "$OUT/profile.log" | tail -64 | cut -c1-160
+  stamp "gla_intra check"
+  timeout "$(budget 100)" python3 -c "from models.kernels import gla_intra; gla_intra._gpu_check()" \
+      > "$OUT/intra.log" 2>&1
+  grep -v Warning "$OUT/intra.log" | tail -22
   stamp "train_bench batch 16"
-  timeout "$(budget 330)" python3 bench/train_bench.py --batch 16 --steps 20 --warmup 4 \
-      --cases ${CASES:-ours-bf16,ours-bf16-hbf16,ours-bf16-hnone,hf} --dir bench/out/train > "$OUT/b16.log" 2>&1
+  timeout "$(budget 400)" python3 bench/train_bench.py --batch 16 --steps 16 --warmup 4 \
+      --cases ${CASES:-ours-bf16-hnone,ours-bf16,ours-bf16-hbf16,ours-bf16-hbf16-intra,hf} --dir bench/out/train \
+      > "$OUT/b16.log" 2>&1
   grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-600
   stamp "done"
   ;;

@@ -84,13 +84,15 @@ KERNELS = ("fused", "fla")
 # GEMM + logsigmoid instead of models/kernels/gate.py), -flachunk (FLA's chunk_gla instead of models/kernels/gla.py),
 # -mulclip (clip_grad_norm_ before the fused step instead of the step's divisor), -keepz / -nokeepz (the SwiGLU
 # product kept from forward for backward, or written again there), -hfp32 / -hbf16 / -hnone (what our chunk_gla keeps
-# of GLA's states for backward: models/kernels/gla.py SAVED_STATES), -graphs, -sync
+# of GLA's states for backward: models/kernels/gla.py SAVED_STATES), -intra / -flaintra (the backward's intra-chunk
+# dq, dk kernel: models/kernels/gla_intra.py or FLA's: gla.INTRA), -graphs, -sync
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
-MODIFIERS = ("split", "cat", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "graphs", "sync")
+MODIFIERS = ("split", "cat", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
+             "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
-    """`ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-graphs][-sync]` -> (train.precision,
+    """`ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-graphs][-sync]` -> (train.precision,
     model.gpu_kernels): ours-bf16 -> (bf16, fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla),
     ours -> (auto, fused). The last parts (MODIFIERS, in that order) are read by run_ours, case_graphs and case_sync
     and ignored here."""
@@ -103,8 +105,8 @@ def parse_case(case: str) -> tuple[str, str]:
         precision = rest.pop(0)
     mods = set(_modifiers(case))
     if (head != "ours" or rest or {"split", "cat"} <= mods or {"keepz", "nokeepz"} <= mods
-            or len(mods & set(STATE_MODIFIERS)) > 1):
-        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-graphs][-sync], "
+            or len(mods & set(STATE_MODIFIERS)) > 1 or {"intra", "flaintra"} <= mods):
+        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-graphs][-sync], "
                          f"PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
     return precision, kernels
@@ -201,6 +203,9 @@ def run_ours(args, case: str = "ours") -> dict:
     if states:
         from models.kernels import gla
         gla.SAVED_STATES = states
+    if "intra" in _modifiers(case) or "flaintra" in _modifiers(case):
+        from models.kernels import gla
+        gla.INTRA = "ours" if "intra" in _modifiers(case) else "fla"
     if "mulclip" in _modifiers(case):
         import trainer.loop as loop
         loop.CLIP_IN_STEP = False
@@ -303,7 +308,7 @@ def main() -> int:
     p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
     p.add_argument("--cases", default="ours,hf",
-                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-graphs][-sync] "
+                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-graphs][-sync] "
                         "(e.g. ours-bf16-fla, ours-bf16-cat)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")

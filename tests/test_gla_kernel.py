@@ -117,3 +117,20 @@ def test_bad_saved_states_is_named():
     q, k, v, gk, _ = inputs(1, 70, 1, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="saved_states='gpu'.*fp32"):
         gla.chunk_gla(q, k, v, gk, saved_states="gpu")
+
+
+def test_our_intra_kernel_in_the_chunk_gives_flas_values_within_fp32_rounding():
+    """intra="ours" (models/kernels/gla_intra.py, tested on its own in tests/test_gla_intra_kernel.py) in place of
+    FLA's intra-chunk dq, dk: o and dv are FLA's bits (the forward and dv do not use it), dq, dk and dg agree to fp32
+    rounding."""
+    tensors = inputs(1, 150, 2, 16, 32, torch.float32)
+    cu = torch.tensor([0, 40, 150])
+    got = run(lambda *a: gla.chunk_gla(*a[:4], cu_seqlens=a[4], intra="ours"), *tensors, cu)
+    want = run(flas, *tensors, cu)
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dg"], got, want):
+        if name in ("o", "dv"):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+    with pytest.raises(ValueError, match="intra='triton'"):
+        gla.chunk_gla(*tensors[:4], intra="triton")

@@ -48,6 +48,10 @@ import triton
 
 SAVED_STATES = "fp32"
 STATE_CHOICES = ("fp32", "bf16", "none")
+# the backward's intra-chunk dq, dk: "fla" (FLA's chunk_gla_bwd_dqk_intra) or "ours" (models/kernels/gla_intra.py,
+# the diagonal blocks as products)
+INTRA = "fla"
+INTRA_CHOICES = ("fla", "ours")
 
 
 def _fla():
@@ -101,7 +105,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
     """o = GLA(q, k, v, g) with the recurrent state stored V-first, no initial or final state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, cu_seqlens, saved_states):
+    def forward(ctx, q, k, v, g, scale, cu_seqlens, saved_states, intra):
         from fla.ops.common.chunk_h import chunk_fwd_h
         from fla.ops.utils import prepare_chunk_indices
         fla_chunk = _fla()
@@ -123,7 +127,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
             keep_g = False
             ctx.save_for_backward(q, k, v, g_cumsum, A, chunk_indices, cu_seqlens, h)
         ctx.keep_g, ctx.g_dtype, ctx.chunk_size, ctx.scale = keep_g, g.dtype, chunk_size, scale
-        ctx.saved_states = saved_states
+        ctx.saved_states, ctx.intra = saved_states, intra
         return o
 
     @staticmethod
@@ -144,11 +148,15 @@ class _ChunkGLAFunction(torch.autograd.Function):
                                         chunk_size=chunk_size, chunk_indices=chunk_indices, state_v_first=True)
         dA = fla_chunk.chunk_gla_bwd_dA(v=v, do=do, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
                                         chunk_indices=chunk_indices)
-        dq, dk = fla_chunk.chunk_gla_bwd_dqk_intra(q=q, k=k, g=g_cumsum, dA=dA, cu_seqlens=cu_seqlens,
-                                                   chunk_size=chunk_size, chunk_indices=chunk_indices)
+        intra = fla_chunk.chunk_gla_bwd_dqk_intra
+        if ctx.intra == "ours":
+            from models.kernels import gla_intra
+            intra = gla_intra.chunk_gla_bwd_dqk_intra
+        dq, dk = intra(q=q, k=k, g=g_cumsum, dA=dA, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                       chunk_indices=chunk_indices)
         dq, dk, dg = _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size,
                                     chunk_indices, ctx.g_dtype)
-        return dq, dk, dv.to(v.dtype), dg, None, None, None
+        return dq, dk, dv.to(v.dtype), dg, None, None, None, None
 
 
 def covers(q: torch.Tensor) -> bool:
@@ -157,13 +165,18 @@ def covers(q: torch.Tensor) -> bool:
 
 
 def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
-              cu_seqlens: torch.LongTensor | None = None, saved_states: str | None = None) -> torch.Tensor:
+              cu_seqlens: torch.LongTensor | None = None, saved_states: str | None = None,
+              intra: str | None = None) -> torch.Tensor:
     """FLA's `chunk_gla(q, k, v, g, scale, state_v_first=True, cu_seqlens=...)[0]`: q, k, g [B, T, H, K], v [B, T, H, V]
     (B = 1 with cu_seqlens), no initial or final state. Returns o [B, T, H, V]. saved_states: what the forward keeps
-    for the backward, one of STATE_CHOICES (module doc); None: SAVED_STATES."""
+    for the backward, one of STATE_CHOICES (module doc); None: SAVED_STATES. intra: the backward's intra-chunk dq,
+    dk kernel, one of INTRA_CHOICES; None: INTRA."""
     saved_states = SAVED_STATES if saved_states is None else saved_states
     if saved_states not in STATE_CHOICES:
         raise ValueError(f"chunk_gla: saved_states={saved_states!r}: use one of {STATE_CHOICES}")
+    intra = INTRA if intra is None else intra
+    if intra not in INTRA_CHOICES:
+        raise ValueError(f"chunk_gla: intra={intra!r}: use one of {INTRA_CHOICES}")
     if q.shape != k.shape or q.shape != g.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"chunk_gla: q, k, g must be [B, T, H, K] and v [B, T, H, V], got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}")
@@ -176,5 +189,5 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         return fla_gla.chunk_gla(q=q, k=k, v=v, g=g, scale=scale, state_v_first=True, cu_seqlens=cu_seqlens)[0]
     if q.is_cuda:
         with torch.cuda.device(q.device):  # FLA's input_guard does the same: kernels launch on the inputs' device
-            return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states)
-    return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states)
+            return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra)
+    return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra)
