@@ -46,11 +46,11 @@ import torch
 import triton
 
 
-SAVED_STATES = "fp32"
+SAVED_STATES = "bf16"
 STATE_CHOICES = ("fp32", "bf16", "none")
 # the backward's intra-chunk dq, dk: "fla" (FLA's chunk_gla_bwd_dqk_intra) or "ours" (models/kernels/gla_intra.py,
 # the diagonal blocks as products)
-INTRA = "fla"
+INTRA = "ours"
 INTRA_CHOICES = ("fla", "ours")
 
 
