@@ -41,9 +41,10 @@
 #   bash bench/gpu_issue10b.sh c15     (2026-12-06) models.warm, bench/gla_check.py --only chunk (what chunk_gla keeps
 #                                      for backward: fp32 states, bf16 states, none), models/kernels/gla_intra.py's
 #                                      check and launch sweep, the trainer with each against HF at batch 16
-#   bash bench/gpu_issue10b.sh c16     (2026-12-06) models.warm, the trainer with the new chunk defaults (bf16 states,
-#                                      our intra kernel) against the FLA way (-hnone-flaintra) and HF at batch 16,
-#                                      then bench/gla_check.py --only chunk with what time is left
+#   bash bench/gpu_issue10b.sh c16     (2026-12-06) models.warm, models/kernels/gla_fwd_intra.py's check and sweep,
+#                                      the trainer with the new chunk defaults (bf16 states, our intra kernel), with
+#                                      our forward intra kernel too (-fwdintra), the FLA way (-hnone-flaintra) and HF
+#                                      at batch 16, then bench/gla_check.py --only chunk with what time is left
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -440,9 +441,14 @@ c16)
   timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
       --kernels fused > "$OUT/warm.log" 2>&1
   tail -1 "$OUT/warm.log"
+  stamp "gla_fwd_intra check"
+  timeout "$(budget 60)" python3 -c "from models.kernels import gla_fwd_intra; gla_fwd_intra._gpu_check()" \
+      > "$OUT/fwd_intra.log" 2>&1
+  grep -v Warning "$OUT/fwd_intra.log" | tail -20
   stamp "train_bench batch 16"
   timeout "$(budget 330)" python3 bench/train_bench.py --batch 16 --steps 16 --warmup 4 \
-      --cases ${CASES:-ours-bf16,ours-bf16-hnone-flaintra,hf} --dir bench/out/train > "$OUT/b16.log" 2>&1
+      --cases ${CASES:-ours-bf16,ours-bf16-fwdintra,ours-bf16-hnone-flaintra,hf} --dir bench/out/train \
+      > "$OUT/b16.log" 2>&1
   grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-330
   stamp "gla_check chunk"
   timeout "$(budget 200)" python3 bench/gla_check.py --only chunk --iters 20 > "$OUT/gla_check.log" 2>&1

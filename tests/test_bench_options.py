@@ -57,6 +57,7 @@ def test_top_kernels_lists_the_largest_per_step_with_category_and_cut_name():
     ("ours-bf16-mulclip-nokeepz-graphs", ("bf16", "fused")), ("ours-bf16-flachunk-graphs", ("bf16", "fused")),
     ("ours-bf16-hnone", ("bf16", "fused")), ("ours-bf16-nokeepz-hbf16-graphs", ("bf16", "fused")),
     ("ours-bf16-hbf16-intra", ("bf16", "fused")), ("ours-bf16-flaintra-graphs", ("bf16", "fused")),
+    ("ours-bf16-fwdintra", ("bf16", "fused")), ("ours-bf16-hnone-flaintra-fwdintra-sync", ("bf16", "fused")),
 ])
 def test_train_bench_cases(case, expect):
     assert parse_case(case) == expect

@@ -38,8 +38,8 @@ def run(fn, q, k, v, gk, do, cu_seqlens=None):
 
 
 def ours(q, k, v, g, cu_seqlens, saved_states=None, intra="fla"):
-    """Our chunk_gla with FLA's intra-chunk kernel unless told (ours changes dq, dk at fp32 rounding: tested below)."""
-    return gla.chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens, saved_states=saved_states, intra=intra)
+    """Our chunk_gla with FLA's intra-chunk kernels unless told (ours change values at fp32 rounding: tested below)."""
+    return gla.chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens, saved_states=saved_states, intra=intra, fwd_intra="fla")
 
 
 def flas(q, k, v, g, cu_seqlens):
@@ -135,3 +135,16 @@ def test_our_intra_kernel_in_the_chunk_gives_flas_values_within_fp32_rounding():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
     with pytest.raises(ValueError, match="intra='triton'"):
         gla.chunk_gla(*tensors[:4], intra="triton")
+
+
+def test_our_forward_intra_kernel_in_the_chunk_gives_flas_values_within_fp32_rounding():
+    """fwd_intra="ours" (models/kernels/gla_fwd_intra.py, tested on its own in tests/test_gla_fwd_intra_kernel.py):
+    the whole chunk's output and gradients agree with FLA's to fp32 rounding."""
+    tensors = inputs(1, 150, 2, 16, 32, torch.float32)
+    cu = torch.tensor([0, 40, 150])
+    got = run(lambda *a: gla.chunk_gla(*a[:4], cu_seqlens=a[4], intra="fla", fwd_intra="ours"), *tensors, cu)
+    want = run(flas, *tensors, cu)
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dg"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+    with pytest.raises(ValueError, match="fwd_intra='x'"):
+        gla.chunk_gla(*tensors[:4], fwd_intra="x")

@@ -52,6 +52,10 @@ STATE_CHOICES = ("fp32", "bf16", "none")
 # the diagonal blocks as products)
 INTRA = "ours"
 INTRA_CHOICES = ("fla", "ours")
+# the forward's intra-chunk attention matrix A: "fla" (FLA's chunk_gla_fwd_intra_gk) or "ours"
+# (models/kernels/gla_fwd_intra.py, one kernel, the diagonal blocks as products; not yet timed on a GPU, so not the
+# default)
+FWD_INTRA = "fla"
 
 
 def _fla():
@@ -105,7 +109,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
     """o = GLA(q, k, v, g) with the recurrent state stored V-first, no initial or final state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, cu_seqlens, saved_states, intra):
+    def forward(ctx, q, k, v, g, scale, cu_seqlens, saved_states, intra, fwd_intra):
         from fla.ops.common.chunk_h import chunk_fwd_h
         from fla.ops.utils import prepare_chunk_indices
         fla_chunk = _fla()
@@ -116,8 +120,12 @@ class _ChunkGLAFunction(torch.autograd.Function):
         h, _ = chunk_fwd_h(k=k, v=v, g=None, gk=g_cumsum, gv=None, h0=None, output_final_state=False,
                            cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=saved_states == "fp32",
                            state_v_first=True)
-        A = fla_chunk.chunk_gla_fwd_intra_gk(q=q, k=k, g=g_cumsum, scale=scale, cu_seqlens=cu_seqlens,
-                                             chunk_size=chunk_size, chunk_indices=chunk_indices)
+        fwd_a = fla_chunk.chunk_gla_fwd_intra_gk
+        if fwd_intra == "ours":
+            from models.kernels import gla_fwd_intra
+            fwd_a = gla_fwd_intra.chunk_gla_fwd_intra_gk
+        A = fwd_a(q=q, k=k, g=g_cumsum, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                  chunk_indices=chunk_indices)
         o = _forward_o(q, v, g_cumsum, A, h, scale, cu_seqlens, chunk_size, chunk_indices)
         if saved_states == "none":
             # as FLA: a low-precision gate is kept and its cumsum recomputed in backward, an fp32 one kept summed
@@ -156,7 +164,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
                        chunk_indices=chunk_indices)
         dq, dk, dg = _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size,
                                     chunk_indices, ctx.g_dtype)
-        return dq, dk, dv.to(v.dtype), dg, None, None, None, None
+        return dq, dk, dv.to(v.dtype), dg, None, None, None, None, None
 
 
 def covers(q: torch.Tensor) -> bool:
@@ -166,17 +174,21 @@ def covers(q: torch.Tensor) -> bool:
 
 def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
               cu_seqlens: torch.LongTensor | None = None, saved_states: str | None = None,
-              intra: str | None = None) -> torch.Tensor:
+              intra: str | None = None, fwd_intra: str | None = None) -> torch.Tensor:
     """FLA's `chunk_gla(q, k, v, g, scale, state_v_first=True, cu_seqlens=...)[0]`: q, k, g [B, T, H, K], v [B, T, H, V]
     (B = 1 with cu_seqlens), no initial or final state. Returns o [B, T, H, V]. saved_states: what the forward keeps
     for the backward, one of STATE_CHOICES (module doc); None: SAVED_STATES. intra: the backward's intra-chunk dq,
-    dk kernel, one of INTRA_CHOICES; None: INTRA."""
+    dk kernel, one of INTRA_CHOICES; None: INTRA. fwd_intra: the forward's intra-chunk A kernel, one of INTRA_CHOICES;
+    None: FWD_INTRA."""
     saved_states = SAVED_STATES if saved_states is None else saved_states
     if saved_states not in STATE_CHOICES:
         raise ValueError(f"chunk_gla: saved_states={saved_states!r}: use one of {STATE_CHOICES}")
     intra = INTRA if intra is None else intra
     if intra not in INTRA_CHOICES:
         raise ValueError(f"chunk_gla: intra={intra!r}: use one of {INTRA_CHOICES}")
+    fwd_intra = FWD_INTRA if fwd_intra is None else fwd_intra
+    if fwd_intra not in INTRA_CHOICES:
+        raise ValueError(f"chunk_gla: fwd_intra={fwd_intra!r}: use one of {INTRA_CHOICES}")
     if q.shape != k.shape or q.shape != g.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"chunk_gla: q, k, g must be [B, T, H, K] and v [B, T, H, V], got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}")
@@ -189,5 +201,5 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         return fla_gla.chunk_gla(q=q, k=k, v=v, g=g, scale=scale, state_v_first=True, cu_seqlens=cu_seqlens)[0]
     if q.is_cuda:
         with torch.cuda.device(q.device):  # FLA's input_guard does the same: kernels launch on the inputs' device
-            return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra)
-    return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra)
+            return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra, fwd_intra)
+    return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra, fwd_intra)

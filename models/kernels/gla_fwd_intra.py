@@ -1,0 +1,392 @@
+"""GLA's forward intra-chunk attention matrix (FLA's `chunk_gla_fwd_intra_gk`) in one kernel, the diagonal blocks as
+products (issue 10). NOT TIMED ON A GPU: written and tested under the Triton interpreter only; `_gpu_check()` is the
+measurement still to be made.
+
+What it computes. Per chunk of BT = 64 tokens, with g the chunk-local cumsum of the log2 gate (non-increasing inside a
+chunk for GLA), the fp32 matrix A [B, T, H, BT]:
+
+    A[i, j] = scale * sum_c q_ic k_jc exp2(g_ic - g_jc)    for j <= i in the same chunk (column: j's place in it)
+
+FLA 0.6.0 splits a chunk into sub-chunks of BC = 16 rows and launches two kernels (at GLA 340M's shapes, B 16, T 2048,
+H 4, K 128, ~0.2 ms a call together on an H100/H200):
+
+  * `chunk_gla_fwd_A_kernel_intra_sub_inter`: one program per (chunk, pair of sub-chunks, batch x head), of which the
+    pairs with a row sub-chunk after the column one compute a [16, 16] block as a product over K (`tl.dot` with
+    tl.dot's default precision, the exponent split at the first row of the row sub-chunk); the other 10 of 16 return.
+  * `chunk_gla_fwd_A_kernel_intra_sub_intra` (K <= 256; K > 256: `_split` per 128 channels then `_merge`): the
+    diagonal 16 x 16 blocks as a loop over the 16 columns j with `exp2(g - g_j)` on the whole [16, K] tile (16 exp2
+    per row and channel), then zeros in the block's strict upper triangle.
+
+What FLA writes, and so what this writes: every row of a sequence gets its blocks left of the diagonal block and the
+diagonal block (values on and below its diagonal, 0.0 above); the blocks right of the diagonal block are never
+written (`new_empty`: whatever the memory held). Its readers (`chunk_gla_fwd_kernel_o`, `chunk_gla_bwd_kernel_dv`)
+mask everything above the diagonal. `written_entries` gives that region.
+
+One kernel here: one program per (sub-chunk of rows, chunk, batch x head) computes that sub-chunk's whole row of
+blocks: the blocks left of the diagonal with FLA's sub_inter code (the same products, one earlier sub-chunk at a
+time), then the diagonal block. Why one kernel rather than FLA's sub_inter beside a new diagonal kernel: one launch
+instead of two; no programs that only return (FLA's sub_inter grid: 10 of 16); a row sub-chunk's q and g are loaded by
+one program (again per block, from cache after the first) instead of by up to four. Against it: the programs are
+uneven (the last sub-chunk of a chunk does 3 blocks and the diagonal, the first only the diagonal), and the diagonal's
+loop over K holds FLA's loop as its fallback, so num_stages may pipeline only the left blocks' loops. Not measured.
+
+The factorisation (as in models/kernels/gla_intra.py). For a per-channel reference r of the sub-chunk,
+exp2(g_i - g_j) = exp2(g_i - r) * exp2(r - g_j), so the diagonal block is
+
+    A_diag = scale * tril((q * exp2(g - r)) @ (k * exp2(r - g))^T)
+
+a [16, BK] x [BK, 16] product per BK channels (`tl.dot`, precision a launch option: "ieee" fp32 by default), 2 exp2
+per row and channel instead of 16. r = (max g + min g) / 2 over the sub-chunk's valid rows, per channel.
+
+The safety rule is gla_intra's (its RANGE_BOUND and MAG_BOUND, imported), applied per program and BK channels: the
+product only if the range max g - min g of every channel is <= RANGE_BOUND = 32 (the factors stay within 2^+-32 and
+the rounding of g - r costs no more than FLA's own error; gla_intra.py's module doc has the numbers), the sums of |q|
+and |k| over the [16, BK] tiles are <= MAG_BOUND = 2^24 (products at most 2^24 * 2^24 * 2^64 = 2^112, no fp32
+overflow, also above the diagonal where the product computes values that are then masked), and the sum of |g| is
+<= 1e30 (sums, so that a NaN or an inf in q, k or g is caught too); else FLA's elementwise loop for those channels,
+which keeps NaN exactly where FLA has it. With one BK block covering K (BK >= K), that loop is FLA's expression and
+gives FLA's bits.
+
+Measured under the Triton interpreter only (tests/test_gla_fwd_intra_kernel.py, fp32 inputs): FLA's values within
+2.0e-7 of the largest on the entries FLA writes (equal lengths, cu_seqlens of 37/53/60 tokens, T < 64, BK 32 with K
+48, chunks of 32 and 16, K 272), the same entries written and the same 0.0 above the diagonal; error against a float64
+reference 0.8 to 1.8 fp32 ulps of the largest value where FLA's is 0.7 to 1.8 (on the diagonal blocks alone, at most
+1.7x FLA's); extreme gates (per-step decays of -90 log2 beside 0) with 86% of the BK blocks on the product, no
+non-finite value where FLA's is finite; NaN in k exactly where FLA has it; FLA's loop alone gives FLA's bits; FLA's
+output and dv kernels give FLA's o and dv from this A. `_gpu_check()` times it against FLA's function on a GPU, checks
+values and extreme gates there, and sweeps the launch options (`LaunchConfig`).
+
+Extra over FLA's: any K in one kernel (no split + merge above 256), a varlen `chunk_indices` row with a negative
+sequence id (FLA's static, padded indices) returns at once, and `record_path` (tests, `_gpu_check`) reports which
+path each program took for each of its BK blocks.
+"""
+from __future__ import annotations
+
+import numbers
+import statistics
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from fla.ops.utils.op import exp2, unflatten_program_id  # FLA's own exp2 (FLA_USE_FAST_OPS applies alike)
+from models.kernels.gla_intra import CHUNK_SIZES, MAG_BOUND, PRECISIONS, RANGE_BOUND, covers
+
+__all__ = ["chunk_gla_fwd_intra_gk", "LaunchConfig", "CONFIG", "written_entries", "reference_fwd_intra"]
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Launch options. BK: channels per step of a program's loops (capped at K rounded up to a power of two, at
+    least 16). diag_precision: the diagonal block's tl.dot. offdiag_precision: the tl.dot of the blocks left of it;
+    None: tl.dot's default ("tf32" on NVIDIA unless TRITON_F32_DEFAULT says otherwise), as FLA's sub_inter kernel."""
+    BK: int = 64
+    num_warps: int = 2
+    num_stages: int = 2
+    diag_precision: str = "ieee"
+    offdiag_precision: str | None = None
+
+
+# Not chosen by measurement: gla_intra's fastest launch (2 warps, 2 stages, BK 64), whose programs hold tiles of the
+# same [16, 64] size. Run _gpu_check() on a GPU and set the fastest "ieee" one here.
+CONFIG = LaunchConfig()
+
+
+@triton.jit(do_not_specialize=['T'])
+def _fwd_intra_kernel(q, k, g, A, path, cu_seqlens, chunk_indices, scale, T,
+                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      NC: tl.constexpr, NK: tl.constexpr, IS_VARLEN: tl.constexpr, DIAG_PRECISION: tl.constexpr,
+                      OFF_PRECISION: tl.constexpr, RANGE_BOUND: tl.constexpr, MAG_BOUND: tl.constexpr,
+                      RECORD_PATH: tl.constexpr):
+    # One program per (row sub-chunk i_i, chunk i_t) x (batch x head); varlen as FLA's kernels.
+    i_i, i_t = unflatten_program_id(NC)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_n, i_t = tl.load(chunk_indices + i_t * 2).to(tl.int32), tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        if i_n < 0:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos, eos = i_b * T, i_b * T + T
+    T = eos - bos
+    if i_t * BT + i_i * BC >= T:
+        return
+
+    o_i = tl.arange(0, BC)
+    o_c = i_t * BT + i_i * BC + o_i  # the program's rows
+    m_c = o_c < T
+
+    # The blocks left of the diagonal: FLA's chunk_gla_fwd_A_kernel_intra_sub_inter, one column sub-chunk i_j at a time.
+    for i_j in range(0, i_i):
+        b_Aj = tl.zeros([BC, BC], dtype=tl.float32)
+        o_j = i_t * BT + i_j * BC + tl.arange(0, BC)
+        m_j = o_j < T
+        for i_k in range(0, NK):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_qk = m_c[:, None] & m_k[None, :]
+            m_kj = m_k[:, None] & m_j[None, :]
+            p_q = q + (bos*H + i_h)*K + o_c[:, None] * (H*K) + o_k[None, :]
+            p_g = g + (bos*H + i_h)*K + o_c[:, None] * (H*K) + o_k[None, :]
+            p_k = k + (bos*H + i_h)*K + o_k[:, None] + o_j[None, :] * (H*K)
+            p_gk = g + (bos*H + i_h)*K + o_k[:, None] + o_j[None, :] * (H*K)
+            p_gn = g + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
+            b_gn = tl.load(p_gn, mask=m_k, other=0)
+            b_q = tl.load(p_q, mask=m_qk, other=0.0)
+            b_g = tl.load(p_g, mask=m_qk, other=0.0)
+            b_qg = b_q * exp2(b_g - b_gn[None, :]) * scale
+            b_k = tl.load(p_k, mask=m_kj, other=0.0)
+            b_gk = tl.load(p_gk, mask=m_kj, other=0.0)
+            b_kg = b_k * exp2(b_gn[:, None] - b_gk)
+            b_Aj = tl.dot(b_qg, b_kg, b_Aj, input_precision=OFF_PRECISION)
+        p_Aj = A + (bos*H + i_h)*BT + o_c[:, None] * (H*BT) + i_j * BC + o_i[None, :]
+        tl.store(p_Aj, b_Aj.to(A.dtype.element_ty), mask=m_c[:, None])
+
+    # The diagonal block, BK channels at a time: the product where the module doc's rule allows, else FLA's loop.
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(0, NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_ck = m_c[:, None] & m_k[None, :]
+        p_tile = (bos * H + i_h) * K + o_c[:, None] * (H*K) + o_k[None, :]
+        b_g = tl.load(g + p_tile, mask=m_ck, other=0.0)
+        b_q = tl.load(q + p_tile, mask=m_ck, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_tile, mask=m_ck, other=0.0).to(tl.float32)
+        g_hi = tl.max(tl.where(m_c[:, None], b_g, float('-inf')), axis=0)
+        g_lo = tl.min(tl.where(m_c[:, None], b_g, float('inf')), axis=0)
+        g_range = tl.max(g_hi - g_lo, axis=0)
+        # Sums, not maxima: NaN and inf propagate through them.
+        fast = ((g_range <= RANGE_BOUND) & (tl.sum(tl.abs(b_g)) <= 1e30) & (tl.sum(tl.abs(b_q)) <= MAG_BOUND)
+                & (tl.sum(tl.abs(b_k)) <= MAG_BOUND))
+        if RECORD_PATH:
+            tl.store(path + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * NK + i_k, fast.to(tl.int32))
+        if fast:
+            r = g_hi * 0.5 + g_lo * 0.5
+            b_gs = tl.where(m_c[:, None], b_g, r[None, :])  # rows past T: factors of 1
+            b_qe = b_q * exp2(b_gs - r[None, :])
+            b_ke = b_k * exp2(r[None, :] - b_gs)
+            b_A = tl.dot(b_qe, tl.trans(b_ke), b_A, input_precision=DIAG_PRECISION)
+        else:  # FLA's chunk_gla_fwd_A_kernel_intra_sub_intra, a column j of the block per step, less its scale
+            p_kj = k + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
+            p_gkj = g + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
+            for j in range(0, min(BC, T - i_t * BT - i_i * BC)):
+                b_kj = tl.load(p_kj, mask=m_k, other=0).to(tl.float32)
+                b_gkj = tl.load(p_gkj, mask=m_k, other=0).to(tl.float32)
+                b_Acol = tl.sum(b_q * b_kj[None, :] * exp2(b_g - b_gkj[None, :]), 1)
+                b_A += tl.where(o_i[None, :] == j, b_Acol[:, None], 0.)
+                p_kj += H*K
+                p_gkj += H*K
+    # scale after the sum, as FLA; the strict upper triangle 0.0, as FLA writes it
+    b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A * scale, 0.)
+    p_A = A + (bos*H + i_h)*BT + o_c[:, None] * (H*BT) + i_i * BC + o_i[None, :]
+    tl.store(p_A, b_A.to(A.dtype.element_ty), mask=m_c[:, None])
+
+
+def _fla_function():
+    from fla.ops.gla import chunk as fla_chunk  # looked up per call: models/cpu_torch.py may patch FLA on a CPU
+    return fla_chunk.chunk_gla_fwd_intra_gk
+
+
+def _check(q, k, g, scale, cu_seqlens, chunk_size) -> None:
+    name = "chunk_gla_fwd_intra_gk"
+    if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape:
+        raise ValueError(f"{name}: q, k, g must be [B, T, H, K] of one shape, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, g {tuple(g.shape)}")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"{name}: chunk_size={chunk_size!r}: use one of {CHUNK_SIZES}")
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise ValueError(f"{name}: scale must be a real number (a Python float), got {type(scale).__name__}")
+    if cu_seqlens is not None and (q.shape[0] != 1 or cu_seqlens.dim() != 1):
+        raise ValueError(f"{name}: with cu_seqlens the batch dimension must be 1 and cu_seqlens 1-D, got q "
+                         f"{tuple(q.shape)}, cu_seqlens {tuple(cu_seqlens.shape)}")
+
+
+def _launch(q, k, g, scale, cu_seqlens, chunk_size, chunk_indices, config: LaunchConfig, record_path: bool, A=None):
+    """(A, path): path [B * H, NT * NC * NK] int32, per program and BK block: 1 (product), 0 (FLA's loop), -1 (no
+    rows); or None. A: an fp32 [B, T, H, chunk_size] buffer to write into (tests), else a new empty one."""
+    from fla.ops.utils import prepare_chunk_indices
+    if config.diag_precision not in PRECISIONS or (config.offdiag_precision or "tf32") not in PRECISIONS:
+        raise ValueError(f"chunk_gla_fwd_intra_gk: config {config}: precisions must be one of {PRECISIONS}")
+    B, T, H, K = q.shape
+    BT = chunk_size
+    BC = min(16, BT)
+    BK = min(config.BK, max(16, triton.next_power_of_2(K)))
+    if chunk_indices is None and cu_seqlens is not None:
+        chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
+    NT = triton.cdiv(T, BT) if cu_seqlens is None else len(chunk_indices)
+    NC = triton.cdiv(BT, BC)
+    NK = triton.cdiv(K, BK)
+    q, k, g = (t.contiguous() for t in (q, k, g))
+    if A is None:
+        A = q.new_empty(B, T, H, BT, dtype=torch.float)  # as FLA: the blocks right of the diagonal stay unwritten
+    grid = (NC * NT, B * H)
+    path = torch.full((B * H, NC * NT * NK), -1, dtype=torch.int32, device=q.device) if record_path else None
+    # tl.dot's own default for None (triton 3.9), resolved here: a constexpr None does not reach tl.dot as None
+    knobs = getattr(getattr(triton, "knobs", None), "language", None)
+    off = config.offdiag_precision or getattr(knobs, "fp32_default", None) or "tf32"
+    _fwd_intra_kernel[grid](
+        q, k, g, A, path if record_path else A, cu_seqlens, chunk_indices, float(scale), T,
+        H=H, K=K, BT=BT, BC=BC, BK=BK, NC=NC, NK=NK, IS_VARLEN=cu_seqlens is not None,
+        DIAG_PRECISION=config.diag_precision, OFF_PRECISION=off, RANGE_BOUND=RANGE_BOUND, MAG_BOUND=MAG_BOUND,
+        RECORD_PATH=record_path, num_warps=config.num_warps, num_stages=config.num_stages)
+    return A, path
+
+
+def chunk_gla_fwd_intra_gk(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, scale: float,
+                           cu_seqlens: torch.LongTensor | None = None, chunk_size: int = 64,
+                           chunk_indices: torch.LongTensor | None = None, config: LaunchConfig | None = None):
+    """FLA's `chunk_gla_fwd_intra_gk`: q, k, g [B, T, H, K] (g: chunk-local cumsum of the log2 gate); B = 1 with
+    cu_seqlens. Returns A, fp32 [B, T, H, chunk_size], written where FLA writes it (`written_entries`). config:
+    launch options (None: CONFIG). CPU tensors without the Triton interpreter take FLA's function."""
+    _check(q, k, g, scale, cu_seqlens, chunk_size)
+    if not covers(q):
+        return _fla_function()(q, k, g, scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                               chunk_indices=chunk_indices)
+    args = (q, k, g, scale, cu_seqlens, chunk_size, chunk_indices, config or CONFIG, False)
+    if q.is_cuda:
+        with torch.cuda.device(q.device):  # launch on the inputs' device, as FLA's input_guard
+            return _launch(*args)[0]
+    return _launch(*args)[0]
+
+
+def written_entries(T: int, chunk_size: int = 64, cu_seqlens=None, device=None) -> torch.Tensor:
+    """bool [T, chunk_size]: the entries of A's rows that FLA (and this) write, for every batch and head: a row's
+    blocks up to and including the diagonal one (16 columns each). The rest is never written."""
+    BC = min(16, chunk_size)
+    t = torch.arange(T, device=device)
+    if cu_seqlens is not None:  # position inside its own sequence
+        starts = cu_seqlens.to(device)[:-1]
+        t = t - starts[torch.searchsorted(starts, t, right=True) - 1]
+    row_block = (t % chunk_size) // BC
+    col_block = torch.arange(chunk_size, device=device) // BC
+    return col_block[None, :] <= row_block[:, None]
+
+
+def reference_fwd_intra(q, k, g, scale, cu_seqlens=None, chunk_size: int = 64):
+    """The same sums in float64 with plain torch (tests, `_gpu_check`): float64 [B, T, H, chunk_size], 0 above the
+    diagonal."""
+    B, T, H, K = q.shape
+    q, k, g = (t.double() for t in (q, k, g))
+    A = torch.zeros(B, T, H, chunk_size, dtype=torch.float64, device=q.device)
+    bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else \
+        [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    for b, bos, eos in bounds:
+        for s in range(bos, eos, chunk_size):
+            e = min(s + chunk_size, eos)
+            n = e - s
+            tril = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[:, :, None, None]  # [i, j]: j <= i
+            gi = g[b, s:e]  # [n, H, K]
+            diff = gi[:, None] - gi[None, :]  # [i, j, H, K]: g_i - g_j
+            w = torch.where(tril, torch.exp2(torch.where(tril, diff, 0.0)), 0.0)
+            A[b, s:e, :, :n] = scale * torch.einsum('ihc,jhc,ijhc->ihj', q[b, s:e], k[b, s:e], w)
+    return A
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU check: python -c "from models.kernels import gla_fwd_intra; gla_fwd_intra._gpu_check()"
+# ----------------------------------------------------------------------------------------------------------------
+
+def _gpu_inputs(B, T, H, K, device, extreme=False, seed=0):
+    import torch.nn.functional as F
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, T, H, K, device=device, generator=gen).to(torch.bfloat16)
+    k = torch.randn(B, T, H, K, device=device, generator=gen).to(torch.bfloat16)
+    x = torch.randn(B, T, H, K, device=device, generator=gen)
+    if extreme:  # pre-activations of -1000 (log2 decay ~-90 a step) in every chunk's second sub-chunk on half the
+        rows = (torch.arange(T, device=device) % 64) // 16 == 1  # channels, 1e4 (decay exactly 0) on a quarter
+        x[:, rows, :, :K // 2] = -1000.0
+        x[:, :, :, K // 2:K // 2 + K // 4] = 1e4
+    g = chunk_local_cumsum(F.logsigmoid(x) / 16, 64, scale=RCP_LN2)
+    return q, k, g
+
+
+def _median_ms(fn, iters, device):
+    """Median of `iters` calls: CUDA events on a GPU, wall clock elsewhere (a dry run under the interpreter)."""
+    import time
+    fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _diff(a, b, where):
+    """(max |a - b|, that over max |b|), over the entries `where` (bool, broadcast to b) where b is finite."""
+    sel = where.expand_as(b) & b.isfinite()
+    d = (a.double()[sel] - b.double()[sel]).abs().max().item()
+    return d, d / max(b.double()[sel].abs().max().item(), 1e-30)
+
+
+def _gpu_check(B=16, T=2048, H=4, K=128, iters=20, device="cuda", full_sweep=False):
+    """On a CUDA machine: FLA's function against ours (values, float64 error, time, extreme gates), then a sweep of
+    LaunchConfig, one line per configuration, and the fastest. device="cpu" under the interpreter: a dry run.
+    full_sweep: BK 32/64/128 x 1-8 warps x 1-3 stages x every precision (108, minutes of compiling); else 12."""
+    import itertools
+    from fla.ops.gla.chunk import chunk_gla_fwd_intra_gk as fla_intra
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    print(f"device {name}, triton {triton.__version__}, B {B} T {T} H {H} K {K}, default {CONFIG}", flush=True)
+    scale = K ** -0.5
+    q, k, g = _gpu_inputs(B, T, H, K, device)
+    where = written_entries(T, 64, device=device)[None, :, None, :]  # [1, T, 1, BT]
+    want = fla_intra(q, k, g, scale)
+    got = chunk_gla_fwd_intra_gk(q, k, g, scale)
+    d, rel = _diff(got, want, where)
+    upper = (torch.ones(64, 64, dtype=torch.bool, device=device).triu(1)[(torch.arange(T, device=device) % 64)]
+             & where[0, :, 0])[None, :, None, :].expand_as(got)
+    print(f"A: ours vs FLA max abs {d:.3g} (rel to max |FLA| {rel:.3g}); non-finite where written: ours "
+          f"{(~got.isfinite() & where).sum().item()}, FLA {(~want.isfinite() & where).sum().item()}; written entries "
+          f"above the diagonal all 0.0: ours {bool((got[upper] == 0).all())}, FLA {bool((want[upper] == 0).all())}",
+          flush=True)
+    ref = reference_fwd_intra(q[:1], k[:1], g[:1], scale)  # float64, the first sequence
+    print(f"A vs float64 (batch 0), max abs error / max |ref|: FLA {_diff(want[:1], ref, where)[1]:.3g}, "
+          f"ours {_diff(got[:1], ref, where)[1]:.3g}", flush=True)
+    t_fla = _median_ms(lambda: fla_intra(q, k, g, scale), iters, device)
+    t_ours = _median_ms(lambda: chunk_gla_fwd_intra_gk(q, k, g, scale), iters, device)
+    nbytes = sum(t.numel() * t.element_size() for t in (q, k, g)) + int(got.numel() * 4 * 10 / 16)
+    print(f"median ms: FLA {t_fla:.4f}, ours (default) {t_ours:.4f}; at least {nbytes / 1e6:.0f} MB moved "
+          f"({nbytes / t_ours / 1e6:.0f} GB/s ours, {nbytes / t_fla / 1e6:.0f} GB/s FLA)", flush=True)
+
+    qe, ke, ge = _gpu_inputs(B, T, H, K, device, extreme=True, seed=1)
+    we = fla_intra(qe, ke, ge, scale)
+    ae, path = _launch(qe, ke, ge, scale, None, 64, None, CONFIG, True)
+    bad = ((~ae.isfinite()) & we.isfinite() & where).sum().item()
+    print(f"extreme gates: product in {(path == 1).sum().item() / (path >= 0).sum().item():.1%} of program BK "
+          f"blocks; A vs FLA where finite: max abs {_diff(ae, we, where)[0]:.3g}, rel {_diff(ae, we, where)[1]:.3g}; "
+          f"non-finite where FLA is finite: {bad}", flush=True)
+
+    results = []
+    grid = (((32, 64, 128), (1, 2, 4, 8), (1, 2, 3), PRECISIONS) if full_sweep
+            else ((CONFIG.BK,), (1, 2, 4), (1, 2), ("ieee", "tf32x3")))
+    for bk, warps, stages, prec in itertools.product(*grid):
+        cfg = replace(CONFIG, BK=bk, num_warps=warps, num_stages=stages, diag_precision=prec)
+        line = f"BK {bk} warps {warps} stages {stages} {prec:6}"
+        try:
+            out = chunk_gla_fwd_intra_gk(q, k, g, scale, config=cfg)
+            sync()
+            ms = _median_ms(lambda: chunk_gla_fwd_intra_gk(q, k, g, scale, config=cfg), iters, device)
+        except Exception as e:  # a configuration that does not compile or run: report it, go on
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"{line}: FAILED {type(e).__name__}: {first[:200]}", flush=True)
+            continue
+        rel = _diff(out, want, where)[1]
+        results.append((ms, cfg, rel))
+        print(f"{line}: {ms:.4f} ms, max diff from FLA / max |FLA| {rel:.3g}", flush=True)
+    if results:
+        ms, cfg, rel = min(results, key=lambda x: x[0])
+        print(f"fastest: {cfg}: {ms:.4f} ms (FLA {t_fla:.4f} ms, x{t_fla / ms:.2f}), max diff from FLA / max |FLA| "
+              f"{rel:.3g}", flush=True)
