@@ -45,6 +45,7 @@
 #                                      the trainer with the new chunk defaults (bf16 states, our intra kernel), with
 #                                      our forward intra kernel too (-fwdintra), the FLA way (-hnone-flaintra) and HF
 #                                      at batch 16, then bench/gla_check.py --only chunk with what time is left
+#   bash bench/gpu_issue10b.sh c17     (2026-12-06) no models.warm: gla_fwd_intra's check, then gla_check --only chunk
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -455,6 +456,19 @@ c16)
   grep -v Warning "$OUT/gla_check.log" | tail -34
   stamp "done"
   ;;
+c17)
+  # kernels only, no models.warm (for a call with little device time): gla_fwd_intra's check and sweep, then the
+  # chunk's bit-for-bit check of the kept states with what time is left
+  python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1
+  stamp "gla_fwd_intra check"
+  timeout "$(budget 80)" python3 -c "from models.kernels import gla_fwd_intra; gla_fwd_intra._gpu_check()" \
+      > "$OUT/fwd_intra.log" 2>&1
+  grep -v Warning "$OUT/fwd_intra.log" | tail -20
+  stamp "gla_check chunk"
+  timeout "$(budget 200)" python3 bench/gla_check.py --only chunk --iters 10 > "$OUT/gla_check.log" 2>&1
+  grep -v Warning "$OUT/gla_check.log" | tail -34
+  stamp "done"
+  ;;
 c11)
   stamp "train_bench batch 16"
   timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
@@ -464,5 +478,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17" >&2; exit 2 ;;
 esac
