@@ -148,3 +148,53 @@ def test_our_forward_intra_kernel_in_the_chunk_gives_flas_values_within_fp32_rou
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
     with pytest.raises(ValueError, match="fwd_intra='x'"):
         gla.chunk_gla(*tensors[:4], fwd_intra="x")
+
+
+def _naive_gla(q, k, v, g, scale):
+    """GLA as its recurrence, h_t = exp(g_t) * h_{t-1} + k_t v_t^T, o_t = scale * q_t h_t (the float64 reference)."""
+    B, T, H, K = q.shape
+    h = torch.zeros(B, H, K, v.shape[-1], dtype=q.dtype)
+    out = []
+    for t in range(T):
+        h = h * g[:, t].exp()[..., None] + k[:, t][..., None] * v[:, t][..., None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, h))
+    return torch.stack(out, 1)
+
+
+def test_states_stored_in_bf16_cost_less_than_the_outputs_own_bf16_rounding(monkeypatch):
+    """SAVED_STATES="bf16" stores h and dh rounded to bf16. Emulated here in fp32 (the interpreter's bf16 dots are
+    wrong): every h and dh the chunk kernels hand on is rounded to bf16 and back, so every product that reads them sees
+    the rounding (on a GPU the dq, dk, dv, o products cast them to bf16 in FLA's own path anyway). Against the float64
+    recurrence over 4 chunks, o and every gradient stay within half a bf16 ulp of the largest value (2^-9), the
+    rounding a bf16 output has by itself; with fp32 states, fp32 rounding."""
+    from fla.ops.common import chunk_h
+    gen = torch.Generator().manual_seed(0)
+    T, K, V = 256, 16, 32
+    q, k = torch.randn(1, T, 1, K, generator=gen), torch.randn(1, T, 1, K, generator=gen)
+    v, do = torch.randn(1, T, 1, V, generator=gen), torch.randn(1, T, 1, V, generator=gen)
+    g = F.logsigmoid(torch.randn(1, T, 1, K, generator=gen)) / 16
+    scale = K ** -0.5
+    leaves = [t.double().requires_grad_() for t in (q, k, v, g)]
+    o = _naive_gla(*leaves, scale)
+    o.backward(do.double())
+    exact = [o.detach()] + [t.grad for t in leaves]
+    real_h, real_dh = chunk_h.chunk_fwd_h, chunk_h.chunk_bwd_dh
+
+    def errors(round_states: bool) -> dict:
+        def fwd_h(*a, **kw):
+            h, ht = real_h(*a, **kw)
+            return (h.bfloat16().float() if round_states else h), ht
+
+        def bwd_dh(*a, **kw):
+            dh, dh0 = real_dh(*a, **kw)
+            return (dh.bfloat16().float() if round_states else dh), dh0
+        monkeypatch.setattr(chunk_h, "chunk_fwd_h", fwd_h)
+        monkeypatch.setattr(chunk_h, "chunk_bwd_dh", bwd_dh)
+        got = run(lambda *a: ours(*a, saved_states="fp32"), q.clone().requires_grad_(), k.clone().requires_grad_(),
+                  v.clone().requires_grad_(), g.clone().requires_grad_(), do)
+        return {name: ((a.double() - e).abs().max() / e.abs().max()).item()
+                for name, a, e in zip(["o", "dq", "dk", "dv", "dg"], got, exact)}
+    fp32, rounded = errors(False), errors(True)
+    assert max(fp32.values()) < 1e-5, fp32
+    assert max(rounded.values()) < 2 ** -9, rounded
+    assert min(rounded.values()) > 1e-5, rounded  # the emulation did round the states
