@@ -198,3 +198,48 @@ def test_states_stored_in_bf16_cost_less_than_the_outputs_own_bf16_rounding(monk
     assert max(fp32.values()) < 1e-5, fp32
     assert max(rounded.values()) < 2 ** -9, rounded
     assert min(rounded.values()) > 1e-5, rounded  # the emulation did round the states
+
+
+def _inter_inputs(states_dtype, seed=0, T=150, cu_seqlens=None):
+    """The inputs of the backward's last kernel for one head: fp32 q, k, v, do, the intra-chunk dq, dk, the gate's
+    chunk-local cumsum, and states h, dh [chunks, H, V, K] (V-first) in `states_dtype`."""
+    from fla.ops.utils import prepare_chunk_indices
+    gen = torch.Generator().manual_seed(seed)
+    H, K, V = 2, 16, 32
+    q, k = torch.randn(1, T, H, K, generator=gen), torch.randn(1, T, H, K, generator=gen)
+    v, do = torch.randn(1, T, H, V, generator=gen), torch.randn(1, T, H, V, generator=gen)
+    g = gla._cumsum(F.logsigmoid(torch.randn(1, T, H, K, generator=gen)) / 16, 64, cu_seqlens)
+    dq, dk = torch.randn(1, T, H, K, generator=gen), torch.randn(1, T, H, K, generator=gen)
+    chunk_indices = prepare_chunk_indices(cu_seqlens, 64) if cu_seqlens is not None else None
+    n = len(chunk_indices) if cu_seqlens is not None else -(-T // 64)
+    h = (torch.randn(n, H, V, K, generator=gen) * 30).to(states_dtype)
+    dh = (torch.randn(n, H, V, K, generator=gen) * 30).to(states_dtype)
+    return q, k, v, h, g, do, dh, dq, dk, K ** -0.5, cu_seqlens, 64, chunk_indices
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 40, 150]], ids=["batch", "cu_seqlens"])
+def test_our_inter_kernel_computes_flas_sums(cu_seqlens):
+    """`_bwd_inter_kernel` (ours, for low-precision states) against FLA's chunk_gla_bwd_kernel_inter on fp32 states:
+    the same dq, dk, dg to fp32 rounding."""
+    args = _inter_inputs(torch.float32, cu_seqlens=torch.tensor(cu_seqlens) if cu_seqlens else None)
+    ours_out = gla._backward_dqkg(*args, torch.float32, inter="ours")
+    flas_out = gla._backward_dqkg(*args, torch.float32, inter="fla")
+    for name, a, b in zip(["dq", "dk", "dg"], ours_out, flas_out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+def test_bf16_states_are_summed_in_fp32():
+    """With bf16 states, sum(h * dh) (dg's share of the state's decay) in FLA's kernel is a bf16 product reduced in
+    bf16 (Triton's tl.sum keeps its input's dtype); ours takes both to fp32 first. Reference: FLA's kernel on the same
+    bf16 values held in fp32. Ours (what chunk_gla picks for bf16 states) matches it to fp32 rounding. FLA's kernel on
+    the bf16 states, what chunk_gla ran before, does not; the interpreter's bf16 arithmetic even makes it NaN, so its
+    rounding on a GPU is not measured here, only that it is not the fp32 sum."""
+    args = list(_inter_inputs(torch.bfloat16))
+    exact_args = list(args)
+    exact_args[3], exact_args[6] = args[3].float(), args[6].float()  # h, dh: the same values, in fp32
+    want = gla._backward_dqkg(*exact_args, torch.float32, inter="fla")[2]
+    ours_dg = gla._backward_dqkg(*args, torch.float32)[2]  # None: ours, for bf16 states
+    flas_dg = gla._backward_dqkg(*args, torch.float32, inter="fla")[2]
+    rel = lambda a: ((a - want).abs().max() / want.abs().max()).item()  # noqa: E731
+    assert rel(ours_dg) < 1e-6, rel(ours_dg)
+    assert not rel(flas_dg) < 1e-6, rel(flas_dg)

@@ -31,6 +31,13 @@ and a cumsum kernel). `SAVED_STATES` chooses what the forward keeps for the back
     and keeps half its memory.
   * "none": FLA's way, recompute both in the backward.
 
+With bf16 states FLA's last backward kernel (`chunk_gla_bwd_kernel_inter`) would compute that sum(h * dh) in bf16:
+a product of two bf16 tensors is bf16 in Triton, and `tl.sum` keeps its input's dtype (triton 3.6-3.9), so every
+partial sum of the reduction would be rounded to bf16. Where the states are not fp32, `_bwd_inter_kernel` (ours)
+runs in its place: the same sums, with h and dh taken to fp32 before their product and its reduction, so the states'
+one rounding is all the precision bf16 states cost (tests/test_gla_kernel.py measures that cost against GLA's
+recurrence in float64: o and every gradient within 2^-9 of their largest value).
+
 Everything else is FLA's, called as FLA's own `chunk_gla_fwd` / `chunk_gla_bwd` call it: the gate's chunk-local
 cumsum, `chunk_fwd_h`, `chunk_gla_fwd_intra_gk`, `chunk_bwd_dh`, `chunk_gla_bwd_dv`, `chunk_gla_bwd_dA`,
 `chunk_gla_bwd_dqk_intra`, and the two kernels launched here (`chunk_gla_fwd_kernel_o`, `chunk_gla_bwd_kernel_inter`)
@@ -44,6 +51,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 SAVED_STATES = "bf16"
@@ -82,8 +90,10 @@ def _forward_o(q, v, g_cumsum, A, h, scale, cu_seqlens, chunk_size, chunk_indice
     return o
 
 
-def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size, chunk_indices, dg_dtype):
-    """FLA's chunk_gla_bwd_dqkg writing dq, dk in q's dtype and dg in `dg_dtype` (see the module doc)."""
+def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size, chunk_indices, dg_dtype,
+                   inter: str | None = None):
+    """FLA's chunk_gla_bwd_dqkg writing dq, dk in q's dtype and dg in `dg_dtype` (see the module doc). inter: "fla"
+    (FLA's kernel), "ours" (`_bwd_inter_kernel`); None: FLA's for fp32 states, ours for any other."""
     fla_chunk = _fla()
     B, T, H, K, V = *k.shape, v.shape[-1]
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
@@ -93,10 +103,106 @@ def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chun
 
     def grid(meta):
         return (triton.cdiv(K, meta['BK']) * NT, B * H)
-    fla_chunk.chunk_gla_bwd_kernel_inter[grid](
-        q=q, k=k, v=v, g=g_cumsum, h=h, do=do, dh=dh, dq=dq, dk=dk, dq2=dq2, dk2=dk2, dg=dg, cu_seqlens=cu_seqlens,
-        chunk_indices=chunk_indices, scale=scale, T=T, H=H, K=K, V=V, BT=chunk_size, STATE_V_FIRST=True)
+    if inter is None:
+        inter = "fla" if h.dtype == torch.float and dh.dtype == torch.float else "ours"
+    if inter == "fla":
+        fla_chunk.chunk_gla_bwd_kernel_inter[grid](
+            q=q, k=k, v=v, g=g_cumsum, h=h, do=do, dh=dh, dq=dq, dk=dk, dq2=dq2, dk2=dk2, dg=dg,
+            cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale, T=T, H=H, K=K, V=V, BT=chunk_size,
+            STATE_V_FIRST=True)
+    else:  # low-precision states: sum(h * dh) in fp32 (module doc)
+        _bwd_inter_kernel[grid](q, k, v, g_cumsum, h, do, dh, dq, dk, dq2, dk2, dg, cu_seqlens, chunk_indices, scale,
+                                T, H=H, K=K, V=V, BT=chunk_size, IS_VARLEN=cu_seqlens is not None)
     return dq2, dk2, dg
+
+
+def _prune_inter(configs, nargs, **kwargs):
+    """A tile as large as its dimension only where it is the smallest one on offer (a pipelined block load would
+    prefetch past the tensor), and no BK 32 with 4 warps: the combination FLA leaves out on Hopper with triton 3.6-3.8
+    (a ptxas WGMMA miscompile, triton-lang/triton#11366)."""
+    args = {**(nargs or {}), **kwargs}
+    K, V = args["K"], args["V"]
+    min_bk = min(c.kwargs["BK"] for c in configs)
+    min_bv = min(c.kwargs["BV"] for c in configs)
+    kept = [c for c in configs if (c.kwargs["BK"] < K or c.kwargs["BK"] == min_bk)
+            and (c.kwargs["BV"] < V or c.kwargs["BV"] == min_bv)
+            and not (c.kwargs["BK"] == 32 and c.num_warps == 4)]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
+             for bk in (32, 64) for bv in (64, 128) for w in (2, 4, 8) for s in (2, 3)],
+    key=["BT", "K", "V"],
+    prune_configs_by={"early_config_prune": _prune_inter},
+)
+@triton.jit(do_not_specialize=["T"])
+def _bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """One chunk of rows x BK channels of one (sequence, head): the inter-chunk parts of dq and dk from the chunk's
+    state h and state gradient dh ([V, K], V-first), added to the intra-chunk parts, and dg, the reverse cumsum over
+    the chunk of q * dq - k * dk plus the gate's share of the state's decay. h and dh go to fp32 for their
+    elementwise product and its sum; the two products with do and v take them in the inputs' dtype, as FLA's."""
+    pid_kt = tl.program_id(0)
+    n_k = tl.cdiv(K, BK)
+    i_k = pid_kt % n_k
+    i_t = pid_kt // n_k
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    if IS_VARLEN:
+        i_state = i_t
+        seq = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + seq).to(tl.int64)
+        T = (tl.load(cu_seqlens + seq + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_b * T
+        i_state = i_b * tl.cdiv(T, BT) + i_t
+    rows = i_t * BT + tl.arange(0, BT)
+    cols = i_k * BK + tl.arange(0, BK)
+    row_ok = rows < T
+    col_ok = cols < K
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    # [BT, BK] offsets into the [.., T, H, K] tensors of this sequence and head
+    tk = (bos + rows[:, None]) * (H * K) + i_h * K + cols[None, :]
+    state = (i_state * H + i_h) * (K * V)
+    last = tl.minimum(T, i_t * BT + BT) - 1
+    b_g = tl.load(g + tk, mask=tile_ok, other=0.0).to(tl.float32)
+    b_glast = tl.load(g + (bos + last) * (H * K) + i_h * K + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+    acc_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    acc_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    acc_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        vcols = i_v * BV + tl.arange(0, BV)
+        vcol_ok = vcols < V
+        tv = (bos + rows[:, None]) * (H * V) + i_h * V + vcols[None, :]
+        tv_ok = row_ok[:, None] & vcol_ok[None, :]
+        vk = state + vcols[:, None] * K + cols[None, :]  # [BV, BK] of the V-first state
+        vk_ok = vcol_ok[:, None] & col_ok[None, :]
+        b_do = tl.load(do + tv, mask=tv_ok, other=0.0)
+        b_v = tl.load(v + tv, mask=tv_ok, other=0.0)
+        b_h = tl.load(h + vk, mask=vk_ok, other=0.0)
+        b_dh = tl.load(dh + vk, mask=vk_ok, other=0.0)
+        acc_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=0)
+        acc_dq = tl.dot(b_do, b_h.to(b_do.dtype), acc_dq)
+        acc_dk = tl.dot(b_v, b_dh.to(b_v.dtype), acc_dk)
+
+    b_q = tl.load(q + tk, mask=tile_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(k + tk, mask=tile_ok, other=0.0).to(tl.float32)
+    b_dq = acc_dq * (scale * tl.exp2(b_g))
+    b_dk = acc_dk * tl.exp2(b_glast[None, :] - b_g)
+    decay = acc_hdh * tl.exp2(b_glast) + tl.sum(b_dk * b_k, axis=0)
+    b_dq += tl.load(dq_intra + tk, mask=tile_ok, other=0.0)
+    b_dk += tl.load(dk_intra + tk, mask=tile_ok, other=0.0)
+    b_dg = b_q * b_dq - b_k * b_dk
+    # the reverse cumsum over the chunk's rows: sum over s >= t = total - (inclusive cumsum at t) + value at t
+    b_dg = b_dg - tl.cumsum(b_dg, axis=0) + tl.sum(b_dg, axis=0)[None, :] + decay[None, :]
+    tl.store(dq + tk, b_dq.to(dq.dtype.element_ty), mask=tile_ok)
+    tl.store(dk + tk, b_dk.to(dk.dtype.element_ty), mask=tile_ok)
+    tl.store(dg + tk, b_dg.to(dg.dtype.element_ty), mask=tile_ok)
 
 
 def _cumsum(g, chunk_size, cu_seqlens):
