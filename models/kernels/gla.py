@@ -192,7 +192,8 @@ def _bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_
 
     b_q = tl.load(q + tk, mask=tile_ok, other=0.0).to(tl.float32)
     b_k = tl.load(k + tk, mask=tile_ok, other=0.0).to(tl.float32)
-    b_dq = acc_dq * (scale * tl.exp2(b_g))
+    b_dq = acc_dq * scale
+    b_dq = b_dq * tl.exp2(b_g)
     b_dk = acc_dk * tl.exp2(b_glast[None, :] - b_g)
     decay = acc_hdh * tl.exp2(b_glast) + tl.sum(b_dk * b_k, axis=0)
     b_dq += tl.load(dq_intra + tk, mask=tile_ok, other=0.0)
