@@ -70,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.utils.op import exp2, unflatten_program_id  # FLA's own exp2 (FLA_USE_FAST_OPS applies alike)
+from fla.ops.utils.op import exp2  # FLA's own exp2 (FLA_USE_FAST_OPS applies alike)
 from models.kernels.gla_intra import CHUNK_SIZES, MAG_BOUND, PRECISIONS, RANGE_BOUND, covers
 
 __all__ = ["chunk_gla_fwd_intra_gk", "LaunchConfig", "CONFIG", "written_entries", "reference_fwd_intra"]
@@ -99,89 +99,83 @@ def _fwd_intra_kernel(q, k, g, A, path, cu_seqlens, chunk_indices, scale, T,
                       NC: tl.constexpr, NK: tl.constexpr, IS_VARLEN: tl.constexpr, DIAG_PRECISION: tl.constexpr,
                       OFF_PRECISION: tl.constexpr, RANGE_BOUND: tl.constexpr, MAG_BOUND: tl.constexpr,
                       RECORD_PATH: tl.constexpr):
-    # One program per (row sub-chunk i_i, chunk i_t) x (batch x head); varlen as FLA's kernels.
-    i_i, i_t = unflatten_program_id(NC)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
+    """One program: the BC rows of sub-chunk `sub` of chunk `chunk` of one (sequence, head), all K channels; writes
+    those rows' blocks left of the diagonal block and the diagonal block. Rows are local to the sequence; q, k, g are
+    [.., T, H, K] and A [.., T, H, BT]."""
+    pid = tl.program_id(0).to(tl.int64)
+    sub = pid % NC
+    chunk = pid // NC
+    bh = tl.program_id(1).to(tl.int64)
+    head = bh % H
     if IS_VARLEN:
-        i_n, i_t = tl.load(chunk_indices + i_t * 2).to(tl.int32), tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-        if i_n < 0:
+        seq = tl.load(chunk_indices + chunk * 2).to(tl.int32)
+        chunk = tl.load(chunk_indices + chunk * 2 + 1).to(tl.int64)
+        if seq < 0:  # a padded row of a static chunk_indices
             return
-        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + seq).to(tl.int64)
+        T = tl.load(cu_seqlens + seq + 1).to(tl.int64) - bos
     else:
-        bos, eos = i_b * T, i_b * T + T
-    T = eos - bos
-    if i_t * BT + i_i * BC >= T:
+        bos = (bh // H) * T
+    first = chunk * BT + sub * BC
+    if first >= T:
         return
+    idx = tl.arange(0, BC)
+    rows = first + idx
+    row_ok = rows < T
+    base = (bos * H + head) * K  # row 0, channel 0 of this sequence and head
+    a_rows = A + (bos * H + head) * BT + rows[:, None] * (H * BT)
 
-    o_i = tl.arange(0, BC)
-    o_c = i_t * BT + i_i * BC + o_i  # the program's rows
-    m_c = o_c < T
+    # Left of the diagonal: A[i, m] = scale * sum_c q_ic exp2(g_ic - g_fc) k_mc exp2(g_fc - g_mc), f the first row
+    for other in range(0, sub):
+        o_rows = chunk * BT + other * BC + idx
+        o_ok = o_rows < T
+        block = tl.zeros([BC, BC], dtype=tl.float32)
+        for kb in range(0, NK):
+            cols = kb * BK + tl.arange(0, BK)
+            col_ok = cols < K
+            g_first = tl.load(g + base + first * (H * K) + cols, mask=col_ok, other=0)
+            here = base + rows[:, None] * (H * K) + cols[None, :]
+            here_ok = row_ok[:, None] & col_ok[None, :]
+            q_s = tl.load(q + here, mask=here_ok, other=0.0) * exp2(tl.load(g + here, mask=here_ok, other=0.0)
+                                                                    - g_first[None, :]) * scale
+            there = base + cols[:, None] + o_rows[None, :] * (H * K)  # [channel, row m]
+            there_ok = col_ok[:, None] & o_ok[None, :]
+            k_s = tl.load(k + there, mask=there_ok, other=0.0) * exp2(g_first[:, None]
+                                                                      - tl.load(g + there, mask=there_ok, other=0.0))
+            block = tl.dot(q_s, k_s, block, input_precision=OFF_PRECISION)
+        tl.store(a_rows + other * BC + idx[None, :], block.to(A.dtype.element_ty), mask=row_ok[:, None])
 
-    # The blocks left of the diagonal: FLA's chunk_gla_fwd_A_kernel_intra_sub_inter, one column sub-chunk i_j at a time.
-    for i_j in range(0, i_i):
-        b_Aj = tl.zeros([BC, BC], dtype=tl.float32)
-        o_j = i_t * BT + i_j * BC + tl.arange(0, BC)
-        m_j = o_j < T
-        for i_k in range(0, NK):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            m_qk = m_c[:, None] & m_k[None, :]
-            m_kj = m_k[:, None] & m_j[None, :]
-            p_q = q + (bos*H + i_h)*K + o_c[:, None] * (H*K) + o_k[None, :]
-            p_g = g + (bos*H + i_h)*K + o_c[:, None] * (H*K) + o_k[None, :]
-            p_k = k + (bos*H + i_h)*K + o_k[:, None] + o_j[None, :] * (H*K)
-            p_gk = g + (bos*H + i_h)*K + o_k[:, None] + o_j[None, :] * (H*K)
-            p_gn = g + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
-            b_gn = tl.load(p_gn, mask=m_k, other=0)
-            b_q = tl.load(p_q, mask=m_qk, other=0.0)
-            b_g = tl.load(p_g, mask=m_qk, other=0.0)
-            b_qg = b_q * exp2(b_g - b_gn[None, :]) * scale
-            b_k = tl.load(p_k, mask=m_kj, other=0.0)
-            b_gk = tl.load(p_gk, mask=m_kj, other=0.0)
-            b_kg = b_k * exp2(b_gn[:, None] - b_gk)
-            b_Aj = tl.dot(b_qg, b_kg, b_Aj, input_precision=OFF_PRECISION)
-        p_Aj = A + (bos*H + i_h)*BT + o_c[:, None] * (H*BT) + i_j * BC + o_i[None, :]
-        tl.store(p_Aj, b_Aj.to(A.dtype.element_ty), mask=m_c[:, None])
-
-    # The diagonal block, BK channels at a time: the product where the module doc's rule allows, else FLA's loop.
-    b_A = tl.zeros([BC, BC], dtype=tl.float32)
-    for i_k in range(0, NK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_ck = m_c[:, None] & m_k[None, :]
-        p_tile = (bos * H + i_h) * K + o_c[:, None] * (H*K) + o_k[None, :]
-        b_g = tl.load(g + p_tile, mask=m_ck, other=0.0)
-        b_q = tl.load(q + p_tile, mask=m_ck, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_tile, mask=m_ck, other=0.0).to(tl.float32)
-        g_hi = tl.max(tl.where(m_c[:, None], b_g, float('-inf')), axis=0)
-        g_lo = tl.min(tl.where(m_c[:, None], b_g, float('inf')), axis=0)
-        g_range = tl.max(g_hi - g_lo, axis=0)
-        # Sums, not maxima: NaN and inf propagate through them.
-        fast = ((g_range <= RANGE_BOUND) & (tl.sum(tl.abs(b_g)) <= 1e30) & (tl.sum(tl.abs(b_q)) <= MAG_BOUND)
-                & (tl.sum(tl.abs(b_k)) <= MAG_BOUND))
+    # The diagonal block, BK channels at a time: a product where the module doc's rule allows, else per column
+    diag = tl.zeros([BC, BC], dtype=tl.float32)
+    for kb in range(0, NK):
+        cols = kb * BK + tl.arange(0, BK)
+        col_ok = cols < K
+        here = base + rows[:, None] * (H * K) + cols[None, :]
+        here_ok = row_ok[:, None] & col_ok[None, :]
+        g_rows = tl.load(g + here, mask=here_ok, other=0.0)
+        q_rows = tl.load(q + here, mask=here_ok, other=0.0).to(tl.float32)
+        k_rows = tl.load(k + here, mask=here_ok, other=0.0).to(tl.float32)
+        g_max = tl.max(tl.where(row_ok[:, None], g_rows, float('-inf')), axis=0)
+        g_min = tl.min(tl.where(row_ok[:, None], g_rows, float('inf')), axis=0)
+        # sums, not maxima: a NaN or an inf anywhere makes them fail the test
+        fast = ((tl.max(g_max - g_min, axis=0) <= RANGE_BOUND) & (tl.sum(tl.abs(g_rows)) <= 1e30)
+                & (tl.sum(tl.abs(q_rows)) <= MAG_BOUND) & (tl.sum(tl.abs(k_rows)) <= MAG_BOUND))
         if RECORD_PATH:
-            tl.store(path + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * NK + i_k, fast.to(tl.int32))
+            tl.store(path + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * NK + kb, fast.to(tl.int32))
         if fast:
-            r = g_hi * 0.5 + g_lo * 0.5
-            b_gs = tl.where(m_c[:, None], b_g, r[None, :])  # rows past T: factors of 1
-            b_qe = b_q * exp2(b_gs - r[None, :])
-            b_ke = b_k * exp2(r[None, :] - b_gs)
-            b_A = tl.dot(b_qe, tl.trans(b_ke), b_A, input_precision=DIAG_PRECISION)
-        else:  # FLA's chunk_gla_fwd_A_kernel_intra_sub_intra, a column j of the block per step, less its scale
-            p_kj = k + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
-            p_gkj = g + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
-            for j in range(0, min(BC, T - i_t * BT - i_i * BC)):
-                b_kj = tl.load(p_kj, mask=m_k, other=0).to(tl.float32)
-                b_gkj = tl.load(p_gkj, mask=m_k, other=0).to(tl.float32)
-                b_Acol = tl.sum(b_q * b_kj[None, :] * exp2(b_g - b_gkj[None, :]), 1)
-                b_A += tl.where(o_i[None, :] == j, b_Acol[:, None], 0.)
-                p_kj += H*K
-                p_gkj += H*K
-    # scale after the sum, as FLA; the strict upper triangle 0.0, as FLA writes it
-    b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A * scale, 0.)
-    p_A = A + (bos*H + i_h)*BT + o_c[:, None] * (H*BT) + i_i * BC + o_i[None, :]
-    tl.store(p_A, b_A.to(A.dtype.element_ty), mask=m_c[:, None])
+            ref = g_max * 0.5 + g_min * 0.5
+            g_safe = tl.where(row_ok[:, None], g_rows, ref[None, :])  # rows past the end: factors of 1
+            diag = tl.dot(q_rows * exp2(g_safe - ref[None, :]), tl.trans(k_rows * exp2(ref[None, :] - g_safe)), diag,
+                          input_precision=DIAG_PRECISION)
+        else:  # column j: sum_c q_ic k_jc exp2(g_ic - g_jc), an exp2 per element
+            for j in range(0, tl.minimum(BC, T - first)):
+                k_j = tl.load(k + base + (first + j) * (H * K) + cols, mask=col_ok, other=0).to(tl.float32)
+                g_j = tl.load(g + base + (first + j) * (H * K) + cols, mask=col_ok, other=0).to(tl.float32)
+                column = tl.sum(q_rows * k_j[None, :] * exp2(g_rows - g_j[None, :]), 1)
+                diag += tl.where(idx[None, :] == j, column[:, None], 0.)
+    # scaled after the sum, as FLA's kernel; 0.0 above the diagonal, as FLA's kernel writes it
+    diag = tl.where(idx[:, None] >= idx[None, :], diag * scale, 0.)
+    tl.store(a_rows + sub * BC + idx[None, :], diag.to(A.dtype.element_ty), mask=row_ok[:, None])
 
 
 def _fla_function():

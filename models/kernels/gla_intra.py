@@ -24,7 +24,8 @@ The factorisation. For a per-channel reference value r of the sub-chunk,
 so the diagonal block becomes dq = e+ * (tril(dA) @ (k * e-)) and dk = e- * (tril(dA)^T @ (q * e+)) with
 e+ = exp2(g - r), e- = exp2(r - g): 2 exp2 per element shared by dq and dk instead of 32, and two [16, 16] x [16, BK]
 products (`tl.dot`, precision a launch option: "ieee" fp32 by default, "tf32x3" or "tf32" for a GPU sweep). The
-off-diagonal sums keep FLA's code; their final factors exp2(g - g_first) and exp2(g_last - g) are taken as
+off-diagonal sums are products as in FLA's kernel (the exponent split at the sub-chunk's first row for dq, its last
+row for dk); their final factors exp2(g - g_first) and exp2(g_last - g) are taken as
 e+ * exp2(r - g_first) and e- * exp2(g_last - r) (a per-channel exp2 instead of one per element). In all: about 5
 exp2 per output element of dq and dk together, against about 36 in FLA's kernel.
 
@@ -68,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla.ops.utils.op import exp2, unflatten_program_id  # FLA's own exp2 (FLA_USE_FAST_OPS applies alike)
+from fla.ops.utils.op import exp2  # FLA's own exp2 (FLA_USE_FAST_OPS applies alike)
 
 RANGE_BOUND = 32.0  # max g - min g over a sub-chunk's rows (log2 units) for the fast path; see the module doc
 MAG_BOUND = 2.0 ** 24  # sum of |q|, |k|, |tril(dA)| over a program's tiles for the fast path
@@ -100,122 +101,113 @@ def _bwd_intra_kernel(q, k, g, dA, dq, dk, path, cu_seqlens, chunk_indices, T,
                       NC: tl.constexpr, IS_VARLEN: tl.constexpr, DIAG_PRECISION: tl.constexpr,
                       OFF_PRECISION: tl.constexpr, RANGE_BOUND: tl.constexpr, MAG_BOUND: tl.constexpr,
                       RECORD_PATH: tl.constexpr):
-    # Program layout, varlen and masks as FLA's chunk_gla_bwd_kernel_intra.
-    i_kc, i_t = unflatten_program_id(tl.cdiv(K, BK) * NC)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_k, i_i = i_kc // NC, i_kc % NC
+    """One program: the BC rows of sub-chunk `sub` of chunk `chunk`, BK channels, one (sequence, head); FLA's grid
+    (channel block and sub-chunk fastest in axis 0, batch x head in axis 1). Rows are local to the sequence; q, k, g,
+    dq, dk are [.., T, H, K] and dA [.., T, H, BT] (row m's column c: dA[m, chunk start + c])."""
+    pid = tl.program_id(0).to(tl.int64)
+    per_chunk = tl.cdiv(K, BK) * NC
+    chunk = pid // per_chunk
+    kblock = (pid % per_chunk) // NC
+    sub = pid % NC
+    bh = tl.program_id(1).to(tl.int64)
+    head = bh % H
     if IS_VARLEN:
-        i_n, i_t = tl.load(chunk_indices + i_t * 2).to(tl.int32), tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-        if i_n < 0:
+        seq = tl.load(chunk_indices + chunk * 2).to(tl.int32)
+        chunk = tl.load(chunk_indices + chunk * 2 + 1).to(tl.int64)
+        if seq < 0:  # a padded row of a static chunk_indices
             return
-        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + seq).to(tl.int64)
+        T = tl.load(cu_seqlens + seq + 1).to(tl.int64) - bos
     else:
-        bos, eos = i_b * T, i_b * T + T
-    T = eos - bos
-    if i_t * BT + i_i * BC >= T:
+        bos = (bh // H) * T
+    first = chunk * BT + sub * BC  # the sub-chunk's first row
+    if first >= T:
         return
+    idx = tl.arange(0, BC)
+    rows = first + idx
+    row_ok = rows < T
+    cols = kblock * BK + tl.arange(0, BK)
+    col_ok = cols < K
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    base = (bos * H + head) * K  # row 0, channel 0 of this sequence and head
+    a_base = (bos * H + head) * BT
+    tile = base + rows[:, None] * (H * K) + cols[None, :]
+    g_rows = tl.load(g + tile, mask=tile_ok, other=0.0)
+    q_rows = tl.load(q + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    k_rows = tl.load(k + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    # the diagonal block of dA: [row i, column j] = dA[first + i, sub * BC + j], kept for j <= i
+    dA_diag = tl.load(dA + a_base + rows[:, None] * (H * BT) + sub * BC + idx[None, :], mask=row_ok[:, None],
+                      other=0.0).to(tl.float32)
+    dA_diag = tl.where(idx[:, None] >= idx[None, :], dA_diag, 0.0)
 
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    o_i = tl.arange(0, BC)
-    o_c = i_t * BT + i_i * BC + o_i
-    m_c = o_c < T
-    m_ck = m_c[:, None] & m_k[None, :]
-    p_tile = (bos * H + i_h) * K + o_c[:, None] * (H*K) + o_k[None, :]
-    b_g = tl.load(g + p_tile, mask=m_ck, other=0.0)
-    b_q = tl.load(q + p_tile, mask=m_ck, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_tile, mask=m_ck, other=0.0).to(tl.float32)
-    # the diagonal block of dA, lower triangle (row i, column j <= i of the sub-chunk)
-    p_dAd = dA + (bos * H + i_h) * BT + o_c[:, None] * (H*BT) + i_i * BC + o_i[None, :]
-    b_dAd = tl.load(p_dAd, mask=m_c[:, None], other=0.0).to(tl.float32)
-    b_dAd = tl.where(o_i[:, None] >= o_i[None, :], b_dAd, 0.0)
-
-    # Path choice (module doc). Sums, not maxima: NaN and inf propagate through them.
-    g_hi = tl.max(tl.where(m_c[:, None], b_g, float('-inf')), axis=0)
-    g_lo = tl.min(tl.where(m_c[:, None], b_g, float('inf')), axis=0)
-    g_range = tl.max(g_hi - g_lo, axis=0)
-    fast = ((g_range <= RANGE_BOUND) & (tl.sum(tl.abs(b_g)) <= 1e30) & (tl.sum(tl.abs(b_q)) <= MAG_BOUND)
-            & (tl.sum(tl.abs(b_k)) <= MAG_BOUND) & (tl.sum(tl.abs(b_dAd)) <= MAG_BOUND))
+    # Which path (module doc). Sums, not maxima: a NaN or an inf anywhere makes them fail the test.
+    g_max = tl.max(tl.where(row_ok[:, None], g_rows, float('-inf')), axis=0)
+    g_min = tl.min(tl.where(row_ok[:, None], g_rows, float('inf')), axis=0)
+    fast = ((tl.max(g_max - g_min, axis=0) <= RANGE_BOUND) & (tl.sum(tl.abs(g_rows)) <= 1e30)
+            & (tl.sum(tl.abs(q_rows)) <= MAG_BOUND) & (tl.sum(tl.abs(k_rows)) <= MAG_BOUND)
+            & (tl.sum(tl.abs(dA_diag)) <= MAG_BOUND))
     if RECORD_PATH:
         tl.store(path + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), fast.to(tl.int32))
-    r = g_hi * 0.5 + g_lo * 0.5
-    b_gs = tl.where(m_c[:, None], b_g, r[None, :])  # rows past T: factors of 1
-    e_pos = exp2(b_gs - r[None, :])  # unused (maybe inf) when not fast
-    e_neg = exp2(r[None, :] - b_gs)
+    ref = g_max * 0.5 + g_min * 0.5  # per channel
+    g_safe = tl.where(row_ok[:, None], g_rows, ref[None, :])  # rows past the end: factors of 1
+    up = exp2(g_safe - ref[None, :])  # exp2(g_i - ref); only used on the fast path (may overflow otherwise)
+    down = exp2(ref[None, :] - g_safe)  # exp2(ref - g_i)
 
-    # dq: the earlier sub-chunks (FLA's code), then the diagonal block
-    b_gn = tl.load(g + (bos + i_t * BT + i_i * BC) * H*K + i_h*K + o_k, mask=m_k, other=0)
-    b_dq = tl.zeros([BC, BK], dtype=tl.float32)
-    for i_j in range(0, i_i):
-        o_j = i_t * BT + i_j * BC + tl.arange(0, BC)
-        o_jA = i_j * BC + tl.arange(0, BC)
-        m_jk = (o_j[:, None] < T) & m_k[None, :]
-        m_da = m_c[:, None] & (o_jA[None, :] < BT)
-        p_k = k + (bos*H + i_h)*K + o_j[:, None] * (H*K) + o_k[None, :]
-        p_gk = g + (bos*H + i_h)*K + o_j[:, None] * (H*K) + o_k[None, :]
-        p_dA = dA + (bos*H + i_h)*BT + o_c[:, None] * (H*BT) + o_jA[None, :]
-        b_kj = tl.load(p_k, mask=m_jk, other=0.0)
-        b_gk = tl.load(p_gk, mask=m_jk, other=0.0)
-        b_kg = b_kj * exp2(b_gn[None, :] - b_gk)
-        b_dA = tl.load(p_dA, mask=m_da, other=0.0)
-        b_dq = tl.dot(b_dA, b_kg, b_dq, input_precision=OFF_PRECISION)
+    # dq, earlier sub-chunks: sum_j dA[i, j] k_j exp2(g_i - g_j), split at the sub-chunk's first row
+    g_first = tl.load(g + base + first * (H * K) + cols, mask=col_ok, other=0.0)
+    acc = tl.zeros([BC, BK], dtype=tl.float32)
+    for other in range(0, sub):
+        o_rows = chunk * BT + other * BC + idx
+        o_tile = base + o_rows[:, None] * (H * K) + cols[None, :]
+        o_ok = (o_rows[:, None] < T) & col_ok[None, :]
+        k_o = tl.load(k + o_tile, mask=o_ok, other=0.0)
+        g_o = tl.load(g + o_tile, mask=o_ok, other=0.0)
+        block = tl.load(dA + a_base + rows[:, None] * (H * BT) + other * BC + idx[None, :],
+                        mask=row_ok[:, None], other=0.0)
+        acc = tl.dot(block, k_o * exp2(g_first[None, :] - g_o), acc, input_precision=OFF_PRECISION)
     if fast:
-        b_dq = (b_dq * (e_pos * exp2(r - b_gn)[None, :])
-                + e_pos * tl.dot(b_dAd, b_k * e_neg, input_precision=DIAG_PRECISION))
-    else:  # FLA's
-        if i_i > 0:
-            b_dq *= exp2(b_g - b_gn[None, :])
-        o_dA = bos*H*BT + (i_t * BT + i_i * BC + o_i) * H*BT + i_h * BT + i_i * BC
-        p_kj = k + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
-        p_gkj = g + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
-        for j in range(0, min(BC, T - i_t * BT - i_i * BC)):
-            b_dAj = tl.load(dA + o_dA + j, mask=m_c, other=0)
-            b_kj = tl.load(p_kj, mask=m_k, other=0).to(tl.float32)
-            b_gkj = tl.load(p_gkj, mask=m_k, other=0).to(tl.float32)
-            m_i = o_i[:, None] >= j
-            b_dq += tl.where(m_i, b_dAj[:, None] * b_kj[None, :] * exp2(b_g - b_gkj[None, :]), 0.)
-            p_kj += H*K
-            p_gkj += H*K
-    tl.store(dq + p_tile, b_dq.to(dq.dtype.element_ty), mask=m_ck)
+        acc = (acc * (up * exp2(ref - g_first)[None, :])
+               + up * tl.dot(dA_diag, k_rows * down, input_precision=DIAG_PRECISION))
+    else:  # one diagonal column at a time, exp2(g_i - g_j) per element
+        if sub > 0:
+            acc *= exp2(g_rows - g_first[None, :])
+        for j in range(0, tl.minimum(BC, T - first)):
+            dA_col = tl.load(dA + a_base + rows * (H * BT) + sub * BC + j, mask=row_ok, other=0.0)
+            k_j = tl.load(k + base + (first + j) * (H * K) + cols, mask=col_ok, other=0.0).to(tl.float32)
+            g_j = tl.load(g + base + (first + j) * (H * K) + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += tl.where(idx[:, None] >= j, dA_col[:, None] * k_j[None, :] * exp2(g_rows - g_j[None, :]), 0.)
+    tl.store(dq + tile, acc.to(dq.dtype.element_ty), mask=tile_ok)
 
     tl.debug_barrier()
-    # dk: the later sub-chunks (FLA's code), then the diagonal block
-    NCT = min(NC, tl.cdiv(T - i_t * BT, BC))
-    b_gm = tl.load(g + (bos + min(i_t * BT + i_i * BC + BC, T) - 1) * H*K + i_h * K + o_k, mask=m_k, other=0)
-    b_dk = tl.zeros([BC, BK], dtype=tl.float32)
-    for i_j in range(i_i + 1, NCT):
-        o_j = i_t * BT + i_j * BC + o_i
-        o_iA = i_i * BC + tl.arange(0, BC)
-        m_j = o_j < T
-        m_jk = m_j[:, None] & m_k[None, :]
-        m_da = (o_iA[:, None] < BT) & m_j[None, :]
-        p_q = q + (bos*H + i_h)*K + o_j[:, None] * (H*K) + o_k[None, :]
-        p_gq = g + (bos*H + i_h)*K + o_j[:, None] * (H*K) + o_k[None, :]
-        p_dA = dA + (bos*H + i_h)*BT + o_iA[:, None] + o_j[None, :] * (H*BT)
-        b_qj = tl.load(p_q, mask=m_jk, other=0.0)
-        b_gq = tl.load(p_gq, mask=m_jk, other=0.0)
-        b_qg = b_qj * tl.where(m_j[:, None], exp2(b_gq - b_gm[None, :]), 0)
-        b_dA = tl.load(p_dA, mask=m_da, other=0.0)
-        b_dk = tl.dot(b_dA, b_qg, b_dk, input_precision=OFF_PRECISION)
+    # dk, later sub-chunks: sum_m dA[m, i] q_m exp2(g_m - g_i), split at the sub-chunk's last row
+    n_sub = tl.minimum(NC, tl.cdiv(T - chunk * BT, BC))  # sub-chunks of this chunk with rows
+    last = tl.minimum(first + BC, T) - 1
+    g_last = tl.load(g + base + last * (H * K) + cols, mask=col_ok, other=0.0)
+    acc = tl.zeros([BC, BK], dtype=tl.float32)
+    for other in range(sub + 1, n_sub):
+        o_rows = chunk * BT + other * BC + idx
+        o_in = o_rows < T
+        o_tile = base + o_rows[:, None] * (H * K) + cols[None, :]
+        o_ok = o_in[:, None] & col_ok[None, :]
+        q_o = tl.load(q + o_tile, mask=o_ok, other=0.0)
+        g_o = tl.load(g + o_tile, mask=o_ok, other=0.0)
+        # [i, m] = dA[o_rows[m], sub * BC + i]
+        block = tl.load(dA + a_base + o_rows[None, :] * (H * BT) + sub * BC + idx[:, None], mask=o_in[None, :],
+                        other=0.0)
+        acc = tl.dot(block, q_o * tl.where(o_in[:, None], exp2(g_o - g_last[None, :]), 0),
+                     acc, input_precision=OFF_PRECISION)
     if fast:
-        b_dk = (b_dk * (e_neg * exp2(b_gm - r)[None, :])
-                + e_neg * tl.dot(tl.trans(b_dAd), b_q * e_pos, input_precision=DIAG_PRECISION))
-    else:  # FLA's
-        if i_i < NCT - 1:
-            b_dk *= exp2(b_gm[None, :] - b_g)
-        o_dA = bos*H*BT + (i_t * BT + i_i * BC) * H*BT + i_h * BT + i_i * BC + o_i
-        p_qj = q + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
-        p_gqj = g + (bos + i_t * BT + i_i * BC) * H*K + i_h * K + o_k
-        for j in range(0, min(BC, T - i_t * BT - i_i * BC)):
-            b_dAj = tl.load(dA + o_dA + j * H*BT)
-            b_qj = tl.load(p_qj, mask=m_k, other=0).to(tl.float32)
-            b_gqj = tl.load(p_gqj, mask=m_k, other=0).to(tl.float32)
-            m_i = o_i[:, None] <= j
-            b_dk += tl.where(m_i, b_dAj[:, None] * b_qj[None, :] * exp2(b_gqj[None, :] - b_g), 0.)
-            p_qj += H*K
-            p_gqj += H*K
-    tl.store(dk + p_tile, b_dk.to(dk.dtype.element_ty), mask=m_ck)
+        acc = (acc * (down * exp2(g_last - ref)[None, :])
+               + down * tl.dot(tl.trans(dA_diag), q_rows * up, input_precision=DIAG_PRECISION))
+    else:  # one diagonal row at a time
+        if sub < n_sub - 1:
+            acc *= exp2(g_last[None, :] - g_rows)
+        for j in range(0, tl.minimum(BC, T - first)):
+            dA_row = tl.load(dA + a_base + (first + j) * (H * BT) + sub * BC + idx)
+            q_j = tl.load(q + base + (first + j) * (H * K) + cols, mask=col_ok, other=0.0).to(tl.float32)
+            g_j = tl.load(g + base + (first + j) * (H * K) + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += tl.where(idx[:, None] <= j, dA_row[:, None] * q_j[None, :] * exp2(g_j[None, :] - g_rows), 0.)
+    tl.store(dk + tile, acc.to(dk.dtype.element_ty), mask=tile_ok)
 
 
 def _fla_function():
@@ -244,7 +236,8 @@ def _check(q, k, g, dA, cu_seqlens, chunk_size) -> None:
 
 
 def _launch(q, k, g, dA, cu_seqlens, chunk_size, chunk_indices, config: LaunchConfig, record_path: bool):
-    """(dq, dk, path): path [NK * NC * NT, B * H] int32 with 1 (fast), 0 (FLA's loop), -1 (no rows), or None."""
+    """(dq, dk, path): path [NK * NC * NT, B * H] int32 with 1 (fast), 0 (the elementwise loop), -1 (no rows), or
+    None."""
     from fla.ops.utils import prepare_chunk_indices
     if config.diag_precision not in PRECISIONS or (config.offdiag_precision or "tf32") not in PRECISIONS:
         raise ValueError(f"chunk_gla_bwd_dqk_intra: config {config}: precisions must be one of {PRECISIONS}")
