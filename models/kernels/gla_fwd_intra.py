@@ -63,7 +63,6 @@ path each program took for each of its BK blocks.
 from __future__ import annotations
 
 import numbers
-import statistics
 from dataclasses import dataclass, replace
 
 import torch
@@ -71,7 +70,8 @@ import triton
 import triton.language as tl
 
 from fla.ops.utils.op import exp2  # FLA's own exp2 (FLA_USE_FAST_OPS applies alike)
-from models.kernels.gla_intra import CHUNK_SIZES, MAG_BOUND, PRECISIONS, RANGE_BOUND, covers
+from models.kernels import gla_intra
+from models.kernels.gla_intra import CHUNK_SIZES, MAG_BOUND, PRECISIONS, RANGE_BOUND, _median_ms, covers
 
 __all__ = ["chunk_gla_fwd_intra_gk", "LaunchConfig", "CONFIG", "written_entries", "reference_fwd_intra"]
 
@@ -283,39 +283,8 @@ def reference_fwd_intra(q, k, g, scale, cu_seqlens=None, chunk_size: int = 64):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _gpu_inputs(B, T, H, K, device, extreme=False, seed=0):
-    import torch.nn.functional as F
-    from fla.ops.utils.constant import RCP_LN2
-    from fla.ops.utils.cumsum import chunk_local_cumsum
-    gen = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(B, T, H, K, device=device, generator=gen).to(torch.bfloat16)
-    k = torch.randn(B, T, H, K, device=device, generator=gen).to(torch.bfloat16)
-    x = torch.randn(B, T, H, K, device=device, generator=gen)
-    if extreme:  # pre-activations of -1000 (log2 decay ~-90 a step) in every chunk's second sub-chunk on half the
-        rows = (torch.arange(T, device=device) % 64) // 16 == 1  # channels, 1e4 (decay exactly 0) on a quarter
-        x[:, rows, :, :K // 2] = -1000.0
-        x[:, :, :, K // 2:K // 2 + K // 4] = 1e4
-    g = chunk_local_cumsum(F.logsigmoid(x) / 16, 64, scale=RCP_LN2)
-    return q, k, g
-
-
-def _median_ms(fn, iters, device):
-    """Median of `iters` calls: CUDA events on a GPU, wall clock elsewhere (a dry run under the interpreter)."""
-    import time
-    fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """q, k, g as gla_intra's GPU check builds them (the same draws)."""
+    return gla_intra._gpu_inputs(B, T, H, K, device, extreme=extreme, seed=seed)[:3]
 
 
 def _diff(a, b, where):
