@@ -448,7 +448,7 @@ c16)
   grep -v Warning "$OUT/fwd_intra.log" | tail -20
   stamp "train_bench batch 16"
   timeout "$(budget 330)" python3 bench/train_bench.py --batch 16 --steps 16 --warmup 4 \
-      --cases ${CASES:-ours-bf16,ours-bf16-fwdintra,ours-bf16-hnone-flaintra,hf} --dir bench/out/train \
+      --cases ${CASES:-ours-bf16,hf,ours-bf16-hnone-flaintra,ours-bf16-fwdintra} --dir bench/out/train \
       > "$OUT/b16.log" 2>&1
   grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-330
   stamp "gla_check chunk"
