@@ -18,18 +18,13 @@ from models import cpu_triton  # noqa: E402
 
 cpu_triton.enable()
 
+from tests.gla_intra_common import EPS, extreme_x, overflow_ok, slow  # noqa: E402
+
 from fla.ops.gla.chunk import chunk_gla_bwd_dqk_intra as flas  # noqa: E402
 from fla.ops.utils.constant import RCP_LN2  # noqa: E402
 from fla.ops.utils.cumsum import chunk_local_cumsum  # noqa: E402
 
 from models.kernels import gla_intra  # noqa: E402
-
-EPS = torch.finfo(torch.float32).eps
-slow = pytest.mark.slow  # runs FLA's kernels under the interpreter (pytest.ini)
-# numpy's overflow warnings from values both kernels compute and then mask (FLA's rows past T, our unused factors)
-overflow_ok = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
-                                         "ignore:invalid value encountered:RuntimeWarning")
-
 
 def inputs(B, T, H, K, chunk_size=64, cu_seqlens=None, x=None, seed=0, dtype=torch.float32):
     """q, k, dA random; g the chunk-local log2 cumsum of logsigmoid(x) / 16 (x random unless given)."""
@@ -129,16 +124,6 @@ def test_large_gate_range_within_the_bound_keeps_flas_precision():
     want = flas(q, k, g, dA)
     assert_close_to_flas(got, want)
     assert_error_no_worse(got, want, gla_intra.reference_dqk_intra(q, k, g, dA))
-
-
-def extreme_x(B, T, H, K):
-    """Pre-activations: -1000 (a log2 decay of ~-90 a step) in the second sub-chunk of every chunk on half the
-    channels, 1e4 (decay exactly 0) on a quarter, random elsewhere."""
-    x = torch.randn(B, T, H, K, generator=torch.Generator().manual_seed(5))
-    rows = (torch.arange(T) % 64) // 16 == 1
-    x[:, rows, :, : K // 2] = -1000.0
-    x[:, :, :, K // 2: K // 2 + K // 4] = 1e4
-    return x
 
 
 @slow

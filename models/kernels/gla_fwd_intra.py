@@ -63,7 +63,7 @@ path each program took for each of its BK blocks.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import triton
@@ -71,21 +71,10 @@ import triton.language as tl
 
 from fla.ops.utils.op import exp2  # FLA's own exp2 (FLA_USE_FAST_OPS applies alike)
 from models.kernels import gla_intra
-from models.kernels.gla_intra import CHUNK_SIZES, MAG_BOUND, PRECISIONS, RANGE_BOUND, _median_ms, covers
+from models.kernels.gla_intra import (MAG_BOUND, PRECISIONS, RANGE_BOUND, LaunchConfig, _median_ms, check_qkg,
+                                      covers)
 
 __all__ = ["chunk_gla_fwd_intra_gk", "LaunchConfig", "CONFIG", "written_entries", "reference_fwd_intra"]
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Launch options. BK: channels per step of a program's loops (capped at K rounded up to a power of two, at
-    least 16). diag_precision: the diagonal block's tl.dot. offdiag_precision: the tl.dot of the blocks left of it;
-    None: tl.dot's default ("tf32" on NVIDIA unless TRITON_F32_DEFAULT says otherwise), as FLA's sub_inter kernel."""
-    BK: int = 64
-    num_warps: int = 2
-    num_stages: int = 2
-    diag_precision: str = "ieee"
-    offdiag_precision: str | None = None
 
 
 # Not chosen by measurement: gla_intra's fastest launch (2 warps, 2 stages, BK 64), whose programs hold tiles of the
@@ -185,16 +174,9 @@ def _fla_function():
 
 def _check(q, k, g, scale, cu_seqlens, chunk_size) -> None:
     name = "chunk_gla_fwd_intra_gk"
-    if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape:
-        raise ValueError(f"{name}: q, k, g must be [B, T, H, K] of one shape, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, g {tuple(g.shape)}")
-    if chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"{name}: chunk_size={chunk_size!r}: use one of {CHUNK_SIZES}")
+    check_qkg(name, q, k, g, cu_seqlens, chunk_size)
     if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise ValueError(f"{name}: scale must be a real number (a Python float), got {type(scale).__name__}")
-    if cu_seqlens is not None and (q.shape[0] != 1 or cu_seqlens.dim() != 1):
-        raise ValueError(f"{name}: with cu_seqlens the batch dimension must be 1 and cu_seqlens 1-D, got q "
-                         f"{tuple(q.shape)}, cu_seqlens {tuple(cu_seqlens.shape)}")
 
 
 def _launch(q, k, g, scale, cu_seqlens, chunk_size, chunk_indices, config: LaunchConfig, record_path: bool, A=None):

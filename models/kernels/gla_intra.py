@@ -79,9 +79,10 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Launch options. BK: channels per program (capped at K rounded up to a power of two, at least 16).
-    diag_precision: the diagonal block's tl.dot. offdiag_precision: the off-diagonal tl.dot's; None: tl.dot's
-    default ("tf32" on NVIDIA unless TRITON_F32_DEFAULT says otherwise), as FLA's kernel."""
+    """Launch options of the intra-chunk kernels (this one and gla_fwd_intra's). BK: channels per program, or per step
+    of a program's loop (capped at K rounded up to a power of two, at least 16). diag_precision: the diagonal block's
+    tl.dot. offdiag_precision: the tl.dot of the blocks off the diagonal; None: tl.dot's default ("tf32" on NVIDIA
+    unless TRITON_F32_DEFAULT says otherwise), as FLA's kernels."""
     BK: int = 64
     num_warps: int = 2
     num_stages: int = 2
@@ -220,19 +221,25 @@ def covers(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _check(q, k, g, dA, cu_seqlens, chunk_size) -> None:
-    name = "chunk_gla_bwd_dqk_intra"
+def check_qkg(name: str, q, k, g, cu_seqlens, chunk_size) -> None:
+    """The argument checks the intra-chunk kernels share (this one and gla_fwd_intra's): q, k, g of one [B, T, H, K]
+    shape, a supported chunk size, B = 1 and 1-D cu_seqlens where given. Raises ValueError naming `name`."""
     if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape:
         raise ValueError(f"{name}: q, k, g must be [B, T, H, K] of one shape, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, g {tuple(g.shape)}")
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"{name}: chunk_size={chunk_size!r}: use one of {CHUNK_SIZES}")
-    if tuple(dA.shape) != (*q.shape[:3], chunk_size):
-        raise ValueError(f"{name}: dA must be [B, T, H, chunk_size] = {(*q.shape[:3], chunk_size)}, "
-                         f"got {tuple(dA.shape)}")
     if cu_seqlens is not None and (q.shape[0] != 1 or cu_seqlens.dim() != 1):
         raise ValueError(f"{name}: with cu_seqlens the batch dimension must be 1 and cu_seqlens 1-D, got q "
                          f"{tuple(q.shape)}, cu_seqlens {tuple(cu_seqlens.shape)}")
+
+
+def _check(q, k, g, dA, cu_seqlens, chunk_size) -> None:
+    name = "chunk_gla_bwd_dqk_intra"
+    check_qkg(name, q, k, g, cu_seqlens, chunk_size)
+    if tuple(dA.shape) != (*q.shape[:3], chunk_size):
+        raise ValueError(f"{name}: dA must be [B, T, H, chunk_size] = {(*q.shape[:3], chunk_size)}, "
+                         f"got {tuple(dA.shape)}")
 
 
 def _launch(q, k, g, dA, cu_seqlens, chunk_size, chunk_indices, config: LaunchConfig, record_path: bool):
