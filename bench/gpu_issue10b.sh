@@ -46,6 +46,8 @@
 #                                      our forward intra kernel too (-fwdintra), the FLA way (-hnone-flaintra) and HF
 #                                      at batch 16, then bench/gla_check.py --only chunk with what time is left
 #   bash bench/gpu_issue10b.sh c17     (2026-12-06) no models.warm: gla_fwd_intra's check, then gla_check --only chunk
+#   bash bench/gpu_issue10b.sh c18     (2026-12-07) models.warm, the defaults vs HF at batch 16 and (>100 GB cards) 32,
+#                                      then -fwdintra and -hnone-flaintra, gla_fwd_intra's check, gla_check --only chunk
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -469,6 +471,40 @@ c17)
   grep -v Warning "$OUT/gla_check.log" | tail -34
   stamp "done"
   ;;
+c18)
+  # (2026-12-07) the session's first call: the defaults against HF at batch 16, at batch 32 where the card holds HF's
+  # 82.7 GiB, then our forward intra kernel and the FLA way in the step, then the kernel checks with what is left
+  python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "train_bench batch 16"
+  timeout "$(budget 150)" python3 bench/train_bench.py --batch 16 --steps 16 --warmup 4 --cases ours-bf16,hf \
+      --dir bench/out/train > "$OUT/b16.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-330
+  if [ "${mem:-0}" -gt 100000 ]; then
+    stamp "train_bench batch 32"
+    timeout "$(budget 170)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 --cases ours-bf16,hf \
+        --dir bench/out/train > "$OUT/b32.log" 2>&1
+    grep -h 'tokens/s:' "$OUT/b32.log"; grep -h '^{' "$OUT/b32.log" | cut -c1-330
+  else
+    echo "batch 32 skipped: ${mem} MiB on this card"
+  fi
+  stamp "train_bench batch 16, variants"
+  timeout "$(budget 150)" python3 bench/train_bench.py --batch 16 --steps 16 --warmup 4 \
+      --cases ${CASES:-ours-bf16-fwdintra,ours-bf16-hnone-flaintra} --dir bench/out/train > "$OUT/b16v.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b16v.log"; grep -h '^{' "$OUT/b16v.log" | cut -c1-330
+  stamp "gla_fwd_intra check"
+  timeout "$(budget 60)" python3 -c "from models.kernels import gla_fwd_intra; gla_fwd_intra._gpu_check()" \
+      > "$OUT/fwd_intra.log" 2>&1
+  grep -v Warning "$OUT/fwd_intra.log" | tail -20
+  stamp "gla_check chunk"
+  timeout "$(budget 200)" python3 bench/gla_check.py --only chunk --iters 10 > "$OUT/gla_check.log" 2>&1
+  grep -v Warning "$OUT/gla_check.log" | tail -34
+  stamp "done"
+  ;;
 c11)
   stamp "train_bench batch 16"
   timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
@@ -478,5 +514,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18" >&2; exit 2 ;;
 esac
