@@ -64,8 +64,11 @@ def test_reads_survive_a_server_crash_and_restart(datasets, s3_env):
     restarted = threading.Event()
 
     def restart():
+        # the event: the loader's reads have met the dead server (a retry counted), not a fixed delay
         try:
-            time.sleep(1.0)  # the loader keeps trying meanwhile
+            deadline = time.monotonic() + 120
+            while loader.storage.stats["retries"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
             s3_env.start()
         finally:
             restarted.set()

@@ -77,6 +77,23 @@ def test_inputs_from_s3_prefix_and_glob(tmp_path, corpus, tiny_tokenizer, s3_url
         run_build(opts([f"{s3_url}/corpus/*.csv"], tmp_path / "none", tiny_tokenizer))
 
 
+def wait_for_server_clock_past(st: S3Storage, when, timeout: float = 60.0) -> None:
+    """Return once an object written now gets a LastModified later than `when` (the server's clock, one-second
+    resolution): the observable event the test needs, instead of a fixed sleep. The probe is deleted again."""
+    c = st._client()
+    key = f"clock-probe-{os.getpid()}-{time.monotonic_ns()}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            c.put_object(Bucket=st.bucket, Key=key, Body=b"")
+            if c.head_object(Bucket=st.bucket, Key=key)["LastModified"] > when:
+                return
+            assert time.monotonic() < deadline, f"the S3 server's clock did not pass {when} in {timeout} s"
+            time.sleep(0.05)
+    finally:
+        c.delete_object(Bucket=st.bucket, Key=key)
+
+
 def test_rerun_after_a_kill_does_not_upload_verified_shards_again(tmp_path, corpus, tiny_tokenizer, s3_url):
     run_build(opts([corpus], s3_url, tiny_tokenizer))
     st = S3Storage(s3_url)
@@ -88,7 +105,7 @@ def test_rerun_after_a_kill_does_not_upload_verified_shards_again(tmp_path, corp
     # The state a kill leaves between publishing task 0's shards and writing its record:
     st.delete("manifest.json")
     st.delete(record_name(0))
-    time.sleep(1.1)  # LastModified has one-second resolution
+    wait_for_server_clock_past(st, max(stamp.values()))  # LastModified has one-second resolution
     res = run_build(opts([corpus], s3_url, tiny_tokenizer))
     assert res.ran == [0]
     for n in shards0:
