@@ -48,6 +48,8 @@
 #   bash bench/gpu_issue10b.sh c17     (2026-12-06) no models.warm: gla_fwd_intra's check, then gla_check --only chunk
 #   bash bench/gpu_issue10b.sh c18     (2026-12-07) models.warm, the defaults vs HF at batch 16 and (>100 GB cards) 32,
 #                                      then -fwdintra and -hnone-flaintra, gla_fwd_intra's check, gla_check --only chunk
+#   bash bench/gpu_issue10b.sh c19     (2026-12-07) models.warm, the defaults vs HF at batch 16, the loss curve of the
+#                                      defaults against autocast-fla (carry data/shk2048), then batch 32 on >100 GB cards
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -505,6 +507,36 @@ c18)
   grep -v Warning "$OUT/gla_check.log" | tail -34
   stamp "done"
   ;;
+c19)
+  # (2026-12-07) one call for what matters most if it is the only one: the defaults against HF at batch 16, the loss
+  # curve of the defaults (bf16 states, our intra kernel) against the fp32-weights autocast path, then batch 32
+  # against HF where the card holds HF's 82.7 GiB
+  if [ ! -f "$SHARDS/manifest.json" ]; then echo "c19: no shards at $SHARDS (carry data/shk2048)" >&2; exit 2; fi
+  python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  stamp "models.warm"
+  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
+      --kernels fused > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "train_bench batch 16"
+  timeout "$(budget 150)" python3 bench/train_bench.py --batch 16 --steps 16 --warmup 4 --cases ours-bf16,hf \
+      --dir bench/out/train > "$OUT/b16.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-330
+  stamp "precision_curve"
+  timeout "$(budget 260)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
+      --runs autocast-fla,bf16-fused --dir bench/out/precision > "$OUT/curve.log" 2>&1
+  cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
+  sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
+  if [ "${mem:-0}" -gt 100000 ]; then
+    stamp "train_bench batch 32"
+    timeout "$(budget 170)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 --cases ours-bf16,hf \
+        --dir bench/out/train > "$OUT/b32.log" 2>&1
+    grep -h 'tokens/s:' "$OUT/b32.log"; grep -h '^{' "$OUT/b32.log" | cut -c1-330
+  else
+    echo "batch 32 skipped: ${mem} MiB on this card"
+  fi
+  stamp "done"
+  ;;
 c11)
   stamp "train_bench batch 16"
   timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
@@ -514,5 +546,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19" >&2; exit 2 ;;
 esac
