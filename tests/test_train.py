@@ -198,6 +198,28 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, data):
     run_trainer(str(tmp_path), cfg)
     p = run_trainer(str(tmp_path), cfg, "train.max_steps=4", "data.global_batch=8", check=False)
     assert p.returncode == 1 and "global batch changed (4 -> 8" in p.stderr
+    assert "for a new run give run.out_dir another directory" in p.stderr  # how to start afresh, not just "start"
+
+
+def test_relaunching_a_finished_run_keeps_its_summary(tmp_path, data):
+    # `make train` twice: the second launch finds the checkpoint at train.max_steps. It used to write a summary
+    # of an empty run over the finished one's (final_loss null).
+    cfg = config(tmp_path, data, train={"max_steps": 4, "eval_every": 2},
+                 data={"val_shards": data["val"], "val_sequences": 4})
+    run_trainer(str(tmp_path), cfg)
+    path = os.path.join(str(tmp_path / "out"), "summary.json")
+    first = json.load(open(path))
+    assert first["steps"] == 4 and first["final_loss"] is not None and first["final_val_loss"] is not None
+    p = run_trainer(str(tmp_path), cfg)
+    assert "nothing to train" in p.stderr and "train.max_steps" in p.stderr
+    assert json.load(open(path)) == first
+    assert [s for s, _ in losses(str(tmp_path / "out"))] == [0, 1, 2, 3]
+    # a finished run whose summary is missing (killed after its last checkpoint): written from its metrics
+    os.remove(path)
+    run_trainer(str(tmp_path), cfg)
+    again = json.load(open(path))
+    assert again["steps"] == 4 and again["steps_this_run"] == 0
+    assert again["final_loss"] == first["final_loss"] and again["final_val_loss"] == first["final_val_loss"]
 
 
 def test_resume_keeps_the_first_launchs_layout_and_s3_out_dir_is_refused(tmp_path, data):

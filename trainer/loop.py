@@ -24,13 +24,13 @@ from shards.progress import Progress
 from trainer import parallel, precision, run_dir, schedule
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, ConfigError
-from trainer.data import TokenLoader
+from trainer.data import DataStateError, TokenLoader
 from trainer.data.loader import cu_seqlens as document_bounds
 from trainer.data.sources import check_val_set, mixture_table, open_loader, shards_tokenizer, val_sets
 from trainer.data.validation import load_val_rows
 from trainer.evaluate import validation_loss
 from trainer.graphs import GraphedSteps, unsupported_reason as graphs_unsupported
-from trainer.metrics import MetricsLog, memory_gib
+from trainer.metrics import MetricsLog, memory_gib, read_metrics
 from trainer.optim import build_optimizer
 
 log = logging.getLogger("trainer")
@@ -290,7 +290,11 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
     state = ckpt.load_latest(model, optimizer)
     start_step, skipped, best_val = 0, 0, None
     if state is not None:
-        start_step = loader.check_state(state["loader"])
+        try:
+            start_step = loader.check_state(state["loader"])
+        except DataStateError as e:  # the loader names what changed; the run level says how to start afresh
+            raise DataStateError(f"{e} (resuming {state['path']} of run.out_dir={cfg.run.out_dir}; for a new run "
+                                 f"give run.out_dir another directory)") from None
         skipped = int(state.get("skipped_steps", 0))
         best_val = state.get("best_val_loss")
         log.info("resumed from %s at step %d (saved by %d ranks, now %d), loaded in %.1fs", state["path"],
@@ -405,8 +409,35 @@ def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: s
     return model
 
 
+def _already_trained(cfg: Config, r: Run) -> dict:
+    """A launch whose checkpoint is at or past train.max_steps: nothing to train. The finished run's summary.json
+    stays as it was (written anew, from its metrics, only where it is missing)."""
+    r.loader.close()
+    out = cfg.run.out_dir
+    summary = run_dir.read_summary(out)
+    if r.d.is_main:
+        log.warning("nothing to train: %s is at step %d, train.max_steps=%d; its summary.json is kept. Raise "
+                    "train.max_steps to train on, or give run.out_dir another directory for a new run",
+                    out, r.start_step, cfg.train.max_steps)
+        if summary is None:
+            try:
+                records = [x for x in read_metrics(out) if x["step"] < r.start_step]
+            except OSError:
+                records = []
+            vals = [x["val_loss"] for x in records if "val_loss" in x]
+            summary = {"steps": r.start_step, "steps_this_run": 0, "tokens": r.start_step * r.tokens_per_step,
+                       "final_loss": records[-1]["loss"] if records else None,
+                       "final_val_loss": vals[-1] if vals else None, "best_val_loss": r.best_val,
+                       "skipped_steps": r.skipped, "checkpoint": r.last_ckpt, "parameters": r.n_params,
+                       "flops_per_token": r.train_flops, "six_n": six_n(r.raw)}
+            run_dir.write_summary(out, summary)
+    return summary or {"steps": r.start_step, "steps_this_run": 0}
+
+
 def run_steps(cfg: Config, r: Run) -> dict:
     d, max_steps = r.d, cfg.train.max_steps
+    if r.start_step >= max_steps:
+        return _already_trained(cfg, r)
     metrics = MetricsLog(cfg.run.out_dir, d.is_main, r.start_step, tensorboard=cfg.run.tensorboard)
     bar = Progress(max_steps - r.start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress,
                    log_every=cfg.run.progress_every)

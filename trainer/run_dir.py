@@ -108,6 +108,15 @@ def copy_run_files(out: str, ckpt_dir: str) -> None:
                 storage.put_bytes(f"run/{name}", f.read())
 
 
+def read_summary(out: str) -> dict | None:
+    """OUT/summary.json, or None where there is none (or it cannot be read)."""
+    try:
+        with open(os.path.join(out, "summary.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def write_summary(out: str, summary: dict) -> None:
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
