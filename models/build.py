@@ -23,7 +23,7 @@ class ModelConfigError(UserError, ValueError):
     """A model JSON that cannot be built. Names the file and the key."""
 
 
-def _import_fla():
+def import_fla():
     """Import fla (registers its configs/models with transformers) and our SDPA attention for the transformer."""
     import fla  # noqa: F401  (registers AutoConfig / AutoModelForCausalLM entries)
     from models import sdpa_attention
@@ -45,7 +45,7 @@ def read_model_json(path: str) -> dict:
 
 def load_config(path_or_dict, vocab_size: int | None = None):
     """A transformers config object for an FLA model from a JSON file (or dict)."""
-    _import_fla()
+    import_fla()
     from transformers import AutoConfig
     d = dict(read_model_json(path_or_dict) if isinstance(path_or_dict, str) else path_or_dict)
     where = path_or_dict if isinstance(path_or_dict, str) else "model config"
@@ -82,7 +82,7 @@ def adapt_to_device(config, device: torch.device) -> None:
 
 def build_model(config, device: str | torch.device = "cpu", seed: int = 0):
     """A freshly initialized model. On "meta", only shapes: call `materialize` after sharding."""
-    _import_fla()
+    import_fla()
     from transformers import AutoModelForCausalLM
     device = torch.device(device)
     if device.type == "meta":
@@ -148,7 +148,7 @@ def check_pretrained_fits(path: str, vocab_size: int | None, data_tokenizer: byt
 
 def load_pretrained(path: str, device: str | torch.device = "cpu"):
     """An HF model directory (config.json + weights) -> model on `device`, in fp32."""
-    _import_fla()
+    import_fla()
     from transformers import AutoModelForCausalLM
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise NotFoundError(f"model.init_from={path}: no config.json there; give an HF model directory "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import os
 import sys
+import warnings
 
 CHECKED_TRITON = ("3.9.",)
 _enabled = False
@@ -27,6 +28,9 @@ def enable() -> None:
             raise RuntimeError("models.cpu_triton.enable() ran after triton was imported; call it first "
                                "(or set TRITON_INTERPRET=1 in the environment)")
         os.environ["TRITON_INTERPRET"] = "1"
+    # FLA warns at import that Triton "is not supported on current platform" when there is no GPU: on this path
+    # that is the choice made here, not news, and it printed on every CPU run
+    warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
     import triton
     import triton.runtime.autotuner as autotuner
     import triton.runtime.interpreter as interpreter

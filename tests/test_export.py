@@ -107,6 +107,43 @@ def test_generate_on_an_export_stops_at_the_datas_eos(tmp_path, trained):
     assert out[0].tolist() == ids[0].tolist() + [0]
 
 
+def test_generate_cli_from_a_run_and_from_its_export(tmp_path, trained):
+    """`python -m trainer.generate` on a CPU: the run dir and its export give the same greedy text, which is the
+    argmax continuation of [EOS] + the prompt's tokens (a document's start in packed data without BOS)."""
+    from models import cpu_torch
+    from trainer.generate import generate, load
+    hf = str(tmp_path / "hf")
+    assert export(tmp_path, trained["out"], hf).returncode == 0
+    outs = []
+    for path in (trained["out"], hf):
+        p = subprocess.run([PY, "-m", "trainer.generate", path, "to be", "or not", "--max-new-tokens", "6"],
+                           cwd=ROOT, env=env(str(tmp_path)), capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert "Triton is not supported" not in p.stderr  # FLA's warning about the interpreter we chose
+        outs.append(p.stdout)
+    assert outs[0] == outs[1] and outs[0].startswith("to be")
+    try:
+        model, tok, eos, bos = load(hf, torch.device("cpu"))
+        assert (eos, bos) == (0, None)
+        text = generate(model, tok, eos, bos, "to be", max_new_tokens=6)
+        x = torch.tensor([[eos] + tok.encode("to be", add_special_tokens=False).ids])
+        new = []
+        with torch.no_grad():
+            for _ in range(6):
+                t = int(model(input_ids=x).logits[0, -1].argmax())
+                if t == eos:
+                    break
+                new.append(t)
+                x = torch.cat([x, torch.tensor([[t]])], dim=1)
+        assert text == tok.decode(new)
+        assert outs[0].startswith("to be" + text)
+    finally:
+        cpu_torch.uninstall()
+    p = subprocess.run([PY, "-m", "trainer.generate", str(tmp_path / "nope")], cwd=ROOT, env=env(str(tmp_path)),
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "nope does not exist" in p.stderr
+
+
 def test_export_of_one_checkpoint_dir_and_bad_paths(tmp_path, trained):
     ckpt = os.path.join(trained["out"], "ckpt", "step-000003")
     assert export(tmp_path, ckpt, str(tmp_path / "hf3")).returncode == 0
