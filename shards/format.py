@@ -277,7 +277,9 @@ def decode_block_index(data: bytes, shard: ShardInfo, where: str) -> np.ndarray:
     want = INDEX_HEADER + shard.num_blocks * INDEX_DTYPE.itemsize
     if len(data) != want:
         raise FormatError(f"{where}: block index of shard {shard.name} is {len(data)} bytes, {want} expected for "
-                          f"its {shard.num_blocks} blocks (truncated or replaced); {fix}")
+                          f"the {shard.num_blocks} blocks the manifest gives it: the index is truncated or replaced, "
+                          f"or the manifest.json is not this dataset's (edited, or copied from another dataset: then "
+                          f"restore the dataset's own manifest.json); else {fix}")
     if zlib.crc32(data) != shard.index_crc32 or data[:len(INDEX_MAGIC)] != INDEX_MAGIC:
         raise FormatError(f"{where}: block index of shard {shard.name} does not match the manifest's CRC32 "
                           f"(corrupt, or from another build); {fix}")
@@ -332,12 +334,25 @@ def decode_block(data: bytes, block: Block, manifest: Manifest, where: str) -> n
         raise FormatError(f"{where}: CRC32 mismatch (corrupt shard; run `python -m shardgen verify` "
                           f"and regenerate it)")
     want = block.rows * manifest.seq_len * manifest.np_dtype.itemsize
+
+    def not_described(size: int) -> FormatError:
+        # the bytes are the ones the index names (length and CRC32 agree), so the manifest's shape is what is off
+        return FormatError(f"{where}: the block holds {size} bytes, but {block.rows} rows of seq_len "
+                           f"{manifest.seq_len} in {manifest.dtype} are {want}: the manifest does not describe this "
+                           f"shard (a manifest.json edited, or copied from another dataset); restore the dataset's "
+                           f"own manifest.json, or regenerate the dataset")
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{where}: zstd frame does not decode ({e})") from None
+    if size >= 0 and size != want:
+        raise not_described(size)
     try:
         raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=want)
     except zstandard.ZstdError as e:
         raise FormatError(f"{where}: zstd frame does not decode ({e})") from None
     if len(raw) != want:
-        raise FormatError(f"{where}: decoded {len(raw)} bytes, expected {want}")
+        raise not_described(len(raw))
     return np.frombuffer(raw, dtype=manifest.np_dtype).reshape(block.rows, manifest.seq_len)
 
 

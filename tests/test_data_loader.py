@@ -195,6 +195,21 @@ def test_a_truncated_shard_is_an_error_naming_shard_and_block(dataset):
         run_epoch(root)
 
 
+@pytest.mark.parametrize("factor", [2, 0.5])
+def test_a_manifest_with_another_seq_len_is_named_as_the_cause(dataset, factor):
+    # before: "decoded N bytes, expected M" (seq_len doubled) or "zstd frame does not decode" (halved), no cause
+    root, _ = dataset
+    path = os.path.join(root, "manifest.json")
+    with open(path) as f:
+        d = json.load(f)
+    d["seq_len"] = int(d["seq_len"] * factor)
+    with open(path, "w") as f:
+        json.dump(d, f)
+    with pytest.raises(FormatError, match=rf"seq_len {d['seq_len']} .*the manifest does not describe this shard "
+                                          r".*restore the dataset's own manifest.json"):
+        run_epoch(root)
+
+
 def test_an_os_error_reading_a_shard_names_shard_and_block(dataset):
     root, _ = dataset
     path, _, name = corrupt_target(root, shard=1, block=0)
