@@ -201,6 +201,16 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, data):
     assert "for a new run give run.out_dir another directory" in p.stderr  # how to start afresh, not just "start"
 
 
+def test_shards_without_a_tokenizer_train_with_a_warning(tmp_path, data):
+    import shutil
+    shards = str(tmp_path / "shards")
+    shutil.copytree(data["shards"], shards)
+    os.remove(os.path.join(shards, "tokenizer.json"))
+    p = run_trainer(str(tmp_path), config(tmp_path, data, data={"shards": shards}, train={"max_steps": 1},
+                                          checkpoint={"every": 0}))
+    assert f"{shards}/tokenizer.json does not exist" in p.stderr and "export of this run will hold the model only" in p.stderr
+
+
 def test_relaunching_a_finished_run_keeps_its_summary(tmp_path, data):
     # `make train` twice: the second launch finds the checkpoint at train.max_steps. It used to write a summary
     # of an empty run over the finished one's (final_loss null).

@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -30,6 +31,8 @@ from trainer.checkpoint import NAME_RE, STATE_NAME, list_checkpoints
 from trainer.config import Config, ConfigError, to_toml
 from trainer.data import TokenLoader
 from trainer.parallel import Dist
+
+log = logging.getLogger("trainer")
 
 RUN_FILES = ("config.toml", "model.json", "data.json", "tokenizer.json")
 
@@ -95,6 +98,10 @@ def write_run_files(cfg: Config, model_config, loader: TokenLoader) -> None:
     if storage.exists("tokenizer.json"):
         with open(os.path.join(out, "tokenizer.json"), "wb") as f:
             f.write(storage.read("tokenizer.json"))
+    else:  # training needs none; an export ships the model without one, and generate cannot read prompts
+        log.warning("%s does not exist (`python -m shardgen verify` fails on it): training goes on, but an export "
+                    "of this run will hold the model only; copy the tokenizer.json the shards were made with into "
+                    "%s before exporting", storage.where("tokenizer.json"), out)
 
 
 def copy_run_files(out: str, ckpt_dir: str) -> None:
