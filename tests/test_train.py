@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests.train_support import (PY, ROOT, env, final_weights, kill_after_steps, losses, make_shards, run_trainer,
-                                 tiny_model_json, write_toml)
+                                 signal_after_steps, tiny_model_json, write_toml)
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # trainer runs in subprocesses (make test-fast skips them)
@@ -199,6 +199,24 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, data):
     p = run_trainer(str(tmp_path), cfg, "train.max_steps=4", "data.global_batch=8", check=False)
     assert p.returncode == 1 and "global batch changed (4 -> 8" in p.stderr
     assert "for a new run give run.out_dir another directory" in p.stderr  # how to start afresh, not just "start"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_same_command_resumes(tmp_path, data, sig):
+    import signal
+    cfg = config(tmp_path, data, train={"max_steps": 10 ** 6}, checkpoint={"every": 0, "at_end": False})
+    out = str(tmp_path / "out")
+    p = signal_after_steps([PY, "-m", "trainer", cfg], str(tmp_path), out, 3, signal.Signals[sig])
+    assert p.returncode == 128 + signal.Signals[sig].value, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    n = len(read_metrics(out))
+    assert n >= 3 and f"{sig}: stopping after this step" in p.stderr
+    assert f"stopped by {sig} after step {n} of {10 ** 6}: checkpoint {out}/ckpt/step-{n:06d}" in p.stderr
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["stopped_by"] == sig and summary["steps"] == n
+    p = run_trainer(str(tmp_path), cfg, f"train.max_steps={n + 2}")
+    assert f"step-{n:06d} at step {n}" in p.stderr and "stopped_by" not in json.load(open(os.path.join(out, "summary.json")))
+    assert [s for s, _ in losses(out)] == list(range(n + 2))
 
 
 def test_shards_without_a_tokenizer_train_with_a_warning(tmp_path, data):

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from tests.train_support import PY, ROOT, env, kill_after_steps, make_shards, run_trainer, tiny_model_json, write_toml
+from tests.train_support import (PY, ROOT, descendants, env, kill_after_steps, make_shards, run_trainer, signal_after_steps,
+                                 tiny_model_json, write_toml)
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # trainer runs in subprocesses (make test-fast skips them)
@@ -66,6 +67,30 @@ def test_killed_two_process_run_resumes_on_one_and_on_two(tmp_path, data, mode):
             assert abs(r["loss"] - ref) < 1e-5, (out, r["step"], r["loss"], ref)
         val = [r["val_loss"] for r in records if "val_loss" in r]  # validation is reduced across ranks
         assert len(val) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(val, full_val)), (out, val, full_val)
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_step_with_one_checkpoint(tmp_path, data):
+    # A scheduler's SIGTERM may reach the ranks a step apart; here it reaches rank 1 only. The ranks agree on the
+    # step (a max over a gloo group at each boundary), save one complete checkpoint together and stop; the same
+    # command resumes it.
+    import signal
+    cfg = config(tmp_path, data, "ddp", "out", cpu_kernels="torch")
+    out = str(tmp_path / "out")
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer", cfg,
+           "train.max_steps=1000000", "checkpoint.every=0", "checkpoint.at_end=false", "train.eval_every=0"]
+
+    def rank1(proc):
+        workers = [p for p in descendants(proc.pid) if b"LOCAL_RANK=1\0" in open(f"/proc/{p}/environ", "rb").read()]
+        assert len(workers) == 1, workers
+        return workers
+
+    p = signal_after_steps(cmd, str(tmp_path), out, 3, signal.SIGTERM, target=rank1)
+    n = len(read_metrics(out))
+    assert f"stopped by SIGTERM after step {n} of 1000000: checkpoint {out}/ckpt/step-{n:06d}" in p.stderr, p.stderr[-4000:]
+    assert os.listdir(os.path.join(out, "ckpt")) == [f"step-{n:06d}"]
+    p = run_trainer(str(tmp_path), cfg, f"train.max_steps={n + 2}", nproc=2)
+    assert f"step-{n:06d} at step {n} (saved by 2 ranks, now 2)" in p.stderr
+    assert [r["step"] for r in read_metrics(out)] == list(range(n + 2))
 
 
 def test_a_save_failing_on_one_rank_stops_every_rank_and_keeps_the_previous_checkpoint(tmp_path, data):

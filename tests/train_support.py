@@ -71,6 +71,48 @@ def kill_after_steps(cmd: list[str], tmp: str, out_dir: str, steps: int, timeout
         proc.wait()
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid` (children first level, then theirs), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def signal_after_steps(cmd: list[str], tmp: str, out_dir: str, steps: int, signum: int, target=None,
+                       timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """Start a training command, send `signum` once `steps` steps are logged in OUT/metrics.jsonl (to the command,
+    or to the pids `target(proc)` returns), and wait for it to end. Fails if the run ends on its own first."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= steps:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the signal"
+        for pid in (target(proc) if target else [proc.pid]):
+            os.kill(pid, signum)
+        out, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
+    except BaseException:
+        kill_tree(proc.pid)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def tokenizer_json(path: str, vocab_size: int = VOCAB, text: list[str] | None = None) -> int:
     """A byte-level BPE trained on a few lines (or `text`); returns its vocab size (<= vocab_size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from shards.errors import UserError
@@ -29,10 +30,16 @@ def main(argv=None) -> int:
     from trainer.loop import train
     # The errors a user can cause and fix, as one line; anything else (a bug) keeps its traceback.
     try:
-        train(cfg)
+        summary = train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the first step (setup) or a second one: no checkpoint written now
+        print("interrupted; the last complete checkpoint in run.out_dir, if any, is where the same command resumes",
+              file=sys.stderr)
+        return 130
+    if summary.get("stopped_by"):  # SIGTERM / SIGINT: checkpointed, not finished (`make train && make export` stops)
+        return 128 + signal.Signals[summary["stopped_by"]].value
     return 0
 
 

@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +33,7 @@ from trainer.evaluate import validation_loss
 from trainer.graphs import GraphedSteps, unsupported_reason as graphs_unsupported
 from trainer.metrics import MetricsLog, memory_gib, read_metrics
 from trainer.optim import build_optimizer
+from trainer.stop import StopRequest
 
 log = logging.getLogger("trainer")
 
@@ -447,6 +449,8 @@ def run_steps(cfg: Config, r: Run) -> dict:
     t_read = None  # when the host last read a step's numbers back: the next step's time runs from there
     fetched = 0.0  # seconds spent waiting for batches since then
     batches = r.loader.iter_batches(start_step=step)
+    stop = StopRequest(d.distributed and d.world_size > 1)
+    stopped = 0  # the signal the run stopped for
 
     def finish(pending: PendingStep, at: int, lr: float, t0: float, epoch: int) -> None:
         """Read step `at`'s numbers back, count a skip, validate where due, log its metrics. Its time is the wall
@@ -486,6 +490,7 @@ def run_steps(cfg: Config, r: Run) -> dict:
                    (f" val {val_loss:.4f}" if val_loss is not None else ""))
 
     try:
+        stop.install()
         # Step N is launched before step N-1's numbers are read (PendingStep): the GPU runs N-1 to its end while
         # the host queues N. Where validation, a checkpoint or the end comes after a step, its numbers are read
         # before anything else touches the weights; where they are ready at launch (a CPU run, a path that read
@@ -503,15 +508,19 @@ def run_steps(cfg: Config, r: Run) -> dict:
                 finish(*waiting)
             waiting = (pending, step, lr, t0, batch.epoch)
             step += 1
-            save = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            stopped = stop.agreed() if step < max_steps else 0  # SIGTERM / SIGINT: a checkpoint, then out
+            save = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or bool(stopped)
             if pending.ready or save or step == max_steps or (r.val_rows and step % cfg.train.eval_every == 0):
                 finish(*waiting)
                 waiting = None
             if save:
                 last_ckpt = _save(r, step, skipped, best_val)
+            if stopped:
+                break
         if cfg.checkpoint.at_end and step > r.start_step and (last_ckpt is None or not last_ckpt.endswith(f"{step:06d}")):
             last_ckpt = _save(r, step, skipped, best_val)
     finally:
+        stop.close()
         batches.close()
         r.loader.close()
         bar.close()
@@ -526,12 +535,17 @@ def run_steps(cfg: Config, r: Run) -> dict:
                "best_val_loss": best_val, "skipped_steps": skipped,
                "checkpoint": last_ckpt, "parameters": r.n_params,
                "flops_per_token": r.train_flops, "six_n": six_n(r.raw)}
+    if stopped:
+        summary["stopped_by"] = signal.Signals(stopped).name
     if r.loader.num_sources > 1:  # the realised mix: each source's share of the sequences trained on
         used = r.loader.sequences_before(step)
         summary["mix"] = {n: u / max(1, sum(used)) for n, u in zip(r.loader.names, used)}
     if d.is_main:
         run_dir.write_summary(cfg.run.out_dir, summary)
         log.info("done: %s", ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+        if stopped:
+            log.warning("stopped by %s after step %d of %d: checkpoint %s; run the same command again to resume "
+                        "from it", summary["stopped_by"], step, max_steps, last_ckpt)
     return summary
 
 
