@@ -50,6 +50,8 @@
 #                                      then -fwdintra and -hnone-flaintra, gla_fwd_intra's check, gla_check --only chunk
 #   bash bench/gpu_issue10b.sh c19     (2026-12-07) models.warm, the defaults vs HF at batch 16, the loss curve of the
 #                                      defaults against autocast-fla (carry data/shk2048), then batch 32 on >100 GB cards
+#   bash bench/gpu_issue10b.sh c20     (2026-12-07) models.warm (bf16 + autocast, fused + fla), the loss curve of the
+#                                      defaults against autocast-fla, then the defaults vs HF at batch 16
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -537,6 +539,26 @@ c19)
   fi
   stamp "done"
   ;;
+c20)
+  # (2026-12-07) what c19 missed because it warmed bf16 only (HF's and the reference curve's FLA kernels under
+  # autocast then autotuned inside the timed stages): models.warm for both paths, the loss curve, then HF at batch 16
+  if [ ! -f "$SHARDS/manifest.json" ]; then echo "c20: no shards at $SHARDS (carry data/shk2048)" >&2; exit 2; fi
+  python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1
+  stamp "models.warm"
+  timeout "$(budget 170)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16,autocast \
+      --kernels fused,fla > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+  stamp "precision_curve"
+  timeout "$(budget 240)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
+      --runs autocast-fla,bf16-fused --dir bench/out/precision > "$OUT/curve.log" 2>&1
+  cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
+  sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
+  stamp "train_bench batch 16"
+  timeout "$(budget 170)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 3 --cases ours-bf16,hf \
+      --dir bench/out/train > "$OUT/b16.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-330
+  stamp "done"
+  ;;
 c11)
   stamp "train_bench batch 16"
   timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
@@ -546,5 +568,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20" >&2; exit 2 ;;
 esac
