@@ -21,13 +21,15 @@ def duration(s: float) -> str:
 
 class Progress:
     def __init__(self, total: float | None, desc: str, unit: str = "it", stream=None,
-                 enabled: bool = True, log_every: float = 10.0):
+                 enabled: bool = True, log_every: float = 10.0, initial: float = 0):
+        """initial: work done before this process (a resumed run's steps): counted in n/total, not in the rate."""
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval = 0.2 if self.tty else log_every
-        self.n = 0.0
+        self.n = self.initial = float(initial)
+        self._drawn = None  # (n, extra) of the last line drawn
         self.extra = ""
         self.start = self._last = time.perf_counter()
 
@@ -43,7 +45,7 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         now = now or time.perf_counter()
         el = now - self.start
-        rate = self.n / el if el > 0 else 0.0
+        rate = (self.n - self.initial) / el if el > 0 else 0.0
         parts = [self.desc]
         if self.total:
             parts.append(f"{100 * self.n / self.total:5.1f}% {human(self.n)}/{human(self.total)} {self.unit}")
@@ -58,6 +60,7 @@ class Progress:
 
     def _draw(self, now: float) -> None:
         text = self.line(now)
+        self._drawn = (self.n, self.extra)
         if self.tty:
             self.stream.write("\r\033[K" + text)
         else:
@@ -66,7 +69,8 @@ class Progress:
 
     def close(self) -> None:
         if self.enabled:
-            self._draw(time.perf_counter())
+            if self.tty or self._drawn != (self.n, self.extra):  # a log file does not get the last line twice
+                self._draw(time.perf_counter())
             if self.tty:
                 self.stream.write("\n")
             self.stream.flush()

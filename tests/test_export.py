@@ -48,8 +48,11 @@ def test_export_round_trip_and_generation(tmp_path, trained):
     hf = str(tmp_path / "hf")
     p = export(tmp_path, trained["out"], hf)
     assert p.returncode == 0, p.stderr
+    umask = os.umask(0)
+    os.umask(umask)
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert os.path.isfile(os.path.join(hf, f)), f
+        assert os.stat(os.path.join(hf, f)).st_mode & 0o777 == 0o666 & ~umask, f  # model.safetensors was 0600
     model = AutoModelForCausalLM.from_pretrained(hf)
     ours, _, path = load_checkpoint_model(trained["out"])
     assert path.endswith("step-000006")

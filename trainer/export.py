@@ -102,6 +102,8 @@ def export(ckpt: str, out: str, dtype: str = "float32", overwrite: bool = False)
         _write_tokenizer(run_dir, tmp, data)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"checkpoint": path, "dtype": dtype}, f, indent=1)
+        for name in os.listdir(tmp):  # safetensors writes through a private temporary file (0600): as open() would
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         check_out(out, overwrite)  # again: OUT may have changed while the model was written
         if os.path.lexists(out):
             os.rename(out, old)

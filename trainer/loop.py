@@ -441,8 +441,8 @@ def run_steps(cfg: Config, r: Run) -> dict:
     if r.start_step >= max_steps:
         return _already_trained(cfg, r)
     metrics = MetricsLog(cfg.run.out_dir, d.is_main, r.start_step, tensorboard=cfg.run.tensorboard)
-    bar = Progress(max_steps - r.start_step, "train", unit="step", enabled=d.is_main and cfg.run.progress,
-                   log_every=cfg.run.progress_every)
+    bar = Progress(max_steps, "train", unit="step", enabled=d.is_main and cfg.run.progress,
+                   log_every=cfg.run.progress_every, initial=r.start_step)
     step, skipped, best_val, last_ckpt = r.start_step, r.skipped, r.best_val, r.last_ckpt
     bad_in_a_row, loss, val_loss, tps_list = 0, None, None, []
     t_run = time.perf_counter()
