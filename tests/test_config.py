@@ -28,6 +28,20 @@ def test_unknown_key_in_file_names_key_and_file(tmp_path):
     assert "train.max_stepz" in str(e.value) and path in str(e.value)
 
 
+@pytest.mark.parametrize("key, hint", [
+    ("train.max_step", "train.max_steps"), ("trian.max_steps", "train.max_steps"),  # a typo in the name, the section
+    ("optim.learning_rate", "optim.lr"), ("train.batch_size", "data.global_batch"),  # another trainer's name
+    ("checkpoint.save_steps", "checkpoint.every"), ("data.shard", "data.shards"),
+    ("optim.foo", None),  # nothing close: no guess
+])
+def test_an_unknown_key_names_the_nearest_one(key, hint):
+    with pytest.raises(ConfigError) as e:
+        load(None, [f"{key}=1"])
+    msg = str(e.value)
+    assert f"unknown key {key!r}" in msg
+    assert (f"(did you mean {hint!r}?)" in msg) if hint else ("did you mean" not in msg), msg
+
+
 def test_unknown_section_and_override(tmp_path):
     path = write(tmp_path, "[trainer]\nmax_steps = 3\n")
     with pytest.raises(ConfigError, match=r"trainer\.max_steps.*section"):
@@ -143,7 +157,7 @@ def test_a_mixture_of_sources_with_stages_round_trips(tmp_path):
     (("weights = { web = 0.5, code = 0.5 }", "weights = { web = 1, cod = 1, code = 0 }"),
      r"data.stages\[0\].weights names unknown source\(s\) cod"),
     (("start_step = 18000", "start_step = 0"), r"data.stages\[0\].start_step = 0 must be > 0"),
-    (("weight = 0.3", "wieght = 0.3"), r"unknown key 'wieght' in \[\[data.sources\]\] number 2"),
+    (("weight = 0.3", "wieght = 0.3"), r"unknown key 'wieght' \(did you mean 'weight'\?\) in \[\[data.sources\]\] number 2"),
     (("global_batch = 256", "global_batch = 256\nshards = \"x\""), r"data.shards and \[\[data.sources\]\] are both set"),
     (("weight = 0.7", "weight = 0"), None),
 ])

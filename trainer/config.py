@@ -8,6 +8,7 @@ what it changes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 import tomllib
@@ -222,7 +223,8 @@ def _tables(value, tp, key: str, where: str) -> list:
         obj = tp()
         for k, v in table.items():
             if k not in hints:
-                raise ConfigError(f"{where}: unknown key {k!r} in [[{key}]] number {n + 1}; it has {sorted(hints)}")
+                raise ConfigError(f"{where}: unknown key {k!r}{_did_you_mean(k, hints)} in [[{key}]] number {n + 1}; "
+                                  f"it has {sorted(hints)}")
             if hints[k] is dict:
                 if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                       for x in v.values()):
@@ -235,13 +237,38 @@ def _tables(value, tp, key: str, where: str) -> list:
     return out
 
 
+# other trainers' names for our keys: suggested, never accepted
+SYNONYMS = {"learning_rate": "lr", "warmup_steps": "warmup", "lr_warmup_steps": "warmup", "batch_size": "global_batch",
+            "train_batch_size": "global_batch", "micro_batch_size": "micro_batch", "steps": "max_steps",
+            "max_iters": "max_steps", "total_steps": "max_steps", "grad_clip": "clip", "max_grad_norm": "clip",
+            "output_dir": "out_dir", "save_steps": "every", "eval_steps": "eval_every", "dtype": "precision"}
+
+
+def _did_you_mean(word: str, options) -> str:
+    """' (did you mean X?)' for the option closest to a mistyped key (or named as another trainer names it), or ''."""
+    options = list(options)
+    head, _, name = word.rpartition(".")
+    names = {o.rpartition(".")[2] for o in options}
+    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.7)
+    want = SYNONYMS.get(name) if SYNONYMS.get(name) in names else close[0] if close else None
+    if want is None:
+        return ""
+    same = [o for o in options if o.rpartition(".")[2] == want]  # the key of that name, in the section given first
+    return f" (did you mean {min(same, key=lambda o: o.rpartition('.')[0] != head)!r}?)"
+
+
+def _all_keys() -> list[str]:
+    return [f"{section}.{n}" for section, tp in typing.get_type_hints(Config).items()
+            for n in typing.get_type_hints(tp)]
+
+
 def _set(cfg: Config, key: str, value, where: str, text: bool = False) -> None:
     key = ALIASES.get(key, key)
     section, _, name = key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections or not name:
-        raise ConfigError(f"{where}: unknown key {key!r}; keys are section.name with section one of "
-                          f"{sorted(sections)}")
+        raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, _all_keys())}; keys are section.name "
+                          f"with section one of {sorted(sections)}")
     if key == "train.autocast":
         raise ConfigError(f"{where}: train.autocast was replaced by train.precision (bf16: bf16 compute over fp32 "
                           f"master weights, the GPU default; autocast: the former train.autocast=bf16; fp32: the "
@@ -249,7 +276,8 @@ def _set(cfg: Config, key: str, value, where: str, text: bool = False) -> None:
     obj = getattr(cfg, section)
     hints = typing.get_type_hints(type(obj))
     if name not in hints:
-        raise ConfigError(f"{where}: unknown key {key!r}; [{section}] has {sorted(hints)}")
+        raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, _all_keys())}; [{section}] has "
+                          f"{sorted(hints)}")
     if typing.get_origin(hints[name]) is list:
         v = _tables(value, typing.get_args(hints[name])[0], key, where)
     else:
