@@ -203,7 +203,13 @@ def cmd_train_tokenizer(argv: list[str]) -> int:
     a = p.parse_args(argv)
     path = train_tokenizer(a.inputs, a.output, a.vocab_size, a.min_frequency, a.text_key, a.max_bytes, a.skip_bad,
                            a.overwrite)
-    print(f"wrote {path}")
+    from tokenizers import Tokenizer
+    n = Tokenizer.from_file(path).get_vocab_size()
+    print(f"wrote {path} ({n} tokens)")
+    if n < a.vocab_size:  # the trainer stops merging when no pair is seen --min-frequency times
+        print(f"note: {n} tokens, fewer than --vocab-size {a.vocab_size}: the text has no more pairs seen "
+              f"--min-frequency ({a.min_frequency}) times. A model with vocab_size {a.vocab_size} still works (its "
+              f"rows past {n} stay unused); for the full vocabulary, train on more text", file=sys.stderr)
     return 0
 
 

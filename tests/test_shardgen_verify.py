@@ -211,6 +211,16 @@ def test_train_tokenizer_command(tmp_path):
     assert len(vocab) <= 300 and vocab["<|endoftext|>"] == 0
 
 
+def test_train_tokenizer_says_when_the_text_gives_fewer_tokens_than_asked(tmp_path, capsys):
+    write_jsonl(str(tmp_path / "t.jsonl"), make_docs(30, seed=2))
+    assert main(["train-tokenizer", str(tmp_path / "t.jsonl"), "--output", str(tmp_path / "tok"),
+                 "--vocab-size", "32000"]) == 0
+    n = len(json.load(open(tmp_path / "tok" / "tokenizer.json"))["model"]["vocab"])
+    out, err = capsys.readouterr()
+    assert n < 32000 and f"({n} tokens)" in out
+    assert f"note: {n} tokens, fewer than --vocab-size 32000" in err  # before: silent
+
+
 def test_train_tokenizer_refuses_what_cannot_be_right(tmp_path, capsys):
     write_jsonl(str(tmp_path / "t.jsonl"), make_docs(30, seed=2))
     (tmp_path / "blank").mkdir()
