@@ -35,6 +35,7 @@ def test_a_data_path_that_does_not_exist_is_named_before_the_model_is_built(tmp_
     for key in ("data.val_shards", "data.shards"):
         assert one_error_line(capsys, [cfg, f"{key}={missing}"]) == f"{key}={missing} does not exist: {make}"
         assert not (out / "model.json").exists()  # the run files are written as the model is made: not yet
+        assert not out.exists()  # nor an empty run directory left behind by the failed launch
 
     mix = write_toml(str(tmp_path / "mix.toml"), {  # a mixture: every source's shards and val_shards
         "model": {"config": str(tmp_path / "gla.json")}, "data": {"global_batch": 4},
@@ -43,7 +44,10 @@ def test_a_data_path_that_does_not_exist_is_named_before_the_model_is_built(tmp_
         f.write(f'[[data.sources]]\nname = "a"\nshards = "{shards}"\nval_shards = "{shards}"\n'
                 f'[[data.sources]]\nname = "b"\nshards = "{shards}"\nval_shards = "{missing}"\n')
     assert one_error_line(capsys, [mix]).startswith(f"data.sources[1].val_shards (b)={missing} does not exist")
-    assert not (out / "model.json").exists()
+    assert not out.exists()
+    out.mkdir()  # a directory that was there before the launch stays, empty or not
+    assert one_error_line(capsys, [mix]).startswith(f"data.sources[1].val_shards (b)={missing} does not exist")
+    assert out.is_dir()
 
 
 def test_run_out_dir_that_is_a_file_is_one_line(tmp_path, shards, capsys):

@@ -57,6 +57,7 @@ def lock(out: str, d: Dist):
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"run.out_dir={out} is a file, not a directory: give a new directory (or a run's, to "
                           f"resume it)")
+    created = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -70,14 +71,18 @@ def lock(out: str, d: Dist):
         f.close()
         raise ConfigError(f"run.out_dir={out}: another run is writing to it ({holder}); wait for it to end or "
                           f"stop it, or give this run another run.out_dir") from None
+    done = False
     try:
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         yield
+        done = True
     finally:
         f.close()
+        if not done and created and os.listdir(out) == [".lock"]:  # a launch that failed before writing anything
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def checkpoint_dir(cfg: Config) -> str:
