@@ -81,10 +81,13 @@ def verify(storage: Storage, progress: bool = True, log=None) -> Manifest:
     """Raise FormatError naming the first bad shard or block; return the manifest when all is well."""
     m = read_manifest(storage)
     want = m.tokenizer.get("sha256")
-    if want and (not storage.exists(TOKENIZER_NAME) or
-                 hashlib.sha256(storage.read(TOKENIZER_NAME)).hexdigest() != want):
-        raise FormatError(f"{storage.where(TOKENIZER_NAME)}: missing or not the tokenizer of the manifest "
-                          f"(sha256 {want})")
+    if want and not storage.exists(TOKENIZER_NAME):
+        raise FormatError(f"{storage.where(TOKENIZER_NAME)} is missing: copy the tokenizer.json the shards were made "
+                          f"with there (the manifest names sha256 {want})")
+    if want and hashlib.sha256(storage.read(TOKENIZER_NAME)).hexdigest() != want:
+        raise FormatError(f"{storage.where(TOKENIZER_NAME)} is not the tokenizer the manifest names (sha256 {want}): "
+                          f"either tokenizer.json was replaced, or manifest.json is another dataset's (edited or "
+                          f"copied); restore the dataset's own files, or regenerate the dataset")
     bar = Progress(sum(s.bytes for s in m.shards), "verify", unit="B", stream=log, enabled=progress)
     for shard in m.shards:
         verify_shard(storage, m, shard, bar)

@@ -141,6 +141,20 @@ def test_verify_names_a_truncated_shard(dataset, capsys):
     assert "block 1 onward is cut off" in err
 
 
+def test_verify_tells_a_missing_tokenizer_from_one_that_is_not_the_manifests(dataset, capsys):
+    tok = dataset / "tokenizer.json"
+    good = tok.read_bytes()
+    tok.write_bytes(good + b" ")  # another file: the manifest's sha256 no longer fits
+    assert main(["verify", str(dataset), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tok} is not the tokenizer the manifest names" in err and "manifest.json is another dataset's" in err
+    tok.unlink()
+    assert main(["verify", str(dataset), "-q"]) == 1
+    assert f"{tok} is missing: copy the tokenizer.json the shards were made with there" in capsys.readouterr().err
+    tok.write_bytes(good)
+    assert main(["verify", str(dataset), "-q"]) == 0
+
+
 def test_readers_refuse_a_directory_without_manifest(tmp_path, capsys):
     for cmd in ("verify", "inspect"):
         assert main([cmd, str(tmp_path)]) == 1
