@@ -4,8 +4,10 @@ A cluster's scheduler sends SIGTERM some seconds before it kills a job (preempti
 torchrun forwards it to every worker. The handler only records the signal; the loop asks `agreed()` at each step
 boundary, where every rank must take the same decision (the checkpoint is a collective): under several processes
 the ranks' recorded signals are combined with a max over a gloo group on the host, so a signal that reached one rank
-a step earlier than another still stops them all after the same step. A second signal of the same kind does what it
-would have done without this module (SIGINT: KeyboardInterrupt; SIGTERM: the end of the process).
+a step earlier than another still stops them all after the same step. That check costs the host one small gloo
+all-reduce a step: 0.25 ms between 2 processes on the 2-core CPU box (2026-12-06; not measured on a GPU host), against
+steps of 100+ ms on a GPU. A second signal of the same kind does what it would have done without this module (SIGINT:
+KeyboardInterrupt; SIGTERM: the end of the process).
 """
 from __future__ import annotations
 
