@@ -55,6 +55,9 @@ def test_trainer_data_cli(monkeypatch, capsys):
 def test_export_cli(monkeypatch, capsys, tmp_path):
     import trainer.export as export
     assert export.main([str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
+    assert f"{tmp_path / 'nothing'} does not exist: give a run's out_dir" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert export.main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 1
     assert "neither a run directory" in capsys.readouterr().err
     monkeypatch.setattr(export, "export", _raiser(FileNotFoundError("a bug's missing file")))
     with pytest.raises(FileNotFoundError):

@@ -158,7 +158,7 @@ def test_export_of_one_checkpoint_dir_and_bad_paths(tmp_path, trained):
     assert not stale.exists() and (tmp_path / "hf3" / "config.json").exists()
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n]
     p = export(tmp_path, str(tmp_path / "nothing"), str(tmp_path / "x"))
-    assert p.returncode == 1 and "neither a run directory" in p.stderr
+    assert p.returncode == 1 and "nothing does not exist" in p.stderr
     bad = tmp_path / "bad-run"  # a run dir whose model.json names no known model: one error line naming it
     os.makedirs(bad / "ckpt" / "step-000001")
     (bad / "model.json").write_text('{"model_type": "nope"}')

@@ -542,7 +542,7 @@ def run_steps(cfg: Config, r: Run) -> dict:
         summary["mix"] = {n: u / max(1, sum(used)) for n, u in zip(r.loader.names, used)}
     if d.is_main:
         run_dir.write_summary(cfg.run.out_dir, summary)
-        log.info("done: %s", ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+        log.info("done: %s", ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if v is not None))
         if stopped:
             log.warning("stopped by %s after step %d of %d: checkpoint %s; run the same command again to resume "
                         "from it", summary["stopped_by"], step, max_steps, last_ckpt)

@@ -147,6 +147,9 @@ def resolve(ckpt: str) -> tuple[str, str]:
             raise NotFoundError(f"{ckpt}: no complete checkpoint (step-NNNNNN/ with {STATE_NAME}) there")
         return fetch_run_files(ckpt, found[-1]), found[-1]
     ckpt = os.path.abspath(ckpt)
+    if not os.path.exists(ckpt):
+        raise NotFoundError(f"{ckpt} does not exist: give a run's out_dir (runs/NAME), one of its checkpoints "
+                            f"(runs/NAME/ckpt/step-N) or an s3:// checkpoint.dir")
     if os.path.isfile(os.path.join(ckpt, STATE_NAME)):
         run_dir = os.path.dirname(os.path.dirname(ckpt))
         beside = os.path.join(os.path.dirname(ckpt), "run")  # a checkpoint.dir of its own: the copy there
