@@ -17,10 +17,8 @@ PY = sys.executable
 VOCAB = 320
 
 
-def kill_tree(pid: int, timeout: float = 30.0) -> None:
-    """SIGKILL a process and all its descendants at once, as a lost machine would, and wait until they
-    are gone. torchrun starts its workers in process sessions of their own, so killing torchrun's
-    process group leaves the workers running (and writing to the run directory)."""
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid` (children first level, then theirs), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -30,11 +28,19 @@ def kill_tree(pid: int, timeout: float = 30.0) -> None:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
+    out, todo = [], list(children.get(pid, []))
     while todo:
-        p = todo.pop()
-        tree.append(p)
+        p = todo.pop(0)
+        out.append(p)
         todo.extend(children.get(p, []))
+    return out
+
+
+def kill_tree(pid: int, timeout: float = 30.0) -> None:
+    """SIGKILL a process and all its descendants at once, as a lost machine would, and wait until they
+    are gone. torchrun starts its workers in process sessions of their own, so killing torchrun's
+    process group leaves the workers running (and writing to the run directory)."""
+    tree = [pid] + descendants(pid)
     for p in tree:
         try:
             os.kill(p, signal.SIGKILL)
@@ -58,36 +64,21 @@ def kill_after_steps(cmd: list[str], tmp: str, out_dir: str, steps: int, timeout
     """Start a training command and SIGKILL it (and any workers: kill_tree) once `steps` steps are logged
     in OUT/metrics.jsonl. Fails if the run ends on its own first."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    deadline = time.time() + timeout
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= steps:
-                break
-            time.sleep(0.05)
+        _wait_for_steps(proc, out_dir, steps, time.time() + timeout)
         assert proc.poll() is None, "the run ended before it could be killed"
     finally:
         kill_tree(proc.pid)
         proc.wait()
 
 
-def descendants(pid: int) -> list[int]:
-    """The processes under `pid` (children first level, then theirs), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
+def _wait_for_steps(proc: subprocess.Popen, out_dir: str, steps: int, deadline: float) -> None:
+    """Until `steps` steps are logged in OUT/metrics.jsonl, the process ends, or the deadline."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= steps:
+            return
+        time.sleep(0.05)
 
 
 def signal_after_steps(cmd: list[str], tmp: str, out_dir: str, steps: int, signum: int, target=None,
@@ -95,13 +86,9 @@ def signal_after_steps(cmd: list[str], tmp: str, out_dir: str, steps: int, signu
     """Start a training command, send `signum` once `steps` steps are logged in OUT/metrics.jsonl (to the command,
     or to the pids `target(proc)` returns), and wait for it to end. Fails if the run ends on its own first."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(out_dir, "metrics.jsonl")
     deadline = time.time() + timeout
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= steps:
-                break
-            time.sleep(0.05)
+        _wait_for_steps(proc, out_dir, steps, deadline)
         assert proc.poll() is None, "the run ended before the signal"
         for pid in (target(proc) if target else [proc.pid]):
             os.kill(pid, signum)
