@@ -78,6 +78,29 @@ for line in open(sys.argv[1]):
         c = ok[0]; print(f\"{c['bt']},{c['num_warps']},{c['per_sm']},{int(c['prefetch'])}\")" "$1"
 }
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" >&2; }
+# the stages from c18 on are made of these
+device() { python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1; }
+big_card() { [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ]; }
+need_shards() { [ -f "$SHARDS/manifest.json" ] || { echo "$1: no shards at $SHARDS (carry data/shk2048)" >&2; exit 2; }; }
+warm() {  # PRECISIONS KERNELS SECONDS: models.warm at batch 16
+  stamp "models.warm --precision $1 --kernels $2"
+  timeout "$(budget "$3")" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision "$1" \
+      --kernels "$2" > "$OUT/warm.log" 2>&1
+  tail -1 "$OUT/warm.log"
+}
+trainer_vs() {  # LOG BATCH STEPS WARMUP SECONDS CASES: bench/train_bench.py, its ratio and JSON lines
+  stamp "train_bench batch $2: $6"
+  timeout "$(budget "$5")" python3 bench/train_bench.py --batch "$2" --steps "$3" --warmup "$4" --cases "$6" \
+      --dir bench/out/train > "$OUT/$1.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/$1.log"; grep -h '^{' "$OUT/$1.log" | cut -c1-330
+}
+curve() {  # SECONDS: 300-step loss curves, the defaults (bf16-fused) against autocast-fla
+  stamp "precision_curve"
+  timeout "$(budget "$1")" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
+      --runs autocast-fla,bf16-fused --dir bench/out/precision > "$OUT/curve.log" 2>&1
+  cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
+  sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
+}
 
 case "${1:-}" in
 all1)
@@ -476,30 +499,13 @@ c17)
   stamp "done"
   ;;
 c18)
-  # (2026-12-07) the session's first call: the defaults against HF at batch 16, at batch 32 where the card holds HF's
-  # 82.7 GiB, then our forward intra kernel and the FLA way in the step, then the kernel checks with what is left
-  python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1
-  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  stamp "models.warm"
-  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
-      --kernels fused > "$OUT/warm.log" 2>&1
-  tail -1 "$OUT/warm.log"
-  stamp "train_bench batch 16"
-  timeout "$(budget 150)" python3 bench/train_bench.py --batch 16 --steps 16 --warmup 4 --cases ours-bf16,hf \
-      --dir bench/out/train > "$OUT/b16.log" 2>&1
-  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-330
-  if [ "${mem:-0}" -gt 100000 ]; then
-    stamp "train_bench batch 32"
-    timeout "$(budget 170)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 --cases ours-bf16,hf \
-        --dir bench/out/train > "$OUT/b32.log" 2>&1
-    grep -h 'tokens/s:' "$OUT/b32.log"; grep -h '^{' "$OUT/b32.log" | cut -c1-330
-  else
-    echo "batch 32 skipped: ${mem} MiB on this card"
-  fi
-  stamp "train_bench batch 16, variants"
-  timeout "$(budget 150)" python3 bench/train_bench.py --batch 16 --steps 16 --warmup 4 \
-      --cases ${CASES:-ours-bf16-fwdintra,ours-bf16-hnone-flaintra} --dir bench/out/train > "$OUT/b16v.log" 2>&1
-  grep -h 'tokens/s:' "$OUT/b16v.log"; grep -h '^{' "$OUT/b16v.log" | cut -c1-330
+  # (2026-12-07) the defaults against HF at batch 16, at batch 32 where the card holds HF's 82.7 GiB, then our forward
+  # intra kernel and the FLA way in the step, then the kernel checks with what is left (warms both paths: c19 did not)
+  device
+  warm bf16,autocast fused,fla 200
+  trainer_vs b16 16 16 4 150 ours-bf16,hf
+  if big_card; then trainer_vs b32 32 8 3 170 ours-bf16,hf; else echo "batch 32 skipped: HF needs > 80 GB"; fi
+  trainer_vs b16v 16 16 4 150 "${CASES:-ours-bf16-fwdintra,ours-bf16-hnone-flaintra}"
   stamp "gla_fwd_intra check"
   timeout "$(budget 60)" python3 -c "from models.kernels import gla_fwd_intra; gla_fwd_intra._gpu_check()" \
       > "$OUT/fwd_intra.log" 2>&1
@@ -510,53 +516,25 @@ c18)
   stamp "done"
   ;;
 c19)
-  # (2026-12-07) one call for what matters most if it is the only one: the defaults against HF at batch 16, the loss
-  # curve of the defaults (bf16 states, our intra kernel) against the fp32-weights autocast path, then batch 32
-  # against HF where the card holds HF's 82.7 GiB
-  if [ ! -f "$SHARDS/manifest.json" ]; then echo "c19: no shards at $SHARDS (carry data/shk2048)" >&2; exit 2; fi
-  python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1
-  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  stamp "models.warm"
-  timeout "$(budget 200)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16 \
-      --kernels fused > "$OUT/warm.log" 2>&1
-  tail -1 "$OUT/warm.log"
-  stamp "train_bench batch 16"
-  timeout "$(budget 150)" python3 bench/train_bench.py --batch 16 --steps 16 --warmup 4 --cases ours-bf16,hf \
-      --dir bench/out/train > "$OUT/b16.log" 2>&1
-  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-330
-  stamp "precision_curve"
-  timeout "$(budget 260)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
-      --runs autocast-fla,bf16-fused --dir bench/out/precision > "$OUT/curve.log" 2>&1
-  cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
-  sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
-  if [ "${mem:-0}" -gt 100000 ]; then
-    stamp "train_bench batch 32"
-    timeout "$(budget 170)" python3 bench/train_bench.py --batch 32 --steps 8 --warmup 3 --cases ours-bf16,hf \
-        --dir bench/out/train > "$OUT/b32.log" 2>&1
-    grep -h 'tokens/s:' "$OUT/b32.log"; grep -h '^{' "$OUT/b32.log" | cut -c1-330
-  else
-    echo "batch 32 skipped: ${mem} MiB on this card"
-  fi
+  # (2026-12-07, as run) one call for what matters most if it is the only one: the defaults against HF at batch 16,
+  # the loss curve of the defaults against the fp32-weights autocast path, then batch 32 against HF where the card
+  # holds HF's 82.7 GiB. It warms bf16 only: HF's and the reference's FLA kernels under autocast then autotune inside
+  # the timed stages (c20 is the fix)
+  need_shards c19
+  device
+  warm bf16 fused 200
+  trainer_vs b16 16 16 4 150 ours-bf16,hf
+  curve 260
+  if big_card; then trainer_vs b32 32 8 3 170 ours-bf16,hf; else echo "batch 32 skipped: HF needs > 80 GB"; fi
   stamp "done"
   ;;
 c20)
-  # (2026-12-07) what c19 missed because it warmed bf16 only (HF's and the reference curve's FLA kernels under
-  # autocast then autotuned inside the timed stages): models.warm for both paths, the loss curve, then HF at batch 16
-  if [ ! -f "$SHARDS/manifest.json" ]; then echo "c20: no shards at $SHARDS (carry data/shk2048)" >&2; exit 2; fi
-  python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1
-  stamp "models.warm"
-  timeout "$(budget 170)" python3 -m models.warm --model $M --seq-len 2048 --batch 16 --precision bf16,autocast \
-      --kernels fused,fla > "$OUT/warm.log" 2>&1
-  tail -1 "$OUT/warm.log"
-  stamp "precision_curve"
-  timeout "$(budget 240)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
-      --runs autocast-fla,bf16-fused --dir bench/out/precision > "$OUT/curve.log" 2>&1
-  cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
-  sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
-  stamp "train_bench batch 16"
-  timeout "$(budget 170)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 3 --cases ours-bf16,hf \
-      --dir bench/out/train > "$OUT/b16.log" 2>&1
-  grep -h 'tokens/s:' "$OUT/b16.log"; grep -h '^{' "$OUT/b16.log" | cut -c1-330
+  # (2026-12-07) models.warm for both paths, the loss curve of the defaults against autocast-fla, then HF at batch 16
+  need_shards c20
+  device
+  warm bf16,autocast fused,fla 170
+  curve 240
+  trainer_vs b16 16 12 3 170 ours-bf16,hf
   stamp "done"
   ;;
 c11)
