@@ -94,6 +94,15 @@ trainer_vs() {  # LOG BATCH STEPS WARMUP SECONDS CASES: bench/train_bench.py, it
       --dir bench/out/train > "$OUT/$1.log" 2>&1
   grep -h 'tokens/s:' "$OUT/$1.log"; grep -h '^{' "$OUT/$1.log" | cut -c1-330
 }
+kernel_checks() {  # SECONDS: gla_fwd_intra's check and sweep in SECONDS, then gla_check --only chunk (the kept states)
+  stamp "gla_fwd_intra check"
+  timeout "$(budget "$1")" python3 -c "from models.kernels import gla_fwd_intra; gla_fwd_intra._gpu_check()" \
+      > "$OUT/fwd_intra.log" 2>&1
+  grep -v Warning "$OUT/fwd_intra.log" | tail -20
+  stamp "gla_check chunk"
+  timeout "$(budget 200)" python3 bench/gla_check.py --only chunk --iters 10 > "$OUT/gla_check.log" 2>&1
+  grep -v Warning "$OUT/gla_check.log" | tail -34
+}
 curve() {  # SECONDS: 300-step loss curves, the defaults (bf16-fused) against autocast-fla
   stamp "precision_curve"
   timeout "$(budget "$1")" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
@@ -489,13 +498,7 @@ c17)
   # kernels only, no models.warm (for a call with little device time): gla_fwd_intra's check and sweep, then the
   # chunk's bit-for-bit check of the kept states with what time is left
   python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1
-  stamp "gla_fwd_intra check"
-  timeout "$(budget 80)" python3 -c "from models.kernels import gla_fwd_intra; gla_fwd_intra._gpu_check()" \
-      > "$OUT/fwd_intra.log" 2>&1
-  grep -v Warning "$OUT/fwd_intra.log" | tail -20
-  stamp "gla_check chunk"
-  timeout "$(budget 200)" python3 bench/gla_check.py --only chunk --iters 10 > "$OUT/gla_check.log" 2>&1
-  grep -v Warning "$OUT/gla_check.log" | tail -34
+  kernel_checks 80
   stamp "done"
   ;;
 c18)
@@ -506,13 +509,7 @@ c18)
   trainer_vs b16 16 16 4 150 ours-bf16,hf
   if big_card; then trainer_vs b32 32 8 3 170 ours-bf16,hf; else echo "batch 32 skipped: HF needs > 80 GB"; fi
   trainer_vs b16v 16 16 4 150 "${CASES:-ours-bf16-fwdintra,ours-bf16-hnone-flaintra}"
-  stamp "gla_fwd_intra check"
-  timeout "$(budget 60)" python3 -c "from models.kernels import gla_fwd_intra; gla_fwd_intra._gpu_check()" \
-      > "$OUT/fwd_intra.log" 2>&1
-  grep -v Warning "$OUT/fwd_intra.log" | tail -20
-  stamp "gla_check chunk"
-  timeout "$(budget 200)" python3 bench/gla_check.py --only chunk --iters 10 > "$OUT/gla_check.log" 2>&1
-  grep -v Warning "$OUT/gla_check.log" | tail -34
+  kernel_checks 60
   stamp "done"
   ;;
 c19)
