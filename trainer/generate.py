@@ -40,6 +40,8 @@ def load(path: str, device: torch.device):
     if _is_export(path):
         build.import_fla()  # registers FLA's model types with transformers
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # a bar for reading one small file is noise before the text
         model = AutoModelForCausalLM.from_pretrained(path)
         tok_dir = path
         eos, bos = model.config.eos_token_id, model.config.bos_token_id
@@ -70,7 +72,10 @@ def generate(model, tok, eos: int, bos: int | None, prompt: str, max_new_tokens:
              top_k: int = 0, seed: int = 0) -> str:
     """The continuation of `prompt` (the new text only)."""
     device = next(model.parameters()).device
-    ids = [bos if bos is not None else eos] + tok.encode(prompt, add_special_tokens=False).ids
+    start = [bos] if bos is not None else [eos] if eos is not None else []  # a model dir may name neither
+    ids = start + tok.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise GenerateError("an empty prompt, and the model names no BOS or EOS to start from: give a prompt")
     x = torch.tensor([ids], device=device)
     kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "eos_token_id": eos,
               "pad_token_id": eos, "attention_mask": torch.ones_like(x)}
@@ -79,7 +84,7 @@ def generate(model, tok, eos: int, bos: int | None, prompt: str, max_new_tokens:
         torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(x, **kwargs)[0, len(ids):].tolist()
-    if out and out[-1] == eos:
+    if out and eos is not None and out[-1] == eos:
         out = out[:-1]
     return tok.decode(out)
 
