@@ -427,13 +427,24 @@ def _already_trained(cfg: Config, r: Run) -> dict:
             except OSError:
                 records = []
             vals = [x["val_loss"] for x in records if "val_loss" in x]
-            summary = {"steps": r.start_step, "steps_this_run": 0, "tokens": r.start_step * r.tokens_per_step,
-                       "final_loss": records[-1]["loss"] if records else None,
-                       "final_val_loss": vals[-1] if vals else None, "best_val_loss": r.best_val,
-                       "skipped_steps": r.skipped, "checkpoint": r.last_ckpt, "parameters": r.n_params,
-                       "flops_per_token": r.train_flops, "six_n": six_n(r.raw)}
+            summary = _summary(r, r.start_step, None, None, records[-1]["loss"] if records else None,
+                               vals[-1] if vals else None, r.best_val, r.skipped, r.last_ckpt)
             run_dir.write_summary(out, summary)
     return summary or {"steps": r.start_step, "steps_this_run": 0}
+
+
+def _summary(r: Run, step: int, time_s: float | None, mean_tps: float | None, final_loss: float | None,
+             final_val_loss: float | None, best_val: float | None, skipped: int, checkpoint: str | None) -> dict:
+    """summary.json: the run's totals at `step`."""
+    summary = {"steps": step, "steps_this_run": step - r.start_step, "tokens": step * r.tokens_per_step,
+               "time_s": time_s, "mean_tokens_per_s": mean_tps, "mfu": _mfu(r, mean_tps) if mean_tps else None,
+               "final_loss": final_loss, "final_val_loss": final_val_loss, "best_val_loss": best_val,
+               "skipped_steps": skipped, "checkpoint": checkpoint, "parameters": r.n_params,
+               "flops_per_token": r.train_flops, "six_n": six_n(r.raw)}
+    if r.loader.num_sources > 1:  # the realised mix: each source's share of the sequences trained on
+        used = r.loader.sequences_before(step)
+        summary["mix"] = {n: u / max(1, sum(used)) for n, u in zip(r.loader.names, used)}
+    return summary
 
 
 def run_steps(cfg: Config, r: Run) -> dict:
@@ -527,26 +538,22 @@ def run_steps(cfg: Config, r: Run) -> dict:
         metrics.close()
 
     steady = tps_list[1:] or tps_list  # the first step pays for kernel compilation
-    mean_tps = sum(steady) / len(steady) if steady else None
-    summary = {"steps": step, "steps_this_run": step - r.start_step, "tokens": step * r.tokens_per_step,
-               "time_s": time.perf_counter() - t_run, "mean_tokens_per_s": mean_tps,
-               "mfu": _mfu(r, mean_tps) if mean_tps else None,
-               "final_loss": loss if step > r.start_step else None, "final_val_loss": val_loss,
-               "best_val_loss": best_val, "skipped_steps": skipped,
-               "checkpoint": last_ckpt, "parameters": r.n_params,
-               "flops_per_token": r.train_flops, "six_n": six_n(r.raw)}
+    summary = _summary(r, step, time.perf_counter() - t_run, sum(steady) / len(steady) if steady else None,
+                       loss if step > r.start_step else None, val_loss, best_val, skipped, last_ckpt)
     if stopped:
         summary["stopped_by"] = signal.Signals(stopped).name
-    if r.loader.num_sources > 1:  # the realised mix: each source's share of the sequences trained on
-        used = r.loader.sequences_before(step)
-        summary["mix"] = {n: u / max(1, sum(used)) for n, u in zip(r.loader.names, used)}
     if d.is_main:
-        run_dir.write_summary(cfg.run.out_dir, summary)
-        log.info("done: %s", ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if v is not None))
-        if stopped:
-            log.warning("stopped by %s after step %d of %d: checkpoint %s; run the same command again to resume "
-                        "from it", summary["stopped_by"], step, max_steps, last_ckpt)
+        _report(cfg.run.out_dir, summary, max_steps)
     return summary
+
+
+def _report(out: str, summary: dict, max_steps: int) -> None:
+    """Rank 0 at the end of run_steps: summary.json, the done line, and how to resume a stopped run."""
+    run_dir.write_summary(out, summary)
+    log.info("done: %s", ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if v is not None))
+    if summary.get("stopped_by"):
+        log.warning("stopped by %s after step %d of %d: checkpoint %s; run the same command again to resume from it",
+                    summary["stopped_by"], summary["steps"], max_steps, summary["checkpoint"])
 
 
 def _validation_losses(r: Run) -> dict[str, float]:
