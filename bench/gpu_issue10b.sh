@@ -52,6 +52,10 @@
 #                                      defaults against autocast-fla (carry data/shk2048), then batch 32 on >100 GB cards
 #   bash bench/gpu_issue10b.sh c20     (2026-12-07) models.warm (bf16 + autocast, fused + fla), the loss curve of the
 #                                      defaults against autocast-fla, then the defaults vs HF at batch 16
+#   bash bench/gpu_issue10b.sh c21     (2026-12-07) models.warm, models/kernels/mlp_gemm.py's check and sweep, the trainer
+#                                      with SwiGLU in the MLP GEMMs (-mlpgemm) vs the defaults and HF at batch 16, profile
+#   bash bench/gpu_issue10b.sh c22     (2026-12-07) the profile with -mlpgemm, gla_check --only chunk, batch 32 vs HF on
+#                                      >100 GB cards (batch 16 with -fwdintra on others)
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -534,6 +538,38 @@ c20)
   trainer_vs b16 16 12 3 170 ours-bf16,hf
   stamp "done"
   ;;
+c21)
+  # (2026-12-07) models.warm, models/kernels/mlp_gemm.py's check and launch sweep (SwiGLU in the MLP GEMMs' epilogues
+  # against cuBLAS + the SwiGLU kernels), the trainer with it (-mlpgemm) against the defaults and HF at batch 16, then
+  # the step's profile with the defaults
+  device
+  warm bf16,autocast fused,fla 200
+  stamp "mlp_gemm check"
+  timeout "$(budget 110)" python3 -m models.kernels.mlp_gemm > "$OUT/mlp_gemm.log" 2>&1
+  grep -v Warning "$OUT/mlp_gemm.log" | tail -16
+  trainer_vs b16 16 16 4 170 "${CASES:-ours-bf16,ours-bf16-mlpgemm,hf}"
+  stamp "profile, defaults"
+  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --lag --timed 10 --steps 2 --warmup 3 --top 30 \
+      --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
+  gzip -f "$OUT/trace.json" 2>/dev/null
+  grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
+  stamp "done"
+  ;;
+c22)
+  # (2026-12-07) the step's profile with SwiGLU in the MLP GEMMs, gla_check --only chunk, then batch 32 against HF on
+  # >100 GB cards (the defaults and CASES32)
+  device
+  stamp "profile, mlp gemm"
+  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --mlp gemm --lag --timed 10 --steps 2 --warmup 3 \
+      --top 30 > "$OUT/profile_gemm.log" 2>&1
+  grep -h -A 16 'category' "$OUT/profile_gemm.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile_gemm.log"
+  stamp "gla_check chunk"
+  timeout "$(budget 120)" python3 bench/gla_check.py --only chunk --iters 10 > "$OUT/gla_check.log" 2>&1
+  grep -v Warning "$OUT/gla_check.log" | tail -34
+  if big_card; then trainer_vs b32 32 8 3 250 "${CASES32:-ours-bf16,ours-bf16-mlpgemm,hf}"
+  else trainer_vs b16b 16 16 4 200 "${CASES32:-ours-bf16,ours-bf16-fwdintra,hf}"; fi
+  stamp "done"
+  ;;
 c11)
   stamp "train_bench batch 16"
   timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
@@ -543,5 +579,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22" >&2; exit 2 ;;
 esac

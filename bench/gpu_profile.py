@@ -215,6 +215,9 @@ def main() -> int:
     p.add_argument("--projections", default=None, choices=["split", "cat"],
                    help="with --kernels fused: the attention's input projections as one GEMM each (split) or one "
                         "GEMM over the stacked weights (cat) (default: models.fused's)")
+    p.add_argument("--mlp", default=None, choices=["split", "gemm"],
+                   help="with --kernels fused: the MLP's gate/up GEMMs then SwiGLU kernels (split), or SwiGLU in the GEMMs' "
+                        "epilogues (gemm, models/kernels/mlp_gemm.py; its kernels count as GEMM) (default: models.fused's)")
     p.add_argument("--norm-bwd", default=None, metavar="BT,WARPS,PER_SM,PREFETCH",
                    help="launch our RMSNorm backward this way (models.kernels.rmsnorm.BackwardConfig, e.g. 2,4,8,1; "
                         "bench/norm_bench.py --bwd-sweep times them) instead of its default")
@@ -259,7 +262,7 @@ def main() -> int:
         from models.kernels import gla
         gla.SAVED_STATES = args.saved_states
     options = (("swiglu", args.swiglu), ("projections", args.projections), ("gate", args.gate), ("chunk", args.chunk),
-               ("keep_z", {"yes": True, "no": False}.get(args.keep_z)))
+               ("keep_z", {"yes": True, "no": False}.get(args.keep_z)), ("mlp", args.mlp))
     if any(v is not None for _, v in options) and args.kernels == "fused":
         from models import fused
         choice = {k: v for k, v in options if v is not None}

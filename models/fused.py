@@ -115,6 +115,8 @@ DEFAULT_PROJECTIONS = "split"
 DEFAULT_GATE = "fused"
 DEFAULT_CHUNK = "ours"
 DEFAULT_KEEP_Z = True  # measured faster on an H100 (BENCHMARKS.md), +1 bf16 [tokens, intermediate] tensor a layer
+MLPS = ("split", "gemm")
+DEFAULT_MLP = "split"  # "gemm" (models/kernels/mlp_gemm.py) is not timed on a GPU yet
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def _norm_fn(kind: str):
 # SwiGLU + down projection, and the gate's logsigmoid
 # ---------------------------------------------------------------------------------------------------------
 
-def _elementwise_fns(kind: str, gate: str = "fused", keep_z: bool = False) -> types.SimpleNamespace:
+def _elementwise_fns(kind: str, gate: str = "fused", keep_z: bool = False, mlp: str = "split") -> types.SimpleNamespace:
     """swiglu_linear(x, y, weight, bias) and low_rank_gate(a, weight, bias, normalizer) = logsigmoid(a @ weight^T + bias)
     / normalizer (GLA's gate after its first low-rank projection).
 
@@ -153,18 +155,29 @@ def _elementwise_fns(kind: str, gate: str = "fused", keep_z: bool = False) -> ty
     gate, as FLA's layer. "ours": models/kernels/swiglu.py's SwiGLU and, with gate="fused", models/kernels/gate.py's
     one-kernel gate; gate="split": the gate's product as a GEMM, then models/kernels/swiglu.py's logsigmoid kernel
     (the default until 2026-12-06). keep_z (ours): the SwiGLU product saved from the forward for the down
-    projection's weight gradient instead of written again in backward. On a CPU without the interpreter each takes
-    its PyTorch reference."""
+    projection's weight gradient instead of written again in backward. mlp (ours): "split", the gate and up
+    projections as cuBLAS GEMMs then swiglu_linear; "gemm": the whole MLP through models/kernels/mlp_gemm.py (SwiGLU
+    in the epilogues of the gate/up GEMM and of the down projection's input-gradient GEMM), as `mlp(x, wg, wu, wd, b)`.
+    On a CPU without the interpreter each takes its PyTorch reference."""
     if gate not in GATES:
         raise ValueError(f"gate={gate!r}: use one of {GATES}")
+    if mlp not in MLPS:
+        raise ValueError(f"mlp={mlp!r}: use one of {MLPS}")
     if kind == "ours":
         from models.kernels import gate as gate_kernels
         from models.kernels import swiglu
 
         def split_gate(a, weight, bias, normalizer):
             return swiglu.log_sigmoid_scaled(F.linear(a, weight, bias), normalizer)
+
+        def gemm_mlp(x, wg, wu, wd, bias):
+            from models.kernels import mlp_gemm
+            if swiglu._use_kernel(x):
+                return mlp_gemm.mlp(x, wg, wu, wd, bias, keep_z=keep_z)
+            return mlp_gemm.mlp_reference(x, wg, wu, wd, bias)
         return types.SimpleNamespace(swiglu_linear=functools.partial(swiglu.swiglu_linear, keep_z=keep_z),
-                                     low_rank_gate=gate_kernels.low_rank_gate if gate == "fused" else split_gate)
+                                     low_rank_gate=gate_kernels.low_rank_gate if gate == "fused" else split_gate,
+                                     mlp=gemm_mlp if mlp == "gemm" else None)
 
     def fla_swiglu_linear(x, y, weight, bias):
         from fla.modules import mlp as fla_mlp
@@ -220,6 +233,8 @@ def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _
 
 
 def _mlp(mlp, x: torch.Tensor, fns: types.SimpleNamespace = _FLA_ELEMENTWISE) -> torch.Tensor:
+    if getattr(fns, "mlp", None) is not None:
+        return fns.mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, mlp.down_proj.bias)
     gate, up = shared_linear(x, [mlp.gate_proj.weight, mlp.up_proj.weight])
     return fns.swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias)
 
@@ -340,7 +355,7 @@ def unsupported_reason(model) -> str | None:
 
 
 def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | None = None, gate: str | None = None,
-            chunk: str | None = None, keep_z: bool | None = None) -> str:
+            chunk: str | None = None, keep_z: bool | None = None, mlp: str | None = None) -> str:
     """Switch a built GLA model (plain, or wrapped by FSDP2 / activation checkpointing afterwards) to the
     fused forward. Returns a one-line description. Raises ValueError naming what is not covered.
 
@@ -353,7 +368,9 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     models/kernels/gate.py) or a GEMM and a logsigmoid kernel ("split"); None: DEFAULT_GATE. chunk: GLA's chunked
     attention through models/kernels/gla.py ("ours") or FLA's chunk_gla ("fla"); None: DEFAULT_CHUNK. keep_z (with
     swiglu="ours"): the MLP's SwiGLU product kept from forward for backward (one [tokens, intermediate] bf16 tensor
-    per layer held, one write of it less in backward); None: DEFAULT_KEEP_Z."""
+    per layer held, one write of it less in backward); None: DEFAULT_KEEP_Z. mlp (with swiglu="ours"): "split" (the
+    gate and up projections as cuBLAS GEMMs, then the SwiGLU kernels) or "gemm" (SwiGLU in the GEMMs' epilogues,
+    models/kernels/mlp_gemm.py); None: DEFAULT_MLP."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: use one of {NORMS}")
     if swiglu not in SWIGLUS:
@@ -372,7 +389,10 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     base._fused_norm = fn
     base.forward = types.MethodType(_model_forward, base)
     keep_z = DEFAULT_KEEP_Z if keep_z is None else bool(keep_z)
-    fns = _elementwise_fns(swiglu, gate, keep_z)
+    mlp = DEFAULT_MLP if mlp is None else mlp
+    if mlp == "gemm" and swiglu != "ours":
+        raise ValueError('mlp="gemm" runs our SwiGLU kernels: use it with swiglu="ours"')
+    fns = _elementwise_fns(swiglu, gate, keep_z, mlp)
     for block in base.layers:
         block._fused_norm = fn
         block._fused_elementwise = fns
@@ -382,7 +402,7 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     return (f"fused GLA blocks ({len(base.layers)} layers): "
             f"{'stacked (one GEMM)' if projections == 'cat' else 'shared-input'} projections, residual add fused into "
             f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
-            f"{('our SwiGLU kernels' + (' (product kept for backward)' if keep_z else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
+            f"{('our SwiGLU kernels' + (' in the MLP GEMMs' if mlp == 'gemm' else '') + (' (product kept for backward)' if keep_z else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
             f"{'torch ops for the gate' if swiglu != 'ours' else 'our one-kernel gate' if gate == 'fused' else 'a GEMM and our logsigmoid for the gate'}, "
             f"{'our' if chunk_kind == 'ours' else 'FLA'} chunk_gla wrapper")
 
