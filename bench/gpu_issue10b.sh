@@ -56,6 +56,7 @@
 #                                      with SwiGLU in the MLP GEMMs (-mlpgemm) vs the defaults and HF at batch 16, profile
 #   bash bench/gpu_issue10b.sh c22     (2026-12-07) the profile with -mlpgemm, gla_check --only chunk, batch 32 vs HF on
 #                                      >100 GB cards (batch 16 with -fwdintra on others)
+#   bash bench/gpu_issue10b.sh c23     (2026-12-07) models.warm, the loss curve of -mlpgemm (or RUNS) vs autocast-fla
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -107,10 +108,10 @@ kernel_checks() {  # SECONDS: gla_fwd_intra's check and sweep in SECONDS, then g
   timeout "$(budget 200)" python3 bench/gla_check.py --only chunk --iters 10 > "$OUT/gla_check.log" 2>&1
   grep -v Warning "$OUT/gla_check.log" | tail -34
 }
-curve() {  # SECONDS: 300-step loss curves, the defaults (bf16-fused) against autocast-fla
+curve() {  # SECONDS [RUNS]: 300-step loss curves, the defaults (bf16-fused; or RUNS) against autocast-fla
   stamp "precision_curve"
   timeout "$(budget "$1")" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
-      --runs autocast-fla,bf16-fused --dir bench/out/precision > "$OUT/curve.log" 2>&1
+      --runs "autocast-fla,${2:-bf16-fused}" --dir bench/out/precision > "$OUT/curve.log" 2>&1
   cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
   sed -n '/^vs /,$p' "$OUT/curve.log"; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
 }
@@ -570,6 +571,14 @@ c22)
   else trainer_vs b16b 16 16 4 200 "${CASES32:-ours-bf16,ours-bf16-fwdintra,hf}"; fi
   stamp "done"
   ;;
+c23)
+  # (2026-12-07) the loss curve of the defaults with SwiGLU in the MLP GEMMs (and RUNS) against autocast-fla
+  need_shards c23
+  device
+  warm bf16,autocast fused,fla 170
+  curve 400 "${RUNS:-bf16-fused-mlpgemm}"
+  stamp "done"
+  ;;
 c11)
   stamp "train_bench batch 16"
   timeout "$(budget 560)" python3 bench/train_bench.py --batch 16 --steps 12 --warmup 4 \
@@ -579,5 +588,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23" >&2; exit 2 ;;
 esac

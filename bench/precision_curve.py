@@ -6,8 +6,9 @@ first run's and the largest relative gap.
         [--steps 300] [--batch 8] [--warmup 30] [--skip 30] [--runs autocast-fla,autocast-fla,bf16-fused,bf16-fla]
         [--parallel none]
 
---runs: PRECISION[-KERNELS][@SEED] for each run, comma-separated, in order (KERNELS: fused, our fused blocks, or
-fla, FLA's modules; left out: the trainer's default, model.gpu_kernels not set; SEED: model.seed, the init, 0 when
+--runs: PRECISION[-KERNELS][-MODIFIER...][@SEED] for each run, comma-separated, in order (KERNELS: fused, our fused blocks, or
+fla, FLA's modules; left out: the trainer's default, model.gpu_kernels not set; MODIFIERs: bench/train_bench.py's case modifiers
+such as -mlpgemm or -fwdintra, set in the trainer's process; SEED: model.seed, the init, 0 when
 left out: the batches are the same in every run); --precisions is the older spelling. The first run is the
 reference. Name the reference twice for a noise floor: GPU runs are not always bitwise repeatable (FLA's backward
 kernels use atomics), so the gap between two runs of the same path is what "the same learning" can mean. Where two
@@ -34,14 +35,25 @@ sys.path.insert(0, ROOT)
 PRECISIONS = ("auto", "bf16", "autocast", "fp32")
 
 
+def run_modifiers(run: str) -> list[str]:
+    """The train_bench MODIFIERS at the end of a run's path (bf16-fused-mlpgemm -> ["mlpgemm"]), in their order."""
+    from bench.train_bench import _modifiers
+    return list(reversed(_modifiers("ours-" + run.partition("@")[0])))
+
+
 def parse_run(run: str) -> tuple[str, str | None, int]:
-    """PRECISION[-KERNELS][@SEED] -> (train.precision, model.gpu_kernels, model.seed); no KERNELS: None, the
-    trainer's default; no SEED: 0."""
+    """PRECISION[-KERNELS][-MODIFIER...][@SEED] -> (train.precision, model.gpu_kernels, model.seed); no KERNELS: None,
+    the trainer's default; no SEED: 0. MODIFIERS (run_modifiers): bench/train_bench.py's case modifiers, set in the
+    trainer's process (apply_modifiers); -sync is not one here."""
     path, at, seed = run.partition("@")
-    precision, _, kernels = path.partition("-")
-    if precision not in PRECISIONS or kernels not in ("", "fused", "fla") or (at and not seed.isdigit()):
-        raise ValueError(f"run {run!r}: use PRECISION[-KERNELS][@SEED], PRECISION one of {', '.join(PRECISIONS)}, "
-                         f"KERNELS fused or fla, SEED a non-negative integer (e.g. autocast-fla@1)")
+    mods = run_modifiers(run)
+    parts = path.split("-")
+    precision, _, kernels = "-".join(parts[:len(parts) - len(mods)]).partition("-")
+    if (precision not in PRECISIONS or kernels not in ("", "fused", "fla") or (at and not seed.isdigit())
+            or "sync" in mods):
+        raise ValueError(f"run {run!r}: use PRECISION[-KERNELS][-MODIFIER...][@SEED], PRECISION one of "
+                         f"{', '.join(PRECISIONS)}, KERNELS fused or fla, MODIFIERs bench/train_bench.py's but sync, "
+                         f"SEED a non-negative integer (e.g. autocast-fla@1, bf16-fused-mlpgemm)")
     return precision, kernels or None, int(seed) if at else 0
 
 
@@ -107,14 +119,19 @@ def main() -> int:
     for i, (name, run, (prec, _, _), extra) in enumerate(zip(names, runs, parsed, overrides)):
         out = os.path.join(args.dir, f"{i}-{name.replace('#', '_')}")
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "trainer", "configs/demo.toml", f"model.config={args.model}", f"data.shards={args.shards}",
+        mods = run_modifiers(run)
+        # modifiers are module defaults: set them in the trainer's own process before it starts
+        launcher = ([sys.executable, "-c", "import sys; from bench.train_bench import apply_modifiers; "
+                     "apply_modifiers(sys.argv.pop(1)); from trainer.__main__ import main; sys.exit(main())",
+                     "ours-" + "-".join(mods)] if mods else [sys.executable, "-m", "trainer"])
+        cmd = launcher + ["configs/demo.toml", f"model.config={args.model}", f"data.shards={args.shards}",
                "data.val_shards=none", f"data.global_batch={args.batch}", f"train.max_steps={args.steps}",
                "train.micro_batch=none", "train.eval_every=0",
                f"train.precision={prec}", f"optim.lr={args.lr}", f"optim.min_lr={args.lr / 10}",
                f"optim.warmup={args.warmup}", "checkpoint.every=0", "checkpoint.at_end=false",
                f"parallel.mode={args.parallel}", f"run.out_dir={out}", "run.tensorboard=false",
-               "run.progress_every=30"] + extra
-        print(f"precision_curve: {name}: {' '.join(cmd[4:])}", file=sys.stderr, flush=True)
+               "run.progress_every=30"] + extra + (["train.cuda_graphs=true"] if "graphs" in mods else [])
+        print(f"precision_curve: {name}: {' '.join(cmd[len(launcher) + 1:])}", file=sys.stderr, flush=True)
         code = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
         if code != 0:  # the others still run and compare; without the reference there is nothing to compare
             print(f"precision_curve: {name} failed (exit {code})", file=sys.stderr, flush=True)
@@ -125,7 +142,7 @@ def main() -> int:
         if i == 0:
             continue
         ref_name, ref = names[0], curves[names[0]]
-        r = {"reference": ref_name, "candidate": name, "noise_floor": parsed[i][:2] == parsed[0][:2],
+        r = {"reference": ref_name, "candidate": name, "noise_floor": run.partition("@")[0] == runs[0].partition("@")[0],
              "seed": parsed[i][2], "reference_seed": parsed[0][2],
              "model": os.path.basename(args.model), "steps": min(len(ref), len(cur)), "batch": args.batch,
              "compared_from_step": args.skip, **compare(ref, cur, args.skip),

@@ -123,6 +123,46 @@ def _modifiers(case: str) -> list[str]:
     return out
 
 
+def apply_modifiers(case: str) -> None:
+    """Set, in this process, the module defaults a case's MODIFIERS name (models.fused's, models/kernels/gla.py's,
+    trainer.loop's): the trainer run next in the process takes them. Also used by bench/precision_curve.py."""
+    from models import fused
+    projections = next((m for m in _modifiers(case) if m in fused.PROJECTIONS), None)
+    if projections:  # each case runs in a process of its own: the trainer's fused.install takes it as its default
+        fused.DEFAULT_PROJECTIONS = projections
+    if "gatesplit" in _modifiers(case):
+        fused.DEFAULT_GATE = "split"
+    if "flachunk" in _modifiers(case):
+        fused.DEFAULT_CHUNK = "fla"
+    if "keepz" in _modifiers(case) or "nokeepz" in _modifiers(case):
+        fused.DEFAULT_KEEP_Z = "keepz" in _modifiers(case)
+    states = next((STATE_MODIFIERS[m] for m in _modifiers(case) if m in STATE_MODIFIERS), None)
+    if states:
+        from models.kernels import gla
+        gla.SAVED_STATES = states
+    if "intra" in _modifiers(case) or "flaintra" in _modifiers(case):
+        from models.kernels import gla
+        gla.INTRA = "ours" if "intra" in _modifiers(case) else "fla"
+    if "fwdintra" in _modifiers(case):
+        from models.kernels import gla
+        gla.FWD_INTRA = "ours"
+    if "mlpgemm" in _modifiers(case):
+        fused.DEFAULT_MLP = "gemm"
+    if "mulclip" in _modifiers(case):
+        import trainer.loop as loop
+        loop.CLIP_IN_STEP = False
+    if case_sync(case):  # the baseline: each step read back before the next is launched
+        import trainer.loop as loop
+        launch = loop.launch_step
+
+        def launch_and_read(*a, **kw):
+            pending = launch(*a, **kw)
+            pending.result()
+            pending.ready = True  # the loop then logs it before launching the next, timed as it was read
+            return pending
+        loop.launch_step = launch_and_read
+
+
 def case_graphs(case: str) -> bool:
     """Whether a case runs with train.cuda_graphs (a `-graphs` part at the end, or before `-sync`)."""
     return "graphs" in _modifiers(case)
@@ -191,41 +231,7 @@ def run_ours(args, case: str = "ours") -> dict:
                + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    from models import fused
-    projections = next((m for m in _modifiers(case) if m in fused.PROJECTIONS), None)
-    if projections:  # each case runs in a process of its own: the trainer's fused.install takes it as its default
-        fused.DEFAULT_PROJECTIONS = projections
-    if "gatesplit" in _modifiers(case):
-        fused.DEFAULT_GATE = "split"
-    if "flachunk" in _modifiers(case):
-        fused.DEFAULT_CHUNK = "fla"
-    if "keepz" in _modifiers(case) or "nokeepz" in _modifiers(case):
-        fused.DEFAULT_KEEP_Z = "keepz" in _modifiers(case)
-    states = next((STATE_MODIFIERS[m] for m in _modifiers(case) if m in STATE_MODIFIERS), None)
-    if states:
-        from models.kernels import gla
-        gla.SAVED_STATES = states
-    if "intra" in _modifiers(case) or "flaintra" in _modifiers(case):
-        from models.kernels import gla
-        gla.INTRA = "ours" if "intra" in _modifiers(case) else "fla"
-    if "fwdintra" in _modifiers(case):
-        from models.kernels import gla
-        gla.FWD_INTRA = "ours"
-    if "mlpgemm" in _modifiers(case):
-        fused.DEFAULT_MLP = "gemm"
-    if "mulclip" in _modifiers(case):
-        import trainer.loop as loop
-        loop.CLIP_IN_STEP = False
-    if case_sync(case):  # the baseline: each step read back before the next is launched
-        import trainer.loop as loop
-        launch = loop.launch_step
-
-        def launch_and_read(*a, **kw):
-            pending = launch(*a, **kw)
-            pending.result()
-            pending.ready = True  # the loop then logs it before launching the next, timed as it was read
-            return pending
-        loop.launch_step = launch_and_read
+    apply_modifiers(case)
     train(cfg)
     records = read_metrics(out)
     times = [args.batch * args.seq_len / r["tokens_per_s"] for r in records]

@@ -6,7 +6,7 @@ import pytest
 
 from bench.gpu_profile import (category, gap_table, gaps_before, gaps_before_table, idle_gaps, is_annotation,
                                top_kernels)
-from bench.precision_curve import compare, labels, parse_run
+from bench.precision_curve import compare, labels, parse_run, run_modifiers
 from bench.train_bench import case_graphs, case_sync, kernels_override, parse_case
 from trainer.config import ModelConfig
 
@@ -94,8 +94,12 @@ def test_precision_curve_runs_and_labels():
     assert parse_run("bf16") == ("bf16", None, 0)  # the trainer's default kernels
     assert parse_run("autocast-fla@1") == ("autocast", "fla", 1)  # model.seed: another init, the same batches
     assert parse_run("bf16@12") == ("bf16", None, 12)
-    for bad in ("bf16-triton", "half", "bf16-fla-x", "bf16-fla@", "bf16-fla@x", "bf16-fla@-1"):
-        with pytest.raises(ValueError, match="PRECISION\\[-KERNELS\\]\\[@SEED\\]"):
+    assert parse_run("bf16-fused-fwdintra-mlpgemm@2") == ("bf16", "fused", 2)
+    assert run_modifiers("bf16-fused-fwdintra-mlpgemm@2") == ["fwdintra", "mlpgemm"]
+    assert run_modifiers("bf16-fused") == [] and run_modifiers("bf16") == []
+    for bad in ("bf16-triton", "half", "bf16-fla-x", "bf16-fla@", "bf16-fla@x", "bf16-fla@-1", "bf16-fused-sync",
+                "bf16-mlpgemm-fused"):
+        with pytest.raises(ValueError, match="PRECISION\\[-KERNELS\\]\\[-MODIFIER...\\]\\[@SEED\\]"):
             parse_run(bad)
     assert labels(["autocast-fla", "autocast-fla", "bf16-fused", "autocast-fla"]) == [
         "autocast-fla", "autocast-fla#2", "bf16-fused", "autocast-fla#3"]
