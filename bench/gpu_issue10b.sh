@@ -82,6 +82,18 @@ for line in open(sys.argv[1]):
         ok = [r['config'] for r in json.loads(line[6:])['results'] if r['same_ds']]
         c = ok[0]; print(f\"{c['bt']},{c['num_warps']},{c['per_sm']},{int(c['prefetch'])}\")" "$1"
 }
+# export MLP_GEMM_FWD / MLP_GEMM_BWD: the fastest launches of an mlp_gemm._gpu_check log whose values were right
+best_mlp_gemm() {
+  local picks
+  picks=$(python3 -c "import json, sys
+rows = [json.loads(l[8:]) for l in open(sys.argv[1]) if l.startswith('MLPGEMM ')]
+for key, diff in (('fwd', 'z_diff'), ('bwd', 'dgate_diff')):
+    ok = [r for r in rows if key + '_ms' in r and r[diff] < 2e-2]
+    print(min(ok, key=lambda r: r[key + '_ms'])['text'] if ok else '')" "$1" 2>/dev/null)
+  local fwd bwd; fwd=$(echo "$picks" | sed -n 1p); bwd=$(echo "$picks" | sed -n 2p)
+  [ -n "$fwd" ] && export MLP_GEMM_FWD=$fwd; [ -n "$bwd" ] && export MLP_GEMM_BWD=$bwd
+  echo "mlp_gemm launches: forward ${MLP_GEMM_FWD:-default} backward ${MLP_GEMM_BWD:-default}"
+}
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" >&2; }
 # the stages from c18 on are made of these
 device() { python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1; }
@@ -548,6 +560,7 @@ c21)
   stamp "mlp_gemm check"
   timeout "$(budget 110)" python3 -m models.kernels.mlp_gemm > "$OUT/mlp_gemm.log" 2>&1
   grep -v Warning "$OUT/mlp_gemm.log" | tail -16
+  best_mlp_gemm "$OUT/mlp_gemm.log"
   trainer_vs b16 16 16 4 170 "${CASES:-ours-bf16,ours-bf16-mlpgemm,hf}"
   stamp "profile, defaults"
   timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --lag --timed 10 --steps 2 --warmup 3 --top 30 \

@@ -160,3 +160,10 @@ def test_fused_blocks_with_the_gemm_mlp_give_flas_loss_and_gradients(monkeypatch
             fused.install(build.build_model(config, "cpu", seed=0), mlp="big")
     finally:
         cpu_torch.uninstall()
+
+
+def test_launch_text_round_trips_and_bad_text_is_named():
+    c = mlp_gemm.config_from_text("64,128,32,4,4,3,0")
+    assert c == GemmConfig(64, 128, 32, 4, 4, 3, tma=False)
+    with pytest.raises(ValueError, match="use BM,BN,BK,GROUP_M,WARPS,STAGES,TMA"):
+        mlp_gemm.config_from_text("64,128")

@@ -27,6 +27,7 @@ with TMA descriptors where the interpreter supports them.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -52,9 +53,19 @@ class GemmConfig:
     tma: bool = True
 
 
-# Not measured: the tile Triton's own Hopper matmul examples use for bf16. _gpu_check() sweeps the alternatives.
-CONFIG = GemmConfig()
-BWD_CONFIG = GemmConfig()
+def config_from_text(text: str) -> GemmConfig:
+    """"BM,BN,BK,GROUP_M,WARPS,STAGES,TMA" (TMA 0 or 1), as `_gpu_check` prints a launch, -> GemmConfig."""
+    try:
+        bm, bn, bk, group_m, warps, stages, tma = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"launch {text!r}: use BM,BN,BK,GROUP_M,WARPS,STAGES,TMA, e.g. 128,128,64,8,8,3,1") from None
+    return GemmConfig(bm, bn, bk, group_m, warps, stages, bool(tma))
+
+
+# Not measured: the tile Triton's own Hopper matmul examples use for bf16. _gpu_check() sweeps the alternatives; a
+# benchmark can launch another way through MLP_GEMM_FWD / MLP_GEMM_BWD (config_from_text) without editing this file.
+CONFIG = config_from_text(os.environ.get("MLP_GEMM_FWD") or "128,128,64,8,8,3,1")
+BWD_CONFIG = config_from_text(os.environ.get("MLP_GEMM_BWD") or "128,128,64,8,8,3,1")
 
 
 @triton.jit
@@ -312,7 +323,7 @@ def _gpu_check(m: int = 32768, d: int = 1024, n: int = 2816, iters: int = 20, sw
             configs.append(GemmConfig(bm, bn, bk, 8, w, s, True))
         configs.append(replace(CONFIG, tma=False))
     for c in configs:
-        row = {"config": c.__dict__}
+        row = {"config": c.__dict__, "text": f"{c.bm},{c.bn},{c.bk},{c.group_m},{c.num_warps},{c.num_stages},{int(c.tma)}"}
         try:
             g, u, z = gate_up_swiglu(x, wg, wu, config=c)
             tf = _median_ms(lambda: gate_up_swiglu(x, wg, wu, config=c), iters, dev)
