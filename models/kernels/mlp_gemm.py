@@ -167,9 +167,18 @@ def _grid(m: int, n: int, config: GemmConfig) -> tuple[int]:
     return (triton.cdiv(m, config.bm) * triton.cdiv(n, config.bn),)
 
 
+def _tma_available(device: torch.device) -> bool:
+    """TMA descriptors: Hopper (sm_90) or later, a triton that has host-side descriptors; the interpreter too."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _tma_ok(*ts: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned bases and row strides, and a unit last stride."""
-    return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    return _tma_available(ts[0].device) and all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
                for t in ts)
 
 
