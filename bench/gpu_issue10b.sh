@@ -53,9 +53,9 @@
 #   bash bench/gpu_issue10b.sh c20     (2026-12-07) models.warm (bf16 + autocast, fused + fla), the loss curve of the
 #                                      defaults against autocast-fla, then the defaults vs HF at batch 16
 #   bash bench/gpu_issue10b.sh c21     (2026-12-07) models.warm, models/kernels/mlp_gemm.py's check and sweep, the trainer
-#                                      with SwiGLU in the MLP GEMMs (-mlpgemm) vs the defaults and HF at batch 16, profile
-#   bash bench/gpu_issue10b.sh c22     (2026-12-07) the profile with -mlpgemm, gla_check --only chunk, batch 32 vs HF on
-#                                      >100 GB cards (batch 16 with -fwdintra on others)
+#                                      with SwiGLU in the MLP GEMMs (-mlpgemm) vs the defaults at batch 16, the profile
+#   bash bench/gpu_issue10b.sh c22     (2026-12-07) models.warm, the defaults and -mlpgemm vs HF at batch 32 on >100 GB
+#                                      cards (batch 16 on others), gla_check --only chunk
 #   bash bench/gpu_issue10b.sh c23     (2026-12-07) models.warm, the loss curve of -mlpgemm (or RUNS) vs autocast-fla
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
@@ -552,36 +552,18 @@ c20)
   stamp "done"
   ;;
 c21)
-  # (2026-12-07) models.warm, models/kernels/mlp_gemm.py's check and launch sweep (SwiGLU in the MLP GEMMs' epilogues
-  # against cuBLAS + the SwiGLU kernels), the trainer with it (-mlpgemm) against the defaults and HF at batch 16, then
-  # the step's profile with the defaults
+  # (2026-12-07) models.warm (bf16), models/kernels/mlp_gemm.py's check and launch sweep (SwiGLU in the MLP GEMMs'
+  # epilogues against cuBLAS + the SwiGLU kernels), the trainer with its fastest launches (-mlpgemm) against the
+  # defaults at batch 16, then the step's profile with whichever was faster (HF: c22)
+  # (2026-12-07) models.warm (both paths), the defaults and -mlpgemm against HF at batch 32 on >100 GB cards (batch 16
+  # on others), then gla_check --only chunk; set MLP_GEMM_FWD / MLP_GEMM_BWD to c21's pick
   device
-  warm bf16,autocast fused,fla 200
-  stamp "mlp_gemm check"
-  timeout "$(budget 110)" python3 -m models.kernels.mlp_gemm > "$OUT/mlp_gemm.log" 2>&1
-  grep -v Warning "$OUT/mlp_gemm.log" | tail -16
-  best_mlp_gemm "$OUT/mlp_gemm.log"
-  trainer_vs b16 16 16 4 170 "${CASES:-ours-bf16,ours-bf16-mlpgemm,hf}"
-  stamp "profile, defaults"
-  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --lag --timed 10 --steps 2 --warmup 3 --top 30 \
-      --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
-  gzip -f "$OUT/trace.json" 2>/dev/null
-  grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
-  stamp "done"
-  ;;
-c22)
-  # (2026-12-07) the step's profile with SwiGLU in the MLP GEMMs, gla_check --only chunk, then batch 32 against HF on
-  # >100 GB cards (the defaults and CASES32)
-  device
-  stamp "profile, mlp gemm"
-  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --mlp gemm --lag --timed 10 --steps 2 --warmup 3 \
-      --top 30 > "$OUT/profile_gemm.log" 2>&1
-  grep -h -A 16 'category' "$OUT/profile_gemm.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile_gemm.log"
+  warm bf16,autocast fused,fla 170
+  if big_card; then trainer_vs b32 32 8 3 250 "${CASES32:-ours-bf16,ours-bf16-mlpgemm,hf}"
+  else trainer_vs b16 16 16 4 200 "${CASES16:-ours-bf16,ours-bf16-mlpgemm,hf}"; fi
   stamp "gla_check chunk"
   timeout "$(budget 120)" python3 bench/gla_check.py --only chunk --iters 10 > "$OUT/gla_check.log" 2>&1
   grep -v Warning "$OUT/gla_check.log" | tail -34
-  if big_card; then trainer_vs b32 32 8 3 250 "${CASES32:-ours-bf16,ours-bf16-mlpgemm,hf}"
-  else trainer_vs b16b 16 16 4 200 "${CASES32:-ours-bf16,ours-bf16-fwdintra,hf}"; fi
   stamp "done"
   ;;
 c23)
