@@ -22,7 +22,8 @@ bytes the math does not need:
 (`concat_linear`; fewer, wider GEMMs, paid for with copies; see its docstring for where it stands). Further switches,
 each with the measured default (BENCHMARKS.md, "Passes the math does not need"): `gate` (GLA's low-rank gate as one
 kernel each way, models/kernels/gate.py), `chunk` (GLA's chunked attention without FLA's output fill and dq/dk/dg
-casts, models/kernels/gla.py) and `keep_z` (the SwiGLU product kept for backward). Under
+casts, models/kernels/gla.py) and `keep_z` (the SwiGLU product kept for backward); `mlp="gemm"` (SwiGLU in the
+epilogues of the MLP's GEMMs, models/kernels/mlp_gemm.py) is off until it is timed on a GPU. Under
 activation checkpointing each fused block is checkpointed as FLA's would be, whichever way the installed transformers
 implements it (`_block_forward`).
 
