@@ -385,15 +385,15 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"fused blocks do not cover {reason}")
-    fn = _norm_fn(norm)
-    base = _base(model)
-    base._fused_norm = fn
-    base.forward = types.MethodType(_model_forward, base)
     keep_z = DEFAULT_KEEP_Z if keep_z is None else bool(keep_z)
     mlp = DEFAULT_MLP if mlp is None else mlp
     if mlp == "gemm" and swiglu != "ours":
         raise ValueError('mlp="gemm" runs our SwiGLU kernels: use it with swiglu="ours"')
-    fns = _elementwise_fns(swiglu, gate, keep_z, mlp)
+    fns = _elementwise_fns(swiglu, gate, keep_z, mlp)  # refuses a bad gate or mlp before the model is touched
+    fn = _norm_fn(norm)
+    base = _base(model)
+    base._fused_norm = fn
+    base.forward = types.MethodType(_model_forward, base)
     for block in base.layers:
         block._fused_norm = fn
         block._fused_elementwise = fns

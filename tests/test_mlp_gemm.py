@@ -154,10 +154,12 @@ def test_fused_blocks_with_the_gemm_mlp_give_flas_loss_and_gradients(monkeypatch
         cu = torch.tensor([0, 30, 95, 120])
         x = ids(batch=1, length=120)
         assert_same(loss_and_grads(stock, x, cu_seqlens=cu), loss_and_grads(other, x, cu_seqlens=cu))
-        with pytest.raises(ValueError, match='mlp="gemm" runs our SwiGLU kernels'):
-            fused.install(build.build_model(config, "cpu", seed=0), swiglu="fla", mlp="gemm")
-        with pytest.raises(ValueError, match="mlp='big': use one of"):
-            fused.install(build.build_model(config, "cpu", seed=0), mlp="big")
+        for kwargs, message in [({"swiglu": "fla", "mlp": "gemm"}, 'mlp="gemm" runs our SwiGLU kernels'),
+                                ({"mlp": "big"}, "mlp='big': use one of"), ({"gate": "big"}, "gate='big': use one of")]:
+            refused = build.build_model(config, "cpu", seed=0)
+            with pytest.raises(ValueError, match=message):
+                fused.install(refused, **kwargs)
+            assert not fused.installed(refused), f"{kwargs}: a refused install left the model half switched"
     finally:
         cpu_torch.uninstall()
 
