@@ -94,6 +94,17 @@ for key, diff in (('fwd', 'z_diff'), ('bwd', 'dgate_diff')):
   [ -n "$fwd" ] && export MLP_GEMM_FWD=$fwd; [ -n "$bwd" ] && export MLP_GEMM_BWD=$bwd
   echo "mlp_gemm launches: forward ${MLP_GEMM_FWD:-default} backward ${MLP_GEMM_BWD:-default}"
 }
+# gemm if the -mlpgemm case of a train_bench log ran more tokens/s than the defaults, else split
+faster_mlp() {
+  python3 -c "import json, sys
+r = {}
+for line in open(sys.argv[1]):
+    if line.startswith('{'):
+        row = json.loads(line); r[row['case']] = row['tokens_per_s']
+base = next((v for k, v in r.items() if 'mlpgemm' not in k and k.startswith('ours')), 0)
+gemm = max((v for k, v in r.items() if 'mlpgemm' in k), default=0)
+print('gemm' if gemm > base else 'split')" "$1" 2>/dev/null || echo split
+}
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" >&2; }
 # the stages from c18 on are made of these
 device() { python3 -c "import torch; print(torch.cuda.get_device_name())" 2>&1 | tail -1; }
@@ -555,6 +566,22 @@ c21)
   # (2026-12-07) models.warm (bf16), models/kernels/mlp_gemm.py's check and launch sweep (SwiGLU in the MLP GEMMs'
   # epilogues against cuBLAS + the SwiGLU kernels), the trainer with its fastest launches (-mlpgemm) against the
   # defaults at batch 16, then the step's profile with whichever was faster (HF: c22)
+  device
+  warm bf16 fused 170
+  stamp "mlp_gemm check"
+  timeout "$(budget 110)" python3 -m models.kernels.mlp_gemm > "$OUT/mlp_gemm.log" 2>&1
+  grep -v Warning "$OUT/mlp_gemm.log" | tail -16
+  best_mlp_gemm "$OUT/mlp_gemm.log"
+  trainer_vs b16 16 16 4 170 "${CASES:-ours-bf16,ours-bf16-mlpgemm}"
+  mlp=$(faster_mlp "$OUT/b16.log")
+  stamp "profile, mlp $mlp"
+  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --mlp "$mlp" --lag --timed 10 --steps 2 \
+      --warmup 3 --top 30 --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
+  gzip -f "$OUT/trace.json" 2>/dev/null
+  grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
+  stamp "done"
+  ;;
+c22)
   # (2026-12-07) models.warm (both paths), the defaults and -mlpgemm against HF at batch 32 on >100 GB cards (batch 16
   # on others), then gla_check --only chunk; set MLP_GEMM_FWD / MLP_GEMM_BWD to c21's pick
   device
