@@ -3,14 +3,15 @@
     PYTHONUNBUFFERED=1 python bench/gpu_profile.py [--model configs/gla_340M.json] [--seq-len 2048]
         [--batch 16] [--precision bf16] [--kernels fused|fla] [--steps 3] [--warmup 3] [--top 25]
         [--trace bench/out/profile.json] [--lag] [--graphs] [--projections split|cat] [--gate fused|split]
-        [--chunk ours|fla] [--keep-z yes|no] [--saved-states fp32|bf16|none] [--mulclip]
+        [--chunk ours|fla] [--keep-z yes|no] [--saved-states fp32|bf16|none] [--mulclip] [--mlp split|gemm]
+    python bench/gpu_profile.py --from-trace bench/out/profile.json[.gz] --steps 3   # the tables again, no GPU
 
 Runs the trainer's own step (trainer.loop.launch_step: the model from models.build, train.precision's path,
 fused AdamW, clip 1.0, one micro-batch) on random tokens, one process, no DDP/FSDP. --kernels is
 model.gpu_kernels: fused (the default, as in the trainer) rewrites the model's blocks with models.fused.install
 right after the build, fla keeps FLA's modules. After --warmup steps (kernel compilation and autotuning: run
 `python -m models.warm` first on a cold machine), --steps steps run under torch.profiler. Every GPU kernel is
-put in one category by its name (GEMM, FLA GLA chunk kernels, norms, SwiGLU, elementwise/copies, ...); the
+put in one category by its name (GEMM, GLA chunk kernels (FLA's and ours), norms, SwiGLU, elementwise/copies, ...); the
 table gives milliseconds per step, the share of kernel time and the GPU-busy share of the wall time. A second
 table lists the --top largest kernels one by one, so what a category such as "elementwise / copies" holds is
 visible without opening the trace, and a third the idle GPU time between kernels by gap length (many short gaps:
@@ -36,7 +37,10 @@ CATEGORIES = [
     # FLA's norm kernels and ours (models/kernels/rmsnorm.py: names hold "rmsnorm"); before the GLA keys so
     # that a fused norm of ours named after the block it serves still counts as a norm
     ("norms", ("rmsnorm", "_rms_", "layer_norm", "rms_norm", "layernorm", "norm_fwd", "norm_bwd", "norm_gate")),
-    ("FLA GLA chunk", ("chunk", "gla", "cumsum", "fused_recurrent")),
+    # FLA's chunk kernels and ours that replace some of them (models/kernels/gla*.py: named _gla_*_kernel since
+    # 2026-12-07; traces written before carry _bwd_intra_kernel, _bwd_inter_kernel, _fwd_intra_kernel)
+    ("GLA chunk", ("chunk", "gla", "cumsum", "fused_recurrent", "_bwd_intra_kernel", "_bwd_inter_kernel",
+                   "_fwd_intra_kernel")),
     ("SwiGLU", ("swiglu", "swish")),
     ("GLA gate logsigmoid (ours)", ("_logsig_", "_gate_fwd_kernel", "_gate_bwd_kernel")),
     # not "ce_": PyTorch's reduce_kernel (sums, the grad norm) holds it
@@ -64,28 +68,53 @@ def is_annotation(name: str) -> bool:
     return "#" in name and "(" not in name
 
 
-def kernel_times(prof) -> dict[str, tuple[float, int]]:
-    """{kernel name: (total microseconds, calls)} of the GPU kernels and memory ops in a profile."""
-    from torch.autograd import DeviceType
+def kernel_times(intervals: list[tuple[float, float, str]]) -> dict[str, tuple[float, int]]:
+    """{kernel name: (total microseconds, calls)} of kernel_intervals' or trace_intervals' kernels and memory ops."""
     out: dict[str, list] = {}
-    for e in prof.events():
-        # GPU-side ranges of user annotations (Optimizer.step#AdamW.step, ...) span kernels counted already
-        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False) or is_annotation(e.name):
-            continue
-        t = e.time_range.elapsed_us()
-        rec = out.setdefault(e.name, [0.0, 0])
-        rec[0] += t
+    for start, stop, name in intervals:
+        rec = out.setdefault(name, [0.0, 0])
+        rec[0] += stop - start
         rec[1] += 1
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 def kernel_intervals(prof) -> list[tuple[float, float, str]]:
-    """(start, end, name), start and end in microseconds, of every GPU kernel and memory op in a profile, as
-    kernel_times counts them."""
+    """(start, end, name), start and end in microseconds, of every GPU kernel and memory op in a profile. GPU-side
+    ranges of user annotations (Optimizer.step#AdamW.step, ...) span kernels counted already and are left out."""
     from torch.autograd import DeviceType
     return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
             and not is_annotation(e.name)]
+
+
+TRACE_GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def trace_intervals(path: str) -> list[tuple[float, float, str]]:
+    """kernel_intervals of a Chrome trace this script (torch.profiler's export_chrome_trace) wrote, .json or .json.gz:
+    its events of category kernel, gpu_memcpy and gpu_memset (gpu_user_annotation ranges are not kernels)."""
+    import gzip
+    import json
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+            events = json.load(f)["traceEvents"]
+    except FileNotFoundError:
+        raise SystemExit(f"gpu_profile: --from-trace {path}: no such file (give the --trace file of an earlier run)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"gpu_profile: --from-trace {path}: not a Chrome trace of torch.profiler ({e}); give the "
+                         f"--trace file of an earlier run, .json or .json.gz")
+    return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+            if e.get("ph") == "X" and e.get("cat") in TRACE_GPU_CATS and not is_annotation(e["name"])]
+
+
+def report(intervals: list[tuple[float, float, str]], steps: int, wall_s: float, top: int) -> str:
+    """The tables: categories, idle gaps by length, the kernels after the long gaps, and the `top` largest kernels."""
+    kt = kernel_times(intervals)
+    parts = [table(kt, steps, wall_s), gap_table(idle_gaps(intervals), steps),
+             gaps_before_table(gaps_before(intervals), steps)]
+    if top > 0:
+        parts.append(top_kernels(kt, steps, top))
+    return "\n".join(parts)
 
 
 GAP_EDGES_US = (5.0, 20.0, 100.0, 1000.0)
@@ -160,7 +189,7 @@ def table(kernels: dict[str, tuple[float, int]], steps: int, wall_s: float) -> s
     busy = total / 1e6 / wall_s if wall_s else 0.0
     lines.append(f"{'kernels, all':<22} {total / 1e3 / steps:9.2f} {1:7.1%}  wall {wall_s / steps * 1e3:.1f} ms/step, "
                  f"GPU busy {busy:.0%} of the wall time")
-    outside = sum(v[0] for c, v in cats.items() if c not in ("GEMM", "FLA GLA chunk"))
+    outside = sum(v[0] for c, v in cats.items() if c not in ("GEMM", "GLA chunk"))
     lines.append(f"outside GEMM + GLA chunk kernels: {outside / 1e3 / steps:.2f} ms/step = {outside / total:.1%} "
                  f"of kernel time")
     return "\n".join(lines)
@@ -231,7 +260,18 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--trace", default=os.path.join(ROOT, "bench", "out", "profile.json"))
+    p.add_argument("--from-trace", default=None, metavar="FILE",
+                   help="no GPU run: print the tables of a trace an earlier run wrote (.json or .json.gz; give its "
+                        "--steps); the wall time is then the span from its first kernel's start to its last one's end")
     args = p.parse_args()
+    if args.from_trace:
+        intervals = trace_intervals(args.from_trace)
+        if not intervals:
+            raise SystemExit(f"gpu_profile: --from-trace {args.from_trace}: no GPU kernels in it")
+        span = (max(i[1] for i in intervals) - min(i[0] for i in intervals)) / 1e6
+        print(f"{args.from_trace}: {len(intervals)} kernels and memory ops, {args.steps} steps, wall = GPU span")
+        print(report(intervals, args.steps, span, args.top))
+        return 0
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -346,13 +386,7 @@ def main() -> int:
           f"kernels {args.kernels} ({kernels}), {args.steps} profiled steps, "
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "
           f"trace {args.trace}")
-    kt = kernel_times(prof)
-    print(table(kt, args.steps, wall))
-    intervals = kernel_intervals(prof)
-    print(gap_table(idle_gaps(intervals), args.steps))
-    print(gaps_before_table(gaps_before(intervals), args.steps))
-    if args.top > 0:
-        print(top_kernels(kt, args.steps, args.top))
+    print(report(kernel_intervals(prof), args.steps, wall, args.top))
     return 0
 
 

@@ -219,7 +219,7 @@ def _inter_inputs(states_dtype, seed=0, T=150, cu_seqlens=None):
 
 @pytest.mark.parametrize("cu_seqlens", [None, [0, 40, 150]], ids=["batch", "cu_seqlens"])
 def test_our_inter_kernel_computes_flas_sums(cu_seqlens):
-    """`_bwd_inter_kernel` (ours, for low-precision states) against FLA's chunk_gla_bwd_kernel_inter on fp32 states:
+    """`_gla_bwd_inter_kernel` (ours, for low-precision states) against FLA's chunk_gla_bwd_kernel_inter on fp32 states:
     the same dq, dk, dg to fp32 rounding."""
     args = _inter_inputs(torch.float32, cu_seqlens=torch.tensor(cu_seqlens) if cu_seqlens else None)
     ours_out = gla._backward_dqkg(*args, torch.float32, inter="ours")

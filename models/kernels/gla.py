@@ -33,7 +33,7 @@ and a cumsum kernel). `SAVED_STATES` chooses what the forward keeps for the back
 
 With bf16 states FLA's last backward kernel (`chunk_gla_bwd_kernel_inter`) would compute that sum(h * dh) in bf16:
 a product of two bf16 tensors is bf16 in Triton, and `tl.sum` keeps its input's dtype (triton 3.6-3.9), so every
-partial sum of the reduction would be rounded to bf16. Where the states are not fp32, `_bwd_inter_kernel` (ours)
+partial sum of the reduction would be rounded to bf16. Where the states are not fp32, `_gla_bwd_inter_kernel` (ours)
 runs in its place: the same sums, with h and dh taken to fp32 before their product and its reduction, so the states'
 one rounding is all the precision bf16 states cost (tests/test_gla_kernel.py measures that cost against GLA's
 recurrence in float64: o and every gradient within 2^-9 of their largest value).
@@ -93,7 +93,7 @@ def _forward_o(q, v, g_cumsum, A, h, scale, cu_seqlens, chunk_size, chunk_indice
 def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size, chunk_indices, dg_dtype,
                    inter: str | None = None):
     """FLA's chunk_gla_bwd_dqkg writing dq, dk in q's dtype and dg in `dg_dtype` (see the module doc). inter: "fla"
-    (FLA's kernel), "ours" (`_bwd_inter_kernel`); None: FLA's for fp32 states, ours for any other."""
+    (FLA's kernel), "ours" (`_gla_bwd_inter_kernel`); None: FLA's for fp32 states, ours for any other."""
     fla_chunk = _fla()
     B, T, H, K, V = *k.shape, v.shape[-1]
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
@@ -111,7 +111,7 @@ def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chun
             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale, T=T, H=H, K=K, V=V, BT=chunk_size,
             STATE_V_FIRST=True)
     else:  # low-precision states: sum(h * dh) in fp32 (module doc)
-        _bwd_inter_kernel[grid](q, k, v, g_cumsum, h, do, dh, dq, dk, dq2, dk2, dg, cu_seqlens, chunk_indices, scale,
+        _gla_bwd_inter_kernel[grid](q, k, v, g_cumsum, h, do, dh, dq, dk, dq2, dk2, dg, cu_seqlens, chunk_indices, scale,
                                 T, H=H, K=K, V=V, BT=chunk_size, IS_VARLEN=cu_seqlens is not None)
     return dq2, dk2, dg
 
@@ -137,7 +137,7 @@ def _prune_inter(configs, nargs, **kwargs):
     prune_configs_by={"early_config_prune": _prune_inter},
 )
 @triton.jit(do_not_specialize=["T"])
-def _bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
+def _gla_bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, IS_VARLEN: tl.constexpr):
     """One chunk of rows x BK channels of one (sequence, head): the inter-chunk parts of dq and dk from the chunk's

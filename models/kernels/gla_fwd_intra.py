@@ -84,7 +84,7 @@ CONFIG = LaunchConfig(num_warps=1, num_stages=1, diag_precision="tf32x3")
 
 
 @triton.jit(do_not_specialize=['T'])
-def _fwd_intra_kernel(q, k, g, A, path, cu_seqlens, chunk_indices, scale, T,
+def _gla_fwd_intra_kernel(q, k, g, A, path, cu_seqlens, chunk_indices, scale, T,
                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       NC: tl.constexpr, NK: tl.constexpr, IS_VARLEN: tl.constexpr, DIAG_PRECISION: tl.constexpr,
                       OFF_PRECISION: tl.constexpr, RANGE_BOUND: tl.constexpr, MAG_BOUND: tl.constexpr,
@@ -203,7 +203,7 @@ def _launch(q, k, g, scale, cu_seqlens, chunk_size, chunk_indices, config: Launc
     # tl.dot's own default for None (triton 3.9), resolved here: a constexpr None does not reach tl.dot as None
     knobs = getattr(getattr(triton, "knobs", None), "language", None)
     off = config.offdiag_precision or getattr(knobs, "fp32_default", None) or "tf32"
-    _fwd_intra_kernel[grid](
+    _gla_fwd_intra_kernel[grid](
         q, k, g, A, path if record_path else A, cu_seqlens, chunk_indices, float(scale), T,
         H=H, K=K, BT=BT, BC=BC, BK=BK, NC=NC, NK=NK, IS_VARLEN=cu_seqlens is not None,
         DIAG_PRECISION=config.diag_precision, OFF_PRECISION=off, RANGE_BOUND=RANGE_BOUND, MAG_BOUND=MAG_BOUND,

@@ -97,7 +97,7 @@ CONFIG = LaunchConfig()
 
 
 @triton.jit(do_not_specialize=['T'])
-def _bwd_intra_kernel(q, k, g, dA, dq, dk, path, cu_seqlens, chunk_indices, T,
+def _gla_bwd_intra_kernel(q, k, g, dA, dq, dk, path, cu_seqlens, chunk_indices, T,
                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       NC: tl.constexpr, IS_VARLEN: tl.constexpr, DIAG_PRECISION: tl.constexpr,
                       OFF_PRECISION: tl.constexpr, RANGE_BOUND: tl.constexpr, MAG_BOUND: tl.constexpr,
@@ -265,7 +265,7 @@ def _launch(q, k, g, dA, cu_seqlens, chunk_size, chunk_indices, config: LaunchCo
     # tl.dot's own default for None (triton 3.9), resolved here: a constexpr None does not reach tl.dot as None
     knobs = getattr(getattr(triton, "knobs", None), "language", None)
     off = config.offdiag_precision or getattr(knobs, "fp32_default", None) or "tf32"
-    _bwd_intra_kernel[grid](
+    _gla_bwd_intra_kernel[grid](
         q, k, g, dA, dq, dk, path if record_path else dq, cu_seqlens, chunk_indices, T,
         H=H, K=K, BT=BT, BC=BC, BK=BK, NC=NC, IS_VARLEN=cu_seqlens is not None,
         DIAG_PRECISION=config.diag_precision, OFF_PRECISION=off, RANGE_BOUND=RANGE_BOUND, MAG_BOUND=MAG_BOUND,
