@@ -57,6 +57,8 @@
 #   bash bench/gpu_issue10b.sh c22     (2026-12-07) models.warm, the defaults and -mlpgemm vs HF at batch 32 on >100 GB
 #                                      cards (batch 16 on others), gla_check --only chunk
 #   bash bench/gpu_issue10b.sh c23     (2026-12-07) models.warm, the loss curve of -mlpgemm (or RUNS) vs autocast-fla
+#   bash bench/gpu_issue10b.sh c24     (2026-12-07) mlp_gemm's sweep with the persistent launches; where they beat the
+#                                      unfused path, models.warm, -mlpgemm vs the defaults at batch 16, the profile
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -104,6 +106,17 @@ for line in open(sys.argv[1]):
 base = next((v for k, v in r.items() if 'mlpgemm' not in k and k.startswith('ours')), 0)
 gemm = max((v for k, v in r.items() if 'mlpgemm' in k), default=0)
 print('gemm' if gemm > base else 'split')" "$1" 2>/dev/null || echo split
+}
+# exit 0 if an mlp_gemm._gpu_check log's fastest correct forward + backward launches take less than the unfused path
+mlp_gemm_wins() {
+  python3 -c "import json, sys
+rows = [json.loads(l[8:]) for l in open(sys.argv[1]) if l.startswith('MLPGEMM ')]
+f = [r for r in rows if 'fwd_ms' in r and r['z_diff'] < 2e-2]
+b = [r for r in rows if 'bwd_ms' in r and r['dgate_diff'] < 2e-2]
+bf, bb = min(f, key=lambda r: r['fwd_ms']), min(b, key=lambda r: r['bwd_ms'])
+fused, unfused = bf['fwd_ms'] + bb['bwd_ms'], bf['fwd_ms'] * bf['fwd_vs_unfused'] + bb['bwd_ms'] * bb['bwd_vs_unfused']
+print(f'mlp_gemm: best forward + backward {fused:.3f} ms, unfused {unfused:.3f} ms')
+sys.exit(0 if fused < unfused else 1)" "$1"
 }
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" >&2; }
 # the stages from c18 on are made of these
@@ -593,6 +606,30 @@ c22)
   grep -v Warning "$OUT/gla_check.log" | tail -34
   stamp "done"
   ;;
+c24)
+  # (2026-12-07) the persistent launches of models/kernels/mlp_gemm.py (one program per SM, TMA stores, the next
+  # tile's loads under this one's epilogue) in its sweep; where the fastest correct ones beat cuBLAS + the SwiGLU
+  # kernels, the trainer with them (-mlpgemm) against the defaults at batch 16 and the profile of the faster
+  device
+  stamp "mlp_gemm check"
+  timeout "$(budget 150)" python3 -m models.kernels.mlp_gemm > "$OUT/mlp_gemm.log" 2>&1
+  grep -v Warning "$OUT/mlp_gemm.log" | grep -v '^MLPGEMM' | tail -4
+  grep '^MLPGEMM' "$OUT/mlp_gemm.log" | python3 -c "import json, sys
+for l in sys.stdin:
+    r = json.loads(l[8:]); print(r['text'], {k: v for k, v in r.items() if k not in ('config', 'text')})"
+  best_mlp_gemm "$OUT/mlp_gemm.log"
+  if mlp_gemm_wins "$OUT/mlp_gemm.log"; then
+    warm bf16 fused 170
+    trainer_vs b16 16 16 4 170 "${CASES:-ours-bf16,ours-bf16-mlpgemm}"
+    mlp=$(faster_mlp "$OUT/b16.log")
+    stamp "profile, mlp $mlp"
+    timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --mlp "$mlp" --lag --timed 10 --steps 2 \
+        --warmup 3 --top 30 --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
+    gzip -f "$OUT/trace.json" 2>/dev/null
+    grep -h -A 12 'category' "$OUT/profile.log" | head -14; grep -h 'timed:' "$OUT/profile.log"
+  fi
+  stamp "done"
+  ;;
 c23)
   # (2026-12-07) the loss curve of the defaults with SwiGLU in the MLP GEMMs (and RUNS) against autocast-fla
   need_shards c23
@@ -610,5 +647,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24" >&2; exit 2 ;;
 esac

@@ -165,7 +165,34 @@ def test_fused_blocks_with_the_gemm_mlp_give_flas_loss_and_gradients(monkeypatch
 
 
 def test_launch_text_round_trips_and_bad_text_is_named():
-    c = mlp_gemm.config_from_text("64,128,32,4,4,3,0")
+    c = mlp_gemm.config_from_text("64,128,32,4,4,3,0")  # the 7-field form: one program per tile
     assert c == GemmConfig(64, 128, 32, 4, 4, 3, tma=False)
-    with pytest.raises(ValueError, match="use BM,BN,BK,GROUP_M,WARPS,STAGES,TMA"):
-        mlp_gemm.config_from_text("64,128")
+    c = GemmConfig(128, 64, 64, 8, 8, 4, True, 2)
+    assert mlp_gemm.config_from_text(c.text) == c
+    for bad in ("64,128", "128,128,64,8,8,3,1,4", "128,128,64,8,8,3,2,0", "a,b,c,d,e,f,g"):
+        with pytest.raises(ValueError, match=r"use BM,BN,BK,GROUP_M,WARPS,STAGES,TMA\[,PERSISTENT\]"):
+            mlp_gemm.config_from_text(bad)
+
+
+PERSISTENT = [GemmConfig(32, 16, 16, 2, 4, 2, tma=True, persistent=1), GemmConfig(32, 16, 16, 2, 4, 2, tma=True, persistent=3),
+              GemmConfig(16, 32, 32, 1, 4, 2, tma=True, persistent=2)]
+
+
+@pytest.mark.parametrize("config", PERSISTENT, ids=["persistent", "not-flattened", "persistent-early-gu"])
+def test_persistent_launches_give_the_one_tile_per_program_results_bit_for_bit(config):
+    """One program per SM walking tiles (4 programs under the interpreter, 15-20 tiles here: each walks several,
+    edge tiles included) computes what one program per tile does, in the same order: the same bits."""
+    x, wg, wu, wd, _, dout = weights(3)
+    plain = GemmConfig(config.bm, config.bn, config.bk, config.group_m, 4, 2, tma=False)
+    for store_gu in (True, False):
+        got = mlp_gemm.gate_up_swiglu(x, wg, wu, config=config, store_gu=store_gu)
+        want = mlp_gemm.gate_up_swiglu(x, wg, wu, config=plain, store_gu=store_gu)
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or torch.equal(a, b)
+    g, u = x @ wg.t(), x @ wu.t()
+    for store_z in (True, False):
+        got = mlp_gemm.down_grad_swiglu(dout, wd, g, u, store_z=store_z, config=config)
+        want = mlp_gemm.down_grad_swiglu(dout, wd, g, u, store_z=store_z, config=plain)
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or torch.equal(a, b)
+
