@@ -23,7 +23,8 @@ bytes the math does not need:
 each with the measured default (BENCHMARKS.md, "Passes the math does not need"): `gate` (GLA's low-rank gate as one
 kernel each way, models/kernels/gate.py), `chunk` (GLA's chunked attention without FLA's output fill and dq/dk/dg
 casts, models/kernels/gla.py) and `keep_z` (the SwiGLU product kept for backward); `mlp="gemm"` (SwiGLU in the
-epilogues of the MLP's GEMMs, models/kernels/mlp_gemm.py) is off until it is timed on a GPU. Under
+epilogues of the MLP's GEMMs, models/kernels/mlp_gemm.py) is off: timed on an H200 (2026-12-07), its Triton GEMMs lose
+more to cuBLAS than the epilogue saves (0.985x in the trainer; BENCHMARKS.md). Under
 activation checkpointing each fused block is checkpointed as FLA's would be, whichever way the installed transformers
 implements it (`_block_forward`).
 
@@ -117,7 +118,7 @@ DEFAULT_GATE = "fused"
 DEFAULT_CHUNK = "ours"
 DEFAULT_KEEP_Z = True  # measured faster on an H100 (BENCHMARKS.md), +1 bf16 [tokens, intermediate] tensor a layer
 MLPS = ("split", "gemm")
-DEFAULT_MLP = "split"  # "gemm" (models/kernels/mlp_gemm.py) is not timed on a GPU yet
+DEFAULT_MLP = "split"  # "gemm" (models/kernels/mlp_gemm.py): 0.985x in the trainer on an H200 (BENCHMARKS.md)
 
 
 # ---------------------------------------------------------------------------------------------------------
