@@ -144,6 +144,15 @@ kernel_checks() {  # SECONDS: gla_fwd_intra's check and sweep in SECONDS, then g
   timeout "$(budget 200)" python3 bench/gla_check.py --only chunk --iters 10 > "$OUT/gla_check.log" 2>&1
   grep -v Warning "$OUT/gla_check.log" | tail -34
 }
+mlp_ab_profile() {  # the trainer -mlpgemm (or CASES) vs the defaults at batch 16, then the profile of the faster
+  trainer_vs b16 16 16 4 170 "${CASES:-ours-bf16,ours-bf16-mlpgemm}"
+  local mlp; mlp=$(faster_mlp "$OUT/b16.log")
+  stamp "profile, mlp $mlp"
+  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --mlp "$mlp" --lag --timed 10 --steps 2 \
+      --warmup 3 --top 30 --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
+  gzip -f "$OUT/trace.json" 2>/dev/null
+  grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
+}
 curve() {  # SECONDS [RUNS]: 300-step loss curves, the defaults (bf16-fused; or RUNS) against autocast-fla
   stamp "precision_curve"
   timeout "$(budget "$1")" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
@@ -585,13 +594,7 @@ c21)
   timeout "$(budget 110)" python3 -m models.kernels.mlp_gemm > "$OUT/mlp_gemm.log" 2>&1
   grep -v Warning "$OUT/mlp_gemm.log" | tail -16
   best_mlp_gemm "$OUT/mlp_gemm.log"
-  trainer_vs b16 16 16 4 170 "${CASES:-ours-bf16,ours-bf16-mlpgemm}"
-  mlp=$(faster_mlp "$OUT/b16.log")
-  stamp "profile, mlp $mlp"
-  timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --mlp "$mlp" --lag --timed 10 --steps 2 \
-      --warmup 3 --top 30 --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
-  gzip -f "$OUT/trace.json" 2>/dev/null
-  grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
+  mlp_ab_profile
   stamp "done"
   ;;
 c22)
@@ -620,13 +623,7 @@ for l in sys.stdin:
   best_mlp_gemm "$OUT/mlp_gemm.log"
   if mlp_gemm_wins "$OUT/mlp_gemm.log"; then
     warm bf16 fused 170
-    trainer_vs b16 16 16 4 170 "${CASES:-ours-bf16,ours-bf16-mlpgemm}"
-    mlp=$(faster_mlp "$OUT/b16.log")
-    stamp "profile, mlp $mlp"
-    timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --mlp "$mlp" --lag --timed 10 --steps 2 \
-        --warmup 3 --top 30 --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
-    gzip -f "$OUT/trace.json" 2>/dev/null
-    grep -h -A 12 'category' "$OUT/profile.log" | head -14; grep -h 'timed:' "$OUT/profile.log"
+    mlp_ab_profile
   fi
   stamp "done"
   ;;
