@@ -107,16 +107,20 @@ base = next((v for k, v in r.items() if 'mlpgemm' not in k and k.startswith('our
 gemm = max((v for k, v in r.items() if 'mlpgemm' in k), default=0)
 print('gemm' if gemm > base else 'split')" "$1" 2>/dev/null || echo split
 }
-# exit 0 if an mlp_gemm._gpu_check log's fastest correct forward + backward launches take less than the unfused path
-mlp_gemm_wins() {
+# which MLP path an mlp_gemm._gpu_check log says is fastest by its fastest correct launches: "fused" (forward and
+# backward through Triton), "bwd" (cuBLAS + the SwiGLU kernel forward, the backward fused) or "split" (unfused)
+mlp_gemm_pick() {
   python3 -c "import json, sys
 rows = [json.loads(l[8:]) for l in open(sys.argv[1]) if l.startswith('MLPGEMM ')]
 f = [r for r in rows if 'fwd_ms' in r and r['z_diff'] < 2e-2]
 b = [r for r in rows if 'bwd_ms' in r and r['dgate_diff'] < 2e-2]
+if not f or not b:
+    print('split'); sys.exit()
 bf, bb = min(f, key=lambda r: r['fwd_ms']), min(b, key=lambda r: r['bwd_ms'])
-fused, unfused = bf['fwd_ms'] + bb['bwd_ms'], bf['fwd_ms'] * bf['fwd_vs_unfused'] + bb['bwd_ms'] * bb['bwd_vs_unfused']
-print(f'mlp_gemm: best forward + backward {fused:.3f} ms, unfused {unfused:.3f} ms')
-sys.exit(0 if fused < unfused else 1)" "$1"
+uf, ub = bf['fwd_ms'] * bf['fwd_vs_unfused'], bb['bwd_ms'] * bb['bwd_vs_unfused']
+paths = {'fused': bf['fwd_ms'] + bb['bwd_ms'], 'bwd': uf + bb['bwd_ms'], 'split': uf + ub}
+print(' '.join(f'{k} {v:.3f} ms' for k, v in paths.items()), file=sys.stderr)
+print(min(paths, key=paths.get))" "$1" || echo split
 }
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" >&2; }
 # the stages from c18 on are made of these
@@ -612,7 +616,8 @@ c22)
 c24)
   # (2026-12-07) the persistent launches of models/kernels/mlp_gemm.py (one program per SM, TMA stores, the next
   # tile's loads under this one's epilogue) in its sweep; where the fastest correct ones beat cuBLAS + the SwiGLU
-  # kernels, the trainer with them (-mlpgemm) against the defaults at batch 16 and the profile of the faster
+  # kernels (both ways, or backward only: MLP_GEMM_FORWARD=cublas), the trainer with them (-mlpgemm) against the
+  # defaults at batch 16 and the profile of the faster
   device
   stamp "mlp_gemm check"
   timeout "$(budget 150)" python3 -m models.kernels.mlp_gemm > "$OUT/mlp_gemm.log" 2>&1
@@ -621,7 +626,10 @@ c24)
 for l in sys.stdin:
     r = json.loads(l[8:]); print(r['text'], {k: v for k, v in r.items() if k not in ('config', 'text')})"
   best_mlp_gemm "$OUT/mlp_gemm.log"
-  if mlp_gemm_wins "$OUT/mlp_gemm.log"; then
+  pick=$(mlp_gemm_pick "$OUT/mlp_gemm.log")
+  echo "mlp_gemm: the fastest MLP path by the sweep: $pick"
+  if [ "$pick" != split ]; then
+    [ "$pick" = bwd ] && export MLP_GEMM_FORWARD=cublas
     warm bf16 fused 170
     mlp_ab_profile
   fi

@@ -77,12 +77,14 @@ def test_row_strided_input_and_empty_batch():
     assert g.shape == u.shape == z.shape == (0, N)
 
 
+@pytest.mark.parametrize("forward", ["fused", "cublas"])
 @pytest.mark.parametrize("keep_z", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_mlp_matches_the_unfused_path(keep_z, bias, monkeypatch):
+def test_mlp_matches_the_unfused_path(keep_z, bias, forward, monkeypatch):
     """Output and every gradient of mlp() against shared_linear + swiglu_linear (the fused path's MLP until now) on
-    [2, 35, D] inputs; keep_z gives the same bits either way."""
+    [2, 35, D] inputs; keep_z gives the same bits either way; FORWARD "cublas" (only the backward fused) too."""
     from models import fused
+    monkeypatch.setattr(mlp_gemm, "FORWARD", forward)
     monkeypatch.setattr(mlp_gemm, "CONFIG", SMALL[0])
     monkeypatch.setattr(mlp_gemm, "BWD_CONFIG", SMALL[1])
     x, wg, wu, wd, b, dout = weights(bias=bias)

@@ -83,6 +83,11 @@ def config_from_text(text: str) -> GemmConfig:
 # The tile Triton's own Hopper matmul examples use for bf16 (0.798 ms forward on an H200; the sweep's best one
 # program per tile launch, 128,128,64,8,8,4, took 0.779 ms). _gpu_check() sweeps the alternatives; a benchmark can
 # launch another way through MLP_GEMM_FWD / MLP_GEMM_BWD (config_from_text) without editing this file.
+# "fused": the forward through gate_up_swiglu; "cublas": the forward as the unfused path runs it (two cuBLAS GEMMs, then
+# models/kernels/swiglu.py's kernel) and only the backward fused (for a Triton GEMM that wins backward only)
+FORWARD = os.environ.get("MLP_GEMM_FORWARD") or "fused"
+if FORWARD not in ("fused", "cublas"):
+    raise ValueError(f"MLP_GEMM_FORWARD={FORWARD!r}: use fused or cublas")
 CONFIG = config_from_text(os.environ.get("MLP_GEMM_FWD") or "128,128,64,8,8,3,1,0")
 BWD_CONFIG = config_from_text(os.environ.get("MLP_GEMM_BWD") or "128,128,64,8,8,3,1,0")
 
@@ -351,7 +356,12 @@ class _MLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wg, wu, wd, bias, keep_z):
         x2 = x.reshape(-1, x.shape[-1])
-        g, u, z = gate_up_swiglu(x2, wg, wu)
+        if FORWARD == "cublas":
+            from models.kernels import swiglu
+            g, u = F.linear(x2, wg), F.linear(x2, wu)
+            z = swiglu.swiglu_forward(g, u)
+        else:
+            g, u, z = gate_up_swiglu(x2, wg, wu)
         out = F.linear(z, wd, bias)
         ctx.save_for_backward(x, wg, wu, wd, g, u, z if keep_z else None)
         return out.view(*x.shape[:-1], wd.shape[0])
