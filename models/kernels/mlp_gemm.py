@@ -2,8 +2,9 @@
 down projection's input gradient with SwiGLU's backward in its epilogue. `models/fused.py` runs it only with
 `install(mlp="gemm")`: timed on an H200 (2026-12-07, BENCHMARKS.md), one program per tile, its best launches ran
 0.87x (forward) and 0.82x (backward) the speed of cuBLAS + the SwiGLU kernels, Triton's tile loop at 485 TFLOP/s
-against cuBLAS's 718, and the trainer 0.985x. The persistent launches (`GemmConfig.persistent`) are the attempt to
-close that gap.
+against cuBLAS's 718, and the trainer 0.985x. The persistent launches (`GemmConfig.persistent`, H100, same day) did
+not close that gap: the backward tied the unfused path (0.999x), the forward stayed at 0.85x. Kept, off, for a
+Triton whose Hopper GEMMs come nearer cuBLAS (warp specialization) and for cards where they already do.
 
 Why. The fused path's MLP (models/fused.py `_mlp`) is two cuBLAS GEMMs x @ Wg^T, x @ Wu^T, then
 models/kernels/swiglu.py's kernel z = silu(gate) * up, then z @ Wd^T; backward dz = dout @ Wd (cuBLAS), then a kernel
