@@ -59,6 +59,8 @@
 #   bash bench/gpu_issue10b.sh c23     (2026-12-07) models.warm, the loss curve of -mlpgemm (or RUNS) vs autocast-fla
 #   bash bench/gpu_issue10b.sh c24     (2026-12-07) mlp_gemm's sweep with the persistent launches; where they beat the
 #                                      unfused path, models.warm, -mlpgemm vs the defaults at batch 16, the profile
+#   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
+#   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -635,6 +637,30 @@ for l in sys.stdin:
   fi
   stamp "done"
   ;;
+x2a)
+  # (2026-12-07, for nvidia-h200-x2 or nvidia-h100-x2: two GPUs of one host) the issue's scaling goal with the new
+  # defaults (bf16 over fp32 masters, fused blocks): GLA 340M, 16 sequences per GPU, one process, DDP on 2, FSDP2 on
+  # 1 and on 2, one call; goals DDP >= 1.9x, FSDP2 >= 1.85x its 1-process run
+  device
+  warm bf16 fused 170
+  stamp "gpu_scaling"
+  timeout "$(budget 380)" python3 bench/gpu_scaling.py --runs none:1,ddp:2,fsdp:1,fsdp:2 --per-gpu-batch 16 \
+      --steps 20 --skip 5 --dir bench/out/scaling > "$OUT/scaling.log" 2>&1
+  grep -h '^{' "$OUT/scaling.log"; tail -3 "$OUT/scaling.log"
+  stamp "done"
+  ;;
+x2b)
+  # (2026-12-07, two GPUs) kill + resume with the new defaults, DDP and FSDP2, on 2 and (from a copy) on 1 process;
+  # run x2a first on the machine (it warms the kernels)
+  device
+  for mode in ddp fsdp; do
+    stamp "train_resume_check $mode"
+    timeout "$(budget 270)" python3 bench/train_resume_check.py --mode $mode --batch 32 --steps 14 --every 5 \
+        --kill-after 8 --dir bench/out/resume-$mode > "$OUT/resume-$mode.log" 2>&1
+    grep -h '^{' "$OUT/resume-$mode.log"; tail -2 "$OUT/resume-$mode.log"
+  done
+  stamp "done"
+  ;;
 c23)
   # (2026-12-07) the loss curve of the defaults with SwiGLU in the MLP GEMMs (and RUNS) against autocast-fla
   need_shards c23
@@ -652,5 +678,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|x2a|x2b" >&2; exit 2 ;;
 esac
