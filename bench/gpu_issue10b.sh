@@ -86,17 +86,30 @@ for line in open(sys.argv[1]):
         ok = [r['config'] for r in json.loads(line[6:])['results'] if r['same_ds']]
         c = ok[0]; print(f\"{c['bt']},{c['num_warps']},{c['per_sm']},{int(c['prefetch'])}\")" "$1"
 }
-# export MLP_GEMM_FWD / MLP_GEMM_BWD: the fastest launches of an mlp_gemm._gpu_check log whose values were right
+# from an mlp_gemm._gpu_check log: export MLP_GEMM_FWD / MLP_GEMM_BWD, the fastest launches whose values were right,
+# and MLP_PICK, the fastest MLP path by them: "fused" (forward and backward through Triton), "bwd" (cuBLAS + the
+# SwiGLU kernel forward, the backward fused) or "split" (unfused)
 best_mlp_gemm() {
   local picks
   picks=$(python3 -c "import json, sys
 rows = [json.loads(l[8:]) for l in open(sys.argv[1]) if l.startswith('MLPGEMM ')]
+best = {}
 for key, diff in (('fwd', 'z_diff'), ('bwd', 'dgate_diff')):
     ok = [r for r in rows if key + '_ms' in r and r[diff] < 2e-2]
-    print(min(ok, key=lambda r: r[key + '_ms'])['text'] if ok else '')" "$1" 2>/dev/null)
+    best[key] = min(ok, key=lambda r: r[key + '_ms']) if ok else None
+    print(best[key]['text'] if ok else '')
+bf, bb = best['fwd'], best['bwd']
+if bf and bb:
+    uf, ub = bf['fwd_ms'] * bf['fwd_vs_unfused'], bb['bwd_ms'] * bb['bwd_vs_unfused']
+    paths = {'fused': bf['fwd_ms'] + bb['bwd_ms'], 'bwd': uf + bb['bwd_ms'], 'split': uf + ub}
+    print(' '.join(f'{k} {v:.3f} ms' for k, v in paths.items()), file=sys.stderr)
+    print(min(paths, key=paths.get))
+else:
+    print('split')" "$1" || printf '\n\nsplit\n')
   local fwd bwd; fwd=$(echo "$picks" | sed -n 1p); bwd=$(echo "$picks" | sed -n 2p)
   [ -n "$fwd" ] && export MLP_GEMM_FWD=$fwd; [ -n "$bwd" ] && export MLP_GEMM_BWD=$bwd
-  echo "mlp_gemm launches: forward ${MLP_GEMM_FWD:-default} backward ${MLP_GEMM_BWD:-default}"
+  export MLP_PICK; MLP_PICK=$(echo "$picks" | sed -n 3p)
+  echo "mlp_gemm launches: forward ${MLP_GEMM_FWD:-default} backward ${MLP_GEMM_BWD:-default}; fastest path $MLP_PICK"
 }
 # gemm if the -mlpgemm case of a train_bench log ran more tokens/s than the defaults, else split
 faster_mlp() {
@@ -108,21 +121,6 @@ for line in open(sys.argv[1]):
 base = next((v for k, v in r.items() if 'mlpgemm' not in k and k.startswith('ours')), 0)
 gemm = max((v for k, v in r.items() if 'mlpgemm' in k), default=0)
 print('gemm' if gemm > base else 'split')" "$1" 2>/dev/null || echo split
-}
-# which MLP path an mlp_gemm._gpu_check log says is fastest by its fastest correct launches: "fused" (forward and
-# backward through Triton), "bwd" (cuBLAS + the SwiGLU kernel forward, the backward fused) or "split" (unfused)
-mlp_gemm_pick() {
-  python3 -c "import json, sys
-rows = [json.loads(l[8:]) for l in open(sys.argv[1]) if l.startswith('MLPGEMM ')]
-f = [r for r in rows if 'fwd_ms' in r and r['z_diff'] < 2e-2]
-b = [r for r in rows if 'bwd_ms' in r and r['dgate_diff'] < 2e-2]
-if not f or not b:
-    print('split'); sys.exit()
-bf, bb = min(f, key=lambda r: r['fwd_ms']), min(b, key=lambda r: r['bwd_ms'])
-uf, ub = bf['fwd_ms'] * bf['fwd_vs_unfused'], bb['bwd_ms'] * bb['bwd_vs_unfused']
-paths = {'fused': bf['fwd_ms'] + bb['bwd_ms'], 'bwd': uf + bb['bwd_ms'], 'split': uf + ub}
-print(' '.join(f'{k} {v:.3f} ms' for k, v in paths.items()), file=sys.stderr)
-print(min(paths, key=paths.get))" "$1" || echo split
 }
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" >&2; }
 # the stages from c18 on are made of these
@@ -628,10 +626,8 @@ c24)
 for l in sys.stdin:
     r = json.loads(l[8:]); print(r['text'], {k: v for k, v in r.items() if k not in ('config', 'text')})"
   best_mlp_gemm "$OUT/mlp_gemm.log"
-  pick=$(mlp_gemm_pick "$OUT/mlp_gemm.log")
-  echo "mlp_gemm: the fastest MLP path by the sweep: $pick"
-  if [ "$pick" != split ]; then
-    [ "$pick" = bwd ] && export MLP_GEMM_FORWARD=cublas
+  if [ "$MLP_PICK" != split ]; then
+    [ "$MLP_PICK" = bwd ] && export MLP_GEMM_FORWARD=cublas
     warm bf16 fused 170
     mlp_ab_profile
   fi

@@ -32,7 +32,7 @@ with TMA descriptors where the interpreter supports them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,14 +81,14 @@ def config_from_text(text: str) -> GemmConfig:
     return GemmConfig(bm, bn, bk, group_m, warps, stages, bool(tma), values[7] if len(values) == 8 else 0)
 
 
-# The tile Triton's own Hopper matmul examples use for bf16 (0.798 ms forward on an H200; the sweep's best one
-# program per tile launch, 128,128,64,8,8,4, took 0.779 ms). _gpu_check() sweeps the alternatives; a benchmark can
-# launch another way through MLP_GEMM_FWD / MLP_GEMM_BWD (config_from_text) without editing this file.
 # "fused": the forward through gate_up_swiglu; "cublas": the forward as the unfused path runs it (two cuBLAS GEMMs, then
 # models/kernels/swiglu.py's kernel) and only the backward fused (for a Triton GEMM that wins backward only)
 FORWARD = os.environ.get("MLP_GEMM_FORWARD") or "fused"
 if FORWARD not in ("fused", "cublas"):
     raise ValueError(f"MLP_GEMM_FORWARD={FORWARD!r}: use fused or cublas")
+# The tile Triton's own Hopper matmul examples use for bf16 (0.798 ms forward on an H200; the sweep's best one
+# program per tile launch, 128,128,64,8,8,4, took 0.779 ms). _gpu_check() sweeps the alternatives; a benchmark can
+# launch another way through MLP_GEMM_FWD / MLP_GEMM_BWD (config_from_text) without editing this file.
 CONFIG = config_from_text(os.environ.get("MLP_GEMM_FWD") or "128,128,64,8,8,3,1,0")
 BWD_CONFIG = config_from_text(os.environ.get("MLP_GEMM_BWD") or "128,128,64,8,8,3,1,0")
 
@@ -250,10 +250,11 @@ def _gemm_down_grad_swiglu_persistent_kernel(DO, WD, G, U, DG, DU, Z, M, N, K,
             Z.store([off_m, off_n], (silu * y).to(Z.dtype))
 
 
-def _programs(device: torch.device, tiles: int) -> int:
-    """Persistent launches: one program per SM (4 under the interpreter, so its tests walk several tiles each)."""
+def _programs(device: torch.device, m: int, n: int, config: GemmConfig) -> int:
+    """Persistent launches: one program per SM, at most one per output tile (4 under the interpreter, so its tests
+    walk several tiles each)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(sms, tiles))
+    return max(1, min(sms, _grid(m, n, config)[0]))
 
 
 def _descriptor(t: torch.Tensor, block: list[int]):
@@ -295,8 +296,7 @@ def gate_up_swiglu(x2: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, config:
     tma = config.tma and _tma_ok(x2, wg, wu)
     if tma and config.persistent:
         outs = [_descriptor(t, [config.bm, config.bn]) for t in ((g, u, z) if store_gu else (z, z, z))]
-        tiles = _grid(m, n, config)[0]
-        programs = _programs(x2.device, tiles)
+        programs = _programs(x2.device, m, n, config)
         _gemm_gate_up_swiglu_persistent_kernel[(programs,)](
             _descriptor(x2, [config.bm, config.bk]), _descriptor(wg, [config.bn, config.bk]),
             _descriptor(wu, [config.bn, config.bk]), *outs, m, n, k, BM=config.bm, BN=config.bn, BK=config.bk,
@@ -332,8 +332,7 @@ def down_grad_swiglu(dout2: torch.Tensor, wd: torch.Tensor, gate: torch.Tensor, 
     if tma and config.persistent and _tma_ok(gate, up):
         tile = [config.bm, config.bn]
         outs = [_descriptor(t, tile) for t in (dg, du, z if store_z else dg)]
-        tiles = _grid(m, n, config)[0]
-        programs = _programs(dout2.device, tiles)
+        programs = _programs(dout2.device, m, n, config)
         _gemm_down_grad_swiglu_persistent_kernel[(programs,)](
             _descriptor(dout2, [config.bm, config.bk]), _descriptor(wd, [config.bk, config.bn]),
             _descriptor(gate, tile), _descriptor(up, tile), *outs, m, n, k, BM=config.bm, BN=config.bn,
@@ -451,8 +450,9 @@ def _gpu_check(m: int = 32768, d: int = 1024, n: int = 2816, iters: int = 20, sw
 
     configs = [CONFIG]
     if sweep:
-        # 2026-12-07 (H200): one program per tile, best 128,128,64,8,8,4 forward (0.779 ms, 0.87x the unfused path)
-        # and 128,64,64,8,8,4 backward (0.603 ms, 0.82x); the persistent launches are the ones to beat them
+        # 2026-12-07: one program per tile, best 128,128,64,8,8,4 forward (H200 0.779 ms, 0.87x the unfused path) and
+        # 128,64,64,8,8,4 backward (0.603 ms, 0.82x); persistent, best backward 128,128,64,8,8,4 (H100 0.999x), no
+        # forward above 0.85x (BENCHMARKS.md)
         for bm, bn, bk, w, s, p in [(128, 128, 64, 8, 4, 0), (128, 64, 64, 8, 4, 0),
                                     (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 2, 1), (128, 128, 64, 8, 4, 1),
                                     (128, 64, 64, 8, 4, 1), (128, 64, 64, 4, 4, 1), (128, 64, 64, 8, 6, 1),
