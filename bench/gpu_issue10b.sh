@@ -59,6 +59,9 @@
 #   bash bench/gpu_issue10b.sh c23     (2026-12-07) models.warm, the loss curve of -mlpgemm (or RUNS) vs autocast-fla
 #   bash bench/gpu_issue10b.sh c24     (2026-12-07) mlp_gemm's sweep with the persistent launches; where they beat the
 #                                      unfused path, models.warm, -mlpgemm vs the defaults at batch 16, the profile
+#   bash bench/gpu_issue10b.sh c25     (2026-12-07) models/kernels/cross_entropy.py's check and launch sweep against
+#                                      FLA's fused cross entropy, models.warm, the trainer with the fastest launch vs
+#                                      FLA's loss (-flace) and HF at batch 32 (>100 GB cards; 16 on others), the profile
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -154,6 +157,22 @@ mlp_ab_profile() {  # the trainer -mlpgemm (or CASES) vs the defaults at batch 1
   stamp "profile, mlp $mlp"
   timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --mlp "$mlp" --lag --timed 10 --steps 2 \
       --warmup 3 --top 30 --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
+  gzip -f "$OUT/trace.json" 2>/dev/null
+  grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
+}
+best_ce() {  # from a cross_entropy._gpu_check log: export CE_LAUNCH, the fastest launch whose values were right
+  local pick
+  pick=$(python3 -c "import json, sys
+rows = [json.loads(l[3:]) for l in open(sys.argv[1]) if l.startswith('CE ')]
+ok = [r for r in rows if 'ms' in r and r['grad_diff'] < 2e-2 and r['loss_diff'] < 1e-2]
+print(min(ok, key=lambda r: r['ms'])['launch'] if ok else '')" "$1")
+  [ -n "$pick" ] && export CE_LAUNCH=$pick
+  echo "cross_entropy launch: ${CE_LAUNCH:-default}"
+}
+profile() {  # SECONDS: the step's profile with the defaults (batch 16, lagged loop), category table
+  stamp "profile"
+  timeout "$(budget "$1")" python3 bench/gpu_profile.py --kernels fused --lag --timed 10 --steps 2 --warmup 3 \
+      --top 30 --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
   gzip -f "$OUT/trace.json" 2>/dev/null
   grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
 }
@@ -633,6 +652,22 @@ for l in sys.stdin:
   fi
   stamp "done"
   ;;
+c25)
+  # (2026-12-07) the LM head and its loss as one function, the logits' gradient written in forward
+  # (models/kernels/cross_entropy.py): its check and launch sweep against FLA's fused cross entropy, then with the
+  # fastest right launch (CE_LAUNCH) the trainer against FLA's head and loss (-flace) and HF, batch 32 on >100 GB
+  # cards (16 on others), then the step's profile at batch 16
+  device
+  stamp "cross_entropy check"
+  timeout "$(budget 100)" python3 -m models.kernels.cross_entropy > "$OUT/ce.log" 2>&1
+  grep -v Warning "$OUT/ce.log" | tail -16
+  best_ce "$OUT/ce.log"
+  warm bf16,autocast fused,fla 170
+  if big_card; then trainer_vs b32 32 8 3 250 "${CASES32:-ours-bf16,ours-bf16-flace,hf}"
+  else trainer_vs b16 16 12 3 170 "${CASES16:-ours-bf16,ours-bf16-flace,hf}"; fi
+  profile 90
+  stamp "done"
+  ;;
 x2a)
   # (2026-12-07, for nvidia-h200-x2 or nvidia-h100-x2: two GPUs of one host) the issue's scaling goal with the new
   # defaults (bf16 over fp32 masters, fused blocks): GLA 340M, 16 sequences per GPU, one process, DDP on 2, FSDP2 on
@@ -674,5 +709,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|x2a|x2b" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|x2a|x2b" >&2; exit 2 ;;
 esac

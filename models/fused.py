@@ -28,6 +28,10 @@ more to cuBLAS than the epilogue saves (0.985x in the trainer; BENCHMARKS.md). U
 activation checkpointing each fused block is checkpointed as FLA's would be, whichever way the installed transformers
 implements it (`_block_forward`).
 
+The causal LM's head and loss, where labels are given, run as one function of models/kernels/cross_entropy.py
+(`install(loss="ours")`, the default): the logits' gradient is written over them in the forward, one pass over the
+[tokens, vocab] tensor less than FLA's fused cross entropy, and such calls return no logits. `loss="fla"` keeps FLA's.
+
 Nothing changes in the parameters or the state dict: checkpoints, exports and FSDP sharding see the same
 model. The fused forward runs where it covers the call (training and plain evaluation: no cache, no
 attention mask, no hidden-state outputs, no autocast); any other call runs FLA's forward unchanged. The
@@ -119,6 +123,8 @@ DEFAULT_CHUNK = "ours"
 DEFAULT_KEEP_Z = True  # measured faster on an H100 (BENCHMARKS.md), +1 bf16 [tokens, intermediate] tensor a layer
 MLPS = ("split", "gemm")
 DEFAULT_MLP = "split"  # "gemm" (models/kernels/mlp_gemm.py): 0.985x in the trainer on an H200 (BENCHMARKS.md)
+LOSSES = ("ours", "fla")
+DEFAULT_LOSS = "ours"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,6 +311,35 @@ def _model_forward(self, input_ids=None, **kwargs):
     return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=None)
 
 
+def _loss_covers(model, labels, kwargs: dict) -> bool:
+    """Whether `_causal_lm_forward` computes this call's loss itself (else FLA's forward runs)."""
+    config = model.config
+    if labels is None or getattr(config, "fuse_linear_cross_entropy", False) or getattr(config, "use_l2warp", False):
+        return False
+    if kwargs.get("return_dict") is False or (kwargs.get("return_dict") is None and not config.return_dict):
+        return False
+    if kwargs.get("num_items_in_batch") is not None or kwargs.get("logits_to_keep"):
+        return False
+    return getattr(model, "lm_head", None) is not None and model.lm_head.bias is None and _covers(_base(model), kwargs)
+
+
+def _causal_lm_forward(self, input_ids=None, labels=None, **kwargs):
+    """GLAForCausalLM.forward: with labels, the LM head and the loss as one function of models/kernels/cross_entropy.py
+    (the logits' gradient written in the forward, over the logits). Such a call returns the loss and no logits
+    (`logits=None`, as FLA's fuse_linear_cross_entropy does): the logits never exist outside that function. Any
+    other call (no labels: evaluation, generation) runs FLA's forward."""
+    if not _loss_covers(self, labels, kwargs):
+        return type(self).forward(self, input_ids=input_ids, labels=labels, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from models.kernels import cross_entropy
+    hidden = self.model(input_ids=input_ids, **kwargs)[0]
+    labels = labels.to(hidden.device)
+    shifted = torch.cat((labels[..., 1:], torch.full_like(labels[..., :1], cross_entropy.IGNORE_INDEX)), -1)
+    loss = cross_entropy.linear_cross_entropy(hidden, self.lm_head.weight, shifted)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Installing
 # ---------------------------------------------------------------------------------------------------------
@@ -357,7 +392,7 @@ def unsupported_reason(model) -> str | None:
 
 
 def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | None = None, gate: str | None = None,
-            chunk: str | None = None, keep_z: bool | None = None, mlp: str | None = None) -> str:
+            chunk: str | None = None, keep_z: bool | None = None, mlp: str | None = None, loss: str | None = None) -> str:
     """Switch a built GLA model (plain, or wrapped by FSDP2 / activation checkpointing afterwards) to the
     fused forward. Returns a one-line description. Raises ValueError naming what is not covered.
 
@@ -372,7 +407,9 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     swiglu="ours"): the MLP's SwiGLU product kept from forward for backward (one [tokens, intermediate] bf16 tensor
     per layer held, one write of it less in backward); None: DEFAULT_KEEP_Z. mlp (with swiglu="ours"): "split" (the
     gate and up projections as cuBLAS GEMMs, then the SwiGLU kernels) or "gemm" (SwiGLU in the GEMMs' epilogues,
-    models/kernels/mlp_gemm.py); None: DEFAULT_MLP."""
+    models/kernels/mlp_gemm.py); None: DEFAULT_MLP. loss: a causal LM's head and loss, where labels are given, as
+    models/kernels/cross_entropy.py's one function ("ours"; such calls return no logits) or FLA's ("fla"); None:
+    DEFAULT_LOSS."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: use one of {NORMS}")
     if swiglu not in SWIGLUS:
@@ -390,6 +427,9 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     mlp = DEFAULT_MLP if mlp is None else mlp
     if mlp == "gemm" and swiglu != "ours":
         raise ValueError('mlp="gemm" runs our SwiGLU kernels: use it with swiglu="ours"')
+    loss = DEFAULT_LOSS if loss is None else loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}: use one of {LOSSES}")
     fns = _elementwise_fns(swiglu, gate, keep_z, mlp)  # refuses a bad gate or mlp before the model is touched
     fn = _norm_fn(norm)
     base = _base(model)
@@ -401,12 +441,16 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
         block._fused_project = PROJECTIONS[projections]
         block._fused_chunk = chunk
         block.forward = types.MethodType(_block_forward, block)
+    head_loss = loss == "ours" and base is not model and getattr(model, "lm_head", None) is not None
+    if head_loss:
+        model.forward = types.MethodType(_causal_lm_forward, model)
     return (f"fused GLA blocks ({len(base.layers)} layers): "
             f"{'stacked (one GEMM)' if projections == 'cat' else 'shared-input'} projections, residual add fused into "
             f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
             f"{('our SwiGLU kernels' + (' in the MLP GEMMs' if mlp == 'gemm' else '') + (' (product kept for backward)' if keep_z else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
             f"{'torch ops for the gate' if swiglu != 'ours' else 'our one-kernel gate' if gate == 'fused' else 'a GEMM and our logsigmoid for the gate'}, "
-            f"{'our' if chunk_kind == 'ours' else 'FLA'} chunk_gla wrapper")
+            f"{'our' if chunk_kind == 'ours' else 'FLA'} chunk_gla wrapper"
+            f"{', LM head + loss with the gradient written in forward' if head_loss else ''}")
 
 
 def installed(model) -> bool:
@@ -415,7 +459,7 @@ def installed(model) -> bool:
 
 def uninstall(model) -> None:
     base = _base(model)
-    for m in [base, *getattr(base, "layers", [])]:
+    for m in [model, base, *getattr(base, "layers", [])]:
         vars(m).pop("forward", None)
         vars(m).pop("_fused_norm", None)
         vars(m).pop("_fused_elementwise", None)

@@ -19,7 +19,7 @@ from trainer.config import ModelConfig
     ("chunk_gla_bwd_kernel_dA", "GLA chunk"),
     ("chunk_local_cumsum_scalar_kernel", "GLA chunk"),
     ("nvjet_tst_192x192_64x3_2x1_v_bz_coopB_NNT", "GEMM"),
-    ("cross_entropy_fwd_kernel", "cross entropy"),
+    ("cross_entropy_fwd_kernel", "cross entropy"), ("_cross_entropy_kernel", "cross entropy"),  # FLA's, ours
     # PyTorch's reductions hold "ce_" (reduce_kernel): not cross entropy
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float, float, "
      "float>, unsigned int, float, 4, 4> >(at::native::ReduceOp<float, at::native::NormTwoOps<float, float, float>, "
@@ -63,6 +63,7 @@ def test_top_kernels_lists_the_largest_per_step_with_category_and_cut_name():
     ("ours-bf16-hnone", ("bf16", "fused")), ("ours-bf16-nokeepz-hbf16-graphs", ("bf16", "fused")),
     ("ours-bf16-hbf16-intra", ("bf16", "fused")), ("ours-bf16-flaintra-graphs", ("bf16", "fused")),
     ("ours-bf16-fwdintra", ("bf16", "fused")), ("ours-bf16-hnone-flaintra-fwdintra-sync", ("bf16", "fused")),
+    ("ours-bf16-flace", ("bf16", "fused")), ("ours-bf16-mlpgemm-flace-graphs", ("bf16", "fused")),
 ])
 def test_train_bench_cases(case, expect):
     assert parse_case(case) == expect
@@ -75,7 +76,7 @@ def test_train_bench_cases(case, expect):
                                   "ours-sync-bf16", "ours-bf16-cat-split", "ours-bf16-split-cat", "ours-cat-bf16",
                                   "ours-bf16-graphs-cat", "ours-bf16-flachunk-gatesplit", "ours-bf16-graphs-mulclip",
                                   "ours-bf16-keepz-nokeepz", "ours-bf16-hfp32-hbf16",
-                                  "ours-bf16-intra-flaintra", "ours-bf16-intra-hbf16"])
+                                  "ours-bf16-intra-flaintra", "ours-bf16-intra-hbf16", "ours-bf16-flace-mlpgemm"])
 def test_train_bench_rejects_other_cases(case):
     with pytest.raises(ValueError, match="ours\\[-PRECISION\\]\\[-KERNELS\\]\\[-split\\|-cat\\]\\[-gatesplit\\]"):
         parse_case(case)

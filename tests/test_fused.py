@@ -224,3 +224,29 @@ def test_shared_linear_matches_separate_projections():
     sum((o * torch.randn(o.shape, generator=g)).sum() for o in refs[:2]).backward()
     for a, b in zip(got, [x2.grad] + [w.grad for w in ws2[:2]]):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_head_and_loss_run_as_one_function_and_return_no_logits(monkeypatch):
+    """install(loss="ours"), the default: a call with labels computes the LM head and its loss through
+    models/kernels/cross_entropy.py (FLA's loss and gradients, no logits returned); without labels, or with
+    loss="fla", FLA's head runs and returns the logits."""
+    from models.kernels import cross_entropy
+    calls = []
+    real = cross_entropy.linear_cross_entropy
+    monkeypatch.setattr(cross_entropy, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stock, other = pair(norm="ours", swiglu="ours")
+    x = ids()
+    assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
+    assert calls == [1]
+    assert other(input_ids=x, labels=x).logits is None
+    with torch.no_grad():
+        assert other(input_ids=x, use_cache=False).logits.shape == (*x.shape, CONFIG["vocab_size"])
+        assert other(input_ids=x, labels=x, use_cache=False, return_dict=False)[1] is not None  # FLA's tuple
+    calls.clear()
+    config = build.load_config(CONFIG)
+    fla_loss = build.build_model(config, "cpu", seed=0)
+    assert "LM head + loss" not in fused.install(fla_loss, loss="fla")
+    assert_same(loss_and_grads(stock, x), loss_and_grads(fla_loss, x))
+    assert calls == [] and fla_loss(input_ids=x, labels=x).logits is not None
+    with pytest.raises(ValueError, match="loss='torch': use one of"):
+        fused.install(build.build_model(config, "cpu", seed=0), loss="torch")
