@@ -60,8 +60,9 @@
 #   bash bench/gpu_issue10b.sh c24     (2026-12-07) mlp_gemm's sweep with the persistent launches; where they beat the
 #                                      unfused path, models.warm, -mlpgemm vs the defaults at batch 16, the profile
 #   bash bench/gpu_issue10b.sh c25     (2026-12-07) models/kernels/cross_entropy.py's check and launch sweep against
-#                                      FLA's fused cross entropy, models.warm, the trainer with the fastest launch vs
-#                                      FLA's loss (-flace) and HF at batch 32 (>100 GB cards; 16 on others), the profile
+#                                      FLA's fused cross entropy, bench/gemm_merge_bench.py, models.warm, the trainer
+#                                      with the fastest launch vs FLA's loss (-flace) and HF at batch 32 (>100 GB
+#                                      cards; 16 on others), the profile
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -662,6 +663,9 @@ c25)
   timeout "$(budget 100)" python3 -m models.kernels.cross_entropy > "$OUT/ce.log" 2>&1
   grep -v Warning "$OUT/ce.log" | tail -16
   best_ce "$OUT/ce.log"
+  stamp "gemm_merge_bench"
+  timeout "$(budget 40)" python3 bench/gemm_merge_bench.py > "$OUT/gemm_merge.log" 2>&1
+  grep -v Warning "$OUT/gemm_merge.log" | tail -3
   warm bf16,autocast fused,fla 170
   if big_card; then trainer_vs b32 32 8 3 250 "${CASES32:-ours-bf16,ours-bf16-flace,hf}"
   else trainer_vs b16 16 12 3 170 "${CASES16:-ours-bf16,ours-bf16-flace,hf}"; fi
