@@ -121,7 +121,7 @@ DEFAULT_PROJECTIONS = "split"
 DEFAULT_GATE = "fused"
 DEFAULT_CHUNK = "ours"
 DEFAULT_KEEP_Z = True  # measured faster on an H100 (BENCHMARKS.md), +1 bf16 [tokens, intermediate] tensor a layer
-MLPS = ("split", "gemm")
+MLPS = ("split", "gemm", "merged")
 DEFAULT_MLP = "split"  # "gemm" (models/kernels/mlp_gemm.py): 0.985x in the trainer on an H200 (BENCHMARKS.md)
 LOSSES = ("ours", "fla")
 DEFAULT_LOSS = "ours"
@@ -165,7 +165,10 @@ def _elementwise_fns(kind: str, gate: str = "fused", keep_z: bool = False, mlp: 
     (the default until 2026-12-06). keep_z (ours): the SwiGLU product saved from the forward for the down
     projection's weight gradient instead of written again in backward. mlp (ours): "split", the gate and up
     projections as cuBLAS GEMMs then swiglu_linear; "gemm": the whole MLP through models/kernels/mlp_gemm.py (SwiGLU
-    in the epilogues of the gate/up GEMM and of the down projection's input-gradient GEMM), as `mlp(x, wg, wu, wd, b)`.
+    in the epilogues of the gate/up GEMM and of the down projection's input-gradient GEMM), as `mlp(x, wg, wu, wd, b)`;
+    "merged": the gate and up projections as one cuBLAS GEMM over the stacked weights (a view where they are adjacent
+    in memory, as in the bf16 path's flat buffer), SwiGLU on its column blocks, dx and d[Wg; Wu] one GEMM each
+    (swiglu.gate_up_swiglu; the SwiGLU product is kept for backward whatever keep_z says).
     On a CPU without the interpreter each takes its PyTorch reference."""
     if gate not in GATES:
         raise ValueError(f"gate={gate!r}: use one of {GATES}")
@@ -183,9 +186,12 @@ def _elementwise_fns(kind: str, gate: str = "fused", keep_z: bool = False, mlp: 
             if swiglu._use_kernel(x):
                 return mlp_gemm.mlp(x, wg, wu, wd, bias, keep_z=keep_z)
             return mlp_gemm.mlp_reference(x, wg, wu, wd, bias)
+
+        def merged_mlp(x, wg, wu, wd, bias):
+            return F.linear(swiglu.gate_up_swiglu(x, wg, wu), wd, bias)
         return types.SimpleNamespace(swiglu_linear=functools.partial(swiglu.swiglu_linear, keep_z=keep_z),
                                      low_rank_gate=gate_kernels.low_rank_gate if gate == "fused" else split_gate,
-                                     mlp=gemm_mlp if mlp == "gemm" else None)
+                                     mlp={"gemm": gemm_mlp, "merged": merged_mlp}.get(mlp))
 
     def fla_swiglu_linear(x, y, weight, bias):
         from fla.modules import mlp as fla_mlp
@@ -406,8 +412,9 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     attention through models/kernels/gla.py ("ours") or FLA's chunk_gla ("fla"); None: DEFAULT_CHUNK. keep_z (with
     swiglu="ours"): the MLP's SwiGLU product kept from forward for backward (one [tokens, intermediate] bf16 tensor
     per layer held, one write of it less in backward); None: DEFAULT_KEEP_Z. mlp (with swiglu="ours"): "split" (the
-    gate and up projections as cuBLAS GEMMs, then the SwiGLU kernels) or "gemm" (SwiGLU in the GEMMs' epilogues,
-    models/kernels/mlp_gemm.py); None: DEFAULT_MLP. loss: a causal LM's head and loss, where labels are given, as
+    gate and up projections as cuBLAS GEMMs, then the SwiGLU kernels), "gemm" (SwiGLU in the GEMMs' epilogues,
+    models/kernels/mlp_gemm.py) or "merged" (gate and up as one cuBLAS GEMM over the stacked weights,
+    swiglu.gate_up_swiglu); None: DEFAULT_MLP. loss: a causal LM's head and loss, where labels are given, as
     models/kernels/cross_entropy.py's one function ("ours"; such calls return no logits) or FLA's ("fla"); None:
     DEFAULT_LOSS."""
     if norm not in NORMS:
@@ -425,8 +432,8 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
         raise ValueError(f"fused blocks do not cover {reason}")
     keep_z = DEFAULT_KEEP_Z if keep_z is None else bool(keep_z)
     mlp = DEFAULT_MLP if mlp is None else mlp
-    if mlp == "gemm" and swiglu != "ours":
-        raise ValueError('mlp="gemm" runs our SwiGLU kernels: use it with swiglu="ours"')
+    if mlp != "split" and swiglu != "ours":
+        raise ValueError(f'mlp="{mlp}" runs our SwiGLU kernels: use it with swiglu="ours"')
     loss = DEFAULT_LOSS if loss is None else loss
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}: use one of {LOSSES}")
@@ -447,7 +454,7 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     return (f"fused GLA blocks ({len(base.layers)} layers): "
             f"{'stacked (one GEMM)' if projections == 'cat' else 'shared-input'} projections, residual add fused into "
             f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
-            f"{('our SwiGLU kernels' + (' in the MLP GEMMs' if mlp == 'gemm' else '') + (' (product kept for backward)' if keep_z else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
+            f"{('our SwiGLU kernels' + {'gemm': ' in the MLP GEMMs', 'merged': ' after one gate+up GEMM'}.get(mlp, '') + (' (product kept for backward)' if keep_z else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
             f"{'torch ops for the gate' if swiglu != 'ours' else 'our one-kernel gate' if gate == 'fused' else 'a GEMM and our logsigmoid for the gate'}, "
             f"{'our' if chunk_kind == 'ours' else 'FLA'} chunk_gla wrapper"
             f"{', LM head + loss with the gradient written in forward' if head_loss else ''}")

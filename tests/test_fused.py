@@ -250,3 +250,21 @@ def test_the_head_and_loss_run_as_one_function_and_return_no_logits(monkeypatch)
     assert calls == [] and fla_loss(input_ids=x, labels=x).logits is not None
     with pytest.raises(ValueError, match="loss='torch': use one of"):
         fused.install(build.build_model(config, "cpu", seed=0), loss="torch")
+
+
+def test_merged_gate_up_gives_flas_loss_and_gradients(monkeypatch):
+    """install(mlp="merged"): the MLP's gate and up projections as one GEMM (swiglu.gate_up_swiglu, its SwiGLU kernels
+    interpreted here), the down projection a plain linear layer."""
+    from models.kernels import swiglu
+    calls = []
+    real = swiglu.gate_up_swiglu
+    monkeypatch.setattr(swiglu, "gate_up_swiglu", lambda *a: calls.append(1) or real(*a))
+    config = build.load_config(CONFIG)
+    stock = build.build_model(config, "cpu", seed=0)
+    other = build.build_model(config, "cpu", seed=0)
+    assert "after one gate+up GEMM" in fused.install(other, norm="ours", swiglu="ours", mlp="merged")
+    x = ids()
+    assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
+    assert len(calls) == CONFIG["num_hidden_layers"]
+    with pytest.raises(ValueError, match='mlp="merged" runs our SwiGLU kernels'):
+        fused.install(build.build_model(config, "cpu", seed=0), swiglu="fla", mlp="merged")

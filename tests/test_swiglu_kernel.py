@@ -317,3 +317,72 @@ def test_keeping_z_gives_the_same_gradients_without_recomputing_it(monkeypatch):
     assert stores == [False]
     for a, c in zip(recomputed, kept):
         assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gate_up_swiglu: the gate and up projections as one GEMM, SwiGLU on its column blocks
+# ---------------------------------------------------------------------------------------------------------
+
+def gate_up_inputs(dtype, n=48, d=32, seed=0):
+    """x [3, 50, d], the gate and up weights [n, d] (separate tensors) and an output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 50, d, generator=g).to(dtype).requires_grad_()
+    wg, wu = ((torch.randn(n, d, generator=g) / d ** 0.5).to(dtype).requires_grad_() for _ in range(2))
+    dz = torch.randn(3, 50, n, generator=g).to(dtype)
+    return x, wg, wu, dz
+
+
+def gate_up_run(fn, x, wg, wu, dz):
+    for t in (x, wg, wu):
+        t.grad = None
+    z = fn(x, wg, wu)
+    z.backward(dz)
+    return z.detach(), x.grad, wg.grad, wu.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_gate_up_swiglu_matches_reference(dtype):
+    x, wg, wu, dz = gate_up_inputs(dtype)
+    got = gate_up_run(swiglu.gate_up_swiglu, x, wg, wu, dz)
+    want = gate_up_run(swiglu.gate_up_swiglu_reference, x, wg, wu, dz)
+    rel = 1e-5 if dtype == torch.float32 else 4 * BF16_ULP
+    for name, a, r in zip(["z", "dx", "dgate_weight", "dup_weight"], got, want):
+        close_to_max(a, r, rel, name)
+
+
+def test_stacked_weights_are_a_view_only_where_adjacent():
+    """The bf16 path's flat buffer holds gate then up: one [2n, d] view, no copy; any other layout is concatenated.
+    The merged GEMM gives the same z and gradients either way (fp32, bit for bit)."""
+    n, d = 48, 32
+    flat = torch.randn(2 * n * d + 7)
+    wg, wu = flat[:n * d].view(n, d), flat[n * d:2 * n * d].view(n, d)
+    stacked = swiglu.stacked_weights(wg, wu)
+    assert stacked.data_ptr() == wg.data_ptr() and torch.equal(stacked, torch.cat([wg, wu]))
+    apart = flat[n * d + 7:].view(n, d)
+    for a, b in [(wu, wg), (wg, apart), (wg, wu.t().contiguous().t())]:
+        copy = swiglu.stacked_weights(a, b)
+        assert copy.data_ptr() != a.data_ptr() and torch.equal(copy, torch.cat([a, b]))
+    x, wg_leaf, wu_leaf, dz = gate_up_inputs(torch.float32)
+    copied = gate_up_run(swiglu.gate_up_swiglu, x, wg_leaf, wu_leaf, dz)
+    # the same weights as views of one buffer (the parameters' .data swapped to them, as MasterWeights does)
+    buf = torch.cat([wg_leaf.detach().flatten(), wu_leaf.detach().flatten()])
+    wg_leaf.data, wu_leaf.data = buf[:n * d].view(n, d), buf[n * d:].view(n, d)
+    assert swiglu.stacked_weights(wg_leaf, wu_leaf).data_ptr() == buf.data_ptr()
+    viewed = gate_up_run(swiglu.gate_up_swiglu, x, wg_leaf, wu_leaf, dz)
+    for a, b in zip(copied, viewed):
+        assert torch.equal(a, b)
+
+
+def test_gate_up_swiglu_errors_and_strided_outputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"gate weight \(6, 8\) and up weight \(5, 8\) must both be \[N, 8\]"):
+        swiglu.gate_up_swiglu(x, torch.randn(6, 8), torch.randn(5, 8))
+    with pytest.raises(TypeError, match="one dtype"):
+        swiglu.gate_up_swiglu(x, torch.randn(6, 8).double(), torch.randn(6, 8))
+    a, b, dz = torch.randn(ROWS, 40), torch.randn(ROWS, 40), torch.randn(ROWS, 40)
+    out = torch.empty(ROWS, 80)
+    dx, dy, _ = swiglu.swiglu_backward(a, b, dz, store_z=False, out=(out[:, :40], out[:, 40:]))
+    ref_dx, ref_dy, _ = swiglu.swiglu_backward(a, b, dz, store_z=False)
+    assert torch.equal(out[:, :40], ref_dx) and torch.equal(out[:, 40:], ref_dy)
+    with pytest.raises(ValueError, match="share one row stride"):
+        swiglu.swiglu_backward(a, b, dz, store_z=False, out=(out[:, :40], torch.empty(ROWS, 40)))

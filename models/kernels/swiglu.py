@@ -146,18 +146,23 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _launch(kernel, ins: list[torch.Tensor], outs: list[torch.Tensor | None], backward: bool, *extra,
             config: tuple[int, int, int] | None = None, **constexprs) -> None:
-    """Run an elementwise kernel over [M, D] operands `ins` (row-strided) into contiguous [M, D] `outs`
-    (None: not written; a placeholder pointer is passed). config overrides tile_config (bench sweeps)."""
+    """Run an elementwise kernel over [M, D] operands `ins` (row-strided) into [M, D] `outs` (None: not written; a
+    placeholder pointer is passed), contiguous or row-strided with one row stride for all of them (e.g. the column
+    blocks of one wider tensor). config overrides tile_config (bench sweeps)."""
     m, d = ins[0].shape
     if m * d == 0:
         return
-    packed = all(t.is_contiguous() for t in ins)
+    written = [o for o in outs if o is not None]
+    out_stride = written[0].stride(0) if m > 1 else d
+    if any(o.stride(-1) != 1 or (m > 1 and o.stride(0) != out_stride) for o in written):
+        raise ValueError("swiglu kernels: the outputs must share one row stride and have contiguous rows")
+    packed = all(t.is_contiguous() for t in ins + written)
     if packed:  # one row of m*d elements: row strides multiply row 0 only; 0 tells the compiler they are aligned
         m_, d_ = 1, m * d
         strides = [0] * (len(ins) + 1)
     else:
         m_, d_ = m, d
-        strides = [t.stride(0) if m > 1 else d for t in ins] + [d]  # the inputs', then the outputs' (contiguous)
+        strides = [t.stride(0) if m > 1 else d for t in ins] + [out_stride]  # the inputs', then the outputs'
     bt, bd, num_warps = config or tile_config(m_, d_, packed, backward)
     grid = (triton.cdiv(m_, bt) * triton.cdiv(d_, bd),)
     placeholder = next(o for o in outs if o is not None)
@@ -176,9 +181,14 @@ def swiglu_forward(x2: torch.Tensor, y2: torch.Tensor, config=None) -> torch.Ten
     return z
 
 
-def swiglu_backward(x2: torch.Tensor, y2: torch.Tensor, dz2: torch.Tensor, store_z: bool, config=None):
-    """(dx, dy, z or None) from [M, D] x, y, dz (row-strided allowed); outputs contiguous, in x's dtype."""
-    dx, dy = (torch.empty(x2.shape, dtype=x2.dtype, device=x2.device) for _ in range(2))
+def swiglu_backward(x2: torch.Tensor, y2: torch.Tensor, dz2: torch.Tensor, store_z: bool, config=None,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(dx, dy, z or None) from [M, D] x, y, dz (row-strided allowed); outputs contiguous, in x's dtype, or dx and dy
+    written into `out` (two [M, D] tensors with one row stride, e.g. the column blocks of one [M, 2D] gradient; then
+    store_z must be False)."""
+    if out is not None and store_z:
+        raise ValueError("swiglu_backward: store_z with out= is not supported")
+    dx, dy = out if out is not None else (torch.empty(x2.shape, dtype=x2.dtype, device=x2.device) for _ in range(2))
     z = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device) if store_z else None
     _launch(_swiglu_bwd_kernel, [x2, y2, dz2], [dx, dy, z], True, config=config, STORE_Z=store_z)
     return dx, dy, z
@@ -233,6 +243,45 @@ class _SwiGLULinearFunction(torch.autograd.Function):
                 None)
 
 
+def stacked_weights(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[a; b] as one [Na + Nb, K] matrix: a view where b's rows follow a's in one storage (the bf16 training path keeps
+    every bf16 weight in one flat buffer in parameter order, trainer/precision.py, so a block's gate and up weights
+    are adjacent there), else a concatenated copy."""
+    if (a.dtype == b.dtype and a.device == b.device and a.dim() == b.dim() == 2 and a.shape[1] == b.shape[1]
+            and a.is_contiguous() and b.is_contiguous()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + a.numel()):
+        return a.as_strided((a.shape[0] + b.shape[0], a.shape[1]), (a.shape[1], 1))
+    return torch.cat([a, b], 0)
+
+
+class _GateUpSwiGLUFunction(torch.autograd.Function):
+    """z = silu(x @ Wg^T) * (x @ Wu^T) with the gate and up projections as ONE GEMM over [Wg; Wu] (`stacked_weights`):
+    SwiGLU reads the two column blocks of its [M, 2N] output; backward writes dgate and dup as the column blocks of
+    one [M, 2N] gradient, so that dx and d[Wg; Wu] are one GEMM each. Saved: x, the stacked weights, the GEMM output."""
+
+    @staticmethod
+    def forward(ctx, x, wg, wu):
+        x2 = x.reshape(-1, x.shape[-1])
+        w = stacked_weights(wg, wu)
+        gu = torch.mm(x2, w.t())
+        n = wg.shape[0]
+        z = swiglu_forward(gu[:, :n], gu[:, n:])
+        ctx.save_for_backward(x2, w, gu)
+        ctx.x_shape = x.shape
+        return z.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dz):
+        x2, w, gu = ctx.saved_tensors
+        n = gu.shape[1] // 2
+        dgu = torch.empty_like(gu)
+        swiglu_backward(gu[:, :n], gu[:, n:], _rows(dz), store_z=False, out=(dgu[:, :n], dgu[:, n:]))
+        dx = torch.mm(dgu, w).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dw = torch.mm(dgu.t(), x2) if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
+        return (dx, dw[:n] if ctx.needs_input_grad[1] else None, dw[n:] if ctx.needs_input_grad[2] else None)
+
+
 class _LogSigmoidScaledFunction(torch.autograd.Function):
 
     @staticmethod
@@ -278,6 +327,27 @@ def swiglu_linear_reference(x: torch.Tensor, y: torch.Tensor, weight: torch.Tens
     _check_swiglu(x, y, weight, bias)
     z = (F.silu(x.float()) * y.float()).to(x.dtype)
     return F.linear(z, weight, bias)
+
+
+def gate_up_swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate_weight^T) * (x @ up_weight^T): an MLP's gate and up projections as one GEMM, then SwiGLU
+    (`_GateUpSwiGLUFunction`). x: [..., D]; the weights: [N, D], x's dtype, no bias. A CPU tensor without the Triton
+    interpreter takes `gate_up_swiglu_reference`."""
+    if gate_weight.shape != up_weight.shape or gate_weight.shape[-1] != x.shape[-1]:
+        raise ValueError(f"gate_up_swiglu: gate weight {tuple(gate_weight.shape)} and up weight "
+                         f"{tuple(up_weight.shape)} must both be [N, {x.shape[-1]}] for x of shape {tuple(x.shape)}")
+    if not (x.dtype == gate_weight.dtype == up_weight.dtype):
+        raise TypeError(f"gate_up_swiglu: x and the weights must have one dtype, got {x.dtype}, {gate_weight.dtype} "
+                        f"and {up_weight.dtype}")
+    if not _use_kernel(x):
+        return gate_up_swiglu_reference(x, gate_weight, up_weight)
+    return _GateUpSwiGLUFunction.apply(x, gate_weight, up_weight)
+
+
+def gate_up_swiglu_reference(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch with autograd, rounding where the kernels round: gate and up to x's dtype, then z."""
+    gate, up = F.linear(x, gate_weight), F.linear(x, up_weight)
+    return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
 def _check_normalizer(normalizer) -> float:
