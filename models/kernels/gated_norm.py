@@ -1,0 +1,174 @@
+"""GLA's gated output norm, y = RMSNorm(o) * weight * swish(g), in Triton, tiled over rows in both passes (issue 10).
+
+Why: GLA normalizes each head's attention output o over its head dimension and multiplies it by swish of the output
+gate g (FLA's `FusedRMSNormGated`, activation "swish"). FLA's backward for it ran at ~75-85% of the memory bound in
+GLA 340M's step (BENCHMARKS.md: 2.35 ms a step on an H200 for 24 calls that move ~8 GB; its forward 1.21 ms is at
+the bound). This is models/kernels/rmsnorm.py's tiling (a 2-D tile of rows per program; the backward a few programs
+per SM, each walking its tiles with the next one loaded ahead, fp32 partial sums of dweight summed by torch) with
+the gate in the same passes.
+
+What it computes (fp32 math inside the kernels, storage in o's dtype), per row of D = head dimension:
+    xhat = o * rsqrt(mean(o^2) + eps),   a = xhat * weight,   y = a * g * sigmoid(g)
+backward, with dy:
+    dg = dy * a * s * (1 + g * (1 - s))           (s = sigmoid(g))
+    da = dy * g * s,  do = rstd * (da * weight - xhat * mean(xhat * da * weight)),  dweight = sum over rows of da * xhat
+Saved for backward: o, g and one fp32 rstd per row (y is not kept).
+
+No autotune. Runs under the Triton interpreter on CPU (tests); a CPU tensor without it takes `rms_norm_gated_reference`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from models.kernels.rmsnorm import MAX_D, backward_config, backward_programs, tile_config
+
+
+@triton.jit
+def _gated_fwd_kernel(X, G, W, Y, RSTD, M, D, eps, BT: tl.constexpr, BD: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    cols = tl.arange(0, BD)
+    row_ok = rows < M
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :] * (g * tl.sigmoid(g))
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_bwd_load(X, G, DY, RSTD, rows, cols, M, D):
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    return x, g, dy, rstd
+
+
+@triton.jit
+def _gated_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, tiles_per_program,
+                      BT: tl.constexpr, BD: tl.constexpr, PREFETCH: tl.constexpr):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BD)
+    col_ok = cols < D
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BD], dtype=tl.float32)
+    if PREFETCH:  # the next tile's loads are issued before this tile's math
+        x_n, g_n, dy_n, rstd_n = _gated_bwd_load(X, G, DY, RSTD, pid * BT + tl.arange(0, BT), cols, M, D)
+    for t in range(0, tiles_per_program):
+        rows = (pid + t * programs) * BT + tl.arange(0, BT)  # past the last tile every row is masked off
+        if PREFETCH:
+            x, g, dy, rstd = x_n, g_n, dy_n, rstd_n
+            x_n, g_n, dy_n, rstd_n = _gated_bwd_load(X, G, DY, RSTD, rows + programs * BT, cols, M, D)
+        else:
+            x, g, dy, rstd = _gated_bwd_load(X, G, DY, RSTD, rows, cols, M, D)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        s = tl.sigmoid(g)
+        xhat = x * rstd[:, None]
+        a = xhat * w[None, :]
+        tl.store(DG + offs, (dy * a * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
+        da = dy * g * s
+        wda = da * w[None, :]
+        c = tl.sum(xhat * wda, axis=1) / D
+        tl.store(DX + offs, ((wda - xhat * c[:, None]) * rstd[:, None]).to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(da * xhat, axis=0)
+    tl.store(DWP + pid.to(tl.int64) * D + cols, dw, mask=col_ok)
+
+
+def _use_kernel(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"rms_norm_gated: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
+        raise ValueError(f"rms_norm_gated: the gate must have x's shape, dtype and device {tuple(x.shape)} {x.dtype} "
+                         f"{x.device}, got {tuple(g.shape)} {g.dtype} {g.device}")
+    if weight.shape != (x.shape[-1],) or weight.device != x.device:
+        raise ValueError(f"rms_norm_gated: weight has shape {tuple(weight.shape)} on {weight.device}; x of shape "
+                         f"{tuple(x.shape)} needs ({x.shape[-1]},) on {x.device}")
+    if x.shape[-1] > MAX_D:
+        raise ValueError(f"rms_norm_gated: last dimension {x.shape[-1]} exceeds the kernel's maximum {MAX_D}")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _forward(x2, g2, weight, eps):
+    m, d = x2.shape
+    y = torch.empty_like(x2)
+    rstd = torch.empty(m, dtype=torch.float32, device=x2.device)
+    if m:
+        bt, bd, num_warps = tile_config(d, backward=False)
+        _gated_fwd_kernel[(triton.cdiv(m, bt),)](x2, g2, weight, y, rstd, m, d, eps, BT=bt, BD=bd,
+                                                 num_warps=num_warps)
+    return y, rstd
+
+
+def _backward(x2, g2, weight, rstd, dy2):
+    m, d = x2.shape
+    dx, dg = torch.empty_like(x2), torch.empty_like(g2)
+    if m == 0:
+        return dx, dg, torch.zeros(d, dtype=torch.float32, device=x2.device)
+    bt, num_warps, per_sm, prefetch = backward_config(d)
+    n_tiles = triton.cdiv(m, bt)
+    programs = backward_programs(n_tiles, x2.device, num_warps, per_sm)
+    dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)
+    _gated_bwd_kernel[(programs,)](x2, g2, weight, rstd, dy2, dx, dg, dw_partial, m, d, triton.cdiv(n_tiles, programs),
+                                   BT=bt, BD=triton.next_power_of_2(d), PREFETCH=bool(prefetch), num_warps=num_warps)
+    return dx, dg, dw_partial.sum(0)
+
+
+class _RMSNormGatedFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, g, weight, eps):
+        x2, g2 = _rows(x), _rows(g)
+        weight = weight.contiguous()
+        y, rstd = _forward(x2, g2, weight, eps)
+        ctx.save_for_backward(x2, g2, weight, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, g2, weight, rstd = ctx.saved_tensors
+        dx, dg, dw = _backward(x2, g2, weight, rstd, _rows(dy))
+        return (dx.view(ctx.shape) if ctx.needs_input_grad[0] else None,
+                dg.view(ctx.shape) if ctx.needs_input_grad[1] else None,
+                dw.to(weight.dtype) if ctx.needs_input_grad[2] else None, None)
+
+
+def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm(x) * weight * swish(g) over the last dimension (FLA's FusedRMSNormGated with activation "swish", no
+    residual). x, g: [..., D] of one dtype; weight: [D]. See the module doc."""
+    _check(x, g, weight)
+    if not _use_kernel(x):
+        return rms_norm_gated_reference(x, g, weight, eps)
+    return _RMSNormGatedFunction.apply(x, g, weight, float(eps))
+
+
+def rms_norm_gated_reference(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Plain PyTorch, fp32 math, autograd: the tests' reference and the CPU path."""
+    _check(x, g, weight)
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float() * F.silu(g.float())
+    return y.to(x.dtype)

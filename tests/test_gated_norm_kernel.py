@@ -1,0 +1,75 @@
+"""models/kernels/gated_norm.py: GLA's gated output norm under the Triton interpreter against the PyTorch reference
+and against FLA's FusedRMSNormGated (its Triton kernels interpreted too): y, do, dg, dweight.
+
+fp32 only for the bit-level comparisons: the interpreter truncates bf16 stores where a GPU rounds (see
+tests/test_rmsnorm_kernel.py); bf16 is checked within a few ulps of the reference."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see models/cpu_triton.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from models import cpu_triton  # noqa: E402
+
+cpu_triton.enable()
+
+from models.kernels import gated_norm  # noqa: E402
+
+ROWS = 150  # not a multiple of the tile heights
+
+
+def make(shape, dtype, seed=0):
+    g_ = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g_).to(dtype).requires_grad_()
+    g = (2 * torch.randn(shape, generator=g_)).to(dtype).requires_grad_()
+    w = (1 + 0.2 * torch.randn(shape[-1], generator=g_)).to(dtype).requires_grad_()
+    dy = torch.randn(shape, generator=g_).to(dtype)
+    return x, g, w, dy
+
+
+def run(fn, x, g, w, dy, **kw):
+    for t in (x, g, w):
+        t.grad = None
+    y = fn(x, g, w, **kw)
+    y.backward(dy)
+    return y.detach(), x.grad, g.grad, w.grad
+
+
+def close_to_max(a, b, rel, what):
+    err = (a.float() - b.float()).abs().max().item()
+    assert err <= rel * b.float().abs().max().item() + 1e-12, f"{what}: max abs diff {err:.3g}"
+
+
+@pytest.mark.parametrize("shape", [(ROWS, 256), (2, 37, 3, 96)], ids=["head256", "odd-dim-4d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_reference(shape, dtype):
+    x, g, w, dy = make(shape, dtype)
+    got = run(gated_norm.rms_norm_gated, x, g, w, dy)
+    want = run(gated_norm.rms_norm_gated_reference, x, g, w, dy)
+    rel = 2e-6 if dtype == torch.float32 else 2 ** -6
+    for name, a, b in zip(["y", "dx", "dg", "dweight"], got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        close_to_max(a, b, rel if name != "dweight" else 10 * rel, name)
+
+
+def test_matches_flas_gated_norm():
+    from fla.modules import FusedRMSNormGated
+    x, g, w, dy = make((ROWS, 256), torch.float32)
+    fla = FusedRMSNormGated(256, eps=1e-5, activation="swish")
+    with torch.no_grad():
+        fla.weight.copy_(w)
+    got = run(gated_norm.rms_norm_gated, x, g, w, dy)
+    x.grad = g.grad = None
+    y = fla(x, g)
+    y.backward(dy)
+    for name, a, b in zip(["y", "dx", "dg", "dweight"], got, (y.detach(), x.grad, g.grad, fla.weight.grad)):
+        close_to_max(a, b, 1e-5, name)
+
+
+def test_bad_inputs_are_named():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="the gate must have x's shape"):
+        gated_norm.rms_norm_gated(x, torch.randn(4, 9), torch.ones(8))
+    with pytest.raises(ValueError, match=r"needs \(8,\)"):
+        gated_norm.rms_norm_gated(x, torch.randn(4, 8), torch.ones(9))
