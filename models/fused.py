@@ -125,6 +125,8 @@ MLPS = ("split", "gemm", "merged")
 DEFAULT_MLP = "split"  # "gemm" (models/kernels/mlp_gemm.py): 0.985x in the trainer on an H200 (BENCHMARKS.md)
 LOSSES = ("ours", "fla")
 DEFAULT_LOSS = "ours"
+GATED_NORMS = ("fla", "ours")
+DEFAULT_GATED_NORM = "fla"  # "ours" (models/kernels/gated_norm.py): not timed on a GPU yet
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,6 +156,23 @@ def _norm_fn(kind: str):
 # ---------------------------------------------------------------------------------------------------------
 # SwiGLU + down projection, and the gate's logsigmoid
 # ---------------------------------------------------------------------------------------------------------
+
+def _gated_norm_fn(kind: str):
+    """gated_norm(module, o, g): GLA's output norm, FLA's FusedRMSNormGated `module` itself ("fla"), or
+    models/kernels/gated_norm.py with the module's weight and eps ("ours"; modules it does not cover run FLA's)."""
+    if kind not in GATED_NORMS:
+        raise ValueError(f"gated_norm={kind!r}: use one of {GATED_NORMS}")
+    if kind == "fla":
+        return lambda module, o, g: module(o, g)
+
+    def ours(module, o, g):
+        from models.kernels import gated_norm
+        if (getattr(module, "activation", None) not in ("swish", "silu") or getattr(module, "weight", None) is None
+                or getattr(module, "bias", None) is not None):
+            return module(o, g)
+        return gated_norm.rms_norm_gated(o, g, module.weight, module.eps)
+    return ours
+
 
 def _elementwise_fns(kind: str, gate: str = "fused", keep_z: bool = False, mlp: str = "split") -> types.SimpleNamespace:
     """swiglu_linear(x, y, weight, bias) and low_rank_gate(a, weight, bias, normalizer) = logsigmoid(a @ weight^T + bias)
@@ -225,7 +244,7 @@ _FLA_ELEMENTWISE = _elementwise_fns("fla")
 
 
 def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _FLA_ELEMENTWISE,
-               project=shared_linear, chunk=None) -> torch.Tensor:
+               project=shared_linear, chunk=None, gated_norm=None) -> torch.Tensor:
     """GatedLinearAttention.forward for the configurations `unsupported_reason` lets through, without cache."""
     from fla.layers import gla as fla_gla  # chunk_gla looked up per call (CPU versions on a CPU)
     B, T, _ = x.shape
@@ -242,7 +261,7 @@ def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _
         o, _ = fla_gla.fused_recurrent_gla(q=q, k=k, v=v, gk=gk, state_v_first=True, cu_seqlens=cu_seqlens)
     else:
         o = (chunk or _chunk_fn("fla"))(q, k, v, gk, cu_seqlens)
-    o = attn.g_norm_swish_gate(o, g.view(B, T, H, dv))
+    o = (gated_norm or _gated_norm_fn("fla"))(attn.g_norm_swish_gate, o, g.view(B, T, H, dv))
     return attn.o_proj(o.reshape(B, T, H * dv))
 
 
@@ -277,7 +296,8 @@ def _checkpoints_in_call() -> bool:
 def _fused_block(self, hidden_states, residual, cu_seqlens=None):
     norm = self._fused_norm
     x, residual = norm(hidden_states, self.attn_norm.weight, self.attn_norm.eps, residual, True)
-    o = _attention(self.attn, x, cu_seqlens, self._fused_elementwise, self._fused_project, self._fused_chunk)
+    o = _attention(self.attn, x, cu_seqlens, self._fused_elementwise, self._fused_project, self._fused_chunk,
+                   self._fused_gated_norm)
     x, residual = norm(o, self.mlp_norm.weight, self.mlp_norm.eps, residual, True)
     return _mlp(self.mlp, x, self._fused_elementwise), residual
 
@@ -398,7 +418,8 @@ def unsupported_reason(model) -> str | None:
 
 
 def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | None = None, gate: str | None = None,
-            chunk: str | None = None, keep_z: bool | None = None, mlp: str | None = None, loss: str | None = None) -> str:
+            chunk: str | None = None, keep_z: bool | None = None, mlp: str | None = None, loss: str | None = None,
+            gated_norm: str | None = None) -> str:
     """Switch a built GLA model (plain, or wrapped by FSDP2 / activation checkpointing afterwards) to the
     fused forward. Returns a one-line description. Raises ValueError naming what is not covered.
 
@@ -416,7 +437,8 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     models/kernels/mlp_gemm.py) or "merged" (gate and up as one cuBLAS GEMM over the stacked weights,
     swiglu.gate_up_swiglu); None: DEFAULT_MLP. loss: a causal LM's head and loss, where labels are given, as
     models/kernels/cross_entropy.py's one function ("ours"; such calls return no logits) or FLA's ("fla"); None:
-    DEFAULT_LOSS."""
+    DEFAULT_LOSS. gated_norm: GLA's gated output norm by FLA's module ("fla") or models/kernels/gated_norm.py ("ours");
+    None: DEFAULT_GATED_NORM."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: use one of {NORMS}")
     if swiglu not in SWIGLUS:
@@ -438,6 +460,8 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}: use one of {LOSSES}")
     fns = _elementwise_fns(swiglu, gate, keep_z, mlp)  # refuses a bad gate or mlp before the model is touched
+    gated_norm_kind = DEFAULT_GATED_NORM if gated_norm is None else gated_norm
+    gnorm = _gated_norm_fn(gated_norm_kind)
     fn = _norm_fn(norm)
     base = _base(model)
     base._fused_norm = fn
@@ -447,6 +471,7 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
         block._fused_elementwise = fns
         block._fused_project = PROJECTIONS[projections]
         block._fused_chunk = chunk
+        block._fused_gated_norm = gnorm
         block.forward = types.MethodType(_block_forward, block)
     head_loss = loss == "ours" and base is not model and getattr(model, "lm_head", None) is not None
     if head_loss:
@@ -456,7 +481,8 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
             f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
             f"{('our SwiGLU kernels' + {'gemm': ' in the MLP GEMMs', 'merged': ' after one gate+up GEMM'}.get(mlp, '') + (' (product kept for backward)' if keep_z else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
             f"{'torch ops for the gate' if swiglu != 'ours' else 'our one-kernel gate' if gate == 'fused' else 'a GEMM and our logsigmoid for the gate'}, "
-            f"{'our' if chunk_kind == 'ours' else 'FLA'} chunk_gla wrapper"
+            f"{'our' if chunk_kind == 'ours' else 'FLA'} chunk_gla wrapper, "
+            f"{'our' if gated_norm_kind == 'ours' else 'FLA'} gated output norm"
             f"{', LM head + loss with the gradient written in forward' if head_loss else ''}")
 
 
@@ -472,6 +498,7 @@ def uninstall(model) -> None:
         vars(m).pop("_fused_elementwise", None)
         vars(m).pop("_fused_project", None)
         vars(m).pop("_fused_chunk", None)
+        vars(m).pop("_fused_gated_norm", None)
 
 
 def select(model, choice: str, device: torch.device) -> str:

@@ -13,6 +13,7 @@ from trainer.config import ModelConfig
 
 @pytest.mark.parametrize("name, cat", [
     ("_rmsnorm_fwd_kernel", "norms"),  # ours (models/kernels/rmsnorm.py)
+    ("_gated_rmsnorm_bwd_kernel", "norms"),  # ours (models/kernels/gated_norm.py)
     ("fused_add_rmsnorm_bwd_kernel", "norms"),
     ("layer_norm_bwd_kernel", "norms"),  # FLA's
     ("layer_norm_gated_fwd_kernel", "norms"),
@@ -63,7 +64,9 @@ def test_top_kernels_lists_the_largest_per_step_with_category_and_cut_name():
     ("ours-bf16-hnone", ("bf16", "fused")), ("ours-bf16-nokeepz-hbf16-graphs", ("bf16", "fused")),
     ("ours-bf16-hbf16-intra", ("bf16", "fused")), ("ours-bf16-flaintra-graphs", ("bf16", "fused")),
     ("ours-bf16-fwdintra", ("bf16", "fused")), ("ours-bf16-hnone-flaintra-fwdintra-sync", ("bf16", "fused")),
-    ("ours-bf16-flace", ("bf16", "fused")), ("ours-bf16-mlpmerged-flace", ("bf16", "fused")), ("ours-bf16-mlpgemm-flace-graphs", ("bf16", "fused")),
+    ("ours-bf16-flace", ("bf16", "fused")),
+    ("ours-bf16-mlpmerged-flace", ("bf16", "fused")),
+    ("ours-bf16-gnorm", ("bf16", "fused")), ("ours-bf16-mlpmerged-flace-gnorm-graphs", ("bf16", "fused")), ("ours-bf16-mlpgemm-flace-graphs", ("bf16", "fused")),
 ])
 def test_train_bench_cases(case, expect):
     assert parse_case(case) == expect

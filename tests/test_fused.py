@@ -268,3 +268,20 @@ def test_merged_gate_up_gives_flas_loss_and_gradients(monkeypatch):
     assert len(calls) == CONFIG["num_hidden_layers"]
     with pytest.raises(ValueError, match='mlp="merged" runs our SwiGLU kernels'):
         fused.install(build.build_model(config, "cpu", seed=0), swiglu="fla", mlp="merged")
+
+
+def test_our_gated_norm_gives_flas_loss_and_gradients(monkeypatch):
+    """install(gated_norm="ours"): GLA's output norm by models/kernels/gated_norm.py (interpreted here)."""
+    from models.kernels import gated_norm
+    calls = []
+    real = gated_norm.rms_norm_gated
+    monkeypatch.setattr(gated_norm, "rms_norm_gated", lambda *a: calls.append(1) or real(*a))
+    config = build.load_config(CONFIG)
+    stock = build.build_model(config, "cpu", seed=0)
+    other = build.build_model(config, "cpu", seed=0)
+    assert "our gated output norm" in fused.install(other, norm="ours", swiglu="ours", gated_norm="ours")
+    x = ids()
+    assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
+    assert len(calls) == CONFIG["num_hidden_layers"]
+    with pytest.raises(ValueError, match="gated_norm='triton': use one of"):
+        fused.install(build.build_model(config, "cpu", seed=0), gated_norm="triton")

@@ -29,7 +29,7 @@ from models.kernels.rmsnorm import MAX_D, backward_config, backward_programs, ti
 
 
 @triton.jit
-def _gated_fwd_kernel(X, G, W, Y, RSTD, M, D, eps, BT: tl.constexpr, BD: tl.constexpr):
+def _gated_rmsnorm_fwd_kernel(X, G, W, Y, RSTD, M, D, eps, BT: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     cols = tl.arange(0, BD)
@@ -47,7 +47,7 @@ def _gated_fwd_kernel(X, G, W, Y, RSTD, M, D, eps, BT: tl.constexpr, BD: tl.cons
 
 
 @triton.jit
-def _gated_bwd_load(X, G, DY, RSTD, rows, cols, M, D):
+def _gated_rmsnorm_bwd_load(X, G, DY, RSTD, rows, cols, M, D):
     row_ok = rows < M
     mask = row_ok[:, None] & (cols < D)[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
@@ -59,7 +59,7 @@ def _gated_bwd_load(X, G, DY, RSTD, rows, cols, M, D):
 
 
 @triton.jit
-def _gated_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, tiles_per_program,
+def _gated_rmsnorm_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, tiles_per_program,
                       BT: tl.constexpr, BD: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -68,14 +68,14 @@ def _gated_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, tiles_per_program,
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BD], dtype=tl.float32)
     if PREFETCH:  # the next tile's loads are issued before this tile's math
-        x_n, g_n, dy_n, rstd_n = _gated_bwd_load(X, G, DY, RSTD, pid * BT + tl.arange(0, BT), cols, M, D)
+        x_n, g_n, dy_n, rstd_n = _gated_rmsnorm_bwd_load(X, G, DY, RSTD, pid * BT + tl.arange(0, BT), cols, M, D)
     for t in range(0, tiles_per_program):
         rows = (pid + t * programs) * BT + tl.arange(0, BT)  # past the last tile every row is masked off
         if PREFETCH:
             x, g, dy, rstd = x_n, g_n, dy_n, rstd_n
-            x_n, g_n, dy_n, rstd_n = _gated_bwd_load(X, G, DY, RSTD, rows + programs * BT, cols, M, D)
+            x_n, g_n, dy_n, rstd_n = _gated_rmsnorm_bwd_load(X, G, DY, RSTD, rows + programs * BT, cols, M, D)
         else:
-            x, g, dy, rstd = _gated_bwd_load(X, G, DY, RSTD, rows, cols, M, D)
+            x, g, dy, rstd = _gated_rmsnorm_bwd_load(X, G, DY, RSTD, rows, cols, M, D)
         mask = (rows < M)[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
         s = tl.sigmoid(g)
@@ -118,8 +118,8 @@ def _forward(x2, g2, weight, eps):
     rstd = torch.empty(m, dtype=torch.float32, device=x2.device)
     if m:
         bt, bd, num_warps = tile_config(d, backward=False)
-        _gated_fwd_kernel[(triton.cdiv(m, bt),)](x2, g2, weight, y, rstd, m, d, eps, BT=bt, BD=bd,
-                                                 num_warps=num_warps)
+        _gated_rmsnorm_fwd_kernel[(triton.cdiv(m, bt),)](x2, g2, weight, y, rstd, m, d, eps, BT=bt, BD=bd,
+                                                         num_warps=num_warps)
     return y, rstd
 
 
@@ -132,8 +132,9 @@ def _backward(x2, g2, weight, rstd, dy2):
     n_tiles = triton.cdiv(m, bt)
     programs = backward_programs(n_tiles, x2.device, num_warps, per_sm)
     dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)
-    _gated_bwd_kernel[(programs,)](x2, g2, weight, rstd, dy2, dx, dg, dw_partial, m, d, triton.cdiv(n_tiles, programs),
-                                   BT=bt, BD=triton.next_power_of_2(d), PREFETCH=bool(prefetch), num_warps=num_warps)
+    _gated_rmsnorm_bwd_kernel[(programs,)](x2, g2, weight, rstd, dy2, dx, dg, dw_partial, m, d,
+                                           triton.cdiv(n_tiles, programs), BT=bt, BD=triton.next_power_of_2(d),
+                                           PREFETCH=bool(prefetch), num_warps=num_warps)
     return dx, dg, dw_partial.sum(0)
 
 
