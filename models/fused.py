@@ -139,8 +139,7 @@ def _norm_fn(kind: str):
         from models.kernels import rmsnorm
 
         def ours(x, weight, eps, residual, prenorm):
-            fn = rmsnorm.rms_norm if x.is_cuda else rmsnorm.rms_norm_reference
-            return fn(x, weight, eps=eps, residual=residual, prenorm=prenorm)
+            return rmsnorm.rms_norm(x, weight, eps=eps, residual=residual, prenorm=prenorm)
         return ours
 
     def fla(x, weight, eps, residual, prenorm):

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from models import kernels
+
 BM, BN, NUM_WARPS = 128, 64, 8
 MAX_RANK = 128
 FMA_PRE = False  # the pre-activation by tl.dot (False) or by rank-one fp32 updates (True); see _pre
@@ -206,8 +208,7 @@ def _check(a, weight, bias, normalizer) -> float:
 
 def covers(a: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `low_rank_gate` runs the kernels for these operands (else the reference)."""
-    on_device = a.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and a.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.shape[1] <= MAX_RANK
+    return kernels.runs_triton(a) and a.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.shape[1] <= MAX_RANK
 
 
 def low_rank_gate(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, normalizer: float) -> torch.Tensor:

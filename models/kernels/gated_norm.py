@@ -18,12 +18,13 @@ No autotune. Runs under the Triton interpreter on CPU (tests); a CPU tensor with
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from models import kernels
 
 from models.kernels.rmsnorm import MAX_D, backward_config, backward_programs, tile_config
 
@@ -91,7 +92,7 @@ def _gated_rmsnorm_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, tiles_per_pr
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return kernels.runs_triton(x)
 
 
 def _check(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> None:

@@ -47,12 +47,12 @@ else, and for CPU tensors unless the Triton interpreter is on (tests/test_gla_ke
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from models import kernels
 
 SAVED_STATES = "bf16"
 STATE_CHOICES = ("fp32", "bf16", "none")
@@ -276,7 +276,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
 
 def covers(q: torch.Tensor) -> bool:
     """Whether `chunk_gla` runs the kernels here for this input (else FLA's chunk_gla)."""
-    return q.device.type == "cuda" or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return kernels.runs_triton(q)
 
 
 def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,

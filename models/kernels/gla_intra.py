@@ -61,15 +61,15 @@ at once, and `record_path` (tests, `_gpu_check`) reports which path each program
 """
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
-
 from fla.ops.utils.op import exp2  # FLA's own exp2 (FLA_USE_FAST_OPS applies alike)
+
+from models import kernels
 
 RANGE_BOUND = 32.0  # max g - min g over a sub-chunk's rows (log2 units) for the fast path; see the module doc
 MAG_BOUND = 2.0 ** 24  # sum of |q|, |k|, |tril(dA)| over a program's tiles for the fast path
@@ -218,7 +218,7 @@ def _fla_function():
 
 def covers(q: torch.Tensor) -> bool:
     """Whether the kernel here runs for this input (else FLA's function): CUDA, or CPU under the interpreter."""
-    return q.device.type == "cuda" or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return kernels.runs_triton(q)
 
 
 def check_qkg(name: str, q, k, g, cu_seqlens, chunk_size) -> None:

@@ -31,12 +31,13 @@ function casts under autocast; models/fused.py never calls this under autocast).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from models import kernels
 
 # Elements per program. A 1 x BLOCK tile of packed rows: 8192 elements at 8 warps is 32 per thread, four 16-byte
 # vectors of bf16 per loaded tensor. The backward keeps ~6 tile-sized fp32 values live and stores three tensors, so
@@ -171,7 +172,7 @@ def _launch(kernel, ins: list[torch.Tensor], outs: list[torch.Tensor | None], ba
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return kernels.runs_triton(x)
 
 
 def swiglu_forward(x2: torch.Tensor, y2: torch.Tensor, config=None) -> torch.Tensor:
