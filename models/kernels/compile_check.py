@@ -1,0 +1,146 @@
+"""Compile every Triton kernel a GLA training step launches for a Hopper GPU (sm_90), on a machine without one.
+
+Why: the tests run our kernels under the Triton interpreter, which does not type-check them the way the compiler
+does, and GPU time is scarce: a kernel that does not compile for the card, or needs more shared memory than it has,
+used to show up only in a device call. Here the real step runs on CPU tensors while Triton believes it drives an
+H100: each kernel launch is compiled for sm_90 (ptxas included) and not run. The model is GLA with GLA 340M's head
+sizes (hidden 1024, 4 heads: key 128, value 256 per head) in bf16, two layers, a short sequence, through
+models/fused.py with each kernel switch in turn, forward and backward; FLA's kernels in the step compile as well
+(their autotuned ones with the first config only).
+
+    python -m models.kernels.compile_check [--variants all|defaults]
+
+Prints each kernel once with its shared memory, and exits 1 if any kernel failed to compile or needs more shared
+memory than sm_90 gives a block (227 KiB). What it cannot see: values (the outputs are uninitialized memory), launch-
+time limits other than shared memory (registers are assigned by ptxas and fit by construction), and differences
+between this machine's triton and the GPU image's (this one is checked with triton 3.9; the GPU image has 3.6).
+
+Run it in a process of its own, without TRITON_INTERPRET: it replaces Triton's active driver and parts of torch.cuda
+(names, capability, device count) before FLA is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import types
+
+SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+PROPERTIES = {"max_shared_mem": SM90_MAX_SHARED, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+              "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+# (label, fused.install keyword arguments, models/kernels/gla.py module settings)
+VARIANTS = [
+    ("defaults", {}, {}),
+    ("merged MLP, our gated norm, FLA's intra kernels, fp32 states", {"mlp": "merged", "gated_norm": "ours"},
+     {"SAVED_STATES": "fp32", "INTRA": "fla", "FWD_INTRA": "fla"}),
+    ("our forward intra kernel, FLA's recompute", {"gate": "split"}, {"SAVED_STATES": "none", "FWD_INTRA": "ours"}),
+    ("SwiGLU in the MLP GEMMs", {"mlp": "gemm"}, {}),
+]
+
+
+def _pretend_hopper(compiled: dict) -> None:
+    """Triton's driver -> a stand-in for an H100 whose launches only compile; torch.cuda answers as one H100 would."""
+    import torch
+    import triton.runtime.autotuner as autotuner
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class Hopper:
+        utils = types.SimpleNamespace(get_device_properties=lambda index=0: dict(PROPERTIES))
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def __getattr__(self, name):
+            raise AttributeError(f"compile_check's stand-in driver has no {name!r}")
+
+    driver.set_active(Hopper())
+    torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H100 (compile check)"
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.device_count = lambda: 1
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        if kernel is not None:
+            compiled.setdefault(self.__name__, (kernel.metadata.shared, kernel.metadata.num_warps))
+        return kernel
+    JITFunction.run = compile_only
+    prune = autotuner.Autotuner.prune_configs
+    autotuner.Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]  # one config: no benchmarking
+
+
+def _step(install_kwargs: dict, gla_settings: dict, seq_len: int = 128) -> str:
+    import torch
+
+    from models import build, fused
+    from models.kernels import gla
+    saved = {k: getattr(gla, k) for k in gla_settings}
+    try:
+        for k, v in gla_settings.items():
+            setattr(gla, k, v)
+        config = build.load_config({"model_type": "gla", "hidden_size": 1024, "num_hidden_layers": 2, "num_heads": 4,
+                                    "vocab_size": 512, "expand_k": 0.5, "expand_v": 1, "attn_mode": "chunk",
+                                    "fuse_cross_entropy": True, "tie_word_embeddings": True})
+        model = build.build_model(config, "cpu", seed=0).to(torch.bfloat16)
+        what = fused.install(model, **install_kwargs)
+        ids = torch.randint(0, 512, (2, seq_len), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        cu = torch.tensor([0, 40, seq_len * 2], dtype=torch.int32)  # documents: the varlen launches
+        model(input_ids=ids.reshape(1, -1), labels=ids.reshape(1, -1), cu_seqlens=cu).loss.backward()
+        return what
+    finally:
+        for k, v in saved.items():
+            setattr(gla, k, v)
+
+
+def check(variants: list[tuple[str, dict, dict]]) -> tuple[dict, list[str]]:
+    """Compile the kernels of each variant's step. Returns ({kernel: (shared bytes, warps)}, errors)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile_check: run it without TRITON_INTERPRET=1 (the interpreter compiles nothing)")
+    compiled: dict = collections.OrderedDict()
+    _pretend_hopper(compiled)
+    from models import kernels
+    kernels.COMPILE_ONLY = True
+    errors = []
+    for label, install_kwargs, gla_settings in variants:
+        before = len(compiled)
+        try:
+            _step(install_kwargs, gla_settings)
+        except Exception as e:  # a kernel that does not compile raises from its launch
+            errors.append(f"{label}: {type(e).__name__}: {str(e)[:2000]}")
+        print(f"{label}: {len(compiled) - before} more kernels compiled", flush=True)
+    for name, (shared, _) in compiled.items():
+        if shared > SM90_MAX_SHARED:
+            errors.append(f"{name}: {shared} bytes of shared memory, more than sm_90's {SM90_MAX_SHARED}")
+    return compiled, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", choices=("all", "defaults"), default="all")
+    args = ap.parse_args(argv)
+    compiled, errors = check(VARIANTS if args.variants == "all" else VARIANTS[:1])
+    width = max(len(n) for n in compiled) if compiled else 10
+    for name, (shared, warps) in compiled.items():
+        print(f"{name:<{width}}  {shared:>7} B shared  {warps:>2} warps")
+    print(f"{len(compiled)} kernels compiled for sm_90; {len(errors)} errors")
+    for e in errors:
+        print("ERROR " + e)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
