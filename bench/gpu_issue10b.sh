@@ -61,9 +61,9 @@
 #                                      unfused path, models.warm, -mlpgemm vs the defaults at batch 16, the profile
 #   bash bench/gpu_issue10b.sh c25     (2026-12-07) models/kernels/cross_entropy.py's check and launch sweep against
 #                                      FLA's fused cross entropy, bench/gemm_merge_bench.py, models.warm, the trainer
-#                                      with the fastest launch vs FLA's loss (-flace), the merged gate/up GEMM
-#                                      (-mlpmerged), our gated norm (-gnorm) and HF at batch 32 (>100 GB cards; 16
-#                                      on others), the profile
+#                                      with the fastest launch (-ce) vs the defaults (FLA's loss), the merged
+#                                      gate/up GEMM (-mlpmerged), our gated norm (-gnorm) and HF at batch 32 (>100
+#                                      GB cards; 16 on others), the profile
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -657,9 +657,9 @@ for l in sys.stdin:
 c25)
   # (2026-12-07) the LM head and its loss as one function, the logits' gradient written in forward
   # (models/kernels/cross_entropy.py): its check and launch sweep against FLA's fused cross entropy, then with the
-  # fastest right launch (CE_LAUNCH) the trainer against FLA's head and loss (-flace), the MLP's gate and up as one
-  # GEMM (-mlpmerged; bench/gemm_merge_bench.py times the GEMMs alone first), GLA's gated output norm by
-  # models/kernels/gated_norm.py (-gnorm) and HF, batch 32 on >100 GB cards (16 on others), then the step's profile
+  # fastest right launch (CE_LAUNCH) the trainer with it (-ce) against the defaults (FLA's head and loss), the MLP's
+  # gate and up as one GEMM (-mlpmerged; bench/gemm_merge_bench.py times the GEMMs alone first), GLA's gated output
+  # norm by models/kernels/gated_norm.py (-gnorm) and HF, batch 32 on >100 GB cards (16 on others), then the profile
   device
   stamp "cross_entropy check"
   timeout "$(budget 100)" python3 -m models.kernels.cross_entropy > "$OUT/ce.log" 2>&1
@@ -669,8 +669,8 @@ c25)
   timeout "$(budget 40)" python3 bench/gemm_merge_bench.py > "$OUT/gemm_merge.log" 2>&1
   grep -v Warning "$OUT/gemm_merge.log" | tail -3
   warm bf16,autocast fused,fla 170
-  if big_card; then trainer_vs b32 32 8 3 290 "${CASES32:-ours-bf16,ours-bf16-flace,ours-bf16-mlpmerged,ours-bf16-gnorm,hf}"
-  else trainer_vs b16 16 12 3 230 "${CASES16:-ours-bf16,ours-bf16-flace,ours-bf16-mlpmerged,ours-bf16-gnorm,hf}"; fi
+  if big_card; then trainer_vs b32 32 8 3 290 "${CASES32:-ours-bf16,ours-bf16-ce,ours-bf16-mlpmerged,ours-bf16-gnorm,hf}"
+  else trainer_vs b16 16 12 3 230 "${CASES16:-ours-bf16,ours-bf16-ce,ours-bf16-mlpmerged,ours-bf16-gnorm,hf}"; fi
   profile 90
   stamp "done"
   ;;

@@ -87,16 +87,16 @@ KERNELS = ("fused", "fla")
 # of GLA's states for backward: models/kernels/gla.py SAVED_STATES), -intra / -flaintra (the backward's intra-chunk
 # dq, dk kernel: models/kernels/gla_intra.py or FLA's: gla.INTRA), -fwdintra (the forward's intra-chunk A kernel
 # of models/kernels/gla_fwd_intra.py: gla.FWD_INTRA), -mlpgemm (SwiGLU in the MLP's GEMMs: models/kernels/mlp_gemm.py),
-# -mlpmerged (the MLP's gate and up projections as one GEMM: fused.install(mlp="merged")), -flace (FLA's LM head
-# and fused cross entropy instead of models/kernels/cross_entropy.py),
+# -mlpmerged (the MLP's gate and up projections as one GEMM: fused.install(mlp="merged")), -ce / -flace (the LM head
+# and loss by models/kernels/cross_entropy.py, or FLA's head and fused cross entropy),
 # -gnorm (GLA's gated output norm by models/kernels/gated_norm.py), -graphs, -sync
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
 MODIFIERS = ("split", "cat", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
-             "fwdintra", "mlpgemm", "mlpmerged", "flace", "gnorm", "graphs", "sync")
+             "fwdintra", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
-    """`ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-flace][-gnorm][-graphs][-sync]` -> (train.precision,
+    """`ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync]` -> (train.precision,
     model.gpu_kernels): ours-bf16 -> (bf16, fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla),
     ours -> (auto, fused). The last parts (MODIFIERS, in that order) are read by run_ours, case_graphs and case_sync
     and ignored here."""
@@ -109,8 +109,9 @@ def parse_case(case: str) -> tuple[str, str]:
         precision = rest.pop(0)
     mods = set(_modifiers(case))
     if (head != "ours" or rest or {"split", "cat"} <= mods or {"keepz", "nokeepz"} <= mods
-            or len(mods & set(STATE_MODIFIERS)) > 1 or {"intra", "flaintra"} <= mods or {"mlpgemm", "mlpmerged"} <= mods):
-        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-flace][-gnorm][-graphs][-sync], "
+            or len(mods & set(STATE_MODIFIERS)) > 1 or {"intra", "flaintra"} <= mods or {"mlpgemm", "mlpmerged"} <= mods
+            or {"ce", "flace"} <= mods):
+        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync], "
                          f"PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
     return precision, kernels
@@ -152,8 +153,8 @@ def apply_modifiers(case: str) -> None:
         fused.DEFAULT_MLP = "gemm"
     if "mlpmerged" in _modifiers(case):
         fused.DEFAULT_MLP = "merged"
-    if "flace" in _modifiers(case):
-        fused.DEFAULT_LOSS = "fla"
+    if "ce" in _modifiers(case) or "flace" in _modifiers(case):
+        fused.DEFAULT_LOSS = "ours" if "ce" in _modifiers(case) else "fla"
     if "gnorm" in _modifiers(case):
         fused.DEFAULT_GATED_NORM = "ours"
     if "mulclip" in _modifiers(case):
@@ -329,7 +330,7 @@ def main() -> int:
     p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
     p.add_argument("--cases", default="ours,hf",
-                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-flace][-gnorm][-graphs][-sync] "
+                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync] "
                         "(e.g. ours-bf16-fla, ours-bf16-cat)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")

@@ -28,9 +28,11 @@ more to cuBLAS than the epilogue saves (0.985x in the trainer; BENCHMARKS.md). U
 activation checkpointing each fused block is checkpointed as FLA's would be, whichever way the installed transformers
 implements it (`_block_forward`).
 
-The causal LM's head and loss, where labels are given, run as one function of models/kernels/cross_entropy.py
-(`install(loss="ours")`, the default): the logits' gradient is written over them in the forward, one pass over the
-[tokens, vocab] tensor less than FLA's fused cross entropy, and such calls return no logits. `loss="fla"` keeps FLA's.
+With `install(loss="ours")` the causal LM's head and loss, where labels are given, run as one function of
+models/kernels/cross_entropy.py: the logits' gradient is written over them in the forward, one pass over the
+[tokens, vocab] tensor less than FLA's fused cross entropy, and such calls return no logits. The default stays FLA's
+(`loss="fla"`) until it is timed on a GPU; `install(gated_norm="ours")` (models/kernels/gated_norm.py) and
+`install(mlp="merged")` (the MLP's gate and up projections as one GEMM) wait for the same.
 
 Nothing changes in the parameters or the state dict: checkpoints, exports and FSDP sharding see the same
 model. The fused forward runs where it covers the call (training and plain evaluation: no cache, no
@@ -124,7 +126,7 @@ DEFAULT_KEEP_Z = True  # measured faster on an H100 (BENCHMARKS.md), +1 bf16 [to
 MLPS = ("split", "gemm", "merged")
 DEFAULT_MLP = "split"  # "gemm" (models/kernels/mlp_gemm.py): 0.985x in the trainer on an H200 (BENCHMARKS.md)
 LOSSES = ("ours", "fla")
-DEFAULT_LOSS = "ours"
+DEFAULT_LOSS = "fla"  # "ours" (models/kernels/cross_entropy.py): not timed on a GPU yet
 GATED_NORMS = ("fla", "ours")
 DEFAULT_GATED_NORM = "fla"  # "ours" (models/kernels/gated_norm.py): not timed on a GPU yet
 

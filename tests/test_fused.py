@@ -227,14 +227,17 @@ def test_shared_linear_matches_separate_projections():
 
 
 def test_the_head_and_loss_run_as_one_function_and_return_no_logits(monkeypatch):
-    """install(loss="ours"), the default: a call with labels computes the LM head and its loss through
+    """install(loss="ours"): a call with labels computes the LM head and its loss through
     models/kernels/cross_entropy.py (FLA's loss and gradients, no logits returned); without labels, or with
-    loss="fla", FLA's head runs and returns the logits."""
+    loss="fla" (the default), FLA's head runs and returns the logits."""
     from models.kernels import cross_entropy
     calls = []
     real = cross_entropy.linear_cross_entropy
     monkeypatch.setattr(cross_entropy, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
-    stock, other = pair(norm="ours", swiglu="ours")
+    config = build.load_config(CONFIG)
+    stock = build.build_model(config, "cpu", seed=0)
+    other = build.build_model(config, "cpu", seed=0)
+    assert "LM head + loss" in fused.install(other, norm="ours", swiglu="ours", loss="ours")
     x = ids()
     assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
     assert calls == [1]
@@ -243,9 +246,8 @@ def test_the_head_and_loss_run_as_one_function_and_return_no_logits(monkeypatch)
         assert other(input_ids=x, use_cache=False).logits.shape == (*x.shape, CONFIG["vocab_size"])
         assert other(input_ids=x, labels=x, use_cache=False, return_dict=False)[1] is not None  # FLA's tuple
     calls.clear()
-    config = build.load_config(CONFIG)
     fla_loss = build.build_model(config, "cpu", seed=0)
-    assert "LM head + loss" not in fused.install(fla_loss, loss="fla")
+    assert "LM head + loss" not in fused.install(fla_loss)
     assert_same(loss_and_grads(stock, x), loss_and_grads(fla_loss, x))
     assert calls == [] and fla_loss(input_ids=x, labels=x).logits is not None
     with pytest.raises(ValueError, match="loss='torch': use one of"):

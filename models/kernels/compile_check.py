@@ -32,7 +32,8 @@ PROPERTIES = {"max_shared_mem": SM90_MAX_SHARED, "multiprocessor_count": 132, "m
 # (label, fused.install keyword arguments, models/kernels/gla.py module settings)
 VARIANTS = [
     ("defaults", {}, {}),
-    ("merged MLP, our gated norm, FLA's intra kernels, fp32 states", {"mlp": "merged", "gated_norm": "ours"},
+    ("our loss, merged MLP, our gated norm, FLA's intra kernels, fp32 states",
+     {"loss": "ours", "mlp": "merged", "gated_norm": "ours"},
      {"SAVED_STATES": "fp32", "INTRA": "fla", "FWD_INTRA": "fla"}),
     ("our forward intra kernel, FLA's recompute", {"gate": "split"}, {"SAVED_STATES": "none", "FWD_INTRA": "ours"}),
     ("SwiGLU in the MLP GEMMs", {"mlp": "gemm"}, {}),
