@@ -1,4 +1,5 @@
-"""Compile every Triton kernel a GLA training step launches for a Hopper GPU (sm_90), on a machine without one.
+"""Compile every Triton kernel a GLA training step launches for a Hopper GPU (sm_90; or an A100, sm_80), on a machine
+without one.
 
 Why: the tests run our kernels under the Triton interpreter, which does not type-check them the way the compiler
 does, and GPU time is scarce: a kernel that does not compile for the card, or needs more shared memory than it has,
@@ -8,12 +9,13 @@ sizes (hidden 1024, 4 heads: key 128, value 256 per head) in bf16, two layers, a
 models/fused.py with each kernel switch in turn, forward and backward; FLA's kernels in the step compile as well
 (their autotuned ones with the first config only).
 
-    python -m models.kernels.compile_check [--variants all|defaults]
+    python -m models.kernels.compile_check [--variants all|defaults] [--arch 90|80]
 
 Prints each kernel once with its shared memory, and exits 1 if any kernel failed to compile or needs more shared
-memory than sm_90 gives a block (227 KiB). What it cannot see: values (the outputs are uninitialized memory), launch-
-time limits other than shared memory (registers are assigned by ptxas and fit by construction), and differences
-between this machine's triton and the GPU image's (this one is checked with triton 3.9; the GPU image has 3.6).
+memory than the card gives a block (227 KiB on sm_90, 163 KiB on sm_80). What it cannot see: FLA's fused cross
+entropy (it refuses CPU tensors, so every variant runs our loss), values (the outputs are uninitialized memory),
+launch-time limits other than shared memory (registers are assigned by ptxas and fit by construction), and the
+differences between this machine's triton and the GPU image's (3.9 here; the GPU image has 3.6).
 
 Run it in a process of its own, without TRITON_INTERPRET: it replaces Triton's active driver and parts of torch.cuda
 (names, capability, device count) before FLA is imported.
@@ -26,30 +28,33 @@ import os
 import sys
 import types
 
-SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90
-PROPERTIES = {"max_shared_mem": SM90_MAX_SHARED, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
-              "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+# per architecture: (card, bytes of shared memory one block may use, SMs)
+ARCHS = {90: ("NVIDIA H100", 232448, 132), 80: ("NVIDIA A100", 166912, 108)}
 # (label, fused.install keyword arguments, models/kernels/gla.py module settings)
 VARIANTS = [
     ("defaults", {}, {}),
-    ("our loss, merged MLP, our gated norm, FLA's intra kernels, fp32 states",
-     {"loss": "ours", "mlp": "merged", "gated_norm": "ours"},
+    ("merged MLP, our gated norm, FLA's intra kernels, fp32 states", {"mlp": "merged", "gated_norm": "ours"},
      {"SAVED_STATES": "fp32", "INTRA": "fla", "FWD_INTRA": "fla"}),
     ("our forward intra kernel, FLA's recompute", {"gate": "split"}, {"SAVED_STATES": "none", "FWD_INTRA": "ours"}),
     ("SwiGLU in the MLP GEMMs", {"mlp": "gemm"}, {}),
 ]
 
 
-def _pretend_hopper(compiled: dict) -> None:
-    """Triton's driver -> a stand-in for an H100 whose launches only compile; torch.cuda answers as one H100 would."""
+def _pretend_gpu(compiled: dict, arch: int) -> None:
+    """Triton's driver -> a stand-in for a card of `arch` (ARCHS) whose launches only compile; torch.cuda answers as
+    that card would."""
     import torch
     import triton.runtime.autotuner as autotuner
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    class Hopper:
-        utils = types.SimpleNamespace(get_device_properties=lambda index=0: dict(PROPERTIES))
+    card, shared, sms = ARCHS[arch]
+    properties = {"max_shared_mem": shared, "multiprocessor_count": sms, "max_num_regs": 65536, "warpSize": 32,
+                  "sm_clock_rate": 1410000, "mem_clock_rate": 1593000, "mem_bus_width": 5120}
+
+    class StandIn:
+        utils = types.SimpleNamespace(get_device_properties=lambda index=0: dict(properties))
 
         def get_current_device(self):
             return 0
@@ -58,7 +63,7 @@ def _pretend_hopper(compiled: dict) -> None:
             return 0
 
         def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+            return GPUTarget("cuda", arch, 32)
 
         def get_active_torch_device(self):
             return torch.device("cpu")
@@ -66,9 +71,9 @@ def _pretend_hopper(compiled: dict) -> None:
         def __getattr__(self, name):
             raise AttributeError(f"compile_check's stand-in driver has no {name!r}")
 
-    driver.set_active(Hopper())
-    torch.cuda.get_device_name = lambda *a, **k: "NVIDIA H100 (compile check)"
-    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    driver.set_active(StandIn())
+    torch.cuda.get_device_name = lambda *a, **k: f"{card} (compile check)"
+    torch.cuda.get_device_capability = lambda *a, **k: divmod(arch, 10)
     torch.cuda.current_device = lambda: 0
     torch.cuda.device_count = lambda: 1
     run = JITFunction.run
@@ -96,7 +101,8 @@ def _step(install_kwargs: dict, gla_settings: dict, seq_len: int = 128) -> str:
                                     "vocab_size": 512, "expand_k": 0.5, "expand_v": 1, "attn_mode": "chunk",
                                     "fuse_cross_entropy": True, "tie_word_embeddings": True})
         model = build.build_model(config, "cpu", seed=0).to(torch.bfloat16)
-        what = fused.install(model, **install_kwargs)
+        # our loss in every variant: FLA's fused cross entropy refuses CPU tensors before it launches anything
+        what = fused.install(model, **{"loss": "ours", **install_kwargs})
         ids = torch.randint(0, 512, (2, seq_len), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()
         cu = torch.tensor([0, 40, seq_len * 2], dtype=torch.int32)  # documents: the varlen launches
@@ -107,12 +113,12 @@ def _step(install_kwargs: dict, gla_settings: dict, seq_len: int = 128) -> str:
             setattr(gla, k, v)
 
 
-def check(variants: list[tuple[str, dict, dict]]) -> tuple[dict, list[str]]:
-    """Compile the kernels of each variant's step. Returns ({kernel: (shared bytes, warps)}, errors)."""
+def check(variants: list[tuple[str, dict, dict]], arch: int = 90) -> tuple[dict, list[str]]:
+    """Compile the kernels of each variant's step for sm_`arch`. Returns ({kernel: (shared bytes, warps)}, errors)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_check: run it without TRITON_INTERPRET=1 (the interpreter compiles nothing)")
     compiled: dict = collections.OrderedDict()
-    _pretend_hopper(compiled)
+    _pretend_gpu(compiled, arch)
     from models import kernels
     kernels.COMPILE_ONLY = True
     errors = []
@@ -123,21 +129,26 @@ def check(variants: list[tuple[str, dict, dict]]) -> tuple[dict, list[str]]:
         except Exception as e:  # a kernel that does not compile raises from its launch
             errors.append(f"{label}: {type(e).__name__}: {str(e)[:2000]}")
         print(f"{label}: {len(compiled) - before} more kernels compiled", flush=True)
+    limit = ARCHS[arch][1]
     for name, (shared, _) in compiled.items():
-        if shared > SM90_MAX_SHARED:
-            errors.append(f"{name}: {shared} bytes of shared memory, more than sm_90's {SM90_MAX_SHARED}")
+        if shared > limit:
+            errors.append(f"{name}: {shared} bytes of shared memory, more than sm_{arch}'s {limit}")
     return compiled, errors
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", choices=("all", "defaults"), default="all")
+    ap.add_argument("--arch", type=int, choices=sorted(ARCHS), default=90, help="90: H100/H200 (default), 80: A100")
     args = ap.parse_args(argv)
-    compiled, errors = check(VARIANTS if args.variants == "all" else VARIANTS[:1])
+    variants = VARIANTS if args.variants == "all" else VARIANTS[:1]
+    if args.arch < 90:  # on CPU tensors mlp_gemm picks its TMA launch, sm_90 only (an A100 takes pointer loads)
+        variants = [v for v in variants if v[1].get("mlp") != "gemm"]
+    compiled, errors = check(variants, args.arch)
     width = max(len(n) for n in compiled) if compiled else 10
     for name, (shared, warps) in compiled.items():
         print(f"{name:<{width}}  {shared:>7} B shared  {warps:>2} warps")
-    print(f"{len(compiled)} kernels compiled for sm_90; {len(errors)} errors")
+    print(f"{len(compiled)} kernels compiled for sm_{args.arch}; {len(errors)} errors")
     for e in errors:
         print("ERROR " + e)
     return 1 if errors else 0
