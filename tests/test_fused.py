@@ -6,6 +6,7 @@ import tempfile
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton/fla are imported (see models/cpu_triton.py)
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"triton-cache-{os.getuid()}"))
 
+import importlib  # noqa: E402
 import logging  # noqa: E402
 
 import pytest  # noqa: E402
@@ -250,40 +251,35 @@ def test_the_head_and_loss_run_as_one_function_and_return_no_logits(monkeypatch)
     assert "LM head + loss" not in fused.install(fla_loss)
     assert_same(loss_and_grads(stock, x), loss_and_grads(fla_loss, x))
     assert calls == [] and fla_loss(input_ids=x, labels=x).logits is not None
-    with pytest.raises(ValueError, match="loss='torch': use one of"):
-        fused.install(build.build_model(config, "cpu", seed=0), loss="torch")
 
 
-def test_merged_gate_up_gives_flas_loss_and_gradients(monkeypatch):
-    """install(mlp="merged"): the MLP's gate and up projections as one GEMM (swiglu.gate_up_swiglu, its SwiGLU kernels
-    interpreted here), the down projection a plain linear layer."""
-    from models.kernels import swiglu
+@pytest.mark.parametrize("module, name, install, described", [
+    ("swiglu", "gate_up_swiglu", {"mlp": "merged"}, "after one gate+up GEMM"),
+    ("gated_norm", "rms_norm_gated", {"gated_norm": "ours"}, "our gated output norm"),
+], ids=["merged-mlp", "our-gated-norm"])
+def test_switches_not_yet_default_give_flas_loss_and_gradients(module, name, install, described, monkeypatch):
+    """install(mlp="merged"): the MLP's gate and up projections as one GEMM (swiglu.gate_up_swiglu), the down
+    projection a plain linear layer; install(gated_norm="ours"): GLA's output norm by models/kernels/gated_norm.py.
+    Their kernels are interpreted here and checked to be called once a layer."""
+    kernels = importlib.import_module(f"models.kernels.{module}")
     calls = []
-    real = swiglu.gate_up_swiglu
-    monkeypatch.setattr(swiglu, "gate_up_swiglu", lambda *a: calls.append(1) or real(*a))
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or real(*a))
     config = build.load_config(CONFIG)
     stock = build.build_model(config, "cpu", seed=0)
     other = build.build_model(config, "cpu", seed=0)
-    assert "after one gate+up GEMM" in fused.install(other, norm="ours", swiglu="ours", mlp="merged")
+    assert described in fused.install(other, norm="ours", swiglu="ours", **install)
     x = ids()
     assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
     assert len(calls) == CONFIG["num_hidden_layers"]
-    with pytest.raises(ValueError, match='mlp="merged" runs our SwiGLU kernels'):
-        fused.install(build.build_model(config, "cpu", seed=0), swiglu="fla", mlp="merged")
 
 
-def test_our_gated_norm_gives_flas_loss_and_gradients(monkeypatch):
-    """install(gated_norm="ours"): GLA's output norm by models/kernels/gated_norm.py (interpreted here)."""
-    from models.kernels import gated_norm
-    calls = []
-    real = gated_norm.rms_norm_gated
-    monkeypatch.setattr(gated_norm, "rms_norm_gated", lambda *a: calls.append(1) or real(*a))
+def test_install_names_bad_choices_of_the_new_switches():
     config = build.load_config(CONFIG)
-    stock = build.build_model(config, "cpu", seed=0)
-    other = build.build_model(config, "cpu", seed=0)
-    assert "our gated output norm" in fused.install(other, norm="ours", swiglu="ours", gated_norm="ours")
-    x = ids()
-    assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
-    assert len(calls) == CONFIG["num_hidden_layers"]
-    with pytest.raises(ValueError, match="gated_norm='triton': use one of"):
-        fused.install(build.build_model(config, "cpu", seed=0), gated_norm="triton")
+    for kwargs, message in [({"swiglu": "fla", "mlp": "merged"}, 'mlp="merged" runs our SwiGLU kernels'),
+                            ({"gated_norm": "triton"}, "gated_norm='triton': use one of"),
+                            ({"loss": "torch"}, "loss='torch': use one of")]:
+        model = build.build_model(config, "cpu", seed=0)
+        with pytest.raises(ValueError, match=message):
+            fused.install(model, **kwargs)
+        assert not fused.installed(model)

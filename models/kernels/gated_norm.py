@@ -26,18 +26,12 @@ import triton.language as tl
 
 from models import kernels
 
-from models.kernels.rmsnorm import MAX_D, backward_config, backward_programs, tile_config
+from models.kernels.rmsnorm import MAX_D, _row_tile, _rows, backward_config, backward_programs, tile_config
 
 
 @triton.jit
 def _gated_rmsnorm_fwd_kernel(X, G, W, Y, RSTD, M, D, eps, BT: tl.constexpr, BD: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BT + tl.arange(0, BT)
-    cols = tl.arange(0, BD)
-    row_ok = rows < M
-    col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    rows, cols, row_ok, col_ok, mask, offs = _row_tile(M, D, BT, BD)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
@@ -106,11 +100,6 @@ def _check(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> None:
                          f"{tuple(x.shape)} needs ({x.shape[-1]},) on {x.device}")
     if x.shape[-1] > MAX_D:
         raise ValueError(f"rms_norm_gated: last dimension {x.shape[-1]} exceeds the kernel's maximum {MAX_D}")
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.is_contiguous() else t.contiguous()
 
 
 def _forward(x2, g2, weight, eps):

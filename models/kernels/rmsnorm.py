@@ -40,15 +40,20 @@ _CPU_PROGRAMS = 4  # backward programs under the interpreter: few, so that each 
 
 
 @triton.jit
-def _rms_fwd_kernel(X, R, W, Y, S, RSTD, M, D, eps,
-                    BT: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr, STORE_S: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BT + tl.arange(0, BT)
+def _row_tile(M, D, BT: tl.constexpr, BD: tl.constexpr):
+    """This program's tile of BT rows x BD columns of a row-major [M, D] tensor: (rows, cols, row mask, column mask,
+    element mask, element offsets)."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, BD)
     row_ok = rows < M
     col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    return rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :], rows.to(tl.int64)[:, None] * D + cols[None, :]
+
+
+@triton.jit
+def _rms_fwd_kernel(X, R, W, Y, S, RSTD, M, D, eps,
+                    BT: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr, STORE_S: tl.constexpr):
+    rows, cols, row_ok, col_ok, mask, offs = _row_tile(M, D, BT, BD)
     s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         s += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
