@@ -660,6 +660,7 @@ c25)
   # fastest right launch (CE_LAUNCH) the trainer with it (-ce) against the defaults (FLA's head and loss), the MLP's
   # gate and up as one GEMM (-mlpmerged; bench/gemm_merge_bench.py times the GEMMs alone first), GLA's gated output
   # norm by models/kernels/gated_norm.py (-gnorm) and HF, batch 32 on >100 GB cards (16 on others), then the profile
+  # (CASES16 / CASES32 override the cases, without hf only bf16 is warmed; PROFILE=0 skips the profile)
   device
   stamp "cross_entropy check"
   timeout "$(budget 100)" python3 -m models.kernels.cross_entropy > "$OUT/ce.log" 2>&1
@@ -668,10 +669,12 @@ c25)
   stamp "gemm_merge_bench"
   timeout "$(budget 40)" python3 bench/gemm_merge_bench.py > "$OUT/gemm_merge.log" 2>&1
   grep -v Warning "$OUT/gemm_merge.log" | tail -3
-  warm bf16,autocast fused,fla 170
-  if big_card; then trainer_vs b32 32 8 3 290 "${CASES32:-ours-bf16,ours-bf16-ce,ours-bf16-mlpmerged,ours-bf16-gnorm,hf}"
-  else trainer_vs b16 16 12 3 230 "${CASES16:-ours-bf16,ours-bf16-ce,ours-bf16-mlpmerged,ours-bf16-gnorm,hf}"; fi
-  profile 90
+  local_cases=${CASES16:-ours-bf16,ours-bf16-ce,ours-bf16-mlpmerged,ours-bf16-gnorm,hf}
+  big_card && local_cases=${CASES32:-ours-bf16,ours-bf16-ce,ours-bf16-mlpmerged,ours-bf16-gnorm,hf}
+  case ",$local_cases," in *,hf,*) warm bf16,autocast fused,fla 170 ;; *) warm bf16 fused 130 ;; esac
+  if big_card; then trainer_vs b32 32 8 3 290 "$local_cases"
+  else trainer_vs b16 16 12 3 230 "$local_cases"; fi
+  [ "${PROFILE:-1}" = 1 ] && profile 90
   stamp "done"
   ;;
 x2a)
