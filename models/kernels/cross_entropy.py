@@ -3,9 +3,14 @@
 
 Why: FLA's fused cross entropy reads the [tokens, vocab] logits once in its forward (the loss) and again in its
 backward, where it writes their gradient: three passes over a tensor of 2.1 GB at GLA 340M's batch 16 (32k tokens x
-32000 entries, bf16). Measured on an H200 (BENCHMARKS.md): 0.97 ms forward at 2.2 TB/s, ~1.1 ms backward, 2.06 ms a
-step. Here one kernel reads each row, computes its log-sum-exp and loss, and writes the row's gradient over the
-logits in place, while the row is fresh in L2: one read and one write of the tensor from memory.
+32000 entries, bf16); 2.06 ms of an H200 step in the profile. Here one kernel reads each row, computes its
+log-sum-exp and loss, and writes the row's gradient over the logits in place, reading the row a second time while it
+should still be in L2.
+
+Measured (H100, BENCHMARKS.md, 2026-12-07): the kernel alone 1.96 ms against FLA's loss alone 4.13 ms (2.1x), but the
+whole head (GEMM, loss, backward GEMMs) only 1.025x FLA's and the training step unchanged (0.997x median, 1.004x mean):
+its second read seems to miss L2. So `models/fused.py` keeps FLA's loss by default (`install(loss="ours")` selects
+this one).
 
 The gradient the kernel writes is d(loss)/d(logits) for the loss as returned (mean over the labelled tokens, or their
 sum). The gradient flowing into the loss (1 for a plain `loss.backward()`, 1/k for a loss divided over k
@@ -62,7 +67,8 @@ def launch_from_text(text: str) -> Launch:
     return Launch(block, warps, per_sm)
 
 
-LAUNCH = launch_from_text(os.environ.get("CE_LAUNCH") or "4096,8,4")
+# the fastest of _gpu_check's sweep on an H100 (2026-12-07: 1.961 ms for [32768, 32000] bf16, 2.1x FLA's loss alone)
+LAUNCH = launch_from_text(os.environ.get("CE_LAUNCH") or "8192,16,2")
 
 
 @triton.jit
