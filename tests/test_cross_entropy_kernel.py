@@ -38,9 +38,10 @@ def loss_and_grads(fn, hidden, weight, labels, upstream=1.0, **kw):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("block", [64, 512])  # 5 blocks a row, or one masked block
-def test_matches_torch_in_fp32(reduction, block, monkeypatch):
-    monkeypatch.setattr(ce, "LAUNCH", ce.Launch(block, 4, 1))
+@pytest.mark.parametrize("block, prefetch", [(64, False), (512, False), (64, True), (512, True)])
+def test_matches_torch_in_fp32(reduction, block, prefetch, monkeypatch):
+    """64: 5 blocks a row, the last one masked; 512: one masked block; prefetch: each block loaded a step ahead."""
+    monkeypatch.setattr(ce, "LAUNCH", ce.Launch(block, 4, 1, prefetch))
     hidden, weight, labels = make(torch.float32)
     ours = loss_and_grads(ce.linear_cross_entropy, hidden, weight, labels, upstream=0.25, reduction=reduction)
     ref = loss_and_grads(ce.linear_cross_entropy_reference, hidden, weight, labels, upstream=0.25,
@@ -89,8 +90,11 @@ def test_bad_inputs_are_named():
         ce.linear_cross_entropy(hidden, weight, labels[:, :5])
     with pytest.raises(ValueError, match="do not match"):
         ce.linear_cross_entropy(hidden, weight[:, :8], labels)
-    with pytest.raises(ValueError, match="CE_LAUNCH='4096,8': give BLOCK,num_warps,programs_per_SM"):
-        ce.launch_from_text("4096,8")
-    with pytest.raises(ValueError, match="BLOCK a power of 2"):
-        ce.launch_from_text("3000,8,4")
-    assert ce.launch_from_text("2048,4,8") == ce.Launch(2048, 4, 8)
+    for text in ("4096,8", "4096,8,4,1,1", "4096,8,x"):
+        with pytest.raises(ValueError, match=f"CE_LAUNCH='{text}': give BLOCK,num_warps,programs_per_SM"):
+            ce.launch_from_text(text)
+    for text in ("3000,8,4", "4096,8,4,2"):
+        with pytest.raises(ValueError, match="BLOCK a power of 2"):
+            ce.launch_from_text(text)
+    assert ce.launch_from_text("2048,4,8") == ce.Launch(2048, 4, 8, False)
+    assert ce.launch_from_text("2048,4,8,1") == ce.Launch(2048, 4, 8, True)

@@ -48,23 +48,30 @@ _CPU_PROGRAMS = 4
 
 class Launch(NamedTuple):
     """BLOCK vocabulary entries per loop step, num_warps per program, programs per SM (each program walks rows
-    pid, pid + programs, ...: few rows in flight keeps a row in L2 between its two reads)."""
+    pid, pid + programs, ...: few rows in flight keeps a row in L2 between its two reads), and whether each loop step
+    loads the next block before its reductions (prefetch: two blocks in flight per program)."""
     block: int
     num_warps: int
     per_sm: int
+    prefetch: bool = False
 
 
 def launch_from_text(text: str) -> Launch:
-    """"4096,8,2" -> Launch(4096, 8, 2): CE_LAUNCH in the environment picks another launch without editing this file
-    (bench sweeps, `python -m models.kernels.cross_entropy`)."""
+    """"4096,8,2" or "4096,8,2,1" -> Launch(4096, 8, 2[, True]): CE_LAUNCH in the environment picks another launch
+    without editing this file (bench sweeps, `python -m models.kernels.cross_entropy`)."""
     try:
-        block, warps, per_sm = (int(v) for v in text.split(","))
+        values = [int(v) for v in text.split(",")]
+        if len(values) not in (3, 4):
+            raise ValueError
     except ValueError:
-        raise ValueError(f"CE_LAUNCH={text!r}: give BLOCK,num_warps,programs_per_SM, e.g. 4096,8,4") from None
-    if block & (block - 1) or block < 16 or warps not in (1, 2, 4, 8, 16, 32) or per_sm < 1:
+        raise ValueError(f"CE_LAUNCH={text!r}: give BLOCK,num_warps,programs_per_SM[,prefetch 0|1], e.g. "
+                         "4096,8,4") from None
+    block, warps, per_sm, *prefetch = values
+    if (block & (block - 1) or block < 16 or warps not in (1, 2, 4, 8, 16, 32) or per_sm < 1
+            or prefetch not in ([], [0], [1])):
         raise ValueError(f"CE_LAUNCH={text!r}: BLOCK a power of 2 >= 16, num_warps a power of 2 <= 32, "
-                         "programs per SM >= 1")
-    return Launch(block, warps, per_sm)
+                         "programs per SM >= 1, prefetch 0 or 1")
+    return Launch(block, warps, per_sm, bool(prefetch and prefetch[0]))
 
 
 # the fastest of _gpu_check's sweep on an H100 (2026-12-07: 1.961 ms for [32768, 32000] bf16, 2.1x FLA's loss alone)
@@ -73,7 +80,7 @@ LAUNCH = launch_from_text(os.environ.get("CE_LAUNCH") or "8192,16,2")
 
 @triton.jit
 def _cross_entropy_kernel(Z, LABELS, LOSS, NVALID, V, stride, n_rows, rows_per_program, ignore_index,
-               BLOCK: tl.constexpr, MEAN: tl.constexpr):
+                          BLOCK: tl.constexpr, MEAN: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if MEAN:  # 1 / labelled rows, counted on the device (no host sync)
@@ -89,9 +96,15 @@ def _cross_entropy_kernel(Z, LABELS, LOSS, NVALID, V, stride, n_rows, rows_per_p
             # pass 1: running max and sum of exp over the row, one block-wide max per step
             m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
             total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+            if PREFETCH:
+                z_next = tl.load(z_row + offs, mask=offs < V, other=float("-inf"))
             for start in range(0, V, BLOCK):
                 cols = start + offs
-                z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                if PREFETCH:  # this block was loaded a step ago; the next one is on its way during the math
+                    z = z_next.to(tl.float32)
+                    z_next = tl.load(z_row + cols + BLOCK, mask=cols + BLOCK < V, other=float("-inf"))
+                else:
+                    z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(z, axis=0))
                 total = total * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
                 m = m_new
@@ -101,9 +114,15 @@ def _cross_entropy_kernel(Z, LABELS, LOSS, NVALID, V, stride, n_rows, rows_per_p
             tl.store(LOSS + row, tl.where(labelled, lse - z_label, 0.0))
             g_scale = tl.where(labelled, scale, 0.0)
             # pass 2: the row again (from L2 where it stayed), its gradient written over it
+            if PREFETCH:
+                z_next = tl.load(z_row + offs, mask=offs < V, other=0.0)
             for start in range(0, V, BLOCK):
                 cols = start + offs
-                z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+                if PREFETCH:
+                    z = z_next.to(tl.float32)
+                    z_next = tl.load(z_row + cols + BLOCK, mask=cols + BLOCK < V, other=0.0)
+                else:
+                    z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
                 p = tl.exp(z - lse)
                 g = tl.where(cols == label, p - 1.0, p) * g_scale
                 tl.store(z_row + cols, g.to(Z.dtype.element_ty), mask=cols < V)
@@ -126,7 +145,7 @@ def loss_and_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     """The loss (fp32 scalar) of contiguous [N, V] logits against [N] labels; the logits are overwritten with the
     loss's gradient. See the module doc."""
     n, v = logits.shape
-    block, num_warps, per_sm = launch or LAUNCH
+    block, num_warps, per_sm, prefetch = launch or LAUNCH
     block = min(block, triton.next_power_of_2(v))
     labelled = labels != ignore_index
     nvalid = labelled.sum()
@@ -135,7 +154,7 @@ def loss_and_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         programs = _programs(n, logits.device, per_sm)
         _cross_entropy_kernel[(programs,)](logits, labels, row_loss, nvalid, v, logits.stride(0), n,
                                            triton.cdiv(n, programs), ignore_index, BLOCK=block,
-                                           MEAN=reduction == "mean", num_warps=num_warps)
+                                           MEAN=reduction == "mean", PREFETCH=bool(prefetch), num_warps=num_warps)
     total = row_loss.sum()
     return total / nvalid if reduction == "mean" else total
 
@@ -245,12 +264,14 @@ def _gpu_check(n: int = 32768, d: int = 1024, v: int = 32000, iters: int = 20, s
 
     launches = [LAUNCH]
     if sweep:
-        launches += [Launch(b, w, p) for b, w, p in [(4096, 8, 2), (4096, 8, 8), (2048, 4, 4), (2048, 4, 8),
-                                                     (8192, 16, 2), (8192, 8, 2), (4096, 4, 4), (1024, 4, 8),
-                                                     (2048, 8, 4), (4096, 16, 1)] if Launch(b, w, p) != LAUNCH]
+        # 2026-12-07 (H100): 8192,16,2 fastest at 1.961 ms, 4096,8,4 2.095 ms, ..., 4096,16,1 3.338 ms; prefetch untimed
+        launches += [Launch(*c) for c in [(4096, 8, 4), (8192, 8, 2), (4096, 8, 8), (2048, 4, 8),
+                                          (8192, 16, 2, True), (8192, 16, 4, True), (4096, 8, 4, True),
+                                          (4096, 8, 8, True), (2048, 4, 8, True), (8192, 8, 2, True),
+                                          (16384, 16, 2), (16384, 16, 2, True)] if Launch(*c) != LAUNCH]
     work = logits.clone()
     for launch in launches:
-        row = {"launch": ",".join(map(str, launch))}
+        row = {"launch": ",".join(str(int(v)) for v in launch)}
         try:
             buf = logits.clone()
             loss = loss_and_grad_(buf, labels, launch=launch)
