@@ -483,7 +483,7 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     return (f"fused GLA blocks ({len(base.layers)} layers): "
             f"{'stacked (one GEMM)' if projections == 'cat' else 'shared-input'} projections, residual add fused into "
             f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
-            f"{('our SwiGLU kernels' + {'gemm': ' in the MLP GEMMs', 'merged': ' after one gate+up GEMM'}.get(mlp, '') + (' (product kept for backward)' if keep_z else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
+            f"{('our SwiGLU kernels' + {'gemm': ' in the MLP GEMMs', 'merged': ' after one gate+up GEMM'}.get(mlp, '') + (' (product kept for backward)' if keep_z or mlp == 'merged' else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
             f"{'torch ops for the gate' if swiglu != 'ours' else 'our one-kernel gate' if gate == 'fused' else 'a GEMM and our logsigmoid for the gate'}, "
             f"{'our' if chunk_kind == 'ours' else 'FLA'} chunk_gla wrapper, "
             f"{'our' if gated_norm_kind == 'ours' else 'FLA'} gated output norm"
