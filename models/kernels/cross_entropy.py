@@ -40,10 +40,10 @@ import triton
 import triton.language as tl
 
 from models import kernels
+from models.kernels.rmsnorm import backward_programs
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
-_CPU_PROGRAMS = 4
 
 
 class Launch(NamedTuple):
@@ -133,14 +133,6 @@ def _use_kernel(x: torch.Tensor) -> bool:
     return kernels.runs_triton(x)
 
 
-def _programs(n_rows: int, device: torch.device, per_sm: int) -> int:
-    if device.type == "cuda":
-        programs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
-    else:
-        programs = _CPU_PROGRAMS
-    return max(1, min(programs, n_rows))
-
-
 def loss_and_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                    reduction: str = "mean", launch: Launch | None = None) -> torch.Tensor:
     """The loss (fp32 scalar) of contiguous [N, V] logits against [N] labels; the logits are overwritten with the
@@ -152,7 +144,7 @@ def loss_and_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     nvalid = labelled.sum()
     row_loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
-        programs = _programs(n, logits.device, per_sm)
+        programs = backward_programs(n, logits.device, num_warps, per_sm)  # per_sm per SM, at most one a row
         _cross_entropy_kernel[(programs,)](logits, labels, row_loss, nvalid, v, logits.stride(0), n,
                                            triton.cdiv(n, programs), ignore_index, BLOCK=block,
                                            MEAN=reduction == "mean", PREFETCH=bool(prefetch), num_warps=num_warps)
