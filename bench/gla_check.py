@@ -13,6 +13,9 @@ gate    ours (one kernel each way) vs the split path it replaces (F.linear with 
         both against float64 math on the same bf16 inputs: max |error| / max |exact| of gk, da, dW, db.
 model   one forward + backward of the model (--model, fused blocks, bf16 weights) with the new defaults against
         gate="split", chunk="fla" on the same tokens: loss and the largest relative gradient difference.
+slab    (only with --only slab) the model's gradients with projections="slab" (one gradient for the five attention
+        projections, models/fused.py) against one GEMM each, with FLA's and our gated norm: the same loss bits,
+        and the largest relative gradient difference (the dx and dW sums in another order).
 Timing: CUDA events around each side's forward + backward (bench/cuda_timing.py), median of --iters.
 Exit status 1 if a bitwise check fails or ours is further from float64 than 2x the split path (+ one bf16 ulp of
 the largest value); 2 without CUDA.
@@ -39,7 +42,7 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
     p.add_argument("--no-model", action="store_true")
-    p.add_argument("--only", default="chunk,gate,model", help="comma-separated parts to run: chunk, gate, model")
+    p.add_argument("--only", default="chunk,gate,model", help="comma-separated parts to run: chunk, gate, model, slab")
     p.add_argument("--sweep", action="store_true",
                    help="also time the gate kernels at other launch configurations than models/kernels/gate.py's")
     args = p.parse_args()
@@ -196,29 +199,47 @@ def main() -> int:
                 t = median_ms(lambda: gate.low_rank_gate_backward(a2, w2, b2, dy, 1 / 16, config=cfg), 3, args.iters, 16)
                 print(f"  backward {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_bwd / t / 1e6:6.0f} GB/s", flush=True)
 
-    # ---- model -------------------------------------------------------------------------------------------------
-    if "model" in parts:
+    # ---- model / slab ------------------------------------------------------------------------------------------
+    def model_grads(choices):
+        """(loss, fp32 gradients) of one forward + backward per fused.install choice, same weights and tokens."""
         from models import build, fused
         config = build.load_config(args.model)
         build.adapt_to_device(config, dev)
-        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=g, device=dev)
-        say("model: new defaults, then gate split + FLA chunk")
-        results = []
-        for choice in ({}, {"gate": "split", "chunk": "fla"}):
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator(
+            device=dev).manual_seed(1), device=dev)
+        out = []
+        for choice in choices:
             model = build.build_model(config, dev, seed=0).to(torch.bfloat16)
             fused.install(model, **choice)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters()
-                                          if p.grad is not None}))
+            out.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
             del model
             torch.cuda.empty_cache()
-        (loss_new, g_new), (loss_old, g_old) = results
-        worst = max((((g_new[n] - g_old[n]).abs().max() / g_old[n].abs().max().clamp_min(1e-30)).item(), n)
-                    for n in g_old)
+        return out
+
+    def worst_difference(a, b):
+        return max((((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)).item(), n) for n in b)
+
+    if "model" in parts:
+        say("model: new defaults, then gate split + FLA chunk")
+        (loss_new, g_new), (loss_old, g_old) = model_grads([{}, {"gate": "split", "chunk": "fla"}])
+        worst = worst_difference(g_new, g_old)
         print(f"model {os.path.basename(args.model)} (bf16, fused blocks), batch {args.batch} x {args.seq_len}: loss "
               f"{loss_new:.6f} (gate fused, our chunk) vs {loss_old:.6f} (gate split, FLA chunk); largest relative "
               f"gradient difference {worst[0]:.2e} ({worst[1]})")
+    if "slab" in parts:
+        # projections="slab" changes only the backward's GEMMs (one over the stacked gradient instead of five, so
+        # another summation order) and where dq, dk, dv, dg are written: the loss must be the same bits
+        say("slab: the projections' gradient as one slab against one GEMM each, with FLA's and our gated norm")
+        for norm in ("fla", "ours"):
+            (loss_split, g_split), (loss_slab, g_slab) = model_grads(
+                [{"gated_norm": norm}, {"gated_norm": norm, "projections": "slab"}])
+            worst = worst_difference(g_slab, g_split)
+            print(f"slab ({norm} gated norm): loss {loss_slab:.6f} vs {loss_split:.6f} split; largest relative "
+                  f"gradient difference {worst[0]:.2e} ({worst[1]})", flush=True)
+            if loss_slab != loss_split:
+                bad.append(f"slab loss ({norm} gated norm)")
     say("gla_check: " + ("CHECK " + ", ".join(bad) if bad else "all checks passed"))
     return 1 if bad else 0
 

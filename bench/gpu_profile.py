@@ -2,7 +2,7 @@
 
     PYTHONUNBUFFERED=1 python bench/gpu_profile.py [--model configs/gla_340M.json] [--seq-len 2048]
         [--batch 16] [--precision bf16] [--kernels fused|fla] [--steps 3] [--warmup 3] [--top 25]
-        [--trace bench/out/profile.json] [--lag] [--graphs] [--projections split|cat] [--gate fused|split]
+        [--trace bench/out/profile.json] [--lag] [--graphs] [--projections split|cat|slab] [--gated-norm fla|ours] [--gate fused|split]
         [--chunk ours|fla] [--keep-z yes|no] [--saved-states fp32|bf16|none] [--mulclip] [--mlp split|gemm]
     python bench/gpu_profile.py --from-trace bench/out/profile.json[.gz] --steps 3   # the tables again, no GPU
 
@@ -241,9 +241,13 @@ def main() -> int:
     p.add_argument("--mulclip", action="store_true",
                    help="clip with clip_grad_norm_ before the fused AdamW step (the loop until 2026-12-06) instead of "
                         "the step's grad_scale divisor")
-    p.add_argument("--projections", default=None, choices=["split", "cat"],
-                   help="with --kernels fused: the attention's input projections as one GEMM each (split) or one "
-                        "GEMM over the stacked weights (cat) (default: models.fused's)")
+    p.add_argument("--projections", default=None, choices=["split", "cat", "slab"],
+                   help="with --kernels fused: the attention's input projections as one GEMM each (split), one "
+                        "GEMM over the stacked weights (cat), or one GEMM each forward and one over their stacked "
+                        "gradient backward (slab) (default: models.fused's)")
+    p.add_argument("--gated-norm", default=None, choices=["fla", "ours"],
+                   help="with --kernels fused: GLA's gated output norm by FLA's module or models/kernels/gated_norm.py "
+                        "(default: models.fused's)")
     p.add_argument("--mlp", default=None, choices=["split", "gemm"],
                    help="with --kernels fused: the MLP's gate/up GEMMs then SwiGLU kernels (split), or SwiGLU in the GEMMs' "
                         "epilogues (gemm, models/kernels/mlp_gemm.py; its kernels count as GEMM) (default: models.fused's)")
@@ -302,7 +306,8 @@ def main() -> int:
         from models.kernels import gla
         gla.SAVED_STATES = args.saved_states
     options = (("swiglu", args.swiglu), ("projections", args.projections), ("gate", args.gate), ("chunk", args.chunk),
-               ("keep_z", {"yes": True, "no": False}.get(args.keep_z)), ("mlp", args.mlp))
+               ("keep_z", {"yes": True, "no": False}.get(args.keep_z)), ("mlp", args.mlp),
+               ("gated_norm", args.gated_norm))
     if any(v is not None for _, v in options) and args.kernels == "fused":
         from models import fused
         choice = {k: v for k, v in options if v is not None}

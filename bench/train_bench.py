@@ -80,7 +80,7 @@ PRECISIONS = ("auto", "bf16", "autocast", "fp32")
 KERNELS = ("fused", "fla")
 
 
-# last parts of a case, in this order: -split or -cat (models.fused's attention projections), -gatesplit (the gate's
+# last parts of a case, in this order: -split, -cat or -slab (models.fused's attention projections), -gatesplit (the gate's
 # GEMM + logsigmoid instead of models/kernels/gate.py), -flachunk (FLA's chunk_gla instead of models/kernels/gla.py),
 # -mulclip (clip_grad_norm_ before the fused step instead of the step's divisor), -keepz / -nokeepz (the SwiGLU
 # product kept from forward for backward, or written again there), -hfp32 / -hbf16 / -hnone (what our chunk_gla keeps
@@ -90,13 +90,14 @@ KERNELS = ("fused", "fla")
 # -mlpmerged (the MLP's gate and up projections as one GEMM: fused.install(mlp="merged")), -ce / -flace (the LM head
 # and loss by models/kernels/cross_entropy.py, or FLA's head and fused cross entropy),
 # -gnorm (GLA's gated output norm by models/kernels/gated_norm.py), -graphs, -sync
+CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync]"
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
-MODIFIERS = ("split", "cat", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
+MODIFIERS = ("split", "cat", "slab", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
              "fwdintra", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
-    """`ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync]` -> (train.precision,
+    """`CASE_FORM` -> (train.precision,
     model.gpu_kernels): ours-bf16 -> (bf16, fused), ours-autocast-fla -> (autocast, fla), ours-fla -> (auto, fla),
     ours -> (auto, fused). The last parts (MODIFIERS, in that order) are read by run_ours, case_graphs and case_sync
     and ignored here."""
@@ -108,10 +109,10 @@ def parse_case(case: str) -> tuple[str, str]:
     if rest and rest[0] in PRECISIONS:
         precision = rest.pop(0)
     mods = set(_modifiers(case))
-    if (head != "ours" or rest or {"split", "cat"} <= mods or {"keepz", "nokeepz"} <= mods
+    if (head != "ours" or rest or len(mods & {"split", "cat", "slab"}) > 1 or {"keepz", "nokeepz"} <= mods
             or len(mods & set(STATE_MODIFIERS)) > 1 or {"intra", "flaintra"} <= mods or {"mlpgemm", "mlpmerged"} <= mods
             or {"ce", "flace"} <= mods):
-        raise ValueError(f"case {case!r}: use hf or ours[-PRECISION][-KERNELS][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync], "
+        raise ValueError(f"case {case!r}: use hf or {CASE_FORM}, "
                          f"PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
     return precision, kernels
@@ -330,8 +331,7 @@ def main() -> int:
     p.add_argument("--shards", default=None, help="shards dir (default: synthetic ones under --dir)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "train"))
     p.add_argument("--cases", default="ours,hf",
-                   help="comma-separated: hf, or ours[-bf16|-autocast|-fp32][-fused|-fla][-split|-cat][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync] "
-                        "(e.g. ours-bf16-fla, ours-bf16-cat)")
+                   help=f"comma-separated: hf, or {CASE_FORM} (e.g. ours-bf16-fla, ours-bf16-slab)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process

@@ -19,7 +19,10 @@ bytes the math does not need:
     at hidden size 1024 and runs at a fraction of the memory bandwidth.
 
 `install(projections="cat")` runs the attention's five projections as one GEMM over the stacked weights instead
-(`concat_linear`; fewer, wider GEMMs, paid for with copies; see its docstring for where it stands). Further switches,
+(`concat_linear`; fewer, wider GEMMs, paid for with copies; see its docstring for where it stands);
+`install(projections="slab")` keeps the forward's five GEMMs (contiguous q, k, v for FLA's chunk kernels) and makes
+the backward's two products one GEMM each over one gradient (`slab_linear`, `GradSlab`): the chunk kernels write dq
+and dk and the gated norm (ours) dg straight into its column blocks, the rest are copied in. Further switches,
 each with the measured default (BENCHMARKS.md, "Passes the math does not need"): `gate` (GLA's low-rank gate as one
 kernel each way, models/kernels/gate.py), `chunk` (GLA's chunked attention without FLA's output fill and dq/dk/dg
 casts, models/kernels/gla.py) and `keep_z` (the SwiGLU product kept for backward); `mlp="gemm"` (SwiGLU in the
@@ -118,7 +121,89 @@ def concat_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.T
     return y.split([w.shape[0] for w in weights], -1)
 
 
-PROJECTIONS = {"split": shared_linear, "cat": concat_linear}
+class GradSlab:
+    """The gradient of several projections of one input as ONE [M, N1 + N2 + ...] tensor, for `slab_linear`: the
+    kernels that compute those gradients in backward write them into its column blocks (`block`), and the
+    projections' backward reads it as one matrix. Allocated when its first block is asked for, released by `take`."""
+
+    def __init__(self, widths: list[int], m: int, dtype: torch.dtype, device: torch.device):
+        self.widths, self.m, self.dtype, self.device = list(widths), m, dtype, device
+        self.offsets = [sum(self.widths[:i]) for i in range(len(self.widths))]
+        self._buf = None
+        self.copied = None  # the blocks SlabLinear's backward had to copy in (no kernel wrote them there), once it ran
+
+    def _buffer(self) -> torch.Tensor:
+        if self._buf is None:
+            self._buf = torch.empty(self.m, sum(self.widths), dtype=self.dtype, device=self.device)
+        return self._buf
+
+    def block(self, i: int, shape=None) -> torch.Tensor:
+        """Column block i ([M, N_i], rows strided by sum N), viewed as `shape` where given."""
+        b = self._buffer()[:, self.offsets[i]:self.offsets[i] + self.widths[i]]
+        return b if shape is None else b.view(shape)
+
+    def into(self, i: int, shape) -> functools.partial:
+        """A callable for a backward: block i as `shape`."""
+        return functools.partial(self.block, i, tuple(shape))
+
+    def take(self) -> torch.Tensor:
+        """The whole gradient (allocated now if no kernel wrote into it), forgotten here."""
+        buf, self._buf = self._buffer(), None
+        return buf
+
+
+class SlabLinear(torch.autograd.Function):
+    """y_i = x @ W_i^T as `SharedInputLinear` forward (one GEMM per weight, each output contiguous, as FLA's chunk
+    kernels read q, k, v), but backward is one GEMM for dx over the stacked weights (`swiglu.stacked_weights`: a
+    view where they are adjacent) and one for the stacked dW, both over the slab's [M, sum N_i] gradient. Each
+    dy_i that a kernel already wrote into its block is used where it lies; any other is copied in."""
+
+    @staticmethod
+    def forward(ctx, x, slab, *weights):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x, *weights)
+        ctx.slab = slab
+        return tuple(torch.mm(x2, w.t()).view(*x.shape[:-1], w.shape[0]) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from models.kernels import swiglu
+        x, *weights = ctx.saved_tensors
+        slab = ctx.slab
+        x2 = x.reshape(-1, x.shape[-1])
+        buf = slab.take()
+        slab.copied = []
+        for i, dy in enumerate(grads):
+            block = buf[:, slab.offsets[i]:slab.offsets[i] + slab.widths[i]]
+            if dy is None:
+                block.zero_()
+                continue
+            dy2 = dy.reshape(block.shape)
+            if dy2.data_ptr() != block.data_ptr() or dy2.stride() != block.stride():
+                block.copy_(dy2)
+                slab.copied.append(i)
+        dx = torch.mm(buf, swiglu.stacked_weights(*weights)).view_as(x) if ctx.needs_input_grad[0] else None
+        dweights = [None] * len(weights)
+        if any(ctx.needs_input_grad[2:]):
+            dw = torch.mm(buf.t(), x2).split(slab.widths, 0)  # row blocks of one [sum N, K]: contiguous views
+            dweights = [d if need else None for d, need in zip(dw, ctx.needs_input_grad[2:])]
+        return (dx, None, *dweights)
+
+
+def slab_linear(x: torch.Tensor, weights: list[torch.Tensor], slab: GradSlab | None = None) -> tuple[torch.Tensor, ...]:
+    """The projections of `SlabLinear`. slab: the GradSlab its backward reads (make one with `new_slab` to hand its
+    blocks to the kernels that compute the outputs' gradients); None: one of its own, every gradient copied in."""
+    slab = new_slab(x, weights) if slab is None else slab
+    return SlabLinear.apply(x, slab, *weights)
+
+
+def new_slab(x: torch.Tensor, weights: list[torch.Tensor]) -> GradSlab:
+    return GradSlab([w.shape[0] for w in weights], x.numel() // x.shape[-1], x.dtype, x.device)
+
+
+PROJECTIONS = {"split": shared_linear, "cat": concat_linear, "slab": slab_linear}
+PROJECTION_NAMES = {"split": "shared-input", "cat": "stacked (one GEMM)",
+                    "slab": "shared-input (backward one GEMM each for dx and dW over one gradient)"}
 # install()'s defaults where its argument is None; bench/train_bench.py's case modifiers set them per process
 DEFAULT_PROJECTIONS = "split"
 DEFAULT_GATE = "fused"
@@ -162,19 +247,20 @@ def _norm_fn(kind: str):
 # ---------------------------------------------------------------------------------------------------------
 
 def _gated_norm_fn(kind: str):
-    """gated_norm(module, o, g): GLA's output norm, FLA's FusedRMSNormGated `module` itself ("fla"), or
-    models/kernels/gated_norm.py with the module's weight and eps ("ours"; modules it does not cover run FLA's)."""
+    """gated_norm(module, o, g, dg_into=None): GLA's output norm, FLA's FusedRMSNormGated `module` itself ("fla"), or
+    models/kernels/gated_norm.py with the module's weight and eps ("ours"; modules it does not cover run FLA's;
+    dg_into: where its backward writes g's gradient, see rms_norm_gated)."""
     if kind not in GATED_NORMS:
         raise ValueError(f"gated_norm={kind!r}: use one of {GATED_NORMS}")
     if kind == "fla":
-        return lambda module, o, g: module(o, g)
+        return lambda module, o, g, dg_into=None: module(o, g)
 
-    def ours(module, o, g):
+    def ours(module, o, g, dg_into=None):
         from models.kernels import gated_norm
         if (getattr(module, "activation", None) not in ("swish", "silu") or getattr(module, "weight", None) is None
                 or getattr(module, "bias", None) is not None):
             return module(o, g)
-        return gated_norm.rms_norm_gated(o, g, module.weight, module.eps)
+        return gated_norm.rms_norm_gated(o, g, module.weight, module.eps, dg_into=dg_into)
     return ours
 
 
@@ -226,19 +312,20 @@ def _elementwise_fns(kind: str, gate: str = "fused", keep_z: bool = False, mlp: 
 
 
 def _chunk_fn(kind: str):
-    """chunk(q, k, v, g, cu_seqlens) -> o: GLA's chunked attention. "ours": models/kernels/gla.py (FLA's kernels
-    without the output's zero fill and the fp32 -> bf16 casts of dq, dk, dg); "fla": FLA's chunk_gla (looked up per
-    call: models/cpu_torch.py patches it on a CPU)."""
+    """chunk(q, k, v, g, cu_seqlens, grads_into=None) -> o: GLA's chunked attention. "ours": models/kernels/gla.py
+    (FLA's kernels without the output's zero fill and the fp32 -> bf16 casts of dq, dk, dg; grads_into: where its
+    backward puts dq, dk, dv, see gla.chunk_gla); "fla": FLA's chunk_gla (looked up per call: models/cpu_torch.py
+    patches it on a CPU)."""
     if kind not in CHUNKS:
         raise ValueError(f"chunk={kind!r}: use one of {CHUNKS}")
     if kind == "ours":
         from models.kernels import gla
 
-        def ours(q, k, v, g, cu_seqlens):
-            return gla.chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens)
+        def ours(q, k, v, g, cu_seqlens, grads_into=None):
+            return gla.chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens, grads_into=grads_into)
         return ours
 
-    def fla(q, k, v, g, cu_seqlens):
+    def fla(q, k, v, g, cu_seqlens, grads_into=None):
         from fla.layers import gla as fla_gla
         return fla_gla.chunk_gla(q=q, k=k, v=v, g=g, state_v_first=True, cu_seqlens=cu_seqlens)[0]
     return fla
@@ -252,11 +339,19 @@ def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _
     """GatedLinearAttention.forward for the configurations `unsupported_reason` lets through, without cache."""
     from fla.layers import gla as fla_gla  # chunk_gla looked up per call (CPU versions on a CPU)
     B, T, _ = x.shape
-    q, k, v, g, gk = project(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-                                 attn.g_proj.weight, attn.gk_proj[0].weight])
+    weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.g_proj.weight,
+               attn.gk_proj[0].weight]
+    H, dk, dv = attn.num_heads, attn.head_k_dim, attn.head_v_dim
+    grads_into = dg_into = None
+    if project is slab_linear:  # the kernels after the projections write q's, k's, v's and g's gradients into it
+        slab = new_slab(x, weights)
+        q, k, v, g, gk = slab_linear(x, weights, slab)
+        grads_into = (slab.into(0, (B, T, H, dk)), slab.into(1, (B, T, H, dk)), slab.into(2, (B, T, H, dv)))
+        dg_into = slab.into(3, (B, T, H, dv))
+    else:
+        q, k, v, g, gk = project(x, weights)
     gate_out = attn.gk_proj[1]
     gk = fns.low_rank_gate(gk, gate_out.weight, gate_out.bias, attn.gate_logit_normalizer)
-    H, dk, dv = attn.num_heads, attn.head_k_dim, attn.head_v_dim
     q, k, gk = (t.view(B, T, H, dk) for t in (q, k, gk))
     v = v.view(B, T, H, dv)
     if attn.clamp_min is not None:
@@ -264,8 +359,8 @@ def _attention(attn, x: torch.Tensor, cu_seqlens, fns: types.SimpleNamespace = _
     if T <= 64:  # as FLA's layer: the recurrent form for short inputs
         o, _ = fla_gla.fused_recurrent_gla(q=q, k=k, v=v, gk=gk, state_v_first=True, cu_seqlens=cu_seqlens)
     else:
-        o = (chunk or _chunk_fn("fla"))(q, k, v, gk, cu_seqlens)
-    o = (gated_norm or _gated_norm_fn("fla"))(attn.g_norm_swish_gate, o, g.view(B, T, H, dv))
+        o = (chunk or _chunk_fn("fla"))(q, k, v, gk, cu_seqlens, grads_into=grads_into)
+    o = (gated_norm or _gated_norm_fn("fla"))(attn.g_norm_swish_gate, o, g.view(B, T, H, dv), dg_into=dg_into)
     return attn.o_proj(o.reshape(B, T, H * dv))
 
 
@@ -431,7 +526,9 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     projection and gate logsigmoid ("fla": FLA's swiglu_linear and torch's logsigmoid / normalizer, or "ours":
     models/kernels/swiglu.py, the default: measured faster in the training step on an H200). projections: the
     attention's five input projections as one GEMM each, their input gradient accumulated in one buffer ("split",
-    `shared_linear`), or as one GEMM over the stacked weights ("cat", `concat_linear`); None: DEFAULT_PROJECTIONS.
+    `shared_linear`), as one GEMM over the stacked weights ("cat", `concat_linear`), or one GEMM each forward and
+    one GEMM each for dx and the stacked dW backward over one [tokens, 3088] gradient that the chunk kernels and the
+    gated norm write their input gradients into ("slab", `slab_linear`); None: DEFAULT_PROJECTIONS.
     gate (with swiglu="ours"): GLA's low-rank gate after its first projection as one kernel ("fused",
     models/kernels/gate.py) or a GEMM and a logsigmoid kernel ("split"); None: DEFAULT_GATE. chunk: GLA's chunked
     attention through models/kernels/gla.py ("ours") or FLA's chunk_gla ("fla"); None: DEFAULT_CHUNK. keep_z (with
@@ -481,7 +578,7 @@ def install(model, norm: str = "ours", swiglu: str = "ours", projections: str | 
     if head_loss:
         model.forward = types.MethodType(_causal_lm_forward, model)
     return (f"fused GLA blocks ({len(base.layers)} layers): "
-            f"{'stacked (one GEMM)' if projections == 'cat' else 'shared-input'} projections, residual add fused into "
+            f"{PROJECTION_NAMES[projections]} projections, residual add fused into "
             f"both pre-norms, {'our' if norm == 'ours' else 'FLA'} RMSNorm kernel, "
             f"{('our SwiGLU kernels' + {'gemm': ' in the MLP GEMMs', 'merged': ' after one gate+up GEMM'}.get(mlp, '') + (' (product kept for backward)' if keep_z or mlp == 'merged' else '')) if swiglu == 'ours' else 'FLA SwiGLU'}, "
             f"{'torch ops for the gate' if swiglu != 'ours' else 'our one-kernel gate' if gate == 'fused' else 'a GEMM and our logsigmoid for the gate'}, "

@@ -119,6 +119,67 @@ def test_stacked_projections_give_flas_loss_and_gradients(checkpointing, monkeyp
         fused.install(build.build_model(build.load_config(CONFIG), "cpu", seed=0), projections="stacked")
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("kinds, copied", [(("ours", "ours", "ours"), [4]), (("ours", "fla", "fla"), [3, 4]),
+                                           (("fla", "fla", "fla"), [0, 1, 2, 3, 4])],
+                         ids=["kernels-write-blocks", "chunk-copies-in", "copied-in"])
+def test_slab_projections_give_flas_loss_and_gradients(kinds, copied, checkpointing, monkeypatch):
+    """projections="slab": five GEMMs forward, one gradient [tokens, 5 widths] backward for one dx and one dW GEMM.
+    With our chunk wrapper, our inter kernel (what bf16 states run) and our gated norm, dq, dk and dg are written
+    into its blocks by the kernels that compute them and dv copied there by the chunk's backward (FLA's kernel
+    computes it); only the gate's 16 columns are left for the projections' backward to copy in (`copied`). With
+    FLA's inter kernel (fp32 states) the chunk's backward copies dq and dk there too; with FLA's gated norm dg is
+    copied in, and with FLA's chunk_gla every block. Either way FLA's loss and gradients, with document boundaries,
+    and under activation checkpointing (the forward run again makes a slab of its own)."""
+    from models.kernels import gla
+    chunk, inter, gated_norm = kinds
+    monkeypatch.setattr(gla, "INTER", inter)
+    slabs = []
+    real = fused.new_slab
+    monkeypatch.setattr(fused, "new_slab", lambda *a: slabs.append(real(*a)) or slabs[-1])
+    config = build.load_config(CONFIG)
+    stock = build.build_model(config, "cpu", seed=0)
+    other = build.build_model(config, "cpu", seed=0)
+    assert "backward one GEMM each" in fused.install(other, norm="ours", swiglu="ours", projections="slab",
+                                                     chunk=chunk, gated_norm=gated_norm)
+    if checkpointing:
+        for m in (stock, other):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.train()
+    x = ids()
+    assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
+    layers = CONFIG["num_hidden_layers"]
+    assert len(slabs) == layers * (2 if checkpointing else 1)  # checkpointing runs each forward again
+    # the slabs whose backward ran (non-reentrant checkpointing walks the first forward's graph)
+    assert [s.copied for s in slabs if s.copied is not None] == [copied] * layers
+    assert all(s._buf is None for s in slabs)  # taken by the backward, none left holding memory
+    cu = torch.tensor([0, 30, 95, 120])
+    x = ids(batch=1, length=120)
+    slabs.clear()
+    assert_same(loss_and_grads(stock, x, cu_seqlens=cu), loss_and_grads(other, x, cu_seqlens=cu))
+    assert [s.copied for s in slabs if s.copied is not None] == [copied] * layers
+
+
+def test_slab_linear_copies_in_what_no_kernel_wrote():
+    """slab_linear alone (no kernel writes into its slab): the projections, dx and dW of separate linear layers,
+    an unused output's gradient taken as zero."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    flat = torch.randn(28 * 16, generator=g)
+    ws = [flat[a * 16:b * 16].view(b - a, 16).clone().requires_grad_() for a, b in [(0, 8), (8, 12), (12, 28)]]
+    outs = fused.slab_linear(x, ws)
+    dys = [torch.randn(o.shape, generator=g) for o in outs]
+    sum((o * dy).sum() for o, dy in zip(outs[:2], dys)).backward()  # the last output unused
+    x2 = x.detach().clone().requires_grad_()
+    ws2 = [w.detach().clone().requires_grad_() for w in ws]
+    refs = [torch.nn.functional.linear(x2, w) for w in ws2]
+    sum((o * dy).sum() for o, dy in zip(refs[:2], dys)).backward()
+    for a, b in zip(outs, refs):
+        assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip([x.grad] + [w.grad for w in ws], [x2.grad] + [w.grad for w in ws2[:2]] + [torch.zeros(16, 16)]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_install_rejects_an_unknown_swiglu():
     config = build.load_config(CONFIG)
     model = build.build_model(config, "cpu", seed=0)
@@ -264,7 +325,7 @@ def test_switches_not_yet_default_give_flas_loss_and_gradients(module, name, ins
     kernels = importlib.import_module(f"models.kernels.{module}")
     calls = []
     real = getattr(kernels, name)
-    monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     config = build.load_config(CONFIG)
     stock = build.build_model(config, "cpu", seed=0)
     other = build.build_model(config, "cpu", seed=0)

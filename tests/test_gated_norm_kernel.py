@@ -67,6 +67,28 @@ def test_matches_flas_gated_norm():
         close_to_max(a, b, 1e-5, name)
 
 
+@pytest.mark.parametrize("shape", [(2, 37, 3, 96), (ROWS, 256)], ids=["heads", "rows"])
+def test_dg_goes_into_a_column_block_of_a_wider_gradient(shape):
+    """dg_into: the gate's gradient written by the kernel into a column block of one [tokens, W] gradient (rows of
+    heads x D strided by W, models/fused.py's GradSlab); the same bits as a new tensor, the other columns untouched,
+    and that block is the gradient handed back."""
+    x, g, w, dy = make(shape, torch.float32)
+    want = run(gated_norm.rms_norm_gated, x, g, w, dy)
+    tokens, width = (shape[0] * shape[1], shape[2] * shape[3]) if len(shape) == 4 else shape
+    wide = torch.full((tokens, width + 7), float("nan"))
+    place = wide[:, 5:5 + width].view(shape)
+    assert gated_norm._dg_layout(place, g.detach().reshape(-1, shape[-1])) is not None
+    got = run(gated_norm.rms_norm_gated, x, g, w, dy, dg_into=lambda: place)
+    for name, a, b in zip(["y", "dx", "dg", "dweight"], got, want):
+        assert torch.equal(a, b), name
+    assert torch.equal(place, want[2]) and wide[:, :5].isnan().all() and wide[:, 5 + width:].isnan().all()
+    # a place the kernel cannot index as (row groups, packed heads): computed, then copied there
+    odd = torch.full((shape[-1], tokens * (shape[2] if len(shape) == 4 else 1)), float("nan")).t().view(shape)
+    assert gated_norm._dg_layout(odd, g.detach().reshape(-1, shape[-1])) is None
+    got = run(gated_norm.rms_norm_gated, x, g, w, dy, dg_into=lambda: odd)
+    assert torch.equal(got[2], want[2]) and torch.equal(odd, want[2])
+
+
 def test_bad_inputs_are_named():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="the gate must have x's shape"):

@@ -228,6 +228,51 @@ def test_our_inter_kernel_computes_flas_sums(cu_seqlens):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("inter", gla.INTER_CHOICES)
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 40, 150]], ids=["batch", "cu_seqlens"])
+def test_dq_dk_go_into_column_blocks_of_a_wider_gradient(inter, cu_seqlens):
+    """dq_out / dk_out as column blocks of one [tokens, 3 * H * K + 5] gradient (models/fused.py's GradSlab): our kernel
+    writes them there, FLA's result is copied there; the same bits as new tensors, the other columns untouched."""
+    args = _inter_inputs(torch.float32, cu_seqlens=torch.tensor(cu_seqlens) if cu_seqlens else None)
+    q = args[0]
+    B, T, H, K = q.shape
+    wide = torch.full((B * T, 3 * H * K + 5), float("nan"))
+    dq_out = wide[:, H * K:2 * H * K].view(B, T, H, K)
+    dk_out = wide[:, 2 * H * K + 5:].view(B, T, H, K)
+    assert gla._row_strided(dq_out, q) is dq_out
+    want = gla._backward_dqkg(*args, torch.float32, inter=inter)
+    got = gla._backward_dqkg(*args, torch.float32, inter=inter, dq_out=dq_out, dk_out=dk_out)
+    assert got[0] is dq_out and got[1] is dk_out
+    for name, a, b in zip(["dq", "dk", "dg"], got, want):
+        assert torch.equal(a, b), name
+    assert wide[:, :H * K].isnan().all() and wide[:, 2 * H * K:2 * H * K + 5].isnan().all()
+
+
+def test_chunk_gla_hands_back_gradients_where_it_is_told(monkeypatch):
+    """grads_into: the backward calls it for dq's, dk's and dv's places and returns those tensors, holding the values
+    a call without it computes (bit for bit, fp32; our inter kernel, as bf16 states run it)."""
+    monkeypatch.setattr(gla, "INTER", "ours")
+    tensors = inputs(2, 100, 2, 16, 32, torch.float32)
+    B, T, H, K = tensors[0].shape
+    V = tensors[2].shape[-1]
+    want = run(ours, *tensors)
+    wide = torch.full((B * T, 2 * H * K + H * V + 3), float("nan"))
+    places = [wide[:, :H * K].view(B, T, H, K), wide[:, H * K + 3:2 * H * K + 3].view(B, T, H, K),
+              wide[:, 2 * H * K + 3:].view(B, T, H, V)]
+    asked = []
+
+    def place(i):
+        asked.append(i)
+        return places[i]
+    got = run(lambda q, k, v, g, cu: gla.chunk_gla(q, k, v, g, cu_seqlens=cu, intra="fla", fwd_intra="fla",
+                                                   grads_into=[lambda i=i: place(i) for i in range(3)]), *tensors)
+    assert sorted(asked) == [0, 1, 2]
+    for name, a, b, p in zip(["dq", "dk", "dv"], got[1:4], want[1:4], places):
+        assert torch.equal(a, b) and torch.equal(p, b), name
+    assert wide[:, H * K:H * K + 3].isnan().all()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[4], want[4])
+
+
 def test_bf16_states_are_summed_in_fp32():
     """With bf16 states, sum(h * dh) (dg's share of the state's decay) in FLA's kernel is a bf16 product reduced in
     bf16 (Triton's tl.sum keeps its input's dtype); ours takes both to fp32 first. Reference: FLA's kernel on the same

@@ -54,7 +54,7 @@ def _gated_rmsnorm_bwd_load(X, G, DY, RSTD, rows, cols, M, D):
 
 
 @triton.jit
-def _gated_rmsnorm_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, tiles_per_program,
+def _gated_rmsnorm_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, dg_group, sdg, tiles_per_program,
                       BT: tl.constexpr, BD: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -76,7 +76,9 @@ def _gated_rmsnorm_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, tiles_per_pr
         s = tl.sigmoid(g)
         xhat = x * rstd[:, None]
         a = xhat * w[None, :]
-        tl.store(DG + offs, (dy * a * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
+        grows = rows.to(tl.int64)  # DG's row r at (r // dg_group) * sdg + (r % dg_group) * D
+        dg_offs = (grows // dg_group * sdg + grows % dg_group * D)[:, None] + cols[None, :]
+        tl.store(DG + dg_offs, (dy * a * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
         da = dy * g * s
         wda = da * w[None, :]
         c = tl.sum(xhat * wda, axis=1) / D
@@ -113,9 +115,15 @@ def _forward(x2, g2, weight, eps):
     return y, rstd
 
 
-def _backward(x2, g2, weight, rstd, dy2):
+def _backward(x2, g2, weight, rstd, dy2, dg_out=None):
+    """(dx, dg, dweight) for dy2. dg_out: where the gate's gradient goes, a tensor of g's shape [..., G, D] and dtype
+    whose last two dimensions are packed and whose rows of G * D may be strided (a column block of a wider gradient);
+    dg is then dg_out. None, or a layout the kernel cannot write: a new [M, D] tensor (copied into dg_out if given)."""
     m, d = x2.shape
-    dx, dg = torch.empty_like(x2), torch.empty_like(g2)
+    dx = torch.empty_like(x2)
+    layout = _dg_layout(dg_out, g2)
+    dg = dg_out if layout is not None else torch.empty_like(g2)
+    group, sdg = layout or (1, d)
     if m == 0:
         return dx, dg, torch.zeros(d, dtype=torch.float32, device=x2.device)
     bt, num_warps, per_sm, prefetch = backward_config(d)
@@ -123,16 +131,36 @@ def _backward(x2, g2, weight, rstd, dy2):
     programs = backward_programs(n_tiles, x2.device, num_warps, per_sm)
     dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)
     _gated_rmsnorm_bwd_kernel[(programs,)](x2, g2, weight, rstd, dy2, dx, dg, dw_partial, m, d,
-                                           triton.cdiv(n_tiles, programs), BT=bt, BD=triton.next_power_of_2(d),
+                                           group, sdg, triton.cdiv(n_tiles, programs), BT=bt, BD=triton.next_power_of_2(d),
                                            PREFETCH=bool(prefetch), num_warps=num_warps)
+    if dg_out is not None and layout is None:
+        dg = dg_out.copy_(dg.view(dg_out.shape))
     return dx, dg, dw_partial.sum(0)
+
+
+def _dg_layout(out, g2):
+    """(G, row-group stride) where the backward kernel can write g2's [M, D] rows into `out` (row r at
+    (r // G) * stride + (r % G) * D): out has M * D elements of g2's dtype and device, its last dimension D and the one
+    before it (G, or 1) packed, the rest one strided dimension. Else None."""
+    if out is None or out.dtype != g2.dtype or out.device != g2.device or out.numel() != g2.numel() or out.dim() < 2:
+        return None
+    d = g2.shape[1]
+    group = out.shape[-2] if out.dim() > 2 else 1
+    try:
+        out3 = out.view(-1, group, d)
+    except RuntimeError:
+        return None
+    if out.shape[-1] != d or out3.stride(2) != 1 or (group > 1 and out3.stride(1) != d):
+        return None
+    return group, out3.stride(0)
 
 
 class _RMSNormGatedFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, g, weight, eps):
+    def forward(ctx, x, g, weight, eps, dg_into):
         x2, g2 = _rows(x), _rows(g)
+        ctx.dg_into = dg_into
         weight = weight.contiguous()
         y, rstd = _forward(x2, g2, weight, eps)
         ctx.save_for_backward(x2, g2, weight, rstd)
@@ -142,19 +170,25 @@ class _RMSNormGatedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, g2, weight, rstd = ctx.saved_tensors
-        dx, dg, dw = _backward(x2, g2, weight, rstd, _rows(dy))
+        dg_out = ctx.dg_into() if ctx.dg_into is not None and ctx.needs_input_grad[1] else None
+        dx, dg, dw = _backward(x2, g2, weight, rstd, _rows(dy), dg_out)
+        dg = dg.view(ctx.shape) if dg_out is None else dg
         return (dx.view(ctx.shape) if ctx.needs_input_grad[0] else None,
-                dg.view(ctx.shape) if ctx.needs_input_grad[1] else None,
-                dw.to(weight.dtype) if ctx.needs_input_grad[2] else None, None)
+                dg if ctx.needs_input_grad[1] else None,
+                dw.to(weight.dtype) if ctx.needs_input_grad[2] else None, None, None)
 
 
-def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+
+def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+                   dg_into=None) -> torch.Tensor:
     """RMSNorm(x) * weight * swish(g) over the last dimension (FLA's FusedRMSNormGated with activation "swish", no
-    residual). x, g: [..., D] of one dtype; weight: [D]. See the module doc."""
+    residual). x, g: [..., D] of one dtype; weight: [D]. dg_into: None, or a callable the backward calls for where
+    the gate's gradient goes (a tensor of g's shape and dtype whose rows may be strided: a column block of one wider
+    gradient, models/fused.py's GradSlab); the kernel writes it there and returns it. See the module doc."""
     _check(x, g, weight)
     if not _use_kernel(x):
         return rms_norm_gated_reference(x, g, weight, eps)
-    return _RMSNormGatedFunction.apply(x, g, weight, float(eps))
+    return _RMSNormGatedFunction.apply(x, g, weight, float(eps), dg_into)
 
 
 def rms_norm_gated_reference(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -64,6 +64,10 @@ INTRA_CHOICES = ("fla", "ours")
 # (models/kernels/gla_fwd_intra.py, one kernel, the diagonal blocks as products; not yet timed on a GPU, so not the
 # default)
 FWD_INTRA = "fla"
+# the backward's last kernel (dq, dk, dg from the states): "fla" (chunk_gla_bwd_kernel_inter), "ours"
+# (`_gla_bwd_inter_kernel`), or None: FLA's for fp32 states, ours for any other (module doc)
+INTER = None
+INTER_CHOICES = ("fla", "ours")
 
 
 def _fla():
@@ -91,29 +95,59 @@ def _forward_o(q, v, g_cumsum, A, h, scale, cu_seqlens, chunk_size, chunk_indice
 
 
 def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size, chunk_indices, dg_dtype,
-                   inter: str | None = None):
+                   inter: str | None = None, dq_out=None, dk_out=None):
     """FLA's chunk_gla_bwd_dqkg writing dq, dk in q's dtype and dg in `dg_dtype` (see the module doc). inter: "fla"
-    (FLA's kernel), "ours" (`_gla_bwd_inter_kernel`); None: FLA's for fp32 states, ours for any other."""
+    (FLA's kernel), "ours" (`_gla_bwd_inter_kernel`); None: INTER, or where that is None FLA's for fp32 states and ours
+    for any other. dq_out, dk_out:
+    where dq and dk go ([B, T, H, K] of q's dtype; rows may be strided, as column blocks of a wider gradient are; our
+    kernel writes them there, FLA's into a contiguous buffer then copied); None: new tensors."""
     fla_chunk = _fla()
     B, T, H, K, V = *k.shape, v.shape[-1]
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
-    dq2 = torch.empty_like(q)
-    dk2 = torch.empty_like(k)
+    inter = INTER if inter is None else inter
+    if inter is None:
+        inter = "fla" if h.dtype == torch.float and dh.dtype == torch.float else "ours"
+    if inter not in INTER_CHOICES:
+        raise ValueError(f"chunk_gla: inter={inter!r}: use one of {INTER_CHOICES} (or None)")
+    dq2 = _row_strided(dq_out, q) if inter == "ours" else None
+    dk2 = _row_strided(dk_out, k) if inter == "ours" else None
+    dq2 = torch.empty_like(q) if dq2 is None else dq2
+    dk2 = torch.empty_like(k) if dk2 is None else dk2
     dg = torch.empty(g_cumsum.shape, dtype=dg_dtype, device=g_cumsum.device)
 
     def grid(meta):
         return (triton.cdiv(K, meta['BK']) * NT, B * H)
-    if inter is None:
-        inter = "fla" if h.dtype == torch.float and dh.dtype == torch.float else "ours"
     if inter == "fla":
         fla_chunk.chunk_gla_bwd_kernel_inter[grid](
             q=q, k=k, v=v, g=g_cumsum, h=h, do=do, dh=dh, dq=dq, dk=dk, dq2=dq2, dk2=dk2, dg=dg,
             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale, T=T, H=H, K=K, V=V, BT=chunk_size,
             STATE_V_FIRST=True)
+        dq2, dk2 = _into(dq_out, dq2), _into(dk_out, dk2)
     else:  # low-precision states: sum(h * dh) in fp32 (module doc)
         _gla_bwd_inter_kernel[grid](q, k, v, g_cumsum, h, do, dh, dq, dk, dq2, dk2, dg, cu_seqlens, chunk_indices, scale,
-                                T, H=H, K=K, V=V, BT=chunk_size, IS_VARLEN=cu_seqlens is not None)
+                                    T, dq2.stride(1), dk2.stride(1), H=H, K=K, V=V, BT=chunk_size,
+                                    IS_VARLEN=cu_seqlens is not None)
     return dq2, dk2, dg
+
+
+def _row_strided(out, like):
+    """`out` where a kernel that indexes [B, T, H, K] as (bos + t) * row_stride + h * K + c can write it: like's shape,
+    dtype and device, each row's H * K elements packed, and B's stride T rows. Else None."""
+    if out is None or out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        return None
+    B, T, H, K = like.shape
+    st = out.stride()
+    if st[3] != 1 or st[2] != K or st[1] < H * K or (B > 1 and st[0] != T * st[1]):
+        return None
+    return out
+
+
+def _into(out, t):
+    """t copied into `out` where one is given (the copy a kernel that cannot write there costs), else t."""
+    if out is None:
+        return t
+    out.copy_(t)
+    return out
 
 
 def _prune_inter(configs, nargs, **kwargs):
@@ -136,14 +170,16 @@ def _prune_inter(configs, nargs, **kwargs):
     key=["BT", "K", "V"],
     prune_configs_by={"early_config_prune": _prune_inter},
 )
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "sdq", "sdk"])
 def _gla_bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                          sdq, sdk, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, IS_VARLEN: tl.constexpr):
     """One chunk of rows x BK channels of one (sequence, head): the inter-chunk parts of dq and dk from the chunk's
     state h and state gradient dh ([V, K], V-first), added to the intra-chunk parts, and dg, the reverse cumsum over
     the chunk of q * dq - k * dk plus the gate's share of the state's decay. h and dh go to fp32 for their
-    elementwise product and its sum; the two products with do and v take them in the inputs' dtype, as FLA's."""
+    elementwise product and its sum; the two products with do and v take them in the inputs' dtype, as FLA's.
+    dq and dk are written with row strides sdq and sdk (H * K where contiguous; wider where they are column blocks
+    of one gradient, models/fused.py's GradSlab)."""
     pid_kt = tl.program_id(0)
     n_k = tl.cdiv(K, BK)
     i_k = pid_kt % n_k
@@ -201,8 +237,9 @@ def _gla_bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg,
     b_dg = b_q * b_dq - b_k * b_dk
     # the reverse cumsum over the chunk's rows: sum over s >= t = total - (inclusive cumsum at t) + value at t
     b_dg = b_dg - tl.cumsum(b_dg, axis=0) + tl.sum(b_dg, axis=0)[None, :] + decay[None, :]
-    tl.store(dq + tk, b_dq.to(dq.dtype.element_ty), mask=tile_ok)
-    tl.store(dk + tk, b_dk.to(dk.dtype.element_ty), mask=tile_ok)
+    out = i_h * K + cols[None, :]
+    tl.store(dq + (bos + rows[:, None]) * sdq + out, b_dq.to(dq.dtype.element_ty), mask=tile_ok)
+    tl.store(dk + (bos + rows[:, None]) * sdk + out, b_dk.to(dk.dtype.element_ty), mask=tile_ok)
     tl.store(dg + tk, b_dg.to(dg.dtype.element_ty), mask=tile_ok)
 
 
@@ -216,7 +253,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
     """o = GLA(q, k, v, g) with the recurrent state stored V-first, no initial or final state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, cu_seqlens, saved_states, intra, fwd_intra):
+    def forward(ctx, q, k, v, g, scale, cu_seqlens, saved_states, intra, fwd_intra, grads_into):
         from fla.ops.common.chunk_h import chunk_fwd_h
         from fla.ops.utils import prepare_chunk_indices
         fla_chunk = _fla()
@@ -242,7 +279,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
             keep_g = False
             ctx.save_for_backward(q, k, v, g_cumsum, A, chunk_indices, cu_seqlens, h)
         ctx.keep_g, ctx.g_dtype, ctx.chunk_size, ctx.scale = keep_g, g.dtype, chunk_size, scale
-        ctx.saved_states, ctx.intra = saved_states, intra
+        ctx.saved_states, ctx.intra, ctx.grads_into = saved_states, intra, grads_into
         return o
 
     @staticmethod
@@ -269,9 +306,10 @@ class _ChunkGLAFunction(torch.autograd.Function):
             intra = gla_intra.chunk_gla_bwd_dqk_intra
         dq, dk = intra(q=q, k=k, g=g_cumsum, dA=dA, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
                        chunk_indices=chunk_indices)
+        dq_out, dk_out, dv_out = (f() if f is not None else None for f in (ctx.grads_into or (None,) * 3))
         dq, dk, dg = _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size,
-                                    chunk_indices, ctx.g_dtype)
-        return dq, dk, dv.to(v.dtype), dg, None, None, None, None, None
+                                    chunk_indices, ctx.g_dtype, dq_out=dq_out, dk_out=dk_out)
+        return dq, dk, _into(dv_out, dv.to(v.dtype)), dg, None, None, None, None, None, None
 
 
 def covers(q: torch.Tensor) -> bool:
@@ -281,12 +319,15 @@ def covers(q: torch.Tensor) -> bool:
 
 def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
               cu_seqlens: torch.LongTensor | None = None, saved_states: str | None = None,
-              intra: str | None = None, fwd_intra: str | None = None) -> torch.Tensor:
+              intra: str | None = None, fwd_intra: str | None = None, grads_into=None) -> torch.Tensor:
     """FLA's `chunk_gla(q, k, v, g, scale, state_v_first=True, cu_seqlens=...)[0]`: q, k, g [B, T, H, K], v [B, T, H, V]
     (B = 1 with cu_seqlens), no initial or final state. Returns o [B, T, H, V]. saved_states: what the forward keeps
     for the backward, one of STATE_CHOICES (module doc); None: SAVED_STATES. intra: the backward's intra-chunk dq,
     dk kernel, one of INTRA_CHOICES; None: INTRA. fwd_intra: the forward's intra-chunk A kernel, one of INTRA_CHOICES;
-    None: FWD_INTRA."""
+    None: FWD_INTRA. grads_into: None, or three callables (or None each) that the backward calls for where dq, dk
+    and dv go: tensors of q's, k's and v's shape and dtype whose rows may be strided (column blocks of one wider
+    gradient, models/fused.py's GradSlab); dq and dk are written there by the kernel that computes them, dv copied
+    (FLA's kernel writes it), and those tensors are the gradients returned. Ignored where FLA's chunk_gla runs."""
     saved_states = SAVED_STATES if saved_states is None else saved_states
     if saved_states not in STATE_CHOICES:
         raise ValueError(f"chunk_gla: saved_states={saved_states!r}: use one of {STATE_CHOICES}")
@@ -308,5 +349,5 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         return fla_gla.chunk_gla(q=q, k=k, v=v, g=g, scale=scale, state_v_first=True, cu_seqlens=cu_seqlens)[0]
     if q.is_cuda:
         with torch.cuda.device(q.device):  # FLA's input_guard does the same: kernels launch on the inputs' device
-            return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra, fwd_intra)
-    return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra, fwd_intra)
+            return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra, fwd_intra, grads_into)
+    return _ChunkGLAFunction.apply(q, k, v, g, scale, cu_seqlens, saved_states, intra, fwd_intra, grads_into)

@@ -244,16 +244,22 @@ class _SwiGLULinearFunction(torch.autograd.Function):
                 None)
 
 
-def stacked_weights(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[a; b] as one [Na + Nb, K] matrix: a view where b's rows follow a's in one storage (the bf16 training path keeps
-    every bf16 weight in one flat buffer in parameter order, trainer/precision.py, so a block's gate and up weights
-    are adjacent there), else a concatenated copy."""
-    if (a.dtype == b.dtype and a.device == b.device and a.dim() == b.dim() == 2 and a.shape[1] == b.shape[1]
-            and a.is_contiguous() and b.is_contiguous()
-            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and b.storage_offset() == a.storage_offset() + a.numel()):
-        return a.as_strided((a.shape[0] + b.shape[0], a.shape[1]), (a.shape[1], 1))
-    return torch.cat([a, b], 0)
+def stacked_weights(*weights: torch.Tensor) -> torch.Tensor:
+    """[W1; W2; ...] as one [N1 + N2 + ..., K] matrix: a view where each weight's rows follow the previous one's in one
+    storage (the bf16 training path keeps every bf16 weight in one flat buffer in parameter order, trainer/precision.py,
+    so a block's MLP gate and up weights, and its attention's q, k, v, g and first gate projections, are adjacent
+    there), else a concatenated copy."""
+    a = weights[0]
+    adjacent = a.dim() == 2 and a.is_contiguous()
+    end = a.storage_offset() + a.numel()
+    for b in weights[1:]:
+        adjacent = (adjacent and b.dtype == a.dtype and b.device == a.device and b.dim() == 2
+                    and b.shape[1] == a.shape[1] and b.is_contiguous()
+                    and b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and b.storage_offset() == end)
+        end = b.storage_offset() + b.numel()
+    if adjacent:
+        return a.as_strided((sum(w.shape[0] for w in weights), a.shape[1]), (a.shape[1], 1))
+    return torch.cat(weights, 0)
 
 
 class _GateUpSwiGLUFunction(torch.autograd.Function):
