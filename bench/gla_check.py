@@ -14,8 +14,9 @@ gate    ours (one kernel each way) vs the split path it replaces (F.linear with 
 model   one forward + backward of the model (--model, fused blocks, bf16 weights) with the new defaults against
         gate="split", chunk="fla" on the same tokens: loss and the largest relative gradient difference.
 slab    (only with --only slab) the model's gradients with projections="slab" (one gradient for the five attention
-        projections, models/fused.py) against one GEMM each, with FLA's and our gated norm: the same loss bits,
-        and the largest relative gradient difference (the dx and dW sums in another order).
+        projections, models/fused.py) against one GEMM each, with FLA's and our gated norm, and with our dv kernel
+        (gla.DV): the same loss bits, and the largest relative gradient difference (the dx and dW sums in another
+        order; our dv kernel's fp32 rounding).
 Timing: CUDA events around each side's forward + backward (bench/cuda_timing.py), median of --iters.
 Exit status 1 if a bitwise check fails or ours is further from float64 than 2x the split path (+ one bf16 ulp of
 the largest value); 2 without CUDA.
@@ -232,12 +233,16 @@ def main() -> int:
         # projections="slab" changes only the backward's GEMMs (one over the stacked gradient instead of five, so
         # another summation order) and where dq, dk, dv, dg are written: the loss must be the same bits
         say("slab: the projections' gradient as one slab against one GEMM each, with FLA's and our gated norm")
-        for norm in ("fla", "ours"):
-            (loss_split, g_split), (loss_slab, g_slab) = model_grads(
-                [{"gated_norm": norm}, {"gated_norm": norm, "projections": "slab"}])
+        for norm, dv in (("fla", "fla"), ("ours", "fla"), ("ours", "ours")):
+            (loss_split, g_split), = model_grads([{"gated_norm": norm}])
+            gla.DV, dv_before = dv, gla.DV
+            try:
+                (loss_slab, g_slab), = model_grads([{"gated_norm": norm, "projections": "slab"}])
+            finally:
+                gla.DV = dv_before
             worst = worst_difference(g_slab, g_split)
-            print(f"slab ({norm} gated norm): loss {loss_slab:.6f} vs {loss_split:.6f} split; largest relative "
-                  f"gradient difference {worst[0]:.2e} ({worst[1]})", flush=True)
+            print(f"slab ({norm} gated norm, {dv} dv kernel): loss {loss_slab:.6f} vs {loss_split:.6f} split; largest "
+                  f"relative gradient difference {worst[0]:.2e} ({worst[1]})", flush=True)
             if loss_slab != loss_split:
                 bad.append(f"slab loss ({norm} gated norm)")
     say("gla_check: " + ("CHECK " + ", ".join(bad) if bad else "all checks passed"))

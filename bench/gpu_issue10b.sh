@@ -66,8 +66,9 @@
 #                                      GB cards; 16 on others), the profile
 #   bash bench/gpu_issue10b.sh c26     (2026-12-07) models.warm, bench/gla_check.py --only slab (the attention
 #                                      projections' gradient as one slab: same loss bits?), the trainer -slab,
-#                                      -slab-gnorm and -gnorm vs the defaults at batch 16 (CASES16 overrides), then
-#                                      the profile with the slab and our gated norm (PROFILE=0 skips it)
+#                                      -slab-gnorm, -slab-oursdv-gnorm and -gnorm vs the defaults at batch 16
+#                                      (CASES16 overrides), then the profile with the slab, our gated norm and our
+#                                      dv kernel (PROFILE=0 skips it)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -690,10 +691,10 @@ c26)
   stamp "gla_check --only slab"
   timeout "$(budget 100)" python3 bench/gla_check.py --only slab > "$OUT/slab_check.log" 2>&1
   grep -v Warning "$OUT/slab_check.log" | tail -5
-  trainer_vs b16 16 20 3 250 "${CASES16:-ours-bf16,ours-bf16-slab,ours-bf16-slab-gnorm,ours-bf16-gnorm}"
+  trainer_vs b16 16 20 3 270 "${CASES16:-ours-bf16,ours-bf16-slab,ours-bf16-slab-gnorm,ours-bf16-slab-oursdv-gnorm,ours-bf16-gnorm}"
   if [ "${PROFILE:-1}" = 1 ]; then
     stamp "profile, slab + our gated norm"
-    timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --projections slab --gated-norm ours --lag \
+    timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --projections slab --gated-norm ours --dv ours --lag \
         --timed 10 --steps 2 --warmup 3 --top 30 --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
     gzip -f "$OUT/trace.json" 2>/dev/null
     grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"

@@ -2,7 +2,7 @@
 
     PYTHONUNBUFFERED=1 python bench/gpu_profile.py [--model configs/gla_340M.json] [--seq-len 2048]
         [--batch 16] [--precision bf16] [--kernels fused|fla] [--steps 3] [--warmup 3] [--top 25]
-        [--trace bench/out/profile.json] [--lag] [--graphs] [--projections split|cat|slab] [--gated-norm fla|ours] [--gate fused|split]
+        [--trace bench/out/profile.json] [--lag] [--graphs] [--projections split|cat|slab] [--gated-norm fla|ours] [--dv fla|ours] [--gate fused|split]
         [--chunk ours|fla] [--keep-z yes|no] [--saved-states fp32|bf16|none] [--mulclip] [--mlp split|gemm]
     python bench/gpu_profile.py --from-trace bench/out/profile.json[.gz] --steps 3   # the tables again, no GPU
 
@@ -245,6 +245,9 @@ def main() -> int:
                    help="with --kernels fused: the attention's input projections as one GEMM each (split), one "
                         "GEMM over the stacked weights (cat), or one GEMM each forward and one over their stacked "
                         "gradient backward (slab) (default: models.fused's)")
+    p.add_argument("--dv", default=None, choices=["fla", "ours"],
+                   help="with --kernels fused: the chunk backward's dv kernel, FLA's or models/kernels/gla.py's "
+                        "(default: its DV)")
     p.add_argument("--gated-norm", default=None, choices=["fla", "ours"],
                    help="with --kernels fused: GLA's gated output norm by FLA's module or models/kernels/gated_norm.py "
                         "(default: models.fused's)")
@@ -305,6 +308,9 @@ def main() -> int:
     if args.saved_states:
         from models.kernels import gla
         gla.SAVED_STATES = args.saved_states
+    if args.dv:
+        from models.kernels import gla
+        gla.DV = args.dv
     options = (("swiglu", args.swiglu), ("projections", args.projections), ("gate", args.gate), ("chunk", args.chunk),
                ("keep_z", {"yes": True, "no": False}.get(args.keep_z)), ("mlp", args.mlp),
                ("gated_norm", args.gated_norm))

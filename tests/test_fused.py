@@ -120,20 +120,21 @@ def test_stacked_projections_give_flas_loss_and_gradients(checkpointing, monkeyp
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("kinds, copied", [(("ours", "ours", "ours"), [4]), (("ours", "fla", "fla"), [3, 4]),
-                                           (("fla", "fla", "fla"), [0, 1, 2, 3, 4])],
+@pytest.mark.parametrize("kinds, copied", [(("ours", "ours", "ours", "ours"), [4]), (("ours", "fla", "fla", "fla"), [3, 4]),
+                                           (("fla", "fla", "fla", "fla"), [0, 1, 2, 3, 4])],
                          ids=["kernels-write-blocks", "chunk-copies-in", "copied-in"])
 def test_slab_projections_give_flas_loss_and_gradients(kinds, copied, checkpointing, monkeypatch):
     """projections="slab": five GEMMs forward, one gradient [tokens, 5 widths] backward for one dx and one dW GEMM.
-    With our chunk wrapper, our inter kernel (what bf16 states run) and our gated norm, dq, dk and dg are written
-    into its blocks by the kernels that compute them and dv copied there by the chunk's backward (FLA's kernel
-    computes it); only the gate's 16 columns are left for the projections' backward to copy in (`copied`). With
-    FLA's inter kernel (fp32 states) the chunk's backward copies dq and dk there too; with FLA's gated norm dg is
+    With our chunk wrapper, our inter and dv kernels (gla.INTER, gla.DV) and our gated norm, dq, dk, dv and dg are
+    written into its blocks by the kernels that compute them; only the gate's 16 columns are left for the
+    projections' backward to copy in (`copied`). With FLA's inter and dv kernels the chunk's backward copies dq, dk
+    and dv there; with FLA's gated norm dg is
     copied in, and with FLA's chunk_gla every block. Either way FLA's loss and gradients, with document boundaries,
     and under activation checkpointing (the forward run again makes a slab of its own)."""
     from models.kernels import gla
-    chunk, inter, gated_norm = kinds
+    chunk, inter, dv, gated_norm = kinds
     monkeypatch.setattr(gla, "INTER", inter)
+    monkeypatch.setattr(gla, "DV", dv)
     slabs = []
     real = fused.new_slab
     monkeypatch.setattr(fused, "new_slab", lambda *a: slabs.append(real(*a)) or slabs[-1])

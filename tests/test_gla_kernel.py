@@ -248,10 +248,32 @@ def test_dq_dk_go_into_column_blocks_of_a_wider_gradient(inter, cu_seqlens):
     assert wide[:, :H * K].isnan().all() and wide[:, 2 * H * K:2 * H * K + 5].isnan().all()
 
 
-def test_chunk_gla_hands_back_gradients_where_it_is_told(monkeypatch):
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 40, 150]], ids=["batch", "cu_seqlens"])
+def test_our_dv_kernel_computes_flas_dv_into_a_column_block(cu_seqlens):
+    """`_gla_bwd_dv_kernel` (gla.DV = "ours") against FLA's chunk_gla_bwd_dv on the same inputs: dv to fp32 rounding,
+    written into a column block of a wider gradient with the other columns untouched."""
+    from fla.ops.gla.chunk import chunk_gla_bwd_dv, chunk_gla_fwd_intra_gk
+    q, k, v, h, g, do, dh, dq, dk, scale, cu, chunk, chunk_indices = _inter_inputs(
+        torch.float32, cu_seqlens=torch.tensor(cu_seqlens) if cu_seqlens else None)
+    A = chunk_gla_fwd_intra_gk(q=q, k=k, g=g, scale=scale, cu_seqlens=cu, chunk_size=chunk, chunk_indices=chunk_indices)
+    want = chunk_gla_bwd_dv(k=k, g=g, A=A, do=do, dh=dh, cu_seqlens=cu, chunk_size=chunk, chunk_indices=chunk_indices,
+                            state_v_first=True)
+    B, T, H, V = do.shape
+    wide = torch.full((B * T, H * V + 3), float("nan"))
+    place = wide[:, 3:].view(B, T, H, V)
+    got = gla._backward_dv(k, g, A, do, dh, cu, chunk, chunk_indices, place)
+    assert got is place and wide[:, :3].isnan().all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(gla._backward_dv(k, g, A, do, dh, cu, chunk, chunk_indices), got)
+
+
+@pytest.mark.parametrize("dv", gla.DV_CHOICES)
+def test_chunk_gla_hands_back_gradients_where_it_is_told(dv, monkeypatch):
     """grads_into: the backward calls it for dq's, dk's and dv's places and returns those tensors, holding the values
-    a call without it computes (bit for bit, fp32; our inter kernel, as bf16 states run it)."""
+    a call without it computes (bit for bit, fp32; our inter kernel, as bf16 states run it; dv by FLA's kernel then
+    copied, or by ours straight there)."""
     monkeypatch.setattr(gla, "INTER", "ours")
+    monkeypatch.setattr(gla, "DV", dv)
     tensors = inputs(2, 100, 2, 16, 32, torch.float32)
     B, T, H, K = tensors[0].shape
     V = tensors[2].shape[-1]

@@ -68,6 +68,10 @@ FWD_INTRA = "fla"
 # (`_gla_bwd_inter_kernel`), or None: FLA's for fp32 states, ours for any other (module doc)
 INTER = None
 INTER_CHOICES = ("fla", "ours")
+# the backward's dv: "fla" (chunk_gla_bwd_dv, then copied where grads_into puts it) or "ours" (`_gla_bwd_dv_kernel`,
+# the same products, written with any row stride: straight into a column block of a wider gradient)
+DV = "fla"
+DV_CHOICES = ("fla", "ours")
 
 
 def _fla():
@@ -243,6 +247,78 @@ def _gla_bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg,
     tl.store(dg + tk, b_dg.to(dg.dtype.element_ty), mask=tile_ok)
 
 
+@triton.autotune(
+    configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
+             for bk in (32, 64) for bv in (64, 128) for w in (2, 4, 8) for s in (2, 3)],
+    key=["BT", "K", "V"],
+    prune_configs_by={"early_config_prune": _prune_inter},
+)
+@triton.jit(do_not_specialize=["T", "sdv"])
+def _gla_bwd_dv_kernel(k, g, A, do, dh, dv, cu_seqlens, chunk_indices, T, sdv, H: tl.constexpr, K: tl.constexpr,
+                       V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """One chunk of rows x BV value channels of one (sequence, head): dv = A^T do within the chunk (A [.., T, H, BT]
+    fp32, row t of the chunk holding A[t, s] for s <= t; an fp32 product, as FLA's chunk_gla_bwd_kernel_dv) plus
+    the inter-chunk part (k decayed to the chunk's end) dh^T from the V-first state gradient dh [V, K], written with
+    row stride sdv (H * V where contiguous)."""
+    pid_vt = tl.program_id(0)
+    n_v = tl.cdiv(V, BV)
+    i_v = pid_vt % n_v
+    i_t = pid_vt // n_v
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    if IS_VARLEN:
+        i_state = i_t
+        seq = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + seq).to(tl.int64)
+        T = (tl.load(cu_seqlens + seq + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_b * T
+        i_state = i_b * tl.cdiv(T, BT) + i_t
+    rows = i_t * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    vcols = i_v * BV + tl.arange(0, BV)
+    vcol_ok = vcols < V
+    tv_ok = row_ok[:, None] & vcol_ok[None, :]
+    # A transposed: [s, t] = A[t, s], kept where s <= t
+    s_idx = tl.arange(0, BT)
+    b_at = tl.load(A + (bos + rows[None, :]) * (H * BT) + i_h * BT + s_idx[:, None], mask=row_ok[None, :], other=0.0)
+    b_at = tl.where(s_idx[:, None] <= s_idx[None, :], b_at, 0.0)
+    b_do = tl.load(do + (bos + rows[:, None]) * (H * V) + i_h * V + vcols[None, :], mask=tv_ok, other=0.0)
+    b_dv = tl.dot(b_at, b_do.to(b_at.dtype), input_precision="ieee")
+    last = tl.minimum(T, i_t * BT + BT) - 1
+    state = (i_state * H + i_h) * (K * V)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        cols = i_k * BK + tl.arange(0, BK)
+        col_ok = cols < K
+        tk = (bos + rows[:, None]) * (H * K) + i_h * K + cols[None, :]
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        b_k = tl.load(k + tk, mask=tile_ok, other=0.0)
+        b_g = tl.load(g + tk, mask=tile_ok, other=0.0).to(tl.float32)
+        b_glast = tl.load(g + (bos + last) * (H * K) + i_h * K + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b_kd = (b_k * tl.exp2(b_glast[None, :] - b_g)).to(b_k.dtype)
+        b_dh = tl.load(dh + state + vcols[None, :] * K + cols[:, None], mask=col_ok[:, None] & vcol_ok[None, :],
+                       other=0.0)  # [BK, BV] of the V-first state gradient
+        b_dv = tl.dot(b_kd, b_dh.to(b_kd.dtype), b_dv)
+    tl.store(dv + (bos + rows[:, None]) * sdv + i_h * V + vcols[None, :], b_dv.to(dv.dtype.element_ty), mask=tv_ok)
+
+
+def _backward_dv(k, g_cumsum, A, do, dh, cu_seqlens, chunk_size, chunk_indices, dv_out=None):
+    """dv [B, T, H, V] in do's dtype by `_gla_bwd_dv_kernel`, written into dv_out where one is given (v's shape and
+    dtype, each row's H * V elements packed, any row stride), else a new tensor."""
+    B, T, H, K, V = *k.shape, do.shape[-1]
+    NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
+    dv = _row_strided(dv_out, do) if dv_out is not None else None
+    dv = torch.empty_like(do) if dv is None else dv
+
+    def grid(meta):
+        return (triton.cdiv(V, meta["BV"]) * NT, B * H)
+    _gla_bwd_dv_kernel[grid](k, g_cumsum, A, do, dh, dv, cu_seqlens, chunk_indices, T, dv.stride(1), H=H, K=K, V=V,
+                             BT=chunk_size, IS_VARLEN=cu_seqlens is not None)
+    return _into(dv_out, dv) if dv is not dv_out else dv
+
+
 def _cumsum(g, chunk_size, cu_seqlens):
     from fla.ops.utils.constant import RCP_LN2
     from fla.ops.utils.cumsum import chunk_local_cumsum
@@ -296,8 +372,13 @@ class _ChunkGLAFunction(torch.autograd.Function):
         dh, _ = chunk_bwd_dh(q=q, k=k, v=v, g=None, gk=g_cumsum, gv=None, do=do, h0=None, dht=None, scale=scale,
                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=ctx.saved_states != "bf16",
                              state_v_first=True)
-        dv = fla_chunk.chunk_gla_bwd_dv(k=k, g=g_cumsum, A=A, do=do, dh=dh, cu_seqlens=cu_seqlens,
-                                        chunk_size=chunk_size, chunk_indices=chunk_indices, state_v_first=True)
+        dq_out, dk_out, dv_out = (f() if f is not None else None for f in (ctx.grads_into or (None,) * 3))
+        if DV == "ours":
+            dv = _backward_dv(k, g_cumsum, A, do, dh, cu_seqlens, chunk_size, chunk_indices, dv_out)
+        else:
+            dv = _into(dv_out, fla_chunk.chunk_gla_bwd_dv(
+                k=k, g=g_cumsum, A=A, do=do, dh=dh, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                chunk_indices=chunk_indices, state_v_first=True))
         dA = fla_chunk.chunk_gla_bwd_dA(v=v, do=do, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
                                         chunk_indices=chunk_indices)
         intra = fla_chunk.chunk_gla_bwd_dqk_intra
@@ -306,10 +387,9 @@ class _ChunkGLAFunction(torch.autograd.Function):
             intra = gla_intra.chunk_gla_bwd_dqk_intra
         dq, dk = intra(q=q, k=k, g=g_cumsum, dA=dA, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
                        chunk_indices=chunk_indices)
-        dq_out, dk_out, dv_out = (f() if f is not None else None for f in (ctx.grads_into or (None,) * 3))
         dq, dk, dg = _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chunk_size,
                                     chunk_indices, ctx.g_dtype, dq_out=dq_out, dk_out=dk_out)
-        return dq, dk, _into(dv_out, dv.to(v.dtype)), dg, None, None, None, None, None, None
+        return dq, dk, dv.to(v.dtype), dg, None, None, None, None, None, None
 
 
 def covers(q: torch.Tensor) -> bool:
