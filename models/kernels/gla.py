@@ -38,6 +38,12 @@ runs in its place: the same sums, with h and dh taken to fp32 before their produ
 one rounding is all the precision bf16 states cost (tests/test_gla_kernel.py measures that cost against GLA's
 recurrence in float64: o and every gradient within 2^-9 of their largest value).
 
+`chunk_gla(..., grads_into=...)` hands the backward's dq, dk and dv to places its caller chooses: column blocks of
+one wider gradient (models/fused.py's `projections="slab"`, where the five projections' gradients are one [tokens,
+3088] tensor so their backward is one GEMM each for dx and dW). `_gla_bwd_inter_kernel` writes dq and dk there with
+a row stride; `_gla_bwd_dv_kernel` (ours, `DV = "ours"`: FLA's dv products, fp32 for the intra-chunk one as FLA's)
+writes dv there, where FLA's chunk_gla_bwd_dv is copied there instead.
+
 Everything else is FLA's, called as FLA's own `chunk_gla_fwd` / `chunk_gla_bwd` call it: the gate's chunk-local
 cumsum, `chunk_fwd_h`, `chunk_gla_fwd_intra_gk`, `chunk_bwd_dh`, `chunk_gla_bwd_dv`, `chunk_gla_bwd_dA`,
 `chunk_gla_bwd_dqk_intra`, and the two kernels launched here (`chunk_gla_fwd_kernel_o`, `chunk_gla_bwd_kernel_inter`)
