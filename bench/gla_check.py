@@ -13,10 +13,10 @@ gate    ours (one kernel each way) vs the split path it replaces (F.linear with 
         both against float64 math on the same bf16 inputs: max |error| / max |exact| of gk, da, dW, db.
 model   one forward + backward of the model (--model, fused blocks, bf16 weights) with the new defaults against
         gate="split", chunk="fla" on the same tokens: loss and the largest relative gradient difference.
-slab    (only with --only slab) the model's gradients with projections="slab" (one gradient for the five attention
-        projections, models/fused.py) against one GEMM each, with FLA's and our gated norm, and with our dv kernel
-        (gla.DV): the same loss bits, and the largest relative gradient difference (the dx and dW sums in another
-        order; our dv kernel's fp32 rounding).
+slab    (only with --only slab) the model's bf16 gradients with projections="slab" (one gradient for the five
+        attention projections, models/fused.py) and with one GEMM each, for each --slab-cases pair of gated norm
+        (FLA's or ours) and dv kernel (gla.DV), each against the fp32 model's (the reference): the same loss bits, and per weight
+        max |diff| / max |fp32| (largest and median over the weights); a CHECK where the slab's is over twice split's.
 Timing: CUDA events around each side's forward + backward (bench/cuda_timing.py), median of --iters.
 Exit status 1 if a bitwise check fails or ours is further from float64 than 2x the split path (+ one bf16 ulp of
 the largest value); 2 without CUDA.
@@ -43,6 +43,8 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--model", default=os.path.join(ROOT, "configs", "gla_340M.json"))
     p.add_argument("--no-model", action="store_true")
+    p.add_argument("--slab-cases", default="ours:fla,ours:ours",
+                   help="slab: GATED_NORM:DV pairs, comma-separated (gated norm fla|ours, dv kernel fla|ours)")
     p.add_argument("--only", default="chunk,gate,model", help="comma-separated parts to run: chunk, gate, model, slab")
     p.add_argument("--sweep", action="store_true",
                    help="also time the gate kernels at other launch configurations than models/kernels/gate.py's")
@@ -201,7 +203,7 @@ def main() -> int:
                 print(f"  backward {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_bwd / t / 1e6:6.0f} GB/s", flush=True)
 
     # ---- model / slab ------------------------------------------------------------------------------------------
-    def model_grads(choices):
+    def model_grads(choices, dtype=torch.bfloat16):
         """(loss, fp32 gradients) of one forward + backward per fused.install choice, same weights and tokens."""
         from models import build, fused
         config = build.load_config(args.model)
@@ -210,7 +212,7 @@ def main() -> int:
             device=dev).manual_seed(1), device=dev)
         out = []
         for choice in choices:
-            model = build.build_model(config, dev, seed=0).to(torch.bfloat16)
+            model = build.build_model(config, dev, seed=0).to(dtype)
             fused.install(model, **choice)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -222,6 +224,11 @@ def main() -> int:
     def worst_difference(a, b):
         return max((((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)).item(), n) for n in b)
 
+    def errors(a, ref):
+        """max |a - ref| / max |ref| per weight: (the largest, its name), and the median over the weights."""
+        rel = sorted((((a[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)).item(), n) for n in ref)
+        return rel[-1], rel[len(rel) // 2][0]
+
     if "model" in parts:
         say("model: new defaults, then gate split + FLA chunk")
         (loss_new, g_new), (loss_old, g_old) = model_grads([{}, {"gate": "split", "chunk": "fla"}])
@@ -232,19 +239,29 @@ def main() -> int:
     if "slab" in parts:
         # projections="slab" changes only the backward's GEMMs (one over the stacked gradient instead of five, so
         # another summation order) and where dq, dk, dv, dg are written: the loss must be the same bits
-        say("slab: the projections' gradient as one slab against one GEMM each, with FLA's and our gated norm")
-        for norm, dv in (("fla", "fla"), ("ours", "fla"), ("ours", "ours")):
-            (loss_split, g_split), = model_grads([{"gated_norm": norm}])
+        say("slab: the projections' gradient as one slab against one GEMM each, both against fp32 math")
+        (_, g_ref), = model_grads([{}], dtype=torch.float32)
+        split = {}
+        for norm, dv in [tuple(c.split(":")) for c in args.slab_cases.split(",")]:
+            if norm not in split:
+                split[norm] = model_grads([{"gated_norm": norm}])[0]
+            loss_split, g_split = split[norm]
             gla.DV, dv_before = dv, gla.DV
             try:
                 (loss_slab, g_slab), = model_grads([{"gated_norm": norm, "projections": "slab"}])
             finally:
                 gla.DV = dv_before
-            worst = worst_difference(g_slab, g_split)
-            print(f"slab ({norm} gated norm, {dv} dv kernel): loss {loss_slab:.6f} vs {loss_split:.6f} split; largest "
-                  f"relative gradient difference {worst[0]:.2e} ({worst[1]})", flush=True)
+            (worst_split, name_split), median_split = errors(g_split, g_ref)
+            (worst_slab, name_slab), median_slab = errors(g_slab, g_ref)
+            print(f"slab ({norm} gated norm, {dv} dv kernel): loss {loss_slab:.6f} vs {loss_split:.6f} split; gradient "
+                  f"error against fp32 per weight (max |diff| / max |fp32|): slab largest {worst_slab:.2e} "
+                  f"({name_slab}), median {median_slab:.2e}; split largest {worst_split:.2e} ({name_split}), median "
+                  f"{median_split:.2e}; slab vs split largest {worst_difference(g_slab, g_split)[0]:.2e}", flush=True)
             if loss_slab != loss_split:
                 bad.append(f"slab loss ({norm} gated norm)")
+            if worst_slab > 2 * worst_split or median_slab > 2 * median_split:
+                bad.append(f"slab gradients further from fp32 than split's ({norm} gated norm, {dv} dv kernel)")
+
     say("gla_check: " + ("CHECK " + ", ".join(bad) if bad else "all checks passed"))
     return 1 if bad else 0
 

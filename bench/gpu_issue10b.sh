@@ -69,6 +69,9 @@
 #                                      -slab-gnorm, -slab-oursdv-gnorm and -gnorm vs the defaults at batch 16
 #                                      (CASES16 overrides), then the profile with the slab, our gated norm and our
 #                                      dv kernel (PROFILE=0 skips it)
+#   bash bench/gpu_issue10b.sh c27     (2026-12-07) models.warm, the slab's and split's gradients against the fp32
+#                                      model's (gla_check --only slab), the loss curve of -slab-oursdv-gnorm against
+#                                      the defaults (carry data/shk2048)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -699,6 +702,23 @@ c26)
     gzip -f "$OUT/trace.json" 2>/dev/null
     grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
   fi
+  stamp "done"
+  ;;
+c27)
+  # (2026-12-07) projections="slab" with our gated norm and dv kernel (c26's fastest: 1.025x): its gradients and
+  # split's against the fp32 model's (bench/gla_check.py --only slab, batch 8), then 300-step loss curves on real
+  # text, the defaults (bf16-fused) against it (RUNS overrides)
+  need_shards c27
+  device
+  warm bf16 fused 150
+  stamp "gla_check --only slab"
+  timeout "$(budget 170)" python3 bench/gla_check.py --only slab --batch 8 > "$OUT/slab_check.log" 2>&1
+  grep -v Warning "$OUT/slab_check.log" | tail -4
+  stamp "precision_curve"
+  timeout "$(budget 250)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
+      --runs "${RUNS:-bf16-fused,bf16-fused-slab-oursdv-gnorm}" --dir bench/out/precision > "$OUT/curve.log" 2>&1
+  cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
+  sed -n '/^vs /,$p' "$OUT/curve.log" | head -30; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
   stamp "done"
   ;;
 x2a)
