@@ -66,11 +66,12 @@
 #                                      GB cards; 16 on others), the profile
 #   bash bench/gpu_issue10b.sh c26     (2026-12-07) models.warm, bench/gla_check.py --only slab (the attention
 #                                      projections' gradient as one slab: same loss bits?), the trainer -slab,
-#                                      -slab-gnorm, -slab-oursdv-gnorm and -gnorm vs the defaults at batch 16
+#                                      -slab-gnorm, -slab-oursdv-gnorm and -gnorm vs the defaults at batch 16 (as
+#                                      run then; since, -slab-fladv is c26's -slab and -slab-gnorm its -slab-oursdv-gnorm)
 #                                      (CASES16 overrides), then the profile with the slab, our gated norm and our
 #                                      dv kernel (PROFILE=0 skips it)
 #   bash bench/gpu_issue10b.sh c27     (2026-12-07) models.warm, the slab's and split's gradients against the fp32
-#                                      model's (gla_check --only slab), the loss curve of -slab-oursdv-gnorm against
+#                                      model's (gla_check --only slab), the loss curve of -slab-gnorm against
 #                                      the defaults (carry data/shk2048)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
@@ -694,7 +695,7 @@ c26)
   stamp "gla_check --only slab"
   timeout "$(budget 100)" python3 bench/gla_check.py --only slab > "$OUT/slab_check.log" 2>&1
   grep -v Warning "$OUT/slab_check.log" | tail -5
-  trainer_vs b16 16 20 3 270 "${CASES16:-ours-bf16,ours-bf16-slab,ours-bf16-slab-gnorm,ours-bf16-slab-oursdv-gnorm,ours-bf16-gnorm}"
+  trainer_vs b16 16 20 3 270 "${CASES16:-ours-bf16,ours-bf16-slab-fladv,ours-bf16-slab-fladv-gnorm,ours-bf16-slab-gnorm,ours-bf16-gnorm}"
   if [ "${PROFILE:-1}" = 1 ]; then
     stamp "profile, slab + our gated norm"
     timeout "$(budget 90)" python3 bench/gpu_profile.py --kernels fused --projections slab --gated-norm ours --dv ours --lag \
@@ -705,7 +706,8 @@ c26)
   stamp "done"
   ;;
 c27)
-  # (2026-12-07) projections="slab" with our gated norm and dv kernel (c26's fastest: 1.025x): its gradients and
+  # (2026-12-07) projections="slab" with our gated norm and dv kernel (c26's fastest: 1.025x; gla.DV's default
+  # since c26, so -slab-gnorm here is c26's -slab-oursdv-gnorm): its gradients and
   # split's against the fp32 model's (bench/gla_check.py --only slab, batch 8), then 300-step loss curves on real
   # text, the defaults (bf16-fused) against it (RUNS overrides)
   need_shards c27
@@ -716,7 +718,7 @@ c27)
   grep -v Warning "$OUT/slab_check.log" | tail -4
   stamp "precision_curve"
   timeout "$(budget 250)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
-      --runs "${RUNS:-bf16-fused,bf16-fused-slab-oursdv-gnorm}" --dir bench/out/precision > "$OUT/curve.log" 2>&1
+      --runs "${RUNS:-bf16-fused,bf16-fused-slab-gnorm}" --dir bench/out/precision > "$OUT/curve.log" 2>&1
   cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
   sed -n '/^vs /,$p' "$OUT/curve.log" | head -30; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
   stamp "done"

@@ -86,15 +86,15 @@ KERNELS = ("fused", "fla")
 # product kept from forward for backward, or written again there), -hfp32 / -hbf16 / -hnone (what our chunk_gla keeps
 # of GLA's states for backward: models/kernels/gla.py SAVED_STATES), -intra / -flaintra (the backward's intra-chunk
 # dq, dk kernel: models/kernels/gla_intra.py or FLA's: gla.INTRA), -fwdintra (the forward's intra-chunk A kernel
-# of models/kernels/gla_fwd_intra.py: gla.FWD_INTRA), -oursdv (the backward's dv by models/kernels/gla.py's
-# kernel: gla.DV), -mlpgemm (SwiGLU in the MLP's GEMMs: models/kernels/mlp_gemm.py),
+# of models/kernels/gla_fwd_intra.py: gla.FWD_INTRA), -fladv (the backward's dv by FLA's kernel, copied where the
+# slab wants it, instead of models/kernels/gla.py's: gla.DV), -mlpgemm (SwiGLU in the MLP's GEMMs: models/kernels/mlp_gemm.py),
 # -mlpmerged (the MLP's gate and up projections as one GEMM: fused.install(mlp="merged")), -ce / -flace (the LM head
 # and loss by models/kernels/cross_entropy.py, or FLA's head and fused cross entropy),
 # -gnorm (GLA's gated output norm by models/kernels/gated_norm.py), -graphs, -sync
-CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-oursdv][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync]"
+CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync]"
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
 MODIFIERS = ("split", "cat", "slab", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
-             "fwdintra", "oursdv", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "graphs", "sync")
+             "fwdintra", "fladv", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
@@ -151,9 +151,9 @@ def apply_modifiers(case: str) -> None:
     if "fwdintra" in _modifiers(case):
         from models.kernels import gla
         gla.FWD_INTRA = "ours"
-    if "oursdv" in _modifiers(case):
+    if "fladv" in _modifiers(case):
         from models.kernels import gla
-        gla.DV = "ours"
+        gla.DV = "fla"
     if "mlpgemm" in _modifiers(case):
         fused.DEFAULT_MLP = "gemm"
     if "mlpmerged" in _modifiers(case):

@@ -65,7 +65,7 @@ def test_top_kernels_lists_the_largest_per_step_with_category_and_cut_name():
     ("ours-bf16-hbf16-intra", ("bf16", "fused")), ("ours-bf16-flaintra-graphs", ("bf16", "fused")),
     ("ours-bf16-fwdintra", ("bf16", "fused")), ("ours-bf16-hnone-flaintra-fwdintra-sync", ("bf16", "fused")),
     ("ours-bf16-flace", ("bf16", "fused")), ("ours-bf16-ce", ("bf16", "fused")),
-    ("ours-bf16-mlpmerged-flace", ("bf16", "fused")), ("ours-bf16-slab-oursdv-gnorm", ("bf16", "fused")),
+    ("ours-bf16-mlpmerged-flace", ("bf16", "fused")), ("ours-bf16-slab-fladv-gnorm", ("bf16", "fused")),
     ("ours-bf16-gnorm", ("bf16", "fused")), ("ours-bf16-mlpmerged-flace-gnorm-graphs", ("bf16", "fused")), ("ours-bf16-mlpgemm-flace-graphs", ("bf16", "fused")),
 ])
 def test_train_bench_cases(case, expect):

@@ -267,11 +267,11 @@ def test_our_dv_kernel_computes_flas_dv_into_a_column_block(cu_seqlens):
     assert torch.equal(gla._backward_dv(k, g, A, do, dh, cu, chunk, chunk_indices), got)
 
 
-@pytest.mark.parametrize("dv", gla.DV_CHOICES)
+@pytest.mark.parametrize("dv", [*gla.DV_CHOICES, None])
 def test_chunk_gla_hands_back_gradients_where_it_is_told(dv, monkeypatch):
     """grads_into: the backward calls it for dq's, dk's and dv's places and returns those tensors, holding the values
     a call without it computes (bit for bit, fp32; our inter kernel, as bf16 states run it; dv by FLA's kernel then
-    copied, or by ours straight there)."""
+    copied, or by ours straight there, as DV = None does where a place is given)."""
     monkeypatch.setattr(gla, "INTER", "ours")
     monkeypatch.setattr(gla, "DV", dv)
     tensors = inputs(2, 100, 2, 16, 32, torch.float32)

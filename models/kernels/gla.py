@@ -41,8 +41,8 @@ recurrence in float64: o and every gradient within 2^-9 of their largest value).
 `chunk_gla(..., grads_into=...)` hands the backward's dq, dk and dv to places its caller chooses: column blocks of
 one wider gradient (models/fused.py's `projections="slab"`, where the five projections' gradients are one [tokens,
 3088] tensor so their backward is one GEMM each for dx and dW). `_gla_bwd_inter_kernel` writes dq and dk there with
-a row stride; `_gla_bwd_dv_kernel` (ours, `DV = "ours"`: FLA's dv products, fp32 for the intra-chunk one as FLA's)
-writes dv there, where FLA's chunk_gla_bwd_dv is copied there instead.
+a row stride; `_gla_bwd_dv_kernel` (ours: FLA's dv products, fp32 for the intra-chunk one as FLA's; `DV`) writes dv
+there, where FLA's chunk_gla_bwd_dv would be copied there instead.
 
 Everything else is FLA's, called as FLA's own `chunk_gla_fwd` / `chunk_gla_bwd` call it: the gate's chunk-local
 cumsum, `chunk_fwd_h`, `chunk_gla_fwd_intra_gk`, `chunk_bwd_dh`, `chunk_gla_bwd_dv`, `chunk_gla_bwd_dA`,
@@ -74,9 +74,10 @@ FWD_INTRA = "fla"
 # (`_gla_bwd_inter_kernel`), or None: FLA's for fp32 states, ours for any other (module doc)
 INTER = None
 INTER_CHOICES = ("fla", "ours")
-# the backward's dv: "fla" (chunk_gla_bwd_dv, then copied where grads_into puts it) or "ours" (`_gla_bwd_dv_kernel`,
-# the same products, written with any row stride: straight into a column block of a wider gradient)
-DV = "fla"
+# the backward's dv: "fla" (chunk_gla_bwd_dv, then copied where grads_into puts it), "ours" (`_gla_bwd_dv_kernel`,
+# the same products, written with any row stride: straight into a column block of a wider gradient), or None: ours
+# where grads_into gives dv a place, FLA's otherwise (measured on an H100, BENCHMARKS.md: the slab path 1.018x -> 1.025x)
+DV = None
 DV_CHOICES = ("fla", "ours")
 
 
@@ -379,7 +380,7 @@ class _ChunkGLAFunction(torch.autograd.Function):
                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=ctx.saved_states != "bf16",
                              state_v_first=True)
         dq_out, dk_out, dv_out = (f() if f is not None else None for f in (ctx.grads_into or (None,) * 3))
-        if DV == "ours":
+        if DV == "ours" or (DV is None and dv_out is not None):
             dv = _backward_dv(k, g_cumsum, A, do, dh, cu_seqlens, chunk_size, chunk_indices, dv_out)
         else:
             dv = _into(dv_out, fla_chunk.chunk_gla_bwd_dv(
