@@ -71,8 +71,8 @@
 #                                      (CASES16 overrides), then the profile with the slab, our gated norm and our
 #                                      dv kernel (PROFILE=0 skips it)
 #   bash bench/gpu_issue10b.sh c27     (2026-12-07) models.warm, the slab's and split's gradients against the fp32
-#                                      model's (gla_check --only slab), the loss curve of -slab-gnorm against
-#                                      the defaults (carry data/shk2048)
+#                                      model's (gla_check --only slab), the loss curve of the defaults (slab, our
+#                                      gated norm) against the old (-split-flagnorm) (carry data/shk2048)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -707,9 +707,9 @@ c26)
   ;;
 c27)
   # (2026-12-07) projections="slab" with our gated norm and dv kernel (c26's fastest: 1.025x; gla.DV's default
-  # since c26, so -slab-gnorm here is c26's -slab-oursdv-gnorm): its gradients and
-  # split's against the fp32 model's (bench/gla_check.py --only slab, batch 8), then 300-step loss curves on real
-  # text, the defaults (bf16-fused) against it (RUNS overrides)
+  # since c26; with our gated norm, the fused defaults since): its gradients and split's against the fp32 model's
+  # (bench/gla_check.py --only slab, batch 8), then 300-step loss curves on real text, the old defaults
+  # (-split-flagnorm) against the new (RUNS overrides)
   need_shards c27
   device
   warm bf16 fused 150
@@ -718,7 +718,7 @@ c27)
   grep -v Warning "$OUT/slab_check.log" | tail -4
   stamp "precision_curve"
   timeout "$(budget 250)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
-      --runs "${RUNS:-bf16-fused,bf16-fused-slab-gnorm}" --dir bench/out/precision > "$OUT/curve.log" 2>&1
+      --runs "${RUNS:-bf16-fused-split-flagnorm,bf16-fused}" --dir bench/out/precision > "$OUT/curve.log" 2>&1
   cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
   sed -n '/^vs /,$p' "$OUT/curve.log" | head -30; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
   stamp "done"

@@ -90,11 +90,11 @@ KERNELS = ("fused", "fla")
 # slab wants it, instead of models/kernels/gla.py's: gla.DV), -mlpgemm (SwiGLU in the MLP's GEMMs: models/kernels/mlp_gemm.py),
 # -mlpmerged (the MLP's gate and up projections as one GEMM: fused.install(mlp="merged")), -ce / -flace (the LM head
 # and loss by models/kernels/cross_entropy.py, or FLA's head and fused cross entropy),
-# -gnorm (GLA's gated output norm by models/kernels/gated_norm.py), -graphs, -sync
-CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm][-graphs][-sync]"
+# -gnorm / -flagnorm (GLA's gated output norm by models/kernels/gated_norm.py, or FLA's module), -graphs, -sync
+CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-graphs][-sync]"
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
 MODIFIERS = ("split", "cat", "slab", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
-             "fwdintra", "fladv", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "graphs", "sync")
+             "fwdintra", "fladv", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "flagnorm", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
@@ -112,7 +112,7 @@ def parse_case(case: str) -> tuple[str, str]:
     mods = set(_modifiers(case))
     if (head != "ours" or rest or len(mods & {"split", "cat", "slab"}) > 1 or {"keepz", "nokeepz"} <= mods
             or len(mods & set(STATE_MODIFIERS)) > 1 or {"intra", "flaintra"} <= mods or {"mlpgemm", "mlpmerged"} <= mods
-            or {"ce", "flace"} <= mods):
+            or {"ce", "flace"} <= mods or {"gnorm", "flagnorm"} <= mods):
         raise ValueError(f"case {case!r}: use hf or {CASE_FORM}, "
                          f"PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
@@ -160,8 +160,8 @@ def apply_modifiers(case: str) -> None:
         fused.DEFAULT_MLP = "merged"
     if "ce" in _modifiers(case) or "flace" in _modifiers(case):
         fused.DEFAULT_LOSS = "ours" if "ce" in _modifiers(case) else "fla"
-    if "gnorm" in _modifiers(case):
-        fused.DEFAULT_GATED_NORM = "ours"
+    if "gnorm" in _modifiers(case) or "flagnorm" in _modifiers(case):
+        fused.DEFAULT_GATED_NORM = "ours" if "gnorm" in _modifiers(case) else "fla"
     if "mulclip" in _modifiers(case):
         import trainer.loop as loop
         loop.CLIP_IN_STEP = False

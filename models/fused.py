@@ -9,7 +9,10 @@ bytes the math does not need:
     the first low-rank gate projection) and the MLP's input feeds two (gate, up). Autograd computes one input
     gradient per projection and adds them up with separate elementwise kernels: four full-size adds per
     attention and one per MLP, every layer. `shared_linear` computes the input gradient as one chain of
-    GEMMs accumulating into the same buffer (cuBLAS's beta = 1), so those adds disappear.
+    GEMMs accumulating into the same buffer (cuBLAS's beta = 1), so those adds disappear; the MLP's runs so.
+    The attention's (`slab_linear`, the default `projections="slab"`) goes further: its five gradients are the
+    column blocks of one [tokens, 3088] tensor (`GradSlab`), which the chunk kernels (dq, dk, dv) and our gated
+    norm (dg) write straight into, so dx and the stacked dW are one GEMM each (1.025x the step on an H100).
   * The residual add fused into both pre-norms. FLA's GLA block fuses the MLP pre-norm with the residual
     add but not the attention pre-norm: each block ends with a plain `residual + mlp_out` and the next block
     normalizes it, and backward adds the two gradients of that sum in a kernel of its own. Here the blocks
@@ -20,9 +23,10 @@ bytes the math does not need:
 
 `install(projections="cat")` runs the attention's five projections as one GEMM over the stacked weights instead
 (`concat_linear`; fewer, wider GEMMs, paid for with copies; see its docstring for where it stands);
-`install(projections="slab")` keeps the forward's five GEMMs (contiguous q, k, v for FLA's chunk kernels) and makes
-the backward's two products one GEMM each over one gradient (`slab_linear`, `GradSlab`): the chunk kernels write dq
-and dk and the gated norm (ours) dg straight into its column blocks, the rest are copied in. Further switches,
+`install(projections="slab")` (the default) keeps the forward's five GEMMs (contiguous q, k, v for FLA's chunk
+kernels) and makes the backward's two products one GEMM each over one gradient (`slab_linear`, `GradSlab`): our chunk
+wrapper writes dq, dk and dv and our gated norm dg straight into its column blocks, anything else (FLA's gated norm,
+FLA's chunk_gla, the gate's 16 columns) is copied in; "split" is the one-GEMM-each backward. Further switches,
 each with the measured default (BENCHMARKS.md, "Passes the math does not need"): `gate` (GLA's low-rank gate as one
 kernel each way, models/kernels/gate.py), `chunk` (GLA's chunked attention without FLA's output fill and dq/dk/dg
 casts, models/kernels/gla.py) and `keep_z` (the SwiGLU product kept for backward); `mlp="gemm"` (SwiGLU in the
@@ -34,14 +38,15 @@ implements it (`_block_forward`).
 With `install(loss="ours")` the causal LM's head and loss, where labels are given, run as one function of
 models/kernels/cross_entropy.py: the logits' gradient is written over them in the forward, one pass over the
 [tokens, vocab] tensor less than FLA's fused cross entropy on paper, and such calls return no logits;
-`install(gated_norm="ours")` runs GLA's output norm by models/kernels/gated_norm.py, and `install(mlp="merged")` the
-MLP's gate and up projections as one GEMM. Timed on an H100 (BENCHMARKS.md, 2026-12-07), none of the three changed the
-step beyond its noise, so the defaults stay FLA's loss and norm and the split MLP.
+`install(gated_norm="ours")` (the default) runs GLA's output norm by models/kernels/gated_norm.py, and
+`install(mlp="merged")` the MLP's gate and up projections as one GEMM. Timed on an H100 (BENCHMARKS.md, 2026-12-07),
+none of the three changed the step beyond its noise on its own, so the defaults stay FLA's loss and the split MLP;
+our gated norm is the default because it writes dg into the projections' slab (FLA's is copied there).
 
 Nothing changes in the parameters or the state dict: checkpoints, exports and FSDP sharding see the same
 model. The fused forward runs where it covers the call (training and plain evaluation: no cache, no
 attention mask, no hidden-state outputs, no autocast); any other call runs FLA's forward unchanged. The
-parts FLA already does well (GLA's chunk kernels, the gated output norm) are FLA's own kernels (its functions
+parts FLA already does well (most of GLA's chunk kernels) are FLA's own kernels (its functions
 looked up at call time where a CPU runs them, so models/cpu_torch.py's CPU versions apply here too, which is how
 the tests check this module on a machine without a GPU). SwiGLU + down projection are models/kernels/swiglu.py's
 kernels and the gate after its first projection models/kernels/gate.py's by default (`install(swiglu="ours")`:
@@ -205,7 +210,8 @@ PROJECTIONS = {"split": shared_linear, "cat": concat_linear, "slab": slab_linear
 PROJECTION_NAMES = {"split": "shared-input", "cat": "stacked (one GEMM)",
                     "slab": "shared-input (backward one GEMM each for dx and dW over one gradient)"}
 # install()'s defaults where its argument is None; bench/train_bench.py's case modifiers set them per process
-DEFAULT_PROJECTIONS = "split"
+# "slab": 1.025x "split" in the trainer on an H100 with our gated norm writing dg into it (BENCHMARKS.md, 2026-12-07)
+DEFAULT_PROJECTIONS = "slab"
 DEFAULT_GATE = "fused"
 DEFAULT_CHUNK = "ours"
 DEFAULT_KEEP_Z = True  # measured faster on an H100 (BENCHMARKS.md), +1 bf16 [tokens, intermediate] tensor a layer
@@ -216,7 +222,9 @@ DEFAULT_MLP = "split"
 LOSSES = ("ours", "fla")
 DEFAULT_LOSS = "fla"  # "ours" (models/kernels/cross_entropy.py): 0.997x median, 1.004x mean on an H100 (BENCHMARKS.md)
 GATED_NORMS = ("fla", "ours")
-DEFAULT_GATED_NORM = "fla"  # "ours" (models/kernels/gated_norm.py): 0.995x median, 1.004x mean on an H100
+# "ours" (models/kernels/gated_norm.py): 0.995x median, 1.004x mean on an H100 alone, but it writes dg straight into
+# the projections' slab where FLA's is copied there: -slab-gnorm 1.018x, -slab 1.008x (FLA's dv kernel both)
+DEFAULT_GATED_NORM = "ours"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ class ModelConfig:
     # CPU only: "torch" runs GLA's FLA ops as plain PyTorch (models/cpu_torch.py; other models fall back to the
     # interpreter with a log line), "triton" runs FLA's Triton kernels under the Triton interpreter (slow)
     cpu_kernels: Literal["torch", "triton"] = "torch"
-    # GPU only: "fused" runs GLA blocks through models/fused.py (shared-input projections, the residual add fused
-    # into both pre-norms, our RMSNorm kernel; same parameters); models it does not cover, and train.compile,
+    # GPU only: "fused" runs GLA blocks through models/fused.py (shared-input projections whose gradients are one
+    # tensor, the residual add fused into both pre-norms, our norm kernels; same parameters); models it does not
+    # cover, and train.compile,
     # keep FLA's modules with a log line. "fla": FLA's modules unchanged.
     gpu_kernels: Literal["fused", "fla"] = "fused"
 
