@@ -714,7 +714,8 @@ c27)
   device
   warm bf16 fused 150
   stamp "gla_check --only slab"
-  timeout "$(budget 170)" python3 bench/gla_check.py --only slab --batch 8 > "$OUT/slab_check.log" 2>&1
+  timeout "$(budget 170)" python3 bench/gla_check.py --only slab --batch 8 --slab-cases "${SLAB_CASES:-ours:fla,ours:ours}" \
+      > "$OUT/slab_check.log" 2>&1
   grep -v Warning "$OUT/slab_check.log" | tail -4
   stamp "precision_curve"
   timeout "$(budget 250)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
