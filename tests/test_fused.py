@@ -30,13 +30,19 @@ def torch_ops():
     cpu_torch.uninstall()
 
 
-def pair(norm="fla", swiglu="fla", projections="split", **extra):
-    """FLA's model and a fused copy with the same weights."""
+def pair(norm="fla", swiglu="fla", projections=None, **extra):
+    """FLA's model and a fused copy with the same weights (projections None: models.fused's default)."""
     config = build.load_config({**CONFIG, **extra})
     stock = build.build_model(config, "cpu", seed=0)
     other = build.build_model(config, "cpu", seed=0)
     fused.install(other, norm=norm, swiglu=swiglu, projections=projections)
     return stock, other
+
+
+def checkpoint(*models, reentrant=False):
+    for m in models:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.train()
 
 
 def loss_and_grads(model, ids, **kwargs):
@@ -105,9 +111,7 @@ def test_stacked_projections_give_flas_loss_and_gradients(checkpointing, monkeyp
     monkeypatch.setitem(fused.PROJECTIONS, "cat", lambda *a: calls.append(1) or real(*a))
     stock, other = pair(norm="ours", swiglu="ours", projections="cat")
     if checkpointing:
-        for m in (stock, other):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            m.train()
+        checkpoint(stock, other)
     x = ids()
     assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
     layers = CONFIG["num_hidden_layers"]
@@ -144,9 +148,7 @@ def test_slab_projections_give_flas_loss_and_gradients(kinds, copied, checkpoint
     assert "backward one GEMM each" in fused.install(other, norm="ours", swiglu="ours", projections="slab",
                                                      chunk=chunk, gated_norm=gated_norm)
     if checkpointing:
-        for m in (stock, other):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            m.train()
+        checkpoint(stock, other)
     x = ids()
     assert_same(loss_and_grads(stock, x), loss_and_grads(other, x))
     layers = CONFIG["num_hidden_layers"]
@@ -203,9 +205,7 @@ def test_fused_blocks_under_activation_checkpointing(reentrant, monkeypatch):
     """The fused blocks are checkpointed: each block's forward runs again in backward. (transformers 5.2x
     checkpoints inside the layer class's forward, which the fused forward replaces: it was silently off.)"""
     stock, other = pair()
-    for m in (stock, other):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        m.train()
+    checkpoint(stock, other, reentrant=reentrant)
     calls = []
     real = fused._attention
     monkeypatch.setattr(fused, "_attention", lambda *a: calls.append(1) or real(*a))
@@ -317,11 +317,12 @@ def test_the_head_and_loss_run_as_one_function_and_return_no_logits(monkeypatch)
 
 @pytest.mark.parametrize("module, name, install, described", [
     ("swiglu", "gate_up_swiglu", {"mlp": "merged"}, "after one gate+up GEMM"),
-    ("gated_norm", "rms_norm_gated", {"gated_norm": "ours"}, "our gated output norm"),
-], ids=["merged-mlp", "our-gated-norm"])
-def test_switches_not_yet_default_give_flas_loss_and_gradients(module, name, install, described, monkeypatch):
+    ("gated_norm", "rms_norm_gated", {"gated_norm": "ours", "projections": "split"}, "our gated output norm"),
+], ids=["merged-mlp", "our-gated-norm-split"])
+def test_more_switches_give_flas_loss_and_gradients(module, name, install, described, monkeypatch):
     """install(mlp="merged"): the MLP's gate and up projections as one GEMM (swiglu.gate_up_swiglu), the down
-    projection a plain linear layer; install(gated_norm="ours"): GLA's output norm by models/kernels/gated_norm.py.
+    projection a plain linear layer; install(gated_norm="ours") with split projections: GLA's output norm by
+    models/kernels/gated_norm.py writing its own dg (the slab's case is test_slab_projections_...).
     Their kernels are interpreted here and checked to be called once a layer."""
     kernels = importlib.import_module(f"models.kernels.{module}")
     calls = []

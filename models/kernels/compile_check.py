@@ -37,8 +37,8 @@ VARIANTS = [
      {"SAVED_STATES": "fp32", "INTRA": "fla", "FWD_INTRA": "fla"}),
     ("our forward intra kernel, FLA's recompute", {"gate": "split"}, {"SAVED_STATES": "none", "FWD_INTRA": "ours"}),
     ("SwiGLU in the MLP GEMMs", {"mlp": "gemm"}, {}),
-    ("the projections' gradient as one slab, our gated norm and dv kernel", {"projections": "slab", "gated_norm": "ours"},
-     {"DV": "ours"}),
+    ("split projections, FLA's gated norm (the defaults before the slab)", {"projections": "split", "gated_norm": "fla"},
+     {}),
 ]
 
 

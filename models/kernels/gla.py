@@ -161,6 +161,23 @@ def _into(out, t):
     return out
 
 
+@triton.jit
+def _chunk_of(i_t, i_b, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Program (chunk i_t, batch row i_b) -> (the chunk's index in its sequence, the sequence's first row, its length,
+    the chunk's index among all chunks: where its state lies). With cu_seqlens, i_t counts chunks over all sequences
+    (FLA's chunk_indices pairs: sequence, chunk in it)."""
+    if IS_VARLEN:
+        i_state = i_t.to(tl.int64)
+        seq = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + seq).to(tl.int64)
+        T = (tl.load(cu_seqlens + seq + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_b * T
+        i_state = (i_b * tl.cdiv(T, BT) + i_t).to(tl.int64)
+    return i_t, bos, T, i_state
+
+
 def _prune_inter(configs, nargs, **kwargs):
     """A tile as large as its dimension only where it is the smallest one on offer (a pipelined block load would
     prefetch past the tensor), and no BK 32 with 4 warps: the combination FLA leaves out on Hopper with triton 3.6-3.8
@@ -194,19 +211,9 @@ def _gla_bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg,
     pid_kt = tl.program_id(0)
     n_k = tl.cdiv(K, BK)
     i_k = pid_kt % n_k
-    i_t = pid_kt // n_k
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
     i_h = i_bh % H
-    if IS_VARLEN:
-        i_state = i_t
-        seq = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + seq).to(tl.int64)
-        T = (tl.load(cu_seqlens + seq + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_b * T
-        i_state = i_b * tl.cdiv(T, BT) + i_t
+    i_t, bos, T, i_state = _chunk_of(pid_kt // n_k, i_bh // H, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     rows = i_t * BT + tl.arange(0, BT)
     cols = i_k * BK + tl.arange(0, BK)
     row_ok = rows < T
@@ -270,19 +277,9 @@ def _gla_bwd_dv_kernel(k, g, A, do, dh, dv, cu_seqlens, chunk_indices, T, sdv, H
     pid_vt = tl.program_id(0)
     n_v = tl.cdiv(V, BV)
     i_v = pid_vt % n_v
-    i_t = pid_vt // n_v
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
     i_h = i_bh % H
-    if IS_VARLEN:
-        i_state = i_t
-        seq = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + seq).to(tl.int64)
-        T = (tl.load(cu_seqlens + seq + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        bos = i_b * T
-        i_state = i_b * tl.cdiv(T, BT) + i_t
+    i_t, bos, T, i_state = _chunk_of(pid_vt // n_v, i_bh // H, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     rows = i_t * BT + tl.arange(0, BT)
     row_ok = rows < T
     vcols = i_v * BV + tl.arange(0, BV)
