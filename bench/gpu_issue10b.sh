@@ -70,9 +70,10 @@
 #                                      run then; since, -slab-fladv is c26's -slab and -slab-gnorm its -slab-oursdv-gnorm)
 #                                      (CASES16 overrides), then the profile with the slab, our gated norm and our
 #                                      dv kernel (PROFILE=0 skips it)
-#   bash bench/gpu_issue10b.sh c27     (2026-12-07) models.warm, the slab's and split's gradients against the fp32
-#                                      model's (gla_check --only slab), the loss curve of the defaults (slab, our
-#                                      gated norm) against the old (-split-flagnorm) (carry data/shk2048)
+#   bash bench/gpu_issue10b.sh c27     (2026-12-07) models.warm, the loss curve of the defaults (slab, our gated
+#                                      norm) against the old (-split-flagnorm) (carry data/shk2048; ~6 min)
+#   bash bench/gpu_issue10b.sh c28     (2026-12-07) models.warm (fp32 + bf16), the slab's and split's gradients
+#                                      against the fp32 model's (gla_check --only slab)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -706,22 +707,29 @@ c26)
   stamp "done"
   ;;
 c27)
-  # (2026-12-07) projections="slab" with our gated norm and dv kernel (c26's fastest: 1.025x; gla.DV's default
-  # since c26; with our gated norm, the fused defaults since): its gradients and split's against the fp32 model's
-  # (bench/gla_check.py --only slab, batch 8), then 300-step loss curves on real text, the old defaults
-  # (-split-flagnorm) against the new (RUNS overrides)
+  # (2026-12-07) the loss curve of the new defaults (projections="slab", our gated norm, our dv kernel) against the
+  # old (-split-flagnorm), 300 steps on real text, batch 16 (RUNS overrides). On an H100 each run takes ~2.5 min
+  # with its start: the whole stage needs ~6 min (the first try, inside 400 s with the check below, ran out)
   need_shards c27
   device
-  warm bf16 fused 150
-  stamp "gla_check --only slab"
-  timeout "$(budget 170)" python3 bench/gla_check.py --only slab --batch 8 --slab-cases "${SLAB_CASES:-ours:fla,ours:ours}" \
-      > "$OUT/slab_check.log" 2>&1
-  grep -v Warning "$OUT/slab_check.log" | tail -4
+  warm bf16 fused 120
   stamp "precision_curve"
-  timeout "$(budget 250)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
+  timeout "$(budget 480)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
       --runs "${RUNS:-bf16-fused-split-flagnorm,bf16-fused}" --dir bench/out/precision > "$OUT/curve.log" 2>&1
   cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
   sed -n '/^vs /,$p' "$OUT/curve.log" | head -30; grep -h '^{' "$OUT/curve.log"; tail -2 "$OUT/curve.log"
+  stamp "done"
+  ;;
+c28)
+  # (2026-12-07) the slab's and split's bf16 gradients each against the fp32 model's (bench/gla_check.py --only
+  # slab, batch 8). fp32 runs other kernel variants than bf16: warmed first (cold, their autotuning took the first
+  # try's whole 170 s)
+  device
+  warm fp32,bf16 fused 200
+  stamp "gla_check --only slab"
+  timeout "$(budget 300)" python3 bench/gla_check.py --only slab --batch 8 --slab-cases "${SLAB_CASES:-ours:fla,ours:ours}" \
+      > "$OUT/slab_check.log" 2>&1
+  grep -v Warning "$OUT/slab_check.log" | tail -4
   stamp "done"
   ;;
 x2a)
