@@ -246,6 +246,11 @@ def test_dq_dk_go_into_column_blocks_of_a_wider_gradient(inter, cu_seqlens):
     for name, a, b in zip(["dq", "dk", "dg"], got, want):
         assert torch.equal(a, b), name
     assert wide[:, :H * K].isnan().all() and wide[:, 2 * H * K:2 * H * K + 5].isnan().all()
+    # places the kernel cannot index (heads not packed in a row): computed elsewhere, then copied there
+    odd = [torch.full((B, T, K, H), float("nan")).transpose(2, 3) for _ in range(2)]
+    assert gla._row_strided(odd[0], q) is None
+    got = gla._backward_dqkg(*args, torch.float32, inter=inter, dq_out=odd[0], dk_out=odd[1])
+    assert got[0] is odd[0] and got[1] is odd[1] and torch.equal(odd[0], want[0]) and torch.equal(odd[1], want[1])
 
 
 @pytest.mark.parametrize("cu_seqlens", [None, [0, 40, 150]], ids=["batch", "cu_seqlens"])

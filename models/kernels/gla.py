@@ -133,12 +133,11 @@ def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chun
             q=q, k=k, v=v, g=g_cumsum, h=h, do=do, dh=dh, dq=dq, dk=dk, dq2=dq2, dk2=dk2, dg=dg,
             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale, T=T, H=H, K=K, V=V, BT=chunk_size,
             STATE_V_FIRST=True)
-        dq2, dk2 = _into(dq_out, dq2), _into(dk_out, dk2)
     else:  # low-precision states: sum(h * dh) in fp32 (module doc)
         _gla_bwd_inter_kernel[grid](q, k, v, g_cumsum, h, do, dh, dq, dk, dq2, dk2, dg, cu_seqlens, chunk_indices, scale,
                                     T, dq2.stride(1), dk2.stride(1), H=H, K=K, V=V, BT=chunk_size,
                                     IS_VARLEN=cu_seqlens is not None)
-    return dq2, dk2, dg
+    return _into(dq_out, dq2), _into(dk_out, dk2), dg
 
 
 def _row_strided(out, like):
@@ -154,8 +153,9 @@ def _row_strided(out, like):
 
 
 def _into(out, t):
-    """t copied into `out` where one is given (the copy a kernel that cannot write there costs), else t."""
-    if out is None:
+    """t copied into `out` where one is given and t is not already it (the copy a kernel that cannot write there
+    costs), else t."""
+    if out is None or out is t:
         return t
     out.copy_(t)
     return out
@@ -320,7 +320,7 @@ def _backward_dv(k, g_cumsum, A, do, dh, cu_seqlens, chunk_size, chunk_indices, 
         return (triton.cdiv(V, meta["BV"]) * NT, B * H)
     _gla_bwd_dv_kernel[grid](k, g_cumsum, A, do, dh, dv, cu_seqlens, chunk_indices, T, dv.stride(1), H=H, K=K, V=V,
                              BT=chunk_size, IS_VARLEN=cu_seqlens is not None)
-    return _into(dv_out, dv) if dv is not dv_out else dv
+    return _into(dv_out, dv)
 
 
 def _cumsum(g, chunk_size, cu_seqlens):
