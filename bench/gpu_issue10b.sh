@@ -74,6 +74,8 @@
 #                                      norm) against the old (-split-flagnorm) (carry data/shk2048; ~6 min)
 #   bash bench/gpu_issue10b.sh c28     (2026-12-07) models.warm (fp32 + bf16), the slab's and split's gradients
 #                                      against the fp32 model's (gla_check --only slab)
+#   bash bench/gpu_issue10b.sh c29     (2026-12-07) models.warm, the trainer with our dv kernel's intra product in
+#                                      tf32x3 (-dvtf32x3) against the defaults at batch 16
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -730,6 +732,15 @@ c28)
   timeout "$(budget 300)" python3 bench/gla_check.py --only slab --batch 8 --slab-cases "${SLAB_CASES:-ours:fla,ours:ours}" \
       > "$OUT/slab_check.log" 2>&1
   grep -v Warning "$OUT/slab_check.log" | tail -4
+  stamp "done"
+  ;;
+c29)
+  # (2026-12-07) our dv kernel's intra-chunk product A^T do in tf32x3 (three tensor-core products, ~fp32 accuracy)
+  # instead of fp32 FMAs: the profile put the kernel at 0.31 ms a layer on an H100 (c26), and that product is most
+  # of its math. The trainer -dvtf32x3 against the defaults at batch 16, 20 timed steps
+  device
+  warm bf16 fused 150
+  trainer_vs b16 16 20 3 200 "${CASES16:-ours-bf16,ours-bf16-dvtf32x3}"
   stamp "done"
   ;;
 x2a)

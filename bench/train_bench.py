@@ -87,14 +87,15 @@ KERNELS = ("fused", "fla")
 # of GLA's states for backward: models/kernels/gla.py SAVED_STATES), -intra / -flaintra (the backward's intra-chunk
 # dq, dk kernel: models/kernels/gla_intra.py or FLA's: gla.INTRA), -fwdintra (the forward's intra-chunk A kernel
 # of models/kernels/gla_fwd_intra.py: gla.FWD_INTRA), -fladv (the backward's dv by FLA's kernel, copied where the
-# slab wants it, instead of models/kernels/gla.py's: gla.DV), -mlpgemm (SwiGLU in the MLP's GEMMs: models/kernels/mlp_gemm.py),
+# slab wants it, instead of models/kernels/gla.py's: gla.DV), -dvtf32x3 (our dv kernel's intra-chunk product in
+# tf32x3 instead of fp32 FMAs: gla.DV_DOT), -mlpgemm (SwiGLU in the MLP's GEMMs: models/kernels/mlp_gemm.py),
 # -mlpmerged (the MLP's gate and up projections as one GEMM: fused.install(mlp="merged")), -ce / -flace (the LM head
 # and loss by models/kernels/cross_entropy.py, or FLA's head and fused cross entropy),
 # -gnorm / -flagnorm (GLA's gated output norm by models/kernels/gated_norm.py, or FLA's module), -graphs, -sync
-CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-graphs][-sync]"
+CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv|-dvtf32x3][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-graphs][-sync]"
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
 MODIFIERS = ("split", "cat", "slab", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
-             "fwdintra", "fladv", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "flagnorm", "graphs", "sync")
+             "fwdintra", "fladv", "dvtf32x3", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "flagnorm", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
@@ -112,7 +113,7 @@ def parse_case(case: str) -> tuple[str, str]:
     mods = set(_modifiers(case))
     if (head != "ours" or rest or len(mods & {"split", "cat", "slab"}) > 1 or {"keepz", "nokeepz"} <= mods
             or len(mods & set(STATE_MODIFIERS)) > 1 or {"intra", "flaintra"} <= mods or {"mlpgemm", "mlpmerged"} <= mods
-            or {"ce", "flace"} <= mods or {"gnorm", "flagnorm"} <= mods):
+            or {"ce", "flace"} <= mods or {"gnorm", "flagnorm"} <= mods or {"fladv", "dvtf32x3"} <= mods):
         raise ValueError(f"case {case!r}: use hf or {CASE_FORM}, "
                          f"PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
@@ -154,6 +155,9 @@ def apply_modifiers(case: str) -> None:
     if "fladv" in _modifiers(case):
         from models.kernels import gla
         gla.DV = "fla"
+    if "dvtf32x3" in _modifiers(case):
+        from models.kernels import gla
+        gla.DV_DOT = "tf32x3"
     if "mlpgemm" in _modifiers(case):
         fused.DEFAULT_MLP = "gemm"
     if "mlpmerged" in _modifiers(case):

@@ -270,6 +270,10 @@ def test_our_dv_kernel_computes_flas_dv_into_a_column_block(cu_seqlens):
     assert got is place and wide[:, :3].isnan().all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert torch.equal(gla._backward_dv(k, g, A, do, dh, cu, chunk, chunk_indices), got)
+    for dot in gla.DV_DOTS:  # the tensor-core forms (the interpreter computes every form in fp32)
+        assert torch.equal(gla._backward_dv(k, g, A, do, dh, cu, chunk, chunk_indices, dot=dot), got), dot
+    with pytest.raises(ValueError, match="dv dot 'fp16': use one of"):
+        gla._backward_dv(k, g, A, do, dh, cu, chunk, chunk_indices, dot="fp16")
 
 
 @pytest.mark.parametrize("dv", [*gla.DV_CHOICES, None])

@@ -33,8 +33,8 @@ ARCHS = {90: ("NVIDIA H100", 232448, 132), 80: ("NVIDIA A100", 166912, 108)}
 # (label, fused.install keyword arguments, models/kernels/gla.py module settings)
 VARIANTS = [
     ("defaults", {}, {}),
-    ("merged MLP, our gated norm, FLA's intra kernels, fp32 states", {"mlp": "merged", "gated_norm": "ours"},
-     {"SAVED_STATES": "fp32", "INTRA": "fla", "FWD_INTRA": "fla"}),
+    ("merged MLP, FLA's intra kernels, fp32 states, dv's product in tf32x3", {"mlp": "merged", "gated_norm": "ours"},
+     {"SAVED_STATES": "fp32", "INTRA": "fla", "FWD_INTRA": "fla", "DV_DOT": "tf32x3"}),
     ("our forward intra kernel, FLA's recompute", {"gate": "split"}, {"SAVED_STATES": "none", "FWD_INTRA": "ours"}),
     ("SwiGLU in the MLP GEMMs", {"mlp": "gemm"}, {}),
     ("split projections, FLA's gated norm (the defaults before the slab)", {"projections": "split", "gated_norm": "fla"},

@@ -79,6 +79,10 @@ INTER_CHOICES = ("fla", "ours")
 # where grads_into gives dv a place, FLA's otherwise (measured on an H100, BENCHMARKS.md: the slab path 1.018x -> 1.025x)
 DV = None
 DV_CHOICES = ("fla", "ours")
+# our dv kernel's intra-chunk product A^T do (A fp32): "ieee" (fp32 FMAs, FLA's choice: it forbids tf32 there),
+# "tf32x3" (three tensor-core products that recover fp32's mantissa; not yet timed) or "tf32"
+DV_DOT = "ieee"
+DV_DOTS = ("ieee", "tf32x3", "tf32")
 
 
 def _fla():
@@ -269,9 +273,11 @@ def _gla_bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg,
 )
 @triton.jit(do_not_specialize=["T", "sdv"])
 def _gla_bwd_dv_kernel(k, g, A, do, dh, dv, cu_seqlens, chunk_indices, T, sdv, H: tl.constexpr, K: tl.constexpr,
-                       V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+                       V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+                       DOT: tl.constexpr):
     """One chunk of rows x BV value channels of one (sequence, head): dv = A^T do within the chunk (A [.., T, H, BT]
-    fp32, row t of the chunk holding A[t, s] for s <= t; an fp32 product, as FLA's chunk_gla_bwd_kernel_dv) plus
+    fp32, row t of the chunk holding A[t, s] for s <= t; an fp32 product as FLA's chunk_gla_bwd_kernel_dv, or DOT's
+    tensor-core forms) plus
     the inter-chunk part (k decayed to the chunk's end) dh^T from the V-first state gradient dh [V, K], written with
     row stride sdv (H * V where contiguous)."""
     pid_vt = tl.program_id(0)
@@ -290,7 +296,7 @@ def _gla_bwd_dv_kernel(k, g, A, do, dh, dv, cu_seqlens, chunk_indices, T, sdv, H
     b_at = tl.load(A + (bos + rows[None, :]) * (H * BT) + i_h * BT + s_idx[:, None], mask=row_ok[None, :], other=0.0)
     b_at = tl.where(s_idx[:, None] <= s_idx[None, :], b_at, 0.0)
     b_do = tl.load(do + (bos + rows[:, None]) * (H * V) + i_h * V + vcols[None, :], mask=tv_ok, other=0.0)
-    b_dv = tl.dot(b_at, b_do.to(b_at.dtype), input_precision="ieee")
+    b_dv = tl.dot(b_at, b_do.to(b_at.dtype), input_precision=DOT)
     last = tl.minimum(T, i_t * BT + BT) - 1
     state = (i_state * H + i_h) * (K * V)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -308,9 +314,13 @@ def _gla_bwd_dv_kernel(k, g, A, do, dh, dv, cu_seqlens, chunk_indices, T, sdv, H
     tl.store(dv + (bos + rows[:, None]) * sdv + i_h * V + vcols[None, :], b_dv.to(dv.dtype.element_ty), mask=tv_ok)
 
 
-def _backward_dv(k, g_cumsum, A, do, dh, cu_seqlens, chunk_size, chunk_indices, dv_out=None):
+def _backward_dv(k, g_cumsum, A, do, dh, cu_seqlens, chunk_size, chunk_indices, dv_out=None, dot=None):
     """dv [B, T, H, V] in do's dtype by `_gla_bwd_dv_kernel`, written into dv_out where one is given (v's shape and
-    dtype, each row's H * V elements packed, any row stride), else a new tensor."""
+    dtype, each row's H * V elements packed, any row stride), else a new tensor. dot: the intra-chunk product's
+    precision, one of DV_DOTS; None: DV_DOT."""
+    dot = DV_DOT if dot is None else dot
+    if dot not in DV_DOTS:
+        raise ValueError(f"chunk_gla: dv dot {dot!r}: use one of {DV_DOTS}")
     B, T, H, K, V = *k.shape, do.shape[-1]
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     dv = _row_strided(dv_out, do) if dv_out is not None else None
@@ -319,7 +329,7 @@ def _backward_dv(k, g_cumsum, A, do, dh, cu_seqlens, chunk_size, chunk_indices, 
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]) * NT, B * H)
     _gla_bwd_dv_kernel[grid](k, g_cumsum, A, do, dh, dv, cu_seqlens, chunk_indices, T, dv.stride(1), H=H, K=K, V=V,
-                             BT=chunk_size, IS_VARLEN=cu_seqlens is not None)
+                             BT=chunk_size, IS_VARLEN=cu_seqlens is not None, DOT=dot)
     return _into(dv_out, dv)
 
 
