@@ -202,7 +202,7 @@ def _prune_inter(configs, nargs, **kwargs):
     key=["BT", "K", "V"],
     prune_configs_by={"early_config_prune": _prune_inter},
 )
-@triton.jit(do_not_specialize=["T", "sdq", "sdk"])
+@triton.jit(do_not_specialize=["T"])  # the row strides specialized: 16-aligned rows store in vectors
 def _gla_bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
                           sdq, sdk, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -271,7 +271,7 @@ def _gla_bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg,
     key=["BT", "K", "V"],
     prune_configs_by={"early_config_prune": _prune_inter},
 )
-@triton.jit(do_not_specialize=["T", "sdv"])
+@triton.jit(do_not_specialize=["T"])  # the row stride specialized (as sdq above)
 def _gla_bwd_dv_kernel(k, g, A, do, dh, dv, cu_seqlens, chunk_indices, T, sdv, H: tl.constexpr, K: tl.constexpr,
                        V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
                        DOT: tl.constexpr):
