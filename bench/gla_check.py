@@ -15,8 +15,9 @@ model   one forward + backward of the model (--model, fused blocks, bf16 weights
         gate="split", chunk="fla" on the same tokens: loss and the largest relative gradient difference.
 slab    (only with --only slab) the model's bf16 gradients with projections="slab" (one gradient for the five
         attention projections, models/fused.py) and with one GEMM each, for each --slab-cases pair of gated norm
-        (FLA's or ours) and dv kernel (gla.DV), each against the fp32 model's (the reference): the same loss bits, and per weight
-        max |diff| / max |fp32| (largest and median over the weights); a CHECK where the slab's is over twice split's.
+        (FLA's or ours) and dv kernel (gla.DV), each against the fp32 model's (the reference): the same loss bits,
+        and per weight max |diff| / max |fp32| (largest and median over the weights); a CHECK where the slab's is
+        over twice split's.
 Timing: CUDA events around each side's forward + backward (bench/cuda_timing.py), median of --iters.
 Exit status 1 if a bitwise check fails or ours is further from float64 than 2x the split path (+ one bf16 ulp of
 the largest value); 2 without CUDA.

@@ -124,7 +124,8 @@ def test_stacked_projections_give_flas_loss_and_gradients(checkpointing, monkeyp
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("kinds, copied", [(("ours", "ours", "ours", "ours"), [4]), (("ours", "fla", "fla", "fla"), [3, 4]),
+@pytest.mark.parametrize("kinds, copied", [(("ours", "ours", "ours", "ours"), [4]),
+                                           (("ours", "fla", "fla", "fla"), [3, 4]),
                                            (("fla", "fla", "fla", "fla"), [0, 1, 2, 3, 4])],
                          ids=["kernels-write-blocks", "chunk-copies-in", "copied-in"])
 def test_slab_projections_give_flas_loss_and_gradients(kinds, copied, checkpointing, monkeypatch):

@@ -131,8 +131,8 @@ def _backward(x2, g2, weight, rstd, dy2, dg_out=None):
     programs = backward_programs(n_tiles, x2.device, num_warps, per_sm)
     dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)
     _gated_rmsnorm_bwd_kernel[(programs,)](x2, g2, weight, rstd, dy2, dx, dg, dw_partial, m, d,
-                                           group, sdg, triton.cdiv(n_tiles, programs), BT=bt, BD=triton.next_power_of_2(d),
-                                           PREFETCH=bool(prefetch), num_warps=num_warps)
+                                           group, sdg, triton.cdiv(n_tiles, programs), BT=bt,
+                                           BD=triton.next_power_of_2(d), PREFETCH=bool(prefetch), num_warps=num_warps)
     if dg_out is not None and layout is None:
         dg = dg_out.copy_(dg.view(dg_out.shape))
     return dx, dg, dw_partial.sum(0)

@@ -76,7 +76,8 @@ INTER = None
 INTER_CHOICES = ("fla", "ours")
 # the backward's dv: "fla" (chunk_gla_bwd_dv, then copied where grads_into puts it), "ours" (`_gla_bwd_dv_kernel`,
 # the same products, written with any row stride: straight into a column block of a wider gradient), or None: ours
-# where grads_into gives dv a place, FLA's otherwise (measured on an H100, BENCHMARKS.md: the slab path 1.018x -> 1.025x)
+# where grads_into gives dv a place, FLA's otherwise (measured on an H100, BENCHMARKS.md: the slab path 1.018x ->
+# 1.025x)
 DV = None
 DV_CHOICES = ("fla", "ours")
 # our dv kernel's intra-chunk product A^T do (A fp32): "ieee" (fp32 FMAs, FLA's choice: it forbids tf32 there),
@@ -138,8 +139,8 @@ def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chun
             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale, T=T, H=H, K=K, V=V, BT=chunk_size,
             STATE_V_FIRST=True)
     else:  # low-precision states: sum(h * dh) in fp32 (module doc)
-        _gla_bwd_inter_kernel[grid](q, k, v, g_cumsum, h, do, dh, dq, dk, dq2, dk2, dg, cu_seqlens, chunk_indices, scale,
-                                    T, dq2.stride(1), dk2.stride(1), H=H, K=K, V=V, BT=chunk_size,
+        _gla_bwd_inter_kernel[grid](q, k, v, g_cumsum, h, do, dh, dq, dk, dq2, dk2, dg, cu_seqlens, chunk_indices,
+                                    scale, T, dq2.stride(1), dk2.stride(1), H=H, K=K, V=V, BT=chunk_size,
                                     IS_VARLEN=cu_seqlens is not None)
     return _into(dq_out, dq2), _into(dk_out, dk2), dg
 
@@ -166,10 +167,13 @@ def _into(out, t):
 
 
 @triton.jit
-def _chunk_of(i_t, i_b, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Program (chunk i_t, batch row i_b) -> (the chunk's index in its sequence, the sequence's first row, its length,
-    the chunk's index among all chunks: where its state lies). With cu_seqlens, i_t counts chunks over all sequences
-    (FLA's chunk_indices pairs: sequence, chunk in it)."""
+def _tile_of(n_blocks, H: tl.constexpr, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """This program's tile of a (n_blocks * chunks, B * H) grid -> (its column block, head, the chunk's index in its
+    sequence, the sequence's first row, its length, the chunk's index among all chunks: where its state lies). With
+    cu_seqlens the chunks count over all sequences (FLA's chunk_indices pairs: sequence, chunk in it)."""
+    pid = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_blk, i_t, i_b, i_h = pid % n_blocks, pid // n_blocks, i_bh // H, i_bh % H
     if IS_VARLEN:
         i_state = i_t.to(tl.int64)
         seq = tl.load(chunk_indices + i_t * 2).to(tl.int32)
@@ -179,7 +183,7 @@ def _chunk_of(i_t, i_b, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLE
     else:
         bos = i_b * T
         i_state = (i_b * tl.cdiv(T, BT) + i_t).to(tl.int64)
-    return i_t, bos, T, i_state
+    return i_blk, i_h, i_t, bos, T, i_state
 
 
 def _prune_inter(configs, nargs, **kwargs):
@@ -204,20 +208,15 @@ def _prune_inter(configs, nargs, **kwargs):
 )
 @triton.jit(do_not_specialize=["T"])  # the row strides specialized: 16-aligned rows store in vectors
 def _gla_bwd_inter_kernel(q, k, v, g, h, do, dh, dq_intra, dk_intra, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
-                          sdq, sdk, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+                          sdq, sdk, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
     """One chunk of rows x BK channels of one (sequence, head): the inter-chunk parts of dq and dk from the chunk's
     state h and state gradient dh ([V, K], V-first), added to the intra-chunk parts, and dg, the reverse cumsum over
     the chunk of q * dq - k * dk plus the gate's share of the state's decay. h and dh go to fp32 for their
     elementwise product and its sum; the two products with do and v take them in the inputs' dtype, as FLA's.
     dq and dk are written with row strides sdq and sdk (H * K where contiguous; wider where they are column blocks
     of one gradient, models/fused.py's GradSlab)."""
-    pid_kt = tl.program_id(0)
-    n_k = tl.cdiv(K, BK)
-    i_k = pid_kt % n_k
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_h = i_bh % H
-    i_t, bos, T, i_state = _chunk_of(pid_kt // n_k, i_bh // H, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    i_k, i_h, i_t, bos, T, i_state = _tile_of(tl.cdiv(K, BK), H, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     rows = i_t * BT + tl.arange(0, BT)
     cols = i_k * BK + tl.arange(0, BK)
     row_ok = rows < T
@@ -280,12 +279,7 @@ def _gla_bwd_dv_kernel(k, g, A, do, dh, dv, cu_seqlens, chunk_indices, T, sdv, H
     tensor-core forms) plus
     the inter-chunk part (k decayed to the chunk's end) dh^T from the V-first state gradient dh [V, K], written with
     row stride sdv (H * V where contiguous)."""
-    pid_vt = tl.program_id(0)
-    n_v = tl.cdiv(V, BV)
-    i_v = pid_vt % n_v
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_h = i_bh % H
-    i_t, bos, T, i_state = _chunk_of(pid_vt // n_v, i_bh // H, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    i_v, i_h, i_t, bos, T, i_state = _tile_of(tl.cdiv(V, BV), H, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     rows = i_t * BT + tl.arange(0, BT)
     row_ok = rows < T
     vcols = i_v * BV + tl.arange(0, BV)
