@@ -178,7 +178,6 @@ class _RMSNormGatedFunction(torch.autograd.Function):
                 dw.to(weight.dtype) if ctx.needs_input_grad[2] else None, None, None)
 
 
-
 def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
                    dg_into=None) -> torch.Tensor:
     """RMSNorm(x) * weight * swish(g) over the last dimension (FLA's FusedRMSNormGated with activation "swish", no

@@ -114,9 +114,9 @@ def _backward_dqkg(q, k, v, h, g_cumsum, do, dh, dq, dk, scale, cu_seqlens, chun
                    inter: str | None = None, dq_out=None, dk_out=None):
     """FLA's chunk_gla_bwd_dqkg writing dq, dk in q's dtype and dg in `dg_dtype` (see the module doc). inter: "fla"
     (FLA's kernel), "ours" (`_gla_bwd_inter_kernel`); None: INTER, or where that is None FLA's for fp32 states and ours
-    for any other. dq_out, dk_out:
-    where dq and dk go ([B, T, H, K] of q's dtype; rows may be strided, as column blocks of a wider gradient are; our
-    kernel writes them there, FLA's into a contiguous buffer then copied); None: new tensors."""
+    for any other. dq_out, dk_out: where dq and dk go ([B, T, H, K] of q's dtype; rows may be strided, as column
+    blocks of a wider gradient are; our kernel writes them there, FLA's into a contiguous buffer then copied); None:
+    new tensors."""
     fla_chunk = _fla()
     B, T, H, K, V = *k.shape, v.shape[-1]
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
@@ -276,9 +276,8 @@ def _gla_bwd_dv_kernel(k, g, A, do, dh, dv, cu_seqlens, chunk_indices, T, sdv, H
                        DOT: tl.constexpr):
     """One chunk of rows x BV value channels of one (sequence, head): dv = A^T do within the chunk (A [.., T, H, BT]
     fp32, row t of the chunk holding A[t, s] for s <= t; an fp32 product as FLA's chunk_gla_bwd_kernel_dv, or DOT's
-    tensor-core forms) plus
-    the inter-chunk part (k decayed to the chunk's end) dh^T from the V-first state gradient dh [V, K], written with
-    row stride sdv (H * V where contiguous)."""
+    tensor-core forms) plus the inter-chunk part (k decayed to the chunk's end) dh^T from the V-first state gradient
+    dh [V, K], written with row stride sdv (H * V where contiguous)."""
     i_v, i_h, i_t, bos, T, i_state = _tile_of(tl.cdiv(V, BV), H, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     rows = i_t * BT + tl.arange(0, BT)
     row_ok = rows < T
@@ -317,7 +316,7 @@ def _backward_dv(k, g_cumsum, A, do, dh, cu_seqlens, chunk_size, chunk_indices, 
         raise ValueError(f"chunk_gla: dv dot {dot!r}: use one of {DV_DOTS}")
     B, T, H, K, V = *k.shape, do.shape[-1]
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
-    dv = _row_strided(dv_out, do) if dv_out is not None else None
+    dv = _row_strided(dv_out, do)
     dv = torch.empty_like(do) if dv is None else dv
 
     def grid(meta):
