@@ -76,6 +76,9 @@
 #                                      against the fp32 model's (gla_check --only slab)
 #   bash bench/gpu_issue10b.sh c29     (2026-12-07) models.warm, the trainer with our dv kernel's intra product in
 #                                      tf32x3 (-dvtf32x3) against the defaults at batch 16
+#   bash bench/gpu_issue10b.sh c30     (2026-12-08) models.warm, the defaults vs the old step (-split-flagnorm) vs HF at
+#                                      batch 32 on >100 GB cards (16 on others; CASES overrides), the profile and its
+#                                      roofline (bench/roofline.py)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -189,6 +192,7 @@ profile() {  # SECONDS: the step's profile with the defaults (batch 16, lagged l
       --top 30 --trace "$OUT/trace.json" > "$OUT/profile.log" 2>&1
   gzip -f "$OUT/trace.json" 2>/dev/null
   grep -h -A 16 'category' "$OUT/profile.log" | head -20; grep -h 'timed:\|host:' "$OUT/profile.log"
+  timeout "$(budget 60)" python3 bench/roofline.py --from-trace "$OUT/trace.json.gz" --steps 2 2>&1 | grep -v -i warn
 }
 curve() {  # SECONDS [RUNS]: 300-step loss curves, the defaults (bf16-fused; or RUNS) against autocast-fla
   stamp "precision_curve"
@@ -743,6 +747,18 @@ c29)
   trainer_vs b16 16 20 3 200 "${CASES16:-ours-bf16,ours-bf16-dvtf32x3}"
   stamp "done"
   ;;
+c30)
+  # (2026-12-08) the defaults (slab, our gated norm, our dv kernel, vector stores) against the old step
+  # (-split-flagnorm) and HF at batch 32 on >100 GB cards (16 on others), then the profile and its roofline
+  # (bench/roofline.py: each memory-bound kernel against the card's bandwidth, the floor of the outside share)
+  device
+  local_cases=${CASES:-ours-bf16,ours-bf16-split-flagnorm,hf}
+  case ",$local_cases," in *,hf,*) warm bf16,autocast fused,fla 170 ;; *) warm bf16 fused 130 ;; esac
+  if big_card; then trainer_vs b32 32 8 3 290 "$local_cases"
+  else trainer_vs b16 16 16 3 230 "$local_cases"; fi
+  [ "${PROFILE:-1}" = 1 ] && profile 90
+  stamp "done"
+  ;;
 x2a)
   # (2026-12-07, for nvidia-h200-x2 or nvidia-h100-x2: two GPUs of one host) the issue's scaling goal with the new
   # defaults (bf16 over fp32 masters, fused blocks): GLA 340M, 16 sequences per GPU, one process, DDP on 2, FSDP2 on
@@ -784,5 +800,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|x2a|x2b" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|x2a|x2b" >&2; exit 2 ;;
 esac

@@ -221,3 +221,36 @@ def test_from_trace_names_a_missing_or_foreign_file(tmp_path):
     bad.write_text('{"not": "a trace"}')
     with pytest.raises(SystemExit, match="not a Chrome trace"):
         trace_intervals(str(bad))
+
+
+def test_roofline_reads_gla_shapes_off_a_meta_model(tmp_path):
+    """bench/roofline.py: the sizes its byte counts use come from the model built on the meta device."""
+    from bench.roofline import model_shapes
+    from tests.train_support import tiny_model_json
+    path = tiny_model_json(str(tmp_path / "gla.json"))
+    s = model_shapes(path, batch=3, seq_len=64)
+    import json
+    cfg = json.load(open(path))
+    assert (s.N, s.L, s.D, s.V) == (192, cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"])
+    assert s.Dk == int(cfg["hidden_size"] * cfg.get("expand_k", 0.5)) and s.Dv == cfg["hidden_size"]
+    assert s.F > s.D and s.R > 0 and s.P > s.V * s.D
+
+
+def test_roofline_floor_puts_each_modeled_kernel_at_the_bandwidth():
+    """The floor: modeled kernels at bytes / bandwidth, GEMM, GLA and unmodeled kernels as measured; a kernel
+    measured faster than its bytes allow is named (the byte model is wrong)."""
+    from bench.roofline import Shapes, report, rows, spec_bandwidth
+    s = Shapes(N=1000, L=2, D=100, F=300, Dk=50, Dv=100, R=4, V=500, P=10_000)
+    # swiglu bwd: 2 layers x 5 tensors x 1000 x 300 bf16 = 6 MB; at 1 TB/s 6 us a step
+    kernels = {"nvjet_gemm": (100.0, 4), "_swiglu_bwd_kernel": (12.0, 2), "Memset (Device)": (8.0, 3)}
+    (r,) = rows(kernels, steps=1, shapes=s, tbps=1.0)
+    assert (r.name, r.calls, r.gb) == ("_swiglu_bwd_kernel", 2, 0.006)
+    assert r.roof_ms == pytest.approx(0.006) and r.ms == pytest.approx(0.012)
+    text = report(kernels, 1, s, 1.0, "card")
+    # outside: swiglu 12 + memset 8 = 20 of 120 us; at the roof swiglu takes 6: 14 of 114
+    assert "outside 0.02 (16.7%; 0.01 ms of it not modeled" in text
+    assert "outside 0.01 ms = 12.3% of 0.11 ms" in text
+    assert "WARNING" not in text
+    assert "WARNING: _swiglu_bwd_kernel ran faster" in report({"_swiglu_bwd_kernel": (3.0, 2)}, 1, s, 1.0, "card")
+    assert spec_bandwidth("NVIDIA H100 80GB HBM3") == 3.35 and spec_bandwidth("NVIDIA H200") == 4.8
+    assert spec_bandwidth("some card") is None
