@@ -38,7 +38,8 @@ SPEC_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100-SXM4-80GB
 
 class Shapes(NamedTuple):
     """The step's sizes: N tokens, L layers, D hidden, F MLP width, Dk key width (the gate's output), Dv value
-    width (the gated norm's rows of heads hold N x Dv values), R the gate's low rank, V vocab, P parameters."""
+    width (the gated norm's rows of heads hold N x Dv values), R the gate's low rank, V vocab, P parameters, H
+    heads, BT GLA's chunk length."""
     N: int
     L: int
     D: int
@@ -48,6 +49,14 @@ class Shapes(NamedTuple):
     R: int
     V: int
     P: int
+    H: int = 1
+    BT: int = 64
+
+    @property
+    def states(self) -> int:
+        """Bytes of GLA's chunk states kept for backward in bf16 (one [K, V] per chunk and head), or of their
+        gradient."""
+        return self.N // self.BT * self.H * (self.Dk // self.H) * (self.Dv // self.H) * BF16
 
 
 class Kernel(NamedTuple):
@@ -76,6 +85,17 @@ KERNELS = (
     Kernel("cross_entropy_fwd_kernel", "logits -> loss", lambda s: s.N * s.V * BF16),
     Kernel("cross_entropy_bwd_kernel", "logits -> dlogits", lambda s: 2 * s.N * s.V * BF16),
 )
+# our GLA chunk backward kernels (models/kernels/gla.py, gla_intra.py): inside GEMM + GLA, so not in the floor; listed
+# to show how far each is from the bandwidth. g (GLA's cumulative gate), the intra parts of dq, dk and the chunk
+# matrices A, dA are fp32; dq, dk, dv, dg and the states bf16
+INSIDE = (
+    Kernel("_gla_bwd_inter_kernel", "q, k, g, v, do, h, dh, dq/dk intra -> dq, dk, dg",
+           lambda s: s.L * (s.N * s.Dk * (2 + 2 + 4 + 4 + 4 + 2 + 2 + 2) + s.N * s.Dv * 4 + 2 * s.states)),
+    Kernel("_gla_bwd_dv_kernel", "A, do, k, g, dh -> dv",
+           lambda s: s.L * (s.N * s.H * s.BT * FP32 + s.N * s.Dv * 4 + s.N * s.Dk * 6 + s.states)),
+    Kernel("_gla_bwd_intra_kernel", "q, k, g, dA -> dq, dk (fp32)",
+           lambda s: s.L * (s.N * s.Dk * (2 + 2 + 4 + 4 + 4) + s.N * s.H * s.BT * FP32)),
+)
 # torch's fused AdamW over the fp32 masters: reads param, grad, exp_avg, exp_avg_sq, writes param and both moments
 ADAMW = Kernel("AdamW (fused, fp32 masters)", "p, g, m, v -> p, m, v", lambda s: 7 * s.P * FP32)
 
@@ -92,7 +112,8 @@ def model_shapes(model_path: str, batch: int, seq_len: int) -> Shapes:
                          f"path's kernels this models)")
     return Shapes(N=batch * seq_len, L=len(layers), D=config.hidden_size, F=mlp.gate_proj.weight.shape[0],
                   Dk=attn.q_proj.weight.shape[0], Dv=attn.v_proj.weight.shape[0], R=attn.gk_proj[0].weight.shape[0],
-                  V=config.vocab_size, P=build.count_parameters(model))
+                  V=config.vocab_size, P=build.count_parameters(model), H=attn.num_heads,
+                  BT=min(64, max(16, 1 << (seq_len - 1).bit_length())))
 
 
 def trace_device(path: str) -> str | None:
@@ -120,17 +141,18 @@ class Row(NamedTuple):
     roof_ms: float  # gb at the bandwidth
 
 
-def rows(kernels: dict[str, tuple[float, int]], steps: int, shapes: Shapes, tbps: float) -> list[Row]:
-    """A Row per modeled kernel found in `kernels` (gpu_profile.kernel_times of the trace), AdamW's kernels summed
-    under one row."""
+def rows(kernels: dict[str, tuple[float, int]], steps: int, shapes: Shapes, tbps: float,
+         which: tuple[Kernel, ...] = KERNELS) -> list[Row]:
+    """A Row per kernel of `which` found in `kernels` (gpu_profile.kernel_times of the trace); for KERNELS, AdamW's
+    kernels summed under one row."""
     out = []
-    for k in KERNELS:
+    for k in which:
         if k.name in kernels:
             us, calls = kernels[k.name]
             gb = k.bytes(shapes) / 1e9
             out.append(Row(k.name, k.what, us / 1e3 / steps, calls / steps, gb, gb / tbps))
     adam = [v for n, v in kernels.items() if gpu_profile.category(n) == "AdamW"]
-    if adam:
+    if adam and which is KERNELS:
         gb = ADAMW.bytes(shapes) / 1e9
         out.append(Row(ADAMW.name, ADAMW.what, sum(us for us, _ in adam) / 1e3 / steps,
                        sum(c for _, c in adam) / steps, gb, gb / tbps))
@@ -143,13 +165,12 @@ def report(kernels: dict[str, tuple[float, int]], steps: int, shapes: Shapes, tb
     inside = sum(us for n, (us, _) in kernels.items() if gpu_profile.category(n) in ("GEMM", "GLA chunk")) / 1e3 / steps
     outside = total - inside
     saved = sum(r.ms - min(r.ms, r.roof_ms) for r in table)
+    header = (f"{'kernel':<28} {'calls':>5} {'ms/step':>8} {'GB/step':>8} {'at roof':>8} {'TB/s':>6} {'of roof':>7}  "
+              f"reads -> writes")
     lines = [f"{device}: {tbps:g} TB/s; N {shapes.N} tokens, {shapes.L} layers, D {shapes.D}, F {shapes.F}, "
-             f"Dk {shapes.Dk}, Dv {shapes.Dv}, R {shapes.R}, V {shapes.V}, {shapes.P / 1e6:.1f}M parameters",
-             f"{'kernel':<28} {'calls':>5} {'ms/step':>8} {'GB/step':>8} {'at roof':>8} {'TB/s':>6} {'of roof':>7}  "
-             f"reads -> writes"]
-    for r in table:
-        lines.append(f"{r.name:<28} {r.calls:5.0f} {r.ms:8.2f} {r.gb:8.2f} {r.roof_ms:8.2f} {r.gb / r.ms:6.2f} "
-                     f"{r.roof_ms / r.ms:7.0%}  {r.what}")
+             f"Dk {shapes.Dk}, Dv {shapes.Dv}, R {shapes.R}, V {shapes.V}, {shapes.P / 1e6:.1f}M parameters, "
+             f"{shapes.H} heads, chunk {shapes.BT}", header]
+    lines += [_line(r) for r in table]
     modeled = sum(r.ms for r in table)
     lines.append(f"{'modeled, all':<28} {'':5} {modeled:8.2f} {sum(r.gb for r in table):8.2f} "
                  f"{sum(min(r.ms, r.roof_ms) for r in table):8.2f}")
@@ -161,7 +182,16 @@ def report(kernels: dict[str, tuple[float, int]], steps: int, shapes: Shapes, tb
     if over:  # faster than the bandwidth allows: the byte count (or the bandwidth) is wrong, not the kernel
         lines.append(f"WARNING: {', '.join(over)} ran faster than {tbps:g} TB/s allows for the bytes counted: its "
                      f"entry in KERNELS (what it reads and writes) or --bandwidth is wrong")
+    inside = rows(kernels, steps, shapes, tbps, INSIDE)
+    if inside:
+        lines += ["our GLA chunk backward kernels (inside GEMM + GLA: not in the floor above)", header]
+        lines += [_line(r) for r in inside]
     return "\n".join(lines)
+
+
+def _line(r: Row) -> str:
+    return (f"{r.name:<28} {r.calls:5.0f} {r.ms:8.2f} {r.gb:8.2f} {r.roof_ms:8.2f} {r.gb / r.ms:6.2f} "
+            f"{r.roof_ms / r.ms:7.0%}  {r.what}")
 
 
 def main() -> int:

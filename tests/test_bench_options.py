@@ -234,6 +234,9 @@ def test_roofline_reads_gla_shapes_off_a_meta_model(tmp_path):
     assert (s.N, s.L, s.D, s.V) == (192, cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"])
     assert s.Dk == int(cfg["hidden_size"] * cfg.get("expand_k", 0.5)) and s.Dv == cfg["hidden_size"]
     assert s.F > s.D and s.R > 0 and s.P > s.V * s.D
+    assert (s.H, s.BT) == (cfg["num_heads"], 64)
+    # one [K, V] bf16 state per chunk of 64 tokens and head
+    assert s.states == 3 * s.H * (s.Dk // s.H) * (s.Dv // s.H) * 2
 
 
 def test_roofline_floor_puts_each_modeled_kernel_at_the_bandwidth():
@@ -252,5 +255,8 @@ def test_roofline_floor_puts_each_modeled_kernel_at_the_bandwidth():
     assert "outside 0.01 ms = 12.3% of 0.11 ms" in text
     assert "WARNING" not in text
     assert "WARNING: _swiglu_bwd_kernel ran faster" in report({"_swiglu_bwd_kernel": (3.0, 2)}, 1, s, 1.0, "card")
+    # our GLA backward kernels are listed apart: inside GEMM + GLA, they do not move the floor
+    with_inter = report({**kernels, "_gla_bwd_inter_kernel": (50.0, 2)}, 1, s, 1.0, "card")
+    assert "our GLA chunk backward kernels" in with_inter and "_gla_bwd_inter_kernel" in with_inter
     assert spec_bandwidth("NVIDIA H100 80GB HBM3") == 3.35 and spec_bandwidth("NVIDIA H200") == 4.8
     assert spec_bandwidth("some card") is None
