@@ -79,6 +79,8 @@
 #   bash bench/gpu_issue10b.sh c30     (2026-12-08) models.warm, the defaults vs the old step (-split-flagnorm) vs HF at
 #                                      batch 32 on >100 GB cards (16 on others; CASES overrides), the profile and its
 #                                      roofline (bench/roofline.py)
+#   bash bench/gpu_issue10b.sh c32     (2026-12-08) models.warm, bench/path_check.py (each path's gradient against
+#                                      autocast-fla's on one batch, a causality probe)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -759,6 +761,18 @@ c30)
   [ "${PROFILE:-1}" = 1 ] && profile 90
   stamp "done"
   ;;
+c32)
+  # (2026-12-08) bench/path_check.py: one forward + backward of autocast-fla, bf16-fla, the defaults and the old
+  # defaults on the same weights and tokens, each parameter's gradient against autocast-fla's, and a causality probe
+  # (the 300-step curve of c31 ended 2.2% below autocast-fla; 60-step curves put the old defaults below it too)
+  device
+  warm bf16,autocast fused,fla 200
+  stamp "path_check"
+  timeout "$(budget 300)" python3 bench/path_check.py --runs "${RUNS:-autocast-fla,bf16-fla,bf16-fused,bf16-fused-split-flagnorm}" \
+      --dir bench/out/path_check > "$OUT/path_check.log" 2>&1
+  grep -v -i warn "$OUT/path_check.log" | tail -24
+  stamp "done"
+  ;;
 x2a)
   # (2026-12-07, for nvidia-h200-x2 or nvidia-h100-x2: two GPUs of one host) the issue's scaling goal with the new
   # defaults (bf16 over fp32 masters, fused blocks): GLA 340M, 16 sequences per GPU, one process, DDP on 2, FSDP2 on
@@ -800,5 +814,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|x2a|x2b" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|x2a|x2b" >&2; exit 2 ;;
 esac
