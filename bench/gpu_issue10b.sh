@@ -81,6 +81,7 @@
 #                                      roofline (bench/roofline.py)
 #   bash bench/gpu_issue10b.sh c32     (2026-12-08) models.warm, bench/path_check.py (each path's gradient against
 #                                      autocast-fla's on one batch, a causality probe)
+#   bash bench/gpu_issue10b.sh c33     (2026-12-08) c32 short: models.warm bf16, path_check bf16-fla vs bf16-fused, 6 layers
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -773,6 +774,18 @@ c32)
   grep -v -i warn "$OUT/path_check.log" | tail -24
   stamp "done"
   ;;
+c33)
+  # (2026-12-08) the short form of c32 for a call of ~4 min: our fused blocks against FLA's modules, both on bf16
+  # weights, GLA 340M's shapes with 6 layers (the same kernels and autotune keys, a quarter of the gradients)
+  device
+  warm bf16 fused,fla 150
+  python3 -c "import json; c = json.load(open('$M')); c['num_hidden_layers'] = 6; json.dump(c, open('/tmp/gla6.json', 'w'))"
+  stamp "path_check"
+  timeout "$(budget 200)" python3 bench/path_check.py --runs "${RUNS:-bf16-fla,bf16-fused}" --model /tmp/gla6.json \
+      --dir bench/out/path_check > "$OUT/path_check.log" 2>&1
+  grep -v -i warn "$OUT/path_check.log" | tail -16
+  stamp "done"
+  ;;
 x2a)
   # (2026-12-07, for nvidia-h200-x2 or nvidia-h100-x2: two GPUs of one host) the issue's scaling goal with the new
   # defaults (bf16 over fp32 masters, fused blocks): GLA 340M, 16 sequences per GPU, one process, DDP on 2, FSDP2 on
@@ -814,5 +827,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|x2a|x2b" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|x2a|x2b" >&2; exit 2 ;;
 esac
