@@ -221,6 +221,25 @@ def test_fused_blocks_with_document_boundaries_and_short_inputs():
     assert_same(loss_and_grads(stock, short), loss_and_grads(other, short))
 
 
+def test_fused_model_is_causal():
+    """The defaults (every kernel of ours the fused path has, interpreted): replacing the tokens from position P on
+    leaves the logits before P bit for bit as they were, inside a chunk (P 40 of the first 64) and past one (P 70),
+    while the logits from P on do change (the probe reaches the model). bench/path_check.py runs the same probe on a
+    GPU: a kernel that let a later token into an earlier position would lower the training loss."""
+    config = build.load_config(CONFIG)
+    model = build.build_model(config, "cpu", seed=0)
+    fused.install(model)
+    x = ids(length=80)
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        for p in (40, 70):
+            y = x.clone()
+            y[:, p:] = (y[:, p:] + 1) % CONFIG["vocab_size"]
+            after = model(input_ids=y).logits
+            assert torch.equal(after[:, :p], before[:, :p]), p
+            assert not torch.equal(after[:, p:], before[:, p:]), p
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_fused_blocks_under_activation_checkpointing(reentrant, monkeypatch):
     """The fused blocks are checkpointed: each block's forward runs again in backward. (transformers 5.2x
