@@ -1,9 +1,9 @@
-"""Run FLA's Triton kernels on a machine without a GPU: the Triton interpreter plus a two-part patch.
+"""Run FLA's Triton kernels on a machine without a GPU: the Triton interpreter plus a three-part patch.
 
 Measured facts (triton 3.9, FLA's kernels on a machine without a GPU): with TRITON_INTERPRET=1 alone, Triton's autotuner
 still benchmarks through the GPU driver and FLA kernels call `.to()` on `for` loop variables, which
-the interpreter gives as plain ints. The patch keeps the first autotune config and wraps loop
-variables. It touches triton internals, so it is applied only for the triton versions it was checked on.
+the interpreter gives as plain ints. The patch keeps the first autotune config, wraps loop
+variables, and computes bf16 values as a GPU does where the interpreter computed on their bits (`_patch_bfloat16`). It touches triton internals, so it is applied only for the triton versions it was checked on.
 
 `enable()` must run BEFORE triton or fla is imported (the interpreter flag is read at import time).
 """
@@ -57,4 +57,80 @@ def enable() -> None:
         return node
 
     interpreter.ASTTransformer.visit_For = visit_for
+    _patch_bfloat16(interpreter)
     _enabled = True
+
+
+def _widen(bits):
+    """bfloat16 values held as their uint16 bits -> float32, exactly."""
+    import numpy as np
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def _narrow(values):
+    """float32 (or wider) -> bfloat16 bits, rounded to nearest even as the GPU's conversion; NaN stays NaN."""
+    import numpy as np
+    x = np.asarray(values, dtype=np.float32)
+    bits = x.view(np.uint32)
+    out = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), out)
+
+
+def _patch_bfloat16(interpreter) -> None:
+    """3) bfloat16 under the interpreter. triton 3.9's interpreter keeps bf16 values as their uint16 bits and computes
+    on the bits: tl.dot multiplies them as integers (a bf16 product came out ~1e13 too large), +, *, exp, ... of bf16
+    operands act on the integers, and an fp32 -> bf16 cast truncates where the GPU rounds to nearest
+    even. Here bf16 operands of tl.dot are widened to fp32 exactly (the tensor cores' bf16 x bf16 -> fp32 products);
+    float arithmetic, comparisons and negation whose operands are all bf16 run in fp32 and round back to bf16
+    (the GPU computes them in fp32 too); casts to bf16 round to nearest even. Loads, stores and bit casts keep the bits.
+    """
+    import numpy as np
+    import triton.language as tl
+    handle = interpreter.TensorHandle
+    builder = interpreter.InterpreterBuilder
+
+    def is_bf16(h) -> bool:
+        return getattr(h.dtype, "scalar", None) == tl.bfloat16 and h.data.dtype == np.uint16
+
+    def wide(h):
+        return handle(_widen(h.data), tl.float32) if is_bf16(h) else h
+
+    original_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, wide(a), wide(b), d, input_precision, max_num_imprecise_acc)
+
+    float_ops = {np.add, np.subtract, np.multiply, np.divide, np.fmod, np.minimum, np.maximum, np.fmin, np.fmax,
+                 np.less, np.greater, np.less_equal, np.greater_equal, np.equal, np.not_equal}
+    original_binary = builder.binary_op
+
+    def binary_op(self, lhs, rhs, op):
+        if op in float_ops and is_bf16(lhs) and is_bf16(rhs):
+            out = op(_widen(lhs.data), _widen(rhs.data))
+            return handle(out if out.dtype == np.bool_ else _narrow(out), lhs.dtype.scalar)
+        return original_binary(self, lhs, rhs, op)
+
+    original_unary = builder.unary_op
+
+    def unary_op(self, arg, op):
+        if is_bf16(arg):
+            return handle(_narrow(op(_widen(arg.data))), arg.dtype.scalar)
+        return original_unary(self, arg, op)
+
+    original_cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if dst_ty == tl.bfloat16 and src_ty != tl.bfloat16:  # from a float or an integer: rounded to nearest even
+            return handle(_narrow(src.data.astype(np.float64 if src_ty.is_fp64() else np.float32)), tl.bfloat16)
+        if src_ty == tl.bfloat16 and dst_ty != tl.bfloat16 and src.data.dtype == np.uint16:
+            return handle(_widen(src.data).astype(interpreter._get_np_dtype(dst_ty)), dst_ty)
+        return original_cast(self, src, dst_type)
+
+    builder.create_dot = create_dot
+    builder.binary_op = binary_op
+    builder.unary_op = unary_op
+    builder.cast_impl = cast_impl
+    # the lambdas bound at class creation (create_fp_trunc = lambda ...: self.cast_impl(...)) look cast_impl up on
+    # self, so they take the patched one. Reductions and math functions need nothing: Triton's frontend widens bf16
+    # to fp32 for tl.max, tl.min and tl.sum, and refuses bf16 in tl.exp, tl.sqrt, ... as it does on a GPU.

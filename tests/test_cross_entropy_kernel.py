@@ -2,8 +2,8 @@
 the Triton interpreter, against torch's cross entropy (loss, d hidden, d weight), with several vocabulary blocks per
 row, ignored labels, both reductions and a gradient flowing into the loss other than 1.
 
-bf16: the interpreter truncates where a GPU rounds (see tests/test_rmsnorm_kernel.py), and the logits are bf16 on both
-sides, so bf16 is compared with a tolerance of a few bf16 ulps of the largest gradient."""
+bf16: the logits are bf16 on both sides and rounded from sums taken in other orders, so bf16 is compared with a
+tolerance of a few bf16 ulps of the largest gradient."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see models/cpu_triton.py)

@@ -1,8 +1,8 @@
 """models/kernels/gate.py under the Triton interpreter: GLA's low-rank gate after its first projection,
 logsigmoid(a @ W^T + b) / n, forward and every gradient, against float64 math.
 
-fp32 inputs are checked tightly. bf16 outputs within about one bf16 ulp of the exact value (the kernel rounds once;
-the interpreter rounds fp32 -> bf16 toward zero, see tests/test_swiglu_kernel.py); dW, whose products take dpre rounded
+fp32 inputs are checked tightly. bf16 outputs within about one bf16 ulp of the exact value (the kernel rounds once,
+to nearest even as on a GPU: models/cpu_triton.py); dW, whose products take dpre rounded
 to bf16 (as the GEMMs this kernel replaces did), within two ulps of its largest value.
 """
 import os

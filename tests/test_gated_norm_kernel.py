@@ -1,8 +1,8 @@
 """models/kernels/gated_norm.py: GLA's gated output norm under the Triton interpreter against the PyTorch reference
 and against FLA's FusedRMSNormGated (its Triton kernels interpreted too): y, do, dg, dweight.
 
-fp32 only for the bit-level comparisons: the interpreter truncates bf16 stores where a GPU rounds (see
-tests/test_rmsnorm_kernel.py); bf16 is checked within a few ulps of the reference."""
+fp32 only for the bit-level comparisons (the kernels and the references round bf16 sums taken in other orders); bf16 is
+checked within a few ulps of the reference."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see models/cpu_triton.py)

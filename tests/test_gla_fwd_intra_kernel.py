@@ -4,8 +4,8 @@ lengths, cu_seqlens with lengths not multiples of 16 or 64, T < 64, K blocks, ch
 entries written, error against float64 no worse than FLA's, extreme gates with both paths and no NaN or inf where
 FLA's A is finite, FLA's output and dv kernels giving the same o and dv from either A, and bad inputs named.
 
-Inputs are fp32: triton 3.9's interpreter computes bf16 tl.dot wrongly (models/kernels/gate.py); neither kernel dots
-bf16 operands (both cast to fp32 first), so the bf16 test compares values too, loosely.
+Inputs are fp32 (tight comparisons); neither kernel dots bf16 operands (both cast to fp32 first), and the bf16 test
+compares values too, loosely.
 """
 import os
 

@@ -3,8 +3,8 @@ products. Same values as FLA's kernel within fp32 rounding (equal lengths, cu_se
 chunk 32), error against float64 no worse than FLA's, extreme gates with both paths and no NaN or inf where FLA's
 result is finite, and bad shapes named.
 
-Inputs are fp32: triton 3.9's interpreter computes bf16 tl.dot wrongly (models/kernels/gate.py); neither kernel dots
-bf16 operands (both cast to fp32 first), so the bf16 test compares values too, loosely.
+Inputs are fp32 (tight comparisons); neither kernel dots bf16 operands (both cast to fp32 first), and the bf16 test
+compares values too, loosely.
 """
 import os
 

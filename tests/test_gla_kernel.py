@@ -2,8 +2,8 @@
 output's zero fill and the fp32 -> bf16 casts of dq, dk and dg, gives FLA's chunk_gla bit for bit (fp32, equal lengths
 and cu_seqlens), and with bf16 inputs hands back gradients of the inputs' dtype with no cast in its backward.
 
-bf16 values are not compared here: triton 3.9's interpreter computes bf16 tl.dot wrongly (models/kernels/gate.py), in
-FLA's kernels as in any other; bench/gla_check.py compares the two on a GPU, bit for bit.
+bf16 values are not compared bit for bit here (the interpreter's fp32 sums run in another order than a GPU's);
+bench/gla_check.py compares the two on a GPU, bit for bit, and tests/test_fused.py the whole bf16 model's gradients.
 """
 import os
 
@@ -162,8 +162,8 @@ def _naive_gla(q, k, v, g, scale):
 
 
 def test_states_stored_in_bf16_cost_less_than_the_outputs_own_bf16_rounding(monkeypatch):
-    """SAVED_STATES="bf16" stores h and dh rounded to bf16. Emulated here in fp32 (the interpreter's bf16 dots are
-    wrong): every h and dh the chunk kernels hand on is rounded to bf16 and back, so every product that reads them sees
+    """SAVED_STATES="bf16" stores h and dh rounded to bf16. Emulated here in fp32 (so that the float64 comparison is
+    tight): every h and dh the chunk kernels hand on is rounded to bf16 and back, so every product that reads them sees
     the rounding (on a GPU the dq, dk, dv, o products cast them to bf16 in FLA's own path anyway). Against the float64
     recurrence over 4 chunks, o and every gradient stay within half a bf16 ulp of the largest value (2^-9), the
     rounding a bf16 output has by itself; with fp32 states, fp32 rounding."""

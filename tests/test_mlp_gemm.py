@@ -3,8 +3,8 @@ projection's input-gradient GEMM with SwiGLU's backward in its epilogue, against
 path they replace (cuBLAS-style GEMMs + models/kernels/swiglu.py's kernels); the MLP's autograd function; the fused
 GLA blocks with install(mlp="gemm") against FLA's blocks.
 
-fp32 only: the interpreter's tl.dot on bf16 operands returns garbage in triton 3.9 (a 16 x 16 product off by 1e10),
-so bf16 is checked on a GPU (`mlp_gemm._gpu_check`). Edge tiles: every size below is a non-multiple of its tile.
+fp32 only (written when the unpatched interpreter's bf16 tl.dot returned garbage; models/cpu_triton.py now computes
+it as a GPU does): bf16 is checked on a GPU (`mlp_gemm._gpu_check`). Edge tiles: every size below is a non-multiple of its tile.
 """
 import os
 

@@ -2,10 +2,9 @@
 PyTorch reference and against FLA's own `fla.modules.activations.swiglu_linear` (its Triton kernels, interpreted), and
 log_sigmoid_scaled against float64 math, on packed and row-strided inputs.
 
-The interpreter rounds fp32 -> bf16 casts toward zero where a GPU rounds to nearest even (triton 3.9,
-`interpreter._convert_float` with no rounding mode; see tests/test_rmsnorm_kernel.py). So the kernels' own bf16 outputs
-are checked against the fp32 math within one bf16 ulp (2^-7 of the value at most), and the autograd results, where
-that ulp then passes through a GEMM, against the reference within a few ulps of the tensor's largest value.
+The kernels' own bf16 outputs (rounded to nearest even, as on a GPU: models/cpu_triton.py) are checked against the
+fp32 math within one bf16 ulp (2^-7 of the value at most), and the autograd results, where that ulp then passes
+through a GEMM, against the reference within a few ulps of the tensor's largest value.
 """
 import os
 
@@ -89,7 +88,7 @@ def test_swiglu_kernels_elementwise(dtype, shape, strided):
         assert [t.stride() for t in (x, y, dz)] == [(d + 7, 1), (d + 3, 1), (2 * d, 1)]
     z_ref, dx_ref, dy_ref = exact_swiglu(x, y, dz)
     # fp32: a few fp32 ulps, plus an absolute 1e-6 of the largest value where 1 + x (1 - s) cancels (x near -1.28);
-    # bf16: one bf16 ulp (the interpreter truncates) on top of that
+    # bf16: one bf16 ulp (the kernel's rounding) on top of that
     rel = 2e-6 if dtype == torch.float32 else BF16_ULP + 2e-6
     z = swiglu.swiglu_forward(x, y)
     assert z.dtype == dtype and z.is_contiguous()

@@ -109,7 +109,7 @@ def test_varlen_validation_sees_each_document_alone():
 
 @pytest.fixture
 def torch_ops():
-    """FLA's GLA ops as plain PyTorch (models/cpu_torch.py): they run in bf16 too, the interpreter does not."""
+    """FLA's GLA ops as plain PyTorch (models/cpu_torch.py), in bf16 too: faster than FLA's kernels interpreted."""
     from models import cpu_torch
     cpu_torch.install()
     yield

@@ -49,8 +49,8 @@ def _log_sigmoid(x):
 @triton.jit
 def _dot(x, y, acc, IEEE: tl.constexpr):
     """x @ y (+ acc), accumulated in fp32. IEEE: the operands as fp32, multiplied exactly (not TF32): for fp32 inputs,
-    and under the Triton interpreter, whose bf16 tl.dot returns garbage (triton 3.9: |error| ~1e10 on a 32 x 16 x 32
-    product; bf16 values are exact in fp32, so the upcast computes the product a GPU's bf16 dot does)."""
+    and under the Triton interpreter (whose bf16 tl.dot returned garbage before models/cpu_triton.py patched it;
+    bf16 values are exact in fp32, so the upcast computes the product a GPU's bf16 dot does)."""
     if IEEE:
         return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(x, y, acc)
