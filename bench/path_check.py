@@ -64,11 +64,12 @@ def worker(run: str, args) -> None:
     prec.reduce()
     grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
-    # causality: logits before P with the tokens from P on replaced (2 sequences: the logits are [2, T, vocab])
+    # causality: logits before P with the tokens from P on replaced (up to 2 sequences: the logits are [2, T, vocab])
     half = args.seq_len // 2
     probe = ids[:2].clone()
     probe2 = probe.clone()
-    probe2[:, half:] = torch.randint(0, config.vocab_size, (2, args.seq_len - half), generator=gen, device=dev)
+    probe2[:, half:] = torch.randint(0, config.vocab_size, (len(probe), args.seq_len - half), generator=gen,
+                                     device=dev)
     with torch.no_grad(), prec.compute(), prec.autocast():
         a = model(input_ids=probe).logits[:, :half].float()
         b = model(input_ids=probe2).logits[:, :half].float()

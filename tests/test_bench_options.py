@@ -260,3 +260,25 @@ def test_roofline_floor_puts_each_modeled_kernel_at_the_bandwidth():
     assert "our GLA chunk backward kernels" in with_inter and "_gla_bwd_inter_kernel" in with_inter
     assert spec_bandwidth("NVIDIA H100 80GB HBM3") == 3.35 and spec_bandwidth("NVIDIA H200") == 4.8
     assert spec_bandwidth("some card") is None
+
+
+def test_path_check_compares_paths_gradients_and_probes_causality(tmp_path):
+    """bench/path_check.py --cpu on a tiny GLA: each run in its own process, the fused bf16 path against FLA's fp32
+    blocks (cosines near 1, norms within a few percent, the causality probe 0), and a bad run name refused first."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from tests.train_support import ROOT, env, tiny_model_json
+    model = tiny_model_json(str(tmp_path / "gla.json"), num_hidden_layers=2, hidden_size=64, num_heads=2)
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "path_check.py"), "--cpu", "--model", model, "--batch", "1",
+           "--seq-len", "96", "--dir", str(tmp_path / "out")]
+    out = subprocess.run(cmd + ["--runs", "fp32-fla,bf16-fused"], env=env(str(tmp_path)), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    row = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+    assert row["run"] == "bf16-fused" and row["leak"] == 0.0
+    assert row["median_cos"] > 0.999 and abs(row["norm_ratio"] - 1) < 0.05, row
+    bad = subprocess.run(cmd + ["--runs", "fp32-fla,bf17-fused"], env=env(str(tmp_path)), capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "bf17-fused" in bad.stderr
