@@ -78,11 +78,12 @@ def _narrow(values):
 
 def _patch_bfloat16(interpreter) -> None:
     """3) bfloat16 under the interpreter. triton 3.9's interpreter keeps bf16 values as their uint16 bits and computes
-    on the bits: tl.dot multiplies them as integers (a bf16 product came out ~1e13 too large), +, *, exp, ... of bf16
+    on the bits: tl.dot multiplies them as integers (a bf16 product came out ~1e13 too large), +, *, tl.sum, ... of bf16
     operands act on the integers, and an fp32 -> bf16 cast truncates where the GPU rounds to nearest
     even. Here bf16 operands of tl.dot are widened to fp32 exactly (the tensor cores' bf16 x bf16 -> fp32 products);
     float arithmetic, comparisons and negation whose operands are all bf16 run in fp32 and round back to bf16
-    (the GPU computes them in fp32 too); casts to bf16 round to nearest even. Loads, stores and bit casts keep the bits.
+    (the GPU computes them in fp32 too); a bf16 tl.sum adds pairs in a tree, each sum rounded to bf16; casts to bf16
+    round to nearest even. Loads, stores and bit casts keep the bits.
     """
     import numpy as np
     import triton.language as tl
@@ -127,10 +128,32 @@ def _patch_bfloat16(interpreter) -> None:
             return handle(_widen(src.data).astype(interpreter._get_np_dtype(dst_ty)), dst_ty)
         return original_cast(self, src, dst_type)
 
+    reduce_ops = interpreter.ReduceOps
+    original_sum = reduce_ops.sum
+
+    def reduce_sum(self, input):
+        """tl.sum of bf16 values stays bf16 in Triton's typing (FLA's inter kernel sums h * dh so): a GPU adds pairs
+        and rounds each sum to bf16, in a tree. Here a pairwise tree along the axis, each level rounded to bf16."""
+        if not is_bf16(input.handle):
+            return original_sum(self, input)
+        data = _widen(input.handle.data)
+        shape = data.shape
+        data = data.reshape(-1) if self.axis is None else np.moveaxis(data, self.axis, -1)
+        n = data.shape[-1]
+        width = 1 << max(0, (n - 1).bit_length())
+        data = np.concatenate([data, np.zeros(data.shape[:-1] + (width - n,), np.float32)], axis=-1)
+        while data.shape[-1] > 1:
+            data = _widen(_narrow(data[..., 0::2] + data[..., 1::2]))
+        out = data[..., 0]
+        if self.keep_dims:
+            out = out.reshape([1] * len(shape)) if self.axis is None else np.expand_dims(out, self.axis)
+        return self.to_tensor(_narrow(out), input.dtype)
+
     builder.create_dot = create_dot
     builder.binary_op = binary_op
     builder.unary_op = unary_op
     builder.cast_impl = cast_impl
     # the lambdas bound at class creation (create_fp_trunc = lambda ...: self.cast_impl(...)) look cast_impl up on
-    # self, so they take the patched one. Reductions and math functions need nothing: Triton's frontend widens bf16
-    # to fp32 for tl.max, tl.min and tl.sum, and refuses bf16 in tl.exp, tl.sqrt, ... as it does on a GPU.
+    # self, so they take the patched one. tl.max and tl.min need nothing (Triton's frontend widens bf16 to fp32 for
+    # them), nor tl.exp, tl.sqrt, ... (it refuses bf16 there, as on a GPU); tl.sum keeps bf16 and is patched.
+    reduce_ops.sum = reduce_sum

@@ -45,6 +45,14 @@ def _arith_kernel(A, B, OUT, N: tl.constexpr):
     tl.store(OUT + 5 * N + i, tl.maximum(a, b))
 
 
+@triton.jit
+def _sum_kernel(A, OUT, N: tl.constexpr):
+    i = tl.arange(0, N)
+    a = tl.load(A + i[:, None] * N + i[None, :])  # [N, N]
+    tl.store(OUT + i, tl.sum(a, axis=1))  # bf16 in, bf16 out: Triton keeps the dtype
+    tl.store(OUT + N + i, tl.sum(a * a, axis=0))
+
+
 def bf16(n, seed=0):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
@@ -79,3 +87,16 @@ def test_bf16_arithmetic_is_computed_on_the_values():
     torch.testing.assert_close(out[3], a.float().exp().bfloat16(), rtol=2 ** -7, atol=0)
     assert torch.equal(out[4], -a)
     assert torch.equal(out[5], torch.maximum(a, b))
+
+
+def test_bf16_sum_adds_pairs_rounding_each_to_bf16():
+    """Row 0: 256 and seven ones. Pairs rounded to bf16 (spacing 2 at 256): 257 -> 256 (a tie, to even), then 258 and
+    4, then 262; one rounding of the exact 263 would give 264. Row 1: values whose every partial sum is exact."""
+    a = torch.zeros(8, 8, dtype=torch.bfloat16)
+    a[0] = torch.tensor([256.0, 1, 1, 1, 1, 1, 1, 1])
+    a[1] = torch.tensor([-3.5, -0.25, 2.0, -7.0, 1.5, 0.0, -0.5, 4.25])
+    out = torch.empty(16, dtype=torch.bfloat16)
+    _sum_kernel[(1,)](a, out, N=8)
+    assert out[0].item() == 262.0 and out[1].item() == -3.5
+    assert out[2:8].tolist() == [0.0] * 6
+    torch.testing.assert_close(out[8:], (a.float() ** 2).sum(0).bfloat16(), rtol=2 ** -6, atol=0)

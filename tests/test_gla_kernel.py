@@ -308,8 +308,8 @@ def test_bf16_states_are_summed_in_fp32():
     """With bf16 states, sum(h * dh) (dg's share of the state's decay) in FLA's kernel is a bf16 product reduced in
     bf16 (Triton's tl.sum keeps its input's dtype); ours takes both to fp32 first. Reference: FLA's kernel on the same
     bf16 values held in fp32. Ours (what chunk_gla picks for bf16 states) matches it to fp32 rounding. FLA's kernel on
-    the bf16 states, what chunk_gla ran before, does not; the interpreter's bf16 arithmetic even makes it NaN, so its
-    rounding on a GPU is not measured here, only that it is not the fp32 sum."""
+    the bf16 states, what chunk_gla ran before, is off by bf16 rounding (5.0e-3 of the largest value here, the
+    interpreter adding pairs and rounding each to bf16 as models/cpu_triton.py has it; a GPU's tree may differ)."""
     args = list(_inter_inputs(torch.bfloat16))
     exact_args = list(args)
     exact_args[3], exact_args[6] = args[3].float(), args[6].float()  # h, dh: the same values, in fp32
@@ -318,4 +318,4 @@ def test_bf16_states_are_summed_in_fp32():
     flas_dg = gla._backward_dqkg(*args, torch.float32, inter="fla")[2]
     rel = lambda a: ((a - want).abs().max() / want.abs().max()).item()  # noqa: E731
     assert rel(ours_dg) < 1e-6, rel(ours_dg)
-    assert not rel(flas_dg) < 1e-6, rel(flas_dg)
+    assert 1e-3 < rel(flas_dg) < 5e-2, rel(flas_dg)
