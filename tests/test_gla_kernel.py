@@ -48,9 +48,12 @@ def flas(q, k, v, g, cu_seqlens):
 
 
 @pytest.mark.parametrize("saved_states", gla.STATE_CHOICES)
-@pytest.mark.parametrize("shape,cu_seqlens", [((2, 100, 2, 16, 32), None), ((1, 150, 2, 16, 32), [0, 40, 150])],
-                         ids=["batch", "cu_seqlens"])
+@pytest.mark.parametrize("shape,cu_seqlens", [((2, 100, 2, 16, 32), None), ((1, 150, 2, 16, 32), [0, 40, 150]),
+                                              ((1, 80, 1, 80, 160), None)],
+                         ids=["batch", "cu_seqlens", "blocks"])
 def test_same_bits_as_flas_chunk_gla(shape, cu_seqlens, saved_states):
+    """"blocks": K 80 and V 160 take three key and three value blocks each, the last partial (the interpreter's
+    launch: BK 32, BV 64), as GLA 340M's K 128 and V 256 take several on a GPU; the other shapes fit one block."""
     tensors = inputs(*shape, torch.float32)
     cu = torch.tensor(cu_seqlens) if cu_seqlens is not None else None
     got = run(lambda *a: ours(*a, saved_states=saved_states), *tensors, cu)
@@ -276,14 +279,15 @@ def test_our_dv_kernel_computes_flas_dv_into_a_column_block(cu_seqlens):
         gla._backward_dv(k, g, A, do, dh, cu, chunk, chunk_indices, dot="fp16")
 
 
+@pytest.mark.parametrize("shape", [(2, 100, 2, 16, 32), (1, 80, 1, 80, 160)], ids=["one-block", "blocks"])
 @pytest.mark.parametrize("dv", [*gla.DV_CHOICES, None])
-def test_chunk_gla_hands_back_gradients_where_it_is_told(dv, monkeypatch):
+def test_chunk_gla_hands_back_gradients_where_it_is_told(dv, shape, monkeypatch):
     """grads_into: the backward calls it for dq's, dk's and dv's places and returns those tensors, holding the values
     a call without it computes (bit for bit, fp32; our inter kernel, as bf16 states run it; dv by FLA's kernel then
     copied, or by ours straight there, as DV = None does where a place is given)."""
     monkeypatch.setattr(gla, "INTER", "ours")
     monkeypatch.setattr(gla, "DV", dv)
-    tensors = inputs(2, 100, 2, 16, 32, torch.float32)
+    tensors = inputs(*shape, torch.float32)
     B, T, H, K = tensors[0].shape
     V = tensors[2].shape[-1]
     want = run(ours, *tensors)
@@ -299,7 +303,13 @@ def test_chunk_gla_hands_back_gradients_where_it_is_told(dv, monkeypatch):
                                                    grads_into=[lambda i=i: place(i) for i in range(3)]), *tensors)
     assert sorted(asked) == [0, 1, 2]
     for name, a, b, p in zip(["dq", "dk", "dv"], got[1:4], want[1:4], places):
-        assert torch.equal(a, b) and torch.equal(p, b), name
+        assert torch.equal(p, a), name
+        if name == "dv" and dv is None and K > 32:
+            # ours into the place, FLA's kernel without one: the same products, but the interpreter's first launch
+            # of FLA's kernel takes key blocks of 16 where ours takes 32, so the fp32 sums over them round apart
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+        else:
+            assert torch.equal(a, b), name
     assert wide[:, H * K:H * K + 3].isnan().all()
     assert torch.equal(got[0], want[0]) and torch.equal(got[4], want[4])
 
