@@ -106,7 +106,7 @@ def model_shapes(model_path: str, batch: int, seq_len: int) -> Shapes:
     config = build.load_config(model_path)
     model = build.build_model(config, "meta")
     layers = model.model.layers
-    attn, mlp = layers[0].attn, layers[0].mlp
+    attn, mlp = getattr(layers[0], "attn", None), getattr(layers[0], "mlp", None)
     if not hasattr(attn, "gk_proj") or not hasattr(mlp, "gate_proj"):
         raise SystemExit(f"roofline: {model_path}: not a GLA model with a low-rank gate and a SwiGLU MLP (the fused "
                          f"path's kernels this models)")

@@ -237,6 +237,8 @@ def test_roofline_reads_gla_shapes_off_a_meta_model(tmp_path):
     assert (s.H, s.BT) == (cfg["num_heads"], 64)
     # one [K, V] bf16 state per chunk of 64 tokens and head
     assert s.states == 3 * s.H * (s.Dk // s.H) * (s.Dv // s.H) * 2
+    with pytest.raises(SystemExit, match="not a GLA model"):
+        model_shapes(tiny_model_json(str(tmp_path / "tr.json"), "transformer"), batch=1, seq_len=64)
 
 
 def test_roofline_floor_puts_each_modeled_kernel_at_the_bandwidth():
