@@ -2,8 +2,9 @@
 
 Measured facts (triton 3.9, FLA's kernels on a machine without a GPU): with TRITON_INTERPRET=1 alone, Triton's autotuner
 still benchmarks through the GPU driver and FLA kernels call `.to()` on `for` loop variables, which
-the interpreter gives as plain ints. The patch keeps the first autotune config, wraps loop
-variables, and computes bf16 values as a GPU does where the interpreter computed on their bits (`_patch_bfloat16`). It touches triton internals, so it is applied only for the triton versions it was checked on.
+the interpreter gives as plain ints; and it computes on the uint16 bits of bf16 values. The patch keeps the first
+autotune config, wraps loop variables, and computes bf16 values as a GPU does (`_patch_bfloat16`). It touches triton
+internals, so it is applied only for the triton versions it was checked on.
 
 `enable()` must run BEFORE triton or fla is imported (the interpreter flag is read at import time).
 """
