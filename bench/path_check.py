@@ -97,7 +97,8 @@ def compare(ref: dict, other: dict, top: int) -> dict:
     by_ratio = sorted(rows, key=lambda r: -abs(torch.tensor(r[2]).log().item()))[:top]
     cosines = sorted(r[1] for r in rows)
     ratios = sorted(r[2] for r in rows)
-    return {"run": other["run"], "loss": other["loss"], "loss_ref": ref["loss"], "norm_ratio": other["norm"] / ref["norm"],
+    return {"run": other["run"], "loss": other["loss"], "loss_ref": ref["loss"],
+            "norm_ratio": other["norm"] / ref["norm"],
             "median_cos": cosines[len(cosines) // 2], "min_cos": cosines[0], "median_ratio": ratios[len(ratios) // 2],
             "leak": other["leak"], "lowest_cos": by_cos, "furthest_ratio": by_ratio}
 
