@@ -90,21 +90,32 @@ def kernel_intervals(prof) -> list[tuple[float, float, str]]:
 TRACE_GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def trace_intervals(path: str) -> list[tuple[float, float, str]]:
-    """kernel_intervals of a Chrome trace this script (torch.profiler's export_chrome_trace) wrote, .json or .json.gz:
-    its events of category kernel, gpu_memcpy and gpu_memset (gpu_user_annotation ranges are not kernels)."""
+def read_trace(path: str) -> dict:
+    """A Chrome trace this script (torch.profiler's export_chrome_trace) wrote, .json or .json.gz, as loaded JSON."""
     import gzip
     import json
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
-            events = json.load(f)["traceEvents"]
+            trace = json.load(f)
+        trace["traceEvents"]  # noqa: B018  (a JSON file without it is not a trace)
+        return trace
     except FileNotFoundError:
         raise SystemExit(f"gpu_profile: --from-trace {path}: no such file (give the --trace file of an earlier run)")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"gpu_profile: --from-trace {path}: not a Chrome trace of torch.profiler ({e}); give the "
                          f"--trace file of an earlier run, .json or .json.gz")
-    return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+
+
+def intervals_of(trace: dict) -> list[tuple[float, float, str]]:
+    """kernel_intervals of a read_trace trace: its events of category kernel, gpu_memcpy and gpu_memset
+    (gpu_user_annotation ranges are not kernels)."""
+    return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in trace["traceEvents"]
             if e.get("ph") == "X" and e.get("cat") in TRACE_GPU_CATS and not is_annotation(e["name"])]
+
+
+def trace_intervals(path: str) -> list[tuple[float, float, str]]:
+    """kernel_intervals of the Chrome trace at `path` (read_trace, then intervals_of)."""
+    return intervals_of(read_trace(path))
 
 
 def report(intervals: list[tuple[float, float, str]], steps: int, wall_s: float, top: int) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -82,7 +83,6 @@ def worker(run: str, args) -> None:
 
 def compare(ref: dict, other: dict, top: int) -> dict:
     """Per parameter cosine and norm ratio of other's gradients against ref's, and the worst ones."""
-    import torch
     rows = []
     for n, g in ref["grads"].items():
         h = other["grads"].get(n)
@@ -94,7 +94,7 @@ def compare(ref: dict, other: dict, top: int) -> dict:
         cos = (g64 @ h64).item() / max(gn * hn, 1e-300)
         rows.append((n, cos, hn / gn if gn else float("inf")))
     by_cos = sorted(rows, key=lambda r: r[1])[:top]
-    by_ratio = sorted(rows, key=lambda r: -abs(torch.tensor(r[2]).log().item()))[:top]
+    by_ratio = sorted(rows, key=lambda r: -abs(math.log(r[2])) if 0 < r[2] < math.inf else -math.inf)[:top]
     cosines = sorted(r[1] for r in rows)
     ratios = sorted(r[2] for r in rows)
     return {"run": other["run"], "loss": other["loss"], "loss_ref": ref["loss"],

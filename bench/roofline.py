@@ -116,12 +116,9 @@ def model_shapes(model_path: str, batch: int, seq_len: int) -> Shapes:
                   BT=min(64, max(16, 1 << (seq_len - 1).bit_length())))
 
 
-def trace_device(path: str) -> str | None:
+def trace_device(trace: dict) -> str | None:
     """The card's name in a torch.profiler Chrome trace (deviceProperties), or None."""
-    import gzip
-    import json
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
-        props = json.load(f).get("deviceProperties") or []
+    props = trace.get("deviceProperties") or []
     return props[0].get("name") if props else None
 
 
@@ -205,10 +202,11 @@ def main() -> int:
     p.add_argument("--bandwidth", type=float, default=None, metavar="TB/s",
                    help="the card's memory bandwidth (default: the datasheet figure of the trace's card)")
     args = p.parse_args()
-    intervals = gpu_profile.trace_intervals(args.from_trace)
+    trace = gpu_profile.read_trace(args.from_trace)  # read once: a profile's trace runs to 100s of MB
+    intervals = gpu_profile.intervals_of(trace)
     if not intervals:
         raise SystemExit(f"roofline: --from-trace {args.from_trace}: no GPU kernels in it")
-    device = trace_device(args.from_trace) or "unknown card"
+    device = trace_device(trace) or "unknown card"
     tbps = args.bandwidth or spec_bandwidth(device)
     if not tbps:
         raise SystemExit(f"roofline: no datasheet bandwidth known for {device!r}: pass --bandwidth TB/s")

@@ -15,6 +15,8 @@ import os
 import sys
 import warnings
 
+import numpy as np
+
 CHECKED_TRITON = ("3.9.",)
 _enabled = False
 
@@ -64,13 +66,11 @@ def enable() -> None:
 
 def _widen(bits):
     """bfloat16 values held as their uint16 bits -> float32, exactly."""
-    import numpy as np
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
 def _narrow(values):
     """float32 (or wider) -> bfloat16 bits, rounded to nearest even as the GPU's conversion; NaN stays NaN."""
-    import numpy as np
     x = np.asarray(values, dtype=np.float32)
     bits = x.view(np.uint32)
     out = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
@@ -86,7 +86,6 @@ def _patch_bfloat16(interpreter) -> None:
     (the GPU computes them in fp32 too); a bf16 tl.sum adds pairs in a tree, each sum rounded to bf16; casts to bf16
     round to nearest even. Loads, stores and bit casts keep the bits.
     """
-    import numpy as np
     import triton.language as tl
     handle = interpreter.TensorHandle
     builder = interpreter.InterpreterBuilder

@@ -284,3 +284,26 @@ def test_path_check_compares_paths_gradients_and_probes_causality(tmp_path):
     bad = subprocess.run(cmd + ["--runs", "fp32-fla,bf17-fused"], env=env(str(tmp_path)), capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode != 0 and "bf17-fused" in bad.stderr
+
+
+def test_roofline_reads_a_saved_trace_and_its_card(tmp_path):
+    """bench/roofline.py end to end on a trace as torch.profiler writes it: the card from deviceProperties gives
+    the datasheet bandwidth, the modeled kernel gets its row."""
+    import gzip
+    import json
+    import os
+    import subprocess
+    import sys
+    from tests.train_support import ROOT, env, tiny_model_json
+    trace = {"deviceProperties": [{"id": 0, "name": "NVIDIA H100 80GB HBM3"}], "traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 0.0, "dur": 50.0},
+        {"ph": "X", "cat": "kernel", "name": "_swiglu_bwd_kernel", "ts": 60.0, "dur": 10.0}]}
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(trace, f)
+    model = tiny_model_json(str(tmp_path / "gla.json"))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "roofline.py"), "--from-trace", str(path),
+                          "--steps", "1", "--model", model, "--batch", "1", "--seq-len", "64"],
+                         env=env(str(tmp_path)), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NVIDIA H100 80GB HBM3: 3.35 TB/s" in out.stdout and "_swiglu_bwd_kernel" in out.stdout
