@@ -82,6 +82,9 @@
 #   bash bench/gpu_issue10b.sh c32     (2026-12-08) models.warm, bench/path_check.py (each path's gradient against
 #                                      autocast-fla's on one batch, a causality probe)
 #   bash bench/gpu_issue10b.sh c33     (2026-12-08) c32 short: models.warm bf16, path_check bf16-fla vs bf16-fused, 6 layers
+#   bash bench/gpu_issue10b.sh c34     (2026-12-08) models.warm, the 300-step curve of the defaults against autocast-fla
+#                                      with each run's final weights evaluated under both paths on held-out text
+#                                      (bench/cross_eval.py; carry data/shk2048 and data/shk2048-val)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -784,6 +787,23 @@ c33)
   timeout "$(budget 200)" python3 bench/path_check.py --runs "${RUNS:-bf16-fla,bf16-fused}" --model /tmp/gla6.json \
       --dir bench/out/path_check > "$OUT/path_check.log" 2>&1
   grep -v -i warn "$OUT/path_check.log" | tail -16
+  stamp "done"
+  ;;
+c34)
+  # (2026-12-08) the curve question by one yardstick: autocast-fla and the defaults trained 300 steps as in c31, then
+  # every run's final weights scored under both forwards on the held-out shards (make shards' -val output). Better
+  # weights score lower under autocast-fla's forward too; a forward that leaks later tokens only under its own
+  need_shards c34
+  [ -f "$SHARDS-val/manifest.json" ] || { echo "c34: no held-out shards at $SHARDS-val (carry them)" >&2; exit 2; }
+  device
+  warm bf16,autocast fused,fla 170
+  stamp "precision_curve + cross_eval"
+  timeout "$(budget 560)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
+      --runs "${RUNS:-autocast-fla,bf16-fused}" --dir bench/out/precision --eval-shards "$SHARDS-val" \
+      --eval-sequences 16 > "$OUT/curve.log" 2>&1
+  cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
+  grep -h '^{' "$OUT/curve.log" | cut -c1-400; sed -n '/^weights \/ path/,$p' "$OUT/curve.log" | head -40
+  tail -2 "$OUT/curve.log"
   stamp "done"
   ;;
 x2a)

@@ -4,7 +4,7 @@ first run's and the largest relative gap.
 
     PYTHONUNBUFFERED=1 python bench/precision_curve.py --shards DIR [--model configs/gla_340M.json]
         [--steps 300] [--batch 8] [--warmup 30] [--skip 30] [--runs autocast-fla,autocast-fla,bf16-fused,bf16-fla]
-        [--parallel none]
+        [--parallel none] [--eval-shards VAL_SHARDS [--eval-sequences 32]]
 
 --runs: PRECISION[-KERNELS][-MODIFIER...][@SEED] for each run, comma-separated, in order (KERNELS: fused, our fused blocks, or
 fla, FLA's modules; left out: the trainer's default, model.gpu_kernels not set; MODIFIERs: bench/train_bench.py's case modifiers
@@ -19,6 +19,9 @@ is the spread the training itself has at that length.
 over the last 10 steps, and whether the run repeats the reference's path (`noise_floor`); then a one-line
 summary per run and the gaps of the other pairs of runs, then every 25th step's losses of all runs; every
 run's per-step losses go to DIR/curves.json.
+--eval-shards: each run also saves its final checkpoint, and bench/cross_eval.py then evaluates every run's final
+weights under every run's path on the first --eval-sequences sequences of these held-out shards: whether a curve
+below the reference's comes from better weights (lower under the reference's forward too) or from its own forward.
 """
 from __future__ import annotations
 
@@ -99,6 +102,9 @@ def main() -> int:
     p.add_argument("--precisions", default=None, help="older spelling of --runs (precisions only)")
     p.add_argument("--parallel", default="none")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench", "out", "precision"))
+    p.add_argument("--eval-shards", default=None, help="held-out shards: cross-evaluate the runs' final weights "
+                   "(bench/cross_eval.py) under every run's path")
+    p.add_argument("--eval-sequences", type=int, default=32)
     args = p.parse_args()
     if args.runs and args.precisions:
         p.error("give --runs or --precisions, not both")
@@ -116,9 +122,11 @@ def main() -> int:
     names = labels(runs)
     curves: dict[str, list[float]] = {}
     results = []
+    run_dirs = {}
     for i, (name, run, (prec, _, _), extra) in enumerate(zip(names, runs, parsed, overrides)):
         out = os.path.join(args.dir, f"{i}-{name.replace('#', '_')}")
         shutil.rmtree(out, ignore_errors=True)
+        run_dirs[name] = out
         mods = run_modifiers(run)
         # modifiers are module defaults: set them in the trainer's own process before it starts
         launcher = ([sys.executable, "-c", "import sys; from bench.train_bench import apply_modifiers; "
@@ -128,7 +136,8 @@ def main() -> int:
                "data.val_shards=none", f"data.global_batch={args.batch}", f"train.max_steps={args.steps}",
                "train.micro_batch=none", "train.eval_every=0",
                f"train.precision={prec}", f"optim.lr={args.lr}", f"optim.min_lr={args.lr / 10}",
-               f"optim.warmup={args.warmup}", "checkpoint.every=0", "checkpoint.at_end=false",
+               f"optim.warmup={args.warmup}", "checkpoint.every=0",
+               f"checkpoint.at_end={'true' if args.eval_shards else 'false'}",
                f"parallel.mode={args.parallel}", f"run.out_dir={out}", "run.tensorboard=false",
                "run.progress_every=30"] + extra + (["train.cuda_graphs=true"] if "graphs" in mods else [])
         print(f"precision_curve: {name}: {' '.join(cmd[len(launcher) + 1:])}", file=sys.stderr, flush=True)
@@ -149,6 +158,11 @@ def main() -> int:
              f"last10_{ref_name}": sum(ref[-10:]) / len(ref[-10:]), f"last10_{name}": sum(cur[-10:]) / len(cur[-10:])}
         results.append(r)
         print(json.dumps(r), flush=True)  # each as soon as its run ends: a stage cut short keeps the ones done
+    if args.eval_shards:
+        from bench.cross_eval import cross_eval
+        paths = list(dict.fromkeys(r.partition("@")[0] for n, r in zip(names, runs) if n in curves))
+        cross_eval([run_dirs[n] for n in names if n in curves], paths, args.eval_shards, args.eval_sequences,
+                   micro_batch=min(args.batch, args.eval_sequences))
     ref_name, ref = names[0], curves[names[0]]
     for r in results:
         print(f"vs {ref_name}: {r['candidate']:<16} max gap {r['max_rel_gap']:.3%} (step {r['at_step']}), "

@@ -307,3 +307,37 @@ def test_roofline_reads_a_saved_trace_and_its_card(tmp_path):
                          env=env(str(tmp_path)), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "NVIDIA H100 80GB HBM3: 3.35 TB/s" in out.stdout and "_swiglu_bwd_kernel" in out.stdout
+
+
+def test_cross_eval_scores_trained_weights_under_each_path(tmp_path):
+    """bench/cross_eval.py --cpu: a run's final checkpoint is exported and evaluated under FLA's fp32 forward and our
+    fused bf16 forward on the same held-out sequences. Each path's own loss equals the cross entropy of its logits,
+    the two paths agree to bf16 rounding, and the trained weights beat the untrained model's log(V)."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+    from tests.train_support import ROOT, VOCAB, env, make_shards, run_trainer, tiny_model_json, write_toml
+    shards = make_shards(str(tmp_path / "shards"), sequences=32, seq_len=64)
+    val = make_shards(str(tmp_path / "val"), sequences=8, seq_len=64, seed=1)
+    model = tiny_model_json(str(tmp_path / "gla.json"), hidden_size=64, num_heads=2)
+    cfg = write_toml(str(tmp_path / "run.toml"), {
+        "model": {"config": model}, "data": {"shards": shards, "global_batch": 4},
+        "train": {"max_steps": 12}, "optim": {"lr": 1e-2, "warmup": 1},
+        "checkpoint": {"every": 0}, "run": {"out_dir": str(tmp_path / "out"), "progress": False}})
+    run_trainer(str(tmp_path), cfg)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cross_eval.py"), "--cpu", "--weights",
+                          str(tmp_path / "out"), "--paths", "fp32-fla,bf16-fused", "--shards", val, "--sequences", "4",
+                          "--micro-batch", "2"], env=env(str(tmp_path)), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    cells = {c["path"]: c for c in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
+    assert set(cells) == {"fp32-fla", "bf16-fused"} and cells["fp32-fla"]["weights"] == str(tmp_path / "out")
+    assert os.path.isfile(tmp_path / "out" / "export" / "config.json")
+    fp32, bf16 = cells["fp32-fla"], cells["bf16-fused"]
+    assert fp32["sequences"] == 4 and fp32["tokens"] == 4 * 63
+    assert abs(fp32["own"] - fp32["xent"]) < 1e-4 * fp32["xent"], fp32
+    assert abs(bf16["own"] - bf16["xent"]) < 1e-2 * bf16["xent"], bf16
+    assert abs(bf16["xent"] - fp32["xent"]) < 2e-2 * fp32["xent"], cells
+    assert fp32["xent"] < math.log(VOCAB) - 0.5, fp32
+    assert "weights / path (xent / own)" in out.stdout
