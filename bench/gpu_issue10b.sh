@@ -792,13 +792,14 @@ c33)
 c34)
   # (2026-12-08) the curve question by one yardstick: autocast-fla and the defaults trained 300 steps as in c31, then
   # every run's final weights scored under both forwards on the held-out shards (make shards' -val output). Better
-  # weights score lower under autocast-fla's forward too; a forward that leaks later tokens only under its own
+  # weights score lower under autocast-fla's forward too; weights from a forward that leaks later tokens score well only
+  # under their own. RUNS and STEPS (300) override
   need_shards c34
   [ -f "$SHARDS-val/manifest.json" ] || { echo "c34: no held-out shards at $SHARDS-val (carry them)" >&2; exit 2; }
   device
   warm bf16,autocast fused,fla 170
   stamp "precision_curve + cross_eval"
-  timeout "$(budget 560)" python3 bench/precision_curve.py --shards "$SHARDS" --steps 300 --batch 16 \
+  timeout "$(budget 560)" python3 bench/precision_curve.py --shards "$SHARDS" --steps "${STEPS:-300}" --batch 16 \
       --runs "${RUNS:-autocast-fla,bf16-fused}" --dir bench/out/precision --eval-shards "$SHARDS-val" \
       --eval-sequences 16 > "$OUT/curve.log" 2>&1
   cp bench/out/precision/curves.json "$OUT/" 2>/dev/null
