@@ -48,30 +48,18 @@ def export_dir(weights: str) -> str:
 
 def worker(path: str, args) -> None:
     """Every model of --weights under one path: one JSON line each."""
-    if args.cpu:  # the Triton interpreter, before triton or fla is imported
-        from models import cpu_triton
-        cpu_triton.enable()
+    from bench.path_check import on_path, start_path
+    precision, kernels, dev = start_path(path, args.cpu)
     import torch
 
-    from bench.precision_curve import parse_run
-    from bench.train_bench import apply_modifiers
     from models import build
-    from models.warm import install_kernels
     from trainer.data.validation import load_val_rows
     from trainer.parallel import Dist
-    from trainer.precision import MasterWeights, Precision
-    precision, kernels, _ = parse_run(path)
-    apply_modifiers("ours-" + path)
-    dev = torch.device("cpu") if args.cpu else torch.device("cuda", 0)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     rows = load_val_rows(args.shards, args.sequences, Dist(device=dev))
     for weights in args.weights.split(","):
         model = build.load_pretrained(weights, dev)
         build.adapt_to_device(model.config, dev)
-        install_kernels(model, kernels or "fused")
-        model.train()  # the forward training runs (no dropout in these models; the fused blocks cover train mode)
-        prec = MasterWeights(model, dev) if precision == "bf16" else Precision(precision, dev)
+        prec, _ = on_path(model, precision, kernels, dev)  # train mode: the forward training runs
         xent = own = 0.0
         with torch.no_grad(), prec.compute():
             for i in range(0, rows.shape[0], args.micro_batch):

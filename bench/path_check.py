@@ -33,28 +33,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def worker(run: str, args) -> None:
-    if args.cpu:  # the Triton interpreter, before triton or fla is imported
+def start_path(run: str, cpu: bool):
+    """In a run's own process, before anything else: the Triton interpreter on the CPU, the run's train_bench
+    modifiers applied; returns (train.precision, model.gpu_kernels or None, the device)."""
+    if cpu:  # the Triton interpreter, before triton or fla is imported
         from models import cpu_triton
         cpu_triton.enable()
     import torch
 
     from bench.precision_curve import parse_run
     from bench.train_bench import apply_modifiers
-    from models import build
-    from models.warm import install_kernels
-    from trainer.precision import MasterWeights, Precision
     precision, kernels, _ = parse_run(run)
     apply_modifiers("ours-" + run)
-    dev = torch.device("cpu") if args.cpu else torch.device("cuda", 0)
+    dev = torch.device("cpu") if cpu else torch.device("cuda", 0)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    return precision, kernels, dev
+
+
+def on_path(model, precision: str, kernels: str | None, dev):
+    """The path's kernels installed into `model` (train mode) and its trainer.precision object: (it, what runs)."""
+    from models.warm import install_kernels
+    from trainer.precision import MasterWeights, Precision
+    what = install_kernels(model, kernels or "fused")
+    model.train()
+    return (MasterWeights(model, dev) if precision == "bf16" else Precision(precision, dev)), what
+
+
+def worker(run: str, args) -> None:
+    precision, kernels, dev = start_path(run, args.cpu)
+    import torch
+
+    from models import build
     config = build.load_config(args.model)
     build.adapt_to_device(config, dev)
     model = build.build_model(config, dev, seed=0)
-    what = install_kernels(model, kernels or "fused")
-    model.train()
-    prec = MasterWeights(model, dev) if precision == "bf16" else Precision(precision, dev)
+    prec, what = on_path(model, precision, kernels, dev)
     gen = torch.Generator(device=dev).manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=gen, device=dev)
     with prec.compute():
