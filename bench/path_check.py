@@ -53,8 +53,10 @@ def start_path(run: str, cpu: bool):
 
 def on_path(model, precision: str, kernels: str | None, dev):
     """The path's kernels installed into `model` (train mode) and its trainer.precision object: (it, what runs)."""
+    from models import build
     from models.warm import install_kernels
     from trainer.precision import MasterWeights, Precision
+    build.use_fp32_loss(model)  # as the trainer's setup does
     what = install_kernels(model, kernels or "fused")
     model.train()
     return (MasterWeights(model, dev) if precision == "bf16" else Precision(precision, dev)), what

@@ -93,6 +93,27 @@ def build_model(config, device: str | torch.device = "cpu", seed: int = 0):
         return AutoModelForCausalLM.from_config(config)
 
 
+class Fp32CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss over fp32 logits (bf16 ones are cast first; fp32 ones pass as they are). See use_fp32_loss."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return super().forward(input.float(), target)
+
+
+def use_fp32_loss(model) -> bool:
+    """Where an FLA model's loss is the unfused nn.CrossEntropyLoss (fuse_cross_entropy off: on a CPU, or a model JSON
+    without it), compute it over fp32 logits: on bf16 weights (train.precision=bf16) the logits are bf16, and that
+    loss would come back rounded to bf16 (steps of 1/16 at a loss of 10) with its gradient computed in bf16. FLA's
+    forward takes `model.criterion` where one is set; it holds no state (checkpoints and exports are unchanged).
+    Returns whether it was set; fused losses (FLA's kernels compute in fp32) and other models are left alone."""
+    config = model.config
+    if (getattr(model, "criterion", False) is not None or getattr(config, "fuse_cross_entropy", False)
+            or getattr(config, "fuse_linear_cross_entropy", False)):
+        return False
+    model.criterion = Fp32CrossEntropyLoss()
+    return True
+
+
 def materialize(model, device: torch.device, seed: int = 0) -> None:
     """Allocate a meta model (plain or FSDP-sharded) on `device` and run the model's own init on it."""
     torch.manual_seed(seed)

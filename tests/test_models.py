@@ -191,3 +191,25 @@ def test_gla_varlen_equals_separate_documents():
         for doc, a in zip(docs, cu[:-1].tolist()):
             torch.testing.assert_close(packed[a:a + len(doc)], model(input_ids=doc[None]).logits[0],
                                        atol=1e-4, rtol=1e-4)
+
+
+def test_unfused_loss_of_bf16_logits_is_computed_in_fp32():
+    """Where FLA's fused cross entropy is off (a CPU, a model JSON without it), its loss is nn.CrossEntropyLoss over
+    the logits as they come: on bf16 weights (train.precision=bf16) a loss rounded to bf16 (steps of 1/16 at 10)
+    with its gradient in bf16. build.use_fp32_loss gives such a model the same loss over fp32 logits; fp32 logits
+    (the CPU's default) get nn.CrossEntropyLoss bit for bit, and a fused loss is left alone."""
+    model = tiny_transformer()
+    x = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    fp32 = model(input_ids=x, labels=x).loss
+    assert build.use_fp32_loss(model)
+    assert torch.equal(model(input_ids=x, labels=x).loss, fp32)  # fp32 logits: nn.CrossEntropyLoss itself
+    model.to(torch.bfloat16)
+    out = model(input_ids=x, labels=x)
+    want = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+    assert out.loss.dtype == torch.float32 and torch.equal(out.loss, want)
+    out.loss.backward()
+    assert model.lm_head.weight.grad.dtype == torch.bfloat16  # the logits' gradient cast back for the bf16 GEMM
+    assert "criterion" not in "".join(model.state_dict())  # nothing new in checkpoints or exports
+    fused = tiny_transformer()
+    fused.config.fuse_cross_entropy = True
+    assert not build.use_fp32_loss(fused) and fused.criterion is None

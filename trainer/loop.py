@@ -382,6 +382,7 @@ def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: s
             init_device = "meta" if cfg.parallel.mode == "fsdp" else d.device.type
         model = build.build_model(model_config, d.device if init_device == "cuda" else init_device,
                                   seed=cfg.model.seed)
+    build.use_fp32_loss(model)  # an unfused loss over bf16 logits (train.precision=bf16) in fp32
     if d.device.type == "cuda":
         if cfg.train.compile and cfg.model.gpu_kernels == "fused":
             log.info("GPU kernels: FLA's modules (train.compile compiles those; the fused blocks are the "
