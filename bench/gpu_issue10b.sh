@@ -82,6 +82,7 @@
 #   bash bench/gpu_issue10b.sh c32     (2026-12-08) models.warm, bench/path_check.py (each path's gradient against
 #                                      autocast-fla's on one batch, a causality probe)
 #   bash bench/gpu_issue10b.sh c33     (2026-12-08) c32 short: models.warm bf16, path_check bf16-fla vs bf16-fused, 6 layers
+#                                      (~7 min cold on an H100)
 #   bash bench/gpu_issue10b.sh c34     (2026-12-08) models.warm, the 300-step curve of the defaults against autocast-fla
 #                                      with each run's final weights evaluated under both paths on held-out text
 #                                      (bench/cross_eval.py; carry data/shk2048 and data/shk2048-val)
@@ -778,10 +779,11 @@ c32)
   stamp "done"
   ;;
 c33)
-  # (2026-12-08) the short form of c32 for a call of ~4 min: our fused blocks against FLA's modules, both on bf16
-  # weights, GLA 340M's shapes with 6 layers (the same kernels and autotune keys, a quarter of the gradients)
+  # (2026-12-08) the short form of c32: our fused blocks against FLA's modules, both on bf16 weights, GLA 340M's
+  # shapes with 6 layers (the same kernels and autotune keys, a quarter of the gradients). ~7 min on a fresh H100:
+  # its models.warm did not finish in 150 s there (2026-12-07: 8 processes fit its memory, not 16)
   device
-  warm bf16 fused,fla 150
+  warm bf16 fused,fla 230
   python3 -c "import json; c = json.load(open('$M')); c['num_hidden_layers'] = 6; json.dump(c, open('/tmp/gla6.json', 'w'))"
   stamp "path_check"
   timeout "$(budget 200)" python3 bench/path_check.py --runs "${RUNS:-bf16-fla,bf16-fused}" --model /tmp/gla6.json \
