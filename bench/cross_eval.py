@@ -128,6 +128,12 @@ def main() -> int:
     if args.worker:
         worker(args.worker, args)
         return 0
+    from bench.precision_curve import parse_run
+    try:
+        for path in args.paths.split(","):
+            parse_run(path)
+    except ValueError as e:
+        p.error(f"--paths: {e}")
     cells = cross_eval(args.weights.split(","), args.paths.split(","), args.shards, args.sequences, args.micro_batch,
                        args.cpu)
     return 0 if len(cells) == len(args.weights.split(",")) * len(args.paths.split(",")) else 1

@@ -341,3 +341,7 @@ def test_cross_eval_scores_trained_weights_under_each_path(tmp_path):
     assert abs(bf16["xent"] - fp32["xent"]) < 2e-2 * fp32["xent"], cells
     assert fp32["xent"] < math.log(VOCAB) - 0.5, fp32
     assert "weights / path (xent / own)" in out.stdout
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cross_eval.py"), "--weights", str(tmp_path / "out"),
+                          "--paths", "fp32-fla,bf17-fused", "--shards", val], env=env(str(tmp_path)),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "bf17-fused" in bad.stderr  # refused before anything is exported or run
