@@ -81,13 +81,10 @@ def worker(path: str, args) -> None:
 def cross_eval(weights: list[str], paths: list[str], shards: str, sequences: int = 32, micro_batch: int = 4,
                cpu: bool | None = None) -> list[dict]:
     """Export what needs it, run one worker per path; returns every (weights, path) cell and prints the matrix.
-    cpu None: on the CPU where no GPU is seen."""
+    cpu None: on the CPU where no GPU is seen. The paths are parsed by the caller (main, precision_curve) first."""
     if cpu is None:
         import torch
         cpu = not torch.cuda.is_available()
-    from bench.precision_curve import parse_run
-    for p in paths:
-        parse_run(p)  # a bad name fails before any process starts
     models = [export_dir(w) for w in weights]
     cells = []
     for p in paths:
