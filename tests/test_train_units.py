@@ -619,3 +619,45 @@ def test_pending_step_loss_is_the_mean_over_ranks(tmp_path):
     assert got[0]["local"] != got[1]["local"]
     mean = (got[0]["local"] + got[1]["local"]) / 2
     assert got[0]["loss"] == got[1]["loss"] == mean and got[0]["applied"] and got[1]["applied"]
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_gradient_accumulation_syncs_gradients_only_on_the_last_micro_batch(mode):
+    """FSDP2 reads set_requires_gradient_sync(False) in its backward hooks, not in the forward: a step whose
+    micro-batch backward ran after the no-sync context had closed reduce-scattered every micro-batch's gradients
+    (more traffic, same sums). Seen from the outside, FSDP2: at the second micro-batch's forward the first one's
+    gradients must still be unreduced, so no (sharded) parameter holds a .grad yet. DDP (which reads its flag in the forward):
+    its comm hook runs only after the last micro-batch's forward. Either way the step is that of the whole batch."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from trainer import parallel
+    if mode == "ddp":
+        parallel._single_process_group(Dist())
+    try:
+        d = Dist(distributed=True) if mode == "ddp" else Dist()
+        reference = tiny_gla()
+        batch = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        ref_opt = build_optimizer(reference, OptimConfig(lr=1e-2), torch.device("cpu"))
+        want = train_step(reference, ref_opt, batch, None, 2, 1.0, 1e-2, Dist(), FP32)
+
+        model = parallel.wrap(tiny_gla(), mode, d)
+        params = list(model.parameters())  # FSDP2: the sharded ones (its forward swaps the root's to unsharded)
+        forwards, reduced_after = [], []
+        model.register_forward_pre_hook(lambda m, a: forwards.append([p.grad is not None for p in params]))
+        if mode == "ddp":
+            def hook(state, bucket):
+                reduced_after.append(len(forwards))
+                return default_hooks.allreduce_hook(None, bucket)
+            model.register_comm_hook(None, hook)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
+        loss, norm, applied = train_step(model, opt, batch, None, 1, 1.0, 1e-2, d, FP32)
+        assert len(forwards) == 2 and not any(forwards[0])
+        if mode == "fsdp":
+            assert not any(forwards[1]), "the first micro-batch's gradients were reduced before the last micro-batch"
+        else:
+            assert reduced_after and set(reduced_after) == {2}
+        assert applied and loss == pytest.approx(want[0], rel=1e-5) and norm == pytest.approx(want[1], rel=1e-4)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
