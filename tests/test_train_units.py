@@ -661,3 +661,65 @@ def test_gradient_accumulation_syncs_gradients_only_on_the_last_micro_batch(mode
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _overlap_worker(rank: int, init: str, out: str):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same init on both ranks (MasterWeights broadcasts rank 0's anyway)
+        model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(16, 8), "a": torch.nn.Linear(8, 8),
+                                     "unused": torch.nn.Linear(8, 8), "b": torch.nn.Linear(8, 16)})
+        calls = []
+        real = dist.all_reduce
+
+        def spy(*args, **kwargs):  # the real all-reduce, counted
+            calls.append(args[0].numel())
+            return real(*args, **kwargs)
+        dist.all_reduce = spy
+        launched_before_emb = []
+        model["emb"].register_full_backward_pre_hook(lambda m, g: launched_before_emb.append(len(calls)))
+        x = torch.randint(0, 16, (3, 5), generator=torch.Generator().manual_seed(rank))
+
+        def step(prec, overlap: bool):
+            with prec.compute():
+                for part in range(2):
+                    h = model["b"](torch.relu(model["a"](model["emb"](x[:, part:part + 3]))))
+                    with prec.reducing(overlap and part == 1):
+                        h.float().square().mean().backward()
+                    prec.accumulate()
+            prec.reduce()
+            grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            return grads
+
+        prec = MasterWeights(model, torch.device("cpu"), group_size=2, bucket_bytes=64 * 4)
+        assert len(prec._buckets) >= 4
+        calls.clear()
+        flat = step(prec, overlap=False)
+        assert calls == [prec.grad_flat.numel()]
+        calls.clear(), launched_before_emb.clear()
+        overlapped = step(prec, overlap=True)
+        assert len(calls) == len(prec._buckets) and sum(calls) == prec.grad_flat.numel()
+        torch.save({"flat": flat, "overlapped": overlapped, "launched_before_emb": launched_before_emb[-1],
+                    "again": step(prec, overlap=True)}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_master_weights_over_two_processes_reduce_buckets_during_the_backward(tmp_path):
+    """bf16 over several processes: the last micro-batch's backward all-reduces each bucket of the fp32 gradient
+    buffer as soon as its gradients are in (before the backward reaches the first layer), and the gradients are
+    bit for bit those of one all-reduce of the whole buffer after the backward (two ranks: a + b either way), also
+    for a parameter without a gradient (zeros, as under DDP) and over two micro-batches."""
+    import torch.multiprocessing as mp
+    mp.spawn(_overlap_worker, args=(f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for res in results:
+        assert res["launched_before_emb"] > 0
+        for name, g in res["flat"].items():
+            for other in (res["overlapped"], res["again"]):
+                assert torch.equal(g, other[name]), name
+            assert g.any() != name.startswith("unused"), name  # zeros, as DDP gives an unused parameter
+    for name, g in results[0]["overlapped"].items():  # the same averaged gradient on both ranks
+        assert torch.equal(g, results[1]["overlapped"][name]), name

@@ -147,11 +147,14 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
                 continue
             x, labels = x.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
             kwargs = {} if cu is None else {"cu_seqlens": cu.to(d.device)}
-            # the backward inside the sync context: FSDP2 reads it in its backward hooks (DDP in the forward)
-            with parallel.gradient_sync(model, enabled=i == len(parts) - 1):
+            # the backward inside the sync context: FSDP2 reads it in its backward hooks (DDP in the forward);
+            # prec.reducing: bf16 over several processes all-reduces gradient buckets during the last backward
+            last = i == len(parts) - 1
+            with parallel.gradient_sync(model, enabled=last):
                 with prec.autocast():
                     loss = model(input_ids=x, labels=labels, **kwargs).loss / len(parts)
-                loss.backward()
+                with prec.reducing(last):
+                    loss.backward()
             prec.accumulate()
             loss_sum += loss.detach().float()
     prec.reduce()

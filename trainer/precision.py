@@ -12,7 +12,11 @@
 For parallel.mode none/ddp, bf16 swaps each parameter's storage (`p.data`) to its bf16 copy for the step's
 forward and backward passes and back to the fp32 weight afterwards, so everything outside the step (optimizer,
 clipping, checkpoints, validation, export) sees the same fp32 parameters as the other paths. DDP is not used
-there: its buckets would take the bf16 gradients; one all-reduce of the flat fp32 gradient buffer replaces it.
+there: its buckets would take the bf16 gradients. MasterWeights reduces the fp32 buffer in buckets of its own
+instead, as DDP does, while the last micro-batch's backward still runs: each parameter's gradient goes into the
+buffer as soon as autograd has it (its bf16 gradient is freed then), and a bucket (a contiguous slice of the flat
+buffer, about BUCKET_BYTES, parameters in reverse order, as backward produces them) is all-reduced asynchronously once
+all its gradients are in; reduce() only waits for the last ones.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from trainer.config import ConfigError
 
 CHOICES = ("auto", "bf16", "autocast", "fp32")
+BUCKET_BYTES = 25 * 2**20  # MasterWeights' all-reduce buckets over several processes (DDP's default size)
 
 
 def resolve(name: str, device: torch.device) -> str:
@@ -65,6 +70,11 @@ class Precision:
     def compute(self):
         return contextlib.nullcontext()
 
+    def reducing(self, last: bool):
+        """Around each micro-batch's backward; `last`: the step's last micro-batch, whose backward may start the
+        gradient reduction (MasterWeights over several processes)."""
+        return contextlib.nullcontext()
+
     def accumulate(self, grads: list | None = None) -> None:
         pass
 
@@ -75,7 +85,8 @@ class Precision:
 class MasterWeights(Precision):
     """bf16 compute over fp32 master weights for one process or several (without DDP). See the module doc."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, group_size: int = 1):
+    def __init__(self, model: torch.nn.Module, device: torch.device, group_size: int = 1,
+                 bucket_bytes: int = BUCKET_BYTES):
         super().__init__("bf16", device)
         seen, self.params = set(), []
         for p in model.parameters():  # tied weights once
@@ -85,16 +96,20 @@ class MasterWeights(Precision):
         n = sum(p.numel() for p in self.params)
         self.grad_flat = torch.zeros(n, dtype=torch.float32, device=device)
         self.half_flat = torch.empty(n, dtype=torch.bfloat16, device=device)
-        self.grads, self.halves, offset = [], [], 0
+        self.grads, self.halves, offsets = [], [], [0]
         for p in self.params:
+            offset = offsets[-1]
             self.grads.append(self.grad_flat[offset:offset + p.numel()].view_as(p))
             self.halves.append(self.half_flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+            offsets.append(offset + p.numel())
         self.group_size = group_size
         self._has_grad = [False] * len(self.params)
+        self._overlap = False  # inside reducing(last=True) over several processes: the hooks below take gradients
+        self._works = None  # that step's bucket all-reduces, until reduce() has waited for them
         if group_size > 1:  # every rank starts from rank 0's weights, as DDP does at construction
             for p in self.params:
                 dist.broadcast(p.data, 0)
+            self._make_buckets(bucket_bytes, offsets)
 
     def eval_autocast(self):
         """Validation runs outside the step, on the fp32 weights: under bf16 autocast."""
@@ -117,34 +132,104 @@ class MasterWeights(Precision):
                 p.grad = None
                 p.data = m
 
-    def accumulate(self, grads: list | None = None) -> None:
-        """After one micro-batch's backward: its bf16 gradients into the fp32 buffers. A buffer's first gradient
-        of the step is copied in (one conversion kernel per group of tensors), later ones are added: no zeroing
-        pass over the buffers, and with one micro-batch (the common case) no read of them either.
-        `grads`: the gradients, in self.params' order, where they are not the parameters' .grad (a CUDA graph's
-        static outputs, trainer.graphs); None entries are parameters without a gradient."""
-        first, first_src, more, more_src = [], [], [], []
+    def _make_buckets(self, bucket_bytes: int, offsets: list[int]) -> None:
+        """Buckets of parameters, last parameter first: bucket k holds parameters [lo, hi) and is the slice
+        [offsets[lo], offsets[hi]) of the flat buffer. A hook on each parameter takes its gradient (the hook lives on
+        the parameter object, so it survives compute()'s swaps of p.data)."""
+        self._buckets, self._bucket_of, hi, size = [], [0] * len(self.params), len(self.params), 0
+        for i in reversed(range(len(self.params))):
+            size += self.params[i].numel() * self.grad_flat.element_size()
+            if size >= bucket_bytes or i == 0:
+                for j in range(i, hi):
+                    self._bucket_of[j] = len(self._buckets)
+                self._buckets.append((i, hi, self.grad_flat[offsets[i]:offsets[hi]]))
+                hi, size = i, 0
         for i, p in enumerate(self.params):
-            g = p.grad if grads is None else grads[i]
-            if g is not None:
-                (more if self._has_grad[i] else first).append(self.grads[i])
-                (more_src if self._has_grad[i] else first_src).append(g)
-                self._has_grad[i] = True
-                p.grad = None
+            p.register_post_accumulate_grad_hook(lambda p, i=i: self._take(i, p))
+
+    @contextlib.contextmanager
+    def reducing(self, last: bool):
+        if not (last and self.group_size > 1):
+            yield
+            return
+        self._waiting = [hi - lo for lo, hi, _ in self._buckets]  # gradients each bucket still waits for
+        self._taken = [[] for _ in self._buckets]
+        self._next, self._works, self._overlap = 0, [], True
+        try:
+            yield
+        finally:
+            self._overlap = False
+
+    def _take(self, i: int, p: torch.Tensor) -> None:
+        """Parameter i's gradient is complete (last micro-batch, several processes): hold it for its bucket, then
+        all-reduce every bucket that is complete, in bucket order (the same order on every rank)."""
+        if not self._overlap or p.grad is None:
+            return
+        b = self._bucket_of[i]
+        self._taken[b].append((i, p.grad))
+        p.grad = None
+        self._waiting[b] -= 1
+        while self._next < len(self._buckets) and self._waiting[self._next] == 0:
+            self._launch(self._next)
+
+    def _launch(self, b: int) -> None:
+        """Bucket b's gradients into the fp32 buffer (a parameter without one this step: zeros), then its
+        asynchronous all-reduce: the backward goes on meanwhile."""
+        self._store([g for _, g in self._taken[b]], [i for i, _ in self._taken[b]])
+        self._taken[b] = []
+        lo, hi, flat = self._buckets[b]
+        untouched = [self.grads[i] for i in range(lo, hi) if not self._has_grad[i]]
+        if untouched:
+            torch._foreach_zero_(untouched)
+        self._works.append(dist.all_reduce(flat, async_op=True))
+        self._next = b + 1
+
+    def _store(self, grads: list, indices: list[int]) -> None:
+        """Gradients into the fp32 buffers: a buffer's first of the step copied, later ones added."""
+        first, first_src, more, more_src = [], [], [], []
+        for i, g in zip(indices, grads):
+            (more if self._has_grad[i] else first).append(self.grads[i])
+            (more_src if self._has_grad[i] else first_src).append(g)
+            self._has_grad[i] = True
         if first:
             torch._foreach_copy_(first, first_src)
         if more:
             torch._foreach_add_(more, more_src)
 
+    def accumulate(self, grads: list | None = None) -> None:
+        """After one micro-batch's backward: its bf16 gradients into the fp32 buffers. A buffer's first gradient
+        of the step is copied in (one conversion kernel per group of tensors), later ones are added: no zeroing
+        pass over the buffers, and with one micro-batch (the common case) no read of them either.
+        `grads`: the gradients, in self.params' order, where they are not the parameters' .grad (a CUDA graph's
+        static outputs, trainer.graphs); None entries are parameters without a gradient. After an overlapped
+        backward (reducing(last=True)) the hooks have taken every gradient already."""
+        taken, indices = [], []
+        for i, p in enumerate(self.params):
+            g = p.grad if grads is None else grads[i]
+            if g is not None:
+                taken.append(g)
+                indices.append(i)
+                p.grad = None
+        self._store(taken, indices)
+
     def reduce(self) -> None:
         """After the last micro-batch (outside compute()): the fp32 gradients, averaged over the processes,
         become the fp32 weights' .grad."""
-        untouched = [g for g, has in zip(self.grads, self._has_grad) if not has]
-        if untouched:  # no gradient this step: zeros in the buffer (they are summed over the processes)
-            torch._foreach_zero_(untouched)
-        if self.group_size > 1:
-            dist.all_reduce(self.grad_flat)  # SUM then divide: gloo (CPU) has no AVG
-            self.grad_flat.div_(self.group_size)
+        if self._works is not None:  # reducing(last=True) ran (several processes)
+            while self._next < len(self._buckets):  # buckets with a parameter that had no gradient this step
+                self._launch(self._next)
+            for work in self._works:
+                work.wait()
+            self._works = None
+            self.grad_flat.div_(self.group_size)  # SUM then divide: gloo (CPU) has no AVG
             self._has_grad = [True] * len(self.params)  # summed over ranks: defined everywhere, as under DDP
+        else:
+            untouched = [g for g, has in zip(self.grads, self._has_grad) if not has]
+            if untouched:  # no gradient this step: zeros in the buffer (they are summed over the processes)
+                torch._foreach_zero_(untouched)
+            if self.group_size > 1:  # the last micro-batch ran outside reducing() (a CUDA graph's replay)
+                dist.all_reduce(self.grad_flat)
+                self.grad_flat.div_(self.group_size)
+                self._has_grad = [True] * len(self.params)
         for p, g, has in zip(self.params, self.grads, self._has_grad):
             p.grad = g if has else None
