@@ -154,6 +154,7 @@ class MasterWeights(Precision):
             return
         self._waiting = [hi - lo for lo, hi, _ in self._buckets]  # gradients each bucket still waits for
         self._taken = [[] for _ in self._buckets]
+        self._took = [False] * len(self.params)
         self._next, self._works, self._overlap = 0, [], True
         try:
             yield
@@ -166,6 +167,10 @@ class MasterWeights(Precision):
         if not self._overlap or p.grad is None:
             return
         b = self._bucket_of[i]
+        if self._took[i]:  # autograd runs a leaf's AccumulateGrad once a backward (reentrant checkpointing would not)
+            raise RuntimeError(f"train.precision=bf16 over {self.group_size} processes: parameter {i} received a "
+                               "second gradient in one backward pass; its bucket's reduction would miss it")
+        self._took[i] = True
         self._taken[b].append((i, p.grad))
         p.grad = None
         self._waiting[b] -= 1
