@@ -1,13 +1,16 @@
 """Peak GPU memory per GPU of a GLA training run, estimated from the model's shapes (no GPU needed).
 
     python bench/memory_estimate.py [--model configs/gla_1B.json] [--gpus 1,2,4] [--micro-batch 4]
-        [--seq-len 2048] [--mode fsdp] [--precision bf16] [--json]
+        [--seq-len 2048] [--mode fsdp] [--precision bf16] [--accumulation 1] [--defer-reduce] [--json]
 
 Terms (bytes; N parameters, W GPUs, T = micro-batch x seq-len tokens per forward pass):
   weights      fp32 master weights: 4N/W under FSDP2 (sharded), 4N otherwise
   optimizer    AdamW's two fp32 moments: 8N/W under FSDP2, 8N otherwise
   grads        fp32 gradients. FSDP2: sharded, created during backward (4N/W, mostly after the activation peak,
-               so left out of the peak); train.precision=bf16 without FSDP: the persistent fp32 buffer (4N);
+               so left out of the peak with one micro-batch a step; with --accumulation K > 1 the earlier
+               micro-batches' gradients are there at the next one's peak: 4N/W, or 4N unsharded with
+               --defer-reduce, parallel.fsdp_defer_reduce); train.precision=bf16 without FSDP: the persistent
+               fp32 buffer (4N);
                autocast without FSDP: 0 at the peak (set to None each step), DDP keeps 4N in its buckets
   compute      the weights the kernels read. FSDP2: bf16 copies of the root (embedding, head) and of two
                blocks (the one computing and the one prefetched); bf16 without FSDP: a bf16 copy (2N);
@@ -58,13 +61,14 @@ def block_elements_per_token(s: dict) -> float:
     return (h + h + dk + dk + dv + 2 * dk + 2 * s["heads"] * 64 + dv + s["gate"] + dv + h + h + 2 * s["inter"])
 
 
-def estimate(s: dict, gpus: int, micro: int, seq: int, mode: str, precision: str, checkpointing: bool) -> dict:
+def estimate(s: dict, gpus: int, micro: int, seq: int, mode: str, precision: str, checkpointing: bool,
+             accumulation: int = 1, defer_reduce: bool = False) -> dict:
     n, fsdp = s["params"], mode == "fsdp"
     w = gpus if fsdp else 1
     tokens = micro * seq
     out = {"weights": 4 * n / w, "optimizer": 8 * n / w}
     if fsdp:
-        out["grads"] = 0.0
+        out["grads"] = 0.0 if accumulation == 1 else 4 * n if defer_reduce else 4 * n / w
         out["compute"] = 2 * (s["root_params"] + 2 * s["block_params"])
     else:
         out["grads"] = 4 * n if (precision == "bf16" or (mode == "ddp" and gpus > 1)) else 0.0
@@ -87,6 +91,8 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--mode", default="fsdp", choices=["fsdp", "ddp", "none"])
     p.add_argument("--precision", default="bf16", choices=["bf16", "autocast"])
+    p.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--defer-reduce", action="store_true", help="fsdp: parallel.fsdp_defer_reduce=true")
     p.add_argument("--json", action="store_true", help="one JSON line per row instead of the table")
     args = p.parse_args()
     s = shapes(args.model)
@@ -97,10 +103,12 @@ def main() -> int:
         print(f"{'GPUs':>4} {'AC':>3} {'weights':>8} {'optim':>8} {'grads':>8} {'compute':>8} {'activ':>8} {'peak':>8}")
     for g in (int(x) for x in args.gpus.split(",")):
         for ac in (False, True):
-            e = estimate(s, g, args.micro_batch, args.seq_len, args.mode, args.precision, ac)
+            e = estimate(s, g, args.micro_batch, args.seq_len, args.mode, args.precision, ac, args.accumulation,
+                         args.defer_reduce)
             if args.json:
                 print(json.dumps({"model": name, "gpus": g, "mode": args.mode, "precision": args.precision,
                                   "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+                                  "accumulation": args.accumulation, "defer_reduce": args.defer_reduce,
                                   "activation_checkpointing": ac, **{k: round(v, 3) for k, v in e.items()}}))
             else:
                 print(f"{g:>4} {'yes' if ac else 'no':>3} {e['weights']:8.2f} {e['optimizer']:8.2f} {e['grads']:8.2f} "

@@ -621,13 +621,15 @@ def test_pending_step_loss_is_the_mean_over_ranks(tmp_path):
     assert got[0]["loss"] == got[1]["loss"] == mean and got[0]["applied"] and got[1]["applied"]
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_gradient_accumulation_syncs_gradients_only_on_the_last_micro_batch(mode):
-    """FSDP2 reads set_requires_gradient_sync(False) in its backward hooks, not in the forward: a step whose
-    micro-batch backward ran after the no-sync context had closed reduce-scattered every micro-batch's gradients
-    (more traffic, same sums). Seen from the outside, FSDP2: at the second micro-batch's forward the first one's
-    gradients must still be unreduced, so no (sharded) parameter holds a .grad yet. DDP (which reads its flag in the forward):
-    its comm hook runs only after the last micro-batch's forward. Either way the step is that of the whole batch."""
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp-defer", "ddp"])
+def test_gradient_accumulation_reduces_where_the_settings_say(mode):
+    """Gradient accumulation over two micro-batches. FSDP2 by default reduce-scatters each micro-batch's gradients
+    (they stay sharded, as FSDP2 and torchtitan do); with parallel.fsdp_defer_reduce it keeps them unsharded until
+    the last micro-batch. FSDP2 reads that switch in its backward hooks: a loop whose backward ran after the switch's
+    context had closed reduce-scattered every micro-batch whatever the setting. Seen from the outside: at the second
+    micro-batch's forward the first one's gradients are reduced (a sharded parameter holds a .grad) only without the
+    deferral. DDP (which reads its flag in the forward): its comm hook runs only after the last micro-batch's forward.
+    Every way, the step is that of the whole batch at once."""
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -641,7 +643,7 @@ def test_gradient_accumulation_syncs_gradients_only_on_the_last_micro_batch(mode
         ref_opt = build_optimizer(reference, OptimConfig(lr=1e-2), torch.device("cpu"))
         want = train_step(reference, ref_opt, batch, None, 2, 1.0, 1e-2, Dist(), FP32)
 
-        model = parallel.wrap(tiny_gla(), mode, d)
+        model = parallel.wrap(tiny_gla(), mode.partition("-")[0], d, defer_reduce=mode == "fsdp-defer")
         params = list(model.parameters())  # FSDP2: the sharded ones (its forward swaps the root's to unsharded)
         forwards, reduced_after = [], []
         model.register_forward_pre_hook(lambda m, a: forwards.append([p.grad is not None for p in params]))
@@ -654,6 +656,8 @@ def test_gradient_accumulation_syncs_gradients_only_on_the_last_micro_batch(mode
         loss, norm, applied = train_step(model, opt, batch, None, 1, 1.0, 1e-2, d, FP32)
         assert len(forwards) == 2 and not any(forwards[0])
         if mode == "fsdp":
+            assert all(forwards[1]), "the first micro-batch's gradients were not reduce-scattered"
+        elif mode == "fsdp-defer":
             assert not any(forwards[1]), "the first micro-batch's gradients were reduced before the last micro-batch"
         else:
             assert reduced_after and set(reduced_after) == {2}

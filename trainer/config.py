@@ -117,6 +117,10 @@ class CheckpointConfig:
 class ParallelConfig:
     mode: Literal["none", "ddp", "fsdp"] = "none"
     fsdp_reshard_after_forward: bool = True
+    # fsdp with gradient accumulation (train.micro_batch below the rank's batch): false reduce-scatters each
+    # micro-batch's gradients (they stay sharded: FSDP2's and torchtitan's default); true keeps them unsharded, in
+    # fp32, until the step's last micro-batch (one reduce-scatter a step, but the whole model's gradient on every rank)
+    fsdp_defer_reduce: bool = False
 
 
 @dataclass

@@ -147,7 +147,7 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
                 continue
             x, labels = x.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
             kwargs = {} if cu is None else {"cu_seqlens": cu.to(d.device)}
-            # the backward inside the sync context: FSDP2 reads it in its backward hooks (DDP in the forward);
+            # the backward inside the sync context (parallel.fsdp_defer_reduce: FSDP2 reads it in its backward hooks);
             # prec.reducing: bf16 over several processes all-reduces gradient buckets during the last backward
             last = i == len(parts) - 1
             with parallel.gradient_sync(model, enabled=last):
@@ -410,7 +410,8 @@ def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: s
     meta = any(p.is_meta for p in model.parameters())
     if not meta:
         model.to(d.device)
-    model = parallel.wrap(model, cfg.parallel.mode, d, cfg.parallel.fsdp_reshard_after_forward, prec_name)
+    model = parallel.wrap(model, cfg.parallel.mode, d, cfg.parallel.fsdp_reshard_after_forward, prec_name,
+                          cfg.parallel.fsdp_defer_reduce)
     if meta:
         build.materialize(model, d.device, seed=cfg.model.seed)
     model.train()

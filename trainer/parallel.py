@@ -73,10 +73,12 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = True,
-         precision: str = "fp32") -> nn.Module:
+         precision: str = "fp32", defer_reduce: bool = False) -> nn.Module:
     """Shard or replicate `model` (already on d.device, or on meta for fsdp). `precision` is the resolved
     train.precision: under ddp, bf16 replicates without DDP (trainer.precision.MasterWeights all-reduces the
-    fp32 gradients itself); under fsdp it picks FSDP2's MixedPrecisionPolicy."""
+    fp32 gradients itself); under fsdp it picks FSDP2's MixedPrecisionPolicy. `defer_reduce`
+    (parallel.fsdp_defer_reduce): under fsdp, gradient_sync() keeps the gradients of all but the last micro-batch
+    unsharded instead of reduce-scattering each."""
     if mode == "none" and d.world_size > 1:
         logging.getLogger("trainer").info("parallel.mode=none under %d processes: using ddp", d.world_size)
         mode = "ddp"
@@ -100,6 +102,7 @@ def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = Tru
         for n, p in model.named_parameters():
             if n in no_decay:
                 p._no_weight_decay = True
+        model.defer_reduce = defer_reduce
         return model
     raise ValueError(f"parallel.mode={mode!r}: use none, ddp or fsdp")
 
@@ -121,13 +124,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
-    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+    """Around a micro-batch's forward and backward: DDP skips the gradient all-reduce on all but the last
+    micro-batch of a step (its gradients are whole on every rank anyway); FSDP2 skips the reduce-scatter only where
+    wrap()'s defer_reduce asks for it, since the gradients then stay unsharded (FSDP2 reads the switch in its backward
+    hooks: the backward must run inside)."""
     if enabled:
         yield
     elif hasattr(model, "no_sync"):  # DDP
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    elif getattr(model, "defer_reduce", False):  # FSDP2
         model.set_requires_gradient_sync(False)
         try:
             yield
