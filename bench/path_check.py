@@ -57,6 +57,11 @@ def on_path(model, precision: str, kernels: str | None, dev):
     from models.warm import install_kernels
     from trainer.precision import MasterWeights, Precision
     build.use_fp32_loss(model)  # as the trainer's setup does
+    if dev.type == "cpu" and kernels is None:
+        kernels = "fla"  # the trainer's default on a CPU: FLA's modules (model.gpu_kernels is a GPU switch)
+    if dev.type == "cpu" and kernels == "fla":
+        from models import cpu_torch
+        cpu_torch.select(model.config, "torch")  # its ops as the trainer runs them there (model.cpu_kernels=torch)
     what = install_kernels(model, kernels or "fused")
     model.train()
     return (MasterWeights(model, dev) if precision == "bf16" else Precision(precision, dev)), what

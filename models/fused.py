@@ -418,7 +418,7 @@ def _covers(model, kwargs: dict) -> bool:
     if model.config.output_hidden_states or (kwargs.get("use_cache") is None and model.config.use_cache
                                              and not model.training):
         return False
-    if torch.is_autocast_enabled():
+    if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
         return False
     return set(kwargs) <= {"input_ids", "inputs_embeds", "cu_seqlens", "return_dict", "use_cache",
                            "past_key_values", "attention_mask", "output_hidden_states", "output_attentions"}

@@ -310,8 +310,8 @@ def test_roofline_reads_a_saved_trace_and_its_card(tmp_path):
 
 
 def test_cross_eval_scores_trained_weights_under_each_path(tmp_path):
-    """bench/cross_eval.py --cpu: a run's final checkpoint is exported and evaluated under FLA's fp32 forward and our
-    fused bf16 forward on the same held-out sequences. Each path's own loss equals the cross entropy of its logits,
+    """bench/cross_eval.py --cpu: a run's final checkpoint is exported and evaluated under FLA's fp32 forward, our
+    fused bf16 forward and the CPU's default bf16 forward on the same held-out sequences. Each path's own loss equals the cross entropy of its logits,
     the two paths agree to bf16 rounding, and the trained weights beat the untrained model's log(V)."""
     import json
     import math
@@ -328,17 +328,22 @@ def test_cross_eval_scores_trained_weights_under_each_path(tmp_path):
         "checkpoint": {"every": 0}, "run": {"out_dir": str(tmp_path / "out"), "progress": False}})
     run_trainer(str(tmp_path), cfg)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cross_eval.py"), "--cpu", "--weights",
-                          str(tmp_path / "out"), "--paths", "fp32-fla,bf16-fused", "--shards", val, "--sequences", "4",
+                          str(tmp_path / "out"), "--paths", "fp32-fla,bf16-fused,bf16", "--shards", val, "--sequences", "4",
                           "--micro-batch", "2"], env=env(str(tmp_path)), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     cells = {c["path"]: c for c in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
-    assert set(cells) == {"fp32-fla", "bf16-fused"} and cells["fp32-fla"]["weights"] == str(tmp_path / "out")
+    assert set(cells) == {"fp32-fla", "bf16-fused", "bf16"} and cells["fp32-fla"]["weights"] == str(tmp_path / "out")
     assert os.path.isfile(tmp_path / "out" / "export" / "config.json")
     fp32, bf16 = cells["fp32-fla"], cells["bf16-fused"]
     assert fp32["sequences"] == 4 and fp32["tokens"] == 4 * 63
     assert abs(fp32["own"] - fp32["xent"]) < 1e-4 * fp32["xent"], fp32
     assert abs(bf16["own"] - bf16["xent"]) < 1e-2 * bf16["xent"], bf16
     assert abs(bf16["xent"] - fp32["xent"]) < 2e-2 * fp32["xent"], cells
+    # a path without KERNELS is the trainer's default there: on a CPU FLA's modules with the PyTorch ops (it ran
+    # our fused blocks, which the trainer never does on a CPU)
+    default = cells["bf16"]
+    assert abs(default["own"] - default["xent"]) < 1e-2 * default["xent"], default
+    assert abs(default["xent"] - fp32["xent"]) < 2e-2 * fp32["xent"] and default["xent"] != bf16["xent"], cells
     assert fp32["xent"] < math.log(VOCAB) - 0.5, fp32
     assert "weights / path (xent / own)" in out.stdout
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cross_eval.py"), "--weights", str(tmp_path / "out"),

@@ -316,6 +316,9 @@ def test_calls_the_fused_forward_does_not_cover_run_flas(monkeypatch):
         assert calls == [] and torch.allclose(a, b, atol=1e-6)
         h = other(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
         assert calls == [] and len(h) == CONFIG["num_hidden_layers"] + 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast on the CPU too (the fused kernels refused it)
+            a, b = stock(input_ids=x, use_cache=False).logits, other(input_ids=x, use_cache=False).logits
+        assert calls == [] and torch.equal(a, b)
     out = other.generate(x[:, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12) and calls == []
 
