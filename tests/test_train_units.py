@@ -636,6 +636,7 @@ def test_gradient_accumulation_reduces_where_the_settings_say(mode):
     from trainer import parallel
     if mode == "ddp":
         parallel._single_process_group(Dist())
+    model = opt = None
     try:
         d = Dist(distributed=True) if mode == "ddp" else Dist()
         reference = tiny_gla()
@@ -663,6 +664,11 @@ def test_gradient_accumulation_reduces_where_the_settings_say(mode):
             assert reduced_after and set(reduced_after) == {2}
         assert applied and loss == pytest.approx(want[0], rel=1e-5) and norm == pytest.approx(want[1], rel=1e-4)
     finally:
+        # DDP's reducer holds the gloo group: freed after destroy_process_group, its destructor could wait forever
+        # on the group's worker threads (a CI run hung there); free the model while the group is alive
+        model = opt = None
+        import gc
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
