@@ -608,6 +608,68 @@ def _pending_loss_worker(rank: int, init_file: str, out_dir: str):
         dist.destroy_process_group()
 
 
+def _fsdp_on_device_worker(rank: int, init_file: str, out_dir: str):
+    """One of two gloo ranks: FSDP2 (DTensor parameters) with fused AdamW, the on-device step against the host-checked
+    one, then a batch with a non-finite loss on rank 1 only."""
+    import torch.distributed as dist
+
+    from trainer import parallel
+    from trainer.loop import launch_step, skips_on_device
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        d = Dist(rank=rank, world_size=2, distributed=True)
+        good = torch.randint(1, 63, (4, 16), generator=torch.Generator().manual_seed(20 + rank))
+        runs = {}
+        for on_device in (True, False):
+            model = tiny_gla()
+            with torch.no_grad():
+                model.model.embeddings.weight[63] = float("inf")  # a batch holding token 63 gives a NaN loss
+            model = parallel.wrap(model, "fsdp", d)
+            opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, fused=True)
+            assert skips_on_device(opt)
+            opt._skips_on_device = on_device  # False: the host reads the loss before the step, as before
+            steps = [launch_step(model, opt, good, None, 2, 0.05, 1e-2, d, FP32) for _ in range(2)]
+            assert [s.ready for s in steps] == [True, True]  # a CPU's numbers: there at launch
+            results = [s.result() for s in steps]
+            full = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
+            moments = {n: opt.state[p]["exp_avg"].full_tensor().clone() for n, p in model.named_parameters()}
+            bad = good.clone()
+            if rank == 1:
+                bad[0, 3] = 63
+            skipped = launch_step(model, opt, bad, None, 2, 0.05, 1e-2, d, FP32).result()
+            unchanged = all(p.detach().full_tensor()[:63].equal(full[n][:63]) for n, p in model.named_parameters())
+            unchanged &= all(opt.state[p]["exp_avg"].full_tensor().equal(moments[n])
+                             for n, p in model.named_parameters())
+            step_counts = sorted({float(opt.state[p]["step"]) for p in opt.state})
+            runs[on_device] = {"results": results, "skipped": skipped, "unchanged": unchanged, "steps": step_counts,
+                               "weights": full}
+        torch.save(runs, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_with_fused_adamw_skips_a_non_finite_step_on_the_device(tmp_path):
+    """FSDP2's parameters are DTensors; its optimizer step no longer needs the host to read the loss first: the
+    gradient norm is all-reduced on the device (full_tensor), the fused kernel skips the step by found_inf where the
+    norm or the rank's loss is not finite, and every rank reaches the same decision (rank 1's NaN reaches rank 0's
+    gradient shards through the reduce-scatter). The step equals the host-checked one, clip included."""
+    import torch.multiprocessing as mp
+    mp.spawn(_fsdp_on_device_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for runs in ranks:
+        on, host = runs[True], runs[False]
+        for (loss_a, norm_a, applied_a), (loss_b, norm_b, applied_b) in zip(on["results"], host["results"]):
+            assert applied_a and applied_b and loss_a == pytest.approx(loss_b, rel=1e-6)
+            assert norm_a == pytest.approx(norm_b, rel=1e-5) and norm_a > 0.05  # the clip acted
+        for n, w in on["weights"].items():
+            assert torch.allclose(w[:63], host["weights"][n][:63], rtol=1e-5, atol=1e-6), n
+        for run in (on, host):
+            loss, norm, applied = run["skipped"]
+            assert not applied and not math.isfinite(norm)
+            assert run["unchanged"] and run["steps"] == [2.0]
+    assert ranks[0][True]["results"] == ranks[1][True]["results"]  # the ranks' mean loss and global norm
+
+
 def test_pending_step_loss_is_the_mean_over_ranks(tmp_path):
     """The on-device path sums the ranks' losses with an all-reduce of a device tensor (no host read) and divides
     on the host: every rank gets the mean of the ranks' own losses, as the host path's all_reduce_mean gives."""

@@ -130,8 +130,8 @@ def train_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: 
 def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip: float, lr: float,
                 d: parallel.Dist, prec: precision.Precision, graphs: GraphedSteps | None = None) -> PendingStep:
     """train_step without waiting for the GPU where the optimizer skips a non-finite step on the device: the
-    step's work is queued and its numbers come from the PendingStep's `result()`. Otherwise (FSDP2's DTensor
-    parameters, a non-fused optimizer) the host reads the loss before the optimizer step, as it must."""
+    step's work is queued and its numbers come from the PendingStep's `result()` (fused AdamW, FSDP2's DTensor
+    parameters too). Otherwise (a non-fused optimizer) the host reads the loss before the optimizer step, as it must."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     parts = list(micro_batches(batch_ids, cu_seqlens, micro_batch))
@@ -164,9 +164,10 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
         # to launch the next one; the loss is read from the PendingStep afterwards.
         if CLIP_IN_STEP:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            grad_norm = full_norm(grad_norm)
             optimizer.grad_scale = clip_divisor(grad_norm, clip)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+            grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf")))
         optimizer.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
         try:
             optimizer.step()
@@ -177,9 +178,7 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
         if d.distributed and d.world_size > 1:
             torch.distributed.all_reduce(total)  # a sum, divided by the ranks in result(), as all_reduce_mean does
         return PendingStep(total, grad_norm, d.world_size)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf")))
     loss_value, = parallel.all_reduce_mean([loss_sum.item()], d)
     norm_value = float(grad_norm.item())
     applied = math.isfinite(loss_value) and math.isfinite(norm_value)
@@ -187,6 +186,11 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return PendingStep(None, None, d.world_size, done=(loss_value, norm_value, applied))
+
+
+def full_norm(grad_norm: torch.Tensor) -> torch.Tensor:
+    """FSDP2's gradient norm is a DTensor of each rank's partial norm: the global one, all-reduced on the device."""
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
 
 # The on-device path clips inside the fused AdamW step (clip_divisor). False: clip_grad_norm_ before the step, as until
@@ -206,13 +210,12 @@ def clip_divisor(grad_norm: torch.Tensor, clip: float) -> torch.Tensor | None:
 
 def skips_on_device(optimizer) -> bool:
     """Whether the optimizer can skip a non-finite step by itself, on the device (fused AdamW's found_inf), so that
-    train_step need not read the loss first. Not for DTensor (FSDP2) parameters: their step keeps the host check.
-    Every rank reaches the same decision: a non-finite loss anywhere gives non-finite gradients, so a non-finite
-    global gradient norm, everywhere."""
+    train_step need not read the loss first. FSDP2's DTensor parameters too: the kernel runs on each rank's shards
+    and the gradient norm is all-reduced on the device (full_norm). Every rank reaches the same decision: a
+    non-finite loss anywhere gives non-finite gradients, so a non-finite global gradient norm, everywhere."""
     cached = getattr(optimizer, "_skips_on_device", None)
     if cached is None:
-        cached = bool(optimizer.defaults.get("fused")) and not any(
-            hasattr(p, "device_mesh") for g in optimizer.param_groups for p in g["params"])
+        cached = bool(optimizer.defaults.get("fused"))
         optimizer._skips_on_device = cached
     return cached
 
