@@ -86,6 +86,8 @@
 #   bash bench/gpu_issue10b.sh c34     (2026-12-08) models.warm, the 300-step curve of the defaults against autocast-fla
 #                                      with each run's final weights evaluated under both paths on held-out text
 #                                      (bench/cross_eval.py; carry data/shk2048 and data/shk2048-val)
+#   bash bench/gpu_issue10b.sh c35     (2026-12-08) models.warm, FSDP2 on one GPU with the on-device step against the
+#                                      host-checked one (-hostcheck) and the one-process default, batch 16
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -809,6 +811,16 @@ c34)
   tail -2 "$OUT/curve.log"
   stamp "done"
   ;;
+c35)
+  # (2026-12-08) FSDP2 on one GPU with the on-device step (the fused AdamW skips a non-finite step on the device, the
+  # gradient norm all-reduced there: the loop queues step N+1 before reading step N) against the host-checked step it
+  # ran before (-hostcheck) and the one-process default (no FSDP2), batch 16 (CASES overridable)
+  device
+  warm bf16 fused 170
+  trainer_vs fsdp 16 16 4 330 "${CASES:-ours-bf16-fsdp-hostcheck,ours-bf16-fsdp,ours-bf16}"
+  tail -3 "$OUT/fsdp.log"
+  stamp "done"
+  ;;
 x2a)
   # (2026-12-07, for nvidia-h200-x2 or nvidia-h100-x2: two GPUs of one host) the issue's scaling goal with the new
   # defaults (bf16 over fp32 masters, fused blocks): GLA 340M, 16 sequences per GPU, one process, DDP on 2, FSDP2 on
@@ -850,5 +862,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|x2a|x2b" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|x2a|x2b" >&2; exit 2 ;;
 esac

@@ -91,11 +91,14 @@ KERNELS = ("fused", "fla")
 # tf32x3 instead of fp32 FMAs: gla.DV_DOT), -mlpgemm (SwiGLU in the MLP's GEMMs: models/kernels/mlp_gemm.py),
 # -mlpmerged (the MLP's gate and up projections as one GEMM: fused.install(mlp="merged")), -ce / -flace (the LM head
 # and loss by models/kernels/cross_entropy.py, or FLA's head and fused cross entropy),
-# -gnorm / -flagnorm (GLA's gated output norm by models/kernels/gated_norm.py, or FLA's module), -graphs, -sync
-CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv|-dvtf32x3][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-graphs][-sync]"
+# -gnorm / -flagnorm (GLA's gated output norm by models/kernels/gated_norm.py, or FLA's module), -fsdp (parallel.mode=
+# fsdp, FSDP2 on the one process), -hostcheck (the host reads the loss before the optimizer step instead of the fused
+# step skipping a non-finite one on the device: FSDP2's path until 2026-12-08), -graphs, -sync
+CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv|-dvtf32x3][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-fsdp][-hostcheck][-graphs][-sync]"
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
 MODIFIERS = ("split", "cat", "slab", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
-             "fwdintra", "fladv", "dvtf32x3", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "flagnorm", "graphs", "sync")
+             "fwdintra", "fladv", "dvtf32x3", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "flagnorm", "fsdp", "hostcheck", "graphs",
+             "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
@@ -113,7 +116,8 @@ def parse_case(case: str) -> tuple[str, str]:
     mods = set(_modifiers(case))
     if (head != "ours" or rest or len(mods & {"split", "cat", "slab"}) > 1 or {"keepz", "nokeepz"} <= mods
             or len(mods & set(STATE_MODIFIERS)) > 1 or {"intra", "flaintra"} <= mods or {"mlpgemm", "mlpmerged"} <= mods
-            or {"ce", "flace"} <= mods or {"gnorm", "flagnorm"} <= mods or {"fladv", "dvtf32x3"} <= mods):
+            or {"ce", "flace"} <= mods or {"gnorm", "flagnorm"} <= mods or {"fladv", "dvtf32x3"} <= mods
+            or {"fsdp", "graphs"} <= mods):  # the trainer refuses train.cuda_graphs under FSDP2
         raise ValueError(f"case {case!r}: use hf or {CASE_FORM}, "
                          f"PRECISION one of "
                          f"{', '.join(PRECISIONS)}, KERNELS fused or fla (e.g. ours-bf16-fla, ours-bf16-graphs)")
@@ -169,6 +173,9 @@ def apply_modifiers(case: str) -> None:
     if "mulclip" in _modifiers(case):
         import trainer.loop as loop
         loop.CLIP_IN_STEP = False
+    if "hostcheck" in _modifiers(case):
+        import trainer.loop as loop
+        loop.skips_on_device = lambda optimizer: False
     if case_sync(case):  # the baseline: each step read back before the next is launched
         import trainer.loop as loop
         launch = loop.launch_step
@@ -243,7 +250,8 @@ def run_ours(args, case: str = "ours") -> dict:
     cfg = load(None, [f"model.config={args.model}", f"data.shards={args.shards}", f"data.global_batch={args.batch}",
                       f"train.max_steps={total}", f"train.micro_batch={args.batch}", "train.eval_every=0",
                       "optim.lr=3e-4", "optim.min_lr=3e-5", f"optim.warmup={args.warmup}", "optim.clip=1.0",
-                      "checkpoint.at_end=false", "checkpoint.every=0", "parallel.mode=none",
+                      "checkpoint.at_end=false", "checkpoint.every=0",
+                      f"parallel.mode={'fsdp' if 'fsdp' in _modifiers(case) else 'none'}",
                       f"run.out_dir={out}", "run.tensorboard=false", "run.progress=true", "run.progress_every=0",
                       f"train.compile={'true' if args.compile else 'false'}", f"train.precision={precision}"]
                + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))

@@ -63,6 +63,7 @@ def test_top_kernels_lists_the_largest_per_step_with_category_and_cut_name():
     ("ours-bf16-mulclip-nokeepz-graphs", ("bf16", "fused")), ("ours-bf16-flachunk-graphs", ("bf16", "fused")),
     ("ours-bf16-hnone", ("bf16", "fused")), ("ours-bf16-nokeepz-hbf16-graphs", ("bf16", "fused")),
     ("ours-bf16-hbf16-intra", ("bf16", "fused")), ("ours-bf16-flaintra-graphs", ("bf16", "fused")),
+    ("ours-bf16-fsdp", ("bf16", "fused")), ("ours-bf16-fsdp-hostcheck-sync", ("bf16", "fused")),
     ("ours-bf16-fwdintra", ("bf16", "fused")), ("ours-bf16-hnone-flaintra-fwdintra-sync", ("bf16", "fused")),
     ("ours-bf16-flace", ("bf16", "fused")), ("ours-bf16-ce", ("bf16", "fused")),
     ("ours-bf16-mlpmerged-flace", ("bf16", "fused")), ("ours-bf16-slab-fladv-gnorm", ("bf16", "fused")), ("ours-bf16-split-flagnorm", ("bf16", "fused")), ("ours-bf16-dvtf32x3-graphs", ("bf16", "fused")),
@@ -80,7 +81,7 @@ def test_train_bench_cases(case, expect):
                                   "ours-bf16-graphs-cat", "ours-bf16-flachunk-gatesplit", "ours-bf16-graphs-mulclip",
                                   "ours-bf16-keepz-nokeepz", "ours-bf16-hfp32-hbf16",
                                   "ours-bf16-intra-flaintra", "ours-bf16-intra-hbf16", "ours-bf16-flace-mlpgemm",
-                                  "ours-bf16-mlpgemm-mlpmerged",
+                                  "ours-bf16-mlpgemm-mlpmerged", "ours-bf16-hostcheck-fsdp", "ours-bf16-fsdp-graphs",
                                   "ours-bf16-ce-flace", "ours-bf16-flace-ce", "ours-bf16-cat-slab", "ours-slab-split", "ours-bf16-gnorm-flagnorm", "ours-bf16-fladv-dvtf32x3"])
 def test_train_bench_rejects_other_cases(case):
     with pytest.raises(ValueError, match="ours\\[-PRECISION\\]\\[-KERNELS\\]\\[-split\\|-cat\\|-slab\\]\\[-gatesplit\\]"):
