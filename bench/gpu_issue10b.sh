@@ -814,10 +814,10 @@ c34)
 c35)
   # (2026-12-08) FSDP2 on one GPU with the on-device step (the fused AdamW skips a non-finite step on the device, the
   # gradient norm all-reduced there: the loop queues step N+1 before reading step N) against the host-checked step it
-  # ran before (-hostcheck) and the one-process default (no FSDP2), batch 16 (CASES overridable)
+  # ran before (-hostcheck) and the one-process default (no FSDP2), batch 16 (CASES, STEPS, WARMUP override)
   device
   warm bf16 fused 170
-  trainer_vs fsdp 16 16 4 330 "${CASES:-ours-bf16-fsdp-hostcheck,ours-bf16-fsdp,ours-bf16}"
+  trainer_vs fsdp 16 "${STEPS:-16}" "${WARMUP:-4}" 330 "${CASES:-ours-bf16-fsdp-hostcheck,ours-bf16-fsdp,ours-bf16}"
   tail -3 "$OUT/fsdp.log"
   stamp "done"
   ;;
