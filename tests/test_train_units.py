@@ -354,6 +354,47 @@ def test_fsdp_keeps_flas_no_weight_decay_marks():
             dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp_keeps_what_the_backward_starts_with_gathered_after_the_forward(reshard):
+    """parallel.fsdp_reshard_after_forward frees a block's gathered parameters after its forward, to gather them
+    again in the backward; the last block and the root (embeddings, final norm, LM head) keep theirs either way, since
+    the backward starts with them (resharding them only added an all-gather with nothing to overlap). Seen from the
+    outside: between forward and backward their parameters are plain tensors, the other blocks' DTensors. Training,
+    a validation forward (no backward follows) and another step still match the unsharded model."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from trainer import parallel
+    try:
+        reference = tiny_gla(num_hidden_layers=3)
+        model = parallel.wrap(tiny_gla(num_hidden_layers=3), "fsdp", Dist(), reshard_after_forward=reshard)
+        x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        loss = model(input_ids=x, labels=x).loss
+        gathered = {n for n, p in model.named_parameters() if not hasattr(p, "device_mesh")}
+        kept = {n for n, _ in model.named_parameters()
+                if not n.startswith("model.layers.") or n.startswith("model.layers.2.")}  # the last block, the root
+        assert gathered == (kept if reshard else {n for n, _ in model.named_parameters()})
+        loss.backward()
+        assert all(hasattr(p, "device_mesh") for p in model.parameters())  # the backward reshards them all
+        model.zero_grad(set_to_none=True)
+
+        opts = [build_optimizer(m, OptimConfig(lr=1e-2), torch.device("cpu")) for m in (reference, model)]
+        d = Dist(distributed=True)
+        for step in range(2):
+            want = train_step(reference, opts[0], x, None, 2, 1.0, 1e-2, Dist(), FP32)
+            got = train_step(model, opts[1], x, None, 2, 1.0, 1e-2, d, FP32)
+            assert got[0] == pytest.approx(want[0], rel=1e-5), step
+            with torch.no_grad():  # validation: a forward with no backward after it
+                assert model(input_ids=x, labels=x).loss.item() == pytest.approx(
+                    reference(input_ids=x, labels=x).loss.item(), rel=1e-5)
+            saved = get_model_state_dict(model)  # what a checkpoint would write now
+            for n, p in reference.state_dict().items():
+                assert torch.allclose(saved[n].full_tensor(), p, rtol=1e-5, atol=1e-6), (step, n)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_cli_prints_user_errors_as_one_line_and_keeps_a_bugs_traceback(tmp_path, monkeypatch, capsys):
     import trainer.loop
     from trainer.__main__ import main

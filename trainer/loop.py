@@ -167,7 +167,8 @@ def launch_step(model, optimizer, batch_ids, cu_seqlens, micro_batch: int, clip:
             grad_norm = full_norm(grad_norm)
             optimizer.grad_scale = clip_divisor(grad_norm, clip)
         else:
-            grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf")))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+            grad_norm = full_norm(grad_norm)
         optimizer.found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
         try:
             optimizer.step()

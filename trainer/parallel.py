@@ -96,9 +96,14 @@ def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = Tru
         # fully_shard replaces each parameter by a new DTensor one, dropping attributes such as FLA's
         # _no_weight_decay (read by trainer.optim): carry that mark over by name.
         no_decay = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
-        for block in blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        # The last block and the root (embeddings, final norm, LM head) keep their parameters unsharded from the
+        # forward to the backward: the backward starts with them, so resharding would only all-gather them again at
+        # once, with nothing to overlap (FSDP2's default for a root, torchtitan's for the last block)
+        layers = blocks(model)
+        for i, block in enumerate(layers):
+            reshard = reshard_after_forward and i < len(layers) - 1
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
         for n, p in model.named_parameters():
             if n in no_decay:
                 p._no_weight_decay = True
