@@ -97,8 +97,8 @@ KERNELS = ("fused", "fla")
 CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv|-dvtf32x3][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-fsdp][-hostcheck][-graphs][-sync]"
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
 MODIFIERS = ("split", "cat", "slab", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
-             "fwdintra", "fladv", "dvtf32x3", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "flagnorm", "fsdp", "hostcheck", "graphs",
-             "sync")
+             "fwdintra", "fladv", "dvtf32x3", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "flagnorm",
+             "fsdp", "hostcheck", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
