@@ -88,6 +88,9 @@
 #                                      (bench/cross_eval.py; carry data/shk2048 and data/shk2048-val)
 #   bash bench/gpu_issue10b.sh c35     (2026-12-08) models.warm, FSDP2 on one GPU with the on-device step against the
 #                                      host-checked one (-hostcheck) and the one-process default, batch 16
+#   bash bench/gpu_issue10b.sh c36     (2026-12-08) bench/tile_sweep.py: every config the autotuner may pick for each GLA
+#                                      chunk kernel (ours and FLA's), compiled on this card, against GLA's recurrence
+#                                      in float64 (no models.warm: it compiles each config itself)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -821,6 +824,18 @@ c35)
   tail -3 "$OUT/fsdp.log"
   stamp "done"
   ;;
+c36)
+  # (2026-12-08) the curve question from the kernels' side: the autotuner may pick another config of a chunk kernel on
+  # an H100 than on an H200, and triton 3.4-3.7.0 miscompiles some tiles on Hopper (fla#640). Each config of each
+  # autotuned kernel that our chunk_gla and FLA's launch, at GLA 340M's head shapes (bf16, 2 x 2048 tokens), against
+  # the float64 recurrence; a cut by the budget is reported (STAGE_SECONDS, PATHS override)
+  device
+  stamp "tile_sweep"
+  timeout "$(budget 570)" python3 bench/tile_sweep.py --device cuda --paths "${PATHS:-ours,fla}" \
+      --budget-s "$(( $(budget 570) - 40 ))" --json "$OUT/tile_sweep.json" > "$OUT/tile_sweep.log" 2>&1
+  grep -v -i warn "$OUT/tile_sweep.log" | tail -40
+  stamp "done"
+  ;;
 x2a)
   # (2026-12-07, for nvidia-h200-x2 or nvidia-h100-x2: two GPUs of one host) the issue's scaling goal with the new
   # defaults (bf16 over fp32 masters, fused blocks): GLA 340M, 16 sequences per GPU, one process, DDP on 2, FSDP2 on
@@ -862,5 +877,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|x2a|x2b" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|c36|x2a|x2b" >&2; exit 2 ;;
 esac

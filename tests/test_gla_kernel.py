@@ -329,3 +329,36 @@ def test_bf16_states_are_summed_in_fp32():
     rel = lambda a: ((a - want).abs().max() / want.abs().max()).item()  # noqa: E731
     assert rel(ours_dg) < 1e-6, rel(ours_dg)
     assert 1e-3 < rel(flas_dg) < 5e-2, rel(flas_dg)
+
+
+def test_every_config_the_gpus_autotuner_may_pick_gives_glas_recurrence(tmp_path):
+    """The tests above run each autotuned kernel at its first config only (models/cpu_triton.py); on a GPU the
+    autotuner picks any config its pruning keeps, and the pick may differ between cards. bench/tile_sweep.py --device
+    cpu runs chunk_gla as the fused blocks run it once per other tile of every autotuned kernel it launches (FLA's
+    config lists built as on an H100; the interpreter ignores warps and stages), that kernel pinned to it, against
+    GLA's recurrence in float64. A bug in the BV=128 tiles only (`i_v * 64` for `i_v * BV` in our inter kernel) passes
+    every test above and fails here (dq, dk, dg errors of ~0.5). Head dims 80 / 160 keep the tiles GLA 340M's 128 / 256
+    keep (and leave partial last blocks); two sequences by cu_seqlens, one of them with a partial chunk."""
+    import json
+    import subprocess
+    import sys
+    from tests.train_support import ROOT, env
+    def tiles(K, V):
+        return {(c.kwargs["BK"], c.kwargs["BV"]) for c in gla._prune_inter(gla._gla_bwd_inter_kernel.configs,
+                                                                            {"K": K, "V": V})}
+    assert tiles(80, 160) == tiles(128, 256) == {(32, 64), (32, 128), (64, 64), (64, 128)}
+    report = tmp_path / "sweep.json"
+    out = subprocess.run([sys.executable, f"{ROOT}/bench/tile_sweep.py", "--device", "cpu", "--paths", "ours",
+                          "--batch", "1", "--seq-len", "130", "--heads", "1", "--key-dim", "80", "--value-dim", "160",
+                          "--cu-seqlens", "0,40,130", "--json", str(report)],
+                         env=env(str(tmp_path)), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(report.read_text())
+    assert summary["failures"] == [] and summary["skipped"] == 0
+    kernels = {k["kernel"]: k for k in summary["paths"][0]["kernels"]}
+    for name in ("_gla_bwd_inter_kernel", "_gla_bwd_dv_kernel", "chunk_fwd_kernel_h", "chunk_bwd_kernel_dh",
+                 "chunk_gla_fwd_kernel_o"):
+        assert len(kernels[name]["configs"]) == 4, (name, kernels[name]["configs"])  # BK 32/64 x BV (64/128 or 32/64)
+        assert sorted(kernels[name]["errors"]) == sorted(kernels[name]["configs"][1:]), name
+    assert "BK=64,BV=128" in kernels["_gla_bwd_inter_kernel"]["errors"]
+    assert max(summary["paths"][0]["first"].values()) < 1e-6
