@@ -91,6 +91,9 @@
 #   bash bench/gpu_issue10b.sh c36     (2026-12-08) bench/tile_sweep.py: every config the autotuner may pick for each GLA
 #                                      chunk kernel (ours and FLA's), compiled on this card, against GLA's recurrence
 #                                      in float64 (no models.warm: it compiles each config itself)
+#   bash bench/gpu_issue10b.sh c37     (2026-12-08) the gated output norm's backward launch: bench/norm_bench.py
+#                                      --gated-bwd-sweep at GLA 340M's shapes, then models.warm and the trainer with
+#                                      the sweep's fastest launch (-gnbwd) between two runs of the defaults, batch 16
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -117,6 +120,15 @@ for line in open(sys.argv[1]):
     if line.startswith('SWEEP '):
         ok = [r['config'] for r in json.loads(line[6:])['results'] if r['same_ds']]
         c = ok[0]; print(f\"{c['bt']},{c['num_warps']},{c['per_sm']},{int(c['prefetch'])}\")" "$1"
+}
+# the same from a norm_bench --gated-bwd-sweep log (dx and dg equal to the default's); empty if that is the default
+best_gated_bwd() {
+  python3 -c "import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith('GATED_SWEEP '):
+        ok = [r for r in json.loads(line[12:])['results'] if r['same']]
+        c = ok[0]['config']  # nothing printed where the default is the fastest
+        ok[0]['default'] or print(f\"{c['bt']},{c['num_warps']},{c['per_sm']},{int(c['prefetch'])}\")" "$1"
 }
 # from an mlp_gemm._gpu_check log: export MLP_GEMM_FWD / MLP_GEMM_BWD, the fastest launches whose values were right,
 # and MLP_PICK, the fastest MLP path by them: "fused" (forward and backward through Triton), "bwd" (cuBLAS + the
@@ -836,6 +848,27 @@ c36)
   grep -v -i warn "$OUT/tile_sweep.log" | tail -40
   stamp "done"
   ;;
+c37)
+  # (2026-12-08) our gated output norm's backward ran at 67% of the bandwidth in the c26 profile (2.26 TB/s, 3.56 ms a
+  # step for 2.40 at the roof): it launches as the RMSNorm's default for its head dimension, a launch tuned at D = 1024
+  # while GLA 340M's heads are 256 wide. The sweep at the step's shapes (dg into the slab), then the step with the
+  # fastest launch whose dx and dg equal the default's, between two runs of the defaults (CASES, STEPS override)
+  device
+  stamp "norm_bench --gated-bwd-sweep"
+  timeout "$(budget 170)" python3 bench/norm_bench.py --gated-bwd-sweep --iters 15 > "$OUT/gated_sweep.log" 2>&1
+  grep -E "^gated|^  bt" "$OUT/gated_sweep.log" | head -14; grep -E "default|DIFFERENT|failed" "$OUT/gated_sweep.log" | head -4
+  best=$(best_gated_bwd "$OUT/gated_sweep.log")
+  echo "fastest launch with the default's dx and dg: ${best:-the default}"
+  if [ -n "$best" ]; then
+    warm bf16 fused 150
+    stamp "train_bench -gnbwd $best"
+    timeout "$(budget 330)" python3 bench/train_bench.py --batch 16 --steps "${STEPS:-12}" --warmup 4 \
+        --cases "${CASES:-ours-bf16,ours-bf16-gnbwd,ours-bf16}" --gated-norm-bwd "$best" --dir bench/out/train \
+        > "$OUT/gnbwd.log" 2>&1
+    grep -h 'tokens/s:' "$OUT/gnbwd.log"; grep -h '^{' "$OUT/gnbwd.log" | cut -c1-300; tail -3 "$OUT/gnbwd.log"
+  fi
+  stamp "done"
+  ;;
 x2a)
   # (2026-12-07, for nvidia-h200-x2 or nvidia-h100-x2: two GPUs of one host) the issue's scaling goal with the new
   # defaults (bf16 over fp32 masters, fused blocks): GLA 340M, 16 sequences per GPU, one process, DDP on 2, FSDP2 on
@@ -877,5 +910,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|c36|x2a|x2b" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|c36|c37|x2a|x2b" >&2; exit 2 ;;
 esac

@@ -218,13 +218,11 @@ def top_kernels(kernels: dict[str, tuple[float, int]], steps: int, count: int = 
 
 def norm_bwd_config(text: str):
     """"BT,WARPS,PER_SM,PREFETCH" (PREFETCH 0/1) -> models.kernels.rmsnorm.BackwardConfig."""
-    from models.kernels.rmsnorm import BackwardConfig
-    parts = text.split(",")
-    if len(parts) != 4 or not all(x.strip().isdigit() for x in parts) or parts[3].strip() not in ("0", "1"):
-        raise SystemExit(f"gpu_profile: --norm-bwd {text!r}: give BT,WARPS,PER_SM,PREFETCH as four integers, "
-                         f"PREFETCH 0 or 1 (e.g. 2,4,8,1)")
-    bt, warps, per_sm, prefetch = (int(x) for x in parts)
-    return BackwardConfig(bt, warps, per_sm, bool(prefetch))
+    from models.kernels.rmsnorm import parse_backward_config
+    try:
+        return parse_backward_config(text)
+    except ValueError as e:
+        raise SystemExit(f"gpu_profile: --norm-bwd: {e}")
 
 
 def main() -> int:

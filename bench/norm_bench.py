@@ -22,6 +22,12 @@ Prints a table and one JSON line (RESULT {...}). Exit status 2 without CUDA.
 launch configuration of a grid (rows per tile, warps per program, programs per SM, next tile loaded ahead or not;
 models.kernels.rmsnorm.BackwardConfig), checks each against the default's ds bit for bit, and prints them fastest
 first with one JSON line (SWEEP {...}); then exits without the comparison above.
+
+--gated-bwd-sweep does the same for GLA's gated output norm (models/kernels/gated_norm.py), whose backward launches
+as the RMSNorm's default for its head dimension (tuned at D = 1024; GLA 340M's heads are 256 wide): --rows tokens of
+--dim values in --heads heads (rows of D = dim / heads), dg written into a column block of a [tokens, --slab-width]
+gradient at --slab-offset, as in GLA 340M's step (models/fused.py's slab: q 512, k 512, v 1024, g 1024, gate 16).
+dx and dg are checked bit for bit against the default's (GATED_SWEEP {...}).
 """
 from __future__ import annotations
 
@@ -49,6 +55,11 @@ def main() -> int:
     p.add_argument("--impls", default="ours,fla", help="comma-separated: ours, fla")
     p.add_argument("--no-sleep", action="store_true", help="do not pre-fill the launch queue (include CPU overhead)")
     p.add_argument("--bwd-sweep", action="store_true", help="time launch configurations of our backward kernel")
+    p.add_argument("--gated-bwd-sweep", action="store_true",
+                   help="time launch configurations of the gated output norm's backward kernel")
+    p.add_argument("--heads", type=int, default=4, help="--gated-bwd-sweep: heads over --dim")
+    p.add_argument("--slab-width", type=int, default=3088, help="--gated-bwd-sweep: the gradient dg is a block of")
+    p.add_argument("--slab-offset", type=int, default=2048, help="--gated-bwd-sweep: dg's first column in it")
     args = p.parse_args()
 
     import torch
@@ -96,6 +107,8 @@ def main() -> int:
 
     if args.bwd_sweep:
         return bwd_sweep(args, x, w, r, dy, ds, timed)
+    if args.gated_bwd_sweep:
+        return gated_bwd_sweep(args, timed)
 
     print(f"device {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  triton {triton.__version__}  "
           f"fla {fla_version}  x [{m}, {d}] {args.dtype}  weight {args.weight_dtype}")
@@ -162,19 +175,7 @@ def bwd_sweep(args, x, w, r, dy, dso, timed) -> int:
     nbytes = 4 * m * d * x.element_size() + 4 * m  # s, dy, dso read, ds written, rstd read
     default = rmsnorm.backward_config(d)
     ref_ds, _ = rmsnorm._backward(s2, w32, rstd, dy, dso, config=default)
-    configs = [default]
-    for bt in (1, 2, 4, 8, 16):
-        for warps in (2, 4, 8, 16):
-            per_thread = bt * triton_next_pow2(d) // (32 * warps)
-            if not 4 <= per_thread <= 32:
-                continue
-            for per_sm in (1, 2, 4, 8, 16):
-                if warps * per_sm > 64:
-                    continue
-                for prefetch in (False, True):
-                    c = rmsnorm.BackwardConfig(bt, warps, per_sm, prefetch)
-                    if c != default:
-                        configs.append(c)
+    configs = launch_grid(d, default)
     rows = []
     for c in configs:
         try:
@@ -196,6 +197,73 @@ def bwd_sweep(args, x, w, r, dy, dso, timed) -> int:
     print("SWEEP " + json.dumps({"device": torch.cuda.get_device_name(), "rows": m, "dim": d, "dtype": args.dtype,
                                  "results": rows}), flush=True)
     return 0 if all(rec["same_ds"] for rec in rows) else 1
+
+
+def launch_grid(d: int, default, bts=(1, 2, 4, 8, 16)) -> list:
+    """The default first, then every (rows per tile, warps, programs per SM, prefetch) with 4 to 32 elements of a tile
+    per thread and at most 64 warps per SM."""
+    from models.kernels.rmsnorm import BackwardConfig
+    configs = [default]
+    for bt in bts:
+        for warps in (2, 4, 8, 16):
+            per_thread = bt * triton_next_pow2(d) // (32 * warps)
+            if not 4 <= per_thread <= 32:
+                continue
+            for per_sm in (1, 2, 4, 8, 16):
+                if warps * per_sm > 64:
+                    continue
+                for prefetch in (False, True):
+                    c = BackwardConfig(bt, warps, per_sm, prefetch)
+                    if c != default:
+                        configs.append(c)
+    return configs
+
+
+def gated_bwd_sweep(args, timed, device: str = "cuda") -> int:
+    """The gated output norm's backward kernel alone under the launch grid (see the module doc). device "cpu": the
+    Triton interpreter, for the tests (timed is then theirs)."""
+    import torch
+
+    from models.kernels import gated_norm, rmsnorm
+    heads, dim = args.heads, args.dim
+    if dim % heads or args.slab_offset + dim > args.slab_width:
+        raise SystemExit(f"norm_bench: --dim {dim} must split into --heads {heads} and fit the slab "
+                         f"(--slab-offset {args.slab_offset} + dim <= --slab-width {args.slab_width})")
+    d, m = dim // heads, args.rows * heads
+    dtype = getattr(torch, DTYPES[args.dtype])
+    gen = torch.Generator(device=device).manual_seed(0)
+    x2, g2, dy2 = (torch.randn(m, d, device=device, generator=gen).to(dtype) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(d, device=device, generator=gen)).to(getattr(torch, DTYPES[args.weight_dtype]))
+    rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + args.eps)
+    slab = torch.empty(args.rows, args.slab_width, device=device, dtype=dtype)
+    dg_out = slab[:, args.slab_offset:args.slab_offset + dim].view(args.rows, heads, d)
+    nbytes = 5 * m * d * x2.element_size() + 4 * m  # x, g, dy read, dx, dg written, rstd read
+    default = rmsnorm.backward_config(d)
+    ref_dx, _, _ = gated_norm._backward(x2, g2, w, rstd, dy2, dg_out, config=default)
+    ref_dg = dg_out.clone()
+    rows = []
+    for c in launch_grid(d, default, bts=(1, 2, 4, 8, 16, 32)):
+        try:
+            dg_out.fill_(float("nan"))
+            dx, _, _ = gated_norm._backward(x2, g2, w, rstd, dy2, dg_out, config=c)
+            same = bool(torch.equal(dx, ref_dx) and torch.equal(dg_out, ref_dg))
+            t = timed(lambda: gated_norm._backward(x2, g2, w, rstd, dy2, dg_out, config=c))
+        except Exception as e:  # out of registers / shared memory: say so and go on
+            print(f"  {c}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        rows.append({"config": c._asdict(), "ms": t, "GBps": nbytes / t / 1e6, "same": same, "default": c == default})
+    rows.sort(key=lambda rec: rec["ms"])
+    print(f"gated norm backward, {args.rows} tokens x {heads} heads x {d} {args.dtype}, dg into a slab of "
+          f"{args.slab_width}: {len(rows)} launch configurations, fastest first")
+    for rec in rows:
+        c = rec["config"]
+        print(f"  bt {c['bt']:2d} warps {c['num_warps']:2d} per_sm {c['per_sm']:2d} prefetch {c['prefetch']!s:5}  "
+              f"{rec['ms']:.4f} ms  {rec['GBps']:6.0f} GB/s{'  <- default' if rec['default'] else ''}"
+              f"{'' if rec['same'] else '  DIFFERENT dx or dg'}")
+    print("GATED_SWEEP " + json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else device,
+                                       "tokens": args.rows, "heads": heads,
+                                       "dim": d, "dtype": args.dtype, "results": rows}), flush=True)
+    return 0 if all(rec["same"] for rec in rows) else 1
 
 
 def triton_next_pow2(n: int) -> int:

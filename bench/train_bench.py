@@ -91,14 +91,15 @@ KERNELS = ("fused", "fla")
 # tf32x3 instead of fp32 FMAs: gla.DV_DOT), -mlpgemm (SwiGLU in the MLP's GEMMs: models/kernels/mlp_gemm.py),
 # -mlpmerged (the MLP's gate and up projections as one GEMM: fused.install(mlp="merged")), -ce / -flace (the LM head
 # and loss by models/kernels/cross_entropy.py, or FLA's head and fused cross entropy),
-# -gnorm / -flagnorm (GLA's gated output norm by models/kernels/gated_norm.py, or FLA's module), -fsdp (parallel.mode=
+# -gnorm / -flagnorm (GLA's gated output norm by models/kernels/gated_norm.py, or FLA's module), -gnbwd (our gated
+# norm's backward launched as --gated-norm-bwd says: gated_norm.BACKWARD_CONFIG), -fsdp (parallel.mode=
 # fsdp, FSDP2 on the one process), -hostcheck (the host reads the loss before the optimizer step instead of the fused
 # step skipping a non-finite one on the device: FSDP2's path until 2026-12-08), -graphs, -sync
-CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv|-dvtf32x3][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-fsdp][-hostcheck][-graphs][-sync]"
+CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv|-dvtf32x3][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-gnbwd][-fsdp][-hostcheck][-graphs][-sync]"
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
 MODIFIERS = ("split", "cat", "slab", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
              "fwdintra", "fladv", "dvtf32x3", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "flagnorm",
-             "fsdp", "hostcheck", "graphs", "sync")
+             "gnbwd", "fsdp", "hostcheck", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
@@ -116,7 +117,7 @@ def parse_case(case: str) -> tuple[str, str]:
     mods = set(_modifiers(case))
     if (head != "ours" or rest or len(mods & {"split", "cat", "slab"}) > 1 or {"keepz", "nokeepz"} <= mods
             or len(mods & set(STATE_MODIFIERS)) > 1 or {"intra", "flaintra"} <= mods or {"mlpgemm", "mlpmerged"} <= mods
-            or {"ce", "flace"} <= mods or {"gnorm", "flagnorm"} <= mods or {"fladv", "dvtf32x3"} <= mods
+            or {"ce", "flace"} <= mods or {"gnorm", "flagnorm"} <= mods or {"flagnorm", "gnbwd"} <= mods or {"fladv", "dvtf32x3"} <= mods
             or {"fsdp", "graphs"} <= mods):  # the trainer refuses train.cuda_graphs under FSDP2
         raise ValueError(f"case {case!r}: use hf or {CASE_FORM}, "
                          f"PRECISION one of "
@@ -133,9 +134,12 @@ def _modifiers(case: str) -> list[str]:
     return out
 
 
-def apply_modifiers(case: str) -> None:
+def apply_modifiers(case: str, gated_norm_bwd=None) -> None:
     """Set, in this process, the module defaults a case's MODIFIERS name (models.fused's, models/kernels/gla.py's,
-    trainer.loop's): the trainer run next in the process takes them. Also used by bench/precision_curve.py."""
+    trainer.loop's): the trainer run next in the process takes them. Also used by bench/precision_curve.py.
+    gated_norm_bwd: the launch -gnbwd names (a models.kernels.rmsnorm.BackwardConfig)."""
+    if "gnbwd" in _modifiers(case) and gated_norm_bwd is None:
+        raise ValueError(f"case {case!r}: -gnbwd needs --gated-norm-bwd BT,WARPS,PER_SM,PREFETCH")
     from models import fused
     projections = next((m for m in _modifiers(case) if m in fused.PROJECTIONS), None)
     if projections:  # each case runs in a process of its own: the trainer's fused.install takes it as its default
@@ -170,6 +174,9 @@ def apply_modifiers(case: str) -> None:
         fused.DEFAULT_LOSS = "ours" if "ce" in _modifiers(case) else "fla"
     if "gnorm" in _modifiers(case) or "flagnorm" in _modifiers(case):
         fused.DEFAULT_GATED_NORM = "ours" if "gnorm" in _modifiers(case) else "fla"
+    if "gnbwd" in _modifiers(case):
+        from models.kernels import gated_norm
+        gated_norm.BACKWARD_CONFIG = gated_norm_bwd
     if "mulclip" in _modifiers(case):
         import trainer.loop as loop
         loop.CLIP_IN_STEP = False
@@ -257,7 +264,8 @@ def run_ours(args, case: str = "ours") -> dict:
                + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    apply_modifiers(case)
+    from models.kernels.rmsnorm import parse_backward_config
+    apply_modifiers(case, parse_backward_config(args.gated_norm_bwd) if args.gated_norm_bwd else None)
     train(cfg)
     records = read_metrics(out)
     times = [args.batch * args.seq_len / r["tokens_per_s"] for r in records]
@@ -350,14 +358,24 @@ def main() -> int:
                    help=f"comma-separated: hf, or {CASE_FORM} (e.g. ours-bf16-fla, ours-bf16-slab)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")
+    p.add_argument("--gated-norm-bwd", default="", metavar="BT,WARPS,PER_SM,PREFETCH",
+                   help="the launch of the gated norm's backward in -gnbwd cases (bench/norm_bench.py --gated-bwd-sweep)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args()
+    if args.gated_norm_bwd:
+        from models.kernels.rmsnorm import parse_backward_config
+        try:
+            parse_backward_config(args.gated_norm_bwd)
+        except ValueError as e:
+            p.error(f"--gated-norm-bwd: {e}")
     for case in (args.case or args.cases).split(","):
         if case != "hf":
             try:
                 kernels = parse_case(case)[1]
             except ValueError as e:
                 p.error(str(e))
+            if "gnbwd" in _modifiers(case) and not args.gated_norm_bwd:
+                p.error(f"case {case!r}: -gnbwd needs --gated-norm-bwd BT,WARPS,PER_SM,PREFETCH")
             kernels_override(kernels)  # a fused case on a trainer without it stops here, before any case runs
     faulthandler.dump_traceback_later(600, repeat=True)  # a stuck cold compile shows where it is
     if args.shards is None:
@@ -379,7 +397,8 @@ def main() -> int:
         log(f"case {case}: {args.warmup} warmup + {args.steps} timed steps, batch {args.batch} x {args.seq_len}")
         cmd = [sys.executable, __file__, "--case", case, "--model", args.model, "--seq-len", str(args.seq_len),
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--shards", args.shards, "--dir", args.dir] + (["--peak-tflops", str(args.peak_tflops)]
+               "--shards", args.shards, "--dir", args.dir] + (
+            ["--gated-norm-bwd", args.gated_norm_bwd] if args.gated_norm_bwd else []) + (["--peak-tflops", str(args.peak_tflops)]
                                                                if args.peak_tflops else []) + (
             ["--compile"] if args.compile else [])
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -68,6 +68,7 @@ def test_top_kernels_lists_the_largest_per_step_with_category_and_cut_name():
     ("ours-bf16-flace", ("bf16", "fused")), ("ours-bf16-ce", ("bf16", "fused")),
     ("ours-bf16-mlpmerged-flace", ("bf16", "fused")), ("ours-bf16-slab-fladv-gnorm", ("bf16", "fused")), ("ours-bf16-split-flagnorm", ("bf16", "fused")), ("ours-bf16-dvtf32x3-graphs", ("bf16", "fused")),
     ("ours-bf16-gnorm", ("bf16", "fused")), ("ours-bf16-mlpmerged-flace-gnorm-graphs", ("bf16", "fused")), ("ours-bf16-mlpgemm-flace-graphs", ("bf16", "fused")),
+    ("ours-bf16-gnbwd", ("bf16", "fused")), ("ours-bf16-gnorm-gnbwd-fsdp-sync", ("bf16", "fused")),
 ])
 def test_train_bench_cases(case, expect):
     assert parse_case(case) == expect
@@ -82,10 +83,29 @@ def test_train_bench_cases(case, expect):
                                   "ours-bf16-keepz-nokeepz", "ours-bf16-hfp32-hbf16",
                                   "ours-bf16-intra-flaintra", "ours-bf16-intra-hbf16", "ours-bf16-flace-mlpgemm",
                                   "ours-bf16-mlpgemm-mlpmerged", "ours-bf16-hostcheck-fsdp", "ours-bf16-fsdp-graphs",
-                                  "ours-bf16-ce-flace", "ours-bf16-flace-ce", "ours-bf16-cat-slab", "ours-slab-split", "ours-bf16-gnorm-flagnorm", "ours-bf16-fladv-dvtf32x3"])
+                                  "ours-bf16-ce-flace", "ours-bf16-flace-ce", "ours-bf16-cat-slab", "ours-slab-split", "ours-bf16-gnorm-flagnorm", "ours-bf16-fladv-dvtf32x3",
+                                  "ours-bf16-flagnorm-gnbwd", "ours-bf16-gnbwd-gnorm"])
 def test_train_bench_rejects_other_cases(case):
     with pytest.raises(ValueError, match="ours\\[-PRECISION\\]\\[-KERNELS\\]\\[-split\\|-cat\\|-slab\\]\\[-gatesplit\\]"):
         parse_case(case)
+
+
+def test_gnbwd_takes_the_gated_norm_launch_from_the_command_line(monkeypatch):
+    """-gnbwd sets gated_norm.BACKWARD_CONFIG to --gated-norm-bwd's launch in the case's process, and needs one."""
+    from bench.train_bench import apply_modifiers
+    from models.kernels import gated_norm
+    from models.kernels.rmsnorm import BackwardConfig, parse_backward_config
+    monkeypatch.setattr(gated_norm, "BACKWARD_CONFIG", None)
+    assert parse_backward_config(" 8, 4,2 ,1") == BackwardConfig(8, 4, 2, True)
+    for bad in ("8,4,2", "8,4,2,2", "0,4,2,1", "a,4,2,1"):
+        with pytest.raises(ValueError, match="BT,WARPS,PER_SM,PREFETCH"):
+            parse_backward_config(bad)
+    with pytest.raises(ValueError, match="-gnbwd needs --gated-norm-bwd"):
+        apply_modifiers("ours-bf16-gnbwd")
+    apply_modifiers("ours-bf16", BackwardConfig(8, 4, 2, True))
+    assert gated_norm.BACKWARD_CONFIG is None
+    apply_modifiers("ours-bf16-gnbwd", BackwardConfig(8, 4, 2, True))
+    assert gated_norm.BACKWARD_CONFIG == BackwardConfig(8, 4, 2, True)
 
 
 def test_kernels_override_follows_the_trainer_config():

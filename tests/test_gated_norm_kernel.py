@@ -95,3 +95,58 @@ def test_bad_inputs_are_named():
         gated_norm.rms_norm_gated(x, torch.randn(4, 9), torch.ones(8))
     with pytest.raises(ValueError, match=r"needs \(8,\)"):
         gated_norm.rms_norm_gated(x, torch.randn(4, 8), torch.ones(9))
+
+
+def test_backward_launch_configs_give_the_same_gradients(monkeypatch):
+    """bench/norm_bench.py --gated-bwd-sweep times other launches of the backward kernel (rows per tile, warps,
+    programs per SM, the next tile loaded ahead), and gated_norm.BACKWARD_CONFIG makes one the launch everywhere: each
+    must give the default's dx and dg bit for bit (dg into a column block of a wider gradient, as in GLA's step) and its
+    dweight up to summation order, with programs walking several tiles, some past the end."""
+    from models.kernels.rmsnorm import BackwardConfig, backward_config
+    x, g, w, dy = (t.detach() for t in make((ROWS, 256), torch.bfloat16, seed=3))
+    w = w.float()
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+    tokens, heads = ROWS // 3, 3  # 150 rows: 50 tokens of 3 heads
+    wide = torch.full((tokens, heads * 256 + 7), float("nan"), dtype=torch.bfloat16)
+    place = wide[:, 5:5 + heads * 256].view(tokens, heads, 256)
+    dx0, _, dw0 = gated_norm._backward(x, g, w, rstd, dy, place)
+    dg0 = place.clone()
+    base = backward_config(256)
+    for cfg in [base._replace(prefetch=not base.prefetch), BackwardConfig(1, 4, 4, True),
+                BackwardConfig(2, 2, 2, False), BackwardConfig(32, 8, 1, True)]:
+        place.fill_(float("nan"))
+        dx, dg, dw = gated_norm._backward(x, g, w, rstd, dy, place, config=cfg)
+        assert dg is place and torch.equal(dx, dx0) and torch.equal(place, dg0), cfg
+        if cfg.bt == base.bt:  # same tiles, same programs: the same partial sums in the same order
+            assert torch.equal(dw, dw0), cfg
+        else:
+            torch.testing.assert_close(dw, dw0, rtol=1e-5, atol=1e-4)
+    assert wide[:, :5].isnan().all() and wide[:, -2:].isnan().all()
+    # BACKWARD_CONFIG is the launch of the autograd path's backward (what the trainer runs)
+    launches = []
+    real = gated_norm.backward_programs
+    monkeypatch.setattr(gated_norm, "backward_programs", lambda n, dev, warps, per_sm: launches.append(
+        (warps, per_sm)) or real(n, dev, warps, per_sm))
+    monkeypatch.setattr(gated_norm, "BACKWARD_CONFIG", BackwardConfig(2, 2, 3, False))
+    xr, gr, wr = (t.clone().requires_grad_() for t in (x, g, w))
+    run(gated_norm.rms_norm_gated, xr, gr, wr, dy, eps=1e-6)
+    assert launches == [(2, 3)]
+
+
+def test_norm_bench_gated_sweep_checks_each_launch_against_the_default(capsys, monkeypatch):
+    """bench/norm_bench.py --gated-bwd-sweep's loop, on the interpreter with a stand-in timer (the GPU call times
+    it): every launch of its grid gives the default's dx and dg bits with dg in the slab's column block, the default is
+    among them, and the GATED_SWEEP line lists them fastest first."""
+    import json
+    import types
+    from bench import norm_bench
+    from models.kernels.rmsnorm import backward_config
+    args = types.SimpleNamespace(heads=4, dim=1024, rows=5, slab_width=1031, slab_offset=5, dtype="bf16",
+                                 weight_dtype="fp32", eps=1e-6)
+    times = iter(range(1000, 0, -1))  # each launch "faster" than the one before it
+    assert norm_bench.gated_bwd_sweep(args, lambda fn: fn() is None or next(times) / 1000, device="cpu") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("GATED_SWEEP "))
+    rows = json.loads(line[len("GATED_SWEEP "):])["results"]
+    assert len(rows) == len(norm_bench.launch_grid(256, backward_config(256), bts=(1, 2, 4, 8, 16, 32))) > 100
+    assert all(r["same"] for r in rows) and sum(r["default"] for r in rows) == 1
+    assert [r["ms"] for r in rows] == sorted(r["ms"] for r in rows)

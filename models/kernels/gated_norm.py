@@ -14,7 +14,9 @@ backward, with dy:
     da = dy * g * s,  do = rstd * (da * weight - xhat * mean(xhat * da * weight)),  dweight = sum over rows of da * xhat
 Saved for backward: o, g and one fp32 rstd per row (y is not kept).
 
-No autotune. Runs under the Triton interpreter on CPU (tests); a CPU tensor without it takes `rms_norm_gated_reference`.
+No autotune: the backward launches as models/kernels/rmsnorm.py's `backward_config(D)` (tuned there at D = 1024;
+GLA's head dimension is 256) unless BACKWARD_CONFIG names another, which bench/norm_bench.py --gated-bwd-sweep times.
+Runs under the Triton interpreter on CPU (tests); a CPU tensor without it takes `rms_norm_gated_reference`.
 """
 from __future__ import annotations
 
@@ -26,7 +28,12 @@ import triton.language as tl
 
 from models import kernels
 
-from models.kernels.rmsnorm import MAX_D, _row_tile, _rows, backward_config, backward_programs, tile_config
+from models.kernels.rmsnorm import (MAX_D, BackwardConfig, _row_tile, _rows, backward_config, backward_programs,
+                                    tile_config)
+
+# how the backward kernel launches (rows per tile, warps, programs per SM, next tile loaded ahead); None:
+# backward_config(D). Set by the benches (bench/norm_bench.py --gated-bwd-sweep, bench/train_bench.py --gated-norm-bwd)
+BACKWARD_CONFIG: BackwardConfig | None = None
 
 
 @triton.jit
@@ -115,10 +122,11 @@ def _forward(x2, g2, weight, eps):
     return y, rstd
 
 
-def _backward(x2, g2, weight, rstd, dy2, dg_out=None):
+def _backward(x2, g2, weight, rstd, dy2, dg_out=None, config: BackwardConfig | None = None):
     """(dx, dg, dweight) for dy2. dg_out: where the gate's gradient goes, a tensor of g's shape [..., G, D] and dtype
     whose last two dimensions are packed and whose rows of G * D may be strided (a column block of a wider gradient);
-    dg is then dg_out. None, or a layout the kernel cannot write: a new [M, D] tensor (copied into dg_out if given)."""
+    dg is then dg_out. None, or a layout the kernel cannot write: a new [M, D] tensor (copied into dg_out if given).
+    config: the launch (None: BACKWARD_CONFIG, else backward_config(D))."""
     m, d = x2.shape
     dx = torch.empty_like(x2)
     layout = _dg_layout(dg_out, g2)
@@ -126,7 +134,7 @@ def _backward(x2, g2, weight, rstd, dy2, dg_out=None):
     group, sdg = layout or (1, d)
     if m == 0:
         return dx, dg, torch.zeros(d, dtype=torch.float32, device=x2.device)
-    bt, num_warps, per_sm, prefetch = backward_config(d)
+    bt, num_warps, per_sm, prefetch = config or BACKWARD_CONFIG or backward_config(d)
     n_tiles = triton.cdiv(m, bt)
     programs = backward_programs(n_tiles, x2.device, num_warps, per_sm)
     dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)

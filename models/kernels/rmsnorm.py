@@ -135,6 +135,16 @@ class BackwardConfig(NamedTuple):
     prefetch: bool = False
 
 
+def parse_backward_config(text: str) -> BackwardConfig:
+    """"BT,WARPS,PER_SM,PREFETCH" (PREFETCH 0 or 1), as the benches take a launch on their command lines."""
+    parts = [x.strip() for x in text.split(",")]
+    if len(parts) != 4 or not all(x.isdigit() and int(x) > 0 for x in parts[:3]) or parts[3] not in ("0", "1"):
+        raise ValueError(f"backward launch {text!r}: give BT,WARPS,PER_SM,PREFETCH, three positive integers and "
+                         f"PREFETCH 0 or 1 (e.g. 2,4,8,1)")
+    bt, warps, per_sm, prefetch = (int(x) for x in parts)
+    return BackwardConfig(bt, warps, per_sm, bool(prefetch))
+
+
 def backward_config(d: int) -> BackwardConfig:
     """The default for hidden size d: tile_config's tile height, ~1K elements per warp (4 to 16 warps), 8 warps'
     worth of programs per SM, the next tile loaded ahead. Chosen by bench/norm_bench.py --bwd-sweep (H100, d=1024,
