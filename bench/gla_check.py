@@ -10,7 +10,8 @@ chunk   ours vs FLA's `chunk_gla(..., state_v_first=True)` on bf16 inputs, for e
         sum(h * dh) reads bf16 states, it is reported, not judged), the time of forward + backward and the memory the forward keeps. FLA against itself
         first: where its own two runs differ (atomics), only that much difference is expected of ours.
 gate    ours (one kernel each way) vs the split path it replaces (F.linear with bias, then our logsigmoid kernel),
-        both against float64 math on the same bf16 inputs: max |error| / max |exact| of gk, da, dW, db.
+        both against float64 math on the same bf16 inputs: max |error| / max |exact| of gk, da, dW, db; ours with
+        gate.LOG "approx" as well (lg2.approx), and the forward alone timed with each LOG.
 model   one forward + backward of the model (--model, fused blocks, bf16 weights) with the new defaults against
         gate="split", chunk="fla" on the same tokens: loss and the largest relative gradient difference.
 slab    (only with --only slab) the model's bf16 gradients with projections="slab" (one gradient for the five
@@ -159,8 +160,13 @@ def main() -> int:
         bias = randn(N).requires_grad_()
         dy = randn(M, N)
 
-        def fused_gate():
-            return gate.low_rank_gate(a, w, bias, 16.0)
+        def fused_gate(log="exact"):
+            saved = gate.LOG
+            gate.LOG = log  # read by the forward only
+            try:
+                return gate.low_rank_gate(a, w, bias, 16.0)
+            finally:
+                gate.LOG = saved
 
         def split_gate():
             return swiglu.log_sigmoid_scaled(F.linear(a, w, bias), 16.0)
@@ -177,7 +183,8 @@ def main() -> int:
         y64.backward(dy.double())
         exact = [y64.detach()] + [t.grad for t in exact_leaves]
         say(f"low-rank gate [{M}, {R}] x [{N}, {R}] bf16: max |error| / max |exact| against float64")
-        for label, fn in (("split (GEMM + logsigmoid)", split_gate), ("fused (ours)", fused_gate)):
+        for label, fn in (("split (GEMM + logsigmoid)", split_gate), ("fused (ours)", fused_gate),
+                          ("fused, LOG approx", lambda: fused_gate("approx"))):
             got = grads(fn)
             errs = [((x.double() - e).abs().max() / e.abs().max()).item() for x, e in zip(got, exact)]
             print(f"  {label:26s} " + "  ".join(f"{n} {e:.2e}" for n, e in zip(["gk", "da", "dW", "db"], errs)))
@@ -190,6 +197,11 @@ def main() -> int:
         t_split = median_ms(lambda: split_gate().backward(dy), 3, args.iters, 8)
         t_fused = median_ms(lambda: fused_gate().backward(dy), 3, args.iters, 8)
         print(f"  forward + backward: split {t_split:.3f} ms, fused {t_fused:.3f} ms ({t_split / t_fused:.2f}x)")
+        a2, w2, b2 = a.detach(), w.detach(), bias.detach()
+        t_exact, t_approx = (median_ms(lambda: gate.low_rank_gate_forward(a2, w2, b2, 1 / 16, log=log), 3, args.iters,
+                                       16) for log in ("exact", "approx"))
+        print(f"  forward alone: LOG exact {t_exact * 1e3:.1f} us, approx {t_approx * 1e3:.1f} us "
+              f"({t_exact / t_approx:.2f}x; {(M * R + M * N) * 2 / t_approx / 1e6:.0f} GB/s)", flush=True)
         if args.sweep:
             a2, w2, b2 = a.detach(), w.detach(), bias.detach()
             bytes_fwd = (M * R + M * N) * 2

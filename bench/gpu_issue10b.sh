@@ -94,6 +94,9 @@
 #   bash bench/gpu_issue10b.sh c37     (2026-12-08) the gated output norm's backward launch: bench/norm_bench.py
 #                                      --gated-bwd-sweep at GLA 340M's shapes, then models.warm and the trainer with
 #                                      the sweep's fastest launch (-gnbwd) between two runs of the defaults, batch 16
+#   bash bench/gpu_issue10b.sh c38     (2026-12-08) the gate kernel's approximate log: bench/gla_check.py --only gate
+#                                      (errors vs float64 and the forward's time with each gate.LOG), then models.warm
+#                                      and the trainer with it (-approxlog) between two runs of the defaults
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
@@ -869,6 +872,22 @@ c37)
   fi
   stamp "done"
   ;;
+c38)
+  # (2026-12-08) the gate's forward kernel took 38-40 us per GLA 340M call for a 33 MB write: its PTX holds ~56
+  # instructions a value, 12 of them FMAs of libdevice's logf (tl.log), as an instruction-bound kernel would show.
+  # gate.LOG "approx" (a series for small arguments, else lg2.approx) is ~23. The check and the forward's time each
+  # way, then the step with it between two runs of the defaults (CASES, STEPS override)
+  device
+  stamp "gla_check --only gate"
+  timeout "$(budget 120)" python3 bench/gla_check.py --only gate --iters 20 > "$OUT/gate.log" 2>&1
+  grep -v -i warn "$OUT/gate.log" | tail -8
+  warm bf16 fused 150
+  stamp "train_bench -approxlog"
+  timeout "$(budget 330)" python3 bench/train_bench.py --batch 16 --steps "${STEPS:-12}" --warmup 4 \
+      --cases "${CASES:-ours-bf16,ours-bf16-approxlog,ours-bf16}" --dir bench/out/train > "$OUT/approxlog.log" 2>&1
+  grep -h 'tokens/s:' "$OUT/approxlog.log"; grep -h '^{' "$OUT/approxlog.log" | cut -c1-300; tail -3 "$OUT/approxlog.log"
+  stamp "done"
+  ;;
 x2a)
   # (2026-12-07, for nvidia-h200-x2 or nvidia-h100-x2: two GPUs of one host) the issue's scaling goal with the new
   # defaults (bf16 over fp32 masters, fused blocks): GLA 340M, 16 sequences per GPU, one process, DDP on 2, FSDP2 on
@@ -910,5 +929,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|c36|c37|x2a|x2b" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|c36|c37|c38|x2a|x2b" >&2; exit 2 ;;
 esac

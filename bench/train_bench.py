@@ -92,14 +92,15 @@ KERNELS = ("fused", "fla")
 # -mlpmerged (the MLP's gate and up projections as one GEMM: fused.install(mlp="merged")), -ce / -flace (the LM head
 # and loss by models/kernels/cross_entropy.py, or FLA's head and fused cross entropy),
 # -gnorm / -flagnorm (GLA's gated output norm by models/kernels/gated_norm.py, or FLA's module), -gnbwd (our gated
-# norm's backward launched as --gated-norm-bwd says: gated_norm.BACKWARD_CONFIG), -fsdp (parallel.mode=
+# norm's backward launched as --gated-norm-bwd says: gated_norm.BACKWARD_CONFIG), -approxlog (the gate kernel's log1p
+# by a series and lg2.approx: models/kernels/gate.py LOG), -fsdp (parallel.mode=
 # fsdp, FSDP2 on the one process), -hostcheck (the host reads the loss before the optimizer step instead of the fused
 # step skipping a non-finite one on the device: FSDP2's path until 2026-12-08), -graphs, -sync
-CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv|-dvtf32x3][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-gnbwd][-fsdp][-hostcheck][-graphs][-sync]"
+CASE_FORM = "ours[-PRECISION][-KERNELS][-split|-cat|-slab][-gatesplit][-flachunk][-mulclip][-keepz|-nokeepz][-hfp32|-hbf16|-hnone][-intra|-flaintra][-fwdintra][-fladv|-dvtf32x3][-mlpgemm|-mlpmerged][-ce|-flace][-gnorm|-flagnorm][-gnbwd][-approxlog][-fsdp][-hostcheck][-graphs][-sync]"
 STATE_MODIFIERS = {"hfp32": "fp32", "hbf16": "bf16", "hnone": "none"}
 MODIFIERS = ("split", "cat", "slab", "gatesplit", "flachunk", "mulclip", "keepz", "nokeepz", *STATE_MODIFIERS, "intra", "flaintra",
              "fwdintra", "fladv", "dvtf32x3", "mlpgemm", "mlpmerged", "ce", "flace", "gnorm", "flagnorm",
-             "gnbwd", "fsdp", "hostcheck", "graphs", "sync")
+             "gnbwd", "approxlog", "fsdp", "hostcheck", "graphs", "sync")
 
 
 def parse_case(case: str) -> tuple[str, str]:
@@ -117,7 +118,8 @@ def parse_case(case: str) -> tuple[str, str]:
     mods = set(_modifiers(case))
     if (head != "ours" or rest or len(mods & {"split", "cat", "slab"}) > 1 or {"keepz", "nokeepz"} <= mods
             or len(mods & set(STATE_MODIFIERS)) > 1 or {"intra", "flaintra"} <= mods or {"mlpgemm", "mlpmerged"} <= mods
-            or {"ce", "flace"} <= mods or {"gnorm", "flagnorm"} <= mods or {"flagnorm", "gnbwd"} <= mods or {"fladv", "dvtf32x3"} <= mods
+            or {"ce", "flace"} <= mods or {"gnorm", "flagnorm"} <= mods or {"flagnorm", "gnbwd"} <= mods
+            or {"gatesplit", "approxlog"} <= mods or {"fladv", "dvtf32x3"} <= mods
             or {"fsdp", "graphs"} <= mods):  # the trainer refuses train.cuda_graphs under FSDP2
         raise ValueError(f"case {case!r}: use hf or {CASE_FORM}, "
                          f"PRECISION one of "
@@ -177,6 +179,9 @@ def apply_modifiers(case: str, gated_norm_bwd=None) -> None:
     if "gnbwd" in _modifiers(case):
         from models.kernels import gated_norm
         gated_norm.BACKWARD_CONFIG = gated_norm_bwd
+    if "approxlog" in _modifiers(case):
+        from models.kernels import gate
+        gate.LOG = "approx"
     if "mulclip" in _modifiers(case):
         import trainer.loop as loop
         loop.CLIP_IN_STEP = False

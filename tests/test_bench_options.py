@@ -69,6 +69,7 @@ def test_top_kernels_lists_the_largest_per_step_with_category_and_cut_name():
     ("ours-bf16-mlpmerged-flace", ("bf16", "fused")), ("ours-bf16-slab-fladv-gnorm", ("bf16", "fused")), ("ours-bf16-split-flagnorm", ("bf16", "fused")), ("ours-bf16-dvtf32x3-graphs", ("bf16", "fused")),
     ("ours-bf16-gnorm", ("bf16", "fused")), ("ours-bf16-mlpmerged-flace-gnorm-graphs", ("bf16", "fused")), ("ours-bf16-mlpgemm-flace-graphs", ("bf16", "fused")),
     ("ours-bf16-gnbwd", ("bf16", "fused")), ("ours-bf16-gnorm-gnbwd-fsdp-sync", ("bf16", "fused")),
+    ("ours-bf16-approxlog", ("bf16", "fused")), ("ours-bf16-gnbwd-approxlog-graphs", ("bf16", "fused")),
 ])
 def test_train_bench_cases(case, expect):
     assert parse_case(case) == expect
@@ -84,7 +85,8 @@ def test_train_bench_cases(case, expect):
                                   "ours-bf16-intra-flaintra", "ours-bf16-intra-hbf16", "ours-bf16-flace-mlpgemm",
                                   "ours-bf16-mlpgemm-mlpmerged", "ours-bf16-hostcheck-fsdp", "ours-bf16-fsdp-graphs",
                                   "ours-bf16-ce-flace", "ours-bf16-flace-ce", "ours-bf16-cat-slab", "ours-slab-split", "ours-bf16-gnorm-flagnorm", "ours-bf16-fladv-dvtf32x3",
-                                  "ours-bf16-flagnorm-gnbwd", "ours-bf16-gnbwd-gnorm"])
+                                  "ours-bf16-flagnorm-gnbwd", "ours-bf16-gnbwd-gnorm", "ours-bf16-gatesplit-approxlog",
+                                  "ours-bf16-approxlog-gnbwd"])
 def test_train_bench_rejects_other_cases(case):
     with pytest.raises(ValueError, match="ours\\[-PRECISION\\]\\[-KERNELS\\]\\[-split\\|-cat\\|-slab\\]\\[-gatesplit\\]"):
         parse_case(case)
@@ -106,6 +108,14 @@ def test_gnbwd_takes_the_gated_norm_launch_from_the_command_line(monkeypatch):
     assert gated_norm.BACKWARD_CONFIG is None
     apply_modifiers("ours-bf16-gnbwd", BackwardConfig(8, 4, 2, True))
     assert gated_norm.BACKWARD_CONFIG == BackwardConfig(8, 4, 2, True)
+
+
+def test_approxlog_sets_the_gate_kernels_log(monkeypatch):
+    from bench.train_bench import apply_modifiers
+    from models.kernels import gate
+    monkeypatch.setattr(gate, "LOG", "exact")
+    apply_modifiers("ours-bf16-approxlog")
+    assert gate.LOG == "approx"
 
 
 def test_kernels_override_follows_the_trainer_config():

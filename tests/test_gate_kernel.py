@@ -141,3 +141,32 @@ def test_forward_launch_configurations_give_the_same_gate(config, R):
     want = gate.low_rank_gate_forward(a.detach(), w.detach(), b.detach(), 1 / 16)
     got = gate.low_rank_gate_forward(a.detach(), w.detach(), b.detach(), 1 / 16, config=config)
     close(got, want.double(), 1e-6, "gk")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_approximate_log_gives_logsigmoid_to_the_outputs_precision(dtype, monkeypatch):
+    """gate.LOG = "approx": log1p by a series below 2^-6 and log2(1 + t) above it (on a GPU lg2.approx.f32, here
+    tl.log2). Against float64 at pre-activations over the whole range (|x| to 60: t from 1 down to 1e-26, both sides
+    of the series' threshold at |x| = 4.159), elementwise: within 2^-15 of each value in fp32, one bf16 ulp in bf16.
+    The pre-activation is the bias (a zero product), one gate column per value."""
+    monkeypatch.setattr(gate, "LOG", "approx")
+    x = torch.cat([torch.linspace(-60, 60, 4000, dtype=torch.float64),
+                   torch.tensor([0.0, 1e-8, -1e-8, 4.158, 4.159, 4.16, -4.158, -4.159, -4.16], dtype=torch.float64)])
+    bias = x.to(dtype)
+    a, w = torch.zeros(3, 16, dtype=dtype), torch.zeros(len(x), 16, dtype=dtype)
+    y = gate.low_rank_gate_forward(a, w, bias, 1 / 16)
+    want = (F.logsigmoid(bias.double()) / 16).expand(3, -1)
+    err = (y.double() - want).abs()
+    bound = (2 ** -15 if dtype == torch.float32 else BF16_ULP) * want.abs() + 1e-30
+    assert (err <= bound).all(), f"worst {(err / want.abs()).max().item():.3g} relative"
+    exact = gate.low_rank_gate_forward(a, w, bias, 1 / 16, log="exact")
+    assert not torch.equal(exact, y) or dtype == torch.bfloat16  # fp32 shows the approximation is the one that ran
+    with pytest.raises(ValueError, match="log='fast': use one of"):
+        gate.low_rank_gate_forward(a, w, bias, 1 / 16, log="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_approximate_log_model_gradients_match_exact_math(dtype, monkeypatch):
+    """The forward-and-gradients check above with gate.LOG = "approx" (GLA 340M's gate width)."""
+    monkeypatch.setattr(gate, "LOG", "approx")
+    test_forward_and_gradients_match_exact_math(128, 16, 512, True, 0, dtype)

@@ -30,12 +30,13 @@ import types
 
 # per architecture: (card, bytes of shared memory one block may use, SMs)
 ARCHS = {90: ("NVIDIA H100", 232448, 132), 80: ("NVIDIA A100", 166912, 108)}
-# (label, fused.install keyword arguments, models/kernels/gla.py module settings)
+# (label, fused.install keyword arguments, module settings: models/kernels/gla.py's by name, others as "module.NAME")
 VARIANTS = [
     ("defaults", {}, {}),
     ("merged MLP, FLA's intra kernels, fp32 states, dv's product in tf32x3", {"mlp": "merged", "gated_norm": "ours"},
      {"SAVED_STATES": "fp32", "INTRA": "fla", "FWD_INTRA": "fla", "DV_DOT": "tf32x3"}),
     ("our forward intra kernel, FLA's recompute", {"gate": "split"}, {"SAVED_STATES": "none", "FWD_INTRA": "ours"}),
+    ("the gate's approximate log (lg2.approx)", {}, {"gate.LOG": "approx"}),
     ("SwiGLU in the MLP GEMMs", {"mlp": "gemm"}, {}),
     ("split projections, FLA's gated norm (the defaults before the slab)", {"projections": "split", "gated_norm": "fla"},
      {}),
@@ -91,15 +92,18 @@ def _pretend_gpu(compiled: dict, arch: int) -> None:
     autotuner.Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]  # one config: no benchmarking
 
 
-def _step(install_kwargs: dict, gla_settings: dict, seq_len: int = 128) -> str:
+def _step(install_kwargs: dict, settings: dict, seq_len: int = 128) -> str:
+    import importlib
+
     import torch
 
     from models import build, fused
-    from models.kernels import gla
-    saved = {k: getattr(gla, k) for k in gla_settings}
+    targets = {k: (importlib.import_module("models.kernels." + k.split(".")[0]) if "." in k
+                   else importlib.import_module("models.kernels.gla"), k.split(".")[-1]) for k in settings}
+    saved = {k: getattr(*targets[k]) for k in settings}
     try:
-        for k, v in gla_settings.items():
-            setattr(gla, k, v)
+        for k, v in settings.items():
+            setattr(*targets[k], v)
         config = build.load_config({"model_type": "gla", "hidden_size": 1024, "num_hidden_layers": 2, "num_heads": 4,
                                     "vocab_size": 512, "expand_k": 0.5, "expand_v": 1, "attn_mode": "chunk",
                                     "fuse_cross_entropy": True, "tie_word_embeddings": True})
@@ -113,7 +117,7 @@ def _step(install_kwargs: dict, gla_settings: dict, seq_len: int = 128) -> str:
         return what
     finally:
         for k, v in saved.items():
-            setattr(gla, k, v)
+            setattr(*targets[k], v)
 
 
 def check(variants: list[tuple[str, dict, dict]], arch: int = 90) -> tuple[dict, list[str]]:
@@ -128,10 +132,10 @@ def check(variants: list[tuple[str, dict, dict]], arch: int = 90) -> tuple[dict,
     from models import kernels
     kernels.COMPILE_ONLY = True
     errors = []
-    for label, install_kwargs, gla_settings in variants:
+    for label, install_kwargs, settings in variants:
         before = len(compiled)
         try:
-            _step(install_kwargs, gla_settings)
+            _step(install_kwargs, settings)
         except Exception as e:  # a kernel that does not compile raises from its launch
             errors.append(f"{label}: {type(e).__name__}: {str(e)[:2000]}")
         print(f"{label}: {len(compiled) - before} more kernels compiled", flush=True)

@@ -34,15 +34,40 @@ from models import kernels
 BM, BN, NUM_WARPS = 128, 64, 8
 MAX_RANK = 128
 FMA_PRE = False  # the pre-activation by tl.dot (False) or by rank-one fp32 updates (True); see _pre
+# the forward's log1p: "exact" (the Goldberg form over tl.log, libdevice's logf) or "approx" (a series for small
+# arguments, else the GPU's one-instruction lg2.approx; _log_sigmoid). Compiled for sm_90, "exact" is ~56 PTX
+# instructions a value in _gate_fwd_kernel (12 FMAs of logf's polynomial among them), "approx" ~20: the kernel took
+# 38-40 us per GLA 340M call for a 33 MB write (~3x its memory bound; BENCHMARKS.md), as an instruction-bound kernel
+# would. "approx" is not yet timed on a GPU (bench/gla_check.py --only gate), so not the default.
+LOG = "exact"
+LOGS = ("exact", "approx")
 
 
 @triton.jit
-def _log_sigmoid(x):
-    """logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)), with the log1p of models/kernels/swiglu.py (no library log1p)."""
+def _log2(x, ASM: tl.constexpr):
+    """log2(x): the GPU's lg2.approx.f32 (one instruction) where ASM, else tl.log2 (the interpreter cannot run PTX)."""
+    if ASM:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    return tl.log2(x)
+
+
+@triton.jit
+def _log_sigmoid(x, APPROX: tl.constexpr = False, ASM: tl.constexpr = False):
+    """logsigmoid(x) = min(x, 0) - log1p(t), t = exp(-|x|) in (0, 1].
+    APPROX False: log1p with the log of models/kernels/swiglu.py (no library log1p): log(u) * t / (u - 1), u = 1 + t
+    rounded, which cancels the rounding of u. tl.log compiles to libdevice's logf, ~40 instructions with a branch.
+    APPROX True: the series t - t^2/2 + t^3/3 below 2^-6 (truncation < t^3/4 < 2^-20 relative), log2(1 + t) * ln 2
+    above (u's rounding < 2^-24 / t < 2^-18 relative); with ASM the log2 is lg2.approx.f32 (PTX: max error 2^-22.6),
+    a few instructions a value in all (see LOG)."""
     t = tl.exp(-tl.abs(x))
-    u = 1.0 + t
-    u_minus_1 = u - 1.0
-    log1p_t = tl.where(u_minus_1 == 0.0, t, tl.log(u) * (t / tl.where(u_minus_1 == 0.0, 1.0, u_minus_1)))
+    if APPROX:
+        series = t * (1.0 - t * (0.5 - t * 0.3333333333333333))
+        log1p_t = tl.where(t < 0.015625, series, _log2(1.0 + t, ASM) * 0.6931471805599453)
+    else:
+        u = 1.0 + t
+        u_minus_1 = u - 1.0
+        log1p_t = tl.where(u_minus_1 == 0.0, t, tl.log(u) * (t / tl.where(u_minus_1 == 0.0, 1.0, u_minus_1)))
     return tl.minimum(x, 0.0) - log1p_t
 
 
@@ -80,14 +105,15 @@ def _pre(a, W, B, cols, r, N, R, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, FMA
 
 @triton.jit
 def _gate_fwd_kernel(A, W, B, Y, M, N, R, sa, scale, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, FMA: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, FMA: tl.constexpr,
+                     APPROX_LOG: tl.constexpr = False, ASM: tl.constexpr = False):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     r = tl.arange(0, BR)
     mrow = rows < M
     a = tl.load(A + rows[:, None] * sa + r[None, :], mask=mrow[:, None] & (r < R)[None, :], other=0.0)
     pre, _ = _pre(a, W, B, cols, r, N, R, HAS_BIAS, IEEE, FMA, A, rows, mrow, sa, BR)
-    y = _log_sigmoid(pre) * scale
+    y = _log_sigmoid(pre, APPROX_LOG, ASM) * scale
     tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mrow[:, None] & (cols < N)[None, :])
 
 
@@ -138,10 +164,13 @@ def _meta(a2: torch.Tensor, weight: torch.Tensor, config: tuple | None) -> dict:
 
 
 def low_rank_gate_forward(a2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                          config: tuple[int, int, int] | None = None):
+                          config: tuple[int, int, int] | None = None, log: str | None = None):
     """gk [M, N] (contiguous, a2's dtype) from a2 [M, R] (row-strided allowed), weight [N, R], bias [N] or None.
     config: (rows, gate columns, warps[, fma]) per program instead of (BM, BN, NUM_WARPS, FMA_PRE)
-    (bench/gla_check.py --sweep)."""
+    (bench/gla_check.py --sweep). log: one of LOGS (None: LOG)."""
+    log = LOG if log is None else log
+    if log not in LOGS:
+        raise ValueError(f"low_rank_gate: log={log!r}: use one of {LOGS}")
     M, R = a2.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=a2.dtype, device=a2.device)
@@ -149,7 +178,8 @@ def low_rank_gate_forward(a2: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if M:
         grid = (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
         _gate_fwd_kernel[grid](a2, weight.contiguous(), bias if bias is not None else weight, y, M, N, R,
-                               a2.stride(0), scale, HAS_BIAS=bias is not None, **meta)
+                               a2.stride(0), scale, HAS_BIAS=bias is not None, APPROX_LOG=log == "approx",
+                               ASM=log == "approx" and os.environ.get("TRITON_INTERPRET") != "1", **meta)
     return y
 
 
