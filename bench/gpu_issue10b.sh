@@ -99,6 +99,8 @@
 #                                      and the trainer with it (-approxlog) between two runs of the defaults
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
+#   bash bench/gpu_issue10b.sh x2c     (2026-12-08, TWO GPUs, after x2a on the machine) FSDP2 on 2 GPUs with every
+#                                      block kept gathered from forward to backward (fsdp_reshard_after_forward=false)
 #   bash bench/gpu_issue10b.sh c11     (2026-12-06) each change on its own: the trainer with one of them reverted,
 #                                      and with the SwiGLU product kept (-keepz), batch 16 (CASES overridable)
 # all1 first on a fresh machine (it warms the kernels the other stages use); then the others within 30 s of each
@@ -912,6 +914,18 @@ x2b)
   done
   stamp "done"
   ;;
+x2c)
+  # (2026-12-08, two GPUs; run x2a first on the machine: it warms the kernels) the FSDP2 goal (>= 1.85x) by its
+  # traffic: with parallel.fsdp_reshard_after_forward=false no block is gathered again for its backward (ZeRO-2's
+  # traffic; GLA 340M's bf16 parameters, 0.7 GB, stay whole on each GPU between forward and backward), against the
+  # 1-GPU FSDP2 run with the same setting
+  device
+  stamp "gpu_scaling fsdp, no reshard after forward"
+  timeout "$(budget 400)" python3 bench/gpu_scaling.py --runs fsdp:1,fsdp:2 --per-gpu-batch 16 --steps 20 --skip 5 \
+      --extra parallel.fsdp_reshard_after_forward=false --dir bench/out/scaling-noreshard > "$OUT/scaling-noreshard.log" 2>&1
+  grep -h '^{' "$OUT/scaling-noreshard.log"; tail -3 "$OUT/scaling-noreshard.log"
+  stamp "done"
+  ;;
 c23)
   # (2026-12-07) the loss curve of the defaults with SwiGLU in the MLP GEMMs (and RUNS) against autocast-fla
   need_shards c23
@@ -929,5 +943,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|c36|c37|c38|x2a|x2b" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|c36|c37|c38|x2a|x2b|x2c" >&2; exit 2 ;;
 esac
