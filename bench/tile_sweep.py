@@ -281,6 +281,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=480.0)
     p.add_argument("--json", default="", help="also write the report here")
     args = p.parse_args(argv)
+    paths = args.paths.split(",")
+    if not paths or set(paths) - {"ours", "fla"}:
+        p.error(f"--paths {args.paths!r}: ours, fla or both, comma-separated")
     start = time.monotonic()
 
     def say(*parts):
@@ -304,7 +307,6 @@ def main(argv=None) -> int:
     exact = recurrence(*tensors, cu_t, args.key_dim ** -0.5)
     say(f"{dname} inputs [{args.batch}, {args.seq_len}, {args.heads}, {args.key_dim}/{args.value_dim}]"
         f"{' cu_seqlens ' + args.cu_seqlens if cu else ''}; float64 recurrence done")
-    paths = args.paths.split(",")
     reports = []
     for i, path in enumerate(paths):  # each path its share of what is left of the budget
         deadline = time.monotonic() + (start + args.budget_s - time.monotonic()) / (len(paths) - i)
