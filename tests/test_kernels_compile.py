@@ -22,8 +22,9 @@ HOPPER_ONLY = ["_gemm_gate_up_swiglu_kernel", "_gemm_down_grad_swiglu_kernel"]  
 def test_every_kernel_of_the_step_compiles(arch, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), PYTHONPATH=ROOT, TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run([sys.executable, "-m", "models.kernels.compile_check", "--arch", str(arch)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run([sys.executable, "-m", "models.kernels.compile_check", "--arch", str(arch)]
+                          + (["--sass"] if arch == 90 else []), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = [line.split() for line in done.stdout.splitlines() if " B shared " in line]
     compiled = {row[0] for row in rows}
@@ -35,3 +36,7 @@ def test_every_kernel_of_the_step_compiles(arch, tmp_path):
     assert not any(scalar.values()), {k: v for k, v in scalar.items() if v}
     assert f"for sm_{arch}; 0 errors" in done.stdout
     assert "chunk_fwd_kernel_h" in compiled  # FLA's kernels in the step compile too
+    if arch == 90:  # --sass: registers and SASS instructions of each kernel's first compilation
+        sass = {row[0]: (int(row[10]), int(row[12])) for row in rows if "SASS" in row}
+        assert set(OURS) <= set(sass), sorted(set(OURS) - set(sass))
+        assert all(0 < regs <= 255 and n > 50 for regs, n in sass.values()), sass

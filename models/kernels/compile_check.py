@@ -9,9 +9,11 @@ sizes (hidden 1024, 4 heads: key 128, value 256 per head) in bf16, two layers, a
 models/fused.py with each kernel switch in turn, forward and backward; FLA's kernels in the step compile as well
 (their autotuned ones with the first config only).
 
-    python -m models.kernels.compile_check [--variants all|defaults] [--arch 90|80]
+    python -m models.kernels.compile_check [--variants all|defaults] [--arch 90|80] [--sass]
 
-Prints each kernel once with its shared memory, and exits 1 if any kernel failed to compile or needs more shared
+Prints each kernel once with its shared memory (--sass: also the registers a thread takes and the SASS instructions of
+its first compilation, by the cuobjdump and nvdisasm triton ships: how an instruction-bound kernel shows on a CPU
+machine, BENCHMARKS.md), and exits 1 if any kernel failed to compile or needs more shared
 memory than the card gives a block (227 KiB on sm_90, 163 KiB on sm_80). What it cannot see: FLA's fused cross
 entropy (it refuses CPU tensors, so every variant runs our loss), values (the outputs are uninitialized memory),
 launch-time limits other than shared memory (registers are assigned by ptxas and fit by construction), and the
@@ -41,6 +43,30 @@ VARIANTS = [
     ("split projections, FLA's gated norm (the defaults before the slab)", {"projections": "split", "gated_norm": "fla"},
      {}),
 ]
+
+
+CUBINS: dict = {}  # kernel name -> the cubin of its first compilation, kept where --sass asks for it
+KEEP_CUBINS = False
+
+
+def sass_counts(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, SASS instructions) of a cubin, by triton's bundled cuobjdump and nvdisasm (static count:
+    a loop's body once)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    return (int(regs.group(1)) if regs else -1), len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
 
 
 def _pretend_gpu(compiled: dict, arch: int) -> None:
@@ -86,6 +112,8 @@ def _pretend_gpu(compiled: dict, arch: int) -> None:
         if kernel is not None:
             shared, warps, scalar = compiled.get(self.__name__, (kernel.metadata.shared, kernel.metadata.num_warps, 0))
             compiled[self.__name__] = (shared, warps, max(scalar, kernel.asm["ptx"].count("st.global.b16")))
+            if KEEP_CUBINS:
+                CUBINS.setdefault(self.__name__, kernel.asm["cubin"])
         return kernel
     JITFunction.run = compile_only
     prune = autotuner.Autotuner.prune_configs
@@ -150,14 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", choices=("all", "defaults"), default="all")
     ap.add_argument("--arch", type=int, choices=sorted(ARCHS), default=90, help="90: H100/H200 (default), 80: A100")
+    ap.add_argument("--sass", action="store_true", help="also each kernel's registers and SASS instruction count")
     args = ap.parse_args(argv)
+    global KEEP_CUBINS
+    KEEP_CUBINS = args.sass
     variants = VARIANTS if args.variants == "all" else VARIANTS[:1]
     if args.arch < 90:  # on CPU tensors mlp_gemm picks its TMA launch, sm_90 only (an A100 takes pointer loads)
         variants = [v for v in variants if v[1].get("mlp") != "gemm"]
     compiled, errors = check(variants, args.arch)
     width = max(len(n) for n in compiled) if compiled else 10
     for name, (shared, warps, scalar) in compiled.items():
-        print(f"{name:<{width}}  {shared:>7} B shared  {warps:>2} warps  {scalar:>3} scalar 16-bit stores")
+        extra = ""
+        if args.sass and name in CUBINS:
+            regs, instructions = sass_counts(CUBINS[name])
+            extra = f"  {regs:>3} registers  {instructions:>5} SASS instructions"
+        print(f"{name:<{width}}  {shared:>7} B shared  {warps:>2} warps  {scalar:>3} scalar 16-bit stores{extra}")
     print(f"{len(compiled)} kernels compiled for sm_{args.arch}; {len(errors)} errors")
     for e in errors:
         print("ERROR " + e)

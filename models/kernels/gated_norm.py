@@ -61,8 +61,8 @@ def _gated_rmsnorm_bwd_load(X, G, DY, RSTD, rows, cols, M, D):
 
 
 @triton.jit
-def _gated_rmsnorm_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, dg_group, sdg, tiles_per_program,
-                      BT: tl.constexpr, BD: tl.constexpr, PREFETCH: tl.constexpr):
+def _gated_rmsnorm_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, sdg, tiles_per_program,
+                              DG_GROUP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BD)
@@ -83,12 +83,14 @@ def _gated_rmsnorm_bwd_kernel(X, G, W, RSTD, DY, DX, DG, DWP, M, D, dg_group, sd
         s = tl.sigmoid(g)
         xhat = x * rstd[:, None]
         a = xhat * w[None, :]
-        grows = rows.to(tl.int64)  # DG's row r at (r // dg_group) * sdg + (r % dg_group) * D
-        dg_offs = (grows // dg_group * sdg + grows % dg_group * D)[:, None] + cols[None, :]
-        tl.store(DG + dg_offs, (dy * a * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
-        da = dy * g * s
+        u = dy * s
+        da = u * g  # dy * g * s
+        grows = rows.to(tl.int64)  # DG's row r at (r // DG_GROUP) * sdg + (r % DG_GROUP) * D
+        dg_offs = (grows // DG_GROUP * sdg + grows % DG_GROUP * D)[:, None] + cols[None, :]
+        # dy * a * s * (1 + g * (1 - s)) = a * (u + da * (1 - s))
+        tl.store(DG + dg_offs, (a * (u + da * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
         wda = da * w[None, :]
-        c = tl.sum(xhat * wda, axis=1) / D
+        c = tl.sum(a * da, axis=1) / D  # xhat * wda = a * da
         tl.store(DX + offs, ((wda - xhat * c[:, None]) * rstd[:, None]).to(DX.dtype.element_ty), mask=mask)
         dw += tl.sum(da * xhat, axis=0)
     tl.store(DWP + pid.to(tl.int64) * D + cols, dw, mask=col_ok)
@@ -139,7 +141,7 @@ def _backward(x2, g2, weight, rstd, dy2, dg_out=None, config: BackwardConfig | N
     programs = backward_programs(n_tiles, x2.device, num_warps, per_sm)
     dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)
     _gated_rmsnorm_bwd_kernel[(programs,)](x2, g2, weight, rstd, dy2, dx, dg, dw_partial, m, d,
-                                           group, sdg, triton.cdiv(n_tiles, programs), BT=bt,
+                                           sdg, triton.cdiv(n_tiles, programs), DG_GROUP=group, BT=bt,
                                            BD=triton.next_power_of_2(d), PREFETCH=bool(prefetch), num_warps=num_warps)
     if dg_out is not None and layout is None:
         dg = dg_out.copy_(dg.view(dg_out.shape))
