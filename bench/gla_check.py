@@ -210,8 +210,12 @@ def main() -> int:
                 t = median_ms(lambda: gate.low_rank_gate_forward(a2, w2, b2, 1 / 16, config=cfg), 3, args.iters, 16)
                 print(f"  forward  {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_fwd / t / 1e6:6.0f} GB/s", flush=True)
             bytes_bwd = (M * R * 2 + M * N) * 2
+            # (rows, columns a step, warps, columns a program, fma[, maxnreg]): the default takes 168 registers a
+            # thread, one 8-warp program per SM; a cap of 128 (80) fits two (three), 4-warp programs four at 128
             for cfg in [None, (64, 128, 4, 0), (128, 64, 8, 0, True), (64, 64, 4, 0, True), (64, 128, 4, 0, True),
-                        (128, 64, 8, 64, True), (128, 128, 8, 0, True), (32, 64, 4, 0, True), (64, 64, 8, 0, True)]:
+                        (128, 64, 8, 64, True), (128, 128, 8, 0, True), (32, 64, 4, 0, True), (64, 64, 8, 0, True),
+                        (128, 64, 8, 0, False, 128), (128, 64, 8, 0, False, 80), (64, 64, 4, 0, False, 128),
+                        (64, 128, 4, 0, False, 128), (128, 64, 8, 64, False, 128)]:
                 t = median_ms(lambda: gate.low_rank_gate_backward(a2, w2, b2, dy, 1 / 16, config=cfg), 3, args.iters, 16)
                 print(f"  backward {str(cfg or 'default'):22s} {t * 1e3:7.1f} us  {bytes_bwd / t / 1e6:6.0f} GB/s", flush=True)
 

@@ -199,9 +199,10 @@ def bwd_sweep(args, x, w, r, dy, dso, timed) -> int:
     return 0 if all(rec["same_ds"] for rec in rows) else 1
 
 
-def launch_grid(d: int, default, bts=(1, 2, 4, 8, 16)) -> list:
+def launch_grid(d: int, default, bts=(1, 2, 4, 8, 16), caps: bool = False) -> list:
     """The default first, then every (rows per tile, warps, programs per SM, prefetch) with 4 to 32 elements of a tile
-    per thread and at most 64 warps per SM."""
+    per thread and at most 64 warps per SM. caps: also each with more than 8 warps per SM under the register cap that
+    lets all its programs share an SM (65536 registers / its threads, a multiple of 8, if at least 64)."""
     from models.kernels.rmsnorm import BackwardConfig
     configs = [default]
     for bt in bts:
@@ -212,10 +213,12 @@ def launch_grid(d: int, default, bts=(1, 2, 4, 8, 16)) -> list:
             for per_sm in (1, 2, 4, 8, 16):
                 if warps * per_sm > 64:
                     continue
+                cap = min(255, 65536 // (32 * warps * per_sm)) // 8 * 8
                 for prefetch in (False, True):
-                    c = BackwardConfig(bt, warps, per_sm, prefetch)
-                    if c != default:
-                        configs.append(c)
+                    for maxnreg in (0, cap) if caps and warps * per_sm > 8 and cap >= 64 else (0,):
+                        c = BackwardConfig(bt, warps, per_sm, prefetch, maxnreg)
+                        if c != default:
+                            configs.append(c)
     return configs
 
 
@@ -242,7 +245,7 @@ def gated_bwd_sweep(args, timed, device: str = "cuda") -> int:
     ref_dx, _, _ = gated_norm._backward(x2, g2, w, rstd, dy2, dg_out, config=default)
     ref_dg = dg_out.clone()
     rows = []
-    for c in launch_grid(d, default, bts=(1, 2, 4, 8, 16, 32)):
+    for c in launch_grid(d, default, bts=(1, 2, 4, 8, 16, 32), caps=True):
         try:
             dg_out.fill_(float("nan"))
             dx, _, _ = gated_norm._backward(x2, g2, w, rstd, dy2, dg_out, config=c)
@@ -257,9 +260,9 @@ def gated_bwd_sweep(args, timed, device: str = "cuda") -> int:
           f"{args.slab_width}: {len(rows)} launch configurations, fastest first")
     for rec in rows:
         c = rec["config"]
-        print(f"  bt {c['bt']:2d} warps {c['num_warps']:2d} per_sm {c['per_sm']:2d} prefetch {c['prefetch']!s:5}  "
-              f"{rec['ms']:.4f} ms  {rec['GBps']:6.0f} GB/s{'  <- default' if rec['default'] else ''}"
-              f"{'' if rec['same'] else '  DIFFERENT dx or dg'}")
+        print(f"  bt {c['bt']:2d} warps {c['num_warps']:2d} per_sm {c['per_sm']:2d} prefetch {c['prefetch']!s:5} "
+              f"maxnreg {c['maxnreg'] or '-':>3}  {rec['ms']:.4f} ms  {rec['GBps']:6.0f} GB/s"
+              f"{'  <- default' if rec['default'] else ''}{'' if rec['same'] else '  DIFFERENT dx or dg'}")
     print("GATED_SWEEP " + json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else device,
                                        "tokens": args.rows, "heads": heads,
                                        "dim": d, "dtype": args.dtype, "results": rows}), flush=True)

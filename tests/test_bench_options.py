@@ -99,7 +99,10 @@ def test_gnbwd_takes_the_gated_norm_launch_from_the_command_line(monkeypatch):
     from models.kernels.rmsnorm import BackwardConfig, parse_backward_config
     monkeypatch.setattr(gated_norm, "BACKWARD_CONFIG", None)
     assert parse_backward_config(" 8, 4,2 ,1") == BackwardConfig(8, 4, 2, True)
-    for bad in ("8,4,2", "8,4,2,2", "0,4,2,1", "a,4,2,1"):
+    assert parse_backward_config("16,4,4,1,128") == BackwardConfig(16, 4, 4, True, 128)
+    assert BackwardConfig(16, 4, 4, True, 128).launch() == {"num_warps": 4, "maxnreg": 128}
+    assert BackwardConfig(16, 4, 4, True).launch() == {"num_warps": 4}
+    for bad in ("8,4,2", "8,4,2,2", "0,4,2,1", "a,4,2,1", "8,4,2,1,x", "8,4,2,1,128,3"):
         with pytest.raises(ValueError, match="BT,WARPS,PER_SM,PREFETCH"):
             parse_backward_config(bad)
     with pytest.raises(ValueError, match="-gnbwd needs --gated-norm-bwd"):

@@ -118,8 +118,8 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.parametrize("config", [(64, 32, 4, 64), (32, 64, 4, 0), (128, 64, 8, 128), (64, 32, 4, 64, True),
-                                    (128, 64, 8, 0, True)],
-                         ids=["column-groups", "one-group", "wide-groups", "column-groups-fma", "fma"])
+                                    (128, 64, 8, 0, True), (128, 64, 8, 0, False, 128)],
+                         ids=["column-groups", "one-group", "wide-groups", "column-groups-fma", "fma", "maxnreg"])
 def test_backward_launch_configurations_give_the_same_gradients(config):
     """bench/gla_check.py --sweep times other launches: each gives the default's gradients (within fp32 summation
     order: the column groups' partial da sums add in another order)."""

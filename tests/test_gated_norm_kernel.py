@@ -113,7 +113,7 @@ def test_backward_launch_configs_give_the_same_gradients(monkeypatch):
     dg0 = place.clone()
     base = backward_config(256)
     for cfg in [base._replace(prefetch=not base.prefetch), BackwardConfig(1, 4, 4, True),
-                BackwardConfig(2, 2, 2, False), BackwardConfig(32, 8, 1, True)]:
+                BackwardConfig(2, 2, 2, False), BackwardConfig(32, 8, 1, True), BackwardConfig(16, 4, 4, True, 128)]:
         place.fill_(float("nan"))
         dx, dg, dw = gated_norm._backward(x, g, w, rstd, dy, place, config=cfg)
         assert dg is place and torch.equal(dx, dx0) and torch.equal(place, dg0), cfg
@@ -147,6 +147,10 @@ def test_norm_bench_gated_sweep_checks_each_launch_against_the_default(capsys, m
     assert norm_bench.gated_bwd_sweep(args, lambda fn: fn() is None or next(times) / 1000, device="cpu") == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("GATED_SWEEP "))
     rows = json.loads(line[len("GATED_SWEEP "):])["results"]
-    assert len(rows) == len(norm_bench.launch_grid(256, backward_config(256), bts=(1, 2, 4, 8, 16, 32))) > 100
+    assert len(rows) == len(norm_bench.launch_grid(256, backward_config(256), bts=(1, 2, 4, 8, 16, 32), caps=True)) > 150
+    # register caps where more than 8 warps would share an SM: all of a config's programs fit 65536 registers
+    capped = [r["config"] for r in rows if r["config"]["maxnreg"]]
+    assert capped and all(64 <= c["maxnreg"] <= 255 and c["maxnreg"] * 32 * c["num_warps"] * c["per_sm"] <= 65536
+                          for c in capped)
     assert all(r["same"] for r in rows) and sum(r["default"] for r in rows) == 1
     assert [r["ms"] for r in rows] == sorted(r["ms"] for r in rows)

@@ -204,7 +204,8 @@ def test_backward_launch_configs_give_the_same_gradients(dso, d):
     base = rmsnorm.backward_config(d)
     ds0, dw0 = rmsnorm._backward(s2, w, rstd, dy2, dso2 if dso else None)
     for cfg in [base._replace(prefetch=not base.prefetch), rmsnorm.BackwardConfig(1, 4, 4, True),
-                rmsnorm.BackwardConfig(2, 4, 2, False), rmsnorm.BackwardConfig(8, 8, 1, True)]:
+                rmsnorm.BackwardConfig(2, 4, 2, False), rmsnorm.BackwardConfig(8, 8, 1, True),
+                rmsnorm.BackwardConfig(1, 4, 4, True, 128)]:
         ds, dw = rmsnorm._backward(s2, w, rstd, dy2, dso2 if dso else None, config=cfg)
         assert torch.equal(ds, ds0), cfg
         if cfg.bt == base.bt:  # same tiles, same programs: the same partial sums in the same order

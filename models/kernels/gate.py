@@ -157,10 +157,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _meta(a2: torch.Tensor, weight: torch.Tensor, config: tuple | None) -> dict:
-    bm, bn, warps, *fma = config or (BM, BN, NUM_WARPS)
+    """Launch keywords from (rows, gate columns, warps[, fma[, maxnreg]]): maxnreg caps the registers a thread takes
+    (0: ptxas's choice; the backward takes 168 at its default launch, so one 8-warp program per SM)."""
+    bm, bn, warps, *rest = config or (BM, BN, NUM_WARPS)
+    maxnreg = rest[1] if len(rest) > 1 else 0
     return dict(IEEE=a2.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1", BM=bm, BN=bn,
                 BR=max(16, triton.next_power_of_2(weight.shape[1])), num_warps=warps,
-                FMA=bool(fma[0]) if fma else FMA_PRE)
+                FMA=bool(rest[0]) if rest else FMA_PRE, **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 def low_rank_gate_forward(a2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -185,7 +188,8 @@ def low_rank_gate_forward(a2: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def low_rank_gate_backward(a2, weight, bias, dy2, scale, config: tuple[int, int, int, int] | None = None):
     """(da [M, R], dweight [N, R], dbias [N] or None) for dy2 [M, N] (row-strided allowed). config: (rows, gate
-    columns per step, warps, gate columns per program[, fma]) instead of (BM, BN, NUM_WARPS, all N, FMA_PRE)."""
+    columns per step, warps, gate columns per program[, fma[, maxnreg]]) instead of (BM, BN, NUM_WARPS, all N,
+    FMA_PRE)."""
     M, R = a2.shape
     N = weight.shape[0]
     bm, bn, warps, cn, *fma = config or (BM, BN, NUM_WARPS, 0)

@@ -136,13 +136,14 @@ def _backward(x2, g2, weight, rstd, dy2, dg_out=None, config: BackwardConfig | N
     group, sdg = layout or (1, d)
     if m == 0:
         return dx, dg, torch.zeros(d, dtype=torch.float32, device=x2.device)
-    bt, num_warps, per_sm, prefetch = config or BACKWARD_CONFIG or backward_config(d)
+    config = config or BACKWARD_CONFIG or backward_config(d)
+    bt, num_warps, per_sm, prefetch, _ = config
     n_tiles = triton.cdiv(m, bt)
     programs = backward_programs(n_tiles, x2.device, num_warps, per_sm)
     dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)
     _gated_rmsnorm_bwd_kernel[(programs,)](x2, g2, weight, rstd, dy2, dx, dg, dw_partial, m, d,
                                            sdg, triton.cdiv(n_tiles, programs), DG_GROUP=group, BT=bt,
-                                           BD=triton.next_power_of_2(d), PREFETCH=bool(prefetch), num_warps=num_warps)
+                                           BD=triton.next_power_of_2(d), PREFETCH=bool(prefetch), **config.launch())
     if dg_out is not None and layout is None:
         dg = dg_out.copy_(dg.view(dg_out.shape))
     return dx, dg, dw_partial.sum(0)

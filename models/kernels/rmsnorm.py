@@ -126,23 +126,32 @@ def tile_config(d: int, backward: bool) -> tuple[int, int, int]:
 
 
 class BackwardConfig(NamedTuple):
-    """How the backward kernel is launched: BT rows per tile, num_warps per program, programs per SM, and whether
-    each program loads its next tile before the math of the current one. `backward_config(d)` gives the default;
-    bench/norm_bench.py --bwd-sweep times others (pass one as `config=` to `_backward`)."""
+    """How the backward kernel is launched: BT rows per tile, num_warps per program, programs per SM, whether
+    each program loads its next tile before the math of the current one, and a cap on the registers a thread may
+    take (maxnreg; 0: ptxas's choice; a cap lets more programs share an SM, ptxas spilling what does not fit).
+    `backward_config(d)` gives the default; bench/norm_bench.py --bwd-sweep times others (pass one as `config=` to
+    `_backward`)."""
     bt: int
     num_warps: int
     per_sm: int
     prefetch: bool = False
+    maxnreg: int = 0
+
+    def launch(self) -> dict:
+        """The launch keywords besides the grid and the kernel's arguments."""
+        return {"num_warps": self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {})}
 
 
 def parse_backward_config(text: str) -> BackwardConfig:
-    """"BT,WARPS,PER_SM,PREFETCH" (PREFETCH 0 or 1), as the benches take a launch on their command lines."""
+    """"BT,WARPS,PER_SM,PREFETCH[,MAXNREG]" (PREFETCH 0 or 1), as the benches take a launch on their command
+    lines."""
     parts = [x.strip() for x in text.split(",")]
-    if len(parts) != 4 or not all(x.isdigit() and int(x) > 0 for x in parts[:3]) or parts[3] not in ("0", "1"):
-        raise ValueError(f"backward launch {text!r}: give BT,WARPS,PER_SM,PREFETCH, three positive integers and "
-                         f"PREFETCH 0 or 1 (e.g. 2,4,8,1)")
-    bt, warps, per_sm, prefetch = (int(x) for x in parts)
-    return BackwardConfig(bt, warps, per_sm, bool(prefetch))
+    if (len(parts) not in (4, 5) or not all(x.isdigit() and int(x) > 0 for x in parts[:3]) or parts[3] not in ("0", "1")
+            or (len(parts) == 5 and not parts[4].isdigit())):
+        raise ValueError(f"backward launch {text!r}: give BT,WARPS,PER_SM,PREFETCH[,MAXNREG], three positive integers, "
+                         f"PREFETCH 0 or 1 and a register cap (0: none) (e.g. 2,4,8,1 or 16,4,4,1,128)")
+    bt, warps, per_sm, prefetch, *cap = (int(x) for x in parts)
+    return BackwardConfig(bt, warps, per_sm, bool(prefetch), cap[0] if cap else 0)
 
 
 def backward_config(d: int) -> BackwardConfig:
@@ -215,7 +224,8 @@ def _backward(s2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy2: t
     ds = torch.empty_like(s2)
     if m == 0:
         return ds, torch.zeros(d, dtype=torch.float32, device=s2.device)
-    bt, num_warps, per_sm, prefetch = config or backward_config(d)
+    config = config or backward_config(d)
+    bt, num_warps, per_sm, prefetch, _ = config
     bd = triton.next_power_of_2(d)
     n_tiles = triton.cdiv(m, bt)
     programs = backward_programs(n_tiles, s2.device, num_warps, per_sm)
@@ -223,7 +233,7 @@ def _backward(s2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy2: t
     _rms_bwd_kernel[(programs,)](
         s2, weight, rstd, dy2, dso2 if dso2 is not None else dy2, ds, dw_partial, m, d,
         triton.cdiv(n_tiles, programs), BT=bt, BD=bd, HAS_DSO=dso2 is not None, PREFETCH=bool(prefetch),
-        num_warps=num_warps)
+        **config.launch())
     return ds, dw_partial.sum(0)
 
 
