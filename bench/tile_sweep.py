@@ -97,7 +97,7 @@ def recurrence(q, k, v, g, do, cu_seqlens, scale):
     """o and the gradients of q, k, v, g by GLA's recurrence in float64: h_t = h_{t-1} * exp(g_t) + k_t^T v_t,
     o_t = scale * q_t h_t, each sequence (row of the batch, or cu_seqlens segment) from a zero state."""
     import torch
-    leaves = [t.double().requires_grad_() for t in (q, k, v, g)]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, g)]
     qd, kd, vd, gd = leaves
     B, T, H, K = q.shape
     bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else \
@@ -111,6 +111,21 @@ def recurrence(q, k, v, g, do, cu_seqlens, scale):
     o = torch.stack([torch.stack(row) for row in pieces])
     o.backward(do.double())
     return [o.detach()] + [t.grad for t in leaves]
+
+
+def _unrunnable() -> tuple:
+    from triton.runtime.errors import OutOfResources
+    kinds = [OutOfResources]
+    for module, name in (("triton.compiler.errors", "CompileTimeAssertionFailure"),
+                         ("triton.runtime.errors", "PTXASError")):
+        try:
+            kinds.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(kinds)
+
+
+UNRUNNABLE = _unrunnable()  # what triton's autotuner counts as a config that cannot run, and skips
 
 
 def relative_errors(got, exact) -> list[float]:
@@ -229,7 +244,7 @@ def _sweep(path, fn, tensors, cu_seqlens, exact, by_tile, dtype, deadline, say) 
     entries = []
     for tuner, candidates in rec.kernels.values():
         entries.append({"kernel": kernel_name(tuner), "configs": [describe(c, by_tile) for c in candidates],
-                        "errors": {}})
+                        "errors": {}, "unrunnable": {}})
     # round robin over the kernels (each kernel's distinct tiles first): a budget cut leaves every kernel some runs
     kernels = list(rec.kernels.values())
     jobs = [(i, c) for depth in range(1, max((len(c) for _, c in kernels), default=0))
@@ -244,12 +259,15 @@ def _sweep(path, fn, tensors, cu_seqlens, exact, by_tile, dtype, deadline, say) 
                 continue
             tuner, cands = kernels[i]
             tuner.configs = [c]
+            label = describe(c, by_tile)
             try:
                 errors = relative_errors(forward_backward(fn, tensors, cu_seqlens), exact)
+            except UNRUNNABLE as e:  # the autotuner skips such a config too (triton's Autotuner._bench)
+                entries[i]["unrunnable"][label] = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
             finally:
                 tuner.configs = [cands[0]]
             report["runs"] += 1
-            label = describe(c, by_tile)
             entries[i]["errors"][label] = dict(zip(OUTPUTS, errors))
             bad = [n for n, e, b in zip(OUTPUTS, errors, base) if e > ceiling or e > max(2 * b, floor)]
             if bad:
@@ -261,6 +279,8 @@ def _sweep(path, fn, tensors, cu_seqlens, exact, by_tile, dtype, deadline, say) 
     for entry in entries:
         ratio = max((e[n] / b for e in entry["errors"].values() for n, b in zip(OUTPUTS, base)), default=None)
         say(f"{path}: {entry['kernel']}: {len(entry['errors'])} of {len(entry['configs']) - 1} other config(s) run" +
+            (f" ({len(entry['unrunnable'])} not runnable on this card, as the autotuner would skip them)"
+             if entry["unrunnable"] else "") +
             (f"; largest error / the first config's {ratio:.2f}" if ratio is not None else ""))
     report["kernels"] = entries
     return report

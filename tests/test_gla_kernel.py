@@ -362,3 +362,25 @@ def test_every_config_the_gpus_autotuner_may_pick_gives_glas_recurrence(tmp_path
         assert sorted(kernels[name]["errors"]) == sorted(kernels[name]["configs"][1:]), name
     assert "BK=64,BV=128" in kernels["_gla_bwd_inter_kernel"]["errors"]
     assert max(summary["paths"][0]["first"].values()) < 1e-6
+
+
+def test_tile_sweep_skips_a_config_the_card_cannot_run_as_the_autotuner_does(monkeypatch):
+    """A config whose launch raises OutOfResources (too much shared memory on that card) is one triton's autotuner
+    skips: bench/tile_sweep.py lists it as not runnable, not as a failure, and goes on to the next."""
+    from triton.runtime.errors import OutOfResources
+
+    from bench import tile_sweep
+    tensors = inputs(1, 70, 1, 16, 32, torch.float32)
+    exact = tile_sweep.recurrence(*tensors, None, 16 ** -0.5)
+    real, calls = tile_sweep.forward_backward, []
+
+    def flaky(fn, t, cu):
+        calls.append(1)
+        if len(calls) == 2:  # the first config after the baseline run
+            raise OutOfResources(232448 * 2, 232448, "shared memory")
+        return real(fn, t, cu)
+    monkeypatch.setattr(tile_sweep, "forward_backward", flaky)
+    report = tile_sweep.sweep("ours", tensors, None, exact, True, "fp32", float("inf"), lambda *a: None)
+    unrunnable = {k["kernel"]: k["unrunnable"] for k in report["kernels"] if k["unrunnable"]}
+    assert len(unrunnable) == 1 and "OutOfResources" in next(iter(next(iter(unrunnable.values())).values()))
+    assert report["failures"] == [] and report["runs"] == len(calls) - 2 > 0
