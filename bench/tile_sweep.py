@@ -163,10 +163,16 @@ class Recorder:
                         tiles[recorder.tile(c)] = c
                 distinct = list(tiles.values()) + ([] if recorder.by_tile else rest)
                 recorder.kernels[id(tuner)] = (tuner, distinct)
-            saved = tuner.configs
-            tuner.configs = recorder.kernels[id(tuner)][1][:1]
+            saved, candidates = tuner.configs, recorder.kernels[id(tuner)][1]
             try:
-                return original(tuner, *args, **kwargs)
+                while True:  # the first config this card can run (as the autotuner, which skips the others)
+                    tuner.configs = candidates[:1]
+                    try:
+                        return original(tuner, *args, **kwargs)
+                    except UNRUNNABLE:
+                        if len(candidates) == 1:
+                            raise
+                        candidates.pop(0)
             finally:
                 tuner.configs = saved
         self.original = original

@@ -384,3 +384,27 @@ def test_tile_sweep_skips_a_config_the_card_cannot_run_as_the_autotuner_does(mon
     unrunnable = {k["kernel"]: k["unrunnable"] for k in report["kernels"] if k["unrunnable"]}
     assert len(unrunnable) == 1 and "OutOfResources" in next(iter(next(iter(unrunnable.values())).values()))
     assert report["failures"] == [] and report["runs"] == len(calls) - 2 > 0
+
+
+def test_tile_sweep_baseline_takes_the_first_config_the_card_can_run(monkeypatch):
+    """Where a kernel's first config cannot run on the card, the baseline run takes the next one (as the autotuner
+    would) and the refused config is not swept."""
+    import triton.runtime.autotuner as autotuner
+    from triton.runtime.errors import OutOfResources
+
+    from bench import tile_sweep
+    real, refused = autotuner.Autotuner.run, []
+
+    def picky(self, *args, **kwargs):
+        first = self.configs[0]
+        if self.base_fn.__name__ == "chunk_fwd_kernel_h" and first.kwargs == {"BK": 16, "BV": 16}:
+            refused.append(first)
+            raise OutOfResources(10 ** 6, 232448, "shared memory")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(autotuner.Autotuner, "run", picky)
+    tensors = inputs(1, 70, 1, 16, 32, torch.float32)
+    exact = tile_sweep.recurrence(*tensors, None, 16 ** -0.5)
+    report = tile_sweep.sweep("ours", tensors, None, exact, True, "fp32", float("inf"), lambda *a: None)
+    h = next(k for k in report["kernels"] if k["kernel"] == "chunk_fwd_kernel_h")
+    assert refused and "BK=16,BV=16" not in h["configs"] and len(h["configs"]) == 3
+    assert sorted(h["errors"]) == sorted(h["configs"][1:]) and report["failures"] == []
