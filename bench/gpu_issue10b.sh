@@ -908,7 +908,9 @@ c39)
   # (2026-12-08) device time is scarce: the switches built but not timed, in one call. Our dv kernel's product in
   # tf32x3 (c29: the fp32 FMA product is 7.4 ms of an H100 step; a third fewer instructions), the gate's approximate
   # log (c38: the forward kernel instruction-bound, 2.4x fewer instructions), each against the defaults run first and
-  # last (CASES, STEPS override; the tf32x3 case autotunes its dv kernel in its untimed warm-up steps)
+  # last (CASES, STEPS override; the tf32x3 case autotunes its dv kernel in its untimed warm-up steps). Before either
+  # becomes a default: c36 with PATHS=ours-dvtf32x3 (every dv config compiled here against float64) and this
+  # gla_check's gate rows (the approximate log against float64)
   device
   stamp "gla_check --only gate"
   timeout "$(budget 90)" python3 bench/gla_check.py --only gate --iters 20 > "$OUT/gate.log" 2>&1

@@ -16,7 +16,8 @@ kernel pinned to it and the rest at their first. Each run's o, dq, dk, dv and dg
 computed in float64 on the same inputs: max |error| / max |exact| per output.
 
   paths     ours: models/kernels/gla.chunk_gla as the fused blocks run it (bf16 states kept, our intra, inter and dv
-            kernels); fla: FLA's chunk_gla (what the autocast-fla reference path runs).
+            kernels); fla: FLA's chunk_gla (what the autocast-fla reference path runs); ours-dvtf32x3: ours with the
+            dv kernel's product in tf32x3 (gla.DV_DOT; to check before it becomes a default).
   --device  cuda: bf16 inputs, the compiled kernels of this card and triton; every config (warps and stages too:
             a miscompile is per config). cpu: fp32 inputs under the Triton interpreter, which ignores warps and
             stages, so one run per distinct tile; FLA's config lists are built as on a card with an H100's shared
@@ -34,6 +35,7 @@ Exit status 1 on a failure, 0 otherwise. tests/test_gla_kernel.py runs it on the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -43,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 OUTPUTS = ("o", "dq", "dk", "dv", "dg")
+PATHS = ("ours", "fla", "ours-dvtf32x3")
 FLOOR = {"fp32": 2e-6, "bf16": 2 ** -8}  # an error below this never fails (rounding alone reaches it)
 CEILING = {"fp32": 1e-5, "bf16": 2 ** -5}  # an error above this always fails, the first config's included
 HOPPER_SHARED_MEM = 232448  # bytes per block on an H100 / H200 (FLA's Backend.HOPPER)
@@ -113,7 +116,10 @@ def recurrence(q, k, v, g, do, cu_seqlens, scale):
     return [o.detach()] + [t.grad for t in leaves]
 
 
-def _unrunnable() -> tuple:
+@functools.cache
+def unrunnable() -> tuple:
+    """What triton's autotuner counts as a config that cannot run on the card, and skips (Autotuner._bench). Looked up
+    when needed: importing triton before models.cpu_triton.enable() would keep the interpreter off."""
     from triton.runtime.errors import OutOfResources
     kinds = [OutOfResources]
     for module, name in (("triton.compiler.errors", "CompileTimeAssertionFailure"),
@@ -123,9 +129,6 @@ def _unrunnable() -> tuple:
         except (ImportError, AttributeError):
             pass
     return tuple(kinds)
-
-
-UNRUNNABLE = _unrunnable()  # what triton's autotuner counts as a config that cannot run, and skips
 
 
 def relative_errors(got, exact) -> list[float]:
@@ -169,7 +172,7 @@ class Recorder:
                     tuner.configs = candidates[:1]
                     try:
                         return original(tuner, *args, **kwargs)
-                    except UNRUNNABLE:
+                    except unrunnable():
                         if len(candidates) == 1:
                             raise
                         candidates.pop(0)
@@ -195,19 +198,22 @@ def describe(config, by_tile: bool) -> str:
 def path_function(name: str):
     """chunk_gla of the path, and the settings it runs under (a context manager: the backward reads them too)."""
     import contextlib
-    if name == "ours":
+    if name in ("ours", "ours-dvtf32x3"):
         from models.kernels import gla
 
         @contextlib.contextmanager
         def settings():
             # the fused blocks' kernels whatever the dtype: bf16 states (here the inputs' dtype) with our inter
-            # kernel, our intra and dv kernels (DV None runs ours only where the slab gives dv a place)
-            saved = (gla.INTER, gla.DV)
+            # kernel, our intra and dv kernels (DV None runs ours only where the slab gives dv a place); with
+            # -dvtf32x3 the dv kernel's intra-chunk product in tf32x3 (gla.DV_DOT, not yet the default)
+            saved = (gla.INTER, gla.DV, gla.DV_DOT)
             gla.INTER, gla.DV = "ours", "ours"
+            if name.endswith("-dvtf32x3"):
+                gla.DV_DOT = "tf32x3"
             try:
                 yield
             finally:
-                gla.INTER, gla.DV = saved
+                gla.INTER, gla.DV, gla.DV_DOT = saved
 
         def ours(q, k, v, g, cu_seqlens):
             return gla.chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens, saved_states="bf16", intra="ours")
@@ -217,7 +223,7 @@ def path_function(name: str):
             from fla.ops.gla import chunk_gla
             return chunk_gla(q, k, v, g, state_v_first=True, cu_seqlens=cu_seqlens)[0]
         return flas, contextlib.nullcontext
-    raise SystemExit(f"tile_sweep: unknown path {name!r}: use ours, fla")
+    raise SystemExit(f"tile_sweep: unknown path {name!r}: use {', '.join(PATHS)}")
 
 
 def forward_backward(fn, tensors, cu_seqlens):
@@ -268,7 +274,7 @@ def _sweep(path, fn, tensors, cu_seqlens, exact, by_tile, dtype, deadline, say) 
             label = describe(c, by_tile)
             try:
                 errors = relative_errors(forward_backward(fn, tensors, cu_seqlens), exact)
-            except UNRUNNABLE as e:  # the autotuner skips such a config too (triton's Autotuner._bench)
+            except unrunnable() as e:  # the autotuner skips such a config too (triton's Autotuner._bench)
                 entries[i]["unrunnable"][label] = f"{type(e).__name__}: {str(e)[:200]}"
                 continue
             finally:
@@ -308,8 +314,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="also write the report here")
     args = p.parse_args(argv)
     paths = args.paths.split(",")
-    if not paths or set(paths) - {"ours", "fla"}:
-        p.error(f"--paths {args.paths!r}: ours, fla or both, comma-separated")
+    if not paths or set(paths) - set(PATHS):
+        p.error(f"--paths {args.paths!r}: comma-separated, of {', '.join(PATHS)}")
     start = time.monotonic()
 
     def say(*parts):

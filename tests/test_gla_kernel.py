@@ -408,3 +408,23 @@ def test_tile_sweep_baseline_takes_the_first_config_the_card_can_run(monkeypatch
     h = next(k for k in report["kernels"] if k["kernel"] == "chunk_fwd_kernel_h")
     assert refused and "BK=16,BV=16" not in h["configs"] and len(h["configs"]) == 3
     assert sorted(h["errors"]) == sorted(h["configs"][1:]) and report["failures"] == []
+
+
+def test_tile_sweep_runs_from_a_plain_shell_and_checks_the_tf32x3_dv_path(tmp_path):
+    """bench/tile_sweep.py --device cpu started without TRITON_INTERPRET in the environment (as a user types it): it
+    turns the interpreter on itself, before triton is imported. The ours-dvtf32x3 path (the dv kernel's product in
+    tf32x3, gla.DV_DOT) gives the recurrence at every tile (V 160: the dv kernel keeps BV 64 and 128)."""
+    import json
+    import subprocess
+    import sys
+    from tests.train_support import ROOT, env
+    e = env(str(tmp_path))
+    e.pop("TRITON_INTERPRET")
+    out = subprocess.run([sys.executable, f"{ROOT}/bench/tile_sweep.py", "--device", "cpu", "--paths", "ours-dvtf32x3",
+                          "--batch", "1", "--seq-len", "70", "--heads", "1", "--key-dim", "16", "--value-dim", "160",
+                          "--json", str(tmp_path / "s.json")], env=e, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["failures"] == [] and summary["runs"] > 5
+    dv = next(k for k in summary["paths"][0]["kernels"] if k["kernel"] == "_gla_bwd_dv_kernel")
+    assert len(dv["errors"]) == len(dv["configs"]) - 1 > 0
