@@ -95,12 +95,9 @@
 #                                      --gated-bwd-sweep at GLA 340M's shapes (kept), then models.warm and the trainer
 #                                      with its fastest launch (-gnbwd) between two runs of the defaults, batch 16
 #                                      (a second call on the same machine where the sweep took the first)
-#   bash bench/gpu_issue10b.sh c38     (2026-12-08) the gate kernel's approximate log: bench/gla_check.py --only gate
-#                                      (errors vs float64 and the forward's time with each gate.LOG), then models.warm
-#                                      and the trainer with it (-approxlog) between two runs of the defaults
 #   bash bench/gpu_issue10b.sh c39     (2026-12-08) the untimed switches in one call: gla_check --only gate, models.warm,
 #                                      then the trainer with -dvtf32x3 and with -approxlog between two runs of the
-#                                      defaults, batch 16 (c29's and c38's trainer parts; ~9.5 min on an H100)
+#                                      defaults, batch 16 (c29's trainer part, and the approximate log's; ~9.5 min on an H100)
 #   bash bench/gpu_issue10b.sh x2a     (2026-12-07, TWO GPUs) models.warm, the trainer on 1 GPU, DDP on 2, FSDP2 on 1 and 2
 #   bash bench/gpu_issue10b.sh x2b     (2026-12-07, TWO GPUs) kill + resume, DDP and FSDP2, on 2 and on 1 process
 #   bash bench/gpu_issue10b.sh x2c     (2026-12-08, TWO GPUs, after x2a on the machine) FSDP2 on 2 GPUs with every
@@ -888,26 +885,10 @@ c37)
   fi
   stamp "done"
   ;;
-c38)
-  # (2026-12-08) the gate's forward kernel took 38-40 us per GLA 340M call for a 33 MB write: its PTX holds ~56
-  # instructions a value, 12 of them FMAs of libdevice's logf (tl.log), as an instruction-bound kernel would show.
-  # gate.LOG "approx" (a series for small arguments, else lg2.approx) is ~23. The check and the forward's time each
-  # way, then the step with it between two runs of the defaults (CASES, STEPS override)
-  device
-  stamp "gla_check --only gate"
-  timeout "$(budget 120)" python3 bench/gla_check.py --only gate --iters 20 > "$OUT/gate.log" 2>&1
-  grep -v -i warn "$OUT/gate.log" | tail -8
-  warm bf16 fused 150
-  stamp "train_bench -approxlog"
-  timeout "$(budget 330)" python3 bench/train_bench.py --batch 16 --steps "${STEPS:-12}" --warmup 4 \
-      --cases "${CASES:-ours-bf16,ours-bf16-approxlog,ours-bf16}" --dir bench/out/train > "$OUT/approxlog.log" 2>&1
-  grep -h 'tokens/s:' "$OUT/approxlog.log"; grep -h '^{' "$OUT/approxlog.log" | cut -c1-300; tail -3 "$OUT/approxlog.log"
-  stamp "done"
-  ;;
 c39)
   # (2026-12-08) device time is scarce: the switches built but not timed, in one call. Our dv kernel's product in
   # tf32x3 (c29: the fp32 FMA product is 7.4 ms of an H100 step; a third fewer instructions), the gate's approximate
-  # log (c38: the forward kernel instruction-bound, 2.4x fewer instructions), each against the defaults run first and
+  # log (the forward kernel instruction-bound, 2.4x fewer instructions), each against the defaults run first and
   # last (CASES, STEPS override; the tf32x3 case autotunes its dv kernel in its untimed warm-up steps). Before either
   # becomes a default: c36 with PATHS=ours-dvtf32x3 (every dv config compiled here against float64) and this
   # gla_check's gate rows (the approximate log against float64)
@@ -976,5 +957,5 @@ c11)
   tail -3 "$OUT/b16.log"
   stamp "done"
   ;;
-*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|c36|c37|c38|c39|x2a|x2b|x2c" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_issue10b.sh all1|ab|graphs|b32|curve|c1|c2|c3|c5|c6|c7|c8|c9|c10|c11|c12|c13|c14|c15|c16|c17|c18|c19|c20|c21|c22|c23|c24|c25|c26|c27|c28|c29|c30|c32|c33|c34|c35|c36|c37|c39|x2a|x2b|x2c" >&2; exit 2 ;;
 esac

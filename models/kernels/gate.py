@@ -35,8 +35,8 @@ BM, BN, NUM_WARPS = 128, 64, 8
 MAX_RANK = 128
 FMA_PRE = False  # the pre-activation by tl.dot (False) or by rank-one fp32 updates (True); see _pre
 # the forward's log1p: "exact" (the Goldberg form over tl.log, libdevice's logf) or "approx" (a series for small
-# arguments, else the GPU's one-instruction lg2.approx; _log_sigmoid). Compiled for sm_90, "exact" is ~56 PTX
-# instructions a value in _gate_fwd_kernel (12 FMAs of logf's polynomial among them), "approx" ~20: the kernel took
+# arguments, else the GPU's one-instruction lg2.approx; _log_sigmoid). Compiled for sm_90, "exact" is ~57 SASS
+# instructions a value in _gate_fwd_kernel (12 FMAs of logf's polynomial among them), "approx" ~23: the kernel took
 # 38-40 us per GLA 340M call for a 33 MB write (~3x its memory bound; BENCHMARKS.md), as an instruction-bound kernel
 # would. "approx" is not yet timed on a GPU (bench/gla_check.py --only gate), so not the default.
 LOG = "exact"
