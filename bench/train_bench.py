@@ -141,7 +141,7 @@ def apply_modifiers(case: str, gated_norm_bwd=None) -> None:
     trainer.loop's): the trainer run next in the process takes them. Also used by bench/precision_curve.py.
     gated_norm_bwd: the launch -gnbwd names (a models.kernels.rmsnorm.BackwardConfig)."""
     if "gnbwd" in _modifiers(case) and gated_norm_bwd is None:
-        raise ValueError(f"case {case!r}: -gnbwd needs --gated-norm-bwd BT,WARPS,PER_SM,PREFETCH")
+        raise ValueError(f"case {case!r}: -gnbwd needs --gated-norm-bwd BT,WARPS,PER_SM,PREFETCH[,MAXNREG]")
     from models import fused
     projections = next((m for m in _modifiers(case) if m in fused.PROJECTIONS), None)
     if projections:  # each case runs in a process of its own: the trainer's fused.install takes it as its default
@@ -269,8 +269,7 @@ def run_ours(args, case: str = "ours") -> dict:
                + kernels_override(kernels) + (["train.cuda_graphs=true"] if case_graphs(case) else []))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    from models.kernels.rmsnorm import parse_backward_config
-    apply_modifiers(case, parse_backward_config(args.gated_norm_bwd) if args.gated_norm_bwd else None)
+    apply_modifiers(case, args.gated_norm_launch)
     train(cfg)
     records = read_metrics(out)
     times = [args.batch * args.seq_len / r["tokens_per_s"] for r in records]
@@ -363,16 +362,23 @@ def main() -> int:
                    help=f"comma-separated: hf, or {CASE_FORM} (e.g. ours-bf16-fla, ours-bf16-slab)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: spec of the GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both cases")
-    p.add_argument("--gated-norm-bwd", default="", metavar="BT,WARPS,PER_SM,PREFETCH",
+    p.add_argument("--gated-norm-bwd", default="", metavar="BT,WARPS,PER_SM,PREFETCH[,MAXNREG]",
                    help="the launch of the gated norm's backward in -gnbwd cases (bench/norm_bench.py --gated-bwd-sweep)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args()
-    if args.gated_norm_bwd:
+
+    def gated_norm_launch():
+        """--gated-norm-bwd parsed (None if not given). It imports triton: a CPU case process calls it only after
+        models.cpu_triton.enable()."""
+        if not args.gated_norm_bwd:
+            return None
         from models.kernels.rmsnorm import parse_backward_config
         try:
-            parse_backward_config(args.gated_norm_bwd)
+            return parse_backward_config(args.gated_norm_bwd)
         except ValueError as e:
             p.error(f"--gated-norm-bwd: {e}")
+    if not args.case:
+        gated_norm_launch()  # refused before any case runs
     for case in (args.case or args.cases).split(","):
         if case != "hf":
             try:
@@ -380,7 +386,7 @@ def main() -> int:
             except ValueError as e:
                 p.error(str(e))
             if "gnbwd" in _modifiers(case) and not args.gated_norm_bwd:
-                p.error(f"case {case!r}: -gnbwd needs --gated-norm-bwd BT,WARPS,PER_SM,PREFETCH")
+                p.error(f"case {case!r}: -gnbwd needs --gated-norm-bwd BT,WARPS,PER_SM,PREFETCH[,MAXNREG]")
             kernels_override(kernels)  # a fused case on a trainer without it stops here, before any case runs
     faulthandler.dump_traceback_later(600, repeat=True)  # a stuck cold compile shows where it is
     if args.shards is None:
@@ -391,6 +397,7 @@ def main() -> int:
         if not torch.cuda.is_available():  # CPU smoke runs: FLA kernels under the Triton interpreter
             from models import cpu_triton
             cpu_triton.enable()
+        args.gated_norm_launch = gated_norm_launch()
         if args.case == "hf":
             result = run_hf(args)
         else:

@@ -384,3 +384,24 @@ def test_cross_eval_scores_trained_weights_under_each_path(tmp_path):
                           "--paths", "fp32-fla,bf17-fused", "--shards", val], env=env(str(tmp_path)),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "bf17-fused" in bad.stderr  # refused before anything is exported or run
+
+
+@pytest.mark.slow
+def test_train_bench_runs_a_gnbwd_case_on_the_cpu(tmp_path):
+    """train_bench -gnbwd --gated-norm-bwd end to end on the CPU: the case process parses the launch only after it
+    turned the Triton interpreter on (parsing it imports triton; before, that case failed at its start), and the
+    trainer runs with it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from tests.train_support import ROOT, env
+    e = env(str(tmp_path))
+    e.pop("TRITON_INTERPRET")  # as a user runs it: the case process turns the interpreter on itself
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_bench.py"), "--cases", "ours-fp32-gnbwd",
+                          "--gated-norm-bwd", "16,4,2,1,128", "--steps", "1", "--warmup", "1", "--batch", "1",
+                          "--seq-len", "64", "--model", os.path.join(ROOT, "configs", "demo_gla.json"),
+                          "--dir", str(tmp_path / "out")], env=e, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["ours-fp32-gnbwd"] and rows[0]["timed_steps"] == 1
