@@ -171,6 +171,9 @@ def main() -> int:
         def split_gate():
             return swiglu.log_sigmoid_scaled(F.linear(a, w, bias), 16.0)
 
+        def relative_error(x, e):
+            return ((x.double() - e).abs().max() / e.abs().max()).item()
+
         def grads(fn):
             for t in (a, w, bias):
                 t.grad = None
@@ -186,7 +189,7 @@ def main() -> int:
         for label, fn in (("split (GEMM + logsigmoid)", split_gate), ("fused (ours)", fused_gate),
                           ("fused, LOG approx", lambda: fused_gate("approx"))):
             got = grads(fn)
-            errs = [((x.double() - e).abs().max() / e.abs().max()).item() for x, e in zip(got, exact)]
+            errs = [relative_error(x, e) for x, e in zip(got, exact)]
             print(f"  {label:26s} " + "  ".join(f"{n} {e:.2e}" for n, e in zip(["gk", "da", "dW", "db"], errs)))
             if label.startswith("split"):
                 split_errs = errs
@@ -205,7 +208,6 @@ def main() -> int:
         print(f"  forward alone: LOG exact {t_exact * 1e3:.1f} us, approx {t_approx * 1e3:.1f} us "
               f"({t_exact / t_approx:.2f}x; {(M * R + M * N) * 2 / t_approx / 1e6:.0f} GB/s)", flush=True)
         if args.sweep:
-            a2, w2, b2 = a.detach(), w.detach(), bias.detach()
             bytes_fwd = (M * R + M * N) * 2
 
             def launch_errors(got, want, names, what):
@@ -213,7 +215,7 @@ def main() -> int:
                 tiles of dot(trans(dot result)) kernels, fla#640; the backward's dW is one) must not look fast."""
                 parts = []
                 for n, x, e in zip(names, got, want):
-                    err = ((x.double() - e).abs().max() / e.abs().max()).item()
+                    err = relative_error(x, e)
                     if err > 2 * fused_errs[n] + 2 ** -8:
                         bad.append(f"{what} {n}")
                         parts.append(f"{n} {err:.2e} WRONG")

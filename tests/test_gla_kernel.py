@@ -331,6 +331,7 @@ def test_bf16_states_are_summed_in_fp32():
     assert 1e-3 < rel(flas_dg) < 5e-2, rel(flas_dg)
 
 
+@pytest.mark.slow
 def test_every_config_the_gpus_autotuner_may_pick_gives_glas_recurrence(tmp_path):
     """The tests above run each autotuned kernel at its first config only (models/cpu_triton.py); on a GPU the
     autotuner picks any config its pruning keeps, and the pick may differ between cards. bench/tile_sweep.py --device
@@ -410,6 +411,7 @@ def test_tile_sweep_baseline_takes_the_first_config_the_card_can_run(monkeypatch
     assert sorted(h["errors"]) == sorted(h["configs"][1:]) and report["failures"] == []
 
 
+@pytest.mark.slow
 def test_tile_sweep_runs_from_a_plain_shell_and_checks_the_tf32x3_dv_path(tmp_path):
     """bench/tile_sweep.py --device cpu started without TRITON_INTERPRET in the environment (as a user types it): it
     turns the interpreter on itself, before triton is imported. The ours-dvtf32x3 path (the dv kernel's product in

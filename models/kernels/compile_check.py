@@ -45,8 +45,7 @@ VARIANTS = [
 ]
 
 
-CUBINS: dict = {}  # kernel name -> the cubin of its first compilation, kept where --sass asks for it
-KEEP_CUBINS = False
+CUBINS: dict = {}  # kernel name -> the cubin of its first compilation (--sass reads them)
 
 
 def sass_counts(cubin: bytes) -> tuple[int, int]:
@@ -112,8 +111,7 @@ def _pretend_gpu(compiled: dict, arch: int) -> None:
         if kernel is not None:
             shared, warps, scalar = compiled.get(self.__name__, (kernel.metadata.shared, kernel.metadata.num_warps, 0))
             compiled[self.__name__] = (shared, warps, max(scalar, kernel.asm["ptx"].count("st.global.b16")))
-            if KEEP_CUBINS:
-                CUBINS.setdefault(self.__name__, kernel.asm["cubin"])
+            CUBINS.setdefault(self.__name__, kernel.asm["cubin"])
         return kernel
     JITFunction.run = compile_only
     prune = autotuner.Autotuner.prune_configs
@@ -180,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, choices=sorted(ARCHS), default=90, help="90: H100/H200 (default), 80: A100")
     ap.add_argument("--sass", action="store_true", help="also each kernel's registers and SASS instruction count")
     args = ap.parse_args(argv)
-    global KEEP_CUBINS
-    KEEP_CUBINS = args.sass
     variants = VARIANTS if args.variants == "all" else VARIANTS[:1]
     if args.arch < 90:  # on CPU tensors mlp_gemm picks its TMA launch, sm_90 only (an A100 takes pointer loads)
         variants = [v for v in variants if v[1].get("mlp") != "gemm"]
