@@ -67,8 +67,8 @@ STATE_CHOICES = ("fp32", "bf16", "none")
 INTRA = "ours"
 INTRA_CHOICES = ("fla", "ours")
 # the forward's intra-chunk attention matrix A: "fla" (FLA's chunk_gla_fwd_intra_gk) or "ours"
-# (models/kernels/gla_fwd_intra.py, one kernel, the diagonal blocks as products; not yet timed on a GPU, so not the
-# default)
+# (models/kernels/gla_fwd_intra.py, one kernel, the diagonal blocks as products; +1.0-1.3% of the step on an H100,
+# the size of the noise, and the loss curves were run without it, so not the default: BENCHMARKS.md)
 FWD_INTRA = "fla"
 # the backward's last kernel (dq, dk, dg from the states): "fla" (chunk_gla_bwd_kernel_inter), "ours"
 # (`_gla_bwd_inter_kernel`), or None: FLA's for fp32 states, ours for any other (module doc)
