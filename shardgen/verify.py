@@ -56,7 +56,7 @@ def verify_shard(storage: Storage, m: Manifest, shard: ShardInfo, progress: Prog
         data = storage.read_range(shard.name, pos, b.offset + b.length - pos)
         sha.update(data)
         problem = problem or _member_problem(where, i, data[:b.offset - pos], prev, b, stem)
-        rows = decode_block(data[b.offset - pos:], b, m, f"{where} block {i}")
+        rows = decode_block(data[b.offset - pos:], b, m, f"{where} block {i}", fix="regenerate the dataset")
         pos, prev = b.offset + b.length, b
         tokens += rows.size
         documents += int(np.count_nonzero(rows == m.eos_id))

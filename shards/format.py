@@ -325,14 +325,17 @@ def encode_block(rows: np.ndarray, level: int = 3) -> bytes:
     return cctx.compress(np.ascontiguousarray(rows).tobytes())
 
 
-def decode_block(data: bytes, block: Block, manifest: Manifest, where: str) -> np.ndarray:
-    """Bytes of one block -> array [rows, seq_len]. Any damage raises FormatError naming `where`."""
+VERIFY_HINT = "run `python -m shardgen verify` on the dataset, then regenerate it"
+
+
+def decode_block(data: bytes, block: Block, manifest: Manifest, where: str, fix: str = VERIFY_HINT) -> np.ndarray:
+    """Bytes of one block -> array [rows, seq_len]. Any damage raises FormatError naming `where` and `fix` (what to
+    do: readers point at verify; verify itself, which is already that check, says to regenerate)."""
     if len(data) != block.length:
         raise FormatError(f"{where}: got {len(data)} bytes, the manifest says {block.length} "
-                          f"(truncated or replaced shard; run `python -m shardgen verify`)")
+                          f"(truncated or replaced shard; {fix})")
     if zlib.crc32(data) != block.crc32:
-        raise FormatError(f"{where}: CRC32 mismatch (corrupt shard; run `python -m shardgen verify` "
-                          f"and regenerate it)")
+        raise FormatError(f"{where}: CRC32 mismatch (corrupt shard; {fix})")
     want = block.rows * manifest.seq_len * manifest.np_dtype.itemsize
 
     def not_described(size: int) -> FormatError:

@@ -51,7 +51,9 @@ def test_verify_names_the_block_with_a_flipped_byte(dataset, capsys):
     with pytest.raises(FormatError, match=rf"{shard.name} block 2: CRC32 mismatch"):
         verify(LocalStorage(str(dataset)), progress=False)
     assert main(["verify", str(dataset), "-q"]) == 1
-    assert f"{shard.name} block 2: CRC32 mismatch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{shard.name} block 2: CRC32 mismatch" in err
+    assert "regenerate the dataset" in err and "run `python -m shardgen verify`" not in err  # verify does not send you to verify
 
 
 def test_verify_reads_each_shard_byte_once(dataset, monkeypatch):
