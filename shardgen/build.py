@@ -184,6 +184,10 @@ def _summary(log, records, manifest, elapsed, opts, storage) -> None:
           f"{opts.seq_len}, {human(tokens)} tokens, {human(st['documents'])} documents; skipped "
           f"{st['empty_documents']} empty, {st['bad_records']} bad records, {st['bad_files']} bad files; "
           f"dropped {st['dropped_tokens']} tail tokens; {human(nbytes)}B written; {elapsed:.1f} s{rate}", file=log)
+    if st["dropped_tokens"] > 0.05 * (tokens + st["dropped_tokens"]):
+        print(f"shardgen: warning: {st['dropped_tokens'] / (tokens + st['dropped_tokens']):.0%} of the tokens were "
+              f"dropped as task tails (each task drops its last < --seq-len {opts.seq_len} tokens); a larger "
+              f"--task-bytes or a smaller --seq-len keeps more", file=log)
     if manifest is not None:
         print(f"shardgen: wrote {storage.where(MANIFEST_NAME)}", file=log)
     else:

@@ -43,6 +43,22 @@ def build_manifest(out: Output, doc: dict, known: dict[int, dict] | None = None)
                     stats={**stats.to_json(), "input_files": doc["input_files"], "tasks": s["num_tasks"]})
 
 
+def _refuse_empty(out: Output, m: Manifest) -> None:
+    """A dataset of no sequence gets no manifest (a reader would only fail later, less clearly): say why it is empty."""
+    if any(x.sequences for x in m.shards):
+        return
+    st = m.stats
+    if not st["documents"]:
+        why = (f"no document in the input: {st['empty_documents']} empty, {st['bad_records']} bad records and "
+               f"{st['bad_files']} bad files skipped")
+    else:
+        why = (f"its {st['documents']} documents gave {st['dropped_tokens']} tokens, every one in a task's tail "
+               f"shorter than --seq-len {m.seq_len} (each task drops its last < seq-len tokens): use a smaller "
+               f"--seq-len, or a larger --task-bytes so that a task holds whole sequences")
+    raise BuildError(f"{out}: the dataset would hold no sequence, so no manifest was written: {why}. A rerun with "
+                     f"other settings needs --overwrite")
+
+
 def merge(storage: Storage, known: dict[int, dict] | None = None) -> Manifest:
     """Check every task record and the tokenizer, then write manifest.json (last, atomically).
     `known`: records this process holds already (see build_manifest)."""
@@ -52,6 +68,7 @@ def merge(storage: Storage, known: dict[int, dict] | None = None) -> Manifest:
         raise BuildError(f"{storage}: no {SETTINGS_NAME}: nothing was built here (run shardgen with "
                          f"--output {storage} first)")
     manifest = build_manifest(out, doc, known)
+    _refuse_empty(out, manifest)
     want = doc["tokenizer"]["sha256"]
     if not storage.exists(TOKENIZER_NAME) or hashlib.sha256(storage.read(TOKENIZER_NAME)).hexdigest() != want:
         raise BuildError(f"{storage.where(TOKENIZER_NAME)} is missing or is not the tokenizer the shards were "

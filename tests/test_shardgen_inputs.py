@@ -4,6 +4,7 @@ import glob
 import gzip
 import io
 import os
+import re
 
 import pytest
 import zstandard
@@ -11,6 +12,7 @@ import zstandard
 from shardgen.build import BuildOptions, run_build
 from shardgen.cli import main
 from shardgen.inputs import InputError, list_inputs
+from shardgen.output import BuildError
 from shardgen.tokenizer import TokenizerError, load_tokenizer
 from tests.shardgen_testlib import (check_round_trip, expected_stream, jsonl_bytes, make_docs, read_dataset,
                                     tiny_tokenizer, write_jsonl, write_parquet)
@@ -270,3 +272,25 @@ def test_a_byte_order_mark_is_dropped_in_txt_as_in_jsonl(tmp_path, tiny_tokenize
     files, _ = list_inputs([str(txt), str(jl), str(plain)])
     docs = [d for f in files for p in pieces_of(f, 1 << 20) for d in DocumentReader(p)]
     assert docs == ["héllo wörld"] * 3
+
+
+def test_a_dataset_of_no_sequence_gets_no_manifest_and_says_why(tmp_path, tiny_tokenizer):
+    # a new user's trial: --seq-len above the corpus' tokens wrote a dataset of 0 sequences with exit 0
+    path = write_jsonl(str(tmp_path / "small.jsonl"), GOOD)
+    with pytest.raises(BuildError, match=r"no sequence, so no manifest was written: its 6 documents gave \d+ tokens, "
+                                         r"every one in a task's tail shorter than --seq-len 100000.*--overwrite"):
+        build(tmp_path, [path], tiny_tokenizer, seq_len=100000)
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+    bad = write(str(tmp_path / "bad.jsonl"), b'{"body": 1}\n{"body": 2}\n')
+    with pytest.raises(BuildError, match=r"no document in the input: 0 empty, 2 bad records and 0 bad files skipped"):
+        build(tmp_path, [bad], tiny_tokenizer, skip_bad=True, overwrite=True)
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def test_dropping_much_of_the_corpus_as_task_tails_is_warned_about(tmp_path, tiny_tokenizer):
+    path = write_jsonl(str(tmp_path / "docs.jsonl"), make_docs(40, seed=3))
+    quiet, loud = io.StringIO(), io.StringIO()
+    build(tmp_path, [path], tiny_tokenizer, log=quiet)  # one task, one tail of < 16 tokens
+    assert "dropped as task tails" not in quiet.getvalue()
+    build(tmp_path, [path], tiny_tokenizer, seq_len=512, task_bytes=256, log=loud, overwrite=True)
+    assert re.search(r"warning: \d+% of the tokens were dropped as task tails .*--task-bytes", loud.getvalue())
