@@ -41,6 +41,11 @@ from urllib.parse import urlparse
 from shards.storage import S3ConfigError, Storage, StorageError, parse_s3_url
 
 log = logging.getLogger("shards.s3")
+# boto's INFO lines ("Found credentials in environment variables", "Found endpoint for s3 via ...") are noise in an
+# app that logs at INFO: quiet them, unless the user has set those loggers' levels themselves
+for _name in ("boto3", "botocore", "s3transfer", "urllib3"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
 DEFAULT_REGION = "us-east-1"
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                    "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",

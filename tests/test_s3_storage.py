@@ -267,3 +267,15 @@ def test_a_forked_child_gets_its_own_client(s3_url):
     got = os.read(r, 1)
     os.waitpid(pid, 0)
     assert got == b"1" and st.read("x") == b"parent"
+
+
+def test_an_app_logging_at_info_shows_no_boto_info_lines(s3_url):
+    # a new user's trial: every S3 run printed botocore's "Found credentials in environment variables." and
+    # "Found endpoint for s3 via: environment_global." (twice)
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s'); "
+            "from shards.backends import open_storage; st = open_storage(sys.argv[1]); "
+            "st.put_bytes('x', b'1'); assert st.read('x') == b'1'; logging.getLogger('shards').info('done')")
+    r = subprocess.run([sys.executable, "-c", code, s3_url], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "shards: done" in r.stderr  # INFO lines of ours still show
+    assert "botocore" not in r.stderr and "Found credentials" not in r.stderr, r.stderr
