@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"shardgen {command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `| head` closed the pipe: not an error, and nothing more to print there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 0
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"shardgen {command}: {how}; rerun the same command to resume", file=sys.stderr)

@@ -283,3 +283,20 @@ def test_a_short_seq_len_is_refused_below_2_and_warned_about_below_64(tmp_path, 
     run_build(BuildOptions(inputs=[str(tmp_path / "t.jsonl")], output=str(tmp_path / "b"), tokenizer=tiny_tokenizer,
                            seq_len=16, workers=1, progress=False, log=log))
     assert "warning: --seq-len 16 is very short: a model sees at most 15 tokens of context" in log.getvalue()
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_output_into_a_closed_pipe_is_not_an_error(dataset, command):
+    # a new user's trial: `python -m shardgen inspect DIR | head -2` printed a BrokenPipeError traceback. A pipe
+    # whose reading end is closed before the command starts makes its first write fail, every time.
+    import subprocess
+    import sys
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "shardgen", command, str(dataset)], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=120,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    finally:
+        os.close(write_end)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
