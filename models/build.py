@@ -157,14 +157,23 @@ def check_pretrained_fits(path: str, vocab_size: int | None, data_tokenizer: byt
         b = Tokenizer.from_str(theirs.decode()).get_vocab()
     except Exception as e:  # tokenizers raises a bare Exception on a file it cannot read
         raise ModelConfigError(f"model.init_from={path}: {tok_file} is not a tokenizer that `tokenizers` reads ({e})") from None
-    if a != b:
-        data_tok, model_tok = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
-        differ = sorted(i for i in set(data_tok) | set(model_tok) if data_tok.get(i) != model_tok.get(i))
-        i = differ[0]
+    differ = vocab_difference(a, b)
+    if differ:
         raise ModelConfigError(f"model.init_from={path}: its tokenizer.json is not the shards' tokenizer "
-                               f"({data_where}): {len(differ)} ids name other tokens (id {i} is "
-                               f"{data_tok.get(i)!r} in the shards, {model_tok.get(i)!r} in the model), so its "
-                               f"embeddings would be trained on other meanings: {fix}")
+                               f"({data_where}): {differ}, so its embeddings would be trained on other meanings: "
+                               f"{fix}")
+
+
+def vocab_difference(data_vocab: dict[str, int], model_vocab: dict[str, int]) -> str | None:
+    """None where the two vocabularies give every id the same token, else how they differ, e.g. "3 ids name other
+    tokens (id 7 is 'a' in the shards, 'b' in the model)"."""
+    if data_vocab == model_vocab:
+        return None
+    data_tok, model_tok = {i: t for t, i in data_vocab.items()}, {i: t for t, i in model_vocab.items()}
+    differ = sorted(i for i in set(data_tok) | set(model_tok) if data_tok.get(i) != model_tok.get(i))
+    i = differ[0]
+    return (f"{len(differ)} ids name other tokens (id {i} is {data_tok.get(i)!r} in the shards, "
+            f"{model_tok.get(i)!r} in the model)")
 
 
 def load_pretrained(path: str, device: str | torch.device = "cpu"):
