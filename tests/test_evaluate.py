@@ -48,6 +48,9 @@ def test_a_run_scores_its_own_val_loss_and_its_export_the_same(tmp_path, trained
     e = subprocess.run([PY, "-m", "trainer.export", trained["out"], hf], cwd=ROOT, env=env(str(tmp_path)),
                        capture_output=True, text=True, timeout=600)
     assert e.returncode == 0, e.stderr
+    # a new user's trial: the export printed FLA's "Triton is not supported on current platform" warning and a
+    # "Writing model shards" bar for one small file
+    assert "not supported on current platform" not in e.stderr and "Writing model shards" not in e.stderr, e.stderr
     p = evaluate(tmp_path, hf, "--shards", trained["val"], "--sequences", "12", "--micro-batch", "4")
     assert p.returncode == 0, p.stderr
     assert f"loss {val_loss:.4f} nats/token" in p.stdout and "12 sequences x 31 predicted tokens" in p.stdout

@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 
 import torch
 from tokenizers import Tokenizer
@@ -146,6 +147,11 @@ def main(argv=None) -> int:
                         "directory holding anything else is never removed)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # FLA's import warns that Triton "is not supported on current platform" on a machine without a GPU, and
+    # transformers draws a bar for writing one file: an export needs neither Triton nor the bar
+    warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     try:
         export(args.ckpt, args.out, args.dtype, args.overwrite)
     except UserError as e:
