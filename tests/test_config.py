@@ -155,7 +155,7 @@ def test_a_mixture_of_sources_with_stages_round_trips(tmp_path):
     (("name = \"code\"", "name = \"co de\""), r"data.sources\[1\].name = 'co de' must be letters"),
     (("weights = { web = 0.5, code = 0.5 }", "weights = { web = 1 }"), r"data.stages\[0\].weights lacks code"),
     (("weights = { web = 0.5, code = 0.5 }", "weights = { web = 1, cod = 1, code = 0 }"),
-     r"data.stages\[0\].weights names unknown source\(s\) cod"),
+     r"data.stages\[0\].weights names unknown source cod"),
     (("start_step = 18000", "start_step = 0"), r"data.stages\[0\].start_step = 0 must be > 0"),
     (("weight = 0.3", "wieght = 0.3"), r"unknown key 'wieght' \(did you mean 'weight'\?\) in \[\[data.sources\]\] number 2"),
     (("global_batch = 256", "global_batch = 256\nshards = \"x\""), r"data.shards and \[\[data.sources\]\] are both set"),

@@ -226,5 +226,5 @@ def test_errors_name_the_problem_and_the_fix():
     with pytest.raises(PlanError, match=r"world size 3 does not divide the layout 4"):
         Mixture([rows, rows], [1, 1], seed=0, global_batch=4).check_world_size(3)
     with pytest.raises(PlanError, match=r"source 'small' is too small for its weight: each of its epochs must "
-                                        r"fill 4 streams of 1 sequences .* \(small: 2 sequences cannot fill"):
+                                        r"fill 4 streams of 1 sequence .* \(small: 2 sequences cannot fill"):
         Mixture([rows, [[2]]], [1, 1], seed=0, global_batch=8, names=["big", "small"])

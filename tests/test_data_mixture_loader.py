@@ -180,3 +180,27 @@ def test_validation_shards_are_checked_against_their_source(sources, tmp_path):
         with pytest.raises(PlanError, match=r"its val_shards .*/val has seq_len 32 but source 'code' has 16: "
                                             r"validation shards need the seq_len and tokenizer"):
             check_val_set(ld, 1, val)
+
+
+def test_the_start_up_log_names_each_sources_streams_and_the_table_lines_up(sources, caplog):
+    """A source's own plan has ceil(share) streams (5, 3 and 2 of G = C = 10 here): the log once called its
+    plan's batch a "global batch" (5 + 3 + 2 against the run's 10) and said "1 sequences"; the table's epochs
+    column was %.3g ("0.19", "0.0635": no two points in line)."""
+    from trainer.data.sources import _epochs, mixture_table
+    with caplog.at_level("INFO", logger="trainer.data"):
+        ld = TokenLoader(mix(sources), seed=3, global_batch=10)
+    with ld:
+        lines, _ = mixture_table(ld, 3, 100.0)
+    assert "global batch" not in caplog.text
+    # web: 46 sequences in 5 streams of L = 9: 9 slots of each stream an epoch, 1 sequence after the last stream
+    assert ("web: 46 sequences in 10 blocks; 5 streams of 1 sequence a slot: 9 slots per stream per epoch; "
+            "1 sequence of each epoch's order is dropped (1 after the last stream, 0 at the end of each of the "
+            "5 streams)") in caplog.text
+    assert "code: 8 sequences in 3 blocks; 3 streams of 1 sequence a slot: 2 slots per stream per epoch; " \
+           "2 sequences of each epoch's order are dropped" in caplog.text
+    assert lines[0] == "mixture of 3 sources, global batch 10 in 10 streams, 3 steps:"
+    rows = lines[2:]
+    epochs = [r.split()[-1] for r in rows]
+    assert epochs == ["0.333", "1.500", "0.500"]  # 15 of web's 45, 9 of code's 6, 6 of math's 12 an epoch
+    assert len({len(r) for r in lines[1:]}) == 1 and len({r.rindex(".") for r in rows}) == 1
+    assert (_epochs(0.0001), _epochs(0.0), _epochs(12.34567)) == ("<0.001", "0.000", "12.346")

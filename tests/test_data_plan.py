@@ -145,6 +145,11 @@ def test_errors_name_the_problem_and_the_fix():
         Plan(rows, seed=0, global_batch=10, layout=3)
     with pytest.raises(PlanError, match=r"seed -1 is out of range"):
         Plan(rows, seed=-1, global_batch=2)
+    # a count of one takes the singular ("1 sequences", "use 1 ranks" before)
+    with pytest.raises(PlanError, match=r"ds: 1 sequence cannot fill one global batch of 2"):
+        Plan([[1]], seed=0, global_batch=2, name="ds")
+    with pytest.raises(PlanError, match=r"world size 2 does not divide the layout 1; use 1 rank \(the layout"):
+        Plan(rows, seed=0, global_batch=4, layout=1).check_world_size(2)
     # 11 sequences, G = 8, C = 2: streams of L = 5, k = 4 per step: one step, 3 dropped
     p = Plan(rows, seed=0, global_batch=8, layout=2)
     assert (p.steps_per_epoch, p.dropped_per_epoch) == (1, 3)

@@ -67,3 +67,20 @@ def test_more_sequences_than_the_shards_hold_scores_them_all(tmp_path, trained):
     p = evaluate(tmp_path, trained["out"], "--shards", trained["val"], "--sequences", "1000", "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["sequences"] == 16 and "holds 16, scoring them all" in p.stderr
+
+
+def _digests(out: str) -> dict:
+    return {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest() for f in RUN_FILES}
+
+
+@pytest.mark.parametrize("steps", [6, 9])  # the run took 6: relaunched as finished, and to go on
+@pytest.mark.parametrize("change", [("data.shards", "other"), ("data.global_batch", 8)])
+def test_a_refused_relaunch_leaves_the_run_files_as_they_were(tmp_path, trained, change, steps):
+    # a new user's trial: relaunching the demo's run dir on other shards was refused, but it had already written
+    # the new data's tokenizer.json, data.json and config.toml there, so the export then shipped the wrong tokenizer
+    before = _digests(trained["out"])
+    key, value = change
+    value = trained[value] if key == "data.shards" else value
+    p = run_trainer(str(tmp_path), trained["cfg"], f"{key}={value}", f"train.max_steps={steps}", check=False)
+    assert p.returncode == 1, p.stderr
+    assert _digests(trained["out"]) == before

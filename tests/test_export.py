@@ -124,7 +124,9 @@ def test_generate_cli_from_a_run_and_from_its_export(tmp_path, trained):
         assert p.returncode == 0, p.stderr
         assert "Triton is not supported" not in p.stderr  # FLA's warning about the interpreter we chose
         outs.append(p.stdout)
-    assert outs[0] == outs[1] and outs[0].startswith("to be")
+    header = '--- prompt 1/2: "to be"\n'  # several prompts: a header line before each one's output
+    assert outs[0] == outs[1] and outs[0].startswith(header + "to be")
+    assert '\n--- prompt 2/2: "or not"\nor not' in outs[0]
     try:
         model, tok, eos, bos = load(hf, torch.device("cpu"))
         assert (eos, bos) == (0, None)
@@ -139,7 +141,7 @@ def test_generate_cli_from_a_run_and_from_its_export(tmp_path, trained):
                 new.append(t)
                 x = torch.cat([x, torch.tensor([[t]])], dim=1)
         assert text == tok.decode(new)
-        assert outs[0].startswith("to be" + text)
+        assert outs[0].startswith(header + "to be" + text)
     finally:
         cpu_torch.uninstall()
     p = subprocess.run([PY, "-m", "trainer.generate", str(tmp_path / "nope")], cwd=ROOT, env=env(str(tmp_path)),

@@ -201,6 +201,29 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, data):
     assert "for a new run give run.out_dir another directory" in p.stderr  # how to start afresh, not just "start"
 
 
+def test_a_resume_logs_the_settings_changed_since_the_last_launch(tmp_path, data):
+    """A resume may change the learning rate, max_steps and such (a changed seed or global batch is refused), but
+    not silently: one line names each change against the last launch's config.toml, which a refused launch
+    leaves as it was (it was rewritten before the resume was checked)."""
+    cfg = config(tmp_path, data, train={"max_steps": 2}, checkpoint={"every": 0})
+    p = run_trainer(str(tmp_path), cfg)
+    assert "settings changed" not in p.stderr
+    path = tmp_path / "out" / "config.toml"
+    first = path.read_text()
+    p = run_trainer(str(tmp_path), cfg, "train.max_steps=4", "data.global_batch=8", check=False)
+    assert p.returncode == 1 and "global batch changed (4 -> 8" in p.stderr
+    assert path.read_text() == first
+    p = run_trainer(str(tmp_path), cfg, "train.max_steps=4", "optim.lr=1e-3")
+    assert "(saved by 1 rank, now 1)" in p.stderr
+    changed = [line for line in p.stderr.splitlines() if "settings changed" in line]
+    assert len(changed) == 1 and changed[0].endswith(
+        "trainer: resume: settings changed since the last launch: train.max_steps 2 -> 4; optim.lr 0.01 -> 0.001")
+    assert "max_steps = 4" in path.read_text() and "lr = 0.001" in path.read_text()
+    p = run_trainer(str(tmp_path), cfg, "train.max_steps=4", "optim.lr=1e-3")  # the same again: nothing changed
+    assert "nothing to train" in p.stderr and "settings changed" not in p.stderr
+    assert [s for s, _ in losses(str(tmp_path / "out"))] == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_same_command_resumes(tmp_path, data, sig):
     import signal
@@ -212,6 +235,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_same_command_re
     n = len(read_metrics(out))
     assert n >= 3 and f"{sig}: stopping after this step" in p.stderr
     assert f"stopped by {sig} after step {n} of {10 ** 6}: checkpoint {out}/ckpt/step-{n:06d}" in p.stderr
+    assert f"stopped: steps={n}, " in p.stderr and "done: " not in p.stderr  # the summary line of a stopped run
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["stopped_by"] == sig and summary["steps"] == n
     p = run_trainer(str(tmp_path), cfg, f"train.max_steps={n + 2}")

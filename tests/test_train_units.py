@@ -836,3 +836,39 @@ def test_master_weights_over_two_processes_reduce_buckets_during_the_backward(tm
             assert g.any() != name.startswith("unused"), name  # zeros, as DDP gives an unused parameter
     for name, g in results[0]["overlapped"].items():  # the same averaged gradient on both ranks
         assert torch.equal(g, results[1]["overlapped"][name]), name
+
+
+def test_a_stopped_runs_summary_line_says_stopped_and_a_finished_runs_says_done(tmp_path, caplog):
+    """A run stopped by a signal printed "done: ..." before "stopped by SIGINT after step 37": it is not done."""
+    from trainer.loop import _report
+    with caplog.at_level("INFO", logger="trainer"):
+        _report(str(tmp_path), {"steps": 37, "checkpoint": "ckpt/step-000037", "stopped_by": "SIGINT"}, 300)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "stopped: steps=37, checkpoint=ckpt/step-000037, stopped_by=SIGINT"
+    assert lines[1].startswith("stopped by SIGINT after step 37 of 300: checkpoint ckpt/step-000037")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer"):
+        _report(str(tmp_path), {"steps": 300, "checkpoint": "ckpt/step-000300"}, 300)
+    assert [r.getMessage() for r in caplog.records] == ["done: steps=300, checkpoint=ckpt/step-000300"]
+
+
+def test_the_progress_line_names_the_step_its_validation_loss_is_from():
+    """Most steps do not validate: the last validation loss, repeated on their progress lines, carries its step."""
+    from trainer.loop import progress_extra
+    assert progress_extra(7.25, 3e-4, 12345.6, None, None) == "loss 7.2500 lr 3.00e-04 12,346 tok/s"
+    assert progress_extra(7.25, 3e-4, 12345.6, 7.18881, 200) == "loss 7.2500 lr 3.00e-04 12,346 tok/s val 7.1888@200"
+
+
+def test_cli_without_a_config_says_what_to_give(capsys):
+    """argparse called the optional overrides required ("the following arguments are required: config,
+    overrides"); and an override given first was read as the config's path."""
+    from trainer.__main__ import main
+    for argv, message in (([], "error: give the run config TOML (e.g. configs/demo.toml), optionally followed by "
+                                "section.key=value overrides"),
+                          (["train.max_steps=3"], "error: 'train.max_steps=3' is an override: give the run config "
+                                                  "TOML first, then the overrides")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "required" not in err, err
+        assert "usage: python -m trainer [-h] CONFIG.toml [section.key=value ...]" in err

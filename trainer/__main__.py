@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -11,16 +12,25 @@ from trainer.config import ConfigError, load
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m trainer",
+        prog="python -m trainer", usage="%(prog)s [-h] CONFIG.toml [section.key=value ...]",
         description="Train an FLA language model from shardgen shards. Resumes from the latest checkpoint "
                     "in run.out_dir automatically. Several processes: torchrun --nproc-per-node N -m trainer ...",
         epilog="examples:\n  python -m trainer configs/demo.toml\n"
                "  python -m trainer configs/gla_340M.toml train.max_steps=1000 optim.lr=1e-3 run.out_dir=runs/x\n"
                "  torchrun --standalone --nproc-per-node 2 -m trainer configs/demo.toml parallel.mode=fsdp",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="run config TOML (configs/*.toml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.global_batch=16")
+    # config is optional to argparse only so that its absence is explained here: a required positional followed by
+    # nargs="*" made argparse call both required ("the following arguments are required: config, overrides")
+    p.add_argument("config", nargs="?", metavar="CONFIG.toml", help="the run config TOML (configs/*.toml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="optional overrides of the config's settings, e.g. data.global_batch=16")
     args = p.parse_args(argv)
+    if args.config is None:
+        p.error("give the run config TOML (e.g. configs/demo.toml), optionally followed by section.key=value "
+                "overrides")
+    if "=" in args.config and not args.config.endswith(".toml") and not os.path.exists(args.config):
+        p.error(f"{args.config!r} is an override: give the run config TOML first, then the overrides "
+                f"(e.g. configs/demo.toml {args.config})")
     try:
         cfg = load(args.config, args.overrides)
     except ConfigError as e:

@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from shards.backends import open_storage
 from shards.errors import UserError
 from shards.storage import StorageError, is_s3
+from trainer.data.plan import plural
 from trainer.dcp_backends import STATE_NAME, dcp_backend
 from trainer.parallel import Dist
 
@@ -279,8 +280,8 @@ class Checkpointer:
         if rel in state.get("files", {}):
             _set_rng_state(torch.load(io.BytesIO(self.storage.read(f"{name}/{rel}")), weights_only=False))
         else:
-            log.info("%s: no RNG state for rank %d (saved by %d ranks); keeping this rank's seed",
-                     path, self.d.rank, state.get("world_size", -1))
+            log.info("%s: no RNG state for rank %d (saved by %s); keeping this rank's seed",
+                     path, self.d.rank, plural(state.get("world_size", -1), "rank"))
         state["path"] = path
         return state
 

@@ -366,8 +366,8 @@ def _validate_sources(data: DataConfig, need) -> None:
              f"the base weights start at step 0)")
         last = st.start_step
         unknown, missing = sorted(set(st.weights) - set(names)), [x for x in names if x not in st.weights]
-        need(not unknown, f"{key}.weights", f"names unknown source(s) {', '.join(unknown)}; sources are "
-             f"{', '.join(names)}")
+        need(not unknown, f"{key}.weights", f"names unknown {'source' if len(unknown) == 1 else 'sources'} "
+             f"{', '.join(unknown)}; sources are {', '.join(names)}")
         need(not missing, f"{key}.weights", f"lacks {', '.join(missing)}: name every source (0 pauses one)")
         need(all(w >= 0 for w in st.weights.values()) and sum(st.weights.values()) > 0, f"{key}.weights",
              "must be >= 0 with at least one > 0")

@@ -122,9 +122,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.sequences < 1 or args.micro_batch < 1:
         p.error("--sequences and --micro-batch must be >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device here; use --device cpu")
+    from trainer.generate import pick_device
+    try:
+        device = pick_device(args.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if device.type == "cpu":
         from models import cpu_triton
         cpu_triton.enable()  # before triton is first imported (by FLA)

@@ -29,6 +29,32 @@ class GenerateError(UserError):
     pass
 
 
+def pick_device(name: str | None) -> torch.device:
+    """--device: the named device where this machine has it, else a GenerateError naming the fix (torch's own error
+    for a CUDA device on a machine without one is an AssertionError deep in a 30-line traceback). None: cuda where
+    there is one, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GenerateError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerateError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False); "
+                                f"use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise GenerateError(f"--device {name}: this machine has {count} CUDA device{'' if count == 1 else 's'} "
+                                f"(cuda:0 to cuda:{count - 1}); use one of those or --device cpu")
+    elif device.type != "cpu":
+        backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise GenerateError(f"--device {name}: no {device.type} device here; use --device cpu")
+    return device
+
+
 def _is_export(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "model.json"))
 
@@ -89,6 +115,12 @@ def generate(model, tok, eos: int, bos: int | None, prompt: str, max_new_tokens:
     return tok.decode(out)
 
 
+def prompt_header(i: int, n: int, prompt: str) -> str:
+    """The line before the i-th of n prompts' outputs (several prompts only): the prompt as a JSON string, so that
+    one holding newlines or spaces at its ends shows them."""
+    return f"--- prompt {i}/{n}: {json.dumps(prompt, ensure_ascii=False)}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.generate", description="Continue prompts with a trained model.")
     p.add_argument("path", help="an export dir, a run's out_dir (its latest checkpoint) or a checkpoint dir")
@@ -97,10 +129,14 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda where there is one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = pick_device(args.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if device.type == "cpu":
         cpu_triton.enable()  # before triton is first imported (by FLA)
     if not os.path.exists(args.path) and "://" not in args.path:
@@ -112,9 +148,11 @@ def main(argv=None) -> int:
         return 1
     try:
         model, tok, eos, bos = load(args.path, device)
-        for prompt in args.prompts:
+        for i, prompt in enumerate(args.prompts, 1):
             text = generate(model, tok, eos, bos, prompt, args.max_new_tokens, args.temperature, args.top_k,
                             args.seed)
+            if len(args.prompts) > 1:  # where each output starts: a small model's text is often blank lines
+                print(prompt_header(i, len(args.prompts), prompt), flush=True)
             print(prompt + text, flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ behind, so the GPU is never idle waiting for Python) -> metrics -> validation ->
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -27,6 +28,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import Config, ConfigError
 from trainer.data import DataStateError, TokenLoader
 from trainer.data.loader import cu_seqlens as document_bounds
+from trainer.data.plan import plural
 from trainer.data.sources import check_val_set, mixture_table, open_loader, shards_tokenizer, val_sets
 from trainer.data.validation import load_val_rows
 from trainer.evaluate import validation_loss
@@ -287,10 +289,12 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
     micro = cfg.train.micro_batch or loader.local_batch
     if loader.local_batch % micro:
         raise ConfigError(f"train.micro_batch={micro} must divide the local batch {loader.local_batch} "
-                          f"(data.global_batch={cfg.data.global_batch} / {d.world_size} ranks)")
+                          f"(data.global_batch={cfg.data.global_batch} / {plural(d.world_size, 'rank')})")
 
+    # what this launch changes against the last one's config.toml, read before it is written anew (below)
+    changes = run_dir.config_changes(out, cfg) if d.is_main else []
     prec_name = precision.resolve(cfg.train.precision, d.device)
-    model = _make_model(cfg, d, loader, prec_name)
+    model, model_config = _make_model(cfg, d, loader, prec_name)
     raw = parallel.unwrap(model)
     prec = (precision.MasterWeights(raw, d.device, d.world_size) if prec_name == "bf16" and cfg.parallel.mode != "fsdp"
             else precision.Precision(prec_name, d.device))
@@ -308,8 +312,14 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
                                  f"give run.out_dir another directory)") from None
         skipped = int(state.get("skipped_steps", 0))
         best_val = state.get("best_val_loss")
-        log.info("resumed from %s at step %d (saved by %d ranks, now %d), loaded in %.1fs", state["path"],
-                 start_step, state.get("world_size", -1), d.world_size, time.perf_counter() - t_load)
+        log.info("resumed from %s at step %d (saved by %s, now %d), loaded in %.1fs", state["path"],
+                 start_step, plural(state.get("world_size", -1), "rank"), d.world_size, time.perf_counter() - t_load)
+        if changes:  # accepted (what a resume may not change was refused above), but not silently
+            log.info("resume: settings changed since the last launch: %s", "; ".join(changes))
+    if d.is_main:  # the run files once the launch is accepted: a refused resume leaves the last launch's config.toml
+        run_dir.write_run_files(cfg, model_config, loader)
+        if cfg.checkpoint.dir:  # a copy beside the checkpoints, so that one exports without the run dir
+            run_dir.copy_run_files(cfg.run.out_dir, cfg.checkpoint.dir)
 
     val_rows = []
     if cfg.train.eval_every > 0:
@@ -328,9 +338,9 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
               peak=cfg.run.peak_tflops * 1e12 if cfg.run.peak_tflops else peak_flops(d.device),
               n_params=build.count_parameters(raw))
     log.info("model %s: %.2fM parameters; %.3g FLOPs/token trained (6N = %.3g); %s on %d x %s, precision %s; "
-             "global batch %d x %d tokens, micro-batch %d, %d accumulation step(s)", raw.config.model_type,
+             "global batch %d x %d tokens, micro-batch %d, %s", raw.config.model_type,
              run.n_params / 1e6, run.train_flops, six_n(raw), cfg.parallel.mode, d.world_size, d.device.type,
-             prec_name, cfg.data.global_batch, seq_len, micro, loader.local_batch // micro)
+             prec_name, cfg.data.global_batch, seq_len, micro, plural(loader.local_batch // micro, "accumulation step"))
     return run
 
 
@@ -368,8 +378,10 @@ def _make_loader(cfg: Config, d: parallel.Dist, ckpt: Checkpointer) -> TokenLoad
     return loader
 
 
-def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: str) -> torch.nn.Module:
-    """The model on its device, wrapped for the parallel mode, in train mode. Rank 0 writes the run files."""
+def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader,
+                prec_name: str) -> tuple[torch.nn.Module, object]:
+    """(the model on its device, wrapped for the parallel mode, in train mode; its config as the run files keep it:
+    the user's, with the data's special tokens, before it is adapted to the device)."""
     if cfg.model.init_from:
         build.check_pretrained_fits(cfg.model.init_from, loader.manifest.tokenizer.get("vocab_size"),
                                     shards_tokenizer(loader), str(loader.storage))
@@ -378,10 +390,7 @@ def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: s
     else:
         model_config = build.load_config(cfg.model.config, vocab_size=loader.manifest.tokenizer.get("vocab_size"))
     build.use_data_special_tokens(model_config, loader.manifest.eos_id, loader.manifest.bos_id)
-    if d.is_main:  # before adapt_to_device: the run dir keeps the user's model config, unedited
-        run_dir.write_run_files(cfg, model_config, loader)
-        if cfg.checkpoint.dir:  # a copy beside the checkpoints, so that one exports without the run dir
-            run_dir.copy_run_files(cfg.run.out_dir, cfg.checkpoint.dir)
+    given = copy.deepcopy(model_config)  # before adapt_to_device: the run dir keeps the user's model config, unedited
     build.adapt_to_device(model_config, d.device)
     if d.device.type == "cpu":  # model.cpu_kernels: FLA's GLA ops as plain PyTorch, or the Triton interpreter
         cpu_torch.select(model_config, cfg.model.cpu_kernels)
@@ -419,7 +428,7 @@ def _make_model(cfg: Config, d: parallel.Dist, loader: TokenLoader, prec_name: s
     if meta:
         build.materialize(model, d.device, seed=cfg.model.seed)
     model.train()
-    return model
+    return model, given
 
 
 def _already_trained(cfg: Config, r: Run) -> dict:
@@ -466,7 +475,7 @@ def run_steps(cfg: Config, r: Run) -> dict:
     bar = Progress(max_steps, "train", unit="step", enabled=d.is_main and cfg.run.progress,
                    log_every=cfg.run.progress_every, initial=r.start_step)
     step, skipped, best_val, last_ckpt = r.start_step, r.skipped, r.best_val, r.last_ckpt
-    bad_in_a_row, loss, val_loss, tps_list = 0, None, None, []
+    bad_in_a_row, loss, val_loss, val_at, tps_list = 0, None, None, None, []
     t_run = time.perf_counter()
     t_read = None  # when the host last read a step's numbers back: the next step's time runs from there
     fetched = 0.0  # seconds spent waiting for batches since then
@@ -478,7 +487,7 @@ def run_steps(cfg: Config, r: Run) -> dict:
         """Read step `at`'s numbers back, count a skip, validate where due, log its metrics. Its time is the wall
         time since the previous step was read (or since its launch, where that came later: after validation or a
         checkpoint), its data wait the time spent waiting for batches in that interval."""
-        nonlocal t_read, fetched, bad_in_a_row, skipped, loss, val_loss, best_val
+        nonlocal t_read, fetched, bad_in_a_row, skipped, loss, val_loss, val_at, best_val
         loss, grad_norm, applied = pending.result()
         t_done = time.perf_counter()
         dt = t_done - (t0 if t_read is None else max(t0, t_read))
@@ -498,18 +507,17 @@ def run_steps(cfg: Config, r: Run) -> dict:
                   "skipped_steps": skipped, "epoch": epoch}
         if r.val_rows and ((at + 1) % cfg.train.eval_every == 0 or at + 1 == max_steps):
             losses = _validation_losses(r)
-            val_loss = losses.pop("")
+            val_loss, val_at = losses.pop(""), at + 1
             best_val = val_loss if best_val is None else min(best_val, val_loss)
             record.update({f"val/{n}": v for n, v in losses.items()}, val_loss=val_loss)
         metrics.log(record)
         if bad_in_a_row >= cfg.train.max_bad_steps:
             raise TrainingDiverged(
-                f"{bad_in_a_row} steps in a row with a NaN/inf loss or gradient norm (last: step {at}); "
+                f"{plural(bad_in_a_row, 'step')} in a row with a NaN/inf loss or gradient norm (last: step {at}); "
                 f"stopping. The last checkpoint ({last_ckpt}) is intact; "
                 f"{divergence_causes(r.loader.manifest.seq_len, cfg.optim.lr, cfg.optim.clip)} "
                 f"(train.max_bad_steps={cfg.train.max_bad_steps})")
-        bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" +
-                   (f" val {val_loss:.4f}" if val_loss is not None else ""))
+        bar.update(1, extra=progress_extra(loss, lr, tps, val_loss, val_at))
 
     try:
         stop.install()
@@ -558,10 +566,19 @@ def run_steps(cfg: Config, r: Run) -> dict:
     return summary
 
 
+def progress_extra(loss: float, lr: float, tokens_per_s: float, val_loss: float | None, val_at: int | None) -> str:
+    """The progress line's numbers. The validation loss is the last one computed, which most steps did not compute:
+    it carries the step it is from (`val 7.1888@200`: after 200 steps, as the bar counts them)."""
+    val = f" val {val_loss:.4f}@{val_at}" if val_loss is not None else ""
+    return f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s{val}"
+
+
 def _report(out: str, summary: dict, max_steps: int) -> None:
-    """Rank 0 at the end of run_steps: summary.json, the done line, and how to resume a stopped run."""
+    """Rank 0 at the end of run_steps: summary.json, the summary line ("done:" for a finished run, "stopped:" for one
+    a signal stopped), and how to resume a stopped run."""
     run_dir.write_summary(out, summary)
-    log.info("done: %s", ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if v is not None))
+    log.info("%s: %s", "stopped" if summary.get("stopped_by") else "done",
+             ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if v is not None))
     if summary.get("stopped_by"):
         log.warning("stopped by %s after step %d of %d: checkpoint %s; run the same command again to resume from it",
                     summary["stopped_by"], summary["steps"], max_steps, summary["checkpoint"])

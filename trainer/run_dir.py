@@ -89,6 +89,40 @@ def checkpoint_dir(cfg: Config) -> str:
     return cfg.checkpoint.dir or os.path.join(cfg.run.out_dir, "ckpt")
 
 
+def config_changes(out: str, cfg: Config) -> list[str]:
+    """The settings of `cfg` that differ from OUT/config.toml (the config of the run's last launch) as
+    "key old -> new", in the config's order; [] where there is no config.toml (a new run) or it cannot be read."""
+    try:
+        with open(os.path.join(out, "config.toml"), "rb") as f:
+            before = _flat(tomllib.load(f))
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    after = _flat(tomllib.loads(to_toml(cfg)))
+    keys = list(after) + [k for k in before if k not in after]
+    unset = object()
+    return [f"{k} {_toml_value(before.get(k, unset), unset)} -> {_toml_value(after.get(k, unset), unset)}"
+            for k in keys if before.get(k, unset) != after.get(k, unset)]
+
+
+def _flat(table: dict, prefix: str = "") -> dict:
+    """{"optim.lr": 0.0003, "data.sources[1].weight": 1.0, ...}: a parsed TOML's values by their full key."""
+    flat = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flat(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # [[data.sources]], [[data.stages]]
+            for i, item in enumerate(v):
+                flat.update(_flat(item, f"{key}[{i}]."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def _toml_value(v, unset) -> str:
+    return "(none)" if v is unset else json.dumps(v)
+
+
 def write_run_files(cfg: Config, model_config, loader: TokenLoader) -> None:
     """The resolved config, the model config, the tokenizer and its special ids: enough to export from out_dir."""
     out = cfg.run.out_dir

@@ -13,7 +13,7 @@ from shards.progress import human
 from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex
 from trainer.data.loader import plan_for
-from trainer.data.plan import Plan
+from trainer.data.plan import Plan, plural
 
 
 def _nonneg(s: str) -> int:
@@ -132,16 +132,19 @@ def cmd_stats(args, plan: Plan, manifest, index: BlockIndex) -> None:
         "memory_bytes": sim["peak_live_blocks"] * slot_bytes + (args.prefetch_steps + 1) * batch_bytes,
         "memory_bound_bytes": bound_blocks * slot_bytes + (args.prefetch_steps + 1) * batch_bytes,
     }
-    print(f"{args.shards}: {st['sequences']} sequences of {manifest.seq_len} tokens in {st['blocks']} blocks")
+    print(f"{args.shards}: {plural(st['sequences'], 'sequence')} of {plural(manifest.seq_len, 'token')} in "
+          f"{plural(st['blocks'], 'block')}")
     print(f"global batch {plan.global_batch}, layout {plan.layout}, world size {args.world_size}: "
-          f"{plan.steps_per_epoch} steps per epoch, {plan.dropped_per_epoch} sequences dropped per epoch "
+          f"{plural(plan.steps_per_epoch, 'step')} per epoch, {plural(plan.dropped_per_epoch, 'sequence')} dropped "
+          f"per epoch "
           f"({100 * plan.dropped_per_epoch / plan.num_sequences:.3g}%)")
     print(f"fetched per step per rank: {human(st['compressed_bytes_per_step_per_rank'])}B compressed "
-          f"(simulated over the first {sim['steps']} steps; whole-dataset average "
+          f"(simulated over the first {plural(sim['steps'], 'step')}; whole-dataset average "
           f"{human(st['dataset_compressed_bytes_per_step_per_rank'])}B)")
     print(f"loader memory with prefetch {args.prefetch_steps}: {human(st['memory_bytes'])}B "
-          f"({st['peak_live_blocks']} live blocks of {human(slot_bytes)}B + {args.prefetch_steps + 1} "
-          f"batches of {human(batch_bytes)}B); bound {human(st['memory_bound_bytes'])}B")
+          f"({plural(st['peak_live_blocks'], 'live block')} of {human(slot_bytes)}B + "
+          f"{plural(args.prefetch_steps + 1, 'batch', 'batches')} of {human(batch_bytes)}B); "
+          f"bound {human(st['memory_bound_bytes'])}B")
     print(json.dumps(st))
 
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from trainer.data.loader import TokenLoader
+from trainer.data.plan import plural
 from trainer.data.sources import open_loader
 
 BOUNDARY = " ¦ "  # marks a document boundary (an EOS or BOS token) in peek's text
@@ -62,8 +63,8 @@ def cmd_peek(args) -> None:
         finally:
             batches.close()
         m = ld.manifest
-        print(f"step {batch.step}, rank {args.rank} of {args.world_size}: {len(batch.sequences)} rows of "
-              f"{m.seq_len} tokens{'' if tok else ' (no tokenizer.json beside the shards: token ids)'}; "
+        print(f"step {batch.step}, rank {args.rank} of {args.world_size}: {plural(len(batch.sequences), 'row')} of "
+              f"{plural(m.seq_len, 'token')}{'' if tok else ' (no tokenizer.json beside the shards: token ids)'}; "
               f"'{BOUNDARY.strip()}' marks a document boundary")
         n = len(batch.sequences) if args.rows is None else min(args.rows, len(batch.sequences))
         for j in range(n):

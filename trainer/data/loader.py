@@ -23,7 +23,7 @@ from shards.storage import Storage
 from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex, BlockReader
 from trainer.data.mixture import MixStep, Mixture, as_fraction
-from trainer.data.plan import BlockLayout, Plan, PlanError
+from trainer.data.plan import BlockLayout, Plan, PlanError, plural
 
 log = logging.getLogger("trainer.data")
 
@@ -53,6 +53,16 @@ def block_layout(manifest: Manifest, name: str) -> BlockLayout:
         return BlockLayout.from_lists([s.block_rows for s in shards], name)
     return BlockLayout.from_shards([s.num_blocks for s in shards], [s.rows_per_block for s in shards],
                                    [s.last_block_rows for s in shards], name)
+
+
+def _order_shape(p: Plan, in_mixture: bool) -> str:
+    """How a plan cuts an epoch, for the start-up log. A source of a mixture has streams of its own (the ceiling of
+    its share of the mixture's), so its plan's global batch is no batch of the run: it is named in streams."""
+    if in_mixture:
+        return (f"{plural(p.layout, 'stream')} of {plural(p.items_per_stream, 'sequence')} a slot: "
+                f"{plural(p.steps_per_epoch, 'slot')} per stream per epoch")
+    return (f"global batch {p.global_batch} in {plural(p.layout, 'stream')}: "
+            f"{plural(p.steps_per_epoch, 'step')} per epoch")
 
 
 def plan_for(manifest: Manifest, *, seed: int, global_batch: int, layout: int | None, name: str) -> Plan:
@@ -150,12 +160,13 @@ class TokenLoader:
         self.prefetch_steps, self.varlen, self.fetch_threads = int(prefetch_steps), bool(varlen), int(fetch_threads)
         self.index = BlockIndex(self.manifests, self.storages)
         self._pipelines: list[_Pipeline] = []
-        for name, p in zip(self.names, self.mixture.plans):  # a mixture's source: its own plan's steps
-            log.info("%s: %d sequences in %d blocks; global batch %d, layout %d: %d steps per epoch; "
-                     "%d sequences of each epoch's order are dropped (%d after the last stream, %d at the end of "
-                     "each of the %d streams)", name, p.num_sequences, p.num_blocks, p.global_batch, p.layout,
-                     p.steps_per_epoch, p.dropped_per_epoch, p.num_sequences - p.layout * p.stream_length,
-                     p.stream_length - p.steps_per_epoch * p.items_per_stream, p.layout)
+        for name, p in zip(self.names, self.mixture.plans):
+            log.info("%s: %s in %s; %s; %s of each epoch's order %s dropped (%d after the last stream, %d at "
+                     "the end of %s)", name, plural(p.num_sequences, "sequence"), plural(p.num_blocks, "block"),
+                     _order_shape(p, len(self.mixture.plans) > 1), plural(p.dropped_per_epoch, "sequence"),
+                     "is" if p.dropped_per_epoch == 1 else "are", p.num_sequences - p.layout * p.stream_length,
+                     p.stream_length - p.steps_per_epoch * p.items_per_stream,
+                     "the stream" if p.layout == 1 else f"each of the {p.layout} streams")
 
     @property
     def num_sources(self) -> int:
@@ -230,7 +241,7 @@ class TokenLoader:
         if mixed != (self.num_sources > 1):
             was = f"a mixture of {len(state['sources'])} sources" if mixed else "one dataset"
             raise DataStateError(f"cannot resume this data state: the run was started on {was}, the config now "
-                                 f"has {self.num_sources} source(s): give it the data it was started on, or "
+                                 f"has {plural(self.num_sources, 'source')}: give it the data it was started on, or "
                                  f"start a new run")
         changed = self._changed_sources(state, step) if mixed else []
         if not mixed and not self._same_data(0, state["manifest_hash"]):

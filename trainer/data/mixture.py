@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trainer.data.plan import BlockLayout, Plan, PlanError, _or_list, divisors, hash_keys
+from trainer.data.plan import BlockLayout, Plan, PlanError, _or_list, divisors, hash_keys, plural
 
 _TAG_SOURCE = 0x536F75726365  # "Source": keys each source's plan seed in a mixture
 NEVER = 1 << 62  # the step at which a paused source's slot is consumed
@@ -126,7 +126,7 @@ class Mixture:
         self.stages: list[Apportionment] = []
         for start, ws in [(0, weights)] + [(int(a), w) for a, w in stages]:
             if len(ws) != n:
-                raise PlanError(f"stage at step {start} has {len(ws)} weights for {n} sources")
+                raise PlanError(f"stage at step {start} has {plural(len(ws), 'weight')} for {plural(n, 'source')}")
             if self.stages and start <= self.stage_starts[-1]:
                 raise PlanError(f"stage start steps must increase: {start} after {self.stage_starts[-1]}")
             try:
@@ -152,8 +152,9 @@ class Mixture:
                 if n == 1 or "cannot fill" not in str(e):
                     raise
                 raise PlanError(f"source {self.names[i]!r} is too small for its weight: each of its epochs must "
-                                f"fill {c} streams of {k} sequences (ceil of its share of the {self.layout} "
-                                f"slots a step); give it more data or less weight ({e})") from None
+                                f"fill {plural(c, 'stream')} of {plural(k, 'sequence')} (ceil of its share of the "
+                                f"{plural(self.layout, 'slot')} a step); give it more data or less weight "
+                                f"({e})") from None
 
     def source_seed(self, i: int) -> int:
         return int(hash_keys((self.seed, _TAG_SOURCE), np.array([i], dtype=np.uint64))[0])
@@ -166,8 +167,8 @@ class Mixture:
     def check_world_size(self, world_size: int) -> None:
         if world_size < 1 or self.layout % world_size:
             raise PlanError(f"world size {world_size} does not divide the layout {self.layout}; "
-                            f"use {_or_list(divisors(self.layout))} ranks (the layout is fixed at the "
-                            f"first launch of a run)")
+                            f"use {_or_list(divisors(self.layout))} {'rank' if self.layout == 1 else 'ranks'} "
+                            f"(the layout is fixed at the first launch of a run)")
 
     def rank_slots(self, world_size: int, rank: int) -> range:
         self.check_world_size(world_size)

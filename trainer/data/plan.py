@@ -60,6 +60,11 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """A count and its noun as a message prints them: "1 sequence", "2 sequences" (`nouns` where not noun + s)."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def _or_list(xs: list[int]) -> str:
     xs = [str(x) for x in xs]
     return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " or " + xs[-1]
@@ -173,7 +178,7 @@ class Plan:
         self.stream_length = self.num_sequences // self.layout  # L
         self.steps_per_epoch = self.stream_length // self.items_per_stream  # S
         if self.num_sequences < self.global_batch or self.steps_per_epoch == 0:
-            raise PlanError(f"{name}: {self.num_sequences} sequences cannot fill one global batch of "
+            raise PlanError(f"{name}: {plural(self.num_sequences, 'sequence')} cannot fill one global batch of "
                             f"{self.global_batch} with layout {self.layout}: use a smaller global batch "
                             f"or more data")
         self.dropped_per_epoch = self.num_sequences - self.steps_per_epoch * self.global_batch
@@ -187,8 +192,8 @@ class Plan:
     def check_world_size(self, world_size: int) -> None:
         if world_size < 1 or self.layout % world_size:
             raise PlanError(f"world size {world_size} does not divide the layout {self.layout}; "
-                            f"use {_or_list(divisors(self.layout))} ranks (the layout is fixed at the "
-                            f"first launch of a run)")
+                            f"use {_or_list(divisors(self.layout))} {'rank' if self.layout == 1 else 'ranks'} "
+                            f"(the layout is fixed at the first launch of a run)")
 
     def rank_streams(self, world_size: int, rank: int) -> range:
         self.check_world_size(world_size)

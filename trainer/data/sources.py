@@ -9,6 +9,7 @@ from shards.errors import NotFoundError
 from shards.format import MANIFEST_NAME, read_manifest
 from shards.progress import human
 from trainer.data.loader import Source, TokenLoader, check_sources_agree
+from trainer.data.plan import plural
 
 
 def check_path(key: str, url: str) -> None:
@@ -79,8 +80,8 @@ def mixture_table(loader: TokenLoader, max_steps: int, max_repeats: float) -> tu
     ends = mix.stage_starts[1:] + [max_steps]
     head = (f"{'source':<12} {'sequences':>11} {'tokens':>8} {'steps':>17} {'weight':>7} {'seq/step':>9} "
             f"{'epochs':>7}")
-    lines, warnings = [f"mixture of {mix.num_sources} sources, global batch {mix.global_batch} "
-                       f"(layout {mix.layout}), {max_steps} steps:", head], []
+    lines, warnings = [f"mixture of {mix.num_sources} sources, global batch {mix.global_batch} in "
+                       f"{plural(mix.layout, 'stream')}, {plural(max_steps, 'step')}:", head], []
     for i, (name, plan) in enumerate(zip(loader.names, mix.plans)):
         per_epoch = plan.steps_per_epoch * plan.global_batch
         total = 0.0
@@ -94,9 +95,15 @@ def mixture_table(loader: TokenLoader, max_steps: int, max_repeats: float) -> tu
             weight = float(stage.q[i] / stage.slots)
             lines.append(f"{name if j == 0 else '':<12} {plan.num_sequences if j == 0 else '':>11} "
                          f"{human(plan.num_sequences * seq_len) if j == 0 else '':>8} {f'{start}..{end - 1}':>17} "
-                         f"{weight:>7.3f} {float(stage.q[i]) * k:>9.2f} {used / per_epoch:>7.3g}")
+                         f"{weight:>7.3f} {float(stage.q[i]) * k:>9.2f} {_epochs(used / per_epoch):>7}")
         if total > max_repeats:
             warnings.append(f"source {name!r} will be read {total:.3g} times (epochs) by train.max_steps="
                             f"{max_steps}, more than data.max_repeats={max_repeats:g}: give it less weight or "
                             f"more data (or raise data.max_repeats)")
     return lines, warnings
+
+
+def _epochs(x: float) -> str:
+    """The epochs column: three decimals, so that the points line up as in the weight column; a share too small
+    to show is "<0.001", not a zero that reads as unused."""
+    return "<0.001" if 0 < x < 0.0005 else f"{x:.3f}"

@@ -14,6 +14,7 @@ from shards.backends import open_storage
 from shards.format import read_manifest
 from trainer.config import ConfigError
 from trainer.data.fetch import BlockIndex, BlockReader
+from trainer.data.plan import plural
 from trainer.parallel import Dist
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def load_val_rows(url: str, count: int, d: Dist) -> torch.Tensor:
         manifest = read_manifest(storage)
         total = manifest.totals()["sequences"]
         if count > total:
-            log.warning("data.val_sequences=%d but %s holds %d sequences: using %d", count, url, total, total)
+            log.warning("data.val_sequences=%d but %s holds %s: using %d", count, url, plural(total, "sequence"), total)
             count = total
         per_rank = count // d.world_size
         if per_rank == 0:
