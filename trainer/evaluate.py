@@ -18,7 +18,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 
 import torch
@@ -122,21 +121,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.sequences < 1 or args.micro_batch < 1:
         p.error("--sequences and --micro-batch must be >= 1")
-    from trainer.generate import pick_device
+    from trainer.generate import prepare
     try:
-        device = pick_device(args.device)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if device.type == "cpu":
-        from models import cpu_triton
-        cpu_triton.enable()  # before triton is first imported (by FLA)
-    if not os.path.exists(args.path) and "://" not in args.path:
-        print(f"error: {args.path} does not exist: give an export directory, a run's out_dir or a checkpoint "
-              f"directory", file=sys.stderr)
-        return 1
-    try:
-        r = evaluate(args.path, args.shards, args.sequences, args.micro_batch, args.varlen, device)
+        r = evaluate(args.path, args.shards, args.sequences, args.micro_batch, args.varlen,
+                     prepare(args.path, args.device))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -55,6 +55,18 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def prepare(path: str, device_name: str | None) -> torch.device:
+    """The start the model CLIs share (generate, trainer.evaluate): the device (pick_device), the Triton interpreter
+    switched on for a CPU (before FLA first imports triton), and PATH checked to exist."""
+    device = pick_device(device_name)
+    if device.type == "cpu":
+        cpu_triton.enable()
+    if not os.path.exists(path) and "://" not in path:
+        raise GenerateError(f"{path} does not exist: give an export directory, a run's out_dir or a checkpoint "
+                            f"directory")
+    return device
+
+
 def _is_export(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "model.json"))
 
@@ -132,21 +144,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda where there is one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        device = pick_device(args.device)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if device.type == "cpu":
-        cpu_triton.enable()  # before triton is first imported (by FLA)
-    if not os.path.exists(args.path) and "://" not in args.path:
-        print(f"error: {args.path} does not exist: give an export directory, a run's out_dir or a checkpoint "
-              f"directory", file=sys.stderr)
-        return 1
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         print("error: --max-new-tokens must be >= 1, --temperature and --top-k >= 0", file=sys.stderr)
         return 1
     try:
+        device = prepare(args.path, args.device)
         model, tok, eos, bos = load(args.path, device)
         for i, prompt in enumerate(args.prompts, 1):
             text = generate(model, tok, eos, bos, prompt, args.max_new_tokens, args.temperature, args.top_k,
