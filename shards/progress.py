@@ -6,6 +6,11 @@ import sys
 import time
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """A count and its noun as a message prints them: "1 sequence", "2 sequences" (`nouns` where not noun + s)."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def human(n: float) -> str:
     for unit in ("", "k", "M", "G", "T"):
         if abs(n) < 1000:

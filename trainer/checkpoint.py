@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from shards.backends import open_storage
 from shards.errors import UserError
 from shards.storage import StorageError, is_s3
-from trainer.data.plan import plural
+from shards.progress import plural
 from trainer.dcp_backends import STATE_NAME, dcp_backend
 from trainer.parallel import Dist
 

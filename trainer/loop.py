@@ -22,13 +22,12 @@ import torch
 from models import build, cpu_torch, cpu_triton, fused
 from models.flops import flops_per_token, peak_flops, six_n
 from shards.errors import UserError
-from shards.progress import Progress
+from shards.progress import Progress, plural
 from trainer import parallel, precision, run_dir, schedule
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, ConfigError
 from trainer.data import DataStateError, TokenLoader
 from trainer.data.loader import cu_seqlens as document_bounds
-from trainer.data.plan import plural
 from trainer.data.sources import check_val_set, mixture_table, open_loader, shards_tokenizer, val_sets
 from trainer.data.validation import load_val_rows
 from trainer.evaluate import validation_loss

@@ -9,11 +9,11 @@ import sys
 
 from shards.errors import UserError
 from shards.format import read_manifest
-from shards.progress import human
+from shards.progress import human, plural
 from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex
 from trainer.data.loader import plan_for
-from trainer.data.plan import Plan, plural
+from trainer.data.plan import Plan
 
 
 def _nonneg(s: str) -> int:

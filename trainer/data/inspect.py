@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from trainer.data.loader import TokenLoader
-from trainer.data.plan import plural
+from shards.progress import plural
 from trainer.data.sources import open_loader
 
 BOUNDARY = " ¦ "  # marks a document boundary (an EOS or BOS token) in peek's text

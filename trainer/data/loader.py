@@ -23,7 +23,8 @@ from shards.storage import Storage
 from shards.backends import open_storage
 from trainer.data.fetch import BlockCache, BlockIndex, BlockReader
 from trainer.data.mixture import MixStep, Mixture, as_fraction
-from trainer.data.plan import BlockLayout, Plan, PlanError, plural
+from shards.progress import plural
+from trainer.data.plan import BlockLayout, Plan, PlanError
 
 log = logging.getLogger("trainer.data")
 

@@ -33,7 +33,8 @@ from typing import Sequence
 
 import numpy as np
 
-from trainer.data.plan import BlockLayout, Plan, PlanError, _or_list, divisors, hash_keys, plural
+from shards.progress import plural
+from trainer.data.plan import BlockLayout, Plan, PlanError, _or_list, divisors, hash_keys
 
 _TAG_SOURCE = 0x536F75726365  # "Source": keys each source's plan seed in a mixture
 NEVER = 1 << 62  # the step at which a paused source's slot is consumed

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from shards.errors import UserError
+from shards.progress import plural
 
 _TAG_BLOCKS = 0x426C6F636B73  # "Blocks": keys the block permutation of an epoch
 _TAG_ROWS = 0x526F7773  # "Rows": keys the row permutation of one block in an epoch
@@ -58,11 +59,6 @@ def hash_keys(prefix: Sequence[int], last: np.ndarray) -> np.ndarray:
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def plural(n: int, noun: str, nouns: str | None = None) -> str:
-    """A count and its noun as a message prints them: "1 sequence", "2 sequences" (`nouns` where not noun + s)."""
-    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
 def _or_list(xs: list[int]) -> str:

@@ -7,9 +7,8 @@ import os
 from shards.backends import open_storage
 from shards.errors import NotFoundError
 from shards.format import MANIFEST_NAME, read_manifest
-from shards.progress import human
+from shards.progress import human, plural
 from trainer.data.loader import Source, TokenLoader, check_sources_agree
-from trainer.data.plan import plural
 
 
 def check_path(key: str, url: str) -> None:

@@ -14,7 +14,7 @@ from shards.backends import open_storage
 from shards.format import read_manifest
 from trainer.config import ConfigError
 from trainer.data.fetch import BlockIndex, BlockReader
-from trainer.data.plan import plural
+from shards.progress import plural
 from trainer.parallel import Dist
 
 log = logging.getLogger(__name__)
