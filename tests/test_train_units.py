@@ -14,7 +14,7 @@ from models import cpu_triton  # noqa: E402
 cpu_triton.enable()
 
 from trainer.config import OptimConfig  # noqa: E402
-from trainer.loop import micro_batches, train_step  # noqa: E402
+from trainer.loop import micro_batch_size, micro_batches, train_step  # noqa: E402
 from trainer.optim import build_optimizer, param_groups  # noqa: E402
 from trainer.parallel import Dist  # noqa: E402
 from trainer.precision import MasterWeights, Precision  # noqa: E402
@@ -872,3 +872,19 @@ def test_cli_without_a_config_says_what_to_give(capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "required" not in err, err
         assert "usage: python -m trainer [-h] CONFIG.toml [section.key=value ...]" in err
+
+
+def test_a_micro_batch_larger_than_a_ranks_share_becomes_that_share(caplog):
+    # `make train NPROC=2` on the demo (global batch 4, micro-batch 4) stopped both ranks: "train.micro_batch=4 must
+    # divide the local batch 2"; more ranks than a config was written for now run with smaller micro-batches
+    import logging
+
+    from trainer.config import ConfigError
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        assert micro_batch_size(4, 2, 4, 2) == 2
+    assert "train.micro_batch=4 is more than this rank's 2 sequences a step (data.global_batch=4 / 2 ranks): " \
+           "micro-batches of 2" in caplog.text
+    assert micro_batch_size(None, 8, 16, 2) == 8 and micro_batch_size(2, 8, 16, 2) == 2
+    with pytest.raises(ConfigError, match=r"train.micro_batch=3 must divide the local batch 8 \(data.global_batch=16 "
+                                          r"/ 2 ranks\)"):
+        micro_batch_size(3, 8, 16, 2)

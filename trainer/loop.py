@@ -285,10 +285,7 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
         log.info("checkpoints in %s", ckpt.root)
     loader = _make_loader(cfg, d, ckpt)
     manifest = loader.manifest
-    micro = cfg.train.micro_batch or loader.local_batch
-    if loader.local_batch % micro:
-        raise ConfigError(f"train.micro_batch={micro} must divide the local batch {loader.local_batch} "
-                          f"(data.global_batch={cfg.data.global_batch} / {plural(d.world_size, 'rank')})")
+    micro = micro_batch_size(cfg.train.micro_batch, loader.local_batch, cfg.data.global_batch, d.world_size)
 
     # what this launch changes against the last one's config.toml, read before it is written anew (below)
     changes = run_dir.config_changes(out, cfg) if d.is_main else []
@@ -338,8 +335,8 @@ def setup(cfg: Config, d: parallel.Dist) -> Run:
               n_params=build.count_parameters(raw))
     log.info("model %s: %.2fM parameters; %.3g FLOPs/token trained (6N = %.3g); %s on %d x %s, precision %s; "
              "global batch %d x %d tokens, micro-batch %d, %s", raw.config.model_type,
-             run.n_params / 1e6, run.train_flops, six_n(raw), cfg.parallel.mode, d.world_size, d.device.type,
-             prec_name, cfg.data.global_batch, seq_len, micro, plural(loader.local_batch // micro, "accumulation step"))
+             run.n_params / 1e6, run.train_flops, six_n(raw), parallel.effective_mode(cfg.parallel.mode, d.world_size),
+             d.world_size, d.device.type, prec_name, cfg.data.global_batch, seq_len, micro, plural(loader.local_batch // micro, "accumulation step"))
     return run
 
 
@@ -358,6 +355,23 @@ def _make_graphs(cfg: Config, d: parallel.Dist, model, prec, prec_name: str) -> 
         log.info("train.cuda_graphs switched off on %s: it is a GPU option", d.device.type)
         return None
     return GraphedSteps(model, prec, d.device)
+
+
+def micro_batch_size(micro: int | None, local_batch: int, global_batch: int, world_size: int) -> int:
+    """Sequences per forward pass on each rank: train.micro_batch, or the rank's whole share of the batch where it is
+    None or larger (more ranks than the config was written for: `make train NPROC=2` on the demo, whose micro-batch is
+    its whole global batch of 4, gives each rank 2, with a log line); it must divide that share."""
+    if micro is None:
+        return local_batch
+    if micro > local_batch:
+        log.info("train.micro_batch=%d is more than this rank's %s a step (data.global_batch=%d / %s): "
+                 "micro-batches of %d", micro, plural(local_batch, "sequence"), global_batch,
+                 plural(world_size, "rank"), local_batch)
+        return local_batch
+    if local_batch % micro:
+        raise ConfigError(f"train.micro_batch={micro} must divide the local batch {local_batch} "
+                          f"(data.global_batch={global_batch} / {plural(world_size, 'rank')})")
+    return micro
 
 
 def _make_loader(cfg: Config, d: parallel.Dist, ckpt: Checkpointer) -> TokenLoader:

@@ -72,6 +72,11 @@ def blocks(model: nn.Module) -> nn.ModuleList:
                       f"(parallel.mode=fsdp and train.compile need one)")
 
 
+def effective_mode(mode: str, world_size: int) -> str:
+    """parallel.mode as it runs: "none" under several processes is ddp."""
+    return "ddp" if mode == "none" and world_size > 1 else mode
+
+
 def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = True,
          precision: str = "fp32", defer_reduce: bool = False) -> nn.Module:
     """Shard or replicate `model` (already on d.device, or on meta for fsdp). `precision` is the resolved
@@ -79,7 +84,7 @@ def wrap(model: nn.Module, mode: str, d: Dist, reshard_after_forward: bool = Tru
     fp32 gradients itself); under fsdp it picks FSDP2's MixedPrecisionPolicy. `defer_reduce`
     (parallel.fsdp_defer_reduce): under fsdp, gradient_sync() keeps the gradients of all but the last micro-batch
     unsharded instead of reduce-scattering each."""
-    if mode == "none" and d.world_size > 1:
+    if effective_mode(mode, d.world_size) != mode:
         logging.getLogger("trainer").info("parallel.mode=none under %d processes: using ddp", d.world_size)
         mode = "ddp"
     if mode == "none":
