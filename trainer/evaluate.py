@@ -72,7 +72,7 @@ def evaluate(path: str, shards: str, sequences: int = 256, micro_batch: int = 8,
     from trainer.data.loader import cu_seqlens
     from trainer.data.validation import load_val_rows
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or generate.pick_device(None)
     storage = open_storage(shards)
     try:
         manifest = read_manifest(storage)
@@ -96,9 +96,10 @@ def evaluate(path: str, shards: str, sequences: int = 256, micro_batch: int = 8,
     if isinstance(vocab, int) and vocab > model.config.vocab_size:
         raise EvaluateError(f"{shards} holds ids up to {vocab - 1}, {path}'s embedding table only "
                             f"{model.config.vocab_size}: score it on shards made with its own tokenizer")
-    rows = load_val_rows(shards, sequences, Dist(device=device))
+    one = Dist(device=device)  # one process: this rank's rows are all of them
+    rows = load_val_rows(shards, sequences, one)
     boundaries = (functools.partial(cu_seqlens, eos_id=manifest.eos_id, bos_id=manifest.bos_id) if varlen else None)
-    loss = validation_loss(model, rows, micro_batch, Dist(device=device), contextlib.nullcontext, boundaries)
+    loss = validation_loss(model, rows, micro_batch, one, contextlib.nullcontext, boundaries)
     return {"path": path, "shards": shards, "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "sequences": int(rows.shape[0]), "tokens": int(rows.shape[0] * (rows.shape[1] - 1)),
             "seq_len": int(rows.shape[1]), "varlen": varlen, "device": str(device),
